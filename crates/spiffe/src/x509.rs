@@ -1,0 +1,289 @@
+//! X509-SVID rules (the X509-SVID standard, §2–§5.2) checked on a parsed certificate chain.
+//!
+//! This module decides whether a chain *looks like* an X509-SVID: one URI SAN, leaf and signing
+//! certificate constraints, key usage. It does not check signatures, validity periods or trust
+//! anchors; `tessera-tls` does that with webpki and calls [`validate_svid_chain`] first.
+
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::*;
+
+use crate::id::{IdError, SpiffeId};
+
+/// One rule of the X509-SVID standard that a chain breaks. `index` is the position in the chain
+/// (0 = leaf).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum X509SvidError {
+    #[error("the certificate chain is empty")]
+    EmptyChain,
+    #[error("certificate {index} cannot be parsed: {reason}")]
+    Parse { index: usize, reason: String },
+    #[error(
+        "leaf has {count} URI SANs; an X509-SVID MUST contain exactly one (X509-SVID §2, §5.2)"
+    )]
+    UriSanCount { count: usize },
+    #[error("leaf URI SAN {uri:?} is not a valid SPIFFE ID: {source}")]
+    LeafId { uri: String, source: IdError },
+    #[error(
+        "leaf SPIFFE ID {id} has no path; leaf SPIFFE IDs MUST have a non-root path (X509-SVID §3.1, §5.2)"
+    )]
+    LeafIdIsRoot { id: String },
+    #[error("leaf has cA=true; leaf certificates MUST set cA to false (X509-SVID §4.1, §5.2)")]
+    LeafIsCa,
+    #[error(
+        "certificate {index} has no key usage extension; it MUST be set on all SVIDs (X509-SVID §4.3)"
+    )]
+    MissingKeyUsage { index: usize },
+    #[error(
+        "certificate {index}: the key usage extension MUST be marked critical (X509-SVID §4.3)"
+    )]
+    KeyUsageNotCritical { index: usize },
+    #[error("leaf key usage lacks digitalSignature, which leaf SVIDs MUST set (X509-SVID §4.3)")]
+    LeafMissingDigitalSignature,
+    #[error("leaf key usage sets {usage}, which leaf SVIDs MUST NOT set (X509-SVID §4.3, §5.2)")]
+    LeafSigningUsage { usage: &'static str },
+    #[error(
+        "leaf extended key usage lacks {missing}; when present it MUST include serverAuth and clientAuth (X509-SVID §4.4)"
+    )]
+    LeafExtendedKeyUsage { missing: &'static str },
+    #[error(
+        "certificate {index} is not a CA (cA is not true) but is not the leaf; signing certificates MUST set cA=true (X509-SVID §4.1)"
+    )]
+    SigningNotCa { index: usize },
+    #[error(
+        "certificate {index} is a signing certificate without keyCertSign, which it MUST set (X509-SVID §4.3)"
+    )]
+    SigningMissingKeyCertSign { index: usize },
+    #[error(
+        "certificate {index} is a signing certificate whose SPIFFE ID {id} has a path; it MUST NOT (X509-SVID §3.2)"
+    )]
+    SigningIdHasPath { index: usize, id: String },
+    #[error(
+        "leaf has an empty Subject but its SAN extension is not critical (X509-SVID §3.1, RFC 5280 §4.1.2.6)"
+    )]
+    EmptySubjectNonCriticalSan,
+}
+
+/// What [`check_svid_chain`] found: the leaf's SPIFFE ID (when there is exactly one valid one) and
+/// every rule broken, in chain order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SvidReport {
+    pub spiffe_id: Option<SpiffeId>,
+    pub violations: Vec<X509SvidError>,
+}
+
+/// Checks every X509-SVID rule on a DER chain (leaf first) and returns the leaf's SPIFFE ID, or
+/// the first rule broken.
+pub fn validate_svid_chain<C: AsRef<[u8]>>(chain: &[C]) -> Result<SpiffeId, X509SvidError> {
+    let mut first_error = None;
+    let report = check(chain, &mut |e| {
+        first_error = Some(e);
+        false
+    });
+    match (first_error, report) {
+        (Some(e), _) => Err(e),
+        (None, Some(id)) => Ok(id),
+        // Unreachable in practice: no violation means the leaf had one valid ID.
+        (None, None) => Err(X509SvidError::UriSanCount { count: 0 }),
+    }
+}
+
+/// Checks every X509-SVID rule on a DER chain (leaf first) and reports all that are broken, for
+/// tools such as `tessera svid inspect`.
+pub fn check_svid_chain<C: AsRef<[u8]>>(chain: &[C]) -> SvidReport {
+    let mut violations = Vec::new();
+    let spiffe_id = check(chain, &mut |e| {
+        violations.push(e);
+        true
+    });
+    SvidReport {
+        spiffe_id,
+        violations,
+    }
+}
+
+/// The one implementation of the rules. `report` receives each violation and returns whether to
+/// keep going. Returns the leaf's SPIFFE ID when it has exactly one valid URI SAN.
+fn check<C: AsRef<[u8]>>(
+    chain: &[C],
+    report: &mut dyn FnMut(X509SvidError) -> bool,
+) -> Option<SpiffeId> {
+    macro_rules! violation {
+        ($e:expr) => {
+            if !report($e) {
+                return None;
+            }
+        };
+    }
+    if chain.is_empty() {
+        report(X509SvidError::EmptyChain);
+        return None;
+    }
+    let mut leaf_id = None;
+    for (index, der) in chain.iter().enumerate() {
+        let cert = match X509Certificate::from_der(der.as_ref()) {
+            Ok((rest, cert)) if rest.is_empty() => cert,
+            Ok(_) => {
+                violation!(X509SvidError::Parse {
+                    index,
+                    reason: "trailing bytes after the certificate".into()
+                });
+                continue;
+            }
+            Err(e) => {
+                violation!(X509SvidError::Parse {
+                    index,
+                    reason: e.to_string()
+                });
+                continue;
+            }
+        };
+        let facts = match CertFacts::read(&cert) {
+            Ok(f) => f,
+            Err(reason) => {
+                violation!(X509SvidError::Parse { index, reason });
+                continue;
+            }
+        };
+
+        // X509-SVID §4.3: "The key usage extension MUST be set on all SVIDs, and MUST be marked critical."
+        match facts.key_usage {
+            None => violation!(X509SvidError::MissingKeyUsage { index }),
+            Some((false, _)) => violation!(X509SvidError::KeyUsageNotCritical { index }),
+            Some(_) => {}
+        }
+        let ku = facts.key_usage.map(|(_, ku)| ku);
+
+        if index == 0 {
+            // X509-SVID §2: exactly one URI SAN; validators MUST reject more than one (§5.2).
+            match facts.uri_sans.as_slice() {
+                [uri] => match SpiffeId::parse(uri) {
+                    // §5.2: the scheme MUST be `spiffe` (checked by parse) and the path non-root (§3.1).
+                    Ok(id) if id.is_root() => {
+                        violation!(X509SvidError::LeafIdIsRoot { id: id.to_string() })
+                    }
+                    Ok(id) => leaf_id = Some(id),
+                    Err(source) => violation!(X509SvidError::LeafId {
+                        uri: (*uri).to_owned(),
+                        source
+                    }),
+                },
+                other => violation!(X509SvidError::UriSanCount { count: other.len() }),
+            }
+            // §3.1 via RFC 5280 §4.1.2.6: without a Subject the SAN carries the identity and must be critical.
+            if facts.subject_empty && !facts.san_critical {
+                violation!(X509SvidError::EmptySubjectNonCriticalSan);
+            }
+            // §4.1 and §5.2: the leaf MUST have cA=false (absent basic constraints means not a CA).
+            if facts.is_ca {
+                violation!(X509SvidError::LeafIsCa);
+            }
+            if let Some(ku) = ku {
+                // §4.3: leaf SVIDs MUST set digitalSignature and MUST NOT set keyCertSign or cRLSign;
+                // §5.2 makes the latter a validator duty, so a leaf can never act as a CA.
+                if !ku.digital_signature() {
+                    violation!(X509SvidError::LeafMissingDigitalSignature);
+                }
+                if ku.key_cert_sign() {
+                    violation!(X509SvidError::LeafSigningUsage {
+                        usage: "keyCertSign"
+                    });
+                }
+                if ku.crl_sign() {
+                    violation!(X509SvidError::LeafSigningUsage { usage: "cRLSign" });
+                }
+            }
+            // §4.4: EKU is optional, but when present it MUST include both serverAuth and clientAuth.
+            if let Some((server, client)) = facts.eku {
+                if !server {
+                    violation!(X509SvidError::LeafExtendedKeyUsage {
+                        missing: "serverAuth"
+                    });
+                }
+                if !client {
+                    violation!(X509SvidError::LeafExtendedKeyUsage {
+                        missing: "clientAuth"
+                    });
+                }
+            }
+        } else {
+            // §4.1: every certificate above the leaf signs, so it MUST be a CA. A non-CA extra
+            // certificate in the chain is rejected rather than skipped: a chain is what the peer
+            // proves, and an unexplained member is a sign of a confused or malicious sender.
+            if !facts.is_ca {
+                violation!(X509SvidError::SigningNotCa { index });
+            }
+            // §4.3: signing certificates MUST set keyCertSign.
+            if let Some(ku) = ku
+                && !ku.key_cert_sign()
+            {
+                violation!(X509SvidError::SigningMissingKeyCertSign { index });
+            }
+            // §3.2: a signing certificate's SPIFFE ID, if present, MUST NOT have a path.
+            for uri in &facts.uri_sans {
+                if let Ok(id) = SpiffeId::parse(uri)
+                    && !id.is_root()
+                {
+                    violation!(X509SvidError::SigningIdHasPath {
+                        index,
+                        id: id.to_string()
+                    });
+                }
+            }
+        }
+    }
+    leaf_id
+}
+
+/// The facts about one certificate that the rules need, read once.
+struct CertFacts<'a> {
+    uri_sans: Vec<&'a str>,
+    san_critical: bool,
+    subject_empty: bool,
+    is_ca: bool,
+    /// (critical, usage)
+    key_usage: Option<(bool, KeyUsage)>,
+    /// (serverAuth, clientAuth) when the extension is present.
+    eku: Option<(bool, bool)>,
+}
+
+impl<'a> CertFacts<'a> {
+    fn read(cert: &'a X509Certificate<'a>) -> Result<Self, String> {
+        let mut facts = CertFacts {
+            uri_sans: Vec::new(),
+            san_critical: false,
+            subject_empty: cert.subject().iter().next().is_none(),
+            is_ca: false,
+            key_usage: None,
+            eku: None,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for ext in cert.extensions() {
+            // RFC 5280 §4.2: "A certificate MUST NOT include more than one instance of a particular
+            // extension" — two SAN or key-usage extensions would make the rules above ambiguous.
+            if !seen.insert(ext.oid.to_id_string()) {
+                return Err(format!("extension {} appears twice", ext.oid));
+            }
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    facts.san_critical = ext.critical;
+                    for name in &san.general_names {
+                        if let GeneralName::URI(uri) = name {
+                            facts.uri_sans.push(uri);
+                        }
+                    }
+                }
+                ParsedExtension::BasicConstraints(bc) => facts.is_ca = bc.ca,
+                ParsedExtension::KeyUsage(ku) => facts.key_usage = Some((ext.critical, *ku)),
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    facts.eku = Some((eku.server_auth, eku.client_auth));
+                }
+                ParsedExtension::ParseError { error } => {
+                    return Err(format!("extension {} is malformed: {error}", ext.oid));
+                }
+                _ => {}
+            }
+        }
+        Ok(facts)
+    }
+}

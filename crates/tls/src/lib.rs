@@ -1,0 +1,152 @@
+//! The one place Tessera chooses a rustls `CryptoProvider` and the one place it verifies SPIFFE
+//! certificates.
+//!
+//! Every component that accepts an X509-SVID from outside (the proxy's peers, the server's agents,
+//! `tessera svid inspect --bundle`) calls [`verify_svid`]: first the X509-SVID rules of
+//! `tessera-spiffe`, then RFC 5280 path validation by webpki to the bundle of the SVID's *own* trust
+//! domain. Nothing else in the workspace may look at a peer certificate's SAN to decide identity.
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tessera_spiffe::{BundleSource, SpiffeId, X509SvidError, validate_svid_chain};
+
+/// The crypto provider for every TLS endpoint Tessera runs: rustls with aws-lc-rs.
+///
+/// TLS 1.3 cipher suites only, AES-GCM first (hardware accelerated on every server CPU we target),
+/// ChaCha20-Poly1305 last. The whole-process default is not touched, so a library that installs
+/// its own provider cannot change ours and ours cannot change theirs.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{self, cipher_suite};
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..aws_lc_rs::default_provider()
+    })
+}
+
+/// Which side of a TLS connection presented the certificate being verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The peer is a TLS client (we are the server).
+    Client,
+    /// The peer is a TLS server (we are the client).
+    Server,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    #[error("not an X509-SVID: {0}")]
+    Svid(#[from] X509SvidError),
+    #[error("no trust bundle for trust domain {trust_domain} of {spiffe_id}")]
+    NoBundle {
+        trust_domain: String,
+        spiffe_id: String,
+    },
+    #[error(
+        "the bundle of {trust_domain} has no X.509 authorities, so none of its X509-SVIDs can be trusted (Trust Domain and Bundle §4.1.3)"
+    )]
+    EmptyBundle { trust_domain: String },
+    #[error(
+        "X509-SVID of {spiffe_id} does not verify against the bundle of {trust_domain}: {reason}"
+    )]
+    Chain {
+        spiffe_id: String,
+        trust_domain: String,
+        reason: String,
+    },
+}
+
+/// Verifies an X509-SVID chain (leaf first; intermediates after it; the root may be omitted) and
+/// returns the leaf's SPIFFE ID.
+///
+/// The chain must satisfy every X509-SVID rule and must verify (RFC 5280 path validation, X509-SVID
+/// §5.1) to a CA in the bundle of the leaf's own trust domain, at time `now`. Trusting any other
+/// trust domain's roots for this ID would let one trust domain mint identities of another.
+pub fn verify_svid(
+    chain: &[CertificateDer<'_>],
+    bundles: &dyn BundleSource,
+    now: UnixTime,
+    role: PeerRole,
+) -> Result<SpiffeId, VerifyError> {
+    let id = validate_svid_chain(chain)?;
+    let td = id.trust_domain();
+    let bundle = bundles
+        .bundle_for(&td)
+        .ok_or_else(|| VerifyError::NoBundle {
+            trust_domain: td.to_string(),
+            spiffe_id: id.to_string(),
+        })?;
+    let chain_err = |reason: String| VerifyError::Chain {
+        spiffe_id: id.to_string(),
+        trust_domain: td.to_string(),
+        reason,
+    };
+    let ders: Vec<CertificateDer<'_>> = bundle
+        .x509_authorities()
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let mut anchors = Vec::with_capacity(ders.len());
+    for der in &ders {
+        // Authorities were parsed when the bundle was built; one webpki cannot use is skipped
+        // rather than trusted, and if none is left we say so below.
+        if let Ok(anchor) = webpki::anchor_from_trusted_cert(der) {
+            anchors.push(anchor);
+        }
+    }
+    if anchors.is_empty() {
+        return Err(VerifyError::EmptyBundle {
+            trust_domain: td.to_string(),
+        });
+    }
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(VerifyError::Svid(X509SvidError::EmptyChain));
+    };
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| chain_err(describe(&e)))?;
+    let usage = match role {
+        PeerRole::Client => webpki::KeyUsage::client_auth(),
+        PeerRole::Server => webpki::KeyUsage::server_auth(),
+    };
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(|e| chain_err(describe(&e)))?;
+    Ok(id)
+}
+
+/// webpki's errors in the words of someone debugging an SVID.
+fn describe(e: &webpki::Error) -> String {
+    match e {
+        webpki::Error::CertExpired { .. } => "the certificate has expired".into(),
+        webpki::Error::CertNotValidYet { .. } => "the certificate is not valid yet".into(),
+        webpki::Error::UnknownIssuer => {
+            "it is not signed by any CA in that bundle (unknown issuer)".into()
+        }
+        webpki::Error::InvalidSignatureForPublicKey => {
+            "a signature in the chain does not verify".into()
+        }
+        webpki::Error::CaUsedAsEndEntity => "the leaf is a CA certificate".into(),
+        webpki::Error::EndEntityUsedAsCa => "a non-CA certificate is used as an issuer".into(),
+        webpki::Error::RequiredEkuNotFoundContext(_) => {
+            "the extended key usage does not allow this use".into()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// The current time as webpki wants it.
+pub fn now() -> UnixTime {
+    UnixTime::now()
+}
