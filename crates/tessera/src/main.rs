@@ -1,1 +1,19 @@
-fn main() {}
+//! `tessera`: one binary for every Tessera component. Parses flags and hands off; no logic here.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+mod inspect;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
