@@ -388,7 +388,7 @@ impl Bundle {
 
 fn parse_cert(der: &[u8]) -> Result<(), String> {
     match X509Certificate::from_der(der) {
-        Ok((rest, _)) if rest.is_empty() => Ok(()),
+        Ok(([], _)) => Ok(()),
         Ok(_) => Err("trailing bytes after the certificate".into()),
         Err(e) => Err(format!("not a DER X.509 certificate: {e}")),
     }

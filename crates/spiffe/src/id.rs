@@ -313,7 +313,9 @@ mod tests {
     #[test]
     fn id_rules_table() {
         use IdError::*;
-        let cases: &[(&str, Result<(&str, &str), IdError>)] = &[
+        /// (trust domain, path) of a valid ID, or the error.
+        type Want = Result<(&'static str, &'static str), IdError>;
+        let cases: &[(&str, Want)] = &[
             // §2: scheme, authority, optional path.
             ("spiffe://example.org", Ok(("example.org", ""))),
             (

@@ -122,7 +122,7 @@ fn check<C: AsRef<[u8]>>(
     let mut leaf_id = None;
     for (index, der) in chain.iter().enumerate() {
         let cert = match X509Certificate::from_der(der.as_ref()) {
-            Ok((rest, cert)) if rest.is_empty() => cert,
+            Ok(([], cert)) => cert,
             Ok(_) => {
                 violation!(X509SvidError::Parse {
                     index,

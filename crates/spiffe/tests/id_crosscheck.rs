@@ -8,6 +8,8 @@
 //! (go-spiffe rejects both too). We reject, so an ID has exactly one spelling and compares byte
 //! for byte; the test asserts exactly that.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
+
 use proptest::prelude::*;
 use tessera_spiffe::{SpiffeId, TrustDomain};
 

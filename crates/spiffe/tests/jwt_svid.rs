@@ -1,11 +1,16 @@
 //! JWT-SVID validation, one row per rule of the JWT-SVID standard.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
+
 use serde_json::{Value, json};
 use tessera_spiffe::jwt::{self, Claims, JwtError, Validation};
 use tessera_spiffe::{Bundle, BundleSet, SpiffeId, TrustDomain};
 use tessera_test_util::{JwtSigner, RsaJwtSigner, unix_now};
 
 const NOW: u64 = 1_800_000_000;
+
+/// A predicate on the error a table row expects.
+type Expect = fn(&JwtError) -> bool;
 
 fn opts() -> Validation<'static> {
     Validation {
@@ -82,7 +87,7 @@ fn minted_token_validates_and_carries_kid_and_es256() {
 #[test]
 fn header_rules() {
     let (signer, set) = setup();
-    let rows: &[(&str, Value, fn(&JwtError) -> bool)] = &[
+    let rows: &[(&str, Value, Expect)] = &[
         // §2.1: the allowlist, checked before anything else (the bogus `jku` is never reached).
         (
             "alg none",
@@ -167,7 +172,7 @@ fn claim_rules() {
         f(c.as_object_mut().unwrap());
         signer.sign_raw(&header(), &c)
     };
-    let rows: Vec<(&str, String, fn(&JwtError) -> bool)> = vec![
+    let rows: Vec<(&str, String, Expect)> = vec![
         // §3.1
         (
             "no sub",

@@ -1,5 +1,7 @@
 //! X509-SVID rules on generated certificates, one row per MUST/MUST NOT of the standard.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
+
 use tessera_spiffe::x509::{X509SvidError, check_svid_chain, validate_svid_chain};
 use tessera_test_util::rcgen::{
     self, BasicConstraints, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,

@@ -1,5 +1,7 @@
 //! The inspection verbs as a user runs them: real process, real files, exit codes and messages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
+
 use std::process::{Command, Output};
 
 use tessera_test_util::rcgen::KeyUsagePurpose;

@@ -1,6 +1,8 @@
 //! The malformed-certificate matrix through the one verifier: every bad SVID is refused with the
 //! rule it breaks, and a good one yields its SPIFFE ID.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
+
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tessera_spiffe::{BundleSet, X509SvidError};
 use tessera_test_util::rcgen::{BasicConstraints, IsCa, KeyUsagePurpose};
