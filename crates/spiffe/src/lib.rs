@@ -12,10 +12,12 @@ pub mod endpoint;
 pub mod id;
 mod json;
 pub mod jwt;
+pub mod selector;
 pub mod x509;
 
 pub use bundle::{Bundle, BundleError, BundleSet, BundleSource, JwtKey};
 pub use endpoint::{EndpointAddr, EndpointError};
 pub use id::{IdError, SpiffeId, TrustDomain};
 pub use jwt::{JwtError, JwtSvid};
+pub use selector::{Selector, SelectorError};
 pub use x509::{X509SvidError, validate_svid_chain};
