@@ -8,6 +8,14 @@
 
 use std::sync::Arc;
 
+pub mod config;
+pub mod x509pop;
+
+pub use config::{
+    ExpectedPeer, SharedBundles, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver,
+    certified_key, client_config, peer_spiffe_id, server_config,
+};
+
 use rustls::crypto::CryptoProvider;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tessera_spiffe::{BundleSource, SpiffeId, X509SvidError, validate_svid_chain};

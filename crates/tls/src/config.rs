@@ -1,0 +1,294 @@
+//! rustls configurations built from SVIDs and bundles: SPIFFE certificate verifiers for both sides
+//! and a certificate resolver whose SVID can be swapped on rotation without touching live
+//! connections.
+//!
+//! Every verifier here ends in [`crate::verify_svid`]; none looks at a certificate by itself.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig, SignatureScheme,
+};
+use tessera_spiffe::{BundleSet, SpiffeId, TrustDomain};
+
+use crate::{PeerRole, crypto_provider, verify_svid};
+
+/// Bundles that can be replaced while connections use them (federation refreshes, CA rotation).
+pub type SharedBundles = Arc<ArcSwap<BundleSet>>;
+
+/// Which peer identities a client accepts from a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectedPeer {
+    /// Exactly this SPIFFE ID: a stale address mapping fails the handshake.
+    Exact(SpiffeId),
+    /// Any of these IDs.
+    AnyOf(Vec<SpiffeId>),
+    /// Any ID in this trust domain.
+    MemberOf(TrustDomain),
+}
+
+impl ExpectedPeer {
+    fn allows(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact(want) => want == id,
+            Self::AnyOf(ids) => ids.contains(id),
+            Self::MemberOf(td) => id.is_member_of(td),
+        }
+    }
+}
+
+impl fmt::Display for ExpectedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(id) => write!(f, "{id}"),
+            Self::AnyOf(ids) => {
+                let list: Vec<&str> = ids.iter().map(SpiffeId::as_str).collect();
+                write!(f, "one of [{}]", list.join(", "))
+            }
+            Self::MemberOf(td) => write!(f, "any ID in {td}"),
+        }
+    }
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    crypto_provider().signature_verification_algorithms
+}
+
+fn to_rustls_err(e: &crate::VerifyError) -> Error {
+    Error::General(e.to_string())
+}
+
+/// Verifies a TLS server's X509-SVID and that its SPIFFE ID is the one expected.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundles: SharedBundles,
+    expected: ExpectedPeer,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(bundles: SharedBundles, expected: ExpectedPeer) -> Self {
+        Self {
+            bundles,
+            expected,
+            algs: algorithms(),
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        // The server name is not used: SPIFFE authenticates the peer by the ID in its SVID
+        // (X509-SVID §5), not by DNS names, so the expected ID is what we check.
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let bundles = self.bundles.load();
+        let id = verify_svid(&chain, bundles.as_ref(), now, PeerRole::Server)
+            .map_err(|e| to_rustls_err(&e))?;
+        if !self.expected.allows(&id) {
+            return Err(Error::General(format!(
+                "server presented {id}, expected {}",
+                self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        // Our configs are TLS 1.3 only; a TLS 1.2 handshake never reaches here.
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Verifies a TLS client's X509-SVID against the bundle of its own trust domain.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundles: SharedBundles,
+    mandatory: bool,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeClientVerifier {
+    /// `mandatory = false` lets a client without a certificate complete the handshake (the
+    /// server's node-attestation call needs that); such a connection then has no peer identity.
+    pub fn new(bundles: SharedBundles, mandatory: bool) -> Self {
+        Self {
+            bundles,
+            mandatory,
+            algs: algorithms(),
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        let bundles = self.bundles.load();
+        verify_svid(&chain, bundles.as_ref(), now, PeerRole::Client)
+            .map_err(|e| to_rustls_err(&e))?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// An X509-SVID with its private key, as rustls presents it.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, Error> {
+    let provider = crypto_provider();
+    let signing_key = provider.key_provider.load_private_key(key)?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing_key)))
+}
+
+/// Presents whatever SVID was stored last: rotation swaps it in place, and connections already
+/// established keep the one they were made with.
+#[derive(Debug)]
+pub struct SvidResolver(ArcSwap<CertifiedKey>);
+
+impl SvidResolver {
+    pub fn new(initial: Arc<CertifiedKey>) -> Arc<Self> {
+        Arc::new(Self(ArcSwap::new(initial)))
+    }
+
+    pub fn swap(&self, next: Arc<CertifiedKey>) {
+        self.0.store(next);
+    }
+}
+
+impl ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for SvidResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn provider_arc() -> Arc<CryptoProvider> {
+    crypto_provider()
+}
+
+/// A TLS 1.3 server config presenting `svid` and verifying client SVIDs with `clients`.
+pub fn server_config(
+    svid: Arc<SvidResolver>,
+    clients: Arc<SpiffeClientVerifier>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, Error> {
+    let mut cfg = ServerConfig::builder_with_provider(provider_arc())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(clients)
+        .with_cert_resolver(svid);
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// A TLS 1.3 client config that verifies the server as `server` and presents `svid` if given.
+pub fn client_config(
+    server: Arc<SpiffeServerVerifier>,
+    svid: Option<Arc<SvidResolver>>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, Error> {
+    let builder = ClientConfig::builder_with_provider(provider_arc())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(server);
+    let mut cfg = match svid {
+        Some(r) => builder.with_client_cert_resolver(r),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}
+
+/// The SPIFFE ID of a peer whose chain a verifier above has already accepted in this handshake.
+/// Returns `None` when the peer sent no certificate.
+pub fn peer_spiffe_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+    let certs = certs?;
+    tessera_spiffe::validate_svid_chain(certs).ok()
+}
