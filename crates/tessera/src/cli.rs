@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::admin_cli::{
+    self, AdminConn, AgentCommand, BundleCommand, EntryCommand, SvidMintArgs, TokenCommand,
+};
 use crate::inspect;
 
 #[derive(Debug, Parser)]
@@ -29,12 +32,80 @@ pub(crate) enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the server (the control plane of one trust domain).
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Registration entries (admin API).
+    Entry {
+        #[command(subcommand)]
+        cmd: EntryCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Join tokens for node attestation (admin API).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Attested agents (admin API).
+    Agent {
+        #[command(subcommand)]
+        cmd: AgentCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// The trust bundle (admin API).
+    Bundle {
+        #[command(subcommand)]
+        cmd: BundleCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// SPIFFE ID tools.
     #[command(subcommand)]
     Id(IdCommand),
     /// X509-SVID tools.
     #[command(subcommand)]
     Svid(SvidCommand),
+    /// Exit 0 when the server's health endpoint says it is ready.
+    Healthcheck {
+        /// The server's health_bind_address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        address: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServerCommand {
+    /// Run the server until Ctrl-C.
+    Run(ServerRunArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServerRunArgs {
+    /// TOML configuration file; flags below override its keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print a commented default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    #[arg(long)]
+    trust_domain: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    bind_address: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    #[arg(long)]
+    health_bind_address: Option<std::net::SocketAddr>,
+    /// `sqlite:///path` or `postgres://…`.
+    #[arg(long)]
+    datastore_url: Option<String>,
+    #[arg(long)]
+    log_level: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +124,13 @@ struct IdCheckArgs {
 
 #[derive(Debug, Subcommand)]
 enum SvidCommand {
+    /// Mint an X509-SVID for a tool (the key is made locally; the server signs a CSR).
+    Mint {
+        #[command(flatten)]
+        args: SvidMintArgs,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// Show an X509-SVID (PEM or DER chain) and every X509-SVID rule it breaks; exit 0 when it
     /// is a valid SVID (and, with --bundle, verifies against it).
     Inspect(SvidInspectArgs),
@@ -78,5 +156,72 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Id(IdCommand::Check(a)) => Ok(inspect::id_check(&a.id, a.output)),
         Command::Svid(SvidCommand::Inspect(a)) => inspect::svid_inspect(&a),
+        Command::Svid(SvidCommand::Mint { args, conn }) => {
+            block_on(admin_cli::svid_mint(&conn, args))
+        }
+        Command::Entry { cmd, conn } => block_on(admin_cli::entry(&conn, cmd)),
+        Command::Token { cmd, conn } => block_on(admin_cli::token(&conn, cmd)),
+        Command::Agent { cmd, conn } => block_on(admin_cli::agent(&conn, cmd)),
+        Command::Bundle { cmd, conn } => block_on(admin_cli::bundle(&conn, cmd)),
+        Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
+        Command::Server(ServerCommand::Run(a)) => server_run(a),
     }
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
+    f: F,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn server_run(a: ServerRunArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    use tessera_server::ServerConfig;
+    if a.print_default_config {
+        print!("{}", ServerConfig::default_toml());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut cfg = match &a.config {
+        Some(p) => ServerConfig::load(p)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(td) = &a.trust_domain {
+        cfg.trust_domain = tessera_spiffe::TrustDomain::new(td)
+            .with_context(|| format!("--trust-domain {td:?}"))?;
+    }
+    if let Some(v) = a.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = a.bind_address {
+        cfg.bind_address = v;
+    }
+    if let Some(v) = a.admin_socket {
+        cfg.admin_socket = v;
+    }
+    if let Some(v) = a.health_bind_address {
+        cfg.health_bind_address = v;
+    }
+    if let Some(v) = a.datastore_url {
+        cfg.datastore.url = v;
+    }
+    if let Some(v) = a.log_level {
+        cfg.log_level = v;
+    }
+    cfg.validate()?;
+    tessera_telemetry::init_logging(&cfg.log_level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let server = tessera_server::start(cfg).await?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
 }

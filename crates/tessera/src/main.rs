@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod admin_cli;
 mod cli;
 mod inspect;
 

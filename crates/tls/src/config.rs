@@ -292,3 +292,14 @@ pub fn peer_spiffe_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> 
     let certs = certs?;
     tessera_spiffe::validate_svid_chain(certs).ok()
 }
+
+/// The serial number of a certificate as lowercase hex of its bytes without leading zero bytes
+/// (`"00"` for zero), the form the CA reports and the datastore records for an agent's SVID.
+pub fn leaf_serial_hex(leaf: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
+    let raw = cert.raw_serial();
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+    let hex: String = raw[start..].iter().map(|b| format!("{b:02x}")).collect();
+    Some(if hex.is_empty() { "00".to_owned() } else { hex })
+}

@@ -13,7 +13,7 @@ pub mod x509pop;
 
 pub use config::{
     ExpectedPeer, SharedBundles, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver,
-    certified_key, client_config, peer_spiffe_id, server_config,
+    certified_key, client_config, leaf_serial_hex, peer_spiffe_id, server_config,
 };
 
 use rustls::crypto::CryptoProvider;

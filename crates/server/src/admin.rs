@@ -1,0 +1,480 @@
+//! The admin API: everything the CLI does. Served on a Unix socket of mode 0600 in a directory
+//! the server owns, so reaching it is the authorization (as SPIRE's admin socket). Every change
+//! is written to the audit log with the caller's peer credentials.
+
+use std::sync::Arc;
+
+use tessera_pki::SvidTemplate;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::admin_api_server::AdminApi;
+use tessera_spiffe::TrustDomain;
+use tessera_store::EntryQuery;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::audit::Caller;
+use crate::convert::{self, field_err, store_status};
+use crate::state::State;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Admin {
+    pub(crate) state: Arc<State>,
+}
+
+fn caller<T>(req: &Request<T>) -> Caller {
+    let cred = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred);
+    Caller {
+        uid: cred.map(|c| c.uid()),
+        pid: cred.and_then(|c| c.pid()),
+    }
+}
+
+/// Largest page of entries returned at once.
+const MAX_PAGE: u32 = 1000;
+
+impl Admin {
+    /// Records the outcome of a change in the audit log and passes it through.
+    fn audited<T>(
+        &self,
+        who: Caller,
+        what: &str,
+        detail: serde_json::Value,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        let summary = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|s| s.message().to_owned());
+        self.state.audit.record(who, what, detail, &summary);
+        if result.is_err() {
+            self.state.metrics.error(what);
+        }
+        result
+    }
+
+    fn notify(&self, revision: u64) {
+        self.state.feed.notify(revision);
+    }
+
+    async fn refresh_counts(&self) {
+        let s = &self.state;
+        if let Ok(n) = s.store.list_entries(&EntryQuery::default()).await {
+            s.metrics
+                .entries
+                .set(i64::try_from(n.len()).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminApi for Admin {
+    async fn create_entry(
+        &self,
+        req: Request<pb::CreateEntryRequest>,
+    ) -> Result<Response<pb::CreateEntryResponse>, Status> {
+        let who = caller(&req);
+        let msg = req.into_inner();
+        let detail =
+            serde_json::json!({ "spiffe_id": msg.entry.as_ref().map(|e| e.spiffe_id.clone()) });
+        let result = async {
+            let e = msg.entry.ok_or_else(|| field_err("entry", "is required"))?;
+            if !e.id.is_empty() {
+                return Err(field_err("id", "is assigned by the server; leave it empty"));
+            }
+            let new = convert::new_entry(
+                &e,
+                self.state.default_x509_ttl(),
+                self.state.default_jwt_ttl(),
+            )?;
+            if !new.spiffe_id.is_member_of(&self.state.td) {
+                return Err(field_err(
+                    "spiffe_id",
+                    format!("{} is not in trust domain {}", new.spiffe_id, self.state.td),
+                ));
+            }
+            let (entry, created) = self
+                .state
+                .store
+                .create_entry(new)
+                .await
+                .map_err(store_status)?;
+            if created {
+                self.notify(entry.updated_revision);
+            }
+            Ok(pb::CreateEntryResponse {
+                entry: Some(convert::entry(&entry)),
+                created,
+            })
+        }
+        .await;
+        let out = self.audited(who, "entry.create", detail, result)?;
+        self.refresh_counts().await;
+        Ok(Response::new(out))
+    }
+
+    async fn get_entry(
+        &self,
+        req: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let id = req.into_inner().id;
+        match self
+            .state
+            .store
+            .get_entry(&id)
+            .await
+            .map_err(store_status)?
+        {
+            Some(e) => Ok(Response::new(convert::entry(&e))),
+            None => Err(Status::not_found(format!("entry {id:?} not found"))),
+        }
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let r = req.into_inner();
+        let limit = if r.page_size == 0 {
+            MAX_PAGE
+        } else {
+            r.page_size.min(MAX_PAGE)
+        };
+        let query = EntryQuery {
+            parent_id: (!r.parent_id.is_empty())
+                .then(|| convert::spiffe_id("parent_id", &r.parent_id))
+                .transpose()?,
+            spiffe_id: (!r.spiffe_id.is_empty())
+                .then(|| convert::spiffe_id("spiffe_id", &r.spiffe_id))
+                .transpose()?,
+            with_selectors: convert::selectors("selectors", &r.selectors)?,
+            after: (!r.page_token.is_empty()).then_some(r.page_token),
+            limit: Some(limit),
+        };
+        let entries = self
+            .state
+            .store
+            .list_entries(&query)
+            .await
+            .map_err(store_status)?;
+        let next_page_token = if entries.len() == limit as usize {
+            entries.last().map(|e| e.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: entries.iter().map(convert::entry).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let who = caller(&req);
+        let msg = req.into_inner();
+        let detail = serde_json::json!({ "id": msg.entry.as_ref().map(|e| e.id.clone()) });
+        let result = async {
+            let e = msg.entry.ok_or_else(|| field_err("entry", "is required"))?;
+            if e.id.is_empty() {
+                return Err(field_err("id", "is required"));
+            }
+            let new = convert::new_entry(
+                &e,
+                self.state.default_x509_ttl(),
+                self.state.default_jwt_ttl(),
+            )?;
+            if !new.spiffe_id.is_member_of(&self.state.td) {
+                return Err(field_err(
+                    "spiffe_id",
+                    format!("{} is not in trust domain {}", new.spiffe_id, self.state.td),
+                ));
+            }
+            let entry = self
+                .state
+                .store
+                .update_entry(&e.id, new)
+                .await
+                .map_err(store_status)?;
+            self.notify(entry.updated_revision);
+            Ok(convert::entry(&entry))
+        }
+        .await;
+        Ok(Response::new(self.audited(
+            who,
+            "entry.update",
+            detail,
+            result,
+        )?))
+    }
+
+    async fn delete_entry(
+        &self,
+        req: Request<pb::DeleteEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let who = caller(&req);
+        let id = req.into_inner().id;
+        let detail = serde_json::json!({ "id": id });
+        let result = async {
+            let entry = self
+                .state
+                .store
+                .delete_entry(&id)
+                .await
+                .map_err(store_status)?;
+            let rev = self
+                .state
+                .store
+                .current_revision()
+                .await
+                .map_err(store_status)?;
+            self.notify(rev);
+            Ok(convert::entry(&entry))
+        }
+        .await;
+        let out = self.audited(who, "entry.delete", detail, result)?;
+        self.refresh_counts().await;
+        Ok(Response::new(out))
+    }
+
+    async fn generate_join_token(
+        &self,
+        req: Request<pb::GenerateJoinTokenRequest>,
+    ) -> Result<Response<pb::GenerateJoinTokenResponse>, Status> {
+        let who = caller(&req);
+        let ttl = match req.into_inner().ttl_secs {
+            0 => self.state.cfg.node_attestation.join_token.default_ttl.0,
+            t => u64::from(t),
+        };
+        let result = async {
+            let token = random_token()?;
+            let expires_at = i64::try_from(crate::ca::unix_now() + ttl).unwrap_or(i64::MAX);
+            self.state
+                .store
+                .create_join_token(&tessera_store::model::JoinToken {
+                    token: token.clone(),
+                    expires_at,
+                })
+                .await
+                .map_err(store_status)?;
+            let agent = crate::agent_api::join_token_agent_id(&self.state.td, &token)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(pb::GenerateJoinTokenResponse {
+                token,
+                expires_at,
+                agent_spiffe_id: agent.to_string(),
+            })
+        }
+        .await;
+        let detail = serde_json::json!({
+            "ttl_secs": ttl,
+            "agent_spiffe_id": result.as_ref().map(|r| r.agent_spiffe_id.clone()).unwrap_or_default(),
+        });
+        Ok(Response::new(self.audited(
+            who,
+            "token.generate",
+            detail,
+            result,
+        )?))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self
+            .state
+            .store
+            .list_agents(&tessera_store::AgentQuery::default())
+            .await
+            .map_err(store_status)?;
+        self.state
+            .metrics
+            .agents
+            .set(i64::try_from(agents.len()).unwrap_or(i64::MAX));
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.iter().map(convert::agent).collect(),
+        }))
+    }
+
+    async fn get_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let id = convert::spiffe_id("spiffe_id", &req.into_inner().spiffe_id)?;
+        match self
+            .state
+            .store
+            .get_agent(&id)
+            .await
+            .map_err(store_status)?
+        {
+            Some(a) => Ok(Response::new(convert::agent(&a))),
+            None => Err(Status::not_found(format!("agent {id} not found"))),
+        }
+    }
+
+    async fn ban_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let who = caller(&req);
+        let raw = req.into_inner().spiffe_id;
+        let detail = serde_json::json!({ "spiffe_id": raw });
+        let result = async {
+            let id = convert::spiffe_id("spiffe_id", &raw)?;
+            let agent = self
+                .state
+                .store
+                .set_agent_banned(&id, true)
+                .await
+                .map_err(store_status)?;
+            self.notify(agent.updated_revision);
+            Ok(convert::agent(&agent))
+        }
+        .await;
+        Ok(Response::new(self.audited(
+            who,
+            "agent.ban",
+            detail,
+            result,
+        )?))
+    }
+
+    async fn evict_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let who = caller(&req);
+        let raw = req.into_inner().spiffe_id;
+        let detail = serde_json::json!({ "spiffe_id": raw });
+        let result = async {
+            let id = convert::spiffe_id("spiffe_id", &raw)?;
+            let agent = self
+                .state
+                .store
+                .delete_agent(&id)
+                .await
+                .map_err(store_status)?;
+            let rev = self
+                .state
+                .store
+                .current_revision()
+                .await
+                .map_err(store_status)?;
+            self.notify(rev);
+            Ok(convert::agent(&agent))
+        }
+        .await;
+        Ok(Response::new(self.audited(
+            who,
+            "agent.evict",
+            detail,
+            result,
+        )?))
+    }
+
+    async fn get_bundle(
+        &self,
+        _req: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        own_bundle(&self.state).await.map(Response::new)
+    }
+
+    async fn mint_x509_svid(
+        &self,
+        req: Request<pb::MintX509SvidRequest>,
+    ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let detail = serde_json::json!({ "spiffe_id": r.spiffe_id, "ttl_secs": r.ttl_secs });
+        let result = async {
+            let id = convert::spiffe_id("spiffe_id", &r.spiffe_id)?;
+            if !id.is_member_of(&self.state.td) {
+                return Err(field_err(
+                    "spiffe_id",
+                    format!("{id} is not in trust domain {}", self.state.td),
+                ));
+            }
+            let ttl = if r.ttl_secs == 0 {
+                self.state.cfg.svid.default_x509_ttl.0
+            } else {
+                u64::from(r.ttl_secs)
+            };
+            let tmpl = SvidTemplate {
+                spiffe_id: id,
+                dns_names: r.dns_names,
+                ttl_secs: ttl,
+            };
+            let signed = self
+                .state
+                .ca
+                .sign(&r.csr, &tmpl)
+                .map_err(|e| field_err("csr", e))?;
+            self.state.metrics.svids_signed.inc();
+            Ok(pb::MintX509SvidResponse {
+                svid_chain: vec![signed.cert_der],
+                bundle: Some(own_bundle(&self.state).await?),
+            })
+        }
+        .await;
+        Ok(Response::new(self.audited(
+            who,
+            "svid.mint",
+            detail,
+            result,
+        )?))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::AdminMintJwtSvidRequest>,
+    ) -> Result<Response<pb::AdminMintJwtSvidResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let detail = serde_json::json!({ "spiffe_id": r.spiffe_id, "audience": r.audience });
+        let result = async {
+            let id = convert::spiffe_id("spiffe_id", &r.spiffe_id)?;
+            if !id.is_member_of(&self.state.td) {
+                return Err(field_err(
+                    "spiffe_id",
+                    format!("{id} is not in trust domain {}", self.state.td),
+                ));
+            }
+            let ttl = if r.ttl_secs == 0 {
+                self.state.cfg.svid.default_jwt_ttl.0
+            } else {
+                u64::from(r.ttl_secs)
+            };
+            let token = self
+                .state
+                .ca
+                .mint_jwt(&id, &r.audience, ttl)
+                .map_err(|e| field_err("audience", e))?;
+            Ok(pb::AdminMintJwtSvidResponse { token })
+        }
+        .await;
+        Ok(Response::new(
+            self.audited(who, "jwt.mint", detail, result)?,
+        ))
+    }
+}
+
+/// The trust domain's bundle as stored (with its sequence number).
+pub(crate) async fn own_bundle(state: &State) -> Result<pb::Bundle, Status> {
+    let td: &TrustDomain = &state.td;
+    match state.store.get_bundle(td).await.map_err(store_status)? {
+        Some(b) => Ok(convert::bundle(td, &b.bundle_json)),
+        None => Err(Status::unavailable("the trust bundle is not published yet")),
+    }
+}
+
+/// 32 random bytes as hex: join tokens are bearer secrets, so they carry 256 bits.
+fn random_token() -> Result<String, Status> {
+    let mut b = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| Status::internal("no randomness available"))?;
+    Ok(hex::encode(b))
+}

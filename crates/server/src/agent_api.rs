@@ -1,0 +1,600 @@
+//! The agent API: node attestation, agent SVID renewal, the pushed `Sync` stream, and SVID
+//! signing for the entries an agent is authorized for.
+//!
+//! Authorization rule (one place, [`AgentApi::authorized_parents`]): an agent may have SVIDs for
+//! entries whose parent is its own ID, or whose parent is a node alias — an entry parented to the
+//! server whose selectors are all among the agent's attested selectors. Anything else is refused
+//! and logged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tessera_pki::SvidTemplate;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::agent_api_server::AgentApi as AgentApiTrait;
+use tessera_spiffe::{Selector, SpiffeId, TrustDomain, selector};
+use tessera_store::model::{Agent, Entry, EventKind, NewAgent};
+use tessera_store::{EntryQuery, StoreError};
+use tessera_tls::x509pop;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert::{self, store_status};
+use crate::state::State;
+use crate::transport::PeerSvid;
+
+/// Entries per snapshot page: keeps every message far below gRPC's 4 MiB default limit.
+pub(crate) const SNAPSHOT_PAGE: usize = 500;
+/// Most SVIDs signed in one call.
+const MAX_BATCH: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub(crate) struct AgentApi {
+    pub(crate) state: Arc<State>,
+}
+
+/// The agent ID for a join token. The token is a secret and IDs are public, so the ID carries a
+/// hash of it (the first 128 bits of SHA-256), never the token.
+pub(crate) fn join_token_agent_id(
+    td: &TrustDomain,
+    token: &str,
+) -> Result<SpiffeId, tessera_spiffe::IdError> {
+    let digest = x509pop::sha256_hex(token.as_bytes());
+    crate::agent_id(td, "join_token", &digest[..32])
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl AgentApi {
+    /// The attested, unbanned agent behind this request's client certificate.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Agent, Status> {
+        let peer = req
+            .extensions()
+            .get::<PeerSvid>()
+            .cloned()
+            .unwrap_or_default();
+        let id = peer.id.ok_or_else(|| {
+            Status::unauthenticated("an agent SVID (client certificate) is required")
+        })?;
+        if !id.is_member_of(&self.state.td) || !id.path().starts_with("/tessera/agent/") {
+            return Err(Status::permission_denied(format!(
+                "{id} is not an agent of {}",
+                self.state.td
+            )));
+        }
+        let agent = self
+            .state
+            .store
+            .get_agent(&id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| {
+                Status::unauthenticated(format!(
+                    "agent {id} is not attested (evicted?): attest again"
+                ))
+            })?;
+        if agent.banned {
+            return Err(Status::permission_denied(format!("agent {id} is banned")));
+        }
+        // Only the agent's current SVID is accepted: after a renewal or an eviction followed by
+        // re-attestation, an older (possibly stolen) SVID of the same ID is worthless.
+        if peer.serial_hex.as_deref() != Some(agent.serial.as_str()) {
+            return Err(Status::unauthenticated(format!(
+                "the certificate presented is not agent {id}'s current SVID: renew or attest again"
+            )));
+        }
+        Ok(agent)
+    }
+
+    /// The parents whose entries `agent` may have: itself and every node alias it matches.
+    async fn authorized_parents(&self, agent: &Agent) -> Result<BTreeSet<SpiffeId>, Status> {
+        let aliases = self
+            .state
+            .store
+            .list_entries(&EntryQuery {
+                parent_id: Some(self.state.server_id.clone()),
+                ..EntryQuery::default()
+            })
+            .await
+            .map_err(store_status)?;
+        let mut parents = BTreeSet::from([agent.spiffe_id.clone()]);
+        for alias in aliases {
+            if selector::matches(&alias.selectors, &agent.selectors) {
+                parents.insert(alias.spiffe_id);
+            }
+        }
+        Ok(parents)
+    }
+
+    async fn authorized_entries(&self, parents: &BTreeSet<SpiffeId>) -> Result<Vec<Entry>, Status> {
+        let list: Vec<SpiffeId> = parents.iter().cloned().collect();
+        self.state
+            .store
+            .list_entries_by_parents(&list)
+            .await
+            .map_err(store_status)
+    }
+
+    fn sign(&self, csr: &[u8], tmpl: &SvidTemplate) -> Result<tessera_pki::SignedSvid, Status> {
+        let started = std::time::Instant::now();
+        let signed = self
+            .state
+            .ca
+            .sign(csr, tmpl)
+            .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
+        self.state
+            .metrics
+            .sign_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.state.metrics.svids_signed.inc();
+        Ok(signed)
+    }
+
+    /// Node attestation by method; returns the agent's ID and attested selectors.
+    async fn attest(
+        &self,
+        params: &pb::AttestParams,
+        inbound: &mut Streaming<pb::AttestAgentRequest>,
+        tx: &mpsc::Sender<Result<pb::AttestAgentResponse, Status>>,
+    ) -> Result<(SpiffeId, BTreeSet<Selector>), Status> {
+        let td = &self.state.td;
+        match params.method.as_str() {
+            "join_token" => {
+                let token = match params.payload.as_slice() {
+                    [one] => std::str::from_utf8(one)
+                        .map_err(|_| Status::invalid_argument("join token is not UTF-8"))?,
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "join_token attestation takes exactly one token",
+                        ));
+                    }
+                };
+                let now = i64::try_from(crate::ca::unix_now()).unwrap_or(i64::MAX);
+                // Consumed atomically in the datastore: of concurrent attempts exactly one wins.
+                let used = self
+                    .state
+                    .store
+                    .consume_join_token(token, now)
+                    .await
+                    .map_err(store_status)?;
+                if used.is_none() {
+                    return Err(Status::permission_denied(
+                        "join token is unknown, expired or already used",
+                    ));
+                }
+                let id =
+                    join_token_agent_id(td, token).map_err(|e| Status::internal(e.to_string()))?;
+                let digest = &x509pop::sha256_hex(token.as_bytes())[..32];
+                let sel = Selector::new("agent", &format!("join_token:{digest}"))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                Ok((id, BTreeSet::from([sel])))
+            }
+            "x509pop" => {
+                if self.state.x509pop_roots.is_empty() {
+                    return Err(Status::failed_precondition(
+                        "x509pop attestation is not configured on this server",
+                    ));
+                }
+                let chain: Vec<rustls::pki_types::CertificateDer<'_>> = params
+                    .payload
+                    .iter()
+                    .map(|c| rustls::pki_types::CertificateDer::from(c.as_slice()))
+                    .collect();
+                let roots: Vec<rustls::pki_types::CertificateDer<'_>> = self
+                    .state
+                    .x509pop_roots
+                    .iter()
+                    .map(|c| rustls::pki_types::CertificateDer::from(c.as_slice()))
+                    .collect();
+                let node =
+                    x509pop::verify_node_chain(&chain, &roots, rustls::pki_types::UnixTime::now())
+                        .map_err(|e| Status::permission_denied(e.to_string()))?;
+                let mut challenge = vec![0u8; 32];
+                aws_lc_rs::rand::fill(&mut challenge)
+                    .map_err(|_| Status::internal("no randomness available"))?;
+                tx.send(Ok(pb::AttestAgentResponse {
+                    step: Some(pb::attest_agent_response::Step::Challenge(
+                        challenge.clone(),
+                    )),
+                }))
+                .await
+                .map_err(|_| Status::cancelled("agent went away"))?;
+                let answer = match inbound.next().await {
+                    Some(Ok(pb::AttestAgentRequest {
+                        step: Some(pb::attest_agent_request::Step::ChallengeResponse(sig)),
+                    })) => sig,
+                    Some(Err(e)) => return Err(e),
+                    _ => {
+                        return Err(Status::invalid_argument(
+                            "expected the x509pop challenge response",
+                        ));
+                    }
+                };
+                let leaf = chain
+                    .first()
+                    .ok_or_else(|| Status::invalid_argument("no node certificate"))?;
+                x509pop::verify_pop(leaf, &challenge, &answer)
+                    .map_err(|e| Status::permission_denied(e.to_string()))?;
+                let id = crate::agent_id(td, "x509pop", &node.fingerprint)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let mut sels = BTreeSet::new();
+                if let Some(cn) = &node.subject_cn
+                    && let Ok(s) = Selector::new("agent", &format!("x509pop:subject_cn:{cn}"))
+                {
+                    sels.insert(s);
+                }
+                for fp in &node.ca_fingerprints {
+                    if let Ok(s) = Selector::new("agent", &format!("x509pop:ca_fingerprint:{fp}")) {
+                        sels.insert(s);
+                    }
+                }
+                Ok((id, sels))
+            }
+            other => Err(Status::invalid_argument(format!(
+                "attestation method {other:?} is not supported; use join_token or x509pop"
+            ))),
+        }
+    }
+
+    async fn attest_flow(
+        &self,
+        mut inbound: Streaming<pb::AttestAgentRequest>,
+        tx: &mpsc::Sender<Result<pb::AttestAgentResponse, Status>>,
+    ) -> Result<pb::AttestResult, Status> {
+        let params = match inbound.next().await {
+            Some(Ok(pb::AttestAgentRequest {
+                step: Some(pb::attest_agent_request::Step::Params(p)),
+            })) => p,
+            Some(Err(e)) => return Err(e),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must carry attestation params",
+                ));
+            }
+        };
+        let (id, selectors) = self.attest(&params, &mut inbound, tx).await?;
+        let tmpl = SvidTemplate {
+            spiffe_id: id.clone(),
+            dns_names: Vec::new(),
+            ttl_secs: self.state.cfg.svid.agent_ttl.0,
+        };
+        let signed = self.sign(&params.csr, &tmpl)?;
+        let agent = NewAgent {
+            spiffe_id: id.clone(),
+            attestation_type: params.method.clone(),
+            selectors,
+            serial: signed.serial_hex.clone(),
+            expires_at: i64::try_from(signed.not_after).unwrap_or(i64::MAX),
+        };
+        // A banned agent cannot come back by attesting again (the store refuses: evict first).
+        let stored = self
+            .state
+            .store
+            .create_or_replace_agent(agent)
+            .await
+            .map_err(store_status)?;
+        self.state.feed.notify(stored.updated_revision);
+        tracing::info!(agent = %id, method = %params.method, "agent attested");
+        Ok(pb::AttestResult {
+            spiffe_id: id.to_string(),
+            svid_chain: vec![signed.cert_der],
+            bundle: Some(crate::admin::own_bundle(&self.state).await?),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AgentApiTrait for AgentApi {
+    type AttestAgentStream = BoxStream<pb::AttestAgentResponse>;
+    type SyncStream = BoxStream<pb::SyncResponse>;
+
+    async fn attest_agent(
+        &self,
+        req: Request<Streaming<pb::AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.attest_flow(inbound, &tx).await;
+            let msg = result.map(|r| pb::AttestAgentResponse {
+                step: Some(pb::attest_agent_response::Step::Result(r)),
+            });
+            if let Err(e) = &msg {
+                this.state.metrics.error("attest_agent");
+                tracing::warn!(error = %e.message(), "agent attestation refused");
+            }
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        let agent = self.authenticate(&req).await?;
+        let tmpl = SvidTemplate {
+            spiffe_id: agent.spiffe_id.clone(),
+            dns_names: Vec::new(),
+            ttl_secs: self.state.cfg.svid.agent_ttl.0,
+        };
+        let signed = self.sign(&req.get_ref().csr, &tmpl)?;
+        let expires = i64::try_from(signed.not_after).unwrap_or(i64::MAX);
+        let stored = self
+            .state
+            .store
+            .update_agent_svid(&agent.spiffe_id, &signed.serial_hex, expires)
+            .await
+            .map_err(store_status)?;
+        self.state.feed.notify(stored.updated_revision);
+        Ok(Response::new(pb::RenewAgentResponse {
+            svid_chain: vec![signed.cert_der],
+        }))
+    }
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let agent = self.authenticate(&req).await?;
+        let after = req.get_ref().after_revision;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        this.state.metrics.sync_streams.inc();
+        tokio::spawn(async move {
+            if let Err(e) = this.sync_loop(agent, after, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+            this.state.metrics.sync_streams.dec();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        req: Request<pb::SignX509SvidsRequest>,
+    ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
+        let agent = self.authenticate(&req).await?;
+        let requests = &req.get_ref().requests;
+        if requests.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} SVIDs per call, got {}",
+                requests.len()
+            )));
+        }
+        let parents = self.authorized_parents(&agent).await?;
+        let mut results = Vec::with_capacity(requests.len());
+        for r in requests {
+            let entry = self
+                .state
+                .store
+                .get_entry(&r.entry_id)
+                .await
+                .map_err(store_status)?;
+            let outcome = match entry {
+                None => Err(format!("entry {:?} not found", r.entry_id)),
+                Some(e) if !parents.contains(&e.parent_id) => {
+                    tracing::warn!(agent = %agent.spiffe_id, entry = %e.id, spiffe_id = %e.spiffe_id, "refused to sign: agent not authorized for entry");
+                    self.state.metrics.error("sign_x509_svids");
+                    Err(format!(
+                        "agent is not authorized for entry {:?}",
+                        r.entry_id
+                    ))
+                }
+                Some(e) => {
+                    let tmpl = SvidTemplate {
+                        spiffe_id: e.spiffe_id.clone(),
+                        dns_names: e.dns_names.clone(),
+                        ttl_secs: u64::from(e.x509_ttl_secs),
+                    };
+                    self.sign(&r.csr, &tmpl)
+                        .map(|s| s.cert_der)
+                        .map_err(|s| s.message().to_owned())
+                }
+            };
+            results.push(match outcome {
+                Ok(cert) => pb::SvidResult {
+                    entry_id: r.entry_id.clone(),
+                    svid_chain: vec![cert],
+                    error: String::new(),
+                },
+                Err(error) => pb::SvidResult {
+                    entry_id: r.entry_id.clone(),
+                    svid_chain: Vec::new(),
+                    error,
+                },
+            });
+        }
+        Ok(Response::new(pb::SignX509SvidsResponse { results }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let agent = self.authenticate(&req).await?;
+        let r = req.get_ref();
+        let entry = self
+            .state
+            .store
+            .get_entry(&r.entry_id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("entry {:?} not found", r.entry_id)))?;
+        if !self
+            .authorized_parents(&agent)
+            .await?
+            .contains(&entry.parent_id)
+        {
+            tracing::warn!(agent = %agent.spiffe_id, entry = %entry.id, "refused to mint a JWT-SVID: agent not authorized for entry");
+            return Err(Status::permission_denied(format!(
+                "agent is not authorized for entry {:?}",
+                r.entry_id
+            )));
+        }
+        let token = self
+            .state
+            .ca
+            .mint_jwt(&entry.spiffe_id, &r.audience, u64::from(entry.jwt_ttl_secs))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::MintJwtSvidResponse { token }))
+    }
+}
+
+impl AgentApi {
+    /// Sends a snapshot (or a delta, when resuming and the feed still has it), then every change
+    /// as it commits, until the agent goes away or is banned/evicted.
+    async fn sync_loop(
+        &self,
+        agent: Agent,
+        after: u64,
+        tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+    ) -> Result<(), Status> {
+        let store = &self.state.store;
+        // Subscribe before reading so a change committed during the snapshot still wakes us.
+        let mut wake = self.state.feed.subscribe();
+        let mut stopping = self.state.stopping.clone();
+        let mut parents = self.authorized_parents(&agent).await?;
+        let mut sent: BTreeMap<String, SpiffeId> = BTreeMap::new();
+        let current = store.current_revision().await.map_err(store_status)?;
+        let resumable = after > 0 && after <= current && store.events_after(after, 1).await.is_ok();
+        let mut last = if resumable {
+            // The agent already has everything up to `after`; what it holds is not known here, so
+            // every entry is treated as possibly sent (deletes are always forwarded).
+            after
+        } else {
+            self.send_snapshot(&parents, &mut sent, tx).await?
+        };
+        loop {
+            let events = match store.events_after(last, 1000).await {
+                Ok(ev) => ev,
+                Err(StoreError::Compacted { .. }) => {
+                    last = self.send_snapshot(&parents, &mut sent, tx).await?;
+                    continue;
+                }
+                Err(e) => return Err(store_status(e)),
+            };
+            if events.is_empty() {
+                tokio::select! {
+                    changed = wake.changed() => if changed.is_err() { return Ok(()) },
+                    () = tx.closed() => return Ok(()),
+                    _ = stopping.wait_for(|s| *s) => {
+                        return Err(Status::unavailable("server is shutting down; reconnect and resume"));
+                    }
+                }
+                continue;
+            }
+            for ev in events {
+                last = ev.revision;
+                let change = match ev.kind {
+                    EventKind::EntryCreated | EventKind::EntryUpdated => {
+                        match store.get_entry(&ev.key).await.map_err(store_status)? {
+                            // A node alias changed: which parents this agent has may have changed.
+                            Some(e) if e.parent_id == self.state.server_id => {
+                                parents = self.authorized_parents(&agent).await?;
+                                last = self.send_snapshot(&parents, &mut sent, tx).await?;
+                                break;
+                            }
+                            Some(e) if parents.contains(&e.parent_id) => {
+                                sent.insert(e.id.clone(), e.spiffe_id.clone());
+                                Some(pb::change::Change::EntryUpserted(convert::entry(&e)))
+                            }
+                            // Moved away from this agent (or never its): make sure it is gone.
+                            Some(_) | None => sent
+                                .remove(&ev.key)
+                                .map(|_| pb::change::Change::EntryDeleted(ev.key.clone())),
+                        }
+                    }
+                    EventKind::EntryDeleted => {
+                        sent.remove(&ev.key);
+                        Some(pb::change::Change::EntryDeleted(ev.key.clone()))
+                    }
+                    EventKind::BundleUpdated => {
+                        let td = TrustDomain::new(&ev.key)
+                            .map_err(|e| Status::internal(e.to_string()))?;
+                        store.get_bundle(&td).await.map_err(store_status)?.map(|b| {
+                            pb::change::Change::BundleUpdated(convert::bundle(&td, &b.bundle_json))
+                        })
+                    }
+                    EventKind::BundleDeleted => {
+                        Some(pb::change::Change::BundleDeleted(ev.key.clone()))
+                    }
+                    EventKind::AgentBanned | EventKind::AgentDeleted
+                        if ev.key == agent.spiffe_id.as_str() =>
+                    {
+                        let why = if ev.kind == EventKind::AgentBanned {
+                            "banned"
+                        } else {
+                            "evicted"
+                        };
+                        tracing::info!(agent = %agent.spiffe_id, why, "closing sync stream");
+                        return Err(Status::permission_denied(format!(
+                            "agent {} was {why}",
+                            agent.spiffe_id
+                        )));
+                    }
+                    _ => None,
+                };
+                if let Some(change) = change {
+                    let msg = pb::SyncResponse {
+                        msg: Some(pb::sync_response::Msg::Change(pb::Change {
+                            revision: ev.revision,
+                            change: Some(change),
+                        })),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the authorized entries and the bundle in pages; returns the revision they describe.
+    async fn send_snapshot(
+        &self,
+        parents: &BTreeSet<SpiffeId>,
+        sent: &mut BTreeMap<String, SpiffeId>,
+        tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+    ) -> Result<u64, Status> {
+        // Read the revision first: anything committed after it is replayed from the feed, so
+        // the snapshot may be newer than `revision` but never older.
+        let revision = self
+            .state
+            .store
+            .current_revision()
+            .await
+            .map_err(store_status)?;
+        let entries = self.authorized_entries(parents).await?;
+        let bundles = vec![crate::admin::own_bundle(&self.state).await?];
+        sent.clear();
+        for e in &entries {
+            sent.insert(e.id.clone(), e.spiffe_id.clone());
+        }
+        let pages: Vec<&[Entry]> = if entries.is_empty() {
+            vec![&[]]
+        } else {
+            entries.chunks(SNAPSHOT_PAGE).collect()
+        };
+        let n = pages.len();
+        for (i, page) in pages.into_iter().enumerate() {
+            let msg = pb::SyncResponse {
+                msg: Some(pb::sync_response::Msg::Snapshot(pb::SnapshotPage {
+                    entries: page.iter().map(convert::entry).collect(),
+                    bundles: if i == 0 { bundles.clone() } else { Vec::new() },
+                    revision,
+                    last: i + 1 == n,
+                })),
+            };
+            tx.send(Ok(msg))
+                .await
+                .map_err(|_| Status::cancelled("agent went away"))?;
+        }
+        Ok(revision)
+    }
+}

@@ -1,0 +1,377 @@
+//! Server configuration: TOML, every key with a default, unknown keys refused.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tessera_spiffe::TrustDomain;
+
+/// A duration written as `90s`, `5m`, `1h`, `24h`, `1h30m` (also `7d`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Secs(pub u64);
+
+impl FromStr for Secs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            || format!("duration {s:?}: expected a number with a unit, like 90s, 5m, 1h or 1h30m");
+        if s.is_empty() {
+            return Err(bad());
+        }
+        let mut total: u64 = 0;
+        let mut num = String::new();
+        for c in s.chars() {
+            if c.is_ascii_digit() {
+                num.push(c);
+                continue;
+            }
+            let n: u64 = num.parse().map_err(|_| bad())?;
+            num.clear();
+            let unit = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                _ => return Err(bad()),
+            };
+            total = n
+                .checked_mul(unit)
+                .and_then(|v| total.checked_add(v))
+                .ok_or_else(bad)?;
+        }
+        if !num.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self(total))
+    }
+}
+
+impl fmt::Display for Secs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0;
+        if s != 0 && s % 3600 == 0 {
+            write!(f, "{}h", s / 3600)
+        } else if s != 0 && s % 60 == 0 {
+            write!(f, "{}m", s / 60)
+        } else {
+            write!(f, "{s}s")
+        }
+    }
+}
+
+impl Serialize for Secs {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub trust_domain: TrustDomain,
+    /// CA keys, the SQLite database and the audit log live here.
+    pub data_dir: PathBuf,
+    /// The agent API (gRPC over mTLS).
+    pub bind_address: SocketAddr,
+    /// The admin API (gRPC on a Unix socket, mode 0600).
+    pub admin_socket: PathBuf,
+    /// `/live`, `/ready` and `/metrics`.
+    pub health_bind_address: SocketAddr,
+    pub log_level: String,
+    pub datastore: DatastoreConfig,
+    pub ca: CaConfig,
+    pub svid: SvidConfig,
+    pub node_attestation: NodeAttestationConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatastoreConfig {
+    /// `sqlite://PATH` or `postgres://…`; empty: `sqlite://<data_dir>/datastore.sqlite3`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaConfig {
+    /// Lifetime of each CA; the next one is prepared at half of it and activated at 1/6 left.
+    pub ttl: Secs,
+    /// Only `ec-p256` for now.
+    pub key_type: String,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Secs(24 * 3600),
+            key_type: "ec-p256".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SvidConfig {
+    /// Default X.509-SVID lifetime for entries created without one.
+    pub default_x509_ttl: Secs,
+    /// Default JWT-SVID lifetime for entries created without one.
+    pub default_jwt_ttl: Secs,
+    /// Lifetime of agent SVIDs.
+    pub agent_ttl: Secs,
+}
+
+impl Default for SvidConfig {
+    fn default() -> Self {
+        Self {
+            default_x509_ttl: Secs(3600),
+            default_jwt_ttl: Secs(300),
+            agent_ttl: Secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeAttestationConfig {
+    pub join_token: JoinTokenConfig,
+    pub x509pop: X509PopConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinTokenConfig {
+    /// Lifetime of tokens generated without `--ttl`.
+    pub default_ttl: Secs,
+}
+
+impl Default for JoinTokenConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct X509PopConfig {
+    /// PEM file of the CA certificates that node certificates must chain to. Unset: x509pop off.
+    pub ca_bundle_path: Option<PathBuf>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: TrustDomain::new("example.org").unwrap_or_else(|_| unreachable!()),
+            data_dir: PathBuf::from("/var/lib/tessera/server"),
+            bind_address: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_socket: PathBuf::from("/tmp/tessera/admin.sock"),
+            health_bind_address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            log_level: "info".into(),
+            datastore: DatastoreConfig::default(),
+            ca: CaConfig::default(),
+            svid: SvidConfig::default(),
+            node_attestation: NodeAttestationConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML; every key has a default, unknown keys are an error naming the key.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.ca.key_type != "ec-p256" {
+            return invalid(format!(
+                "ca.key_type {:?}: only \"ec-p256\" is supported",
+                self.ca.key_type
+            ));
+        }
+        if self.ca.ttl.0 < 600 {
+            return invalid(format!("ca.ttl {}: must be at least 10m", self.ca.ttl));
+        }
+        for (name, v) in [
+            ("svid.default_x509_ttl", self.svid.default_x509_ttl),
+            ("svid.default_jwt_ttl", self.svid.default_jwt_ttl),
+            ("svid.agent_ttl", self.svid.agent_ttl),
+            (
+                "node_attestation.join_token.default_ttl",
+                self.node_attestation.join_token.default_ttl,
+            ),
+        ] {
+            if v.0 == 0 {
+                return invalid(format!("{name}: must be more than 0s"));
+            }
+            if v >= self.ca.ttl {
+                return invalid(format!(
+                    "{name} {v}: must be shorter than ca.ttl {}",
+                    self.ca.ttl
+                ));
+            }
+        }
+        if !self.admin_socket.is_absolute() {
+            return invalid(format!(
+                "admin_socket {}: must be an absolute path",
+                self.admin_socket.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The datastore URL, defaulting to SQLite in the data dir.
+    pub fn datastore_url(&self) -> String {
+        if self.datastore.url.is_empty() {
+            format!(
+                "sqlite://{}",
+                self.data_dir.join("datastore.sqlite3").display()
+            )
+        } else {
+            self.datastore.url.clone()
+        }
+    }
+
+    /// A commented default configuration.
+    pub fn default_toml() -> String {
+        let d = Self::default();
+        format!(
+            r#"# Tessera server configuration. Every key is optional; shown are the defaults.
+
+# The trust domain this server is the authority of.
+trust_domain = "{td}"
+# CA keys (mode 0600), the SQLite database and the audit log.
+data_dir = "{data_dir}"
+# Agent API: gRPC over mutual TLS (agents present their agent SVID).
+bind_address = "{bind}"
+# Admin API: gRPC on a Unix socket, mode 0600; being able to connect is the authorization.
+admin_socket = "{admin}"
+# /live, /ready and /metrics (Prometheus).
+health_bind_address = "{health}"
+log_level = "{log}"
+
+[datastore]
+# "sqlite:///path/file.sqlite3" or "postgres://user@host/db". Empty: SQLite in data_dir.
+url = ""
+
+[ca]
+# Each CA lives this long; the next is prepared at half-life and activated at 1/6 remaining.
+ttl = "{ca_ttl}"
+key_type = "ec-p256"
+
+[svid]
+default_x509_ttl = "{x509}"
+default_jwt_ttl = "{jwt}"
+agent_ttl = "{agent}"
+
+[node_attestation.join_token]
+default_ttl = "{token}"
+
+[node_attestation.x509pop]
+# PEM CA certificates that node certificates must chain to; unset disables x509pop.
+# ca_bundle_path = "/etc/tessera/node-ca.pem"
+"#,
+            td = d.trust_domain,
+            data_dir = d.data_dir.display(),
+            bind = d.bind_address,
+            admin = d.admin_socket.display(),
+            health = d.health_bind_address,
+            log = d.log_level,
+            ca_ttl = d.ca.ttl,
+            x509 = d.svid.default_x509_ttl,
+            jwt = d.svid.default_jwt_ttl,
+            agent = d.svid.agent_ttl,
+            token = d.node_attestation.join_token.default_ttl,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print() {
+        for (s, v) in [
+            ("90s", 90),
+            ("5m", 300),
+            ("1h", 3600),
+            ("1h30m", 5400),
+            ("7d", 604_800),
+        ] {
+            assert_eq!(s.parse::<Secs>().unwrap(), Secs(v), "{s}");
+        }
+        for bad in ["", "5", "m", "5x", "1h5", "-1s", "99999999999999999999s"] {
+            assert!(bad.parse::<Secs>().is_err(), "{bad:?}");
+        }
+        assert_eq!(Secs(5400).to_string(), "90m");
+        assert_eq!(Secs(3600).to_string(), "1h");
+    }
+
+    #[test]
+    fn default_config_parses_to_the_defaults() {
+        let cfg = ServerConfig::parse(&ServerConfig::default_toml(), "default").unwrap();
+        assert_eq!(cfg.trust_domain.as_str(), "example.org");
+        assert_eq!(cfg.ca.ttl, Secs(86_400));
+        assert!(
+            cfg.datastore_url()
+                .ends_with("/var/lib/tessera/server/datastore.sqlite3")
+        );
+    }
+
+    #[test]
+    fn bad_config_names_the_key() {
+        for (text, want) in [
+            ("trust_domain = \"Example.org\"", "trust_domain"),
+            ("bogus = 1", "unknown field `bogus`"),
+            ("[ca]\nttl = \"soon\"", "duration \"soon\""),
+            ("[ca]\nkey_type = \"rsa\"", "ca.key_type"),
+            (
+                "[svid]\nagent_ttl = \"48h\"",
+                "svid.agent_ttl 48h: must be shorter than ca.ttl 24h",
+            ),
+            ("admin_socket = \"rel.sock\"", "admin_socket rel.sock"),
+            ("bind_address = \"nowhere\"", "bind_address"),
+        ] {
+            let err = ServerConfig::parse(text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+}

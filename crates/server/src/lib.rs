@@ -1,0 +1,56 @@
+//! The Tessera server: the control plane of one trust domain.
+//!
+//! It owns the CA (`ca`), the registration entries, attested agents and join tokens (in the
+//! datastore), and serves three endpoints: the agent API (gRPC over mTLS: node attestation, SVID
+//! signing and the pushed `Sync` stream), the admin API (gRPC on a 0600 Unix socket) and the
+//! health/metrics endpoint. Every change goes through the datastore, which gives it a revision;
+//! the writer then wakes the sync streams (`state::Feed`), which read the change feed from the
+//! last revision they sent. Nothing polls.
+
+mod admin;
+mod agent_api;
+mod audit;
+mod ca;
+pub mod config;
+mod convert;
+mod metrics;
+mod run;
+mod state;
+mod transport;
+
+pub use config::ServerConfig;
+pub use run::{RunningServer, start};
+
+/// Where server-side failures come from, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("CA: {0}")]
+    Ca(String),
+    #[error("datastore: {0}")]
+    Store(#[from] tessera_store::StoreError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The SPIFFE ID of a server of `td`, the identity agents verify it by.
+pub fn server_id(td: &tessera_spiffe::TrustDomain) -> tessera_spiffe::SpiffeId {
+    td.id_with_path("/tessera/server")
+        .unwrap_or_else(|_| td.id())
+}
+
+/// The SPIFFE ID an agent gets for a node attested with `method` and node key `id`.
+pub fn agent_id(
+    td: &tessera_spiffe::TrustDomain,
+    method: &str,
+    id: &str,
+) -> Result<tessera_spiffe::SpiffeId, tessera_spiffe::IdError> {
+    td.id_with_path(&format!("/tessera/agent/{method}/{id}"))
+}

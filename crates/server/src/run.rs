@@ -1,0 +1,291 @@
+//! Wiring: opens the datastore and the CA, starts the agent API, the admin API, the health
+//! endpoint and the rotation timer, and stops them all on shutdown.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tessera_pki::SvidTemplate;
+use tessera_proto::v1::admin_api_server::AdminApiServer;
+use tessera_proto::v1::agent_api_server::AgentApiServer;
+use tessera_spiffe::BundleSet;
+use tessera_tls::{SharedBundles, SpiffeClientVerifier, SvidResolver};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::Admin;
+use crate::agent_api::AgentApi;
+use crate::audit::AuditLog;
+use crate::ca::{CaManager, unix_now};
+use crate::metrics::Metrics;
+use crate::state::{Feed, State};
+use crate::{ServerConfig, ServerError};
+
+/// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Where the agent API listens (useful when configured with port 0).
+    pub agent_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    /// The trust bundle (SPIFFE JSON) at start, for agents that bootstrap from a file.
+    pub bundle_json: String,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops every endpoint and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for mut t in self.tasks {
+            // Streams end on the stop signal; a connection that does not drain in time is cut.
+            if tokio::time::timeout(Duration::from_secs(5), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
+        }
+        let _ = std::fs::remove_file(&self.admin_socket);
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The server's own X509-SVID (`spiffe://<td>/tessera/server`), with a key made here.
+fn server_svid(state: &State) -> Result<(Arc<rustls::sign::CertifiedKey>, u64), ServerError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| ServerError::Tls(e.to_string()))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let tmpl = SvidTemplate {
+        spiffe_id: state.server_id.clone(),
+        dns_names: Vec::new(),
+        ttl_secs: state.cfg.svid.agent_ttl.0,
+    };
+    let signed = state.ca.sign(csr.der(), &tmpl)?;
+    let ck = tessera_tls::certified_key(
+        vec![CertificateDer::from(signed.cert_der)],
+        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    Ok((ck, signed.not_after))
+}
+
+fn load_x509pop_roots(cfg: &ServerConfig) -> Result<Vec<Vec<u8>>, ServerError> {
+    let Some(path) = &cfg.node_attestation.x509pop.ca_bundle_path else {
+        return Ok(Vec::new());
+    };
+    let roots: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| {
+            ServerError::Invalid(format!(
+                "node_attestation.x509pop.ca_bundle_path {}: {e}",
+                path.display()
+            ))
+        })?
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| {
+            ServerError::Invalid(format!(
+                "node_attestation.x509pop.ca_bundle_path {}: {e}",
+                path.display()
+            ))
+        })?;
+    if roots.is_empty() {
+        return Err(ServerError::Invalid(format!(
+            "node_attestation.x509pop.ca_bundle_path {}: no CERTIFICATE in it",
+            path.display()
+        )));
+    }
+    Ok(roots)
+}
+
+fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
+    let mut set = BundleSet::new();
+    set.insert(state.ca.bundle()?)
+        .map_err(|e| ServerError::Ca(e.to_string()))?;
+    Ok(set)
+}
+
+/// Starts a server from `cfg`; returns once every endpoint listens.
+pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
+    cfg.validate()
+        .map_err(|e| ServerError::Invalid(e.to_string()))?;
+    let io_err = |what: String| move |source| ServerError::Io { what, source };
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err(format!("chmod {}", cfg.data_dir.display())))?;
+
+    let store = tessera_store::open(&cfg.datastore_url()).await?;
+    let now = unix_now();
+    let ca = CaManager::open(&cfg.trust_domain, &cfg.data_dir, cfg.ca.ttl.0, now)?;
+    ca.tick(now)?;
+    ca.publish(&store).await?;
+    let revision = store.current_revision().await?;
+    let (metrics, registry) = Metrics::new();
+    let (stop, stop_rx) = watch::channel(false);
+    let state = Arc::new(State {
+        stopping: stop_rx.clone(),
+        td: cfg.trust_domain.clone(),
+        server_id: crate::server_id(&cfg.trust_domain),
+        x509pop_roots: load_x509pop_roots(&cfg)?,
+        audit: AuditLog::new(cfg.data_dir.join("audit.log")),
+        cfg,
+        store,
+        ca,
+        feed: Feed::new(revision),
+        metrics,
+    });
+
+    let mut tasks = Vec::new();
+
+    // Agent API: mTLS with the server SVID; client certificates verified against our bundle and
+    // optional at the TLS layer, because node attestation happens before an agent has one.
+    let bundles: SharedBundles = Arc::new(ArcSwap::from_pointee(own_bundles(&state)?));
+    let (svid, mut svid_expiry) = server_svid(&state)?;
+    let resolver = SvidResolver::new(svid);
+    let tls = tessera_tls::server_config(
+        resolver.clone(),
+        Arc::new(SpiffeClientVerifier::new(bundles.clone(), false)),
+        &[b"h2"],
+    )
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(state.cfg.bind_address)
+        .await
+        .map_err(io_err(format!("bind agent API {}", state.cfg.bind_address)))?;
+    let agent_addr = listener
+        .local_addr()
+        .map_err(io_err("agent API address".into()))?;
+    let incoming = crate::transport::tls_incoming(listener, Arc::new(tls));
+    let agent_svc = AgentApiServer::new(AgentApi {
+        state: state.clone(),
+    });
+    let shutdown = stopped(stop_rx.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(agent_svc)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "agent API stopped");
+        }
+    }));
+
+    // Admin API on the Unix socket.
+    let admin_socket = state.cfg.admin_socket.clone();
+    let uds = crate::transport::bind_admin_socket(&admin_socket)?;
+    let admin_svc = AdminApiServer::new(Admin {
+        state: state.clone(),
+    });
+    let shutdown = stopped(stop_rx.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(admin_svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(uds),
+                shutdown,
+            )
+            .await
+        {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    }));
+
+    // Health and metrics.
+    let ready_state = state.clone();
+    let ready: tessera_telemetry::ReadyCheck = Arc::new(move || {
+        let s = ready_state.clone();
+        Box::pin(async move {
+            match s.store.ping().await {
+                Ok(()) => {
+                    s.metrics.datastore_up.set(1);
+                    Ok(())
+                }
+                Err(e) => {
+                    s.metrics.datastore_up.set(0);
+                    Err(e.to_string())
+                }
+            }
+        })
+    });
+    let (health_addr, health_task) = tessera_telemetry::serve(
+        state.cfg.health_bind_address,
+        tessera_telemetry::router(registry, ready),
+        stopped(stop_rx.clone()),
+    )
+    .await
+    .map_err(io_err(format!(
+        "bind health endpoint {}",
+        state.cfg.health_bind_address
+    )))?;
+    tasks.push(health_task);
+
+    // Rotation: CA journal steps, bundle publication and the server's own SVID.
+    let rot_state = state.clone();
+    let mut rot_stop = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let now = unix_now();
+            let svid_due = svid_expiry.saturating_sub(rot_state.cfg.svid.agent_ttl.0 / 2);
+            let wait = rot_state
+                .ca
+                .next_tick_in(now)
+                .min(svid_due.saturating_sub(now).max(1));
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(wait)) => {}
+                _ = rot_stop.changed() => return,
+            }
+            let now = unix_now();
+            match rot_state.ca.tick(now) {
+                Ok(true) => match rot_state.ca.publish(&rot_state.store).await {
+                    Ok(Some(rev)) => {
+                        rot_state.feed.notify(rev);
+                        if let Ok(set) = own_bundles(&rot_state) {
+                            bundles.store(Arc::new(set));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot publish the rotated bundle"),
+                },
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "CA rotation failed"),
+            }
+            if now >= svid_due {
+                match server_svid(&rot_state) {
+                    Ok((ck, exp)) => {
+                        resolver.swap(ck);
+                        svid_expiry = exp;
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot renew the server SVID"),
+                }
+            }
+        }
+    }));
+
+    let bundle_json = state.ca.bundle()?.to_json();
+    tracing::info!(
+        trust_domain = %state.td,
+        agent_api = %agent_addr,
+        admin_socket = %admin_socket.display(),
+        health = %health_addr,
+        datastore = state.store.backend(),
+        "tessera server started"
+    );
+    Ok(RunningServer {
+        agent_addr,
+        health_addr,
+        admin_socket,
+        bundle_json,
+        stop,
+        tasks,
+    })
+}

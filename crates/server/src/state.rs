@@ -1,0 +1,68 @@
+//! What every server endpoint shares.
+
+use std::sync::Arc;
+
+use tessera_spiffe::{SpiffeId, TrustDomain};
+use tessera_store::Datastore;
+use tokio::sync::watch;
+
+use crate::ServerConfig;
+use crate::audit::AuditLog;
+use crate::ca::CaManager;
+use crate::metrics::Metrics;
+
+/// Wakes sync streams when a change with a newer revision has committed. Writers call `notify`
+/// after their transaction; streams then read the feed after their last revision, so a lost or
+/// coalesced wake-up never loses a change.
+#[derive(Debug)]
+pub(crate) struct Feed {
+    tx: watch::Sender<u64>,
+}
+
+impl Feed {
+    pub(crate) fn new(revision: u64) -> Self {
+        Self {
+            tx: watch::Sender::new(revision),
+        }
+    }
+
+    pub(crate) fn notify(&self, revision: u64) {
+        self.tx.send_if_modified(|cur| {
+            if revision > *cur {
+                *cur = revision;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) cfg: ServerConfig,
+    pub(crate) td: TrustDomain,
+    pub(crate) server_id: SpiffeId,
+    pub(crate) store: Arc<dyn Datastore>,
+    pub(crate) ca: CaManager,
+    pub(crate) feed: Feed,
+    pub(crate) metrics: Metrics,
+    pub(crate) audit: AuditLog,
+    /// CA certificates that node certificates must chain to (x509pop); empty: x509pop off.
+    pub(crate) x509pop_roots: Vec<Vec<u8>>,
+    /// Becomes true when the server shuts down; long-lived streams end on it.
+    pub(crate) stopping: watch::Receiver<bool>,
+}
+
+impl State {
+    pub(crate) fn default_x509_ttl(&self) -> u32 {
+        u32::try_from(self.cfg.svid.default_x509_ttl.0).unwrap_or(u32::MAX)
+    }
+    pub(crate) fn default_jwt_ttl(&self) -> u32 {
+        u32::try_from(self.cfg.svid.default_jwt_ttl.0).unwrap_or(u32::MAX)
+    }
+}

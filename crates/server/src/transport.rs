@@ -1,0 +1,151 @@
+//! Listeners: the agent API's TLS listener (with the peer's SPIFFE ID handed to handlers) and the
+//! admin API's Unix socket (in a directory the server owns, mode 0600).
+
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tessera_spiffe::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use crate::ServerError;
+
+/// What handlers learn about the agent API peer: the SPIFFE ID and serial of the client SVID it
+/// proved in this TLS session (none for node attestation, which runs before the agent has one).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PeerSvid {
+    pub(crate) id: Option<SpiffeId>,
+    pub(crate) serial_hex: Option<String>,
+}
+
+/// A TLS connection that tells tonic who the peer is.
+pub(crate) struct TlsConn(TlsStream<TcpStream>);
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerSvid;
+    fn connect_info(&self) -> PeerSvid {
+        let certs = self.0.get_ref().1.peer_certificates();
+        // The chain was verified by tessera_tls's client verifier during this handshake.
+        let id = tessera_tls::peer_spiffe_id(certs);
+        let serial_hex = certs
+            .and_then(|c| c.first())
+            .and_then(|leaf| tessera_tls::leaf_serial_hex(leaf));
+        PeerSvid { id, serial_hex }
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow or hostile client
+/// cannot hold up others), yielding established connections for tonic.
+pub(crate) fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                break;
+            }
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let handshake =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                        .await;
+                match handshake {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(TlsConn(tls))).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(peer = %addr, error = %e, "agent API TLS handshake failed")
+                    }
+                    Err(_) => tracing::info!(peer = %addr, "agent API TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Binds the admin socket. Its directory is created (mode 0700) if missing, and refused if it is
+/// owned by another user: a directory someone else controls could let them replace the socket.
+pub(crate) fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    let io_err = |what: String| move |source| ServerError::Io { what, source };
+    let dir = path.parent().ok_or_else(|| {
+        ServerError::Invalid(format!("admin socket {} has no directory", path.display()))
+    })?;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(format!("chmod {}", dir.display())))?;
+    }
+    let meta = std::fs::metadata(dir).map_err(io_err(format!("stat {}", dir.display())))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(ServerError::Invalid(format!(
+            "admin socket directory {} is owned by uid {}, not by this server (uid {me}); refusing to use it",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    // A stale socket from a previous run is replaced; any other kind of file is left alone.
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if m.file_type().is_socket() {
+            std::fs::remove_file(path)
+                .map_err(io_err(format!("remove stale {}", path.display())))?;
+        } else {
+            return Err(ServerError::Invalid(format!(
+                "admin socket path {} exists and is not a socket",
+                path.display()
+            )));
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(io_err(format!("bind {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(format!("chmod {}", path.display())))?;
+    Ok(listener)
+}

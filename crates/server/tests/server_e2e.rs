@@ -1,0 +1,595 @@
+//! The server end to end, as an agent and an operator see it: a real server on loopback with
+//! SQLite in a temp dir, the agent API over real mTLS, the admin API on its Unix socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::admin_api_client::AdminApiClient;
+use tessera_proto::v1::agent_api_client::AgentApiClient;
+use tessera_server::{RunningServer, ServerConfig};
+use tessera_spiffe::{Bundle, BundleSet, SpiffeId, TrustDomain};
+use tessera_tls::{ExpectedPeer, SpiffeServerVerifier, SvidResolver};
+use tokio_stream::StreamExt as _;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+fn config(dir: &Path) -> ServerConfig {
+    ServerConfig {
+        data_dir: dir.join("data"),
+        admin_socket: dir.join("admin").join("admin.sock"),
+        bind_address: "127.0.0.1:0".parse().unwrap(),
+        health_bind_address: "127.0.0.1:0".parse().unwrap(),
+        ..ServerConfig::default()
+    }
+}
+
+async fn admin(server: &RunningServer) -> AdminApiClient<Channel> {
+    let path = server.admin_socket.clone();
+    let ch = Endpoint::try_from("http://[::1]:0")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    AdminApiClient::new(ch)
+}
+
+/// An agent-side key and its CSR.
+fn key_and_csr() -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    (key, csr.der().to_vec())
+}
+
+/// An agent API client over mTLS (or TLS only, for attestation) that verifies the server SVID.
+async fn agent_client(
+    server: &RunningServer,
+    identity: Option<(&[Vec<u8>], &rcgen::KeyPair)>,
+) -> AgentApiClient<Channel> {
+    let td = TrustDomain::new("example.org").unwrap();
+    let mut set = BundleSet::new();
+    set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
+        .unwrap();
+    let verifier = Arc::new(SpiffeServerVerifier::new(
+        Arc::new(ArcSwap::from_pointee(set)),
+        ExpectedPeer::Exact(tessera_server::server_id(&td)),
+    ));
+    let resolver = identity.map(|(chain, key)| {
+        let chain = chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        SvidResolver::new(
+            tessera_tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+                .unwrap(),
+        )
+    });
+    let tls = Arc::new(tessera_tls::client_config(verifier, resolver, &[b"h2"]).unwrap());
+    let addr = server.agent_addr;
+    let ch = Endpoint::try_from("http://tessera-server")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let conn = tokio_rustls::TlsConnector::from(tls)
+                    .connect(ServerName::try_from("tessera-server").unwrap(), tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(TokioIo::new(conn))
+            }
+        }))
+        .await
+        .unwrap();
+    AgentApiClient::new(ch)
+}
+
+async fn attest_join_token(
+    server: &RunningServer,
+    token: &str,
+) -> Result<(pb::AttestResult, rcgen::KeyPair), tonic::Status> {
+    let (key, csr) = key_and_csr();
+    let mut client = agent_client(server, None).await;
+    let first = pb::AttestAgentRequest {
+        step: Some(pb::attest_agent_request::Step::Params(pb::AttestParams {
+            method: "join_token".into(),
+            payload: vec![token.as_bytes().to_vec()],
+            csr,
+        })),
+    };
+    let mut resp = client
+        .attest_agent(tokio_stream::iter(vec![first]))
+        .await?
+        .into_inner();
+    match resp.next().await {
+        Some(Ok(pb::AttestAgentResponse {
+            step: Some(pb::attest_agent_response::Step::Result(r)),
+        })) => Ok((r, key)),
+        Some(Err(e)) => Err(e),
+        other => panic!("unexpected attestation answer: {other:?}"),
+    }
+}
+
+async fn token(admin: &mut AdminApiClient<Channel>) -> pb::GenerateJoinTokenResponse {
+    admin
+        .generate_join_token(pb::GenerateJoinTokenRequest { ttl_secs: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn entry(spiffe_id: &str, parent: &str, selector: &str) -> pb::CreateEntryRequest {
+    pb::CreateEntryRequest {
+        entry: Some(pb::Entry {
+            spiffe_id: spiffe_id.into(),
+            parent_id: parent.into(),
+            selectors: vec![selector.into()],
+            ..Default::default()
+        }),
+    }
+}
+
+async fn next_msg(stream: &mut tonic::Streaming<pb::SyncResponse>) -> pb::sync_response::Msg {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("sync message within 10 s")
+        .expect("stream open")
+        .expect("no error")
+        .msg
+        .expect("message set")
+}
+
+#[tokio::test]
+async fn agent_attests_syncs_and_gets_only_its_svids() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut admin = admin(&server).await;
+
+    let t = token(&mut admin).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    assert_eq!(res.spiffe_id, t.agent_spiffe_id);
+    // The agent SVID is a valid X509-SVID of the trust domain.
+    let bundle = Bundle::parse(
+        TrustDomain::new("example.org").unwrap(),
+        &res.bundle.as_ref().unwrap().spiffe_bundle_json,
+    )
+    .unwrap();
+    let chain: Vec<CertificateDer<'_>> = res
+        .svid_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let id = tessera_tls::verify_svid(
+        &chain,
+        &bundle,
+        rustls::pki_types::UnixTime::now(),
+        tessera_tls::PeerRole::Client,
+    )
+    .unwrap();
+    assert_eq!(id.as_str(), t.agent_spiffe_id);
+
+    // The token is single use.
+    let again = attest_join_token(&server, &t.token).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::PermissionDenied, "{again:?}");
+
+    let mine = admin
+        .create_entry(entry(
+            "spiffe://example.org/web",
+            &t.agent_spiffe_id,
+            "unix:uid:1000",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let theirs = admin
+        .create_entry(entry(
+            "spiffe://example.org/db",
+            "spiffe://example.org/tessera/agent/join_token/someoneelse",
+            "unix:uid:1001",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
+    let mut sync = agent
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let pb::sync_response::Msg::Snapshot(snap) = next_msg(&mut sync).await else {
+        panic!("snapshot first")
+    };
+    assert!(snap.last);
+    let ids: Vec<_> = snap.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/web"],
+        "only the agent's own entries"
+    );
+    assert_eq!(snap.bundles.len(), 1);
+
+    // A new entry for this agent arrives on the open stream; one for another agent does not.
+    admin
+        .create_entry(entry(
+            "spiffe://example.org/other",
+            "spiffe://example.org/tessera/agent/x/y",
+            "unix:uid:5",
+        ))
+        .await
+        .unwrap();
+    let created = admin
+        .create_entry(entry(
+            "spiffe://example.org/api",
+            &t.agent_spiffe_id,
+            "unix:uid:1002",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let created_id = created.entry.unwrap().id;
+    let pb::sync_response::Msg::Change(ch) = next_msg(&mut sync).await else {
+        panic!("change")
+    };
+    match ch.change.unwrap() {
+        pb::change::Change::EntryUpserted(e) => assert_eq!(e.id, created_id),
+        other => panic!("expected the new entry, got {other:?}"),
+    }
+    admin
+        .delete_entry(pb::DeleteEntryRequest {
+            id: created_id.clone(),
+        })
+        .await
+        .unwrap();
+    let pb::sync_response::Msg::Change(ch) = next_msg(&mut sync).await else {
+        panic!("change")
+    };
+    assert_eq!(
+        ch.change.unwrap(),
+        pb::change::Change::EntryDeleted(created_id)
+    );
+
+    // Signing: the agent's entry is signed; another agent's entry is refused.
+    let (_wk, wcsr) = key_and_csr();
+    let out = agent
+        .sign_x509_svids(pb::SignX509SvidsRequest {
+            requests: vec![
+                pb::SvidRequest {
+                    entry_id: mine.entry.as_ref().unwrap().id.clone(),
+                    csr: wcsr.clone(),
+                },
+                pb::SvidRequest {
+                    entry_id: theirs.entry.as_ref().unwrap().id.clone(),
+                    csr: wcsr.clone(),
+                },
+                pb::SvidRequest {
+                    entry_id: "nope".into(),
+                    csr: wcsr,
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        out.results[0].error.is_empty(),
+        "{:?}",
+        out.results[0].error
+    );
+    let chain: Vec<CertificateDer<'_>> = out.results[0]
+        .svid_chain
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let wid = tessera_tls::verify_svid(
+        &chain,
+        &bundle,
+        rustls::pki_types::UnixTime::now(),
+        tessera_tls::PeerRole::Client,
+    )
+    .unwrap();
+    assert_eq!(wid, SpiffeId::parse("spiffe://example.org/web").unwrap());
+    assert!(
+        out.results[1].error.contains("not authorized"),
+        "{:?}",
+        out.results[1]
+    );
+    assert!(out.results[1].svid_chain.is_empty());
+    assert!(out.results[2].error.contains("not found"));
+
+    // Without a client certificate nothing but attestation works.
+    let mut anon = agent_client(&server, None).await;
+    let err = anon
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // Banned: the open stream closes and every call is refused.
+    admin
+        .ban_agent(pb::GetAgentRequest {
+            spiffe_id: t.agent_spiffe_id.clone(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), sync.next())
+        .await
+        .unwrap();
+    assert_eq!(
+        end.unwrap().unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    let err = agent
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let (_k, c) = key_and_csr();
+    assert_eq!(
+        agent
+            .renew_agent(pb::RenewAgentRequest { csr: c })
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::PermissionDenied
+    );
+
+    // Evicted: the agent is unknown and must attest again.
+    admin
+        .evict_agent(pb::GetAgentRequest {
+            spiffe_id: t.agent_spiffe_id.clone(),
+        })
+        .await
+        .unwrap();
+    let err = agent
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn renewal_replaces_the_agent_svid_and_the_old_one_stops_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
+    let (new_key, csr) = key_and_csr();
+    let renewed = agent
+        .renew_agent(pb::RenewAgentRequest { csr })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fresh = agent_client(&server, Some((&renewed.svid_chain, &new_key))).await;
+    fresh
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap();
+    let mut stale = agent_client(&server, Some((&res.svid_chain, &key))).await;
+    let err = stale
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn join_token_cannot_be_used_twice_concurrently() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Arc::new(tessera_server::start(config(dir.path())).await.unwrap());
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = server.clone();
+        let tok = t.token.clone();
+        tasks.push(tokio::spawn(async move {
+            attest_join_token(&s, &tok).await.is_ok()
+        }));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        wins += usize::from(task.await.unwrap());
+    }
+    assert_eq!(wins, 1, "exactly one attestation may use the token");
+}
+
+#[tokio::test]
+async fn node_alias_entries_reach_every_matching_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let token_sel = format!(
+        "agent:join_token:{}",
+        t.agent_spiffe_id.rsplit('/').next().unwrap()
+    );
+    // An alias parented to the server, matching this agent's attested selector, and a workload
+    // entry under the alias.
+    admin
+        .create_entry(entry(
+            "spiffe://example.org/nodes/blue",
+            "spiffe://example.org/tessera/server",
+            &token_sel,
+        ))
+        .await
+        .unwrap();
+    admin
+        .create_entry(entry(
+            "spiffe://example.org/blue-web",
+            "spiffe://example.org/nodes/blue",
+            "unix:uid:1000",
+        ))
+        .await
+        .unwrap();
+    admin
+        .create_entry(entry(
+            "spiffe://example.org/nodes/red",
+            "spiffe://example.org/tessera/server",
+            "agent:join_token:nomatch",
+        ))
+        .await
+        .unwrap();
+    admin
+        .create_entry(entry(
+            "spiffe://example.org/red-web",
+            "spiffe://example.org/nodes/red",
+            "unix:uid:1000",
+        ))
+        .await
+        .unwrap();
+    let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
+    let mut sync = agent
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let pb::sync_response::Msg::Snapshot(snap) = next_msg(&mut sync).await else {
+        panic!("snapshot")
+    };
+    let ids: Vec<_> = snap.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
+    assert_eq!(ids, ["spiffe://example.org/blue-web"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_server_keeps_its_trust_domain_entries_and_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut adm = admin(&server).await;
+    let t = token(&mut adm).await;
+    attest_join_token(&server, &t.token).await.unwrap();
+    adm.create_entry(entry(
+        "spiffe://example.org/web",
+        &t.agent_spiffe_id,
+        "unix:uid:1000",
+    ))
+    .await
+    .unwrap();
+    let before = adm
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    server.shutdown().await;
+
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut adm = admin(&server).await;
+    let after = adm
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        after.spiffe_bundle_json, before.spiffe_bundle_json,
+        "same CA after restart"
+    );
+    let entries = adm
+        .list_entries(pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 1);
+    let agents = adm
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1);
+    assert_eq!(agents[0].spiffe_id, t.agent_spiffe_id);
+    // The CA key file is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("data/ca_journal.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let sock = std::fs::metadata(&server.admin_socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(sock & 0o777, 0o600);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_admin_requests_name_the_field_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut adm = admin(&server).await;
+    let cases = [
+        (
+            entry("spiffe://example.org/web", "spiffe://example.org/a", ""),
+            "selectors",
+        ),
+        (
+            entry(
+                "spiffe://example.org",
+                "spiffe://example.org/a",
+                "unix:uid:1",
+            ),
+            "spiffe_id",
+        ),
+        (
+            entry("spiffe://example.org/web", "not an id", "unix:uid:1"),
+            "parent_id",
+        ),
+        (
+            entry(
+                "spiffe://example.org/web",
+                "spiffe://example.org/a",
+                "UNIX:uid:1",
+            ),
+            "selectors",
+        ),
+        (
+            entry(
+                "spiffe://other.org/web",
+                "spiffe://other.org/a",
+                "unix:uid:1",
+            ),
+            "spiffe_id",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = adm.create_entry(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    let entries = adm
+        .list_entries(pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(entries.is_empty(), "nothing was created");
+    let err = adm
+        .mint_x509_svid(pb::MintX509SvidRequest {
+            spiffe_id: "spiffe://example.org/tool".into(),
+            csr: vec![1, 2, 3],
+            ttl_secs: 60,
+            dns_names: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("csr:"), "{}", err.message());
+    server.shutdown().await;
+}

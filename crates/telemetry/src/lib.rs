@@ -1,0 +1,100 @@
+//! Logging setup, the Prometheus registry, and the HTTP endpoint every Tessera process exposes:
+//! `/live` (the process runs), `/ready` (it can do its job; the body says why not) and `/metrics`
+//! (Prometheus text format).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
+
+/// Installs the global tracing subscriber (human-readable to stderr). `filter` is an
+/// `EnvFilter` directive such as `info` or `tessera_server=debug`; `RUST_LOG` overrides it.
+/// Calling it twice is harmless.
+pub fn init_logging(filter: &str) {
+    let env = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Answers whether the process is ready: `Ok(())` or the reason it is not.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct HealthState {
+    registry: Arc<Mutex<Registry>>,
+    ready: ReadyCheck,
+}
+
+/// The health and metrics router; serve it with [`serve`].
+pub fn router(registry: Arc<Mutex<Registry>>, ready: ReadyCheck) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready_handler))
+        .route("/metrics", get(metrics_handler))
+        .with_state(HealthState { registry, ready })
+}
+
+async fn ready_handler(State(s): State<HealthState>) -> impl IntoResponse {
+    match (s.ready)().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn metrics_handler(State(s): State<HealthState>) -> impl IntoResponse {
+    let mut body = String::new();
+    let result = match s.registry.lock() {
+        Ok(reg) => encode(&mut body, &reg).map_err(|e| e.to_string()),
+        Err(_) => Err("metrics registry poisoned".to_owned()),
+    };
+    match result {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            e,
+        ),
+    }
+}
+
+/// Binds `addr` and serves the router until `shutdown` completes. Returns the bound address
+/// (useful with port 0) once listening.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "health endpoint stopped");
+        }
+    });
+    Ok((bound, task))
+}
