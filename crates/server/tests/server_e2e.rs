@@ -20,7 +20,12 @@ use tokio_stream::StreamExt as _;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 fn config(dir: &Path) -> ServerConfig {
+    config_with(dir, String::new())
+}
+
+fn config_with(dir: &Path, datastore_url: String) -> ServerConfig {
     ServerConfig {
+        datastore: tessera_server::config::DatastoreConfig { url: datastore_url },
         data_dir: dir.join("data"),
         admin_socket: dir.join("admin").join("admin.sock"),
         bind_address: "127.0.0.1:0".parse().unwrap(),
@@ -151,9 +156,30 @@ async fn next_msg(stream: &mut tonic::Streaming<pb::SyncResponse>) -> pb::sync_r
 }
 
 #[tokio::test]
-async fn agent_attests_syncs_and_gets_only_its_svids() {
+async fn agent_attests_syncs_and_gets_only_its_svids_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    agent_attests_syncs_and_gets_only_its_svids(config(dir.path())).await;
+}
+
+#[tokio::test]
+async fn agent_attests_syncs_and_gets_only_its_svids_postgres() {
+    let Some(schema) = tessera_test_util::pg::fresh_schema("server_e2e").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = tokio::spawn(agent_attests_syncs_and_gets_only_its_svids(config_with(
+        dir.path(),
+        schema.url.clone(),
+    )))
+    .await;
+    schema.drop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn agent_attests_syncs_and_gets_only_its_svids(cfg: ServerConfig) {
+    let server = tessera_server::start(cfg).await.unwrap();
     let mut admin = admin(&server).await;
 
     let t = token(&mut admin).await;
@@ -469,9 +495,33 @@ async fn node_alias_entries_reach_every_matching_agent() {
 }
 
 #[tokio::test]
-async fn a_restarted_server_keeps_its_trust_domain_entries_and_agents() {
+async fn a_restarted_server_keeps_its_trust_domain_entries_and_agents_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    a_restarted_server_keeps_its_trust_domain_entries_and_agents(dir.path(), String::new()).await;
+}
+
+#[tokio::test]
+async fn a_restarted_server_keeps_its_trust_domain_entries_and_agents_postgres() {
+    let Some(schema) = tessera_test_util::pg::fresh_schema("server_restart").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let url = schema.url.clone();
+    let outcome = tokio::spawn(async move {
+        a_restarted_server_keeps_its_trust_domain_entries_and_agents(&path, url).await
+    })
+    .await;
+    schema.drop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+async fn a_restarted_server_keeps_its_trust_domain_entries_and_agents(dir: &Path, url: String) {
+    let server = tessera_server::start(config_with(dir, url.clone()))
+        .await
+        .unwrap();
     let mut adm = admin(&server).await;
     let t = token(&mut adm).await;
     attest_join_token(&server, &t.token).await.unwrap();
@@ -489,7 +539,7 @@ async fn a_restarted_server_keeps_its_trust_domain_entries_and_agents() {
         .into_inner();
     server.shutdown().await;
 
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let server = tessera_server::start(config_with(dir, url)).await.unwrap();
     let mut adm = admin(&server).await;
     let after = adm
         .get_bundle(pb::GetBundleRequest {})
@@ -517,7 +567,7 @@ async fn a_restarted_server_keeps_its_trust_domain_entries_and_agents() {
     assert_eq!(agents[0].spiffe_id, t.agent_spiffe_id);
     // The CA key file is private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("data/ca_journal.json"))
+    let mode = std::fs::metadata(dir.join("data/ca_journal.json"))
         .unwrap()
         .permissions()
         .mode();

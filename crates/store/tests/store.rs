@@ -61,26 +61,6 @@ where
     case(store).await;
 }
 
-/// The PostgreSQL URL, or `None` (with the reason printed) when this half is skipped.
-fn postgres_url() -> Option<String> {
-    match std::env::var("TESSERA_TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
-            "CI=true but TESSERA_TEST_POSTGRES_URL is not set: CI must run the PostgreSQL half \
-             (eval \"$(bash .ci/postgres.sh)\" before cargo test)"
-        ),
-        _ => {
-            eprintln!("skipping PostgreSQL half: TESSERA_TEST_POSTGRES_URL not set");
-            None
-        }
-    }
-}
-
-fn with_query(url: &str, pair: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{pair}")
-}
-
 /// Runs `case` on a store in a new schema of the test database, and drops the schema after,
 /// also when the case panics.
 async fn with_postgres<F, Fut>(name: &str, case: F)
@@ -88,25 +68,13 @@ where
     F: FnOnce(Arc<dyn Datastore>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    use sqlx::{Connection, Executor};
-    let Some(url) = postgres_url() else { return };
-    let mut suffix = [0u8; 6];
-    aws_lc_rs::rand::fill(&mut suffix).unwrap();
-    let schema = format!("t_{}_{}", &name[..name.len().min(40)], hex::encode(suffix));
-    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .await
-        .unwrap();
-    let store = tessera_store::open(&with_query(&url, &format!("options[search_path]={schema}")))
-        .await
-        .unwrap();
+    let Some(schema) = tessera_test_util::pg::fresh_schema(name).await else {
+        return;
+    };
+    let store = tessera_store::open(&schema.url).await.unwrap();
     assert_eq!(store.backend(), "postgres");
     let outcome = tokio::spawn(case(store)).await;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .await
-        .unwrap();
+    schema.drop().await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }

@@ -316,3 +316,78 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// A PostgreSQL schema of its own for one test, in the database named by
+/// `TESSERA_TEST_POSTGRES_URL` (CI starts one with `.ci/postgres.sh`).
+pub mod pg {
+    use sqlx::{Connection as _, Executor as _};
+
+    /// The test database URL, or `None` with the reason printed. With `CI=true` a missing URL is
+    /// a failure: CI must run the PostgreSQL half.
+    pub fn url() -> Option<String> {
+        match std::env::var("TESSERA_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+                "CI=true but TESSERA_TEST_POSTGRES_URL is not set: CI must run the PostgreSQL half \
+                 (eval \"$(bash .ci/postgres.sh)\" before cargo test)"
+            ),
+            _ => {
+                eprintln!("skipping PostgreSQL half: TESSERA_TEST_POSTGRES_URL not set");
+                None
+            }
+        }
+    }
+
+    /// A fresh schema; [`Schema::url`] connects with it as the search path.
+    #[derive(Debug)]
+    pub struct Schema {
+        base: String,
+        name: String,
+        pub url: String,
+    }
+
+    fn with_query(url: &str, pair: &str) -> String {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}{pair}")
+    }
+
+    /// Creates `t_<name>_<random>`; `None` when the PostgreSQL half is skipped.
+    pub async fn fresh_schema(name: &str) -> Option<Schema> {
+        let base = url()?;
+        let mut suffix = [0u8; 6];
+        aws_lc_rs::rand::fill(&mut suffix).expect("randomness");
+        let clean: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(40)
+            .collect();
+        let schema = format!("t_{clean}_{}", hex::encode(suffix));
+        let mut admin = sqlx::PgConnection::connect(&base)
+            .await
+            .expect("connect to the test database");
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .await
+            .expect("create schema");
+        let url = with_query(&base, &format!("options[search_path]={schema}"));
+        Some(Schema {
+            base,
+            name: schema,
+            url,
+        })
+    }
+
+    impl Schema {
+        /// Drops the schema and everything in it.
+        pub async fn drop(self) {
+            if let Ok(mut admin) = sqlx::PgConnection::connect(&self.base).await {
+                let _ = admin
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "DROP SCHEMA {} CASCADE",
+                        self.name
+                    )))
+                    .await;
+            }
+        }
+    }
+}
