@@ -1,0 +1,347 @@
+//! `tessera server run` and the admin verbs as an operator uses them: real processes, the real
+//! admin socket, exit codes and messages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(dir: &Path, health: u16) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["server", "run", "--bind-address", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--admin-socket")
+        .arg(dir.join("admin/admin.sock"))
+        .arg("--health-bind-address")
+        .arg(format!("127.0.0.1:{health}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.join("admin/admin.sock").exists() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .env("TESSERA_ADMIN_SOCKET", dir.join("admin/admin.sock"))
+        .output()
+        .unwrap()
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn operator_workflow_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let health = free_port();
+    let server = start(dir.path(), health);
+
+    let o = cli(
+        dir.path(),
+        &["healthcheck", "--address", &format!("127.0.0.1:{health}")],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+
+    // A join token names the agent ID it will give.
+    let o = cli(
+        dir.path(),
+        &["token", "generate", "--ttl", "10m", "--output", "json"],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let tok: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let agent_id = tok["agent_spiffe_id"].as_str().unwrap().to_owned();
+    assert!(
+        agent_id.starts_with("spiffe://example.org/tessera/agent/join_token/"),
+        "{agent_id}"
+    );
+
+    let create = [
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/web",
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        "unix:uid:1000",
+        "--selector",
+        "unix:gid:1000",
+        "--x509-ttl",
+        "30m",
+        "--dns-name",
+        "web.example.org",
+    ];
+    let o = cli(dir.path(), &create);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).contains("X509-SVID TTL : 30m"), "{}", out(&o));
+    // Idempotent.
+    let o = cli(dir.path(), &create);
+    assert!(
+        out(&o).contains("an identical entry already exists"),
+        "{}",
+        out(&o)
+    );
+
+    let o = cli(dir.path(), &["entry", "list", "--output", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+
+    let o = cli(
+        dir.path(),
+        &["entry", "update", "--id", &id, "--hint", "frontend"],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).contains("Hint          : frontend"));
+    let o = cli(dir.path(), &["entry", "show", "--id", &id]);
+    assert!(
+        out(&o).contains("Selector      : unix:gid:1000")
+            && out(&o).contains("DNS name      : web.example.org"),
+        "{}",
+        out(&o)
+    );
+
+    // Bad input: a clear message, exit code != 0, nothing changed.
+    for (args, want) in [
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a/",
+                "--parent-id",
+                &agent_id,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "trailing `/`",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a",
+                "--parent-id",
+                &agent_id,
+            ],
+            "at least one --selector",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a",
+                "--parent-id",
+                &agent_id,
+                "--selector",
+                "uid1000",
+            ],
+            "expected `type:value`",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/a",
+                "--parent-id",
+                &agent_id,
+                "--selector",
+                "unix:uid:1",
+                "--x509-ttl",
+                "soon",
+            ],
+            "duration \"soon\"",
+        ),
+        (
+            vec![
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://other.org/a",
+                "--parent-id",
+                "spiffe://other.org/p",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "not in trust domain example.org",
+        ),
+        (vec!["entry", "show", "--id", "nope"], "not found"),
+        (
+            vec![
+                "agent",
+                "ban",
+                "--spiffe-id",
+                "spiffe://example.org/tessera/agent/x/y",
+            ],
+            "not found",
+        ),
+        (vec!["token", "generate", "--ttl", "0s"], ""),
+    ] {
+        let o = cli(dir.path(), &args);
+        if want.is_empty() {
+            continue;
+        }
+        assert!(!o.status.success(), "{args:?} must fail");
+        assert!(err(&o).contains(want), "{args:?}: {}", err(&o));
+    }
+    let o = cli(dir.path(), &["entry", "list", "--output", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "nothing was created by the bad calls"
+    );
+
+    // The bundle in both formats, and an SVID minted for a tool that verifies against it.
+    let o = cli(dir.path(), &["bundle", "show"]);
+    assert!(out(&o).starts_with("-----BEGIN CERTIFICATE-----"));
+    let o = cli(dir.path(), &["bundle", "show", "--format", "spiffe"]);
+    let b: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(b["spiffe_sequence"], 1);
+    let svid_dir = dir.path().join("svid");
+    let o = cli(
+        dir.path(),
+        &[
+            "svid",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/tool",
+            "--ttl",
+            "5m",
+            "--write",
+            svid_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let o = cli(
+        dir.path(),
+        &[
+            "svid",
+            "inspect",
+            svid_dir.join("svid.pem").to_str().unwrap(),
+            "--bundle",
+            svid_dir.join("bundle.pem").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    assert!(out(&o).contains("SPIFFE ID: spiffe://example.org/tool"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(svid_dir.join("svid_key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    let o = cli(dir.path(), &["entry", "delete", "--id", &id]);
+    assert!(o.status.success());
+    let o = cli(dir.path(), &["agent", "list"]);
+    assert!(out(&o).contains("Found 0 agents"), "{}", out(&o));
+
+    // Every change is in the audit log.
+    let audit = std::fs::read_to_string(dir.path().join("data/audit.log")).unwrap();
+    for action in [
+        "token.generate",
+        "entry.create",
+        "entry.update",
+        "entry.delete",
+        "svid.mint",
+    ] {
+        assert!(
+            audit.contains(&format!("\"action\":\"{action}\"")),
+            "{action} missing from {audit}"
+        );
+    }
+    drop(server);
+
+    // Without a server: a clear message.
+    let o = cli(dir.path(), &["entry", "list"]);
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains("cannot reach the server's admin socket"),
+        "{}",
+        err(&o)
+    );
+}
+
+#[test]
+fn server_run_refuses_bad_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        "trust_domain = \"example.org\"\n[ca]\nttl = \"2h\"\n[svid]\nagent_ttl = \"3h\"\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["server", "run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains("svid.agent_ttl 3h: must be shorter than ca.ttl 2h"),
+        "{}",
+        err(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["server", "run", "--print-default-config"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let printed = out(&o);
+    assert!(printed.contains("trust_domain = \"example.org\""));
+    // The printed default is itself a valid config.
+    std::fs::write(&cfg, &printed).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "server",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--trust-domain",
+            "Bad.Domain",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(err(&o).contains("--trust-domain"), "{}", err(&o));
+}
