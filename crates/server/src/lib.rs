@@ -11,6 +11,7 @@ mod admin;
 mod agent_api;
 mod audit;
 mod ca;
+pub mod client;
 pub mod config;
 mod convert;
 mod metrics;

@@ -8,16 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::admin_api_client::AdminApiClient;
 use tessera_proto::v1::agent_api_client::AgentApiClient;
 use tessera_server::{RunningServer, ServerConfig};
 use tessera_spiffe::{Bundle, BundleSet, SpiffeId, TrustDomain};
-use tessera_tls::{ExpectedPeer, SpiffeServerVerifier, SvidResolver};
+use tessera_tls::SvidResolver;
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 fn config(dir: &Path) -> ServerConfig {
     config_with(dir, String::new())
@@ -35,18 +34,9 @@ fn config_with(dir: &Path, datastore_url: String) -> ServerConfig {
 }
 
 async fn admin(server: &RunningServer) -> AdminApiClient<Channel> {
-    let path = server.admin_socket.clone();
-    let ch = Endpoint::try_from("http://[::1]:0")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
+    tessera_server::client::admin(&server.admin_socket)
         .await
-        .unwrap();
-    AdminApiClient::new(ch)
+        .unwrap()
 }
 
 /// An agent-side key and its CSR.
@@ -67,10 +57,6 @@ async fn agent_client(
     let mut set = BundleSet::new();
     set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
         .unwrap();
-    let verifier = Arc::new(SpiffeServerVerifier::new(
-        Arc::new(ArcSwap::from_pointee(set)),
-        ExpectedPeer::Exact(tessera_server::server_id(&td)),
-    ));
     let resolver = identity.map(|(chain, key)| {
         let chain = chain
             .iter()
@@ -81,23 +67,14 @@ async fn agent_client(
                 .unwrap(),
         )
     });
-    let tls = Arc::new(tessera_tls::client_config(verifier, resolver, &[b"h2"]).unwrap());
-    let addr = server.agent_addr;
-    let ch = Endpoint::try_from("http://tessera-server")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let tls = tls.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let conn = tokio_rustls::TlsConnector::from(tls)
-                    .connect(ServerName::try_from("tessera-server").unwrap(), tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(TokioIo::new(conn))
-            }
-        }))
-        .await
-        .unwrap();
-    AgentApiClient::new(ch)
+    tessera_server::client::agent_api(
+        server.agent_addr,
+        Arc::new(ArcSwap::from_pointee(set)),
+        tessera_server::server_id(&td),
+        resolver,
+    )
+    .await
+    .unwrap()
 }
 
 async fn attest_join_token(
@@ -106,24 +83,9 @@ async fn attest_join_token(
 ) -> Result<(pb::AttestResult, rcgen::KeyPair), tonic::Status> {
     let (key, csr) = key_and_csr();
     let mut client = agent_client(server, None).await;
-    let first = pb::AttestAgentRequest {
-        step: Some(pb::attest_agent_request::Step::Params(pb::AttestParams {
-            method: "join_token".into(),
-            payload: vec![token.as_bytes().to_vec()],
-            csr,
-        })),
-    };
-    let mut resp = client
-        .attest_agent(tokio_stream::iter(vec![first]))
-        .await?
-        .into_inner();
-    match resp.next().await {
-        Some(Ok(pb::AttestAgentResponse {
-            step: Some(pb::attest_agent_response::Step::Result(r)),
-        })) => Ok((r, key)),
-        Some(Err(e)) => Err(e),
-        other => panic!("unexpected attestation answer: {other:?}"),
-    }
+    tessera_server::client::attest_join_token(&mut client, token, csr)
+        .await
+        .map(|r| (r, key))
 }
 
 async fn token(admin: &mut AdminApiClient<Channel>) -> pb::GenerateJoinTokenResponse {

@@ -7,11 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use hyper_util::rt::TokioIo;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::admin_api_client::AdminApiClient;
 use tessera_spiffe::{Selector, SpiffeId, TrustDomain};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::cli::Output;
 
@@ -212,16 +211,12 @@ pub(crate) struct SvidMintArgs {
 }
 
 async fn connect(socket: &Path) -> anyhow::Result<AdminApiClient<Channel>> {
-    let path = socket.to_path_buf();
-    // The URI is required by the API but unused: the connector always dials the socket.
-    let channel = Endpoint::try_from("http://[::1]:0")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .with_context(|| format!("cannot reach the server's admin socket {} (is the server running? see --admin-socket)", socket.display()))?;
-    Ok(AdminApiClient::new(channel))
+    tessera_server::client::admin(socket).await.with_context(|| {
+        format!(
+            "cannot reach the server's admin socket {} (is the server running? see --admin-socket)",
+            socket.display()
+        )
+    })
 }
 
 /// A gRPC error as the user should read it.
