@@ -1,5 +1,9 @@
 //! Regenerates the gRPC code from proto/ with protox (no protoc) and fails if the committed code
 //! in src/gen differs. Run with `TESSERA_REGENERATE=1` to write the new code instead.
+//!
+//! `proto/workloadapi.proto` is the SPIFFE Workload API exactly as upstream publishes it
+//! (`standards/workloadapi.proto`). It declares no `package`, so prost writes it to `_.rs` and the
+//! gRPC paths are `/SpiffeWorkloadAPI/<Method>`: the paths every SPIFFE client library dials.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step should panic
 
@@ -9,6 +13,9 @@ const PROTOS: &[&str] = &[
     "tessera/v1/types.proto",
     "tessera/v1/agent.proto",
     "tessera/v1/admin.proto",
+    // Upstream SPIFFE Workload API, byte for byte; imports google/protobuf/struct.proto, which
+    // protox ships.
+    "workloadapi.proto",
 ];
 
 fn generate(out: &Path) {
@@ -47,5 +54,29 @@ fn generated_code_is_current() {
             "crates/proto/src/gen/{} is stale: run `TESSERA_REGENERATE=1 cargo test -p tessera-proto` and commit",
             name.to_string_lossy()
         );
+    }
+}
+
+/// Real Workload API clients (go-spiffe, py-spiffe, the Rust `spiffe` crate) call these exact
+/// paths; a `package` added to the proto, or a renamed service, would break every one of them.
+#[test]
+fn workload_api_keeps_the_upstream_service_name_and_paths() {
+    use tessera_proto::workload::spiffe_workload_api_server::SERVICE_NAME;
+    assert_eq!(SERVICE_NAME, "SpiffeWorkloadAPI");
+    let code = include_str!("../src/gen/_.rs");
+    for method in [
+        "FetchX509SVID",
+        "FetchX509Bundles",
+        "FetchJWTSVID",
+        "FetchJWTBundles",
+        "ValidateJWTSVID",
+        "FetchWITSVID",
+        "FetchWITBundles",
+    ] {
+        // The server routes on this string; the client sends it.
+        let route = format!("\"/SpiffeWorkloadAPI/{method}\" =>");
+        assert!(code.contains(&route), "server does not route {route}");
+        let call = format!("\"/SpiffeWorkloadAPI/{method}\",");
+        assert!(code.contains(&call), "client does not call {call}");
     }
 }
