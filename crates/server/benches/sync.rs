@@ -84,13 +84,13 @@ async fn main() {
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .unwrap();
+    let trust = tessera_server::client::ServerTrust::Bundles(bundles);
     let mut anon = tessera_server::client::agent_api(
         server.agent_addr,
-        bundles.clone(),
+        trust.clone(),
         server_id.clone(),
         None,
     )
-    .await
     .unwrap();
     let att = tessera_server::client::attest_join_token(&mut anon, &tok.token, csr.der().to_vec())
         .await
@@ -104,11 +104,10 @@ async fn main() {
         .unwrap();
     let mut agent = tessera_server::client::agent_api(
         server.agent_addr,
-        bundles,
+        trust,
         server_id,
         Some(tessera_tls::SvidResolver::new(ck)),
     )
-    .await
     .unwrap();
     let mut stream = agent
         .sync(pb::SyncRequest { after_revision: 0 })

@@ -80,7 +80,12 @@ impl AdminApi for Admin {
         let detail =
             serde_json::json!({ "spiffe_id": msg.entry.as_ref().map(|e| e.spiffe_id.clone()) });
         let result = async {
-            let e = msg.entry.ok_or_else(|| field_err("entry", "is required"))?;
+            let mut e = msg.entry.ok_or_else(|| field_err("entry", "is required"))?;
+            if e.parent_id.is_empty()
+                && let Some(parent) = self.state.default_parent.load_full()
+            {
+                e.parent_id = parent.to_string();
+            }
             if !e.id.is_empty() {
                 return Err(field_err("id", "is assigned by the server; leave it empty"));
             }

@@ -10,7 +10,9 @@ use rustls::pki_types::ServerName;
 use tessera_proto::v1::admin_api_client::AdminApiClient;
 use tessera_proto::v1::agent_api_client::AgentApiClient;
 use tessera_spiffe::SpiffeId;
-use tessera_tls::{ExpectedPeer, SharedBundles, SpiffeServerVerifier, SvidResolver};
+use tessera_tls::{
+    ExpectedPeer, InsecureBootstrapVerifier, SharedBundles, SpiffeServerVerifier, SvidResolver,
+};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Connects to the admin API on `socket`.
@@ -28,38 +30,34 @@ pub async fn admin(socket: &Path) -> Result<AdminApiClient<Channel>, tonic::tran
     Ok(AdminApiClient::new(channel))
 }
 
-/// Connects to the agent API at `addr`. The server must present an SVID of `server_id` that
-/// verifies against `bundles`; `identity` is the agent SVID (none for node attestation).
-pub async fn agent_api(
+/// How an agent trusts the server it connects to.
+#[derive(Debug, Clone)]
+pub enum ServerTrust {
+    /// The server's SVID must verify against these bundles.
+    Bundles(SharedBundles),
+    /// First contact without a bundle (`insecure_bootstrap`): only the server's ID is checked.
+    InsecureBootstrap,
+}
+
+/// A client of the agent API at `addr`. The server must present an SVID of `server_id` (trusted
+/// as `trust` says); `identity` is the agent SVID (none for node attestation). The connection is
+/// made on first use and re-made after failures, so a client outlives server restarts.
+pub fn agent_api(
     addr: SocketAddr,
-    bundles: SharedBundles,
+    trust: ServerTrust,
     server_id: SpiffeId,
     identity: Option<Arc<SvidResolver>>,
-) -> Result<AgentApiClient<Channel>, tonic::transport::Error> {
-    let verifier = Arc::new(SpiffeServerVerifier::new(
-        bundles,
-        ExpectedPeer::Exact(server_id),
-    ));
-    let tls = match tessera_tls::client_config(verifier, identity, &[b"h2"]) {
-        Ok(c) => Arc::new(c),
-        // Building a TLS 1.3 config from our own provider cannot fail; if it ever does, every
-        // connection attempt reports it.
-        Err(e) => {
-            let msg = e.to_string();
-            let channel =
-                Endpoint::from_static("http://tessera-server")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let msg = msg.clone();
-                        async move {
-                            Err::<TokioIo<tokio::net::TcpStream>, _>(std::io::Error::other(msg))
-                        }
-                    }))
-                    .await?;
-            return Ok(AgentApiClient::new(channel));
+) -> Result<AgentApiClient<Channel>, rustls::Error> {
+    let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match trust {
+        ServerTrust::Bundles(b) => {
+            Arc::new(SpiffeServerVerifier::new(b, ExpectedPeer::Exact(server_id)))
         }
+        ServerTrust::InsecureBootstrap => Arc::new(InsecureBootstrapVerifier::new(server_id)),
     };
+    let tls = Arc::new(tessera_tls::client_config(verifier, identity, &[b"h2"])?);
     let channel = Endpoint::from_static("http://tessera-server")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let tls = tls.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -71,8 +69,7 @@ pub async fn agent_api(
                     .await?;
                 Ok::<_, std::io::Error>(TokioIo::new(conn))
             }
-        }))
-        .await?;
+        }));
     Ok(AgentApiClient::new(channel))
 }
 

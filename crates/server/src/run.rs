@@ -37,9 +37,15 @@ pub struct RunningServer {
     pub bundle_json: String,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    state: Arc<State>,
 }
 
 impl RunningServer {
+    /// Entries created without a parent ID get this one (dev mode: the embedded agent).
+    pub fn set_default_parent(&self, id: tessera_spiffe::SpiffeId) {
+        self.state.default_parent.store(Some(Arc::new(id)));
+    }
+
     /// Stops every endpoint and waits for them.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -134,6 +140,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let (metrics, registry) = Metrics::new();
     let (stop, stop_rx) = watch::channel(false);
     let state = Arc::new(State {
+        default_parent: arc_swap::ArcSwapOption::empty(),
         stopping: stop_rx.clone(),
         td: cfg.trust_domain.clone(),
         server_id: crate::server_id(&cfg.trust_domain),
@@ -287,5 +294,6 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         bundle_json,
         stop,
         tasks,
+        state,
     })
 }

@@ -54,6 +54,8 @@ pub(crate) struct State {
     pub(crate) audit: AuditLog,
     /// CA certificates that node certificates must chain to (x509pop); empty: x509pop off.
     pub(crate) x509pop_roots: Vec<Vec<u8>>,
+    /// The parent given to entries created without one (`tessera dev` sets its embedded agent).
+    pub(crate) default_parent: arc_swap::ArcSwapOption<SpiffeId>,
     /// Becomes true when the server shuts down; long-lived streams end on it.
     pub(crate) stopping: watch::Receiver<bool>,
 }

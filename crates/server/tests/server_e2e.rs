@@ -69,11 +69,10 @@ async fn agent_client(
     });
     tessera_server::client::agent_api(
         server.agent_addr,
-        Arc::new(ArcSwap::from_pointee(set)),
+        tessera_server::client::ServerTrust::Bundles(Arc::new(ArcSwap::from_pointee(set))),
         tessera_server::server_id(&td),
         resolver,
     )
-    .await
     .unwrap()
 }
 

@@ -300,11 +300,6 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
             if fields.spiffe_id.is_none() {
                 bail!("--spiffe-id is required");
             }
-            if fields.parent_id.is_none() {
-                bail!(
-                    "--parent-id is required (the agent ID or node alias whose workloads get this identity)"
-                );
-            }
             if fields.selectors.is_empty() {
                 bail!(
                     "at least one --selector is required (an entry without selectors would match every workload)"

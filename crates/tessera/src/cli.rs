@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::admin_cli::{
     self, AdminConn, AgentCommand, BundleCommand, EntryCommand, SvidMintArgs, TokenCommand,
 };
-use crate::inspect;
+use crate::{agent_cli, inspect};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,13 +49,15 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
-    /// Attested agents (admin API).
+    /// The node agent (`run`, `api …`) and attested agents (admin API: list, show, ban, evict).
     Agent {
         #[command(subcommand)]
-        cmd: AgentCommand,
+        cmd: AgentCmd,
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// A whole trust domain in one process: server (SQLite) and an attested agent.
+    Dev(agent_cli::DevArgs),
     /// The trust bundle (admin API).
     Bundle {
         #[command(subcommand)]
@@ -75,6 +77,17 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8080")]
         address: std::net::SocketAddr,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCmd {
+    /// Run the node agent until Ctrl-C.
+    Run(agent_cli::AgentRunArgs),
+    /// Workload API client verbs (like `spire-agent api`).
+    #[command(subcommand)]
+    Api(agent_cli::ApiCommand),
+    #[command(flatten)]
+    Admin(AgentCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,7 +174,19 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Entry { cmd, conn } => block_on(admin_cli::entry(&conn, cmd)),
         Command::Token { cmd, conn } => block_on(admin_cli::token(&conn, cmd)),
-        Command::Agent { cmd, conn } => block_on(admin_cli::agent(&conn, cmd)),
+        Command::Agent {
+            cmd: AgentCmd::Admin(cmd),
+            conn,
+        } => block_on(admin_cli::agent(&conn, cmd)),
+        Command::Agent {
+            cmd: AgentCmd::Run(a),
+            ..
+        } => agent_cli::agent_run(a),
+        Command::Agent {
+            cmd: AgentCmd::Api(a),
+            ..
+        } => block_on(agent_cli::api(a)),
+        Command::Dev(a) => agent_cli::dev(a),
         Command::Bundle { cmd, conn } => block_on(admin_cli::bundle(&conn, cmd)),
         Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
         Command::Server(ServerCommand::Run(a)) => server_run(a),

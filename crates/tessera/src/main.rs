@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod admin_cli;
+mod agent_cli;
 mod cli;
 mod inspect;
 

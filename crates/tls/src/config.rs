@@ -270,7 +270,7 @@ pub fn server_config(
 
 /// A TLS 1.3 client config that verifies the server as `server` and presents `svid` if given.
 pub fn client_config(
-    server: Arc<SpiffeServerVerifier>,
+    server: Arc<dyn ServerCertVerifier>,
     svid: Option<Arc<SvidResolver>>,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, Error> {
@@ -302,4 +302,69 @@ pub fn leaf_serial_hex(leaf: &CertificateDer<'_>) -> Option<String> {
     let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
     let hex: String = raw[start..].iter().map(|b| format!("{b:02x}")).collect();
     Some(if hex.is_empty() { "00".to_owned() } else { hex })
+}
+
+/// Accepts a server on first contact WITHOUT verifying its chain, only that it presents an SVID
+/// of the expected ID (`insecure_bootstrap = true`). Anyone on the path can impersonate the
+/// server during that first connection; the agent warns about it at every start. The bundle the
+/// server returns is verified from then on.
+#[derive(Debug)]
+pub struct InsecureBootstrapVerifier {
+    expected: SpiffeId,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl InsecureBootstrapVerifier {
+    pub fn new(expected: SpiffeId) -> Self {
+        Self {
+            expected,
+            algs: algorithms(),
+        }
+    }
+}
+
+impl ServerCertVerifier for InsecureBootstrapVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let id = tessera_spiffe::validate_svid_chain(std::slice::from_ref(end_entity))
+            .map_err(|e| Error::General(e.to_string()))?;
+        if id != self.expected {
+            return Err(Error::General(format!(
+                "server presented {id}, expected {}",
+                self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        // The handshake signature is still checked: the peer holds the key of what it presented.
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
 }

@@ -12,8 +12,9 @@ pub mod config;
 pub mod x509pop;
 
 pub use config::{
-    ExpectedPeer, SharedBundles, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver,
-    certified_key, client_config, leaf_serial_hex, peer_spiffe_id, server_config,
+    ExpectedPeer, InsecureBootstrapVerifier, SharedBundles, SpiffeClientVerifier,
+    SpiffeServerVerifier, SvidResolver, certified_key, client_config, leaf_serial_hex,
+    peer_spiffe_id, server_config,
 };
 
 use rustls::crypto::CryptoProvider;

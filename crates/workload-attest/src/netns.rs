@@ -30,10 +30,11 @@ pub(crate) fn names_of(dir: &Path, dev: u64, ino: u64) -> io::Result<Vec<String>
         let Ok(meta) = std::fs::metadata(entry.path()) else {
             continue;
         };
-        if meta.dev() == dev && meta.ino() == ino {
-            if let Some(name) = entry.file_name().to_str() {
-                names.push(name.to_owned());
-            }
+        if meta.dev() == dev
+            && meta.ino() == ino
+            && let Some(name) = entry.file_name().to_str()
+        {
+            names.push(name.to_owned());
         }
     }
     names.sort();

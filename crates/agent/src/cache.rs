@@ -1,0 +1,114 @@
+//! What the agent holds for its workloads: the identities (entries with a signed SVID and its
+//! key) and the trust bundles, published as immutable snapshots. Every change makes a new
+//! snapshot with a higher version; Workload API streams watch for it and resend.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::Arc;
+
+use tessera_spiffe::{BundleSet, Selector, SpiffeId, TrustDomain};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+/// One identity a workload can receive.
+pub struct Identity {
+    pub entry_id: String,
+    pub spiffe_id: SpiffeId,
+    /// All must be among the caller's selectors.
+    pub selectors: BTreeSet<Selector>,
+    pub hint: String,
+    pub federates_with: BTreeSet<TrustDomain>,
+    /// DER certificates, leaf first (intermediates after it, root excluded).
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 DER of the SVID's private key; made on this node, never sent anywhere but to the
+    /// workload the SVID is for.
+    pub key_pkcs8: Zeroizing<Vec<u8>>,
+    /// Unix seconds.
+    pub not_after: u64,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("entry_id", &self.entry_id)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("selectors", &self.selectors)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An immutable view of everything the agent serves.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every published snapshot.
+    pub version: u64,
+    pub trust_domain: Option<TrustDomain>,
+    /// Identities in a stable order (by SPIFFE ID, then entry ID): the first matching one is a
+    /// workload's default SVID.
+    pub identities: Vec<Arc<Identity>>,
+    /// The agent's own trust domain's bundle and the federated bundles it received.
+    pub bundles: BundleSet,
+}
+
+impl Snapshot {
+    /// The identities whose selectors are all among `caller`'s (the entry-matching rule of
+    /// `tessera_spiffe::selector::matches`).
+    pub fn identities_for(&self, caller: &BTreeSet<Selector>) -> Vec<Arc<Identity>> {
+        self.identities
+            .iter()
+            .filter(|i| tessera_spiffe::selector::matches(&i.selectors, caller))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The agent's cache: one writer (the SVID manager) publishes snapshots; readers subscribe.
+#[derive(Debug)]
+pub struct Cache {
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Cache {
+    pub fn new() -> Self {
+        Self {
+            tx: watch::Sender::new(Arc::new(Snapshot::default())),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Publishes a new snapshot built from `identities` and `bundles`; its version is one more
+    /// than the current one.
+    pub fn publish(
+        &self,
+        trust_domain: TrustDomain,
+        mut identities: Vec<Arc<Identity>>,
+        bundles: BundleSet,
+    ) {
+        identities.sort_by(|a, b| {
+            (a.spiffe_id.as_str(), a.entry_id.as_str())
+                .cmp(&(b.spiffe_id.as_str(), b.entry_id.as_str()))
+        });
+        self.tx.send_modify(|cur| {
+            *cur = Arc::new(Snapshot {
+                version: cur.version + 1,
+                trust_domain: Some(trust_domain),
+                identities,
+                bundles,
+            });
+        });
+    }
+}

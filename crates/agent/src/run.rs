@@ -1,0 +1,697 @@
+//! Wiring of the agent: node identity, the sync client, the SVID manager, agent SVID renewal, the
+//! Workload API and the health endpoint.
+//!
+//! Data flow: the sync task applies the server's `Sync` stream to a [`SyncState`] (entries and
+//! bundle at a revision) and publishes it on a watch channel; the SVID manager turns that state
+//! into signed identities (keys made here, CSRs signed by the server) and publishes cache
+//! snapshots, which the Workload API streams to workloads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::agent_api_client::AgentApiClient;
+use tessera_server::client::ServerTrust;
+use tessera_spiffe::{Bundle, BundleSet, Selector, SpiffeId, TrustDomain};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+use crate::cache::{Cache, Identity};
+use crate::config::AgentConfig;
+use crate::node::{self, NodeIdentity, key_and_csr};
+use crate::{AgentError, JwtMinter};
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Entries and bundle as the server last described them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SyncState {
+    pub(crate) revision: u64,
+    pub(crate) entries: BTreeMap<String, pb::Entry>,
+    pub(crate) bundle: Option<Bundle>,
+}
+
+/// What the tasks share.
+struct Shared {
+    cfg: AgentConfig,
+    td: TrustDomain,
+    server_addr: SocketAddr,
+    server_id: SpiffeId,
+    bundles: tessera_tls::SharedBundles,
+    node: ArcSwap<NodeIdentity>,
+    client: ArcSwap<AgentApiClient<Channel>>,
+    cache: Arc<Cache>,
+    banned: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("td", &self.td)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn client(&self) -> AgentApiClient<Channel> {
+        self.client.load().as_ref().clone()
+    }
+
+    /// A new client for the current agent SVID (after attestation or renewal: connections made
+    /// with an older SVID are refused by the server).
+    fn reconnect(&self) -> Result<(), AgentError> {
+        let resolver = self.node.load().resolver()?;
+        let c = tessera_server::client::agent_api(
+            self.server_addr,
+            ServerTrust::Bundles(self.bundles.clone()),
+            self.server_id.clone(),
+            Some(resolver),
+        )
+        .map_err(|e| AgentError::Crypto(e.to_string()))?;
+        self.client.store(Arc::new(c));
+        Ok(())
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub spiffe_id: SpiffeId,
+    pub socket_path: PathBuf,
+    pub cache: Arc<Cache>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for mut t in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(5), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
+}
+
+fn bootstrap_trust(cfg: &AgentConfig) -> Result<ServerTrust, AgentError> {
+    if let Some(p) = &cfg.trust_bundle_path {
+        let bytes = std::fs::read(p).map_err(|e| AgentError::Io {
+            what: format!("read trust_bundle_path {}", p.display()),
+            source: e,
+        })?;
+        let bundle = if bytes.trim_ascii_start().starts_with(b"{") {
+            Bundle::parse(cfg.trust_domain.clone(), &bytes).map_err(|e| {
+                AgentError::Config(format!("trust_bundle_path {}: {e}", p.display()))
+            })?
+        } else {
+            let mut b = Bundle::new(cfg.trust_domain.clone());
+            for c in CertificateDer::pem_slice_iter(&bytes) {
+                let c = c.map_err(|e| {
+                    AgentError::Config(format!("trust_bundle_path {}: {e}", p.display()))
+                })?;
+                b.add_x509_authority(c.to_vec()).map_err(|e| {
+                    AgentError::Config(format!("trust_bundle_path {}: {e}", p.display()))
+                })?;
+            }
+            b
+        };
+        let mut set = BundleSet::new();
+        set.upsert(bundle);
+        return Ok(ServerTrust::Bundles(Arc::new(ArcSwap::from_pointee(set))));
+    }
+    if cfg.insecure_bootstrap {
+        tracing::warn!(
+            "insecure_bootstrap = true: the server is NOT verified on first contact; anyone on the path could impersonate it. Set trust_bundle_path instead."
+        );
+        return Ok(ServerTrust::InsecureBootstrap);
+    }
+    Err(AgentError::Config(
+        "the agent has no way to trust the server: set trust_bundle_path (or insecure_bootstrap = true)".into(),
+    ))
+}
+
+async fn attest(
+    cfg: &AgentConfig,
+    addr: SocketAddr,
+    server_id: &SpiffeId,
+) -> Result<(NodeIdentity, Bundle), AgentError> {
+    let token = cfg.join_token.as_deref().ok_or_else(|| {
+        AgentError::Config("no stored agent SVID and no join_token to attest with".into())
+    })?;
+    let trust = bootstrap_trust(cfg)?;
+    let mut client = tessera_server::client::agent_api(addr, trust, server_id.clone(), None)
+        .map_err(|e| AgentError::Crypto(e.to_string()))?;
+    let (key, csr) = key_and_csr()?;
+    let res = tessera_server::client::attest_join_token(&mut client, token, csr)
+        .await
+        .map_err(|e| AgentError::Server(format!("node attestation failed: {}", e.message())))?;
+    let id = SpiffeId::parse(&res.spiffe_id)
+        .map_err(|e| AgentError::Server(format!("server sent a bad agent ID: {e}")))?;
+    let bundle = res
+        .bundle
+        .ok_or_else(|| AgentError::Server("no bundle in the attestation result".into()))?;
+    let bundle = Bundle::parse(cfg.trust_domain.clone(), &bundle.spiffe_bundle_json)
+        .map_err(|e| AgentError::Server(format!("server sent a bad bundle: {e}")))?;
+    let node = NodeIdentity::new(id, res.svid_chain, key)?;
+    tracing::info!(agent = %node.spiffe_id, "node attested");
+    Ok((node, bundle))
+}
+
+/// Starts the agent: attests (or loads its stored identity), then serves the Workload API.
+pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
+    cfg.validate().map_err(AgentError::Config)?;
+    let server_addr: SocketAddr = cfg.server_address.parse().map_err(|_| {
+        AgentError::Config(format!(
+            "server_address {:?}: expected IP:port",
+            cfg.server_address
+        ))
+    })?;
+    let td = cfg.trust_domain.clone();
+    let server_id = tessera_server::server_id(&td);
+    let now = unix_now();
+    let (node, bundle) = match node::load(&cfg.data_dir, &td, now)? {
+        Some(found) => {
+            tracing::info!(agent = %found.0.spiffe_id, "using the stored agent SVID");
+            found
+        }
+        None => {
+            let (node, bundle) = attest(&cfg, server_addr, &server_id).await?;
+            node::save(&cfg.data_dir, &node, &bundle)?;
+            (node, bundle)
+        }
+    };
+    let mut set = BundleSet::new();
+    set.upsert(bundle);
+    let bundles: tessera_tls::SharedBundles = Arc::new(ArcSwap::from_pointee(set));
+    let spiffe_id = node.spiffe_id.clone();
+    let client = tessera_server::client::agent_api(
+        server_addr,
+        ServerTrust::Bundles(bundles.clone()),
+        server_id.clone(),
+        Some(node.resolver()?),
+    )
+    .map_err(|e| AgentError::Crypto(e.to_string()))?;
+    let cache = Arc::new(Cache::new());
+    let shared = Arc::new(Shared {
+        td: td.clone(),
+        server_addr,
+        server_id,
+        bundles,
+        node: ArcSwap::from_pointee(node),
+        client: ArcSwap::from_pointee(client),
+        cache: cache.clone(),
+        banned: std::sync::atomic::AtomicBool::new(false),
+        cfg,
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let (state_tx, state_rx) = watch::channel(Arc::new(SyncState::default()));
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(sync_task(
+        shared.clone(),
+        state_tx,
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(svid_task(
+        shared.clone(),
+        state_rx,
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(renew_task(shared.clone(), stop_rx.clone())));
+
+    let attestor = Arc::new(tessera_workload_attest::Attestor::new(
+        shared.cfg.max_hash_bytes,
+    ));
+    let minter: Arc<dyn JwtMinter> = Arc::new(ServerMinter {
+        shared: shared.clone(),
+    });
+    let api = crate::workload_api::WorkloadApi::new(cache.clone(), attestor, minter);
+    let socket_path = shared.cfg.socket_path.clone();
+    let mut srx = stop_rx.clone();
+    let path = socket_path.clone();
+    tasks.push(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = srx.wait_for(|s| *s).await;
+        };
+        if let Err(e) = crate::workload_api::serve(&path, api, shutdown).await {
+            tracing::error!(error = %e, "Workload API stopped");
+        }
+    }));
+    if let Some(addr) = shared.cfg.health_bind_address {
+        let registry = Arc::new(std::sync::Mutex::new(prometheus_registry()));
+        let ready_cache = cache.clone();
+        let ready: tessera_telemetry::ReadyCheck = Arc::new(move || {
+            let c = ready_cache.clone();
+            Box::pin(async move {
+                if c.current().trust_domain.is_some() {
+                    Ok(())
+                } else {
+                    Err("no sync with the server yet".to_owned())
+                }
+            })
+        });
+        let mut hrx = stop_rx.clone();
+        let (_, t) = tessera_telemetry::serve(
+            addr,
+            tessera_telemetry::router(registry, ready),
+            async move {
+                let _ = hrx.wait_for(|s| *s).await;
+            },
+        )
+        .await
+        .map_err(|e| AgentError::Io {
+            what: format!("bind health endpoint {addr}"),
+            source: e,
+        })?;
+        tasks.push(t);
+    }
+    tracing::info!(agent = %spiffe_id, socket = %socket_path.display(), "tessera agent started");
+    Ok(RunningAgent {
+        spiffe_id,
+        socket_path,
+        cache,
+        stop,
+        tasks,
+    })
+}
+
+fn prometheus_registry() -> prometheus_client::registry::Registry {
+    prometheus_client::registry::Registry::with_prefix("tessera_agent")
+}
+
+/// Follows the server's Sync stream, reconnecting with backoff and resuming from the last
+/// revision.
+async fn sync_task(
+    shared: Arc<Shared>,
+    state_tx: watch::Sender<Arc<SyncState>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut state = SyncState::default();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let mut client = shared.client();
+        let result = tokio::select! {
+            r = client.sync(pb::SyncRequest { after_revision: state.revision }) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match result {
+            Ok(resp) => {
+                backoff = Duration::from_millis(100);
+                let mut stream = resp.into_inner();
+                let mut pending: Option<SyncState> = None;
+                loop {
+                    let msg = tokio::select! {
+                        m = stream.next() => m,
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    match msg {
+                        Some(Ok(m)) => {
+                            if apply(&shared.td, &mut state, &mut pending, m) {
+                                if let Some(b) = &state.bundle {
+                                    let mut set = BundleSet::new();
+                                    set.upsert(b.clone());
+                                    shared.bundles.store(Arc::new(set));
+                                }
+                                let _ = state_tx.send(Arc::new(state.clone()));
+                            }
+                        }
+                        Some(Err(e)) => {
+                            handle_status(&shared, &e).await;
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            Err(e) => handle_status(&shared, &e).await,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Reacts to an error from the server: banned and evicted agents say so in the log.
+async fn handle_status(shared: &Shared, e: &tonic::Status) {
+    use std::sync::atomic::Ordering;
+    match e.code() {
+        tonic::Code::PermissionDenied => {
+            if !shared.banned.swap(true, Ordering::SeqCst) {
+                tracing::error!(
+                    reason = e.message(),
+                    "the server refuses this agent (banned?): no new SVIDs will be issued"
+                );
+            }
+        }
+        tonic::Code::Unauthenticated => {
+            tracing::error!(
+                reason = e.message(),
+                "the server does not accept this agent's SVID (evicted?): attesting again"
+            );
+            let cfg = &shared.cfg;
+            match attest(cfg, shared.server_addr, &shared.server_id).await {
+                Ok((node, bundle)) => {
+                    if let Err(err) = node::save(&cfg.data_dir, &node, &bundle) {
+                        tracing::error!(error = %err, "cannot persist the new agent SVID");
+                    }
+                    shared.node.store(Arc::new(node));
+                    shared.banned.store(false, Ordering::SeqCst);
+                    if let Err(err) = shared.reconnect() {
+                        tracing::error!(error = %err, "cannot use the new agent SVID");
+                    }
+                }
+                Err(err) => tracing::error!(error = %err, "re-attestation failed"),
+            }
+        }
+        _ => {
+            tracing::warn!(code = ?e.code(), reason = e.message(), "sync with the server interrupted; reconnecting")
+        }
+    }
+}
+
+/// Applies one Sync message; returns true when `state` changed (a complete snapshot arrived, or
+/// a change was applied).
+fn apply(
+    td: &TrustDomain,
+    state: &mut SyncState,
+    pending: &mut Option<SyncState>,
+    msg: pb::SyncResponse,
+) -> bool {
+    match msg.msg {
+        Some(pb::sync_response::Msg::Snapshot(page)) => {
+            let p = pending.get_or_insert_with(|| SyncState {
+                bundle: state.bundle.clone(),
+                ..SyncState::default()
+            });
+            p.revision = page.revision;
+            for e in page.entries {
+                p.entries.insert(e.id.clone(), e);
+            }
+            for b in page.bundles {
+                if b.trust_domain == td.as_str()
+                    && let Ok(parsed) = Bundle::parse(td.clone(), &b.spiffe_bundle_json)
+                {
+                    p.bundle = Some(parsed);
+                }
+            }
+            if page.last {
+                if let Some(done) = pending.take() {
+                    *state = done;
+                }
+                return true;
+            }
+            false
+        }
+        Some(pb::sync_response::Msg::Change(ch)) => {
+            state.revision = state.revision.max(ch.revision);
+            match ch.change {
+                Some(pb::change::Change::EntryUpserted(e)) => {
+                    state.entries.insert(e.id.clone(), e);
+                }
+                Some(pb::change::Change::EntryDeleted(id)) => {
+                    state.entries.remove(&id);
+                }
+                Some(pb::change::Change::BundleUpdated(b)) if b.trust_domain == td.as_str() => {
+                    match Bundle::parse(td.clone(), &b.spiffe_bundle_json) {
+                        Ok(parsed) => state.bundle = Some(parsed),
+                        Err(e) => {
+                            tracing::error!(error = %e, "the server sent a bundle that does not parse; keeping the last one")
+                        }
+                    }
+                }
+                _ => {}
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+struct Held {
+    identity: Arc<Identity>,
+    entry_revision: u64,
+    rotate_at: u64,
+    bundle_seq: Option<u64>,
+}
+
+/// Half-life with up to 10 % jitter, so a fleet does not renew in lockstep.
+fn rotate_at(not_before: u64, not_after: u64) -> u64 {
+    let life = not_after.saturating_sub(not_before);
+    let mut b = [0u8; 2];
+    let jitter = if aws_lc_rs::rand::fill(&mut b).is_ok() {
+        u64::from(u16::from_le_bytes(b)) % (life / 10 + 1)
+    } else {
+        0
+    };
+    not_before + life / 2 - jitter.min(life / 2)
+}
+
+/// Keeps one signed SVID per entry: signs new and changed entries, rotates at half-life, drops
+/// deleted entries, and publishes cache snapshots. Keeps serving cached SVIDs while the server is
+/// unreachable (they are dropped only when they expire).
+async fn svid_task(
+    shared: Arc<Shared>,
+    mut state_rx: watch::Receiver<Arc<SyncState>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut held: HashMap<String, Held> = HashMap::new();
+    loop {
+        let state = state_rx.borrow_and_update().clone();
+        let now = unix_now();
+        let seq = state.bundle.as_ref().and_then(|b| b.sequence);
+        held.retain(|id, _| state.entries.contains_key(id));
+        let due: Vec<&pb::Entry> = state
+            .entries
+            .values()
+            .filter(|e| match held.get(&e.id) {
+                None => true,
+                Some(h) => {
+                    h.entry_revision != e.updated_revision
+                        || now >= h.rotate_at
+                        || h.bundle_seq != seq
+                }
+            })
+            .collect();
+        let mut retry = false;
+        if !due.is_empty() && !shared.banned.load(std::sync::atomic::Ordering::SeqCst) {
+            for chunk in due.chunks(500) {
+                match sign_batch(&shared, chunk).await {
+                    Ok(signed) => {
+                        for (entry, identity) in signed {
+                            let (nb, na) = match node::validity(
+                                identity.chain.first().map_or(&[][..], |c| c.as_slice()),
+                            ) {
+                                Ok(v) => v,
+                                Err(_) => continue,
+                            };
+                            held.insert(
+                                entry.id.clone(),
+                                Held {
+                                    identity: Arc::new(identity),
+                                    entry_revision: entry.updated_revision,
+                                    rotate_at: rotate_at(nb, na),
+                                    bundle_seq: seq,
+                                },
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot get SVIDs signed; serving cached ones and retrying");
+                        retry = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(bundle) = &state.bundle {
+            let mut set = BundleSet::new();
+            set.upsert(bundle.clone());
+            let live: Vec<Arc<Identity>> = held
+                .values()
+                .filter(|h| h.identity.not_after > now)
+                .map(|h| h.identity.clone())
+                .collect();
+            let current = shared.cache.current();
+            let changed = current.identities.len() != live.len()
+                || current.bundles != set
+                || !live
+                    .iter()
+                    .all(|l| current.identities.iter().any(|c| Arc::ptr_eq(c, l)));
+            if changed {
+                shared.cache.publish(shared.td.clone(), live, set);
+            }
+        }
+        let next = held
+            .values()
+            .map(|h| h.rotate_at.min(h.identity.not_after))
+            .min()
+            .unwrap_or(now + 3600);
+        let wait = if retry {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(next.saturating_sub(now).clamp(1, 3600))
+        };
+        tokio::select! {
+            r = state_rx.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn sign_batch<'a>(
+    shared: &Shared,
+    entries: &[&'a pb::Entry],
+) -> Result<Vec<(&'a pb::Entry, Identity)>, String> {
+    let mut keys = Vec::with_capacity(entries.len());
+    let mut requests = Vec::with_capacity(entries.len());
+    for e in entries {
+        let (key, csr) = key_and_csr().map_err(|e| e.to_string())?;
+        keys.push(key);
+        requests.push(pb::SvidRequest {
+            entry_id: e.id.clone(),
+            csr,
+        });
+    }
+    let resp = shared
+        .client()
+        .sign_x509_svids(pb::SignX509SvidsRequest { requests })
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    let mut out = Vec::new();
+    for ((entry, key), result) in entries.iter().zip(keys).zip(resp.results) {
+        if !result.error.is_empty() || result.entry_id != entry.id {
+            tracing::warn!(entry = %entry.id, error = %result.error, "the server did not sign an SVID");
+            continue;
+        }
+        let Ok(spiffe_id) = SpiffeId::parse(&entry.spiffe_id) else {
+            continue;
+        };
+        let selectors = entry
+            .selectors
+            .iter()
+            .filter_map(|s| Selector::parse(s).ok())
+            .collect();
+        let federates_with = entry
+            .federates_with
+            .iter()
+            .filter_map(|t| TrustDomain::new(t).ok())
+            .collect();
+        let not_after = result
+            .svid_chain
+            .first()
+            .and_then(|c| node::validity(c).ok())
+            .map_or(0, |v| v.1);
+        out.push((
+            *entry,
+            Identity {
+                entry_id: entry.id.clone(),
+                spiffe_id,
+                selectors,
+                hint: entry.hint.clone(),
+                federates_with,
+                chain: result.svid_chain,
+                key_pkcs8: key,
+                not_after,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Renews the agent SVID at half-life.
+async fn renew_task(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let now = unix_now();
+        let at = shared.node.load().renew_at();
+        let wait = Duration::from_secs(at.saturating_sub(now).max(1));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if unix_now() < shared.node.load().renew_at() {
+            continue;
+        }
+        let result = async {
+            let (key, csr) = key_and_csr().map_err(|e| e.to_string())?;
+            let resp = shared
+                .client()
+                .renew_agent(pb::RenewAgentRequest { csr })
+                .await
+                .map_err(|s| s.message().to_owned())?;
+            let id = shared.node.load().spiffe_id.clone();
+            NodeIdentity::new(id, resp.into_inner().svid_chain, key).map_err(|e| e.to_string())
+        }
+        .await;
+        match result {
+            Ok(node) => {
+                if let Some(b) = shared.bundles.load().iter().next().cloned()
+                    && let Err(e) = node::save(&shared.cfg.data_dir, &node, &b)
+                {
+                    tracing::error!(error = %e, "cannot persist the renewed agent SVID");
+                }
+                shared.node.store(Arc::new(node));
+                if let Err(e) = shared.reconnect() {
+                    tracing::error!(error = %e, "cannot use the renewed agent SVID");
+                }
+                tracing::info!("renewed the agent SVID");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent SVID renewal failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Mints JWT-SVIDs through the server.
+struct ServerMinter {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ServerMinter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerMinter")
+    }
+}
+
+#[tonic::async_trait]
+impl JwtMinter for ServerMinter {
+    async fn mint(&self, entry_id: &str, audience: &[String]) -> Result<String, tonic::Status> {
+        let resp = self
+            .shared
+            .client()
+            .mint_jwt_svid(pb::MintJwtSvidRequest {
+                entry_id: entry_id.to_owned(),
+                audience: audience.to_vec(),
+            })
+            .await?;
+        Ok(resp.into_inner().token)
+    }
+}
