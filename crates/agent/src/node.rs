@@ -24,7 +24,8 @@ pub(crate) struct NodeIdentity {
     pub(crate) chain: Vec<Vec<u8>>,
     pub(crate) key_pkcs8: Zeroizing<Vec<u8>>,
     pub(crate) not_after: u64,
-    pub(crate) not_before: u64,
+    /// When this process got (or loaded) the SVID, Unix seconds.
+    pub(crate) obtained_at: u64,
 }
 
 impl std::fmt::Debug for NodeIdentity {
@@ -71,13 +72,13 @@ impl NodeIdentity {
         let leaf = chain
             .first()
             .ok_or_else(|| AgentError::Crypto("the server sent an empty SVID chain".into()))?;
-        let (not_before, not_after) = validity(leaf)?;
+        let (_not_before, not_after) = validity(leaf)?;
         Ok(Self {
             spiffe_id,
             chain,
             key_pkcs8,
             not_after,
-            not_before,
+            obtained_at: crate::run::unix_now(),
         })
     }
 
@@ -93,9 +94,10 @@ impl NodeIdentity {
         Ok(SvidResolver::new(ck))
     }
 
-    /// When to renew: at half of the SVID's lifetime.
+    /// When to renew: at half of the validity left when this process got the SVID (notBefore is
+    /// backdated for clock skew, so it is not the start of the useful life).
     pub(crate) fn renew_at(&self) -> u64 {
-        self.not_before + (self.not_after.saturating_sub(self.not_before)) / 2
+        self.obtained_at + (self.not_after.saturating_sub(self.obtained_at)) / 2
     }
 }
 

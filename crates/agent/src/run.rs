@@ -456,8 +456,11 @@ struct Held {
     bundle_seq: Option<u64>,
 }
 
-/// Half-life with up to 10 % jitter, so a fleet does not renew in lockstep.
-fn rotate_at(not_before: u64, not_after: u64) -> u64 {
+/// Half of the validity left when the SVID arrived, minus up to 10 % jitter so a fleet does not
+/// renew in lockstep. Counted from arrival, not from notBefore: the CA backdates notBefore for
+/// clock skew, which would otherwise make short-lived SVIDs look half-expired at once.
+pub(crate) fn rotate_at(received: u64, not_after: u64) -> u64 {
+    let not_before = received;
     let life = not_after.saturating_sub(not_before);
     let mut b = [0u8; 2];
     let jitter = if aws_lc_rs::rand::fill(&mut b).is_ok() {
@@ -500,18 +503,14 @@ async fn svid_task(
                 match sign_batch(&shared, chunk).await {
                     Ok(signed) => {
                         for (entry, identity) in signed {
-                            let (nb, na) = match node::validity(
-                                identity.chain.first().map_or(&[][..], |c| c.as_slice()),
-                            ) {
-                                Ok(v) => v,
-                                Err(_) => continue,
-                            };
+                            let received = unix_now();
+                            let na = identity.not_after;
                             held.insert(
                                 entry.id.clone(),
                                 Held {
                                     identity: Arc::new(identity),
                                     entry_revision: entry.updated_revision,
-                                    rotate_at: rotate_at(nb, na),
+                                    rotate_at: rotate_at(received, na),
                                     bundle_seq: seq,
                                 },
                             );
