@@ -1,0 +1,543 @@
+//! The SPIFFE Workload API (`SpiffeWorkloadAPI`, from the upstream `workloadapi.proto`), served on
+//! a Unix socket to callers identified by kernel facts.
+//!
+//! How a request flows:
+//! 1. the connection is accepted and its caller pinned by a pidfd ([`CallerConn`]);
+//! 2. the request must carry `workload.spiffe.io: true` (Workload Endpoint §3, §6);
+//! 3. the caller is attested on every call (`tessera_workload_attest`, on a blocking thread) into
+//!    selectors, which pick its identities from the current [`Snapshot`]; the caller is re-checked
+//!    after that decision, so a process that replaced it (PID reuse) never receives it;
+//! 4. unary calls answer; streams send the full state at once and then again whenever a new
+//!    snapshot changes what *this* caller gets (Workload API §4.3), re-checking the caller before
+//!    each update, and end when the client goes away, when the caller loses every identity
+//!    (`PermissionDenied`), or when the agent shuts down (`Unavailable`).
+//!
+//! Every error goes through one mapping to gRPC codes (`error::to_status`).
+
+mod error;
+mod jwt_cache;
+mod transport;
+mod view;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tessera_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use tessera_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse,
+    WitsvidRequest, WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svidRequest,
+    X509svidResponse,
+};
+use tessera_spiffe::{Selector, SpiffeId, jwt};
+use tessera_workload_attest::{Attestation, Attestor, PeerProcess};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub use error::WorkloadApiError;
+pub use transport::{Caller, CallerConn, bind, incoming};
+
+use error::to_status;
+use jwt_cache::{JwtCache, TokenKey};
+
+use crate::{Cache, Identity, JwtMinter, Snapshot};
+
+/// SPIFFE Workload Endpoint §3: the static metadata every request must carry, against SSRF.
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+const SECURITY_HEADER_VALUE: &[u8] = b"true";
+
+/// Clock-skew allowance when validating JWT-SVIDs for callers.
+const JWT_LEEWAY_SECS: u64 = 30;
+
+/// How long [`serve`] waits, after its shutdown signal, for connections to close on their own.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Builds one stream message for a caller from a snapshot and the caller's identities.
+type Build<R> = fn(&Snapshot, &[Arc<Identity>]) -> Result<R, WorkloadApiError>;
+
+/// The Workload API service. Cheap to clone (clones share everything, the open-stream counter
+/// too); one value serves one socket.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    cache: Arc<Cache>,
+    attestor: Arc<Attestor>,
+    jwt: Arc<dyn JwtMinter>,
+    jwt_svids: Arc<JwtCache>,
+    streams: Arc<AtomicUsize>,
+    /// Set to true when [`serve`] is told to stop: every stream then ends.
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl WorkloadApi {
+    /// Serves identities and bundles from `cache` to callers that `attestor` maps to selectors;
+    /// JWT-SVIDs come from `jwt` and are reused until half their lifetime has passed.
+    pub fn new(cache: Arc<Cache>, attestor: Arc<Attestor>, jwt: Arc<dyn JwtMinter>) -> Self {
+        Self {
+            cache,
+            attestor,
+            jwt,
+            jwt_svids: Arc::new(JwtCache::default()),
+            streams: Arc::new(AtomicUsize::new(0)),
+            stop: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    /// How many response streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) are open now.
+    /// Each has one task; it ends, and this count drops, as soon as its client goes away.
+    pub fn active_streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
+    }
+
+    /// The tonic service, for a server that also serves other services on the same socket. Such
+    /// a server must accept connections through [`incoming`] (or tonic's Unix listener) so that
+    /// requests know their caller.
+    pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
+        SpiffeWorkloadApiServer::new(self)
+    }
+
+    /// The checks every RPC starts with: the security header, then the caller's pinned process.
+    fn caller<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<PeerProcess, Status> {
+        check_security_header(req).map_err(to_status)?;
+        let peer = transport::caller_of(req).map_err(to_status)?;
+        tracing::debug!(
+            rpc,
+            pid = peer.creds().pid,
+            uid = peer.creds().uid,
+            "Workload API call"
+        );
+        Ok(peer)
+    }
+
+    /// Attests `peer` (on a blocking thread: it reads `/proc` and may hash an executable), lets
+    /// `decide` pick what the caller gets, then re-checks that the caller is still the process
+    /// that was attested before handing the decision back.
+    async fn attest_then<R, F>(
+        &self,
+        peer: PeerProcess,
+        decide: F,
+    ) -> Result<(Attestation, R), WorkloadApiError>
+    where
+        F: FnOnce(&BTreeSet<Selector>) -> Result<R, WorkloadApiError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let attestor = self.attestor.clone();
+        blocking(move || {
+            let attestation = attestor.attest_peer(&peer)?;
+            let decision = decide(attestation.selectors())?;
+            // PID reuse between accept and attestation must never grant an identity.
+            attestation.recheck()?;
+            Ok((attestation, decision))
+        })
+        .await
+    }
+
+    /// Attests the caller, computes its first message and starts the stream's task.
+    async fn open_stream<R>(
+        &self,
+        peer: PeerProcess,
+        build: Build<R>,
+    ) -> Result<ReceiverStream<Result<R, Status>>, WorkloadApiError>
+    where
+        R: Clone + PartialEq + Send + Sync + 'static,
+    {
+        // Subscribed before the first message is computed, so no snapshot published after it
+        // can be missed.
+        let mut snapshots = self.cache.subscribe();
+        let snapshot = snapshots.borrow_and_update().clone();
+        let (attestation, first) = self
+            .attest_then(peer, move |selectors| {
+                build(&snapshot, &view::identities_for(&snapshot, selectors))
+            })
+            .await?;
+        Ok(self.spawn_stream(Arc::new(attestation), snapshots, first, build))
+    }
+
+    fn spawn_stream<R>(
+        &self,
+        attestation: Arc<Attestation>,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        first: R,
+        build: Build<R>,
+    ) -> ReceiverStream<Result<R, Status>>
+    where
+        R: Clone + PartialEq + Send + Sync + 'static,
+    {
+        let (tx, rx) = mpsc::channel(1);
+        let guard = StreamGuard::new(&self.streams);
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            let _guard = guard;
+            // Workload API §4.3: the first message is sent as soon as possible.
+            if !deliver(&tx, Ok(first.clone()), &mut stop).await {
+                return;
+            }
+            let mut last = first;
+            loop {
+                tokio::select! {
+                    // The client cancelled the call or went away: release everything.
+                    () = tx.closed() => return,
+                    _ = stop.wait_for(|stopped| *stopped) => {
+                        let _ = tx.try_send(Err(to_status(WorkloadApiError::ShuttingDown)));
+                        return;
+                    }
+                    changed = snapshots.changed() => if changed.is_err() {
+                        let _ = tx.try_send(Err(to_status(WorkloadApiError::ShuttingDown)));
+                        return;
+                    },
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                let next = build(
+                    &snapshot,
+                    &view::identities_for(&snapshot, attestation.selectors()),
+                );
+                let item = match next {
+                    // Workload API §4.3: messages follow changes of what this caller gets, not
+                    // every change of the agent's cache.
+                    Ok(message) if message == last => continue,
+                    Ok(message) => {
+                        let pinned = attestation.clone();
+                        match blocking(move || Ok(pinned.recheck()?)).await {
+                            Ok(()) => {
+                                last = message.clone();
+                                Ok(message)
+                            }
+                            Err(e) => Err(to_status(e)),
+                        }
+                    }
+                    // Workload API §5.2.1: a caller that lost every identity gets
+                    // PermissionDenied, and the stream ends.
+                    Err(e) => Err(to_status(e)),
+                };
+                let ends = item.is_err();
+                if !deliver(&tx, item, &mut stop).await || ends {
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+
+    async fn jwt_svid(
+        &self,
+        identity: &Identity,
+        audience: &[String],
+        snapshot: &Snapshot,
+        now: u64,
+    ) -> Result<Jwtsvid, WorkloadApiError> {
+        let key = TokenKey::new(&identity.entry_id, &identity.spiffe_id, audience);
+        let token = match self
+            .jwt_svids
+            .get(&key, &identity.spiffe_id, now, &snapshot.bundles)
+        {
+            Some(token) => token,
+            None => {
+                let token = self
+                    .jwt
+                    .mint(key.entry_id(), key.audience())
+                    .await
+                    .map_err(WorkloadApiError::Mint)?;
+                self.jwt_svids
+                    .insert(key, &identity.spiffe_id, &token, now)
+                    .map_err(|e| WorkloadApiError::BadMintedToken(e.to_string()))?;
+                token
+            }
+        };
+        Ok(Jwtsvid {
+            spiffe_id: identity.spiffe_id.as_str().to_owned(),
+            svid: token,
+            hint: identity.hint.clone(),
+        })
+    }
+
+    async fn fetch_jwt_svids(
+        &self,
+        peer: PeerProcess,
+        req: JwtsvidRequest,
+    ) -> Result<JwtsvidResponse, WorkloadApiError> {
+        // Workload API §6.2.1 and §4.5: `audience` is mandatory.
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(WorkloadApiError::InvalidRequest(
+                "`audience` is required: at least one audience, none empty (SPIFFE Workload API §6.2.1)"
+                    .to_owned(),
+            ));
+        }
+        let wanted = if req.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::parse(&req.spiffe_id).map_err(|e| {
+                WorkloadApiError::InvalidRequest(format!("`spiffe_id` {:?}: {e}", req.spiffe_id))
+            })?)
+        };
+        let snapshot = self.cache.current();
+        let decided_on = snapshot.clone();
+        let (attestation, identities) = self
+            .attest_then(peer, move |selectors| {
+                // §6.2.1: with `spiffe_id`, only that identity, and only if the caller has it;
+                // without, one JWT-SVID per identity.
+                let mine = decided_on
+                    .identities_for(selectors)
+                    .into_iter()
+                    .filter(|i| wanted.as_ref().is_none_or(|w| i.spiffe_id == *w))
+                    .collect();
+                let mine = view::dedupe_hints(mine);
+                if mine.is_empty() {
+                    Err(WorkloadApiError::NoIdentity)
+                } else {
+                    Ok(mine)
+                }
+            })
+            .await?;
+        let now = unix_now();
+        let svids = futures::future::try_join_all(
+            identities
+                .iter()
+                .map(|i| self.jwt_svid(i, &req.audience, &snapshot, now)),
+        )
+        .await?;
+        // Minting may have taken a round trip to the server: the tokens go only to the process
+        // that was attested.
+        blocking(move || Ok(attestation.recheck()?)).await?;
+        Ok(JwtsvidResponse { svids })
+    }
+
+    async fn validate(
+        &self,
+        peer: PeerProcess,
+        req: ValidateJwtsvidRequest,
+    ) -> Result<ValidateJwtsvidResponse, WorkloadApiError> {
+        // Workload API §6.2.3 and §4.5: both fields are mandatory.
+        if req.audience.is_empty() {
+            return Err(WorkloadApiError::InvalidRequest(
+                "`audience` is required (SPIFFE Workload API §6.2.3)".to_owned(),
+            ));
+        }
+        if req.svid.is_empty() {
+            return Err(WorkloadApiError::InvalidRequest(
+                "`svid` is required (SPIFFE Workload API §6.2.3)".to_owned(),
+            ));
+        }
+        // Validation needs no identity of the caller's own (as in SPIRE), but the caller is
+        // attested all the same: its entries decide which federated bundles it trusts.
+        let snapshot = self.cache.current();
+        let decided_on = snapshot.clone();
+        let (_attestation, identities) = self
+            .attest_then(peer, move |selectors| {
+                Ok(view::identities_for(&decided_on, selectors))
+            })
+            .await?;
+        // §6.3: the bundle of the subject's trust domain, among those this caller would get from
+        // FetchJWTBundles; any other trust domain's token is untrusted.
+        let bundles = view::CallerBundles::new(&snapshot, &identities);
+        let svid = jwt::validate(
+            &req.svid,
+            &bundles,
+            jwt::Validation {
+                audience: &req.audience,
+                now: unix_now(),
+                leeway: JWT_LEEWAY_SECS,
+            },
+        )
+        .map_err(WorkloadApiError::InvalidToken)?;
+        Ok(ValidateJwtsvidResponse {
+            spiffe_id: svid.spiffe_id.as_str().to_owned(),
+            claims: Some(view::claims_to_struct(&svid.claims)),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
+    type FetchX509BundlesStream = ReceiverStream<Result<X509BundlesResponse, Status>>;
+    type FetchJWTBundlesStream = ReceiverStream<Result<JwtBundlesResponse, Status>>;
+    type FetchWITSVIDStream = tokio_stream::Empty<Result<WitsvidResponse, Status>>;
+    type FetchWITBundlesStream = tokio_stream::Empty<Result<WitBundlesResponse, Status>>;
+
+    /// Workload API §5.2.1.
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let peer = self.caller(&request, "FetchX509SVID")?;
+        self.open_stream(peer, view::x509_svid_response)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    /// Workload API §5.2.2. Like SPIRE, only a caller with at least one identity gets bundles.
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let peer = self.caller(&request, "FetchX509Bundles")?;
+        self.open_stream(peer, view::x509_bundles_response)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    /// Workload API §6.2.1.
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let peer = self.caller(&request, "FetchJWTSVID")?;
+        self.fetch_jwt_svids(peer, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    /// Workload API §6.2.2. Like SPIRE, only a caller with at least one identity gets bundles.
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let peer = self.caller(&request, "FetchJWTBundles")?;
+        self.open_stream(peer, view::jwt_bundles_response)
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    /// Workload API §6.2.3.
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let peer = self.caller(&request, "ValidateJWTSVID")?;
+        self.validate(peer, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    /// Workload API §7: the WIT-SVID profile is optional; without it, `Unimplemented`.
+    async fn fetch_witsvid(
+        &self,
+        request: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        check_security_header(&request).map_err(to_status)?;
+        Err(to_status(WorkloadApiError::WitUnsupported))
+    }
+
+    /// Workload API §7: the WIT-SVID profile is optional; without it, `Unimplemented`.
+    async fn fetch_wit_bundles(
+        &self,
+        request: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        check_security_header(&request).map_err(to_status)?;
+        Err(to_status(WorkloadApiError::WitUnsupported))
+    }
+}
+
+/// Binds the Workload API socket at `socket_path` (see [`bind`]) and serves `api` on it until
+/// `shutdown` completes. Then open streams end with `Unavailable` (clients reconnect), open
+/// connections get a few seconds to close, and the socket file is removed.
+pub async fn serve(
+    socket_path: &Path,
+    api: WorkloadApi,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkloadApiError> {
+    let listener = bind(socket_path).await?;
+    let socket_file = transport::dev_ino(socket_path);
+    tracing::info!(socket = %socket_path.display(), "Workload API listening");
+    let result = serve_listener(listener, api, shutdown).await;
+    transport::remove_socket(socket_path, socket_file);
+    result
+}
+
+/// Serves `api` on an already bound listener until `shutdown` completes (see [`serve`]).
+pub async fn serve_listener(
+    listener: UnixListener,
+    api: WorkloadApi,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkloadApiError> {
+    let stop = api.stop.clone();
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        // Streams never finish on their own; without this, a graceful shutdown would wait for
+        // every client to hang up.
+        stop.send_replace(true);
+        let _ = stopped_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(api.into_service())
+        .serve_with_incoming_shutdown(incoming(listener), signal);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => Ok(result?),
+        () = async {
+            if stopped_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("Workload API: connections still open after the shutdown grace period; closing them");
+            Ok(())
+        }
+    }
+}
+
+/// SPIFFE Workload Endpoint §3: `workload.spiffe.io: true`, exactly (case sensitive); §6: else
+/// `InvalidArgument`.
+fn check_security_header<T>(req: &Request<T>) -> Result<(), WorkloadApiError> {
+    match req.metadata().get(SECURITY_HEADER) {
+        Some(v) if v.as_bytes() == SECURITY_HEADER_VALUE => Ok(()),
+        _ => Err(WorkloadApiError::MissingSecurityHeader),
+    }
+}
+
+/// Sends one stream item unless the client is gone or the agent is stopping; true if sent.
+async fn deliver<R>(
+    tx: &mpsc::Sender<Result<R, Status>>,
+    item: Result<R, Status>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    tokio::select! {
+        biased;
+        sent = tx.send(item) => sent.is_ok(),
+        _ = stop.wait_for(|stopped| *stopped) => false,
+    }
+}
+
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, WorkloadApiError> + Send + 'static,
+) -> Result<R, WorkloadApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| WorkloadApiError::Task(e.to_string()))?
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Counts a stream while its task lives.
+#[derive(Debug)]
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
