@@ -58,15 +58,6 @@ impl Admin {
     fn notify(&self, revision: u64) {
         self.state.feed.notify(revision);
     }
-
-    async fn refresh_counts(&self) {
-        let s = &self.state;
-        if let Ok(n) = s.store.list_entries(&EntryQuery::default()).await {
-            s.metrics
-                .entries
-                .set(i64::try_from(n.len()).unwrap_or(i64::MAX));
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -115,9 +106,12 @@ impl AdminApi for Admin {
             })
         }
         .await;
-        let out = self.audited(who, "entry.create", detail, result)?;
-        self.refresh_counts().await;
-        Ok(Response::new(out))
+        Ok(Response::new(self.audited(
+            who,
+            "entry.create",
+            detail,
+            result,
+        )?))
     }
 
     async fn get_entry(
@@ -240,9 +234,12 @@ impl AdminApi for Admin {
             Ok(convert::entry(&entry))
         }
         .await;
-        let out = self.audited(who, "entry.delete", detail, result)?;
-        self.refresh_counts().await;
-        Ok(Response::new(out))
+        Ok(Response::new(self.audited(
+            who,
+            "entry.delete",
+            detail,
+            result,
+        )?))
     }
 
     async fn generate_join_token(

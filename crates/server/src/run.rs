@@ -138,6 +138,14 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     ca.publish(&store).await?;
     let revision = store.current_revision().await?;
     let (metrics, registry) = Metrics::new();
+    // Counted once at start; the admin API keeps the gauges current from then on.
+    let entries = store
+        .list_entries(&tessera_store::EntryQuery::default())
+        .await?
+        .len();
+    metrics
+        .entries
+        .set(i64::try_from(entries).unwrap_or(i64::MAX));
     let (stop, stop_rx) = watch::channel(false);
     let state = Arc::new(State {
         default_parent: arc_swap::ArcSwapOption::empty(),
