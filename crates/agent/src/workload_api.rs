@@ -511,9 +511,21 @@ async fn deliver<R>(
     }
 }
 
+/// At most this many attestations (/proc reads, hashing) run at once. Without a bound, a burst of
+/// callers (thousands of workloads reconnecting after an agent restart) makes tokio start up to
+/// 512 blocking threads, each with its own stack and allocator arena: hundreds of MiB of RSS for
+/// work that is short anyway.
+const MAX_CONCURRENT_ATTESTATIONS: usize = 16;
+
 async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> Result<R, WorkloadApiError> + Send + 'static,
 ) -> Result<R, WorkloadApiError> {
+    static LIMIT: tokio::sync::Semaphore =
+        tokio::sync::Semaphore::const_new(MAX_CONCURRENT_ATTESTATIONS);
+    let _permit = LIMIT
+        .acquire()
+        .await
+        .map_err(|e| WorkloadApiError::Task(e.to_string()))?;
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| WorkloadApiError::Task(e.to_string()))?
