@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod metrics;
 mod node;
 mod run;
 pub mod workload_api;

@@ -55,6 +55,7 @@ struct Shared {
     client: ArcSwap<AgentApiClient<Channel>>,
     cache: Arc<Cache>,
     banned: std::sync::atomic::AtomicBool,
+    metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -210,7 +211,9 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     )
     .map_err(|e| AgentError::Crypto(e.to_string()))?;
     let cache = Arc::new(Cache::new());
+    let (metrics, registry) = crate::metrics::AgentMetrics::new();
     let shared = Arc::new(Shared {
+        metrics,
         td: td.clone(),
         server_addr,
         server_id,
@@ -242,7 +245,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let minter: Arc<dyn JwtMinter> = Arc::new(ServerMinter {
         shared: shared.clone(),
     });
-    let api = crate::workload_api::WorkloadApi::new(cache.clone(), attestor, minter);
+    let api = crate::workload_api::WorkloadApi::new(cache.clone(), attestor, minter)
+        .with_metrics(shared.metrics.clone());
     let socket_path = shared.cfg.socket_path.clone();
     let mut srx = stop_rx.clone();
     let path = socket_path.clone();
@@ -255,7 +259,6 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         }
     }));
     if let Some(addr) = shared.cfg.health_bind_address {
-        let registry = Arc::new(std::sync::Mutex::new(prometheus_registry()));
         let ready_cache = cache.clone();
         let ready: tessera_telemetry::ReadyCheck = Arc::new(move || {
             let c = ready_cache.clone();
@@ -290,10 +293,6 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         stop,
         tasks,
     })
-}
-
-fn prometheus_registry() -> prometheus_client::registry::Registry {
-    prometheus_client::registry::Registry::with_prefix("tessera_agent")
 }
 
 /// Follows the server's Sync stream, reconnecting with backoff and resuming from the last
@@ -505,6 +504,9 @@ async fn svid_task(
                         for (entry, identity) in signed {
                             let received = unix_now();
                             let na = identity.not_after;
+                            if held.contains_key(&entry.id) {
+                                shared.metrics.rotations.inc();
+                            }
                             held.insert(
                                 entry.id.clone(),
                                 Held {
@@ -539,6 +541,10 @@ async fn svid_task(
                     .iter()
                     .all(|l| current.identities.iter().any(|c| Arc::ptr_eq(c, l)));
             if changed {
+                shared
+                    .metrics
+                    .svids_cached
+                    .set(i64::try_from(live.len()).unwrap_or(i64::MAX));
                 shared.cache.publish(shared.td.clone(), live, set);
             }
         }

@@ -72,6 +72,7 @@ pub struct WorkloadApi {
     jwt: Arc<dyn JwtMinter>,
     jwt_svids: Arc<JwtCache>,
     streams: Arc<AtomicUsize>,
+    metrics: Option<Arc<crate::metrics::AgentMetrics>>,
     /// Set to true when [`serve`] is told to stop: every stream then ends.
     stop: Arc<watch::Sender<bool>>,
 }
@@ -86,12 +87,19 @@ impl WorkloadApi {
             jwt,
             jwt_svids: Arc::new(JwtCache::default()),
             streams: Arc::new(AtomicUsize::new(0)),
+            metrics: None,
             stop: Arc::new(watch::Sender::new(false)),
         }
     }
 
     /// How many response streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) are open now.
     /// Each has one task; it ends, and this count drops, as soon as its client goes away.
+    /// Records streams, attestation failures and first-response latency in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     pub fn active_streams(&self) -> usize {
         self.streams.load(Ordering::Relaxed)
     }
@@ -171,7 +179,10 @@ impl WorkloadApi {
         R: Clone + PartialEq + Send + Sync + 'static,
     {
         let (tx, rx) = mpsc::channel(1);
-        let guard = StreamGuard::new(&self.streams);
+        let guard = StreamGuard::new(
+            &self.streams,
+            self.metrics.as_ref().map(|m| m.streams.clone()),
+        );
         let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
             let _guard = guard;
@@ -366,11 +377,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let started = std::time::Instant::now();
         let peer = self.caller(&request, "FetchX509SVID")?;
-        self.open_stream(peer, view::x509_svid_response)
-            .await
-            .map(Response::new)
-            .map_err(to_status)
+        let result = self.open_stream(peer, view::x509_svid_response).await;
+        if let Some(m) = &self.metrics {
+            match &result {
+                Ok(_) => m.api_latency.observe(started.elapsed().as_secs_f64()),
+                Err(WorkloadApiError::Attest(_)) => {
+                    m.attestation_failures.inc();
+                }
+                Err(_) => {}
+            }
+        }
+        result.map(Response::new).map_err(to_status)
     }
 
     /// Workload API §5.2.2. Like SPIRE, only a caller with at least one identity gets bundles.
@@ -539,17 +558,29 @@ fn unix_now() -> u64 {
 
 /// Counts a stream while its task lives.
 #[derive(Debug)]
-struct StreamGuard(Arc<AtomicUsize>);
+struct StreamGuard(
+    Arc<AtomicUsize>,
+    Option<prometheus_client::metrics::gauge::Gauge>,
+);
 
 impl StreamGuard {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
+    fn new(
+        count: &Arc<AtomicUsize>,
+        gauge: Option<prometheus_client::metrics::gauge::Gauge>,
+    ) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
-        Self(count.clone())
+        if let Some(g) = &gauge {
+            g.inc();
+        }
+        Self(count.clone(), gauge)
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(g) = &self.1 {
+            g.dec();
+        }
     }
 }

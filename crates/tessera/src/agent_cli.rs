@@ -36,6 +36,9 @@ pub(crate) struct AgentRunArgs {
     join_token: Option<String>,
     #[arg(long)]
     insecure_bootstrap: bool,
+    /// Serve /live, /ready and /metrics here.
+    #[arg(long)]
+    health_bind_address: Option<std::net::SocketAddr>,
     #[arg(long)]
     log_level: Option<String>,
 }
@@ -372,6 +375,9 @@ pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {
     }
     if a.insecure_bootstrap {
         cfg.insecure_bootstrap = true;
+    }
+    if let Some(v) = a.health_bind_address {
+        cfg.health_bind_address = Some(v);
     }
     if let Some(v) = a.log_level {
         cfg.log_level = v;

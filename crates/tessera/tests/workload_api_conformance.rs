@@ -364,6 +364,10 @@ async fn agent_keeps_serving_while_the_server_is_down_and_resyncs_when_it_return
     )
     .unwrap();
     let agent_id = tok["agent_spiffe_id"].as_str().unwrap().to_owned();
+    let health = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let agent = Proc(
         tessera()
             .args([
@@ -381,6 +385,7 @@ async fn agent_keeps_serving_while_the_server_is_down_and_resyncs_when_it_return
             .arg("--trust-bundle-path")
             .arg(&bundle)
             .args(["--join-token", tok["token"].as_str().unwrap()])
+            .args(["--health-bind-address", &health.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -406,6 +411,24 @@ async fn agent_keeps_serving_while_the_server_is_down_and_resyncs_when_it_return
         .unwrap();
     let svid = eventually("the SVID", || async { client.fetch_x509_svid().await.ok() }).await;
     assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/steady");
+
+    // The agent's metrics count what it holds.
+    let metrics = eventually("agent metrics", || async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut s = tokio::net::TcpStream::connect(health).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.contains("tessera_agent_svids_cached 1")
+            .then_some(body)
+    })
+    .await;
+    assert!(
+        metrics.contains("tessera_agent_workload_api_first_response_seconds"),
+        "{metrics}"
+    );
 
     // The server goes away: the agent keeps serving the cached SVID.
     drop(server);
