@@ -23,6 +23,10 @@ pub struct AgentConfig {
     pub insecure_bootstrap: bool,
     /// Join token for the first attestation.
     pub join_token: Option<String>,
+    /// x509pop node attestation: the node certificate chain (PEM, leaf first) ...
+    pub x509pop_cert_path: Option<PathBuf>,
+    /// ... and its private key (PEM, PKCS#8).
+    pub x509pop_key_path: Option<PathBuf>,
     /// Workload executables larger than this get no `unix:sha256` selector.
     pub max_hash_bytes: u64,
     /// `/live`, `/ready`, `/metrics`; unset: no health endpoint.
@@ -40,6 +44,8 @@ impl Default for AgentConfig {
             trust_bundle_path: None,
             insecure_bootstrap: false,
             join_token: None,
+            x509pop_cert_path: None,
+            x509pop_key_path: None,
             max_hash_bytes: 64 * 1024 * 1024,
             health_bind_address: None,
             log_level: "info".into(),
@@ -63,6 +69,9 @@ impl AgentConfig {
                 "socket_path {}: must be an absolute path",
                 self.socket_path.display()
             ));
+        }
+        if self.x509pop_cert_path.is_some() != self.x509pop_key_path.is_some() {
+            return Err("x509pop_cert_path and x509pop_key_path must be set together".into());
         }
         if self.server_address.parse::<SocketAddr>().is_err() {
             return Err(format!(
@@ -90,6 +99,9 @@ socket_path = "{socket}"
 # ... or, insecurely, nothing (warned at every start).
 insecure_bootstrap = false
 # join_token = "..."
+# Or x509pop: a node certificate (chain, PEM) and its key, verified against the server's x509pop CA.
+# x509pop_cert_path = "/etc/tessera/node.pem"
+# x509pop_key_path = "/etc/tessera/node-key.pem"
 max_hash_bytes = {max}
 # health_bind_address = "127.0.0.1:8082"
 log_level = "info"

@@ -154,16 +154,37 @@ async fn attest(
     addr: SocketAddr,
     server_id: &SpiffeId,
 ) -> Result<(NodeIdentity, Bundle), AgentError> {
-    let token = cfg.join_token.as_deref().ok_or_else(|| {
-        AgentError::Config("no stored agent SVID and no join_token to attest with".into())
-    })?;
     let trust = bootstrap_trust(cfg)?;
     let mut client = tessera_server::client::agent_api(addr, trust, server_id.clone(), None)
         .map_err(|e| AgentError::Crypto(e.to_string()))?;
     let (key, csr) = key_and_csr()?;
-    let res = tessera_server::client::attest_join_token(&mut client, token, csr)
-        .await
-        .map_err(|e| AgentError::Server(format!("node attestation failed: {}", e.message())))?;
+    let res = match (&cfg.x509pop_cert_path, &cfg.x509pop_key_path, cfg.join_token.as_deref()) {
+        (Some(cert_path), Some(key_path), _) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| AgentError::Io { what: format!("read {}", p.display()), source: e })
+            };
+            let chain: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&read(cert_path)?)
+                .map(|c| c.map(|c| c.to_vec()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| AgentError::Config(format!("x509pop_cert_path {}: {e}", cert_path.display())))?;
+            let pem = String::from_utf8(read(key_path)?)
+                .map_err(|_| AgentError::Config(format!("x509pop_key_path {}: not PEM text", key_path.display())))?;
+            let node_key = rcgen::KeyPair::from_pem(&pem)
+                .map_err(|e| AgentError::Config(format!("x509pop_key_path {}: {e}", key_path.display())))?;
+            tessera_server::client::attest_x509pop(&mut client, chain, csr, |msg| {
+                use rcgen::SigningKey as _;
+                node_key.sign(msg).map_err(|e| e.to_string())
+            })
+            .await
+        }
+        (_, _, Some(token)) => tessera_server::client::attest_join_token(&mut client, token, csr).await,
+        _ => {
+            return Err(AgentError::Config(
+                "no stored agent SVID and nothing to attest with: set join_token or x509pop_cert_path/x509pop_key_path".into(),
+            ));
+        }
+    }
+    .map_err(|e| AgentError::Server(format!("node attestation failed: {}", e.message())))?;
     let id = SpiffeId::parse(&res.spiffe_id)
         .map_err(|e| AgentError::Server(format!("server sent a bad agent ID: {e}")))?;
     let bundle = res

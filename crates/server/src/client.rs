@@ -106,3 +106,55 @@ pub async fn attest_join_token(
         )),
     }
 }
+
+/// Node attestation with x509pop: sends the node certificate chain (DER, leaf first) and a CSR,
+/// signs the server's challenge (prefixed with [`tessera_tls::x509pop::CHALLENGE_CONTEXT`]) with
+/// `sign`, and returns the server's answer.
+pub async fn attest_x509pop(
+    client: &mut AgentApiClient<Channel>,
+    node_chain: Vec<Vec<u8>>,
+    csr: Vec<u8>,
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, String>,
+) -> Result<tessera_proto::v1::AttestResult, tonic::Status> {
+    use tessera_proto::v1 as pb;
+    use tokio_stream::StreamExt as _;
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let first = pb::AttestAgentRequest {
+        step: Some(pb::attest_agent_request::Step::Params(pb::AttestParams {
+            method: "x509pop".into(),
+            payload: node_chain,
+            csr,
+        })),
+    };
+    tx.send(first)
+        .await
+        .map_err(|_| tonic::Status::internal("attestation request stream closed"))?;
+    let mut answers = client
+        .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let challenge = match answers.next().await {
+        Some(Ok(pb::AttestAgentResponse {
+            step: Some(pb::attest_agent_response::Step::Challenge(c)),
+        })) => c,
+        Some(Err(e)) => return Err(e),
+        _ => return Err(tonic::Status::internal("expected an x509pop challenge")),
+    };
+    let mut msg = tessera_tls::x509pop::CHALLENGE_CONTEXT.to_vec();
+    msg.extend_from_slice(&challenge);
+    let signature = sign(&msg).map_err(tonic::Status::internal)?;
+    tx.send(pb::AttestAgentRequest {
+        step: Some(pb::attest_agent_request::Step::ChallengeResponse(signature)),
+    })
+    .await
+    .map_err(|_| tonic::Status::internal("attestation request stream closed"))?;
+    match answers.next().await {
+        Some(Ok(pb::AttestAgentResponse {
+            step: Some(pb::attest_agent_response::Step::Result(r)),
+        })) => Ok(r),
+        Some(Err(e)) => Err(e),
+        _ => Err(tonic::Status::unavailable(
+            "the server closed the attestation stream",
+        )),
+    }
+}

@@ -604,3 +604,105 @@ async fn bad_admin_requests_name_the_field_and_change_nothing() {
     assert!(err.message().starts_with("csr:"), "{}", err.message());
     server.shutdown().await;
 }
+
+/// A node CA outside SPIFFE and a node certificate (with its key) under it.
+fn node_pki() -> (String, Vec<u8>, rcgen::KeyPair) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "node CA");
+    let ca_cert = p.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(p, ca_key);
+    let node_key = rcgen::KeyPair::generate().unwrap();
+    let mut np = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    np.distinguished_name
+        .push(rcgen::DnType::CommonName, "node-7");
+    let node = np.signed_by(&node_key, &issuer).unwrap();
+    (ca_cert.pem(), node.der().to_vec(), node_key)
+}
+
+#[tokio::test]
+async fn x509pop_attestation_proves_possession_of_the_node_key() {
+    use rcgen::SigningKey as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, node_der, node_key) = node_pki();
+    let ca_path = dir.path().join("node-ca.pem");
+    std::fs::write(&ca_path, &ca_pem).unwrap();
+    let mut cfg = config(dir.path());
+    cfg.node_attestation.x509pop.ca_bundle_path = Some(ca_path);
+    let server = tessera_server::start(cfg).await.unwrap();
+
+    // With the node key: attested, with an ID derived from the certificate and its selectors.
+    let mut client = agent_client(&server, None).await;
+    let (_k, csr) = key_and_csr();
+    let res =
+        tessera_server::client::attest_x509pop(&mut client, vec![node_der.clone()], csr, |m| {
+            node_key.sign(m).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap();
+    let fp = tessera_tls::x509pop::sha256_hex(&node_der);
+    assert_eq!(
+        res.spiffe_id,
+        format!("spiffe://example.org/tessera/agent/x509pop/{fp}")
+    );
+    let mut adm = admin(&server).await;
+    let agent = adm
+        .get_agent(pb::GetAgentRequest {
+            spiffe_id: res.spiffe_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(agent.attestation_type, "x509pop");
+    assert!(
+        agent
+            .selectors
+            .contains(&"agent:x509pop:subject_cn:node-7".to_owned()),
+        "{:?}",
+        agent.selectors
+    );
+    assert!(
+        agent
+            .selectors
+            .iter()
+            .any(|s| s.starts_with("agent:x509pop:ca_fingerprint:"))
+    );
+
+    // Re-attestation with the same node certificate is allowed (same agent ID).
+    let mut client = agent_client(&server, None).await;
+    let (_k, csr) = key_and_csr();
+    let again =
+        tessera_server::client::attest_x509pop(&mut client, vec![node_der.clone()], csr, |m| {
+            node_key.sign(m).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.spiffe_id, res.spiffe_id);
+
+    // Someone with the certificate but not the key is refused.
+    let thief = rcgen::KeyPair::generate().unwrap();
+    let mut client = agent_client(&server, None).await;
+    let (_k, csr) = key_and_csr();
+    let err =
+        tessera_server::client::attest_x509pop(&mut client, vec![node_der.clone()], csr, |m| {
+            thief.sign(m).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    // A node certificate from another CA is refused before any challenge.
+    let (_other_ca, stranger, stranger_key) = node_pki();
+    let mut client = agent_client(&server, None).await;
+    let (_k, csr) = key_and_csr();
+    let err = tessera_server::client::attest_x509pop(&mut client, vec![stranger], csr, |m| {
+        stranger_key.sign(m).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    server.shutdown().await;
+}

@@ -34,6 +34,11 @@ pub(crate) struct AgentRunArgs {
     trust_bundle_path: Option<PathBuf>,
     #[arg(long)]
     join_token: Option<String>,
+    /// x509pop: the node certificate chain (PEM); needs --x509pop-key-path.
+    #[arg(long, requires = "x509pop_key_path")]
+    x509pop_cert_path: Option<PathBuf>,
+    #[arg(long, requires = "x509pop_cert_path")]
+    x509pop_key_path: Option<PathBuf>,
     #[arg(long)]
     insecure_bootstrap: bool,
     /// Serve /live, /ready and /metrics here.
@@ -372,6 +377,12 @@ pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = a.join_token {
         cfg.join_token = Some(v);
+    }
+    if let Some(v) = a.x509pop_cert_path {
+        cfg.x509pop_cert_path = Some(v);
+    }
+    if let Some(v) = a.x509pop_key_path {
+        cfg.x509pop_key_path = Some(v);
     }
     if a.insecure_bootstrap {
         cfg.insecure_bootstrap = true;
