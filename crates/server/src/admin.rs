@@ -29,6 +29,10 @@ fn caller<T>(req: &Request<T>) -> Caller {
     Caller {
         uid: cred.map(|c| c.uid()),
         pid: cred.and_then(|c| c.pid()),
+        spiffe_id: req
+            .extensions()
+            .get::<crate::transport::PeerSvid>()
+            .and_then(|p| p.id.as_ref().map(ToString::to_string)),
     }
 }
 
@@ -48,7 +52,7 @@ impl Admin {
             .as_ref()
             .map(|_| ())
             .map_err(|s| s.message().to_owned());
-        self.state.audit.record(who, what, detail, &summary);
+        self.state.audit.record(&who, what, detail, &summary);
         if result.is_err() {
             self.state.metrics.error(what);
         }
@@ -98,7 +102,11 @@ impl AdminApi for Admin {
                 .await
                 .map_err(store_status)?;
             if created {
+                self.state.metrics.entries.inc();
                 self.notify(entry.updated_revision);
+                if entry.admin {
+                    self.state.refresh_admin_ids().await.map_err(store_status)?;
+                }
             }
             Ok(pb::CreateEntryResponse {
                 entry: Some(convert::entry(&entry)),
@@ -199,6 +207,8 @@ impl AdminApi for Admin {
                 .await
                 .map_err(store_status)?;
             self.notify(entry.updated_revision);
+            // The admin flag may have been set or cleared.
+            self.state.refresh_admin_ids().await.map_err(store_status)?;
             Ok(convert::entry(&entry))
         }
         .await;
@@ -224,6 +234,10 @@ impl AdminApi for Admin {
                 .delete_entry(&id)
                 .await
                 .map_err(store_status)?;
+            self.state.metrics.entries.dec();
+            if entry.admin {
+                self.state.refresh_admin_ids().await.map_err(store_status)?;
+            }
             let rev = self
                 .state
                 .store

@@ -13,10 +13,12 @@ pub(crate) struct AuditLog {
 }
 
 /// Who made a request on the admin socket.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Caller {
     pub(crate) uid: Option<u32>,
     pub(crate) pid: Option<i32>,
+    /// Over mTLS: the caller's SPIFFE ID.
+    pub(crate) spiffe_id: Option<String>,
 }
 
 impl AuditLog {
@@ -31,7 +33,7 @@ impl AuditLog {
     /// made; the error log then is the record of the missing line.
     pub(crate) fn record(
         &self,
-        who: Caller,
+        who: &Caller,
         what: &str,
         detail: serde_json::Value,
         result: &Result<(), String>,
@@ -40,6 +42,7 @@ impl AuditLog {
             "time": crate::ca::unix_now(),
             "uid": who.uid,
             "pid": who.pid,
+            "spiffe_id": who.spiffe_id,
             "action": what,
             "detail": detail,
             "result": match result { Ok(()) => "ok".to_owned(), Err(e) => format!("error: {e}") },
@@ -54,6 +57,6 @@ impl AuditLog {
         if let Err(e) = written {
             tracing::error!(path = %self.path.display(), error = %e, audit = %line, "cannot write the audit log");
         }
-        tracing::info!(target: "audit", action = what, uid = ?who.uid, ok = result.is_ok(), "admin change");
+        tracing::info!(target: "audit", action = what, uid = ?who.uid, spiffe_id = ?who.spiffe_id, ok = result.is_ok(), "admin change");
     }
 }

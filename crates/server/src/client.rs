@@ -48,6 +48,34 @@ pub fn agent_api(
     server_id: SpiffeId,
     identity: Option<Arc<SvidResolver>>,
 ) -> Result<AgentApiClient<Channel>, rustls::Error> {
+    Ok(AgentApiClient::new(tls_channel(
+        addr, trust, server_id, identity,
+    )?))
+}
+
+/// A client of the admin API over mTLS (`admin_bind_address`), presenting `identity`, which must
+/// be the X509-SVID of an entry marked admin.
+pub fn admin_tls(
+    addr: SocketAddr,
+    trust: ServerTrust,
+    server_id: SpiffeId,
+    identity: Arc<SvidResolver>,
+) -> Result<AdminApiClient<Channel>, rustls::Error> {
+    Ok(AdminApiClient::new(tls_channel(
+        addr,
+        trust,
+        server_id,
+        Some(identity),
+    )?))
+}
+
+/// An HTTP/2 channel over TLS 1.3 to a Tessera server, connected on first use.
+fn tls_channel(
+    addr: SocketAddr,
+    trust: ServerTrust,
+    server_id: SpiffeId,
+    identity: Option<Arc<SvidResolver>>,
+) -> Result<Channel, rustls::Error> {
     let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match trust {
         ServerTrust::Bundles(b) => {
             Arc::new(SpiffeServerVerifier::new(b, ExpectedPeer::Exact(server_id)))
@@ -70,7 +98,7 @@ pub fn agent_api(
                 Ok::<_, std::io::Error>(TokioIo::new(conn))
             }
         }));
-    Ok(AgentApiClient::new(channel))
+    Ok(channel)
 }
 
 /// Node attestation with a join token: sends the token and a CSR for the agent SVID and returns

@@ -84,6 +84,8 @@ pub struct ServerConfig {
     pub bind_address: SocketAddr,
     /// The admin API (gRPC on a Unix socket, mode 0600).
     pub admin_socket: PathBuf,
+    /// Optionally, the admin API also over mTLS here, for X509-SVIDs of entries marked `admin`.
+    pub admin_bind_address: Option<SocketAddr>,
     /// `/live`, `/ready` and `/metrics`.
     pub health_bind_address: SocketAddr,
     pub log_level: String,
@@ -175,6 +177,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("/var/lib/tessera/server"),
             bind_address: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin_socket: PathBuf::from("/tmp/tessera/admin.sock"),
+            admin_bind_address: None,
             health_bind_address: SocketAddr::from(([127, 0, 0, 1], 8080)),
             log_level: "info".into(),
             datastore: DatastoreConfig::default(),
@@ -283,6 +286,8 @@ data_dir = "{data_dir}"
 bind_address = "{bind}"
 # Admin API: gRPC on a Unix socket, mode 0600; being able to connect is the authorization.
 admin_socket = "{admin}"
+# Optionally the admin API over mTLS too, for SVIDs of entries created with --admin true.
+# admin_bind_address = "127.0.0.1:8082"
 # /live, /ready and /metrics (Prometheus).
 health_bind_address = "{health}"
 log_level = "{log}"

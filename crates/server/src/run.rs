@@ -33,6 +33,8 @@ pub struct RunningServer {
     pub agent_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub admin_socket: PathBuf,
+    /// Where the admin API listens over mTLS, when `admin_bind_address` is set.
+    pub admin_addr: Option<SocketAddr>,
     /// The trust bundle (SPIFFE JSON) at start, for agents that bootstrap from a file.
     pub bundle_json: String,
     stop: watch::Sender<bool>,
@@ -148,6 +150,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         .set(i64::try_from(entries).unwrap_or(i64::MAX));
     let (stop, stop_rx) = watch::channel(false);
     let state = Arc::new(State {
+        admin_ids: arc_swap::ArcSwap::from_pointee(std::collections::HashSet::new()),
         default_parent: arc_swap::ArcSwapOption::empty(),
         stopping: stop_rx.clone(),
         td: cfg.trust_domain.clone(),
@@ -194,6 +197,59 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             tracing::error!(error = %e, "agent API stopped");
         }
     }));
+
+    state.refresh_admin_ids().await?;
+    // Admin API over mTLS, when configured: client SVIDs are mandatory, and only the SPIFFE IDs
+    // of entries marked admin get through the interceptor.
+    let mut admin_addr = None;
+    if let Some(addr) = state.cfg.admin_bind_address {
+        let tls = tessera_tls::server_config(
+            resolver.clone(),
+            Arc::new(SpiffeClientVerifier::new(bundles.clone(), true)),
+            &[b"h2"],
+        )
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(io_err(format!("bind admin API {addr}")))?;
+        admin_addr = Some(
+            listener
+                .local_addr()
+                .map_err(io_err("admin API address".into()))?,
+        );
+        let incoming = crate::transport::tls_incoming(listener, Arc::new(tls));
+        let gate = state.clone();
+        let svc = AdminApiServer::with_interceptor(
+            Admin {
+                state: state.clone(),
+            },
+            move |req: tonic::Request<()>| {
+                let peer = req
+                    .extensions()
+                    .get::<crate::transport::PeerSvid>()
+                    .and_then(|p| p.id.clone());
+                match peer {
+                    Some(id) if gate.admin_ids.load().contains(&id) => Ok(req),
+                    Some(id) => Err(tonic::Status::permission_denied(format!(
+                        "{id} is not an admin: only SVIDs of entries marked admin may use the admin API"
+                    ))),
+                    None => Err(tonic::Status::unauthenticated(
+                        "an admin X509-SVID is required",
+                    )),
+                }
+            },
+        );
+        let shutdown = stopped(stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "admin API (mTLS) stopped");
+            }
+        }));
+    }
 
     // Admin API on the Unix socket.
     let admin_socket = state.cfg.admin_socket.clone();
@@ -299,6 +355,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         agent_addr,
         health_addr,
         admin_socket,
+        admin_addr,
         bundle_json,
         stop,
         tasks,

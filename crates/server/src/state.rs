@@ -56,11 +56,28 @@ pub(crate) struct State {
     pub(crate) x509pop_roots: Vec<Vec<u8>>,
     /// The parent given to entries created without one (`tessera dev` sets its embedded agent).
     pub(crate) default_parent: arc_swap::ArcSwapOption<SpiffeId>,
+    /// SPIFFE IDs of entries marked admin: who may use the admin API over mTLS.
+    pub(crate) admin_ids: arc_swap::ArcSwap<std::collections::HashSet<SpiffeId>>,
     /// Becomes true when the server shuts down; long-lived streams end on it.
     pub(crate) stopping: watch::Receiver<bool>,
 }
 
 impl State {
+    /// Reloads the admin IDs after a change to entries.
+    pub(crate) async fn refresh_admin_ids(&self) -> Result<(), tessera_store::StoreError> {
+        let entries = self
+            .store
+            .list_entries(&tessera_store::EntryQuery::default())
+            .await?;
+        let ids = entries
+            .into_iter()
+            .filter(|e| e.admin)
+            .map(|e| e.spiffe_id)
+            .collect();
+        self.admin_ids.store(Arc::new(ids));
+        Ok(())
+    }
+
     pub(crate) fn default_x509_ttl(&self) -> u32 {
         u32::try_from(self.cfg.svid.default_x509_ttl.0).unwrap_or(u32::MAX)
     }

@@ -706,3 +706,84 @@ async fn x509pop_attestation_proves_possession_of_the_node_key() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn admin_api_over_mtls_admits_only_admin_svids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.admin_bind_address = Some("127.0.0.1:0".parse().unwrap());
+    let server = tessera_server::start(cfg).await.unwrap();
+    let addr = server.admin_addr.unwrap();
+    let mut uds = admin(&server).await;
+    let mut ops = entry(
+        "spiffe://example.org/ops",
+        "spiffe://example.org/tessera/agent/x/y",
+        "unix:uid:0",
+    );
+    ops.entry.as_mut().unwrap().admin = true;
+    uds.create_entry(ops).await.unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let mut set = BundleSet::new();
+    set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
+        .unwrap();
+    let trust = tessera_server::client::ServerTrust::Bundles(Arc::new(ArcSwap::from_pointee(set)));
+    // An SVID for an identity, minted through the socket (key made here).
+    let svid_for = |id: &'static str| {
+        let mut uds = uds.clone();
+        async move {
+            let (key, csr) = key_and_csr();
+            let r = uds
+                .mint_x509_svid(pb::MintX509SvidRequest {
+                    spiffe_id: id.into(),
+                    csr,
+                    ttl_secs: 300,
+                    dns_names: vec![],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let chain = r
+                .svid_chain
+                .iter()
+                .map(|c| CertificateDer::from(c.clone()))
+                .collect();
+            SvidResolver::new(
+                tessera_tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+                    .unwrap(),
+            )
+        }
+    };
+    let admin_svid = svid_for("spiffe://example.org/ops").await;
+    let mut tls = tessera_server::client::admin_tls(
+        addr,
+        trust.clone(),
+        tessera_server::server_id(&td),
+        admin_svid,
+    )
+    .unwrap();
+    let listed = tls
+        .list_entries(pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1);
+    tls.generate_join_token(pb::GenerateJoinTokenRequest { ttl_secs: 60 })
+        .await
+        .unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("data/audit.log")).unwrap();
+    assert!(
+        audit.contains("\"spiffe_id\":\"spiffe://example.org/ops\""),
+        "{audit}"
+    );
+
+    let other = svid_for("spiffe://example.org/web").await;
+    let mut tls =
+        tessera_server::client::admin_tls(addr, trust, tessera_server::server_id(&td), other)
+            .unwrap();
+    let err = tls
+        .list_entries(pb::ListEntriesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    server.shutdown().await;
+}
