@@ -15,19 +15,23 @@ use tessera_tls::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
-/// Connects to the admin API on `socket`.
-pub async fn admin(socket: &Path) -> Result<AdminApiClient<Channel>, tonic::transport::Error> {
+/// An HTTP/2 channel to a gRPC server on a Unix socket (the admin socket, the Workload API).
+pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_path_buf();
     // The URI is required by the API but unused: the connector always dials the socket.
-    let channel = Endpoint::from_static("http://[::1]:0")
+    Endpoint::from_static("http://[::1]:0")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
                 Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
             }
         }))
-        .await?;
-    Ok(AdminApiClient::new(channel))
+        .await
+}
+
+/// Connects to the admin API on `socket`.
+pub async fn admin(socket: &Path) -> Result<AdminApiClient<Channel>, tonic::transport::Error> {
+    Ok(AdminApiClient::new(unix_channel(socket).await?))
 }
 
 /// How an agent trusts the server it connects to.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tessera_proto::workload as wl;
 use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 type Client = SpiffeWorkloadApiClient<
     tonic::service::interceptor::InterceptedService<
@@ -39,18 +39,7 @@ fn header(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status
 }
 
 async fn client(socket: &Path) -> Client {
-    let p = socket.to_path_buf();
-    let ch = Endpoint::from_static("http://[::1]:0")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let ch = tessera_server::client::unix_channel(socket).await.unwrap();
     SpiffeWorkloadApiClient::with_interceptor(ch, header as fn(_) -> _)
 }
 

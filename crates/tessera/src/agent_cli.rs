@@ -5,11 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use hyper_util::rt::TokioIo;
 use tessera_proto::workload as wl;
 use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::cli::Output;
 
@@ -135,14 +134,7 @@ async fn connect(ep: &Endpoint_) -> anyhow::Result<Client> {
     let tessera_spiffe::EndpointAddr::Unix(path) = addr else {
         bail!("only unix:// Workload API addresses are supported by this client");
     };
-    let p = path.clone();
-    let channel = Endpoint::from_static("http://[::1]:0")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
+    let channel = tessera_server::client::unix_channel(&path)
         .await
         .with_context(|| {
             format!(
