@@ -27,7 +27,7 @@ pub(crate) struct AgentRunArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// The Workload API socket to serve.
-    #[arg(long)]
+    #[arg(long, visible_alias = "workload-socket")]
     socket_path: Option<PathBuf>,
     #[arg(long)]
     trust_bundle_path: Option<PathBuf>,

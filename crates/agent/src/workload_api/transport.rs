@@ -141,6 +141,20 @@ pub async fn bind(path: &Path) -> Result<UnixListener, WorkloadApiError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .map_err(socket_err("setting its directory's mode"))?;
     }
+    // A directory another user owns could let that user swap the socket for one of their own
+    // and hand workloads forged identities and bundles: refuse it.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::MetadataExt as _;
+        let owner = std::fs::metadata(dir)
+            .map_err(socket_err("reading its directory"))?
+            .uid();
+        let me = nix::unistd::geteuid().as_raw();
+        if owner != me {
+            return Err(path_err(&format!(
+                "its directory is owned by uid {owner}, not by this agent (uid {me})"
+            )));
+        }
+    }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(path_err("the path exists and is not a socket"));
