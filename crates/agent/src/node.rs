@@ -1,8 +1,7 @@
 //! The agent's own identity: node attestation, the agent SVID and its renewal, and persistence in
 //! the data dir so a restart needs no new join token.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -166,22 +165,12 @@ pub(crate) fn save(
     let text =
         Zeroizing::new(serde_json::to_vec(&stored).map_err(|e| AgentError::Crypto(e.to_string()))?);
     let p = path(data_dir);
-    let tmp = p.with_extension("tmp");
     let io = |e: std::io::Error| AgentError::Io {
         what: format!("write {}", p.display()),
         source: e,
     };
     std::fs::create_dir_all(data_dir).map_err(io)?;
     std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(&text).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, &p).map_err(io)?;
+    tessera_server::write_private_file(&p, &text).map_err(io)?;
     Ok(())
 }

@@ -2,8 +2,6 @@
 //! data dir (mode 0600) so a restart keeps the trust domain, and published as the trust domain's
 //! bundle in the datastore whenever the set of keys changes.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -182,21 +180,8 @@ impl CaManager {
     }
 }
 
-/// Writes `bytes` to `path` atomically with mode 0600 (a temp file, fsync, rename).
+/// Writes `bytes` to `path` atomically with mode 0600 (see [`crate::write_private_file`]).
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
-    let tmp = path.with_extension("tmp");
-    let io = |e: std::io::Error| ServerError::Ca(format!("cannot write {}: {e}", path.display()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
+    crate::write_private_file(path, bytes)
+        .map_err(|e| ServerError::Ca(format!("cannot write {}: {e}", path.display())))
 }

@@ -55,3 +55,23 @@ pub fn agent_id(
 ) -> Result<tessera_spiffe::SpiffeId, tessera_spiffe::IdError> {
     td.id_with_path(&format!("/tessera/agent/{method}/{id}"))
 }
+
+/// Writes a file that holds private keys: mode 0600 from creation, written to a temp file,
+/// fsynced and renamed over `path`, so a crash leaves either the old or the new content and never
+/// a readable half. Used for the CA journal and the agent's stored SVID.
+pub fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    // An existing temp file keeps its old mode on open: set it explicitly.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -199,7 +199,11 @@ fn write_pem_files(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()
     Ok(())
 }
 
-fn print_x509(resp: &wl::X509svidResponse, output: Output) {
+/// Writes a summary of an X509-SVID response to stdout. A closed stdout (`… | head`) is an error
+/// for the caller to end on, not a panic.
+fn print_x509(resp: &wl::X509svidResponse, output: Output) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
     match output {
         Output::Json => {
             let v: Vec<_> = resp
@@ -207,26 +211,26 @@ fn print_x509(resp: &wl::X509svidResponse, output: Output) {
                 .iter()
                 .map(|s| serde_json::json!({"spiffe_id": s.spiffe_id, "hint": s.hint}))
                 .collect();
-            println!(
+            let keys: Vec<_> = resp.federated_bundles.keys().collect();
+            writeln!(
+                out,
                 "{}",
-                serde_json::json!({"svids": v, "federated_bundles": resp.federated_bundles.keys().collect::<Vec<_>>()})
-            );
+                serde_json::json!({"svids": v, "federated_bundles": keys})
+            )?;
         }
         Output::Human => {
-            println!("Received {} SVID(s)", resp.svids.len());
+            writeln!(out, "Received {} SVID(s)", resp.svids.len())?;
             for s in &resp.svids {
-                println!(
-                    "  SPIFFE ID: {}{}",
-                    s.spiffe_id,
-                    if s.hint.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (hint {})", s.hint)
-                    }
-                );
+                let hint = if s.hint.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (hint {})", s.hint)
+                };
+                writeln!(out, "  SPIFFE ID: {}{hint}", s.spiffe_id)?;
             }
         }
     }
+    out.flush()
 }
 
 pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
@@ -246,7 +250,7 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .context("the Workload API closed the stream")?
                 .map_err(status)?;
-            print_x509(&resp, ep.output);
+            print_x509(&resp, ep.output).context("writing to stdout")?;
             if let Some(dir) = write {
                 write_pem_files(&dir, &resp)?;
                 eprintln!("wrote PEM files to {}", dir.display());
@@ -311,9 +315,12 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             while let Some(msg) = s.next().await {
                 let resp = msg.map_err(status)?;
-                print_x509(&resp, ep.output);
                 if let Some(dir) = &write {
                     write_pem_files(dir, &resp)?;
+                }
+                if print_x509(&resp, ep.output).is_err() {
+                    // Whoever read our output went away: stop watching.
+                    break;
                 }
             }
         }
