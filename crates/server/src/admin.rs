@@ -62,6 +62,30 @@ impl Admin {
     fn notify(&self, revision: u64) {
         self.state.feed.notify(revision);
     }
+
+    /// Wakes sync streams after a change whose revision the store did not return (deletes).
+    async fn notify_current(&self) -> Result<(), Status> {
+        let rev = self
+            .state
+            .store
+            .current_revision()
+            .await
+            .map_err(store_status)?;
+        self.notify(rev);
+        Ok(())
+    }
+
+    /// The server signs and registers only IDs of its own trust domain.
+    fn own_trust_domain(&self, field: &str, id: &tessera_spiffe::SpiffeId) -> Result<(), Status> {
+        if id.is_member_of(&self.state.td) {
+            Ok(())
+        } else {
+            Err(field_err(
+                field,
+                format!("{id} is not in trust domain {}", self.state.td),
+            ))
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -89,12 +113,7 @@ impl AdminApi for Admin {
                 self.state.default_x509_ttl(),
                 self.state.default_jwt_ttl(),
             )?;
-            if !new.spiffe_id.is_member_of(&self.state.td) {
-                return Err(field_err(
-                    "spiffe_id",
-                    format!("{} is not in trust domain {}", new.spiffe_id, self.state.td),
-                ));
-            }
+            self.own_trust_domain("spiffe_id", &new.spiffe_id)?;
             let (entry, created) = self
                 .state
                 .store
@@ -194,12 +213,7 @@ impl AdminApi for Admin {
                 self.state.default_x509_ttl(),
                 self.state.default_jwt_ttl(),
             )?;
-            if !new.spiffe_id.is_member_of(&self.state.td) {
-                return Err(field_err(
-                    "spiffe_id",
-                    format!("{} is not in trust domain {}", new.spiffe_id, self.state.td),
-                ));
-            }
+            self.own_trust_domain("spiffe_id", &new.spiffe_id)?;
             let entry = self
                 .state
                 .store
@@ -238,13 +252,7 @@ impl AdminApi for Admin {
             if entry.admin {
                 self.state.refresh_admin_ids().await.map_err(store_status)?;
             }
-            let rev = self
-                .state
-                .store
-                .current_revision()
-                .await
-                .map_err(store_status)?;
-            self.notify(rev);
+            self.notify_current().await?;
             Ok(convert::entry(&entry))
         }
         .await;
@@ -375,13 +383,7 @@ impl AdminApi for Admin {
                 .delete_agent(&id)
                 .await
                 .map_err(store_status)?;
-            let rev = self
-                .state
-                .store
-                .current_revision()
-                .await
-                .map_err(store_status)?;
-            self.notify(rev);
+            self.notify_current().await?;
             Ok(convert::agent(&agent))
         }
         .await;
@@ -409,12 +411,7 @@ impl AdminApi for Admin {
         let detail = serde_json::json!({ "spiffe_id": r.spiffe_id, "ttl_secs": r.ttl_secs });
         let result = async {
             let id = convert::spiffe_id("spiffe_id", &r.spiffe_id)?;
-            if !id.is_member_of(&self.state.td) {
-                return Err(field_err(
-                    "spiffe_id",
-                    format!("{id} is not in trust domain {}", self.state.td),
-                ));
-            }
+            self.own_trust_domain("spiffe_id", &id)?;
             let ttl = if r.ttl_secs == 0 {
                 self.state.cfg.svid.default_x509_ttl.0
             } else {
@@ -454,12 +451,7 @@ impl AdminApi for Admin {
         let detail = serde_json::json!({ "spiffe_id": r.spiffe_id, "audience": r.audience });
         let result = async {
             let id = convert::spiffe_id("spiffe_id", &r.spiffe_id)?;
-            if !id.is_member_of(&self.state.td) {
-                return Err(field_err(
-                    "spiffe_id",
-                    format!("{id} is not in trust domain {}", self.state.td),
-                ));
-            }
+            self.own_trust_domain("spiffe_id", &id)?;
             let ttl = if r.ttl_secs == 0 {
                 self.state.cfg.svid.default_jwt_ttl.0
             } else {
