@@ -6,7 +6,7 @@
 //! server whose selectors are all among the agent's attested selectors. Anything else is refused
 //! and logged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -460,12 +460,13 @@ impl AgentApi {
         let mut wake = self.state.feed.subscribe();
         let mut stopping = self.state.stopping.clone();
         let mut parents = self.authorized_parents(&agent).await?;
-        let mut sent: BTreeMap<String, SpiffeId> = BTreeMap::new();
+        // IDs of the entries this agent holds: known after a snapshot; unknown (None) when it
+        // resumed, in which case every entry that is no longer its own is sent as deleted.
+        let mut sent: Option<BTreeSet<String>> = None;
         let current = store.current_revision().await.map_err(store_status)?;
         let resumable = after > 0 && after <= current && store.events_after(after, 1).await.is_ok();
         let mut last = if resumable {
-            // The agent already has everything up to `after`; what it holds is not known here, so
-            // every entry is treated as possibly sent (deletes are always forwarded).
+            // The agent already has everything up to `after`.
             after
         } else {
             self.send_snapshot(&parents, &mut sent, tx).await?
@@ -501,17 +502,22 @@ impl AgentApi {
                                 break;
                             }
                             Some(e) if parents.contains(&e.parent_id) => {
-                                sent.insert(e.id.clone(), e.spiffe_id.clone());
+                                if let Some(held) = &mut sent {
+                                    held.insert(e.id.clone());
+                                }
                                 Some(pb::change::Change::EntryUpserted(convert::entry(&e)))
                             }
                             // Moved away from this agent (or never its): make sure it is gone.
-                            Some(_) | None => sent
-                                .remove(&ev.key)
-                                .map(|_| pb::change::Change::EntryDeleted(ev.key.clone())),
+                            Some(_) | None => {
+                                let held = sent.as_mut().is_none_or(|h| h.remove(&ev.key));
+                                held.then(|| pb::change::Change::EntryDeleted(ev.key.clone()))
+                            }
                         }
                     }
                     EventKind::EntryDeleted => {
-                        sent.remove(&ev.key);
+                        if let Some(held) = &mut sent {
+                            held.remove(&ev.key);
+                        }
                         Some(pb::change::Change::EntryDeleted(ev.key.clone()))
                     }
                     EventKind::BundleUpdated => {
@@ -559,7 +565,7 @@ impl AgentApi {
     async fn send_snapshot(
         &self,
         parents: &BTreeSet<SpiffeId>,
-        sent: &mut BTreeMap<String, SpiffeId>,
+        sent: &mut Option<BTreeSet<String>>,
         tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
     ) -> Result<u64, Status> {
         // Read the revision first: anything committed after it is replayed from the feed, so
@@ -572,10 +578,7 @@ impl AgentApi {
             .map_err(store_status)?;
         let entries = self.authorized_entries(parents).await?;
         let bundles = vec![crate::admin::own_bundle(&self.state).await?];
-        sent.clear();
-        for e in &entries {
-            sent.insert(e.id.clone(), e.spiffe_id.clone());
-        }
+        *sent = Some(entries.iter().map(|e| e.id.clone()).collect());
         let pages: Vec<&[Entry]> = if entries.is_empty() {
             vec![&[]]
         } else {

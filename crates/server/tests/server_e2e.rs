@@ -787,3 +787,58 @@ async fn admin_api_over_mtls_admits_only_admin_svids() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_resumed_sync_learns_that_an_entry_moved_to_another_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut adm = admin(&server).await;
+    let t = token(&mut adm).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let created = adm
+        .create_entry(entry(
+            "spiffe://example.org/web",
+            &t.agent_spiffe_id,
+            "unix:uid:1000",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
+    let mut sync = agent
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let pb::sync_response::Msg::Snapshot(snap) = next_msg(&mut sync).await else {
+        panic!("snapshot")
+    };
+    assert_eq!(snap.entries.len(), 1);
+    drop(sync);
+
+    // While the agent is away, its entry is given to another agent.
+    let mut moved = created.clone();
+    moved.parent_id = "spiffe://example.org/tessera/agent/join_token/someoneelse".into();
+    adm.update_entry(pb::UpdateEntryRequest { entry: Some(moved) })
+        .await
+        .unwrap();
+
+    // Resuming after the snapshot's revision (no new snapshot), the agent is told to drop it.
+    let mut sync = agent
+        .sync(pb::SyncRequest {
+            after_revision: snap.revision,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pb::sync_response::Msg::Change(ch) = next_msg(&mut sync).await else {
+        panic!("a change, not a snapshot")
+    };
+    assert_eq!(
+        ch.change.unwrap(),
+        pb::change::Change::EntryDeleted(created.id)
+    );
+    server.shutdown().await;
+}
