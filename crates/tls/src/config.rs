@@ -21,6 +21,48 @@ use tessera_spiffe::{BundleSet, SpiffeId, TrustDomain};
 
 use crate::{PeerRole, crypto_provider, verify_svid};
 
+/// The handshake-signature half of a verifier, the same for every verifier here: TLS 1.2 is
+/// never offered (our configs are TLS 1.3 only), and TLS 1.3 signatures are checked with the
+/// provider's algorithms, so the peer proves it holds the key of the certificate it presented.
+macro_rules! tls13_only_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            Err(Error::PeerIncompatible(
+                rustls::PeerIncompatible::Tls12NotOffered,
+            ))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    };
+}
+
+/// The peer's chain as one slice, leaf first, as `verify_svid` takes it (borrowing, no copy).
+fn chain_of<'a>(
+    end_entity: &CertificateDer<'a>,
+    intermediates: &[CertificateDer<'a>],
+) -> Vec<CertificateDer<'a>> {
+    std::iter::once(end_entity)
+        .chain(intermediates)
+        .cloned()
+        .collect()
+}
+
 /// Bundles that can be replaced while connections use them (federation refreshes, CA rotation).
 pub type SharedBundles = Arc<ArcSwap<BundleSet>>;
 
@@ -95,9 +137,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, Error> {
         // The server name is not used: SPIFFE authenticates the peer by the ID in its SVID
         // (X509-SVID §5), not by DNS names, so the expected ID is what we check.
-        let mut chain = Vec::with_capacity(1 + intermediates.len());
-        chain.push(end_entity.clone());
-        chain.extend(intermediates.iter().cloned());
+        let chain = chain_of(end_entity, intermediates);
         let bundles = self.bundles.load();
         let id = verify_svid(&chain, bundles.as_ref(), now, PeerRole::Server)
             .map_err(|e| to_rustls_err(&e))?;
@@ -110,30 +150,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        // Our configs are TLS 1.3 only; a TLS 1.2 handshake never reaches here.
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    tls13_only_signatures!();
 }
 
 /// Verifies a TLS client's X509-SVID against the bundle of its own trust domain.
@@ -171,38 +188,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let mut chain = Vec::with_capacity(1 + intermediates.len());
-        chain.push(end_entity.clone());
-        chain.extend(intermediates.iter().cloned());
+        let chain = chain_of(end_entity, intermediates);
         let bundles = self.bundles.load();
         verify_svid(&chain, bundles.as_ref(), now, PeerRole::Client)
             .map_err(|e| to_rustls_err(&e))?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    tls13_only_signatures!();
 }
 
 /// An X509-SVID with its private key, as rustls presents it.
@@ -343,28 +336,5 @@ impl ServerCertVerifier for InsecureBootstrapVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        // The handshake signature is still checked: the peer holds the key of what it presented.
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    tls13_only_signatures!();
 }
