@@ -71,8 +71,10 @@ as_owner "$BIN/initdb" -D "$DIR/data" -U "$RUN_AS" --auth=trust --encoding=UTF8 
     --locale=C >"$DIR/initdb.log" 2>&1 || { cat "$DIR/initdb.log"; exit 1; }
 
 say "starting on 127.0.0.1:$PORT (socket dir $DIR, log $DIR/postgres.log)"
+# The server must not inherit fd 3 (the caller's `$(...)` pipe): a daemon holding it open would
+# keep the caller's command substitution waiting for end-of-file forever.
 as_owner "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/postgres.log" -w -t 60 \
-    -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c max_connections=300" start \
+    -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c max_connections=300" start 3>&- \
     || { cat "$DIR/postgres.log"; exit 1; }
 
 as_owner "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U "$RUN_AS" tessera_test
