@@ -16,6 +16,11 @@ const PROTOS: &[&str] = &[
     // Upstream SPIFFE Workload API, byte for byte; imports google/protobuf/struct.proto, which
     // protox ships.
     "workloadapi.proto",
+    // Envoy's Secret Discovery Service (SDS v3): a trimmed subset of the Envoy API with upstream
+    // package names, messages and field numbers (proto/envoy/README.md).
+    "envoy/service/secret/v3/sds.proto",
+    "envoy/extensions/transport_sockets/tls/v3/secret.proto",
+    "envoy/extensions/transport_sockets/tls/v3/tls_spiffe_validator_config.proto",
 ];
 
 fn generate(out: &Path) {
@@ -78,5 +83,21 @@ fn workload_api_keeps_the_upstream_service_name_and_paths() {
         assert!(code.contains(&route), "server does not route {route}");
         let call = format!("\"/SpiffeWorkloadAPI/{method}\",");
         assert!(code.contains(&call), "client does not call {call}");
+    }
+}
+
+/// Envoy dials `/envoy.service.secret.v3.SecretDiscoveryService/<Method>`: the trimmed protos must
+/// keep the upstream package and service name.
+#[test]
+fn sds_keeps_the_upstream_service_name_and_paths() {
+    use tessera_proto::xds::envoy::service::secret::v3::secret_discovery_service_server::SERVICE_NAME;
+    assert_eq!(
+        SERVICE_NAME,
+        "envoy.service.secret.v3.SecretDiscoveryService"
+    );
+    let code = include_str!("../src/gen/envoy.service.secret.v3.rs");
+    for method in ["StreamSecrets", "FetchSecrets", "DeltaSecrets"] {
+        let route = format!("\"/envoy.service.secret.v3.SecretDiscoveryService/{method}\" =>");
+        assert!(code.contains(&route), "server does not route {route}");
     }
 }
