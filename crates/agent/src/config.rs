@@ -32,6 +32,63 @@ pub struct AgentConfig {
     /// `/live`, `/ready`, `/metrics`; unset: no health endpoint.
     pub health_bind_address: Option<SocketAddr>,
     pub log_level: String,
+    /// Envoy SDS v3 on the Workload API socket: the resource names it answers to.
+    pub sds: SdsConfig,
+}
+
+/// Envoy's Secret Discovery Service (SDS v3), served on the Workload API socket. The names are
+/// SPIRE's defaults, so Envoy configurations written for SPIRE work unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SdsConfig {
+    /// The caller's default (first) X509-SVID.
+    pub default_svid_name: String,
+    /// The agent's own trust domain's bundle.
+    pub default_bundle_name: String,
+    /// Every bundle the caller may use, in one SPIFFE certificate validator configuration.
+    pub default_all_bundles_name: String,
+    /// Always send plain `trusted_ca` validation contexts, even to Envoys that have the SPIFFE
+    /// certificate validator (one Envoy can ask for the same with node metadata).
+    pub disable_spiffe_cert_validation: bool,
+}
+
+impl Default for SdsConfig {
+    fn default() -> Self {
+        Self {
+            default_svid_name: "default".into(),
+            default_bundle_name: "ROOTCA".into(),
+            default_all_bundles_name: "ALL".into(),
+            disable_spiffe_cert_validation: false,
+        }
+    }
+}
+
+impl SdsConfig {
+    /// Names must be non-empty, distinct, and not SPIFFE IDs (those name identities and bundles).
+    pub fn validate(&self) -> Result<(), String> {
+        let names = [
+            ("sds.default_svid_name", &self.default_svid_name),
+            ("sds.default_bundle_name", &self.default_bundle_name),
+            (
+                "sds.default_all_bundles_name",
+                &self.default_all_bundles_name,
+            ),
+        ];
+        for (i, (key, name)) in names.iter().enumerate() {
+            if name.trim().is_empty() {
+                return Err(format!("{key}: must not be empty"));
+            }
+            if name.to_ascii_lowercase().starts_with("spiffe:") {
+                return Err(format!(
+                    "{key} {name:?}: must not be a SPIFFE ID (SPIFFE IDs name identities and trust domains' bundles)"
+                ));
+            }
+            if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+                return Err(format!("{key} {name:?}: the same name as {other}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for AgentConfig {
@@ -49,6 +106,7 @@ impl Default for AgentConfig {
             max_hash_bytes: 64 * 1024 * 1024,
             health_bind_address: None,
             log_level: "info".into(),
+            sds: SdsConfig::default(),
         }
     }
 }
@@ -79,7 +137,7 @@ impl AgentConfig {
                 self.server_address
             ));
         }
-        Ok(())
+        self.sds.validate()
     }
 
     pub fn default_toml() -> String {
@@ -105,12 +163,76 @@ insecure_bootstrap = false
 max_hash_bytes = {max}
 # health_bind_address = "127.0.0.1:8082"
 log_level = "info"
+
+# Envoy SDS v3 (envoy.service.secret.v3.SecretDiscoveryService) on the Workload API socket. Envoy
+# asks for secrets by name: the names below, a SPIFFE ID (that SVID), or spiffe://<trust domain>
+# (that bundle); no name at all means every SVID and bundle the caller may use.
+[sds]
+# The caller's first X509-SVID.
+default_svid_name = "{svid}"
+# The agent's own trust domain's bundle.
+default_bundle_name = "{bundle}"
+# Every bundle the caller may use, own and federated, in one SPIFFE validator configuration.
+default_all_bundles_name = "{all}"
+# Send plain trusted_ca instead of Envoy's SPIFFE certificate validator (used for Envoy >= 1.18).
+# One Envoy can ask for this with node metadata `disable_spiffe_cert_validation: true`.
+disable_spiffe_cert_validation = false
 "#,
             td = d.trust_domain,
             server = d.server_address,
             data = d.data_dir.display(),
             socket = d.socket_path.display(),
             max = d.max_hash_bytes,
+            svid = d.sds.default_svid_name,
+            bundle = d.sds.default_bundle_name,
+            all = d.sds.default_all_bundles_name,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn default_toml_parses_to_the_defaults() {
+        let cfg: AgentConfig = toml::from_str(&AgentConfig::default_toml()).unwrap();
+        assert_eq!(cfg.sds, SdsConfig::default());
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn sds_names_are_checked() {
+        let bad = |sds: SdsConfig| {
+            AgentConfig {
+                sds,
+                ..AgentConfig::default()
+            }
+            .validate()
+        };
+        let e = bad(SdsConfig {
+            default_svid_name: String::new(),
+            ..SdsConfig::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("sds.default_svid_name"), "{e}");
+        let e = bad(SdsConfig {
+            default_all_bundles_name: "ROOTCA".into(),
+            ..SdsConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            e.contains("sds.default_all_bundles_name") && e.contains("sds.default_bundle_name"),
+            "{e}"
+        );
+        let e = bad(SdsConfig {
+            default_bundle_name: "spiffe://example.org".into(),
+            ..SdsConfig::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("SPIFFE ID"), "{e}");
+        let e = toml::from_str::<AgentConfig>("[sds]\nnames = 1\n").unwrap_err();
+        assert!(e.to_string().contains("names"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod metrics;
 mod node;
 mod run;
+pub mod sds;
 pub mod workload_api;
 
 pub use cache::{Cache, Identity, Snapshot};

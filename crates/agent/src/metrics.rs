@@ -19,6 +19,12 @@ pub struct AgentMetrics {
     pub attestation_failures: Counter,
     /// Workload API calls: time to the first response, in seconds.
     pub api_latency: Histogram,
+    /// Open Envoy SDS streams (StreamSecrets).
+    pub sds_streams: Gauge,
+    /// SDS responses sent (stream pushes and FetchSecrets answers).
+    pub sds_responses: Counter,
+    /// SDS responses Envoy rejected (NACKs).
+    pub sds_nacks: Counter,
 }
 
 impl AgentMetrics {
@@ -29,6 +35,9 @@ impl AgentMetrics {
             rotations: Counter::default(),
             attestation_failures: Counter::default(),
             api_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            sds_streams: Gauge::default(),
+            sds_responses: Counter::default(),
+            sds_nacks: Counter::default(),
         };
         let mut r = Registry::with_prefix("tessera_agent");
         r.register(
@@ -55,6 +64,21 @@ impl AgentMetrics {
             "workload_api_first_response_seconds",
             "Time from a Workload API call to its first response",
             m.api_latency.clone(),
+        );
+        r.register(
+            "sds_streams",
+            "Open Envoy SDS (StreamSecrets) streams",
+            m.sds_streams.clone(),
+        );
+        r.register(
+            "sds_responses",
+            "Envoy SDS responses sent",
+            m.sds_responses.clone(),
+        );
+        r.register(
+            "sds_nacks",
+            "Envoy SDS responses rejected by Envoy (NACK)",
+            m.sds_nacks.clone(),
         );
         (Arc::new(m), Arc::new(Mutex::new(r)))
     }

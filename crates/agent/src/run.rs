@@ -267,7 +267,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         shared: shared.clone(),
     });
     let api = crate::workload_api::WorkloadApi::new(cache.clone(), attestor, minter)
-        .with_metrics(shared.metrics.clone());
+        .with_metrics(shared.metrics.clone())
+        .with_sds(shared.cfg.sds.clone());
     let socket_path = shared.cfg.socket_path.clone();
     let mut srx = stop_rx.clone();
     let path = socket_path.clone();

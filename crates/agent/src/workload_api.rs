@@ -17,7 +17,7 @@
 mod error;
 mod jwt_cache;
 mod transport;
-mod view;
+pub(crate) mod view;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -45,7 +45,7 @@ use tonic::{Request, Response, Status};
 pub use error::WorkloadApiError;
 pub use transport::{Caller, CallerConn, bind, incoming};
 
-use error::to_status;
+pub(crate) use error::to_status;
 use jwt_cache::{JwtCache, TokenKey};
 
 use crate::{Cache, Identity, JwtMinter, Snapshot};
@@ -75,6 +75,8 @@ pub struct WorkloadApi {
     metrics: Option<Arc<crate::metrics::AgentMetrics>>,
     /// Set to true when [`serve`] is told to stop: every stream then ends.
     stop: Arc<watch::Sender<bool>>,
+    /// Envoy SDS, served on the same socket by [`serve`].
+    sds: Arc<crate::config::SdsConfig>,
 }
 
 impl WorkloadApi {
@@ -89,7 +91,14 @@ impl WorkloadApi {
             streams: Arc::new(AtomicUsize::new(0)),
             metrics: None,
             stop: Arc::new(watch::Sender::new(false)),
+            sds: Arc::default(),
         }
+    }
+
+    /// The resource names Envoy SDS answers to on this socket (default: SPIRE's).
+    pub fn with_sds(mut self, sds: crate::config::SdsConfig) -> Self {
+        self.sds = Arc::new(sds);
+        self
     }
 
     /// How many response streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) are open now.
@@ -109,6 +118,54 @@ impl WorkloadApi {
     /// requests know their caller.
     pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
         SpiffeWorkloadApiServer::new(self)
+    }
+
+    /// For Envoy SDS (`crate::sds`), which serves the same callers the same way: the caller's
+    /// pinned process, without the security header (SDS is not a Workload API call; Envoy does
+    /// not send the header, and SPIRE does not ask SDS callers for it).
+    pub(crate) fn sds_caller<T>(&self, req: &Request<T>) -> Result<PeerProcess, WorkloadApiError> {
+        let peer = transport::caller_of(req)?;
+        tracing::debug!(
+            pid = peer.creds().pid,
+            uid = peer.creds().uid,
+            "Envoy SDS call"
+        );
+        Ok(peer)
+    }
+
+    /// Attests `peer` exactly as Workload API calls do (bounded blocking threads). The caller
+    /// must re-check the attestation after deciding what to send and before sending it.
+    pub(crate) async fn attest(&self, peer: PeerProcess) -> Result<Attestation, WorkloadApiError> {
+        let result = self.attest_then(peer, |_| Ok(())).await.map(|(a, ())| a);
+        if let (Err(WorkloadApiError::Attest(_)), Some(m)) = (&result, &self.metrics) {
+            m.attestation_failures.inc();
+        }
+        result
+    }
+
+    /// Re-checks that an attested caller is still the process that was attested (PID reuse).
+    pub(crate) async fn recheck(
+        &self,
+        attestation: Arc<Attestation>,
+    ) -> Result<(), WorkloadApiError> {
+        blocking(move || Ok(attestation.recheck()?)).await
+    }
+
+    pub(crate) fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    pub(crate) fn metrics(&self) -> Option<&Arc<crate::metrics::AgentMetrics>> {
+        self.metrics.as_ref()
+    }
+
+    /// Becomes true when the server is stopping.
+    pub(crate) fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    pub(crate) fn sds_config(&self) -> Arc<crate::config::SdsConfig> {
+        self.sds.clone()
     }
 
     /// The checks every RPC starts with: the security header, then the caller's pinned process.
@@ -490,8 +547,10 @@ pub async fn serve_listener(
         stop.send_replace(true);
         let _ = stopped_tx.send(());
     };
+    let sds = crate::sds::SecretDiscovery::new(api.clone()).into_service();
     let server = tonic::transport::Server::builder()
         .add_service(api.into_service())
+        .add_service(sds)
         .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {
