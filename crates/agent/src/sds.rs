@@ -123,7 +123,7 @@ impl Drop for StreamGauge {
 
 /// What woke the stream's task up.
 enum Event {
-    Request(DiscoveryRequest),
+    Request(Box<DiscoveryRequest>),
     SnapshotChanged,
 }
 
@@ -149,7 +149,7 @@ impl SecretDiscovery {
                     return;
                 }
                 message = requests.message() => match message {
-                    Ok(Some(req)) => Event::Request(req),
+                    Ok(Some(req)) => Event::Request(Box::new(req)),
                     // Envoy closed its side, or the connection broke: nothing more to answer.
                     Ok(None) => return,
                     Err(status) => {
@@ -172,10 +172,10 @@ impl SecretDiscovery {
                     }
                     let received = state.on_request(&req);
                     log_request(&req, &received);
-                    if let Some(m) = self.api.metrics()
-                        && matches!(received, Received::Nack(_))
-                            | (req.error_detail.is_some() && received == Received::Subscribe)
-                    {
+                    // A NACK, also one that comes with new names.
+                    let nack = matches!(received, Received::Nack(_))
+                        || (received == Received::Subscribe && req.error_detail.is_some());
+                    if let (true, Some(m)) = (nack, self.api.metrics()) {
                         m.sds_nacks.inc();
                     }
                     if !received.needs_response() {

@@ -82,6 +82,13 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum AgentCmd {
     /// Run the node agent until Ctrl-C.
+    ///
+    /// The agent serves the SPIFFE Workload API and Envoy SDS v3
+    /// (envoy.service.secret.v3.SecretDiscoveryService) on the same socket. SDS resource names:
+    /// `default` (the caller's first X509-SVID), a SPIFFE ID (that SVID), `ROOTCA` (the agent's
+    /// trust domain's bundle), `ALL` (every bundle the caller may use, in one SPIFFE validator),
+    /// `spiffe://<trust domain>` (that bundle); no name: everything. The three names are set in the
+    /// config's [sds] table (see --print-default-config).
     Run(agent_cli::AgentRunArgs),
     /// Workload API client verbs (like `spire-agent api`).
     #[command(subcommand)]
