@@ -135,8 +135,8 @@ impl SecretDiscovery {
         attestation: Arc<Attestation>,
         mut requests: Streaming<DiscoveryRequest>,
         tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        _gauge: StreamGauge,
     ) {
-        let _gauge = StreamGauge::new(self.api.metrics().map(|m| m.sds_streams.clone()));
         let config = self.api.sds_config();
         let mut snapshots = self.api.cache().subscribe();
         let mut stop = self.api.stop_signal();
@@ -286,9 +286,11 @@ impl SecretDiscoveryService for SecretDiscovery {
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let attestation = self.attest(&request).await?;
         let (tx, rx) = mpsc::channel(1);
+        // Counted from now until the stream's task ends.
+        let gauge = StreamGauge::new(self.api.metrics().map(|m| m.sds_streams.clone()));
         tokio::spawn(
             self.clone()
-                .run_stream(attestation, request.into_inner(), tx),
+                .run_stream(attestation, request.into_inner(), tx, gauge),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -54,6 +54,7 @@ struct Fixture {
     socket: PathBuf,
     cache: Arc<Cache>,
     metrics: Arc<AgentMetrics>,
+    registry: Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
     ca: TestCa,
     fed_ca: TestCa,
     other_ca: TestCa,
@@ -78,7 +79,7 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let cache = Arc::new(Cache::new());
-        let (metrics, _registry) = AgentMetrics::new();
+        let (metrics, registry) = AgentMetrics::new();
         let api = WorkloadApi::new(cache.clone(), Arc::new(Attestor::new(0)), Arc::new(NoJwt))
             .with_metrics(metrics.clone());
         let (tx, rx) = oneshot::channel::<()>();
@@ -103,6 +104,7 @@ impl Fixture {
             socket,
             cache,
             metrics,
+            registry,
             ca: TestCa::new("example.org"),
             fed_ca: TestCa::new("fed.org"),
             other_ca: TestCa::new("other.org"),
@@ -471,6 +473,11 @@ async fn stream_discipline_ack_nack_stale_and_rotation_push() {
     let mut c = f.client().await;
     let (tx, mut stream) = open_stream(&mut c).await;
     assert_eq!(f.metrics.sds_streams.get(), 1);
+    // The agent's /metrics shows it.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &f.registry.lock().unwrap()).unwrap();
+    assert!(text.contains("tessera_agent_sds_streams 1"), "{text}");
+    assert!(text.contains("tessera_agent_sds_nacks_total"), "{text}");
 
     tx.send(request(&["default"], Some(envoy_node(1, 40))))
         .await

