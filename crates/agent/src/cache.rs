@@ -67,6 +67,8 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Cache {
     tx: watch::Sender<Arc<Snapshot>>,
+    /// kids of JWT keys an operator tainted: cached JWT-SVIDs they signed are minted again.
+    tainted_jwt: std::sync::RwLock<BTreeSet<String>>,
 }
 
 impl Default for Cache {
@@ -79,7 +81,33 @@ impl Cache {
     pub fn new() -> Self {
         Self {
             tx: watch::Sender::new(Arc::new(Snapshot::default())),
+            tainted_jwt: std::sync::RwLock::new(BTreeSet::new()),
         }
+    }
+
+    /// Sets the tainted JWT kids (the full set).
+    pub fn set_tainted_jwt(&self, kids: &BTreeSet<String>) {
+        let mut cur = self.tainted_jwt.write().unwrap_or_else(|p| p.into_inner());
+        if *cur != *kids {
+            cur.clone_from(kids);
+        }
+    }
+
+    /// True when any JWT key is tainted.
+    pub fn has_tainted_jwt(&self) -> bool {
+        !self
+            .tainted_jwt
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// True when JWT key `kid` is tainted.
+    pub fn is_jwt_tainted(&self, kid: &str) -> bool {
+        self.tainted_jwt
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(kid)
     }
 
     pub fn current(&self) -> Arc<Snapshot> {

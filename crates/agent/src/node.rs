@@ -62,6 +62,22 @@ pub(crate) fn validity(leaf: &[u8]) -> Result<(u64, u64), AgentError> {
     Ok((nb, na))
 }
 
+/// The authority key identifier of a certificate (lowercase hex): the subject key identifier of
+/// the CA that signed it, which is how the server names X.509 authorities.
+pub(crate) fn authority_key_id(cert: &[u8]) -> Option<String> {
+    use x509_parser::extensions::ParsedExtension;
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|k| hex::encode(k.0))
+            }
+            _ => None,
+        })
+}
+
 impl NodeIdentity {
     pub(crate) fn new(
         spiffe_id: SpiffeId,

@@ -42,6 +42,16 @@ pub(crate) struct SyncState {
     pub(crate) revision: u64,
     pub(crate) entries: BTreeMap<String, pb::Entry>,
     pub(crate) bundle: Option<Bundle>,
+    /// Authority IDs an operator tainted: SVIDs they signed are replaced at once.
+    pub(crate) tainted_x509: std::collections::BTreeSet<String>,
+    pub(crate) tainted_jwt: std::collections::BTreeSet<String>,
+}
+
+impl SyncState {
+    fn set_tainted(&mut self, t: pb::TaintedAuthorities) {
+        self.tainted_x509 = t.x509_authority_ids.into_iter().collect();
+        self.tainted_jwt = t.jwt_authority_ids.into_iter().collect();
+    }
 }
 
 /// What the tasks share.
@@ -255,10 +265,14 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     )));
     tasks.push(tokio::spawn(svid_task(
         shared.clone(),
+        state_rx.clone(),
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(renew_task(
+        shared.clone(),
         state_rx,
         stop_rx.clone(),
     )));
-    tasks.push(tokio::spawn(renew_task(shared.clone(), stop_rx.clone())));
 
     let attestor = Arc::new(tessera_workload_attest::Attestor::new(
         shared.cfg.max_hash_bytes,
@@ -427,6 +441,9 @@ fn apply(
                 ..SyncState::default()
             });
             p.revision = page.revision;
+            if let Some(t) = page.tainted {
+                p.set_tainted(t);
+            }
             for e in page.entries {
                 p.entries.insert(e.id.clone(), e);
             }
@@ -454,6 +471,10 @@ fn apply(
                 Some(pb::change::Change::EntryDeleted(id)) => {
                     state.entries.remove(&id);
                 }
+                Some(pb::change::Change::AuthoritiesTainted(t)) => {
+                    tracing::info!(x509 = ?t.x509_authority_ids, jwt = ?t.jwt_authority_ids, "the server reports tainted authorities; replacing what they signed");
+                    state.set_tainted(t);
+                }
                 Some(pb::change::Change::BundleUpdated(b)) if b.trust_domain == td.as_str() => {
                     match Bundle::parse(td.clone(), &b.spiffe_bundle_json) {
                         Ok(parsed) => state.bundle = Some(parsed),
@@ -475,6 +496,8 @@ struct Held {
     entry_revision: u64,
     rotate_at: u64,
     bundle_seq: Option<u64>,
+    /// The signing CA's subject key identifier (the leaf's authority key identifier).
+    authority_id: Option<String>,
 }
 
 /// Half of the validity left when the SVID arrived, minus up to 10 % jitter so a fleet does not
@@ -515,6 +538,11 @@ async fn svid_task(
                     h.entry_revision != e.updated_revision
                         || now >= h.rotate_at
                         || h.bundle_seq != seq
+                        // Signed by a tainted CA: replaced now, not at half-life.
+                        || h
+                            .authority_id
+                            .as_ref()
+                            .is_some_and(|a| state.tainted_x509.contains(a))
                 }
             })
             .collect();
@@ -526,6 +554,10 @@ async fn svid_task(
                         for (entry, identity) in signed {
                             let received = unix_now();
                             let na = identity.not_after;
+                            let authority_id = identity
+                                .chain
+                                .first()
+                                .and_then(|c| node::authority_key_id(c));
                             if held.contains_key(&entry.id) {
                                 shared.metrics.rotations.inc();
                             }
@@ -536,6 +568,7 @@ async fn svid_task(
                                     entry_revision: entry.updated_revision,
                                     rotate_at: rotate_at(received, na),
                                     bundle_seq: seq,
+                                    authority_id,
                                 },
                             );
                         }
@@ -548,6 +581,7 @@ async fn svid_task(
                 }
             }
         }
+        shared.cache.set_tainted_jwt(&state.tainted_jwt);
         if let Some(bundle) = &state.bundle {
             let mut set = BundleSet::new();
             set.upsert(bundle.clone());
@@ -649,17 +683,36 @@ async fn sign_batch<'a>(
     Ok(out)
 }
 
-/// Renews the agent SVID at half-life.
-async fn renew_task(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Renews the agent SVID at half-life, or at once when the CA that signed it is tainted (it
+/// may be revoked next, and the server would then refuse this agent).
+async fn renew_task(
+    shared: Arc<Shared>,
+    mut state_rx: watch::Receiver<Arc<SyncState>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let node_tainted = |state: &SyncState, shared: &Shared| {
+        shared
+            .node
+            .load()
+            .chain
+            .first()
+            .and_then(|c| node::authority_key_id(c))
+            .is_some_and(|a| state.tainted_x509.contains(&a))
+    };
     loop {
         let now = unix_now();
         let at = shared.node.load().renew_at();
         let wait = Duration::from_secs(at.saturating_sub(now).max(1));
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
+        let tainted_now = tokio::select! {
+            () = tokio::time::sleep(wait) => false,
+            r = state_rx.changed() => {
+                if r.is_err() { return }
+                let state = state_rx.borrow_and_update().clone();
+                node_tainted(&state, &shared)
+            }
             _ = stop.wait_for(|s| *s) => return,
-        }
-        if unix_now() < shared.node.load().renew_at() {
+        };
+        if !tainted_now && unix_now() < shared.node.load().renew_at() {
             continue;
         }
         let result = async {

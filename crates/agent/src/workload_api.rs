@@ -301,6 +301,11 @@ impl WorkloadApi {
         now: u64,
     ) -> Result<Jwtsvid, WorkloadApiError> {
         let key = TokenKey::new(&identity.entry_id, &identity.spiffe_id, audience);
+        // A token signed by a tainted key is minted again with the active one.
+        if self.cache.has_tainted_jwt() {
+            self.jwt_svids
+                .forget_tainted(|kid| self.cache.is_jwt_tainted(kid));
+        }
         let token = match self
             .jwt_svids
             .get(&key, &identity.spiffe_id, now, &snapshot.bundles)

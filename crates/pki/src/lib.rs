@@ -1,7 +1,8 @@
 //! The certificate authority of one trust domain: it signs workloads' CSRs into X509-SVIDs
 //! ([`X509Authority`]), mints JWT-SVIDs ([`JwtAuthority`]), and rotates both keys through a
 //! two-slot journal ([`Journal`]) whose every key is published in the bundle before it signs and
-//! stays there until the last SVID it signed has expired.
+//! stays there until the last SVID it signed has expired (or an operator revokes it). The X.509
+//! CA may be signed by an upstream authority ([`UpstreamAuthority`], [`DiskUpstream`]).
 //!
 //! Pure and synchronous: no I/O, no clocks (every function that needs the time takes `now`, Unix
 //! seconds), no async. Storing the journal, choosing when to tick it and distributing the bundle
@@ -12,10 +13,12 @@
 mod csr;
 mod journal;
 mod jwt;
+mod upstream;
 mod x509;
 
-pub use journal::{Journal, JournalEntry, JournalEvent, Status};
+pub use journal::{Authority, Journal, JournalEvent, Kind, MintX509, Rotation, Slot, Status};
 pub use jwt::JwtAuthority;
+pub use upstream::{CaRequest, DiskUpstream, UpstreamAuthority, UpstreamCa};
 pub use x509::{SignedSvid, SvidTemplate, X509Authority};
 
 use tessera_spiffe::{BundleError, JwtError};
@@ -79,6 +82,10 @@ pub enum PkiError {
     Jwt(#[from] JwtError),
     #[error("journal: {0}")]
     Journal(String),
+    #[error("{0}")]
+    Rotation(String),
+    #[error("upstream authority: {0}")]
+    Upstream(String),
     #[error("bundle: {0}")]
     Bundle(#[from] BundleError),
 }

@@ -28,15 +28,29 @@ pub struct SvidTemplate {
     pub ttl_secs: u64,
 }
 
-/// An issued X509-SVID (leaf certificate only; the CA certificate is in the bundle).
+/// An issued X509-SVID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedSvid {
+    /// The leaf certificate.
     pub cert_der: Vec<u8>,
+    /// What must follow the leaf so that it chains to the bundle: empty under a self-signed CA
+    /// (which is in the bundle itself); under an upstream authority, the CA certificate and the
+    /// upstream intermediates, up to but not including the upstream root.
+    pub intermediates: Vec<Vec<u8>>,
     pub serial_hex: String,
     /// Unix seconds.
     pub not_before: u64,
     /// Unix seconds; never after the CA's.
     pub not_after: u64,
+}
+
+impl SignedSvid {
+    /// The chain to hand out: the leaf, then [`Self::intermediates`].
+    pub fn chain(&self) -> Vec<Vec<u8>> {
+        std::iter::once(self.cert_der.clone())
+            .chain(self.intermediates.iter().cloned())
+            .collect()
+    }
 }
 
 /// An X.509 certificate authority: an EC P-256 key and its self-signed (or, later, upstream-signed)
@@ -51,6 +65,10 @@ pub struct X509Authority {
     not_after: u64,
     serial_hex: String,
     subject_key_id: String,
+    /// True when the certificate was issued by someone else (an upstream authority).
+    upstream_signed: bool,
+    /// Upstream intermediates between this CA and the upstream root (root excluded).
+    upstream_chain: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for X509Authority {
@@ -62,6 +80,7 @@ impl std::fmt::Debug for X509Authority {
             .field("subject_key_id", &self.subject_key_id)
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
+            .field("upstream_signed", &self.upstream_signed)
             .finish_non_exhaustive()
     }
 }
@@ -109,7 +128,48 @@ impl X509Authority {
         let cert = p
             .self_signed(&key)
             .map_err(|e| PkiError::Sign(e.to_string()))?;
-        Self::new(cert.der().to_vec(), key)
+        Self::new(cert.der().to_vec(), key, Vec::new())
+    }
+
+    /// A new CA for `td` whose certificate `upstream` signs: a fresh key, a CSR for it, and the
+    /// certificate and chain the upstream returns, checked like any restored CA.
+    pub fn from_upstream(
+        td: &TrustDomain,
+        now: u64,
+        ttl_secs: u64,
+        upstream: &dyn crate::UpstreamAuthority,
+    ) -> Result<Self, PkiError> {
+        if ttl_secs == 0 {
+            return Err(PkiError::ZeroTtl { what: "CA" });
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| PkiError::KeyGeneration(e.to_string()))?;
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![uri_san(td.id().as_str())?];
+        let csr = p
+            .serialize_request(&key)
+            .map_err(|e| PkiError::Sign(e.to_string()))?;
+        let signed = upstream.mint_x509_ca(&crate::CaRequest {
+            trust_domain: td,
+            csr_der: csr.der(),
+            ttl_secs,
+            now,
+        })?;
+        let ca = Self::new(signed.cert_der, key, signed.chain)?;
+        if ca.trust_domain() != td {
+            return Err(PkiError::Upstream(format!(
+                "{} returned a CA for trust domain {}, not {td}",
+                upstream.name(),
+                ca.trust_domain()
+            )));
+        }
+        if !ca.upstream_signed {
+            return Err(PkiError::Upstream(format!(
+                "{} returned a self-signed certificate",
+                upstream.name()
+            )));
+        }
+        Ok(ca)
     }
 
     /// Restores a CA from its certificate and PKCS#8 private key, checking that the key is the
@@ -120,10 +180,29 @@ impl X509Authority {
             &rcgen::PKCS_ECDSA_P256_SHA256,
         )
         .map_err(|e| PkiError::CaKey(format!("not a PKCS#8 EC P-256 private key: {e}")))?;
-        Self::new(cert_der.to_vec(), key)
+        Self::new(cert_der.to_vec(), key, Vec::new())
     }
 
-    fn new(cert_der: Vec<u8>, key: KeyPair) -> Result<Self, PkiError> {
+    /// [`Self::from_parts`] for a CA signed by an upstream authority: `upstream_chain` holds the
+    /// upstream intermediates above it (root excluded), sent after every SVID it signs.
+    pub fn from_parts_with_chain(
+        cert_der: &[u8],
+        key_pkcs8_der: &[u8],
+        upstream_chain: Vec<Vec<u8>>,
+    ) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(
+            &key_pkcs8_der.into(),
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+        )
+        .map_err(|e| PkiError::CaKey(format!("not a PKCS#8 EC P-256 private key: {e}")))?;
+        Self::new(cert_der.to_vec(), key, upstream_chain)
+    }
+
+    fn new(
+        cert_der: Vec<u8>,
+        key: KeyPair,
+        upstream_chain: Vec<Vec<u8>>,
+    ) -> Result<Self, PkiError> {
         let bad = PkiError::CaCertificate;
         let cert = match X509Certificate::from_der(&cert_der) {
             Ok(([], cert)) => cert,
@@ -199,6 +278,12 @@ impl X509Authority {
             return Err(bad("notAfter is not after notBefore".into()));
         }
         let serial_hex = int_hex(cert.raw_serial());
+        let upstream_signed = cert.issuer().as_raw() != cert.subject().as_raw();
+        if !upstream_signed && !upstream_chain.is_empty() {
+            return Err(bad(
+                "it is self-signed, yet an upstream chain was given with it".into(),
+            ));
+        }
         drop(cert);
         let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
             .map_err(|e| bad(e.to_string()))?;
@@ -210,7 +295,31 @@ impl X509Authority {
             not_after,
             serial_hex,
             subject_key_id,
+            upstream_signed,
+            upstream_chain,
         })
+    }
+
+    /// True when an upstream authority signed this CA (the bundle then holds the upstream root).
+    pub fn is_upstream_signed(&self) -> bool {
+        self.upstream_signed
+    }
+
+    /// The upstream intermediates above this CA, root excluded (empty when self-signed or signed
+    /// directly by the upstream root).
+    pub fn upstream_chain(&self) -> &[Vec<u8>] {
+        &self.upstream_chain
+    }
+
+    /// What follows an SVID it signed: nothing for a self-signed CA (it is in the bundle), else
+    /// this CA's certificate and the upstream intermediates.
+    pub fn svid_intermediates(&self) -> Vec<Vec<u8>> {
+        if !self.upstream_signed {
+            return Vec::new();
+        }
+        std::iter::once(self.cert_der.clone())
+            .chain(self.upstream_chain.iter().cloned())
+            .collect()
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -338,6 +447,7 @@ impl X509Authority {
             .map_err(|e| PkiError::Sign(e.to_string()))?;
         Ok(SignedSvid {
             cert_der: cert.der().to_vec(),
+            intermediates: self.svid_intermediates(),
             serial_hex,
             not_before,
             not_after,
@@ -347,7 +457,7 @@ impl X509Authority {
 
 /// RFC 5280 §4.1.2.2: positive, at most 20 octets. 128 random bits, so serials never repeat and
 /// cannot be predicted (the defence against chosen-prefix collisions on the signed part).
-fn random_serial() -> Result<SerialNumber, PkiError> {
+pub(crate) fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut bytes = [0u8; 17];
     // A leading zero octet keeps the INTEGER positive whatever the top random bit is.
     SystemRandom::new()
@@ -364,14 +474,14 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
 const NAME_CONSTRAINTS: &str = "it has name constraints, under which rustls-webpki refuses \
                                 every SPIFFE chain; a Tessera CA must not set them";
 
-fn uri_san(uri: &str) -> Result<SanType, PkiError> {
+pub(crate) fn uri_san(uri: &str) -> Result<SanType, PkiError> {
     // A valid SPIFFE ID is ASCII (SPIFFE-ID §2), so this cannot fail; say so if it ever does.
     uri.try_into()
         .map(SanType::URI)
         .map_err(|_| PkiError::Sign(format!("URI {uri:?} is not IA5 text")))
 }
 
-fn datetime(what: &'static str, secs: u64) -> Result<OffsetDateTime, PkiError> {
+pub(crate) fn datetime(what: &'static str, secs: u64) -> Result<OffsetDateTime, PkiError> {
     i64::try_from(secs)
         .ok()
         .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use rcgen::{CertificateParams, KeyPair};
 use rustls_pki_types::{CertificateDer, UnixTime};
-use tessera_pki::{Journal, JournalEntry, JournalEvent, PkiError, Status, SvidTemplate};
+use tessera_pki::{
+    Journal, JournalEvent, JwtAuthority, Kind, PkiError, Slot, Status, SvidTemplate, X509Authority,
+};
 use tessera_spiffe::jwt::{Validation, validate};
 use tessera_spiffe::{Bundle, SpiffeId, TrustDomain};
 use tessera_tls::{PeerRole, verify_svid};
@@ -19,23 +21,32 @@ fn td() -> TrustDomain {
     TrustDomain::new("example.org").unwrap()
 }
 
-fn half_life(e: &JournalEntry) -> u64 {
-    let (nb, na) = (e.x509.not_before(), e.x509.not_after());
+fn half_life<A: tessera_pki::Authority>(e: &Slot<A>) -> u64 {
+    let (nb, na) = (e.created_at, e.authority.not_after());
     nb + (na - nb) / 2
 }
 
-fn last_sixth(e: &JournalEntry) -> u64 {
-    let (nb, na) = (e.x509.not_before(), e.x509.not_after());
+fn last_sixth<A: tessera_pki::Authority>(e: &Slot<A>) -> u64 {
+    let (nb, na) = (e.created_at, e.authority.not_after());
     na - (na - nb) / 6
 }
 
 fn ids(j: &Journal) -> Vec<(u64, Status)> {
-    j.entries().map(|e| (e.id, e.status)).collect()
+    j.x509().entries().map(|e| (e.id, e.status)).collect()
 }
 
-fn bundle_has(b: &Bundle, e: &JournalEntry) -> bool {
-    b.x509_authorities().iter().any(|c| c == e.x509.cert_der())
-        && b.jwt_authority(e.jwt.kid()) == Some(&e.jwt.public_key())
+fn jwt_ids(j: &Journal) -> Vec<(u64, Status)> {
+    j.jwt().entries().map(|e| (e.id, e.status)).collect()
+}
+
+fn bundle_has(b: &Bundle, e: &Slot<X509Authority>) -> bool {
+    b.x509_authorities()
+        .iter()
+        .any(|c| c == e.authority.cert_der())
+}
+
+fn bundle_has_jwt(b: &Bundle, e: &Slot<JwtAuthority>) -> bool {
+    b.jwt_authority(e.authority.kid()) == Some(&e.authority.public_key())
 }
 
 fn svid(j: &Journal, now: u64) -> Vec<u8> {
@@ -49,8 +60,9 @@ fn svid(j: &Journal, now: u64) -> Vec<u8> {
         dns_names: vec![],
         ttl_secs: 3600,
     };
-    j.active()
-        .x509
+    j.x509()
+        .active()
+        .authority
         .sign_x509_svid(&csr, &tmpl, now)
         .unwrap()
         .cert_der
@@ -66,21 +78,22 @@ fn verifies(der: &[u8], bundle: &Bundle, now: u64) -> bool {
     .is_ok()
 }
 
+const X: Kind = Kind::X509;
+const J: Kind = Kind::Jwt;
+
 #[test]
-fn a_new_journal_has_one_active_authority_in_its_bundle() {
+fn a_new_journal_has_one_active_authority_of_each_kind_in_its_bundle() {
     let j = Journal::new(&td(), T0, TTL).unwrap();
     assert_eq!(ids(&j), [(1, Status::Active)]);
-    assert!(j.prepared().is_none());
-    assert_eq!(j.active().created_at, T0);
-    assert_eq!(j.active().x509.not_after(), T0 + TTL);
-    assert_eq!(
-        j.active().jwt.not_after(),
-        T0 + TTL,
-        "both keys end together"
-    );
+    assert_eq!(jwt_ids(&j), [(2, Status::Active)]);
+    assert!(j.x509().prepared().is_none());
+    assert_eq!(j.x509().active().created_at, T0);
+    assert_eq!(j.x509().active().authority.not_after(), T0 + TTL);
+    assert_eq!(j.jwt().active().authority.not_after(), T0 + TTL);
     let b = j.bundle().unwrap();
     assert_eq!(b.trust_domain(), &td());
-    assert!(bundle_has(&b, j.active()));
+    assert!(bundle_has(&b, j.x509().active()));
+    assert!(bundle_has_jwt(&b, j.jwt().active()));
     assert_eq!(
         (b.x509_authorities().len(), b.jwt_authorities().len()),
         (1, 1)
@@ -95,28 +108,32 @@ fn a_new_journal_has_one_active_authority_in_its_bundle() {
 fn rotation_prepares_at_half_life_and_activates_at_one_sixth_left() {
     let mut j = Journal::new(&td(), T0, TTL).unwrap();
     let first_gen = j.generation();
-    let half = half_life(j.active());
-    let sixth = last_sixth(j.active());
-    let first_end = j.active().x509.not_after();
+    let half = half_life(j.x509().active());
+    let sixth = last_sixth(j.x509().active());
+    let first_end = j.x509().active().authority.not_after();
 
     assert_eq!(j.tick(T0 + 1, TTL).unwrap(), []);
     assert_eq!(j.tick(half - 1, TTL).unwrap(), [], "not before half-life");
     assert_eq!(j.generation(), first_gen);
 
-    // Half-life: the successor is prepared and published, but does not sign.
+    // Half-life: the successors are prepared and published, but do not sign.
     assert_eq!(
         j.tick(half, TTL).unwrap(),
-        [JournalEvent::Prepared { id: 2 }]
+        [
+            JournalEvent::Prepared { kind: X, id: 3 },
+            JournalEvent::Prepared { kind: J, id: 4 }
+        ]
     );
-    assert_eq!(ids(&j), [(1, Status::Active), (2, Status::Prepared)]);
-    assert_eq!(j.active().id, 1);
+    assert_eq!(ids(&j), [(1, Status::Active), (3, Status::Prepared)]);
+    assert_eq!(jwt_ids(&j), [(2, Status::Active), (4, Status::Prepared)]);
     assert_ne!(j.generation(), first_gen, "the published keys changed");
     let published = j.bundle().unwrap();
     assert!(
-        bundle_has(&published, j.prepared().unwrap()),
+        bundle_has(&published, j.x509().prepared().unwrap()),
         "in the bundle before it signs"
     );
-    assert!(bundle_has(&published, j.active()));
+    assert!(bundle_has_jwt(&published, j.jwt().prepared().unwrap()));
+    assert!(bundle_has(&published, j.x509().active()));
     let signed_by_first = svid(&j, half);
 
     let gen_prepared = j.generation();
@@ -130,9 +147,12 @@ fn rotation_prepares_at_half_life_and_activates_at_one_sixth_left() {
     // 1/6 left: the prepared one signs; the old one stays published.
     assert_eq!(
         j.tick(sixth, TTL).unwrap(),
-        [JournalEvent::Activated { id: 2 }]
+        [
+            JournalEvent::Activated { kind: X, id: 3 },
+            JournalEvent::Activated { kind: J, id: 4 }
+        ]
     );
-    assert_eq!(ids(&j), [(1, Status::Old), (2, Status::Active)]);
+    assert_eq!(ids(&j), [(1, Status::Old), (3, Status::Active)]);
     assert_eq!(
         j.generation(),
         gen_prepared,
@@ -156,12 +176,13 @@ fn rotation_prepares_at_half_life_and_activates_at_one_sixth_left() {
     // The old authority leaves the bundle when it expires, not before; by then so has every
     // SVID it signed.
     let events = j.tick(first_end - 1, TTL).unwrap();
-    assert!(!events.contains(&JournalEvent::Dropped { id: 1 }));
+    assert!(!events.contains(&JournalEvent::Dropped { kind: X, id: 1 }));
     let events = j.tick(first_end, TTL).unwrap();
     assert!(
-        events.contains(&JournalEvent::Dropped { id: 1 }),
+        events.contains(&JournalEvent::Dropped { kind: X, id: 1 }),
         "{events:?}"
     );
+    assert!(events.contains(&JournalEvent::Dropped { kind: J, id: 2 }));
     let bundle = j.bundle().unwrap();
     assert!(
         !bundle
@@ -169,7 +190,7 @@ fn rotation_prepares_at_half_life_and_activates_at_one_sixth_left() {
             .iter()
             .any(|c| c == &published.x509_authorities()[0])
     );
-    assert_eq!(j.active().id, 2);
+    assert_eq!(j.x509().active().id, 3);
     assert!(!verifies(&signed_by_first, &bundle, first_end));
     assert!(verifies(&signed_by_second, &bundle, first_end - 1));
 }
@@ -181,40 +202,49 @@ fn svids_never_outlive_the_authority_that_signed_them() {
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     assert_eq!(
         cert.validity().not_after.timestamp() as u64,
-        j.active().x509.not_after()
+        j.x509().active().authority.not_after()
     );
 }
 
 #[test]
 fn a_late_tick_prepares_first_and_activates_only_on_a_later_tick() {
     let mut j = Journal::new(&td(), T0, TTL).unwrap();
-    let sixth = last_sixth(j.active());
+    let sixth = last_sixth(j.x509().active());
     // The server slept through half-life: the successor must still be published before use.
     assert_eq!(
         j.tick(sixth + 10, TTL).unwrap(),
-        [JournalEvent::Prepared { id: 2 }]
+        [
+            JournalEvent::Prepared { kind: X, id: 3 },
+            JournalEvent::Prepared { kind: J, id: 4 }
+        ]
     );
-    assert_eq!(j.active().id, 1);
+    assert_eq!(j.x509().active().id, 1);
     assert_eq!(
         j.tick(sixth + 11, TTL).unwrap(),
-        [JournalEvent::Activated { id: 2 }]
+        [
+            JournalEvent::Activated { kind: X, id: 3 },
+            JournalEvent::Activated { kind: J, id: 4 }
+        ]
     );
 }
 
 #[test]
 fn an_expired_active_authority_with_no_successor_is_replaced_at_once() {
     let mut j = Journal::new(&td(), T0, TTL).unwrap();
-    let end = j.active().x509.not_after();
+    let end = j.x509().active().authority.not_after();
     let events = j.tick(end + 100, TTL).unwrap();
     assert_eq!(
         events,
         [
-            JournalEvent::Prepared { id: 2 },
-            JournalEvent::Activated { id: 2 },
-            JournalEvent::Dropped { id: 1 },
+            JournalEvent::Prepared { kind: X, id: 3 },
+            JournalEvent::Activated { kind: X, id: 3 },
+            JournalEvent::Prepared { kind: J, id: 4 },
+            JournalEvent::Activated { kind: J, id: 4 },
+            JournalEvent::Dropped { kind: X, id: 1 },
+            JournalEvent::Dropped { kind: J, id: 2 },
         ]
     );
-    assert_eq!(ids(&j), [(2, Status::Active)]);
+    assert_eq!(ids(&j), [(3, Status::Active)]);
     assert!(verifies(
         &svid(&j, end + 100),
         &j.bundle().unwrap(),
@@ -225,30 +255,25 @@ fn an_expired_active_authority_with_no_successor_is_replaced_at_once() {
 #[test]
 fn an_expired_prepared_successor_is_not_left_active() {
     let mut j = Journal::new(&td(), T0, TTL).unwrap();
-    j.tick(half_life(j.active()), TTL).unwrap();
+    j.tick(half_life(j.x509().active()), TTL).unwrap();
     // Down for longer than the successor's whole life.
     let far = T0 + 3 * TTL;
-    let events = j.tick(far, TTL).unwrap();
-    assert_eq!(
-        events,
-        [
-            JournalEvent::Activated { id: 2 },
-            JournalEvent::Prepared { id: 3 },
-            JournalEvent::Activated { id: 3 },
-            JournalEvent::Dropped { id: 1 },
-            JournalEvent::Dropped { id: 2 },
-        ]
-    );
-    assert_eq!(ids(&j), [(3, Status::Active)]);
-    assert!(j.active().x509.not_after() > far);
+    j.tick(far, TTL).unwrap();
+    assert_eq!(ids(&j).len(), 1);
+    assert_eq!(ids(&j)[0].1, Status::Active);
+    assert!(j.x509().active().authority.not_after() > far);
+    assert!(j.jwt().active().authority.not_after() > far);
 }
 
 #[test]
 fn a_changed_ttl_applies_to_the_next_authority() {
     let mut j = Journal::new(&td(), T0, TTL).unwrap();
-    let half = half_life(j.active());
+    let half = half_life(j.x509().active());
     j.tick(half, 2 * TTL).unwrap();
-    assert_eq!(j.prepared().unwrap().x509.not_after(), half + 2 * TTL);
+    assert_eq!(
+        j.x509().prepared().unwrap().authority.not_after(),
+        half + 2 * TTL
+    );
     assert!(matches!(j.tick(half, 0), Err(PkiError::ZeroTtl { .. })));
 }
 
@@ -257,7 +282,12 @@ fn jwt_svids_minted_by_the_active_key_validate_with_the_bundle() {
     let mut j = Journal::new(&td(), T0, TTL).unwrap();
     let sub = SpiffeId::parse("spiffe://example.org/web").unwrap();
     let aud = vec!["db".to_owned()];
-    let token = j.active().jwt.mint(&sub, &aud, 300, T0).unwrap();
+    let token = j
+        .jwt()
+        .active()
+        .authority
+        .mint(&sub, &aud, 300, T0)
+        .unwrap();
     let opts = |now| Validation {
         audience: "db",
         now,
@@ -271,51 +301,187 @@ fn jwt_svids_minted_by_the_active_key_validate_with_the_bundle() {
     );
 
     // After a rotation the old token still validates; a new one comes from the new key.
-    j.tick(half_life(j.active()), TTL).unwrap();
-    let sixth = last_sixth(j.active());
+    j.tick(half_life(j.jwt().active()), TTL).unwrap();
+    let sixth = last_sixth(j.jwt().active());
     j.tick(sixth, TTL).unwrap();
-    let token2 = j.active().jwt.mint(&sub, &aud, 300, sixth).unwrap();
+    let token2 = j
+        .jwt()
+        .active()
+        .authority
+        .mint(&sub, &aud, 300, sixth)
+        .unwrap();
     let bundle = j.bundle().unwrap();
     assert_eq!(
         validate(&token2, &bundle, opts(sixth)).unwrap().kid,
-        j.active().jwt.kid()
+        j.jwt().active().authority.kid()
     );
     assert!(validate(&token, &bundle, opts(T0 + 100)).is_ok());
 }
 
+fn self_signed(now: u64, ttl: u64) -> Result<X509Authority, PkiError> {
+    X509Authority::self_signed(&td(), now, ttl)
+}
+
 #[test]
-fn serialization_round_trips_keys_states_and_generation() {
+fn forced_rotation_runs_prepare_activate_taint_revoke_in_order_only() {
     let mut j = Journal::new(&td(), T0, TTL).unwrap();
-    j.tick(half_life(j.active()), TTL).unwrap();
-    j.tick(last_sixth(j.active()), TTL).unwrap();
-    j.tick(half_life(j.active()), TTL).unwrap();
+    let first = j.x509().active().authority.subject_key_id().to_owned();
+    let before = svid(&j, T0 + 1);
+    let rot = |e: PkiError, want: &str| {
+        assert!(matches!(e, PkiError::Rotation(_)), "{e}");
+        assert!(e.to_string().contains(want), "want {want:?} in: {e}");
+    };
+    // Out of order: nothing prepared, the active one cannot be tainted or revoked.
+    rot(j.activate(X).unwrap_err(), "prepare one first");
+    rot(j.taint(X, &first).unwrap_err(), "is active");
+    rot(j.revoke(X, &first).unwrap_err(), "is active");
+    rot(
+        j.taint(X, "ffff").unwrap_err(),
+        "no X.509 authority \"ffff\"",
+    );
+
+    let g = j.generation();
+    let ev = j.prepare(X, T0 + 2, TTL, &mut self_signed).unwrap();
+    assert_eq!(ev, [JournalEvent::Prepared { kind: X, id: 3 }]);
+    assert!(j.generation() > g, "published");
+    let next = j
+        .x509()
+        .prepared()
+        .unwrap()
+        .authority
+        .subject_key_id()
+        .to_owned();
+    rot(
+        j.prepare(X, T0 + 2, TTL, &mut self_signed).unwrap_err(),
+        "already prepared",
+    );
+    rot(j.taint(X, &next).unwrap_err(), "only prepared");
+    assert_eq!(
+        j.activate(X).unwrap(),
+        [JournalEvent::Activated { kind: X, id: 3 }]
+    );
+    rot(j.revoke(X, &first).unwrap_err(), "not tainted");
+    assert_eq!(
+        j.taint(X, &first).unwrap(),
+        [JournalEvent::Tainted { kind: X, id: 1 }]
+    );
+    assert_eq!(j.x509().tainted_ids(), [first.clone()]);
+    rot(j.taint(X, &first).unwrap_err(), "already tainted");
+    // Tainted but still published: SVIDs it signed verify until they are replaced.
+    assert!(verifies(&before, &j.bundle().unwrap(), T0 + 3));
+    let g = j.generation();
+    assert_eq!(
+        j.revoke(X, &first).unwrap(),
+        [JournalEvent::Revoked { kind: X, id: 1 }]
+    );
+    assert!(j.generation() > g);
+    assert!(j.x509().find(&first).is_none());
+    assert!(!verifies(&before, &j.bundle().unwrap(), T0 + 3), "revoked");
+    assert!(verifies(&svid(&j, T0 + 3), &j.bundle().unwrap(), T0 + 3));
+    // JWT keeps its own rotation: untouched by all of the above.
+    assert_eq!(jwt_ids(&j), [(2, Status::Active)]);
+}
+
+#[test]
+fn a_revoked_jwt_key_leaves_the_bundle_and_its_tokens_fail() {
+    let mut j = Journal::new(&td(), T0, TTL).unwrap();
+    let sub = SpiffeId::parse("spiffe://example.org/web").unwrap();
+    let aud = vec!["db".to_owned()];
+    let kid = j.jwt().active().authority.kid().to_owned();
+    let token = j
+        .jwt()
+        .active()
+        .authority
+        .mint(&sub, &aud, 300, T0)
+        .unwrap();
+    j.prepare(J, T0 + 1, TTL, &mut self_signed).unwrap();
+    let new_kid = j.jwt().prepared().unwrap().authority.kid().to_owned();
+    assert!(
+        j.bundle().unwrap().jwt_authority(&new_kid).is_some(),
+        "published before it signs"
+    );
+    j.activate(J).unwrap();
+    j.taint(J, &kid).unwrap();
+    assert_eq!(j.jwt().tainted_ids(), [kid.clone()]);
+    let opts = Validation {
+        audience: "db",
+        now: T0 + 2,
+        leeway: 0,
+    };
+    assert!(validate(&token, &j.bundle().unwrap(), opts).is_ok());
+    j.revoke(J, &kid).unwrap();
+    assert!(j.bundle().unwrap().jwt_authority(&kid).is_none());
+    assert!(validate(&token, &j.bundle().unwrap(), opts).is_err());
+    assert_eq!(ids(&j), [(1, Status::Active)], "X.509 untouched");
+}
+
+#[test]
+fn serialization_round_trips_keys_states_taint_and_generation() {
+    let mut j = Journal::new(&td(), T0, TTL).unwrap();
+    j.tick(half_life(j.x509().active()), TTL).unwrap();
+    let sixth = last_sixth(j.x509().active());
+    j.tick(sixth, TTL).unwrap();
+    j.prepare(X, sixth + 1, TTL, &mut self_signed).unwrap();
+    let old = j
+        .x509()
+        .entries()
+        .next()
+        .unwrap()
+        .authority
+        .subject_key_id()
+        .to_owned();
+    j.taint(X, &old).unwrap();
     assert_eq!(
         ids(&j),
-        [(1, Status::Old), (2, Status::Active), (3, Status::Prepared)]
+        [(1, Status::Old), (3, Status::Active), (5, Status::Prepared)]
     );
     let bytes = j.to_bytes();
     let back = Journal::from_bytes(&bytes).unwrap();
     assert_eq!(ids(&back), ids(&j));
+    assert_eq!(jwt_ids(&back), jwt_ids(&j));
+    assert_eq!(back.x509().tainted_ids(), [old]);
     assert_eq!(back.generation(), j.generation());
     assert_eq!(back.trust_domain(), j.trust_domain());
     assert_eq!(back.bundle().unwrap(), j.bundle().unwrap());
-    for (a, b) in back.entries().zip(j.entries()) {
-        assert_eq!(a.x509.key_pkcs8_der(), b.x509.key_pkcs8_der());
-        assert_eq!(a.jwt.key_pkcs8_der(), b.jwt.key_pkcs8_der());
-        assert_eq!(a.jwt.not_after(), b.jwt.not_after());
+    for (a, b) in back.x509().entries().zip(j.x509().entries()) {
+        assert_eq!(a.authority.key_pkcs8_der(), b.authority.key_pkcs8_der());
         assert_eq!((a.created_at, a.tainted), (b.created_at, b.tainted));
     }
+    for (a, b) in back.jwt().entries().zip(j.jwt().entries()) {
+        assert_eq!(a.authority.key_pkcs8_der(), b.authority.key_pkcs8_der());
+        assert_eq!(a.authority.not_after(), b.authority.not_after());
+    }
     // The restored journal carries on where the original was.
-    let now = last_sixth(back.active());
+    let now = last_sixth(back.x509().active());
     let mut back = back;
     assert_eq!(back.tick(now, TTL).unwrap(), j.tick(now, TTL).unwrap());
     assert!(verifies(&svid(&back, now), &j.bundle().unwrap(), now));
 }
 
 #[test]
+fn a_format_1_journal_is_read() {
+    let j = Journal::new(&td(), T0, TTL).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&j.to_bytes()).unwrap();
+    let x = &v["x509"][0];
+    let k = &v["jwt"][0];
+    let v1 = serde_json::json!({
+        "version": 1, "trust_domain": "example.org", "next_id": 2, "generation": 1,
+        "entries": [{
+            "id": 1, "status": "active", "created_at": T0, "tainted": false,
+            "x509_cert": x["cert"], "x509_key": x["key"],
+            "jwt_kid": k["kid"], "jwt_key": k["key"], "jwt_not_after": k["not_after"],
+        }]
+    });
+    let back = Journal::from_bytes(v1.to_string().as_bytes()).unwrap();
+    assert_eq!(ids(&back), [(1, Status::Active)]);
+    assert_eq!(jwt_ids(&back), [(1, Status::Active)]);
+    assert_eq!(back.bundle().unwrap(), j.bundle().unwrap());
+}
+
+#[test]
 fn garbage_and_inconsistent_journals_are_refused() {
     let mut j = Journal::new(&td(), T0, TTL).unwrap();
-    j.tick(half_life(j.active()), TTL).unwrap();
+    j.tick(half_life(j.x509().active()), TTL).unwrap();
     let good: serde_json::Value = serde_json::from_slice(&j.to_bytes()).unwrap();
     let edit = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut v = good.clone();
@@ -332,7 +498,7 @@ fn garbage_and_inconsistent_journals_are_refused() {
     refused(Journal::from_bytes(b"\xff\x00garbage"), "not a journal");
     refused(Journal::from_bytes(b"{}"), "missing field");
     refused(Journal::from_bytes(&[b'['; 10_000]), "not a journal");
-    refused(edit(&|v| v["version"] = 2.into()), "format version 2");
+    refused(edit(&|v| v["version"] = 3.into()), "format version 3");
     refused(edit(&|v| v["extra"] = 1.into()), "unknown field");
     refused(
         edit(&|v| v["trust_domain"] = "Bad.Org".into()),
@@ -343,57 +509,51 @@ fn garbage_and_inconsistent_journals_are_refused() {
         "not other.org",
     );
     refused(
-        edit(&|v| v["entries"][0]["x509_key"] = "!!".into()),
-        "entry 1: `x509_key` is not base64",
+        edit(&|v| v["x509"][0]["key"] = "!!".into()),
+        "X.509 entry 1: `key` is not base64",
     );
     refused(
-        edit(&|v| v["entries"][0]["x509_cert"] = "AAAA".into()),
-        "entry 1: CA certificate",
+        edit(&|v| v["x509"][0]["cert"] = "AAAA".into()),
+        "X.509 entry 1: CA certificate",
     );
     refused(
-        edit(&|v| v["entries"][0]["x509_key"] = good["entries"][1]["x509_key"].clone()),
+        edit(&|v| v["x509"][0]["key"] = good["x509"][1]["key"].clone()),
         "does not belong",
     );
     refused(
-        edit(&|v| v["entries"][1]["jwt_kid"] = good["entries"][0]["jwt_kid"].clone()),
+        edit(&|v| v["jwt"][1]["kid"] = good["jwt"][0]["kid"].clone()),
         "used twice",
     );
+    refused(edit(&|v| v["jwt"][1]["kid"] = "a b".into()), "JWT key ID");
     refused(
-        edit(&|v| v["entries"][1]["jwt_kid"] = "a b".into()),
-        "JWT key ID",
-    );
-    refused(
-        edit(&|v| v["entries"][1]["jwt_key"] = "AAAA".into()),
+        edit(&|v| v["jwt"][1]["key"] = "AAAA".into()),
         "JWT signing key",
     );
     refused(
-        edit(&|v| v["entries"][1]["status"] = "active".into()),
+        edit(&|v| v["x509"][1]["status"] = "active".into()),
         "exactly one active",
     );
     refused(
-        edit(&|v| v["entries"][0]["status"] = "prepared".into()),
+        edit(&|v| v["x509"][0]["status"] = "prepared".into()),
         "exactly one active",
     );
     refused(
-        edit(&|v| v["entries"][1]["status"] = "retired".into()),
+        edit(&|v| v["x509"][1]["status"] = "retired".into()),
         "unknown variant",
     );
     refused(
-        edit(&|v| v["entries"][1]["id"] = 1.into()),
+        edit(&|v| v["x509"][1]["id"] = 1.into()),
         "ids must increase",
     );
-    refused(edit(&|v| v["next_id"] = 2.into()), "below next_id");
+    refused(edit(&|v| v["next_id"] = 3.into()), "below next_id");
     refused(edit(&|v| v["generation"] = u64::MAX.into()), "is above");
     refused(
         edit(&|v| {
-            v["entries"][0]["status"] = "old".into();
-            v["entries"].as_array_mut().unwrap().remove(1);
+            v["x509"][0]["status"] = "old".into();
+            v["x509"].as_array_mut().unwrap().remove(1);
         }),
-        "no active entry",
+        "no active X.509 entry",
     );
-    refused(
-        edit(&|v| v["entries"][0]["id"] = (-1).into()),
-        "not a journal",
-    );
+    refused(edit(&|v| v["x509"][0]["id"] = (-1).into()), "not a journal");
     assert!(edit(&|_| {}).is_ok());
 }

@@ -21,7 +21,7 @@ pub(crate) struct Admin {
     pub(crate) state: Arc<State>,
 }
 
-fn caller<T>(req: &Request<T>) -> Caller {
+pub(crate) fn caller<T>(req: &Request<T>) -> Caller {
     let cred = req
         .extensions()
         .get::<UdsConnectInfo>()
@@ -429,7 +429,7 @@ impl AdminApi for Admin {
                 .map_err(|e| field_err("csr", e))?;
             self.state.metrics.svids_signed.inc();
             Ok(pb::MintX509SvidResponse {
-                svid_chain: vec![signed.cert_der],
+                svid_chain: signed.chain(),
                 bundle: Some(own_bundle(&self.state).await?),
             })
         }

@@ -281,7 +281,7 @@ impl AgentApi {
         tracing::info!(agent = %id, method = %params.method, "agent attested");
         Ok(pb::AttestResult {
             spiffe_id: id.to_string(),
-            svid_chain: vec![signed.cert_der],
+            svid_chain: signed.chain(),
             bundle: Some(crate::admin::own_bundle(&self.state).await?),
         })
     }
@@ -333,7 +333,7 @@ impl AgentApiTrait for AgentApi {
             .map_err(store_status)?;
         self.state.feed.notify(stored.updated_revision);
         Ok(Response::new(pb::RenewAgentResponse {
-            svid_chain: vec![signed.cert_der],
+            svid_chain: signed.chain(),
         }))
     }
 
@@ -392,15 +392,17 @@ impl AgentApiTrait for AgentApi {
                         dns_names: e.dns_names.clone(),
                         ttl_secs: u64::from(e.x509_ttl_secs),
                     };
+                    // Leaf first, then what chains it to the bundle (the CA and upstream
+                    // intermediates under an upstream authority).
                     self.sign(&r.csr, &tmpl)
-                        .map(|s| s.cert_der)
+                        .map(|s| s.chain())
                         .map_err(|s| s.message().to_owned())
                 }
             };
             results.push(match outcome {
-                Ok(cert) => pb::SvidResult {
+                Ok(chain) => pb::SvidResult {
                     entry_id: r.entry_id.clone(),
-                    svid_chain: vec![cert],
+                    svid_chain: chain,
                     error: String::new(),
                 },
                 Err(error) => pb::SvidResult {
@@ -465,10 +467,17 @@ impl AgentApi {
         let mut sent: Option<BTreeSet<String>> = None;
         let current = store.current_revision().await.map_err(store_status)?;
         let resumable = after > 0 && after <= current && store.events_after(after, 1).await.is_ok();
+        let mut tainted = self.state.ca.tainted();
         let mut last = if resumable {
-            // The agent already has everything up to `after`.
+            // The agent already has everything up to `after`; the tainted set is not in the
+            // feed, so it is sent again.
+            let set = tainted.borrow_and_update().clone();
+            if !set.is_empty() {
+                send_tainted(tx, after, &set).await?;
+            }
             after
         } else {
+            tainted.borrow_and_update();
             self.send_snapshot(&parents, &mut sent, tx).await?
         };
         loop {
@@ -481,12 +490,23 @@ impl AgentApi {
                 Err(e) => return Err(store_status(e)),
             };
             if events.is_empty() {
+                let mut taint_changed = false;
                 tokio::select! {
                     changed = wake.changed() => if changed.is_err() { return Ok(()) },
+                    // An operator tainted an authority: tell the agent at once, so it replaces
+                    // every SVID that authority signed.
+                    changed = tainted.changed() => {
+                        if changed.is_err() { return Ok(()) }
+                        taint_changed = true;
+                    }
                     () = tx.closed() => return Ok(()),
                     _ = stopping.wait_for(|s| *s) => {
                         return Err(Status::unavailable("server is shutting down; reconnect and resume"));
                     }
+                }
+                if taint_changed {
+                    let set = tainted.borrow_and_update().clone();
+                    send_tainted(tx, last, &set).await?;
                 }
                 continue;
             }
@@ -578,6 +598,7 @@ impl AgentApi {
             .map_err(store_status)?;
         let entries = self.authorized_entries(parents).await?;
         let bundles = vec![crate::admin::own_bundle(&self.state).await?];
+        let tainted = tainted_pb(&self.state.ca.tainted().borrow());
         *sent = Some(entries.iter().map(|e| e.id.clone()).collect());
         let pages: Vec<&[Entry]> = if entries.is_empty() {
             vec![&[]]
@@ -592,6 +613,7 @@ impl AgentApi {
                     bundles: if i == 0 { bundles.clone() } else { Vec::new() },
                     revision,
                     last: i + 1 == n,
+                    tainted: (i == 0).then(|| tainted.clone()),
                 })),
             };
             tx.send(Ok(msg))
@@ -600,4 +622,27 @@ impl AgentApi {
         }
         Ok(revision)
     }
+}
+
+fn tainted_pb(t: &crate::ca::Tainted) -> pb::TaintedAuthorities {
+    pb::TaintedAuthorities {
+        x509_authority_ids: t.x509.clone(),
+        jwt_authority_ids: t.jwt.clone(),
+    }
+}
+
+async fn send_tainted(
+    tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
+    revision: u64,
+    set: &crate::ca::Tainted,
+) -> Result<(), Status> {
+    let msg = pb::SyncResponse {
+        msg: Some(pb::sync_response::Msg::Change(pb::Change {
+            revision,
+            change: Some(pb::change::Change::AuthoritiesTainted(tainted_pb(set))),
+        })),
+    };
+    tx.send(Ok(msg))
+        .await
+        .map_err(|_| Status::cancelled("agent went away"))
 }

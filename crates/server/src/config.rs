@@ -93,6 +93,31 @@ pub struct ServerConfig {
     pub ca: CaConfig,
     pub svid: SvidConfig,
     pub node_attestation: NodeAttestationConfig,
+    /// An external PKI that signs the server's X.509 CAs; unset: self-signed CAs.
+    pub upstream_authority: UpstreamAuthorityConfig,
+}
+
+/// `[upstream_authority]`: at most one kind of upstream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamAuthorityConfig {
+    /// `[upstream_authority.disk]`: a CA certificate and key in PEM files.
+    pub disk: Option<DiskUpstreamConfig>,
+}
+
+/// `[upstream_authority.disk]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskUpstreamConfig {
+    /// PEM: the CA certificate that signs the server's CAs, and the intermediates between it and
+    /// the root.
+    pub cert_chain_path: PathBuf,
+    /// PEM PKCS#8 private key of that certificate.
+    pub key_path: PathBuf,
+    /// PEM: the upstream root(s), published in the trust bundle. Unset: the self-signed
+    /// certificates of `cert_chain_path`.
+    #[serde(default)]
+    pub bundle_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -184,6 +209,7 @@ impl Default for ServerConfig {
             ca: CaConfig::default(),
             svid: SvidConfig::default(),
             node_attestation: NodeAttestationConfig::default(),
+            upstream_authority: UpstreamAuthorityConfig::default(),
         }
     }
 }
@@ -229,8 +255,10 @@ impl ServerConfig {
                 self.ca.key_type
             ));
         }
-        if self.ca.ttl.0 < 600 {
-            return invalid(format!("ca.ttl {}: must be at least 10m", self.ca.ttl));
+        // One minute at least: the rotation schedule works in whole seconds, and a short-lived
+        // CA is what the rotation soak test runs with.
+        if self.ca.ttl.0 < 60 {
+            return invalid(format!("ca.ttl {}: must be at least 1m", self.ca.ttl));
         }
         for (name, v) in [
             ("svid.default_x509_ttl", self.svid.default_x509_ttl),
@@ -312,6 +340,13 @@ default_ttl = "{token}"
 [node_attestation.x509pop]
 # PEM CA certificates that node certificates must chain to; unset disables x509pop.
 # ca_bundle_path = "/etc/tessera/node-ca.pem"
+
+# An external PKI: the server's CA becomes an intermediate signed by this CA certificate and key,
+# and the trust bundle publishes the upstream root(s). Unset: self-signed CAs.
+# [upstream_authority.disk]
+# cert_chain_path = "/etc/tessera/upstream-chain.pem"   # signing CA (+ intermediates to the root)
+# key_path = "/etc/tessera/upstream-key.pem"            # its PKCS#8 key
+# bundle_path = "/etc/tessera/upstream-root.pem"        # the root(s)
 "#,
             td = d.trust_domain,
             data_dir = d.data_dir.display(),

@@ -10,6 +10,7 @@
 mod admin;
 mod agent_api;
 mod audit;
+mod authority;
 mod ca;
 pub mod client;
 pub mod config;
@@ -39,6 +40,10 @@ pub enum ServerError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    /// A step asked for out of order (a forced CA rotation step, say); the message names the
+    /// step that must come first.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 /// The SPIFFE ID of a server of `td`, the identity agents verify it by.

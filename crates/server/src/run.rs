@@ -13,6 +13,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tessera_pki::SvidTemplate;
 use tessera_proto::v1::admin_api_server::AdminApiServer;
 use tessera_proto::v1::agent_api_server::AgentApiServer;
+use tessera_proto::v1::authority_api_server::AuthorityApiServer;
 use tessera_spiffe::BundleSet;
 use tessera_tls::{SharedBundles, SpiffeClientVerifier, SvidResolver};
 use tokio::sync::watch;
@@ -81,7 +82,11 @@ fn server_svid(state: &State) -> Result<(Arc<rustls::sign::CertifiedKey>, u64), 
     };
     let signed = state.ca.sign(csr.der(), &tmpl)?;
     let ck = tessera_tls::certified_key(
-        vec![CertificateDer::from(signed.cert_der)],
+        signed
+            .chain()
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
         PrivateKeyDer::Pkcs8(key.serialize_der().into()),
     )
     .map_err(|e| ServerError::Tls(e.to_string()))?;
@@ -116,6 +121,32 @@ fn load_x509pop_roots(cfg: &ServerConfig) -> Result<Vec<Vec<u8>>, ServerError> {
     Ok(roots)
 }
 
+/// The upstream authority of `[upstream_authority]`, if one is configured.
+fn load_upstream(
+    cfg: &ServerConfig,
+) -> Result<Option<Arc<dyn tessera_pki::UpstreamAuthority>>, ServerError> {
+    let Some(disk) = &cfg.upstream_authority.disk else {
+        return Ok(None);
+    };
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| {
+            ServerError::Invalid(format!(
+                "upstream_authority.disk.{what} {}: {e}",
+                p.display()
+            ))
+        })
+    };
+    let chain = read("cert_chain_path", &disk.cert_chain_path)?;
+    let key = zeroize::Zeroizing::new(read("key_path", &disk.key_path)?);
+    let bundle = match &disk.bundle_path {
+        Some(p) => Some(read("bundle_path", p)?),
+        None => None,
+    };
+    let up = tessera_pki::DiskUpstream::from_pem(&chain, &key, bundle.as_deref())
+        .map_err(|e| ServerError::Invalid(format!("upstream_authority.disk: {e}")))?;
+    Ok(Some(Arc::new(up)))
+}
+
 fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
     let mut set = BundleSet::new();
     set.insert(state.ca.bundle()?)
@@ -135,7 +166,14 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let store = tessera_store::open(&cfg.datastore_url()).await?;
     let now = unix_now();
-    let ca = CaManager::open(&cfg.trust_domain, &cfg.data_dir, cfg.ca.ttl.0, now)?;
+    let upstream = load_upstream(&cfg)?;
+    let ca = CaManager::open(
+        &cfg.trust_domain,
+        &cfg.data_dir,
+        cfg.ca.ttl.0,
+        now,
+        upstream,
+    )?;
     ca.tick(now)?;
     ca.publish(&store).await?;
     let revision = store.current_revision().await?;
@@ -153,6 +191,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         admin_ids: arc_swap::ArcSwap::from_pointee(std::collections::HashSet::new()),
         default_parent: arc_swap::ArcSwapOption::empty(),
         stopping: stop_rx.clone(),
+        rotation_wake: tokio::sync::Notify::new(),
         td: cfg.trust_domain.clone(),
         server_id: crate::server_id(&cfg.trust_domain),
         x509pop_roots: load_x509pop_roots(&cfg)?,
@@ -257,10 +296,15 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let admin_svc = AdminApiServer::new(Admin {
         state: state.clone(),
     });
+    // Forced CA rotation (`tessera authority ...`), on the same socket.
+    let authority_svc = AuthorityApiServer::new(crate::authority::Authorities {
+        state: state.clone(),
+    });
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(admin_svc)
+            .add_service(authority_svc)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(uds),
                 shutdown,
@@ -311,11 +355,21 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
                 .ca
                 .next_tick_in(now)
                 .min(svid_due.saturating_sub(now).max(1));
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(wait)) => {}
+            // A forced step (`tessera authority ...`) has already published the bundle; the
+            // server then takes the new bundle as its own trust and a new SVID at once (its old
+            // one may come from a CA that was just tainted).
+            let forced = tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(wait)) => false,
+                () = rot_state.rotation_wake.notified() => true,
                 _ = rot_stop.changed() => return,
-            }
+            };
             let now = unix_now();
+            if forced {
+                if let Ok(set) = own_bundles(&rot_state) {
+                    bundles.store(Arc::new(set));
+                }
+            }
+            let svid_due = if forced { now } else { svid_due };
             match rot_state.ca.tick(now) {
                 Ok(true) => match rot_state.ca.publish(&rot_state.store).await {
                     Ok(Some(rev)) => {

@@ -60,6 +60,8 @@ pub(crate) struct State {
     pub(crate) admin_ids: arc_swap::ArcSwap<std::collections::HashSet<SpiffeId>>,
     /// Becomes true when the server shuts down; long-lived streams end on it.
     pub(crate) stopping: watch::Receiver<bool>,
+    /// Wakes the rotation task after a forced CA step (`tessera authority ...`).
+    pub(crate) rotation_wake: tokio::sync::Notify,
 }
 
 impl State {

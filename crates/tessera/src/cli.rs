@@ -65,6 +65,13 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// Forced rotation of the signing authorities: prepare → activate → taint → revoke.
+    Authority {
+        #[command(subcommand)]
+        cmd: crate::authority_cli::AuthorityCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// SPIFFE ID tools.
     #[command(subcommand)]
     Id(IdCommand),
@@ -195,6 +202,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => block_on(agent_cli::api(a)),
         Command::Dev(a) => agent_cli::dev(a),
         Command::Bundle { cmd, conn } => block_on(admin_cli::bundle(&conn, cmd)),
+        Command::Authority { cmd, conn } => block_on(crate::authority_cli::run(&conn, cmd)),
         Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
         Command::Server(ServerCommand::Run(a)) => server_run(a),
     }

@@ -6,6 +6,7 @@ use clap::Parser;
 
 mod admin_cli;
 mod agent_cli;
+mod authority_cli;
 mod cli;
 mod inspect;
 

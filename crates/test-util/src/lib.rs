@@ -6,6 +6,8 @@
 
 pub use rcgen;
 
+pub mod openssl;
+
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _, RsaKeyPair};
 use base64::Engine as _;

@@ -102,11 +102,14 @@ pub fn verify_svid(
         .map(|d| CertificateDer::from(d.as_slice()))
         .collect();
     let mut anchors = Vec::with_capacity(ders.len());
+    // For each anchor, the bundle certificate it came from (to read its SANs below).
+    let mut anchor_ders = Vec::with_capacity(ders.len());
     for der in &ders {
         // Authorities were parsed when the bundle was built; one webpki cannot use is skipped
         // rather than trusted, and if none is left we say so below.
         if let Ok(anchor) = webpki::anchor_from_trusted_cert(der) {
             anchors.push(anchor);
+            anchor_ders.push(der);
         }
     }
     if anchors.is_empty() {
@@ -122,17 +125,70 @@ pub fn verify_svid(
         PeerRole::Client => webpki::KeyUsage::client_auth(),
         PeerRole::Server => webpki::KeyUsage::server_auth(),
     };
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(|e| chain_err(describe(&e)))?;
+    let path = ee
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| chain_err(describe(&e)))?;
+    // The leaf's issuer: the first intermediate of the verified path, else the anchor.
+    let first = path.intermediate_certificates().next().map(|c| c.der());
+    let issuer_der: &[u8] = match &first {
+        Some(der) => der.as_ref(),
+        None => anchors
+            .iter()
+            .position(|a| std::ptr::eq(a, path.anchor()))
+            .and_then(|i| anchor_ders.get(i))
+            .map_or(&[][..], |d| d.as_ref()),
+    };
+    check_issuer_names_trust_domain(issuer_der, &td).map_err(chain_err)?;
     Ok(id)
+}
+
+/// The CA that signed an X509-SVID must carry the SPIFFE ID of the leaf's trust domain as a URI
+/// SAN (X509-SVID §3.2: a signing certificate's SPIFFE ID is its trust domain's).
+///
+/// Path validation alone only proves the chain reaches a root of the leaf's bundle. When several
+/// trust domains' CAs share one enterprise root (an upstream authority), the root is in each of
+/// their bundles, so without this rule trust domain A's CA could mint identities of B. Tessera's
+/// CAs and SPIRE's carry this SAN; a CA without one signs nothing Tessera accepts.
+fn check_issuer_names_trust_domain(
+    issuer_der: &[u8],
+    td: &tessera_spiffe::TrustDomain,
+) -> Result<(), String> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(issuer_der) else {
+        return Err("its issuing CA certificate does not parse".into());
+    };
+    let mut spiffe_ids = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name
+                    && uri.starts_with("spiffe://")
+                {
+                    spiffe_ids.push(*uri);
+                }
+            }
+        }
+    }
+    let want = td.id();
+    match spiffe_ids.as_slice() {
+        [one] if *one == want.as_str() => Ok(()),
+        [] => Err(format!(
+            "its issuing CA carries no SPIFFE ID; it must carry {want} to sign X509-SVIDs of              that trust domain (X509-SVID §3.2)"
+        )),
+        ids => Err(format!(
+            "its issuing CA is for {}, not {want}: a CA signs only for its own trust domain              (X509-SVID §3.2)",
+            ids.join(", ")
+        )),
+    }
 }
 
 /// webpki's errors in the words of someone debugging an SVID.

@@ -85,6 +85,12 @@ impl JwtCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Drops every cached token signed by a key for which `tainted(kid)` holds, so the next
+    /// request mints a new one with the active key.
+    pub(crate) fn forget_tainted(&self, tainted: impl Fn(&str) -> bool) {
+        self.lock().retain(|_, c| !tainted(&c.kid));
+    }
+
     /// A cached token for `key` that is still before its refresh time and whose key is still in
     /// `bundles`.
     pub(crate) fn get(

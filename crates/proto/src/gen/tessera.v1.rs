@@ -159,12 +159,27 @@ pub struct SnapshotPage {
     /// True on the last page of this snapshot.
     #[prost(bool, tag = "4")]
     pub last: bool,
+    /// The authorities tainted now (set on the first page).
+    #[prost(message, optional, tag = "5")]
+    pub tainted: ::core::option::Option<TaintedAuthorities>,
+}
+/// Authorities an operator tainted (`tessera authority ... taint`): the agent replaces at once
+/// every SVID they signed (an X509-SVID names its CA by its authority key identifier) and drops
+/// cached JWT-SVIDs with these kids. Always the full set; an empty set clears it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TaintedAuthorities {
+    /// Subject key identifiers (lowercase hex) of tainted X.509 CAs.
+    #[prost(string, repeated, tag = "1")]
+    pub x509_authority_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// kids of tainted JWT keys.
+    #[prost(string, repeated, tag = "2")]
+    pub jwt_authority_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Change {
     #[prost(uint64, tag = "1")]
     pub revision: u64,
-    #[prost(oneof = "change::Change", tags = "2, 3, 4, 5")]
+    #[prost(oneof = "change::Change", tags = "2, 3, 4, 5, 6")]
     pub change: ::core::option::Option<change::Change>,
 }
 /// Nested message and enum types in `Change`.
@@ -181,6 +196,9 @@ pub mod change {
         /// The trust domain.
         #[prost(string, tag = "5")]
         BundleDeleted(::prost::alloc::string::String),
+        /// The set of tainted authorities changed (revision: the last one sent; not a datastore change).
+        #[prost(message, tag = "6")]
+        AuthoritiesTainted(super::TaintedAuthorities),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -2120,6 +2138,698 @@ pub mod admin_api_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "tessera.v1.AdminApi";
     impl<T> tonic::server::NamedService for AdminApiServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorityRequest {
+    #[prost(enumeration = "AuthorityKind", tag = "1")]
+    pub kind: i32,
+    /// Taint and revoke: which authority.
+    #[prost(string, tag = "2")]
+    pub authority_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorityInfo {
+    #[prost(string, tag = "1")]
+    pub authority_id: ::prost::alloc::string::String,
+    /// "prepared", "active" or "old".
+    #[prost(string, tag = "2")]
+    pub status: ::prost::alloc::string::String,
+    #[prost(bool, tag = "3")]
+    pub tainted: bool,
+    /// Unix seconds.
+    #[prost(uint64, tag = "4")]
+    pub created_at: u64,
+    #[prost(uint64, tag = "5")]
+    pub not_after: u64,
+    /// X.509: signed by the upstream authority (its root is in the bundle, not this CA).
+    #[prost(bool, tag = "6")]
+    pub upstream_signed: bool,
+    /// The journal's sequence number of the authority.
+    #[prost(uint64, tag = "7")]
+    pub slot_id: u64,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthorityState {
+    #[prost(enumeration = "AuthorityKind", tag = "1")]
+    pub kind: i32,
+    #[prost(message, repeated, tag = "2")]
+    pub authorities: ::prost::alloc::vec::Vec<AuthorityInfo>,
+    /// The upstream authority's name ("disk"), empty when the CAs are self-signed.
+    #[prost(string, tag = "3")]
+    pub upstream: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthorityStepResponse {
+    /// What the step did, in words.
+    #[prost(string, tag = "1")]
+    pub message: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub state: ::core::option::Option<AuthorityState>,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AuthorityKind {
+    Unspecified = 0,
+    /// The server's X.509 CAs (authority ID: subject key identifier, lowercase hex).
+    X509 = 1,
+    /// The server's JWT signing keys (authority ID: kid).
+    Jwt = 2,
+    /// The upstream authority that signs the X.509 CAs, when one is configured.
+    X509Upstream = 3,
+}
+impl AuthorityKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "AUTHORITY_KIND_UNSPECIFIED",
+            Self::X509 => "AUTHORITY_KIND_X509",
+            Self::Jwt => "AUTHORITY_KIND_JWT",
+            Self::X509Upstream => "AUTHORITY_KIND_X509_UPSTREAM",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "AUTHORITY_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "AUTHORITY_KIND_X509" => Some(Self::X509),
+            "AUTHORITY_KIND_JWT" => Some(Self::Jwt),
+            "AUTHORITY_KIND_X509_UPSTREAM" => Some(Self::X509Upstream),
+            _ => None,
+        }
+    }
+}
+/// Generated client implementations.
+pub mod authority_api_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct AuthorityApiClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl AuthorityApiClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> AuthorityApiClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> AuthorityApiClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            AuthorityApiClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// The authorities of one kind: old, active and prepared, with taint flags.
+        pub async fn get_authority_state(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::AuthorityState>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.AuthorityApi/GetAuthorityState",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.AuthorityApi", "GetAuthorityState"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// A new authority, published in the bundle at once but not signing yet.
+        pub async fn prepare_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorityStepResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.AuthorityApi/PrepareAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.AuthorityApi", "PrepareAuthority"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// The prepared authority signs from now on; the active one becomes old (still published).
+        pub async fn activate_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorityStepResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.AuthorityApi/ActivateAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.AuthorityApi", "ActivateAuthority"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Marks an old authority tainted: every agent replaces every SVID it signed, at once.
+        pub async fn taint_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorityStepResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.AuthorityApi/TaintAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.AuthorityApi", "TaintAuthority"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Removes a tainted old authority from the bundle: nothing it signed verifies any more.
+        pub async fn revoke_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorityStepResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.AuthorityApi/RevokeAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.AuthorityApi", "RevokeAuthority"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod authority_api_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with AuthorityApiServer.
+    #[async_trait]
+    pub trait AuthorityApi: std::marker::Send + std::marker::Sync + 'static {
+        /// The authorities of one kind: old, active and prepared, with taint flags.
+        async fn get_authority_state(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::AuthorityState>, tonic::Status>;
+        /// A new authority, published in the bundle at once but not signing yet.
+        async fn prepare_authority(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorityStepResponse>,
+            tonic::Status,
+        >;
+        /// The prepared authority signs from now on; the active one becomes old (still published).
+        async fn activate_authority(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorityStepResponse>,
+            tonic::Status,
+        >;
+        /// Marks an old authority tainted: every agent replaces every SVID it signed, at once.
+        async fn taint_authority(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorityStepResponse>,
+            tonic::Status,
+        >;
+        /// Removes a tainted old authority from the bundle: nothing it signed verifies any more.
+        async fn revoke_authority(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AuthorityStepResponse>,
+            tonic::Status,
+        >;
+    }
+    #[derive(Debug)]
+    pub struct AuthorityApiServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> AuthorityApiServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for AuthorityApiServer<T>
+    where
+        T: AuthorityApi,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/tessera.v1.AuthorityApi/GetAuthorityState" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetAuthorityStateSvc<T: AuthorityApi>(pub Arc<T>);
+                    impl<
+                        T: AuthorityApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for GetAuthorityStateSvc<T> {
+                        type Response = super::AuthorityState;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuthorityApi>::get_authority_state(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetAuthorityStateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.AuthorityApi/PrepareAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct PrepareAuthoritySvc<T: AuthorityApi>(pub Arc<T>);
+                    impl<
+                        T: AuthorityApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for PrepareAuthoritySvc<T> {
+                        type Response = super::AuthorityStepResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuthorityApi>::prepare_authority(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PrepareAuthoritySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.AuthorityApi/ActivateAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct ActivateAuthoritySvc<T: AuthorityApi>(pub Arc<T>);
+                    impl<
+                        T: AuthorityApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for ActivateAuthoritySvc<T> {
+                        type Response = super::AuthorityStepResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuthorityApi>::activate_authority(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ActivateAuthoritySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.AuthorityApi/TaintAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct TaintAuthoritySvc<T: AuthorityApi>(pub Arc<T>);
+                    impl<
+                        T: AuthorityApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for TaintAuthoritySvc<T> {
+                        type Response = super::AuthorityStepResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuthorityApi>::taint_authority(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = TaintAuthoritySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.AuthorityApi/RevokeAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeAuthoritySvc<T: AuthorityApi>(pub Arc<T>);
+                    impl<
+                        T: AuthorityApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for RevokeAuthoritySvc<T> {
+                        type Response = super::AuthorityStepResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AuthorityApi>::revoke_authority(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeAuthoritySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for AuthorityApiServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "tessera.v1.AuthorityApi";
+    impl<T> tonic::server::NamedService for AuthorityApiServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
