@@ -21,7 +21,7 @@ pub(crate) struct Admin {
     pub(crate) state: Arc<State>,
 }
 
-fn caller<T>(req: &Request<T>) -> Caller {
+pub(crate) fn caller<T>(req: &Request<T>) -> Caller {
     let cred = req
         .extensions()
         .get::<UdsConnectInfo>()

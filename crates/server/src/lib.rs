@@ -14,6 +14,7 @@ mod ca;
 pub mod client;
 pub mod config;
 mod convert;
+mod federation;
 mod metrics;
 mod run;
 mod state;

@@ -65,6 +65,13 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// Federation with other trust domains (admin API).
+    Federation {
+        #[command(subcommand)]
+        cmd: crate::federation_cli::FederationCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// SPIFFE ID tools.
     #[command(subcommand)]
     Id(IdCommand),
@@ -188,6 +195,9 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => block_on(agent_cli::api(a)),
         Command::Dev(a) => agent_cli::dev(a),
         Command::Bundle { cmd, conn } => block_on(admin_cli::bundle(&conn, cmd)),
+        Command::Federation { cmd, conn } => {
+            block_on(crate::federation_cli::federation(&conn, cmd))
+        }
         Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
         Command::Server(ServerCommand::Run(a)) => server_run(a),
     }

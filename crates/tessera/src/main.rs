@@ -7,6 +7,7 @@ use clap::Parser;
 mod admin_cli;
 mod agent_cli;
 mod cli;
+mod federation_cli;
 mod inspect;
 
 fn main() -> ExitCode {
