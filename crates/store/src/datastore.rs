@@ -7,8 +7,8 @@ use tessera_spiffe::{Selector, SpiffeId, TrustDomain};
 
 use crate::StoreError;
 use crate::model::{
-    Agent, Entry, Event, FederationRelationship, FederationStatus, JoinToken, NewAgent, NewEntry, Policy,
-    StoredBundle,
+    Agent, Entry, Event, FederationRelationship, FederationStatus, JoinToken, NewAgent, NewEntry,
+    Policy, StoredBundle,
 };
 
 /// Which entries [`Datastore::list_entries`] returns; every set field must match.

@@ -187,11 +187,7 @@ fn get_opt_str(
         .map_err(|e| corrupt(t, c, e))
 }
 
-fn get_opt_i64(
-    row: &AnyRow,
-    t: &'static str,
-    c: &'static str,
-) -> Result<Option<i64>, StoreError> {
+fn get_opt_i64(row: &AnyRow, t: &'static str, c: &'static str) -> Result<Option<i64>, StoreError> {
     row.try_get::<Option<i64>, _>(c)
         .map_err(|e| corrupt(t, c, e))
 }

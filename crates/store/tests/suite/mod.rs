@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tessera_spiffe::{Bundle, Selector, SpiffeId, TrustDomain};
 use tessera_store::{
-    AgentQuery, Datastore, EntryQuery, EventKind, FederationRelationship, FederationStatus, JoinToken, NewAgent,
-    NewEntry, Policy, StoreError,
+    AgentQuery, Datastore, EntryQuery, EventKind, FederationRelationship, FederationStatus,
+    JoinToken, NewAgent, NewEntry, Policy, StoreError,
 };
 
 pub(crate) fn id(s: &str) -> SpiffeId {
@@ -810,7 +810,10 @@ pub(crate) async fn federation_relationships_and_policies_round_trip(s: Arc<dyn 
         s.set_federation_status(&td("nobody.org"), &status).await,
         Err(StoreError::NotFound { .. })
     ));
-    assert_eq!(s.get_federation_status(&td("nobody.org")).await.unwrap(), None);
+    assert_eq!(
+        s.get_federation_status(&td("nobody.org")).await.unwrap(),
+        None
+    );
     assert_eq!(
         s.delete_federation_relationship(&td("partner.org"))
             .await
