@@ -36,7 +36,7 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Entries and bundle as the server last described them.
+/// Entries and bundles as the server last described them.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SyncState {
     pub(crate) revision: u64,
@@ -45,12 +45,41 @@ pub(crate) struct SyncState {
     /// Authority IDs an operator tainted: SVIDs they signed are replaced at once.
     pub(crate) tainted_x509: std::collections::BTreeSet<String>,
     pub(crate) tainted_jwt: std::collections::BTreeSet<String>,
+    /// Bundles of the trust domains this agent's entries federate with (the server sends only
+    /// those), each parsed as its own trust domain's: never merged into ours.
+    pub(crate) federated: BTreeMap<TrustDomain, Bundle>,
 }
 
 impl SyncState {
     fn set_tainted(&mut self, t: pb::TaintedAuthorities) {
         self.tainted_x509 = t.x509_authority_ids.into_iter().collect();
         self.tainted_jwt = t.jwt_authority_ids.into_iter().collect();
+    }
+
+    /// Our bundle and the federated ones, as the cache serves them.
+    fn bundle_set(&self) -> Option<BundleSet> {
+        let own = self.bundle.as_ref()?;
+        let mut set = BundleSet::new();
+        set.upsert(own.clone());
+        for b in self.federated.values() {
+            set.upsert(b.clone());
+        }
+        Some(set)
+    }
+}
+
+/// A federated bundle from the server, parsed as the bundle of the trust domain it names.
+fn federated_bundle(own: &TrustDomain, b: &pb::Bundle) -> Option<Bundle> {
+    let td = TrustDomain::new(&b.trust_domain).ok()?;
+    if &td == own {
+        return None;
+    }
+    match Bundle::parse(td, &b.spiffe_bundle_json) {
+        Ok(parsed) => Some(parsed),
+        Err(e) => {
+            tracing::error!(trust_domain = %b.trust_domain, error = %e, "the server sent a federated bundle that does not parse; ignoring it");
+            None
+        }
     }
 }
 
@@ -448,10 +477,12 @@ fn apply(
                 p.entries.insert(e.id.clone(), e);
             }
             for b in page.bundles {
-                if b.trust_domain == td.as_str()
-                    && let Ok(parsed) = Bundle::parse(td.clone(), &b.spiffe_bundle_json)
-                {
-                    p.bundle = Some(parsed);
+                if b.trust_domain == td.as_str() {
+                    if let Ok(parsed) = Bundle::parse(td.clone(), &b.spiffe_bundle_json) {
+                        p.bundle = Some(parsed);
+                    }
+                } else if let Some(fed) = federated_bundle(td, &b) {
+                    p.federated.insert(fed.trust_domain().clone(), fed);
                 }
             }
             if page.last {
@@ -481,6 +512,19 @@ fn apply(
                         Err(e) => {
                             tracing::error!(error = %e, "the server sent a bundle that does not parse; keeping the last one")
                         }
+                    }
+                }
+                Some(pb::change::Change::BundleUpdated(b)) => {
+                    if let Some(fed) = federated_bundle(td, &b) {
+                        state.federated.insert(fed.trust_domain().clone(), fed);
+                    }
+                }
+                Some(pb::change::Change::BundleDeleted(name)) => {
+                    // Our own bundle is never dropped: the agent would trust nothing.
+                    if let Ok(fed) = TrustDomain::new(&name)
+                        && &fed != td
+                    {
+                        state.federated.remove(&fed);
                     }
                 }
                 _ => {}
@@ -582,9 +626,7 @@ async fn svid_task(
             }
         }
         shared.cache.set_tainted_jwt(&state.tainted_jwt);
-        if let Some(bundle) = &state.bundle {
-            let mut set = BundleSet::new();
-            set.upsert(bundle.clone());
+        if let Some(set) = state.bundle_set() {
             let live: Vec<Arc<Identity>> = held
                 .values()
                 .filter(|h| h.identity.not_after > now)

@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "tessera/v1/agent.proto",
     "tessera/v1/admin.proto",
     "tessera/v1/authority.proto",
+    "tessera/v1/federation.proto",
     // Upstream SPIFFE Workload API, byte for byte; imports google/protobuf/struct.proto, which
     // protox ships.
     "workloadapi.proto",

@@ -24,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, store_status};
+use crate::federation::needs::Needs;
 use crate::state::State;
 use crate::transport::PeerSvid;
 
@@ -465,10 +466,14 @@ impl AgentApi {
         // IDs of the entries this agent holds: known after a snapshot; unknown (None) when it
         // resumed, in which case every entry that is no longer its own is sent as deleted.
         let mut sent: Option<BTreeSet<String>> = None;
+        // Which federated bundles this agent's entries need (sent on first need, removed after
+        // the last): from the snapshot, or read once when resuming.
+        let mut needs = Needs::default();
         let current = store.current_revision().await.map_err(store_status)?;
         let resumable = after > 0 && after <= current && store.events_after(after, 1).await.is_ok();
         let mut tainted = self.state.ca.tainted();
         let mut last = if resumable {
+            needs = Needs::from_entries(&self.authorized_entries(&parents).await?);
             // The agent already has everything up to `after`; the tainted set is not in the
             // feed, so it is sent again.
             let set = tainted.borrow_and_update().clone();
@@ -478,13 +483,16 @@ impl AgentApi {
             after
         } else {
             tainted.borrow_and_update();
-            self.send_snapshot(&parents, &mut sent, tx).await?
+            self.send_snapshot(&parents, &mut sent, &mut needs, tx)
+                .await?
         };
         loop {
             let events = match store.events_after(last, 1000).await {
                 Ok(ev) => ev,
                 Err(StoreError::Compacted { .. }) => {
-                    last = self.send_snapshot(&parents, &mut sent, tx).await?;
+                    last = self
+                        .send_snapshot(&parents, &mut sent, &mut needs, tx)
+                        .await?;
                     continue;
                 }
                 Err(e) => return Err(store_status(e)),
@@ -512,25 +520,35 @@ impl AgentApi {
             }
             for ev in events {
                 last = ev.revision;
-                let change = match ev.kind {
+                let mut changes = Vec::new();
+                // Trust domains whose bundles this event made needed / no longer needed.
+                let mut gained = Vec::new();
+                let mut lost = Vec::new();
+                match ev.kind {
                     EventKind::EntryCreated | EventKind::EntryUpdated => {
                         match store.get_entry(&ev.key).await.map_err(store_status)? {
                             // A node alias changed: which parents this agent has may have changed.
                             Some(e) if e.parent_id == self.state.server_id => {
                                 parents = self.authorized_parents(&agent).await?;
-                                last = self.send_snapshot(&parents, &mut sent, tx).await?;
+                                last = self
+                                    .send_snapshot(&parents, &mut sent, &mut needs, tx)
+                                    .await?;
                                 break;
                             }
                             Some(e) if parents.contains(&e.parent_id) => {
                                 if let Some(held) = &mut sent {
                                     held.insert(e.id.clone());
                                 }
-                                Some(pb::change::Change::EntryUpserted(convert::entry(&e)))
+                                (gained, lost) = needs.upsert(&e.id, &e.federates_with);
+                                changes.push(pb::change::Change::EntryUpserted(convert::entry(&e)));
                             }
                             // Moved away from this agent (or never its): make sure it is gone.
                             Some(_) | None => {
+                                lost = needs.remove(&ev.key);
                                 let held = sent.as_mut().is_none_or(|h| h.remove(&ev.key));
-                                held.then(|| pb::change::Change::EntryDeleted(ev.key.clone()))
+                                if held {
+                                    changes.push(pb::change::Change::EntryDeleted(ev.key.clone()));
+                                }
                             }
                         }
                     }
@@ -538,17 +556,23 @@ impl AgentApi {
                         if let Some(held) = &mut sent {
                             held.remove(&ev.key);
                         }
-                        Some(pb::change::Change::EntryDeleted(ev.key.clone()))
+                        lost = needs.remove(&ev.key);
+                        changes.push(pb::change::Change::EntryDeleted(ev.key.clone()));
                     }
                     EventKind::BundleUpdated => {
                         let td = TrustDomain::new(&ev.key)
                             .map_err(|e| Status::internal(e.to_string()))?;
-                        store.get_bundle(&td).await.map_err(store_status)?.map(|b| {
-                            pb::change::Change::BundleUpdated(convert::bundle(&td, &b.bundle_json))
-                        })
+                        // Our own bundle, and federated bundles this agent's entries need.
+                        if td == self.state.td || needs.contains(&td) {
+                            gained.push(td);
+                        }
                     }
                     EventKind::BundleDeleted => {
-                        Some(pb::change::Change::BundleDeleted(ev.key.clone()))
+                        let td = TrustDomain::new(&ev.key)
+                            .map_err(|e| Status::internal(e.to_string()))?;
+                        if needs.contains(&td) {
+                            changes.push(pb::change::Change::BundleDeleted(ev.key.clone()));
+                        }
                     }
                     EventKind::AgentBanned | EventKind::AgentDeleted
                         if ev.key == agent.spiffe_id.as_str() =>
@@ -564,9 +588,22 @@ impl AgentApi {
                             agent.spiffe_id
                         )));
                     }
-                    _ => None,
-                };
-                if let Some(change) = change {
+                    _ => {}
+                }
+                for td in gained {
+                    if let Some(b) = store.get_bundle(&td).await.map_err(store_status)? {
+                        changes.push(pb::change::Change::BundleUpdated(convert::bundle(
+                            &td,
+                            &b.bundle_json,
+                        )));
+                    }
+                }
+                for td in lost {
+                    if td != self.state.td {
+                        changes.push(pb::change::Change::BundleDeleted(td.to_string()));
+                    }
+                }
+                for change in changes {
                     let msg = pb::SyncResponse {
                         msg: Some(pb::sync_response::Msg::Change(pb::Change {
                             revision: ev.revision,
@@ -586,6 +623,7 @@ impl AgentApi {
         &self,
         parents: &BTreeSet<SpiffeId>,
         sent: &mut Option<BTreeSet<String>>,
+        needs: &mut Needs,
         tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
     ) -> Result<u64, Status> {
         // Read the revision first: anything committed after it is replayed from the feed, so
@@ -597,8 +635,20 @@ impl AgentApi {
             .await
             .map_err(store_status)?;
         let entries = self.authorized_entries(parents).await?;
-        let bundles = vec![crate::admin::own_bundle(&self.state).await?];
+        let mut bundles = vec![crate::admin::own_bundle(&self.state).await?];
         let tainted = tainted_pb(&self.state.ca.tainted().borrow());
+        *needs = Needs::from_entries(&entries);
+        for td in needs.all() {
+            if let Some(b) = self
+                .state
+                .store
+                .get_bundle(td)
+                .await
+                .map_err(store_status)?
+            {
+                bundles.push(convert::bundle(td, &b.bundle_json));
+            }
+        }
         *sent = Some(entries.iter().map(|e| e.id.clone()).collect());
         let pages: Vec<&[Entry]> = if entries.is_empty() {
             vec![&[]]

@@ -95,6 +95,71 @@ pub struct ServerConfig {
     pub node_attestation: NodeAttestationConfig,
     /// An external PKI that signs the server's X.509 CAs; unset: self-signed CAs.
     pub upstream_authority: UpstreamAuthorityConfig,
+    /// The SPIFFE bundle endpoint (off unless `bind_address` is set).
+    pub bundle_endpoint: BundleEndpointConfig,
+    /// How federated bundles are refreshed.
+    pub federation: FederationConfig,
+}
+
+/// The bundle endpoint profiles (SPIFFE Trust Domain and Bundle §5.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BundleEndpointProfile {
+    /// Served with the server's own X509-SVID (`spiffe://<td>/tessera/server`).
+    #[default]
+    HttpsSpiffe,
+    /// Served with `cert_path`/`key_path`, a Web PKI (or enterprise CA) certificate.
+    HttpsWeb,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundleEndpointConfig {
+    /// HTTPS listener for `GET` of the trust domain's bundle. Unset: no bundle endpoint.
+    pub bind_address: Option<SocketAddr>,
+    pub profile: BundleEndpointProfile,
+    /// https_web: PEM certificate chain, leaf first.
+    pub cert_path: Option<PathBuf>,
+    /// https_web: PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub key_path: Option<PathBuf>,
+    /// `spiffe_refresh_hint` served with the bundle: how often federated servers should fetch.
+    pub refresh_hint: Secs,
+}
+
+impl Default for BundleEndpointConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: None,
+            profile: BundleEndpointProfile::default(),
+            cert_path: None,
+            key_path: None,
+            refresh_hint: Secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// A federated bundle is fetched at its `spiffe_refresh_hint`, but never more often than this…
+    pub refresh_floor: Secs,
+    /// …and never less often than this.
+    pub refresh_ceiling: Secs,
+    /// The interval for bundles without a refresh hint.
+    pub default_refresh: Secs,
+    /// Longest a fetch (connect, TLS, response) may take.
+    pub fetch_timeout: Secs,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            refresh_floor: Secs(30),
+            refresh_ceiling: Secs(3600),
+            default_refresh: Secs(300),
+            fetch_timeout: Secs(10),
+        }
+    }
 }
 
 /// `[upstream_authority]`: at most one kind of upstream.
@@ -210,6 +275,8 @@ impl Default for ServerConfig {
             svid: SvidConfig::default(),
             node_attestation: NodeAttestationConfig::default(),
             upstream_authority: UpstreamAuthorityConfig::default(),
+            bundle_endpoint: BundleEndpointConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -279,10 +346,48 @@ impl ServerConfig {
                 ));
             }
         }
+        self.validate_federation()?;
         if !self.admin_socket.is_absolute() {
             return invalid(format!(
                 "admin_socket {}: must be an absolute path",
                 self.admin_socket.display()
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_federation(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let be = &self.bundle_endpoint;
+        match be.profile {
+            BundleEndpointProfile::HttpsWeb => {
+                if be.bind_address.is_some() && (be.cert_path.is_none() || be.key_path.is_none()) {
+                    return invalid(
+                        "bundle_endpoint: profile \"https_web\" needs cert_path and key_path (a Web PKI certificate for the endpoint's host name)".into(),
+                    );
+                }
+            }
+            BundleEndpointProfile::HttpsSpiffe => {
+                if be.cert_path.is_some() || be.key_path.is_some() {
+                    return invalid(
+                        "bundle_endpoint: cert_path/key_path are for profile \"https_web\"; profile \"https_spiffe\" serves the server's own X509-SVID".into(),
+                    );
+                }
+            }
+        }
+        if be.refresh_hint.0 == 0 {
+            return invalid("bundle_endpoint.refresh_hint: must be more than 0s".into());
+        }
+        let f = &self.federation;
+        if f.refresh_floor.0 == 0 || f.fetch_timeout.0 == 0 {
+            return invalid(
+                "federation.refresh_floor and federation.fetch_timeout must be more than 0s".into(),
+            );
+        }
+        if f.refresh_floor > f.refresh_ceiling {
+            return invalid(format!(
+                "federation.refresh_floor {} is longer than federation.refresh_ceiling {}",
+                f.refresh_floor, f.refresh_ceiling
             ));
         }
         Ok(())
@@ -347,6 +452,24 @@ default_ttl = "{token}"
 # cert_chain_path = "/etc/tessera/upstream-chain.pem"   # signing CA (+ intermediates to the root)
 # key_path = "/etc/tessera/upstream-key.pem"            # its PKCS#8 key
 # bundle_path = "/etc/tessera/upstream-root.pem"        # the root(s)
+[bundle_endpoint]
+# HTTPS endpoint serving this trust domain's bundle (SPIFFE bundle JSON) to federated trust
+# domains. Unset: off.
+# bind_address = "0.0.0.0:8443"
+# "https_spiffe": served with the server's X509-SVID; "https_web": with cert_path/key_path.
+profile = "https_spiffe"
+# cert_path = "/etc/tessera/bundle-endpoint.pem"
+# key_path = "/etc/tessera/bundle-endpoint.key"
+# spiffe_refresh_hint served with the bundle.
+refresh_hint = "5m"
+
+[federation]
+# Federated bundles are fetched at their spiffe_refresh_hint, kept within these bounds.
+refresh_floor = "30s"
+refresh_ceiling = "1h"
+# For bundles without a refresh hint.
+default_refresh = "5m"
+fetch_timeout = "10s"
 "#,
             td = d.trust_domain,
             data_dir = d.data_dir.display(),
@@ -409,6 +532,22 @@ mod tests {
             ),
             ("admin_socket = \"rel.sock\"", "admin_socket rel.sock"),
             ("bind_address = \"nowhere\"", "bind_address"),
+            (
+                "[bundle_endpoint]\nbind_address = \"127.0.0.1:0\"\nprofile = \"https_web\"",
+                "needs cert_path and key_path",
+            ),
+            (
+                "[bundle_endpoint]\ncert_path = \"/x.pem\"",
+                "cert_path/key_path are for profile",
+            ),
+            (
+                "[bundle_endpoint]\nprofile = \"http\"",
+                "unknown variant `http`",
+            ),
+            (
+                "[federation]\nrefresh_floor = \"2h\"",
+                "refresh_floor 2h is longer than federation.refresh_ceiling 1h",
+            ),
         ] {
             let err = ServerConfig::parse(text, "t.toml").unwrap_err().to_string();
             assert!(err.contains(want), "{text}: {err}");

@@ -15,6 +15,7 @@ mod ca;
 pub mod client;
 pub mod config;
 mod convert;
+mod federation;
 mod metrics;
 mod run;
 mod state;

@@ -14,6 +14,7 @@ use tessera_pki::SvidTemplate;
 use tessera_proto::v1::admin_api_server::AdminApiServer;
 use tessera_proto::v1::agent_api_server::AgentApiServer;
 use tessera_proto::v1::authority_api_server::AuthorityApiServer;
+use tessera_proto::v1::federation_api_server::FederationApiServer;
 use tessera_spiffe::BundleSet;
 use tessera_tls::{SharedBundles, SpiffeClientVerifier, SvidResolver};
 use tokio::sync::watch;
@@ -38,6 +39,8 @@ pub struct RunningServer {
     pub admin_addr: Option<SocketAddr>,
     /// The trust bundle (SPIFFE JSON) at start, for agents that bootstrap from a file.
     pub bundle_json: String,
+    /// Where the bundle endpoint listens, when `[bundle_endpoint]` is configured.
+    pub bundle_endpoint_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     state: Arc<State>,
@@ -258,30 +261,38 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         );
         let incoming = crate::transport::tls_incoming(listener, Arc::new(tls));
         let gate = state.clone();
+        let admin_gate = move |req: tonic::Request<()>| {
+            let peer = req
+                .extensions()
+                .get::<crate::transport::PeerSvid>()
+                .and_then(|p| p.id.clone());
+            match peer {
+                Some(id) if gate.admin_ids.load().contains(&id) => Ok(req),
+                Some(id) => Err(tonic::Status::permission_denied(format!(
+                    "{id} is not an admin: only SVIDs of entries marked admin may use the admin API"
+                ))),
+                None => Err(tonic::Status::unauthenticated(
+                    "an admin X509-SVID is required",
+                )),
+            }
+        };
         let svc = AdminApiServer::with_interceptor(
             Admin {
                 state: state.clone(),
             },
-            move |req: tonic::Request<()>| {
-                let peer = req
-                    .extensions()
-                    .get::<crate::transport::PeerSvid>()
-                    .and_then(|p| p.id.clone());
-                match peer {
-                    Some(id) if gate.admin_ids.load().contains(&id) => Ok(req),
-                    Some(id) => Err(tonic::Status::permission_denied(format!(
-                        "{id} is not an admin: only SVIDs of entries marked admin may use the admin API"
-                    ))),
-                    None => Err(tonic::Status::unauthenticated(
-                        "an admin X509-SVID is required",
-                    )),
-                }
+            admin_gate.clone(),
+        );
+        let fed_svc = FederationApiServer::with_interceptor(
+            crate::federation::api::Federation {
+                state: state.clone(),
             },
+            admin_gate,
         );
         let shutdown = stopped(stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(fed_svc)
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await
             {
@@ -300,11 +311,16 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let authority_svc = AuthorityApiServer::new(crate::authority::Authorities {
         state: state.clone(),
     });
+    // Federation relationships and static bundles (`tessera federation|bundle ...`).
+    let fed_svc = FederationApiServer::new(crate::federation::api::Federation {
+        state: state.clone(),
+    });
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(admin_svc)
             .add_service(authority_svc)
+            .add_service(fed_svc)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(uds),
                 shutdown,
@@ -314,6 +330,22 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             tracing::error!(error = %e, "admin API stopped");
         }
     }));
+
+    // Federation: the bundle endpoint (when configured) and the federated bundles' refresher.
+    let bundle_endpoint_addr =
+        match crate::federation::endpoint::start(state.clone(), resolver.clone(), stop_rx.clone())
+            .await?
+        {
+            Some((addr, task)) => {
+                tasks.push(task);
+                Some(addr)
+            }
+            None => None,
+        };
+    tasks.push(crate::federation::refresher::spawn(
+        state.clone(),
+        stop_rx.clone(),
+    ));
 
     // Health and metrics.
     let ready_state = state.clone();
@@ -411,6 +443,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         admin_socket,
         admin_addr,
         bundle_json,
+        bundle_endpoint_addr,
         stop,
         tasks,
         state,

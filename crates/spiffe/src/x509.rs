@@ -287,3 +287,27 @@ impl<'a> CertFacts<'a> {
         Ok(facts)
     }
 }
+
+/// The trust domains named by the SPIFFE IDs in a certificate's URI SANs (a SPIFFE CA names
+/// its own, `spiffe://<td>`, X509-SVID §3.2). URIs that are not SPIFFE IDs are ignored; a
+/// certificate that does not parse names none. Used to refuse a federated bundle whose
+/// authorities belong to another trust domain (SPIFFE Federation §4: trust domains are never
+/// merged).
+pub fn uri_trust_domains(der: &[u8]) -> Vec<crate::TrustDomain> {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name
+                    && let Ok(id) = SpiffeId::parse(uri)
+                {
+                    out.push(id.trust_domain());
+                }
+            }
+        }
+    }
+    out
+}

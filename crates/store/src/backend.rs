@@ -16,16 +16,30 @@ use sqlx::{Executor, SqlStr};
 use crate::sql::{Backend, SqlStore};
 use crate::{Datastore, StoreError};
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../migrations/sqlite/0001_initial.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../migrations/postgres/0001_initial.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        "federation",
+        include_str!("../migrations/sqlite/0002_federation.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "federation",
+        include_str!("../migrations/postgres/0002_federation.sql"),
+    ),
+];
 
 /// Opens the store named by `url`: `sqlite:///path/to/store.db` (relative paths allowed:
 /// `sqlite://data/store.db`) or `postgres://user@host/db` (`postgresql://` too).
@@ -248,10 +262,12 @@ mod tests {
     fn the_two_schemas_stay_in_step() {
         // One set of queries serves both backends, so the schemas may differ only in the
         // blob type's name.
-        let sqlite = SQLITE_MIGRATIONS[0].2.replace("BLOB", "BYTEA");
-        let postgres = POSTGRES_MIGRATIONS[0].2;
-        let body = |s: &str| s.lines().skip(1).collect::<Vec<_>>().join("\n");
-        assert_eq!(body(&sqlite), body(postgres));
         assert_eq!(SQLITE_MIGRATIONS.len(), POSTGRES_MIGRATIONS.len());
+        for (s, p) in SQLITE_MIGRATIONS.iter().zip(POSTGRES_MIGRATIONS) {
+            assert_eq!((s.0, s.1), (p.0, p.1));
+            let sqlite = s.2.replace("BLOB", "BYTEA");
+            let body = |s: &str| s.lines().skip(1).collect::<Vec<_>>().join("\n");
+            assert_eq!(body(&sqlite), body(p.2), "migration {}", s.0);
+        }
     }
 }

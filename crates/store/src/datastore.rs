@@ -7,8 +7,8 @@ use tessera_spiffe::{Selector, SpiffeId, TrustDomain};
 
 use crate::StoreError;
 use crate::model::{
-    Agent, Entry, Event, FederationRelationship, JoinToken, NewAgent, NewEntry, Policy,
-    StoredBundle,
+    Agent, Entry, Event, FederationRelationship, FederationStatus, JoinToken, NewAgent, NewEntry,
+    Policy, StoredBundle,
 };
 
 /// Which entries [`Datastore::list_entries`] returns; every set field must match.
@@ -157,6 +157,20 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
         &self,
         td: &TrustDomain,
     ) -> Result<FederationRelationship, StoreError>;
+
+    /// Records how fetching `td`'s bundle went (no revision: nobody follows it). `NotFound`
+    /// when there is no relationship with `td`.
+    async fn set_federation_status(
+        &self,
+        td: &TrustDomain,
+        status: &FederationStatus,
+    ) -> Result<(), StoreError>;
+
+    /// The fetch status of the relationship with `td` (`None`: no such relationship).
+    async fn get_federation_status(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<Option<FederationStatus>, StoreError>;
 
     // --- policies ---
 

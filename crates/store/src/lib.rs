@@ -39,6 +39,6 @@ pub use backend::{PostgresOptions, open, open_postgres, open_postgres_with, open
 pub use datastore::{AgentQuery, Datastore, EntryQuery};
 pub use error::StoreError;
 pub use model::{
-    Agent, Entry, Event, EventKind, FederationRelationship, JoinToken, NewAgent, NewEntry, Policy,
-    StoredBundle,
+    Agent, Entry, Event, EventKind, FederationRelationship, FederationStatus, JoinToken, NewAgent,
+    NewEntry, Policy, StoredBundle,
 };

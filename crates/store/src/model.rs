@@ -364,6 +364,28 @@ pub struct FederationRelationship {
     pub profile: String,
     /// The SVID the endpoint must present; required for `https_spiffe`, absent for `https_web`.
     pub endpoint_spiffe_id: Option<SpiffeId>,
+    /// `https_web` only: PEM CA certificates that authenticate the endpoint (a private CA);
+    /// `None`: the Mozilla root store.
+    pub ca_bundle_pem: Option<String>,
+}
+
+/// Longest `ca_bundle_pem`, in bytes.
+pub const MAX_CA_BUNDLE_PEM_LEN: usize = 1 << 20;
+/// Longest fetch error kept in a [`FederationStatus`], in bytes.
+pub const MAX_FETCH_ERROR_LEN: usize = 4096;
+
+/// How fetching a federated bundle went, as the refresher last recorded it. Written without a
+/// revision (nobody follows it), kept with the relationship and gone when it is deleted.
+/// Times are Unix seconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FederationStatus {
+    pub last_attempt_at: Option<i64>,
+    pub last_success_at: Option<i64>,
+    /// The last failure; kept after a later success, so that `last_error_at` against
+    /// `last_success_at` tells which came last.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<i64>,
+    pub next_refresh_at: Option<i64>,
 }
 
 /// The bundle endpoint profiles of SPIFFE Trust Domain and Bundle §5.2.
@@ -372,6 +394,22 @@ pub const PROFILE_HTTPS_SPIFFE: &str = "https_spiffe";
 
 impl FederationRelationship {
     pub fn validate(&self) -> Result<(), StoreError> {
+        if let Some(pem) = &self.ca_bundle_pem {
+            if self.profile != PROFILE_HTTPS_WEB {
+                return Err(StoreError::invalid(
+                    "ca_bundle_pem",
+                    "only the https_web profile takes CA certificates; https_spiffe endpoints are authenticated by the federated bundle",
+                ));
+            }
+            if pem.len() > MAX_CA_BUNDLE_PEM_LEN || !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(StoreError::invalid(
+                    "ca_bundle_pem",
+                    format!(
+                        "must be PEM with at least one CERTIFICATE, at most {MAX_CA_BUNDLE_PEM_LEN} bytes"
+                    ),
+                ));
+            }
+        }
         let url = &self.bundle_endpoint_url;
         let host = url.strip_prefix("https://").unwrap_or("");
         if host.is_empty()
@@ -661,8 +699,17 @@ mod tests {
             bundle_endpoint_url: "https://partner.org/bundle".into(),
             profile: PROFILE_HTTPS_WEB.into(),
             endpoint_spiffe_id: None,
+            ca_bundle_pem: None,
         };
         r.validate().unwrap();
+        r.ca_bundle_pem = Some("junk".into());
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("ca_bundle_pem:")
+        );
+        r.ca_bundle_pem = None;
         r.profile = PROFILE_HTTPS_SPIFFE.into();
         assert!(
             r.validate()

@@ -22,8 +22,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use crate::StoreError;
 use crate::datastore::{AgentQuery, Datastore, EntryQuery};
 use crate::model::{
-    self, Agent, Entry, Event, EventKind, FederationRelationship, JoinToken, NewAgent, NewEntry,
-    Policy, StoredBundle,
+    self, Agent, Entry, Event, EventKind, FederationRelationship, FederationStatus, JoinToken,
+    NewAgent, NewEntry, Policy, StoredBundle,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,10 @@ const ENTRY_COLUMNS: &str = "id, spiffe_id, parent_id, selectors, x509_ttl_secs,
      dns_names, hint, admin, downstream, federates_with, created_revision, updated_revision";
 const AGENT_COLUMNS: &str = "spiffe_id, attestation_type, selectors, serial, expires_at, banned, \
      created_revision, updated_revision";
-const FEDERATION_COLUMNS: &str = "trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id";
+const FEDERATION_COLUMNS: &str =
+    "trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id, ca_bundle_pem";
+const FEDERATION_STATUS_COLUMNS: &str =
+    "last_attempt_at, last_success_at, last_error, last_error_at, next_refresh_at";
 
 /// A value to bind. `Any` encodes only a few types reliably on both backends; these are they.
 #[derive(Debug, Clone)]
@@ -66,6 +69,7 @@ enum Param {
     Text(String),
     OptText(Option<String>),
     Int(i64),
+    OptInt(Option<i64>),
     Bytes(Vec<u8>),
 }
 
@@ -121,6 +125,7 @@ impl Sql {
                 Param::Text(s) => q.bind(s),
                 Param::OptText(s) => q.bind(s),
                 Param::Int(i) => q.bind(i),
+                Param::OptInt(i) => q.bind(i),
                 Param::Bytes(b) => q.bind(b),
             };
         }
@@ -179,6 +184,11 @@ fn get_opt_str(
     c: &'static str,
 ) -> Result<Option<String>, StoreError> {
     row.try_get::<Option<String>, _>(c)
+        .map_err(|e| corrupt(t, c, e))
+}
+
+fn get_opt_i64(row: &AnyRow, t: &'static str, c: &'static str) -> Result<Option<i64>, StoreError> {
+    row.try_get::<Option<i64>, _>(c)
         .map_err(|e| corrupt(t, c, e))
 }
 
@@ -280,6 +290,18 @@ fn federation_from_row(row: &AnyRow) -> Result<FederationRelationship, StoreErro
         bundle_endpoint_url: get_str(row, T, "bundle_endpoint_url")?,
         profile: get_str(row, T, "profile")?,
         endpoint_spiffe_id,
+        ca_bundle_pem: get_opt_str(row, T, "ca_bundle_pem")?,
+    })
+}
+
+fn federation_status_from_row(row: &AnyRow) -> Result<FederationStatus, StoreError> {
+    const T: &str = "federation_relationships";
+    Ok(FederationStatus {
+        last_attempt_at: get_opt_i64(row, T, "last_attempt_at")?,
+        last_success_at: get_opt_i64(row, T, "last_success_at")?,
+        last_error: get_opt_str(row, T, "last_error")?,
+        last_error_at: get_opt_i64(row, T, "last_error_at")?,
+        next_refresh_at: get_opt_i64(row, T, "next_refresh_at")?,
     })
 }
 
@@ -1124,12 +1146,14 @@ impl Datastore for SqlStore {
             text(&rel.bundle_endpoint_url),
             text(&rel.profile),
             Param::OptText(rel.endpoint_spiffe_id.as_ref().map(|i| i.to_string())),
+            Param::OptText(rel.ca_bundle_pem.clone()),
             rev_param(revision),
         ])
         .push(
             " ON CONFLICT (trust_domain) DO UPDATE SET \
              bundle_endpoint_url = excluded.bundle_endpoint_url, profile = excluded.profile, \
              endpoint_spiffe_id = excluded.endpoint_spiffe_id, \
+             ca_bundle_pem = excluded.ca_bundle_pem, \
              updated_revision = excluded.updated_revision",
         );
         w.execute(sql).await?;
@@ -1191,6 +1215,58 @@ impl Datastore for SqlStore {
             .await?;
         w.commit().await?;
         Ok(rel)
+    }
+
+    async fn set_federation_status(
+        &self,
+        td: &TrustDomain,
+        status: &FederationStatus,
+    ) -> Result<(), StoreError> {
+        let mut error = status.last_error.clone();
+        if let Some(e) = &mut error
+            && e.len() > model::MAX_FETCH_ERROR_LEN
+        {
+            let mut cut = model::MAX_FETCH_ERROR_LEN;
+            while !e.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            e.truncate(cut);
+        }
+        let mut w = self.begin_write().await?;
+        let mut sql = Sql::new("UPDATE federation_relationships SET last_attempt_at = ");
+        sql.bind(Param::OptInt(status.last_attempt_at))
+            .push(", last_success_at = ")
+            .bind(Param::OptInt(status.last_success_at))
+            .push(", last_error = ")
+            .bind(Param::OptText(error))
+            .push(", last_error_at = ")
+            .bind(Param::OptInt(status.last_error_at))
+            .push(", next_refresh_at = ")
+            .bind(Param::OptInt(status.next_refresh_at))
+            .push(" WHERE trust_domain = ")
+            .bind(text(td.as_str()));
+        if w.execute(sql).await? == 0 {
+            w.rollback().await?;
+            return Err(StoreError::not_found(format!(
+                "federation relationship with {td}"
+            )));
+        }
+        w.commit().await
+    }
+
+    async fn get_federation_status(
+        &self,
+        td: &TrustDomain,
+    ) -> Result<Option<FederationStatus>, StoreError> {
+        let mut sql = Sql::new(&format!(
+            "SELECT {FEDERATION_STATUS_COLUMNS} FROM federation_relationships WHERE trust_domain = "
+        ));
+        sql.bind(text(td.as_str()));
+        self.fetch_optional(sql)
+            .await?
+            .as_ref()
+            .map(federation_status_from_row)
+            .transpose()
     }
 
     async fn set_policy(&self, policy: &Policy) -> Result<u64, StoreError> {

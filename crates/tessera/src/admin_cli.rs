@@ -195,6 +195,9 @@ pub(crate) enum BundleCommand {
         #[arg(long, value_enum, default_value_t)]
         format: BundleFormat,
     },
+    /// Bundles of other trust domains: set, list, delete.
+    #[command(flatten)]
+    Foreign(crate::federation_cli::StaticBundleCommand),
 }
 
 #[derive(Debug, Args)]
@@ -485,8 +488,13 @@ fn bundle_pem(b: &pb::Bundle) -> anyhow::Result<String> {
 }
 
 pub(crate) async fn bundle(conn: &AdminConn, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
+    let format = match cmd {
+        BundleCommand::Show { format } => format,
+        BundleCommand::Foreign(cmd) => {
+            return crate::federation_cli::static_bundle(conn, cmd).await;
+        }
+    };
     let mut client = connect(&conn.admin_socket).await?;
-    let BundleCommand::Show { format } = cmd;
     let b = client
         .get_bundle(pb::GetBundleRequest {})
         .await

@@ -72,6 +72,13 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// Federation with other trust domains (admin API).
+    Federation {
+        #[command(subcommand)]
+        cmd: crate::federation_cli::FederationCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// SPIFFE ID tools.
     #[command(subcommand)]
     Id(IdCommand),
@@ -203,6 +210,9 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dev(a) => agent_cli::dev(a),
         Command::Bundle { cmd, conn } => block_on(admin_cli::bundle(&conn, cmd)),
         Command::Authority { cmd, conn } => block_on(crate::authority_cli::run(&conn, cmd)),
+        Command::Federation { cmd, conn } => {
+            block_on(crate::federation_cli::federation(&conn, cmd))
+        }
         Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
         Command::Server(ServerCommand::Run(a)) => server_run(a),
     }

@@ -2833,3 +2833,994 @@ pub mod authority_api_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FederationRelationship {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// https:// URL of the trust domain's bundle endpoint.
+    #[prost(string, tag = "2")]
+    pub bundle_endpoint_url: ::prost::alloc::string::String,
+    /// "https_web" or "https_spiffe" (SPIFFE Trust Domain and Bundle §5.2).
+    #[prost(string, tag = "3")]
+    pub profile: ::prost::alloc::string::String,
+    /// https_spiffe: the SPIFFE ID the endpoint's X509-SVID must carry.
+    #[prost(string, tag = "4")]
+    pub endpoint_spiffe_id: ::prost::alloc::string::String,
+    /// https_web: PEM CA certificates of a private CA that authenticates the endpoint; empty:
+    /// the Mozilla root store.
+    #[prost(string, tag = "5")]
+    pub ca_bundle_pem: ::prost::alloc::string::String,
+    /// Input only: SPIFFE bundle JSON of the trust domain to start with. Required for
+    /// https_spiffe unless a bundle of the endpoint's trust domain is already stored.
+    #[prost(bytes = "vec", tag = "6")]
+    pub bootstrap_bundle_json: ::prost::alloc::vec::Vec<u8>,
+    /// Output only.
+    #[prost(message, optional, tag = "7")]
+    pub status: ::core::option::Option<FederationStatus>,
+    /// Output only: the bundle currently stored for the trust domain, if any.
+    #[prost(message, optional, tag = "8")]
+    pub bundle: ::core::option::Option<Bundle>,
+}
+/// How fetching went; Unix seconds, 0: never.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FederationStatus {
+    #[prost(int64, tag = "1")]
+    pub last_attempt_at: i64,
+    #[prost(int64, tag = "2")]
+    pub last_success_at: i64,
+    #[prost(string, tag = "3")]
+    pub last_error: ::prost::alloc::string::String,
+    #[prost(int64, tag = "4")]
+    pub last_error_at: i64,
+    #[prost(int64, tag = "5")]
+    pub next_refresh_at: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FederationRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListFederationsRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListFederationsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub relationships: ::prost::alloc::vec::Vec<FederationRelationship>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetBundleRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub spiffe_bundle_json: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListBundlesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListBundlesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub bundles: ::prost::alloc::vec::Vec<Bundle>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteBundleRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+/// Generated client implementations.
+pub mod federation_api_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct FederationApiClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl FederationApiClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> FederationApiClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> FederationApiClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            FederationApiClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Creates a relationship; AlreadyExists when one with that trust domain exists.
+        pub async fn create_federation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/CreateFederation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.FederationApi", "CreateFederation"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Replaces an existing relationship; NotFound when there is none.
+        pub async fn update_federation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/UpdateFederation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.FederationApi", "UpdateFederation"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn get_federation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/GetFederation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.FederationApi", "GetFederation"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_federations(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListFederationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederationsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/ListFederations",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.FederationApi", "ListFederations"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Deletes the relationship; the last fetched bundle stays until `bundle delete`.
+        pub async fn delete_federation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/DeleteFederation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.FederationApi", "DeleteFederation"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Fetches the federated bundle now and returns the relationship with its new status. A failed
+        /// fetch is recorded in the status and returned as Unavailable with the reason; the last good
+        /// bundle is kept.
+        pub async fn refresh_federation(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/RefreshFederation",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("tessera.v1.FederationApi", "RefreshFederation"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Sets the bundle of a foreign trust domain by hand (a static bundle, or a relationship's
+        /// bootstrap bundle). Not the server's own trust domain: its CA owns that bundle.
+        pub async fn set_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetBundleRequest>,
+        ) -> std::result::Result<tonic::Response<super::Bundle>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/SetBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.FederationApi", "SetBundle"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_bundles(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListBundlesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/ListBundles",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.FederationApi", "ListBundles"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn delete_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteBundleRequest>,
+        ) -> std::result::Result<tonic::Response<super::Bundle>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.FederationApi/DeleteBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.FederationApi", "DeleteBundle"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod federation_api_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with FederationApiServer.
+    #[async_trait]
+    pub trait FederationApi: std::marker::Send + std::marker::Sync + 'static {
+        /// Creates a relationship; AlreadyExists when one with that trust domain exists.
+        async fn create_federation(
+            &self,
+            request: tonic::Request<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        /// Replaces an existing relationship; NotFound when there is none.
+        async fn update_federation(
+            &self,
+            request: tonic::Request<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        async fn get_federation(
+            &self,
+            request: tonic::Request<super::FederationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        async fn list_federations(
+            &self,
+            request: tonic::Request<super::ListFederationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederationsResponse>,
+            tonic::Status,
+        >;
+        /// Deletes the relationship; the last fetched bundle stays until `bundle delete`.
+        async fn delete_federation(
+            &self,
+            request: tonic::Request<super::FederationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        /// Fetches the federated bundle now and returns the relationship with its new status. A failed
+        /// fetch is recorded in the status and returned as Unavailable with the reason; the last good
+        /// bundle is kept.
+        async fn refresh_federation(
+            &self,
+            request: tonic::Request<super::FederationRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        /// Sets the bundle of a foreign trust domain by hand (a static bundle, or a relationship's
+        /// bootstrap bundle). Not the server's own trust domain: its CA owns that bundle.
+        async fn set_bundle(
+            &self,
+            request: tonic::Request<super::SetBundleRequest>,
+        ) -> std::result::Result<tonic::Response<super::Bundle>, tonic::Status>;
+        async fn list_bundles(
+            &self,
+            request: tonic::Request<super::ListBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListBundlesResponse>,
+            tonic::Status,
+        >;
+        async fn delete_bundle(
+            &self,
+            request: tonic::Request<super::DeleteBundleRequest>,
+        ) -> std::result::Result<tonic::Response<super::Bundle>, tonic::Status>;
+    }
+    #[derive(Debug)]
+    pub struct FederationApiServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> FederationApiServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for FederationApiServer<T>
+    where
+        T: FederationApi,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/tessera.v1.FederationApi/CreateFederation" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateFederationSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::FederationRelationship>
+                    for CreateFederationSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRelationship>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::create_federation(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateFederationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.FederationApi/UpdateFederation" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateFederationSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::FederationRelationship>
+                    for UpdateFederationSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRelationship>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::update_federation(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateFederationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.FederationApi/GetFederation" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetFederationSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::FederationRequest>
+                    for GetFederationSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::get_federation(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetFederationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.FederationApi/ListFederations" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListFederationsSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::ListFederationsRequest>
+                    for ListFederationsSvc<T> {
+                        type Response = super::ListFederationsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListFederationsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::list_federations(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListFederationsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.FederationApi/DeleteFederation" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteFederationSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::FederationRequest>
+                    for DeleteFederationSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::delete_federation(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteFederationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.FederationApi/RefreshFederation" => {
+                    #[allow(non_camel_case_types)]
+                    struct RefreshFederationSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::FederationRequest>
+                    for RefreshFederationSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::refresh_federation(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RefreshFederationSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.FederationApi/SetBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetBundleSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::SetBundleRequest>
+                    for SetBundleSvc<T> {
+                        type Response = super::Bundle;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetBundleRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::set_bundle(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.FederationApi/ListBundles" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListBundlesSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::ListBundlesRequest>
+                    for ListBundlesSvc<T> {
+                        type Response = super::ListBundlesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListBundlesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::list_bundles(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListBundlesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.FederationApi/DeleteBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteBundleSvc<T: FederationApi>(pub Arc<T>);
+                    impl<
+                        T: FederationApi,
+                    > tonic::server::UnaryService<super::DeleteBundleRequest>
+                    for DeleteBundleSvc<T> {
+                        type Response = super::Bundle;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteBundleRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as FederationApi>::delete_bundle(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for FederationApiServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "tessera.v1.FederationApi";
+    impl<T> tonic::server::NamedService for FederationApiServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tessera_spiffe::{Bundle, Selector, SpiffeId, TrustDomain};
 use tessera_store::{
-    AgentQuery, Datastore, EntryQuery, EventKind, FederationRelationship, JoinToken, NewAgent,
-    NewEntry, Policy, StoreError,
+    AgentQuery, Datastore, EntryQuery, EventKind, FederationRelationship, FederationStatus,
+    JoinToken, NewAgent, NewEntry, Policy, StoreError,
 };
 
 pub(crate) fn id(s: &str) -> SpiffeId {
@@ -753,12 +753,16 @@ pub(crate) async fn federation_relationships_and_policies_round_trip(s: Arc<dyn 
         bundle_endpoint_url: "https://partner.org/bundle".into(),
         profile: "https_web".into(),
         endpoint_spiffe_id: None,
+        ca_bundle_pem: Some(
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        ),
     };
     let spiffe = FederationRelationship {
         trust_domain: td("other.org"),
         bundle_endpoint_url: "https://10.0.0.1:8443".into(),
         profile: "https_spiffe".into(),
         endpoint_spiffe_id: Some(id("spiffe://other.org/tessera/server")),
+        ca_bundle_pem: None,
     };
     s.set_federation_relationship(&web).await.unwrap();
     s.set_federation_relationship(&spiffe).await.unwrap();
@@ -772,9 +776,44 @@ pub(crate) async fn federation_relationships_and_policies_round_trip(s: Arc<dyn 
         s.list_federation_relationships().await.unwrap(),
         vec![spiffe.clone(), web.clone()]
     );
+    // Fetch status: no revision, kept across an update of the relationship, gone with it.
+    assert_eq!(
+        s.get_federation_status(&td("partner.org")).await.unwrap(),
+        Some(FederationStatus::default())
+    );
+    let before = s.current_revision().await.unwrap();
+    let status = FederationStatus {
+        last_attempt_at: Some(20),
+        last_success_at: Some(10),
+        last_error: Some(format!("bad {}", "é".repeat(5000))),
+        last_error_at: Some(20),
+        next_refresh_at: Some(30),
+    };
+    s.set_federation_status(&td("partner.org"), &status)
+        .await
+        .unwrap();
+    assert_eq!(s.current_revision().await.unwrap(), before);
     let mut moved = web.clone();
     moved.bundle_endpoint_url = "https://bundles.partner.org/".into();
     s.set_federation_relationship(&moved).await.unwrap();
+    let got = s
+        .get_federation_status(&td("partner.org"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.last_success_at, Some(10));
+    assert_eq!(got.next_refresh_at, Some(30));
+    // Long errors are cut on a character boundary.
+    let err = got.last_error.unwrap();
+    assert!(err.len() <= tessera_store::model::MAX_FETCH_ERROR_LEN && err.starts_with("bad é"));
+    assert!(matches!(
+        s.set_federation_status(&td("nobody.org"), &status).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(
+        s.get_federation_status(&td("nobody.org")).await.unwrap(),
+        None
+    );
     assert_eq!(
         s.delete_federation_relationship(&td("partner.org"))
             .await
@@ -787,6 +826,11 @@ pub(crate) async fn federation_relationships_and_policies_round_trip(s: Arc<dyn 
     ));
     let mut bad = web;
     bad.profile = "https_spiffe".into();
+    assert_eq!(
+        invalid_field(s.set_federation_relationship(&bad).await),
+        "ca_bundle_pem"
+    );
+    bad.ca_bundle_pem = None;
     assert_eq!(
         invalid_field(s.set_federation_relationship(&bad).await),
         "endpoint_spiffe_id"
