@@ -58,7 +58,7 @@ impl NamedPolicy {
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     #[serde(default)]
-    default: DefaultAction,
+    default: Option<DefaultAction>,
     #[serde(default)]
     policy: Vec<FilePolicy>,
 }
@@ -171,6 +171,15 @@ impl PolicySet {
     /// Parses and compiles a local policy file (TOML, see [`PolicyFile`]'s example). `source`
     /// names the file in errors.
     pub fn from_toml(local: TrustDomain, toml_text: &str) -> Result<Self, PolicyError> {
+        Self::from_toml_or(local, toml_text, DefaultAction::Deny)
+    }
+
+    /// As [`Self::from_toml`], with the default used when the file sets none.
+    pub fn from_toml_or(
+        local: TrustDomain,
+        toml_text: &str,
+        default: DefaultAction,
+    ) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(toml_text)
             .map_err(|e| PolicyError::new("(policy file)", "document", e.to_string()))?;
         let policies: Vec<NamedPolicy> = file
@@ -184,7 +193,7 @@ impl PolicySet {
                 },
             })
             .collect();
-        Self::new(local, file.default, &policies)
+        Self::new(local, file.default.unwrap_or(default), &policies)
     }
 
     /// No policy: everything gets `default`.

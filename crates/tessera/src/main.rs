@@ -8,6 +8,7 @@ mod admin_cli;
 mod agent_cli;
 mod cli;
 mod inspect;
+mod proxy_cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
