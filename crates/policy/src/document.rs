@@ -167,14 +167,16 @@ pub(crate) fn validate(name: &str, doc: &PolicyDocument) -> Result<(), PolicyErr
                 parse_trust_domain(name, &format!("rules[{r}].from.trust_domains[{i}]"), td)?;
             }
         }
-        if let Some(to) = &rule.to {
-            if let Some(i) = to.ports.iter().position(|p| *p == 0) {
-                return Err(PolicyError::new(
-                    name,
-                    format!("rules[{r}].to.ports[{i}]"),
-                    "port 0 is not a port",
-                ));
-            }
+        if let Some(i) = rule
+            .to
+            .as_ref()
+            .and_then(|to| to.ports.iter().position(|p| *p == 0))
+        {
+            return Err(PolicyError::new(
+                name,
+                format!("rules[{r}].to.ports[{i}]"),
+                "port 0 is not a port",
+            ));
         }
     }
     Ok(())

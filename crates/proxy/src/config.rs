@@ -183,7 +183,7 @@ pub struct DestinationMap {
 
 impl DestinationMap {
     pub fn new(mut entries: Vec<Destination>) -> Self {
-        entries.sort_by(|a, b| b.cidr.prefix.cmp(&a.cidr.prefix));
+        entries.sort_by_key(|d| std::cmp::Reverse(d.cidr.prefix));
         Self { entries }
     }
 

@@ -183,10 +183,10 @@ impl Outbound {
             }
             pooled.dec();
         });
-        if self.pooling {
-            if let Ok(mut p) = self.pool.lock() {
-                p.insert(key.clone(), sender.clone());
-            }
+        if self.pooling
+            && let Ok(mut p) = self.pool.lock()
+        {
+            p.insert(key.clone(), sender.clone());
         }
         Ok(sender)
     }

@@ -36,10 +36,10 @@ pub struct ClientConfigs {
 
 impl ClientConfigs {
     pub fn get(&self, identity: &Identity, peer: &SpiffeId) -> Option<Arc<ClientConfig>> {
-        if let Ok(map) = self.by_peer.lock() {
-            if let Some(c) = map.get(peer) {
-                return Some(c.clone());
-            }
+        if let Ok(map) = self.by_peer.lock()
+            && let Some(c) = map.get(peer)
+        {
+            return Some(c.clone());
         }
         let resolver = identity.resolver()?;
         let verifier = Arc::new(SpiffeServerVerifier::new(
