@@ -734,3 +734,62 @@ fn transparent_mode_intercepts_and_fails_closed() {
     assert!(r.map(|b| b.is_empty()).unwrap_or(true));
     assert!(!app.saw(b"PLAIN-AFTER"));
 }
+
+#[test]
+fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
+    if !usable("permissive_inbound_and_passthrough_are_opt_in_and_logged") {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let mut net = Net::new();
+    let foo = net.node("foo", FOO_IP);
+    let bar = net.node("bar", BAR_IP);
+    cp.entry("foo", &foo, &[]);
+    cp.entry("bar", &bar, &[]);
+    let app = App::start(&bar, Ipv4Addr::UNSPECIFIED, APP_PORT);
+    let bar_proxy = Proxy::start(
+        &cp,
+        &bar,
+        "bar",
+        &s(&[
+            "--transparent",
+            "--inbound",
+            "8080",
+            "--inbound-mode",
+            "permissive",
+        ]),
+    );
+    wait_until("the PERMISSIVE warning", 10, || {
+        bar_proxy.stderr().contains("PERMISSIVE")
+    });
+    // foo has no destination map: with passthrough, its connection leaves in plaintext, and
+    // bar (PERMISSIVE) admits it without identity. Both say so in their logs.
+    let foo_proxy = Proxy::start(
+        &cp,
+        &foo,
+        "foo",
+        &s(&["--transparent", "--unmapped", "passthrough"]),
+    );
+    assert!(
+        foo_proxy.stderr().contains("PLAINTEXT"),
+        "{}",
+        foo_proxy.stderr()
+    );
+    let back = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"PLAIN-OK").unwrap();
+    assert_eq!(back, b"PLAIN-OK");
+    assert!(app.saw(b"PLAIN-OK"));
+    let out = foo_proxy.wait_record("foo's passthrough record", |r| {
+        r["direction"] == "passthrough" && r["decision"] == "allow"
+    });
+    assert_eq!(out["dst_addr"], "198.18.0.2:8080");
+    let inb = bar_proxy.wait_record("bar's permissive record", |r| {
+        r["direction"] == "inbound_plaintext" && r["decision"] == "allow"
+    });
+    assert_eq!(inb["src_spiffe_id"], serde_json::Value::Null);
+    // PERMISSIVE admits only declared ports.
+    let r = exchange(&foo, SocketAddr::from((BAR_IP, 8081)), b"UNDECLARED");
+    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    bar_proxy.wait_record("bar's refusal of an undeclared port", |r| {
+        r["reason"] == "port 8081 is not declared with --inbound"
+    });
+}
