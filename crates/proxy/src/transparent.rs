@@ -14,6 +14,10 @@ use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 /// Our chains in the `nat` table.
 pub const CHAIN_OUTPUT: &str = "TESSERA_OUTPUT";
 pub const CHAIN_INBOUND: &str = "TESSERA_INBOUND";
+/// Our chains in the IPv6 `filter` table: the proxy handles IPv4 only, so IPv6 TCP (other than
+/// loopback) is rejected rather than left as a way around the proxy.
+pub const CHAIN_V6_OUTPUT: &str = "TESSERA_V6_OUTPUT";
+pub const CHAIN_V6_INPUT: &str = "TESSERA_V6_INPUT";
 
 /// What the rules redirect where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,26 +86,87 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
     ]
 }
 
-fn iptables(args: &[String]) -> Result<std::process::Output, String> {
-    Command::new("iptables")
-        .arg("-w")
-        .args(["-t", "nat"])
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run iptables: {e} (is the iptables package installed?)"))
+/// The `ip6tables -t filter` argument lists that close IPv6 TCP except on loopback.
+pub fn rules_v6() -> Vec<Vec<String>> {
+    let v = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    vec![
+        v(&["-A", CHAIN_V6_OUTPUT, "-o", "lo", "-j", "RETURN"]),
+        v(&[
+            "-A",
+            CHAIN_V6_OUTPUT,
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ]),
+        v(&["-A", CHAIN_V6_INPUT, "-i", "lo", "-j", "RETURN"]),
+        v(&[
+            "-A",
+            CHAIN_V6_INPUT,
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ]),
+        v(&["-A", "OUTPUT", "-p", "tcp", "-j", CHAIN_V6_OUTPUT]),
+        v(&["-A", "INPUT", "-p", "tcp", "-j", CHAIN_V6_INPUT]),
+    ]
 }
 
-fn must(args: &[String]) -> Result<(), String> {
-    let o = iptables(args)?;
+#[derive(Clone, Copy)]
+enum Table {
+    Nat4,
+    Filter6,
+}
+
+impl Table {
+    fn cmd(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Nat4 => ("iptables", "nat"),
+            Self::Filter6 => ("ip6tables", "filter"),
+        }
+    }
+}
+
+fn iptables_in(t: Table, args: &[String]) -> Result<std::process::Output, String> {
+    let (bin, table) = t.cmd();
+    Command::new(bin)
+        .arg("-w")
+        .args(["-t", table])
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {bin}: {e} (is the iptables package installed?)"))
+}
+
+fn iptables(args: &[String]) -> Result<std::process::Output, String> {
+    iptables_in(Table::Nat4, args)
+}
+
+fn must_in(t: Table, args: &[String]) -> Result<(), String> {
+    let o = iptables_in(t, args)?;
     if o.status.success() {
         Ok(())
     } else {
+        let (bin, table) = t.cmd();
         Err(format!(
-            "iptables -t nat {}: {}",
+            "{bin} -t {table} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&o.stderr).trim()
         ))
     }
+}
+
+fn must(args: &[String]) -> Result<(), String> {
+    must_in(Table::Nat4, args)
+}
+
+/// Whether this kernel has IPv6 at all (without it there is no IPv6 path to close).
+fn ipv6_enabled() -> bool {
+    std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
 /// Installs the rules in the current network namespace, replacing ours if present.
@@ -112,6 +177,14 @@ pub fn install(p: &RuleParams) -> Result<(), String> {
     }
     for r in rules(p) {
         must(&r)?;
+    }
+    if ipv6_enabled() {
+        for chain in [CHAIN_V6_OUTPUT, CHAIN_V6_INPUT] {
+            must_in(Table::Filter6, &["-N".to_owned(), chain.to_owned()])?;
+        }
+        for r in rules_v6() {
+            must_in(Table::Filter6, &r)?;
+        }
     }
     Ok(())
 }
@@ -130,6 +203,21 @@ pub fn uninstall() -> Result<(), String> {
         if iptables(&s(&["-n", "-L", chain]))?.status.success() {
             must(&s(&["-F", chain]))?;
             must(&s(&["-X", chain]))?;
+        }
+    }
+    if ipv6_enabled() {
+        let t = Table::Filter6;
+        for (builtin, chain) in [("OUTPUT", CHAIN_V6_OUTPUT), ("INPUT", CHAIN_V6_INPUT)] {
+            while iptables_in(t, &s(&["-D", builtin, "-p", "tcp", "-j", chain]))?
+                .status
+                .success()
+            {}
+        }
+        for chain in [CHAIN_V6_OUTPUT, CHAIN_V6_INPUT] {
+            if iptables_in(t, &s(&["-n", "-L", chain]))?.status.success() {
+                must_in(t, &s(&["-F", chain]))?;
+                must_in(t, &s(&["-X", chain]))?;
+            }
         }
     }
     Ok(())
@@ -174,5 +262,11 @@ mod tests {
         assert!(text.contains(&"-A PREROUTING -p tcp -j TESSERA_INBOUND".to_owned()));
         // The jumps come last, so no packet meets a half-built chain.
         assert!(text.last().is_some_and(|l| l.starts_with("-A PREROUTING")));
+        let v6: Vec<String> = rules_v6().iter().map(|a| a.join(" ")).collect();
+        assert!(
+            v6.iter()
+                .any(|l| l.contains("TESSERA_V6_OUTPUT -p tcp -j REJECT"))
+        );
+        assert!(v6.last().is_some_and(|l| l.starts_with("-A INPUT")));
     }
 }

@@ -292,7 +292,17 @@ impl Capture {
     fn start(iface: &str, file: PathBuf) -> Self {
         let log = file.with_extension("log");
         let child = Command::new("tcpdump")
-            .args(["-i", iface, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .args([
+                "-i",
+                iface,
+                "--immediate-mode",
+                "-U",
+                "-Z",
+                "root",
+                "-s",
+                "0",
+                "-w",
+            ])
             .arg(&file)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -718,6 +728,11 @@ fn transparent_mode_intercepts_and_fails_closed() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&rules.stdout).contains("TESSERA_OUTPUT"));
+    // IPv6 is not proxied, so its TCP is closed rather than left as a way around the proxy.
+    let rules = Net::exec(&foo, "ip6tables").arg("-S").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&rules.stdout).contains("-A TESSERA_V6_OUTPUT -p tcp -j REJECT")
+    );
     // uninstall-rules removes them; then plaintext flows again (no proxy in the way).
     let o = Net::exec(&foo, env!("CARGO_BIN_EXE_tessera"))
         .args(["proxy", "uninstall-rules"])
@@ -728,6 +743,8 @@ fn transparent_mode_intercepts_and_fails_closed() {
         .args(["-t", "nat", "-S"])
         .output()
         .unwrap();
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains("TESSERA"));
+    let rules = Net::exec(&foo, "ip6tables").arg("-S").output().unwrap();
     assert!(!String::from_utf8_lossy(&rules.stdout).contains("TESSERA"));
     // bar is still STRICT: plaintext from foo is now refused there.
     let r = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"PLAIN-AFTER");
