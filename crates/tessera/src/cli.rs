@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::admin_cli::{
     self, AdminConn, AgentCommand, BundleCommand, EntryCommand, SvidMintArgs, TokenCommand,
 };
-use crate::{agent_cli, inspect};
+use crate::{agent_cli, inspect, proxy_cli};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -85,6 +85,9 @@ enum Command {
     /// X509-SVID tools.
     #[command(subcommand)]
     Svid(SvidCommand),
+    /// The data-plane proxy: mutual TLS between workloads, authorized by SPIFFE ID
+    /// (`uninstall-rules` removes the interception rules of `--transparent`).
+    Proxy(proxy_cli::ProxyArgs),
     /// Exit 0 when the server's health endpoint says it is ready.
     Healthcheck {
         /// The server's health_bind_address.
@@ -215,6 +218,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
         Command::Server(ServerCommand::Run(a)) => server_run(a),
+        Command::Proxy(a) => proxy_cli::proxy(a),
     }
 }
 

@@ -10,6 +10,7 @@ mod authority_cli;
 mod cli;
 mod federation_cli;
 mod inspect;
+mod proxy_cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

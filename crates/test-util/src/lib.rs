@@ -4,6 +4,8 @@
 //! Test-only (`publish = false`): `expect` here is on values the fixture itself made.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod netns;
+
 pub use rcgen;
 
 pub mod openssl;

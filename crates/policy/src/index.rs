@@ -1,0 +1,175 @@
+//! The compiled form of the rules of one action: by port, then by principal key, so a decision
+//! looks at only the rules that can match the caller.
+
+use std::collections::HashMap;
+
+use tessera_spiffe::SpiffeId;
+
+use crate::document::{self, PolicyError, Principal, Rule};
+
+/// One rule after compilation.
+#[derive(Debug, Clone)]
+struct Compiled {
+    policy: u32,
+    rule: usize,
+    /// `from.trust_domains`; empty = not restricted by this field.
+    trust_domains: Vec<String>,
+}
+
+/// How a rule was reached, which decides what still has to be checked.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// A principal pattern that names the caller's trust domain matched.
+    Named,
+    /// `*`: only the local trust domain.
+    LocalAny,
+    /// The rule has no principals: only `trust_domains` (or, without them, local) decides.
+    NoPrincipals,
+}
+
+#[derive(Debug, Clone, Default)]
+struct PortIndex {
+    exact: HashMap<String, Vec<u32>>,
+    under: HashMap<String, Vec<u32>>,
+    trust_domain: HashMap<String, Vec<u32>>,
+    local_any: Vec<u32>,
+    no_principals: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ActionIndex {
+    rules: Vec<Compiled>,
+    by_port: HashMap<u16, PortIndex>,
+    any_port: PortIndex,
+}
+
+impl ActionIndex {
+    pub(crate) fn insert(
+        &mut self,
+        name: &str,
+        policy: u32,
+        rule_idx: usize,
+        rule: &Rule,
+    ) -> Result<(), PolicyError> {
+        let from = rule.from.clone().unwrap_or_default();
+        let mut trust_domains = Vec::with_capacity(from.trust_domains.len());
+        for (i, td) in from.trust_domains.iter().enumerate() {
+            let field = format!("rules[{rule_idx}].from.trust_domains[{i}]");
+            trust_domains.push(
+                document::parse_trust_domain(name, &field, td)?
+                    .as_str()
+                    .to_owned(),
+            );
+        }
+        let mut principals = Vec::with_capacity(from.principals.len());
+        for (i, p) in from.principals.iter().enumerate() {
+            let field = format!("rules[{rule_idx}].from.principals[{i}]");
+            principals.push(document::parse_principal(name, &field, p)?);
+        }
+        let id = u32::try_from(self.rules.len()).map_err(|_| {
+            PolicyError::new(
+                name,
+                format!("rules[{rule_idx}]"),
+                "too many rules (at most 2^32)",
+            )
+        })?;
+        self.rules.push(Compiled {
+            policy,
+            rule: rule_idx,
+            trust_domains,
+        });
+        let ports = rule.to.as_ref().map(|t| t.ports.as_slice()).unwrap_or(&[]);
+        if ports.is_empty() {
+            add(&mut self.any_port, id, &principals);
+        } else {
+            for port in ports {
+                add(self.by_port.entry(*port).or_default(), id, &principals);
+            }
+        }
+        Ok(())
+    }
+
+    /// The first matching rule (lowest policy, then rule index) for `source` on `port`.
+    pub(crate) fn find(&self, source: &SpiffeId, local: bool, port: u16) -> Option<(u32, usize)> {
+        let mut best: Option<(u32, usize)> = None;
+        let mut consider = |ids: &[u32], via: Via| {
+            for id in ids {
+                let Some(c) = self.rules.get(*id as usize) else {
+                    continue;
+                };
+                if self.matches(c, via, source, local) {
+                    let key = (c.policy, c.rule);
+                    if best.is_none_or(|b| key < b) {
+                        best = Some(key);
+                    }
+                }
+            }
+        };
+        for idx in [Some(&self.any_port), self.by_port.get(&port)]
+            .into_iter()
+            .flatten()
+        {
+            lookup(idx, source, &mut consider);
+        }
+        best
+    }
+
+    fn matches(&self, c: &Compiled, via: Via, source: &SpiffeId, local: bool) -> bool {
+        let td = source.trust_domain_str();
+        let td_listed = c.trust_domains.iter().any(|t| t == td);
+        match via {
+            Via::Named => c.trust_domains.is_empty() || td_listed,
+            // `*` stands for the local trust domain only (ARCHITECTURE.md, "Policy model").
+            Via::LocalAny => local && (c.trust_domains.is_empty() || td_listed),
+            // Without principals, a foreign caller must be admitted by name in trust_domains.
+            Via::NoPrincipals => {
+                if c.trust_domains.is_empty() {
+                    local
+                } else {
+                    td_listed
+                }
+            }
+        }
+    }
+}
+
+fn add(idx: &mut PortIndex, id: u32, principals: &[Principal]) {
+    if principals.is_empty() {
+        idx.no_principals.push(id);
+        return;
+    }
+    for p in principals {
+        let list = match p {
+            Principal::Exact(s) => idx.exact.entry(s.as_str().to_owned()).or_default(),
+            Principal::Under(prefix) => idx.under.entry(prefix.clone()).or_default(),
+            Principal::TrustDomain(td) => {
+                idx.trust_domain.entry(td.as_str().to_owned()).or_default()
+            }
+            Principal::LocalAny => &mut idx.local_any,
+        };
+        // A rule listing two patterns that both match is reached twice; harmless.
+        list.push(id);
+    }
+}
+
+fn lookup(idx: &PortIndex, source: &SpiffeId, consider: &mut impl FnMut(&[u32], Via)) {
+    let s = source.as_str();
+    if let Some(ids) = idx.exact.get(s) {
+        consider(ids, Via::Named);
+    }
+    if !idx.under.is_empty() {
+        // Every proper prefix ending in `/` after the trust domain: `spiffe://td/a/b` yields
+        // `spiffe://td/a/`, so a pattern matches on a segment boundary only.
+        let path_start = s.len() - source.path().len();
+        for (i, _) in s[path_start..].match_indices('/').skip(1) {
+            if let Some(ids) = idx.under.get(&s[..path_start + i + 1]) {
+                consider(ids, Via::Named);
+            }
+        }
+    }
+    if let Some(ids) = idx.trust_domain.get(source.trust_domain_str()) {
+        consider(ids, Via::Named);
+    }
+    consider(&idx.local_any, Via::LocalAny);
+    consider(&idx.no_principals, Via::NoPrincipals);
+}

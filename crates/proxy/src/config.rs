@@ -1,0 +1,393 @@
+//! Proxy configuration: flags (`--inbound`, `--outbound`) and the proxy config file (TOML) with the
+//! destination map used in transparent mode. Pure parsing; every error names the input.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tessera_spiffe::SpiffeId;
+
+/// The HBONE convention: the peer proxy's mTLS tunnel port.
+pub const TUNNEL_PORT: u16 = 15008;
+/// Transparent mode: where redirected outbound TCP lands.
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// Transparent mode: where redirected inbound plaintext TCP lands (refused in STRICT mode).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// The socket mark of the proxy's own connections, exempted from interception.
+pub const DEFAULT_MARK: u32 = 0x5e55;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct ConfigError {
+    pub what: String,
+    pub message: String,
+}
+
+fn err(what: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        what: what.into(),
+        message: message.into(),
+    }
+}
+
+/// What an inbound port speaks (`--inbound 8080:http`); `http` is recorded for the later HTTP
+/// policy fields and proxied as TCP today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
+/// A port of this workload reachable through the tunnel (`--inbound PORT[:http]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundPort {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::str::FromStr for InboundPort {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let what = || format!("--inbound {s:?}");
+        let (port, protocol) = match s.split_once(':') {
+            None => (s, Protocol::Tcp),
+            Some((p, "http")) => (p, Protocol::Http),
+            Some((p, "tcp")) => (p, Protocol::Tcp),
+            Some((_, other)) => {
+                return Err(err(
+                    what(),
+                    format!("unknown protocol {other:?} (expected tcp or http)"),
+                ));
+            }
+        };
+        let port: u16 = port
+            .parse()
+            .map_err(|_| err(what(), "expected PORT or PORT:http with PORT in 1..=65535"))?;
+        if port == 0 {
+            return Err(err(what(), "port 0 is not a port"));
+        }
+        Ok(Self { port, protocol })
+    }
+}
+
+/// An explicit outbound listener (`--outbound LISTEN=HOST:PORT,SPIFFE_ID`): connections to
+/// LISTEN go through the tunnel to HOST:PORT, whose proxy must prove SPIFFE_ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundListener {
+    pub listen: SocketAddr,
+    /// `host:port`; resolved at each connection.
+    pub destination: String,
+    pub spiffe_id: SpiffeId,
+}
+
+impl std::str::FromStr for OutboundListener {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let what = || format!("--outbound {s:?}");
+        let (listen, rest) = s
+            .split_once('=')
+            .ok_or_else(|| err(what(), "expected LISTEN=HOST:PORT,SPIFFE_ID"))?;
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|e| err(what(), format!("listen address {listen:?}: {e}")))?;
+        let (destination, id) = rest
+            .split_once(',')
+            .ok_or_else(|| err(what(), "expected LISTEN=HOST:PORT,SPIFFE_ID"))?;
+        let (host, port) = destination
+            .rsplit_once(':')
+            .ok_or_else(|| err(what(), format!("destination {destination:?} has no :PORT")))?;
+        if host.is_empty() || !matches!(port.parse::<u16>(), Ok(p) if p != 0) {
+            return Err(err(
+                what(),
+                format!("destination {destination:?}: expected HOST:PORT"),
+            ));
+        }
+        let spiffe_id =
+            SpiffeId::parse(id).map_err(|e| err(what(), format!("SPIFFE ID {id:?}: {e}")))?;
+        Ok(Self {
+            listen,
+            destination: destination.to_owned(),
+            spiffe_id,
+        })
+    }
+}
+
+/// An IPv4 network (`198.18.0.0/15`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr) & mask
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, p) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{s:?}: expected an IPv4 address or network (a.b.c.d/len)"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0..=32"))?;
+        let c = Self { addr, prefix };
+        if c.masked() != addr {
+            return Err(format!(
+                "{s:?}: host bits are set (did you mean {}/{prefix}?)",
+                c.masked()
+            ));
+        }
+        Ok(c)
+    }
+}
+
+impl Cidr {
+    fn masked(&self) -> Ipv4Addr {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
+        Ipv4Addr::from(u32::from(self.addr) & mask)
+    }
+}
+
+/// One `[[destination]]` of the proxy config file: who must answer at these addresses and ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub cidr: Cidr,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+    pub spiffe_id: SpiffeId,
+    /// The peer proxy's tunnel port (default 15008).
+    pub tunnel_port: u16,
+}
+
+/// The transparent mode's destination map: original destination → expected identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestinationMap {
+    /// Longest prefix first, so the most specific entry wins.
+    entries: Vec<Destination>,
+}
+
+impl DestinationMap {
+    pub fn new(mut entries: Vec<Destination>) -> Self {
+        entries.sort_by_key(|d| std::cmp::Reverse(d.cidr.prefix));
+        Self { entries }
+    }
+
+    pub fn lookup(&self, dst: SocketAddr) -> Option<&Destination> {
+        let IpAddr::V4(ip) = dst.ip() else {
+            return None;
+        };
+        self.entries
+            .iter()
+            .find(|d| d.cidr.contains(ip) && (d.ports.is_empty() || d.ports.contains(&dst.port())))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// What transparent mode does with a destination that has no `[[destination]]` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmapped {
+    /// Refuse the connection (the default: no identity to expect means no way to authenticate).
+    #[default]
+    Deny,
+    /// Connect directly in plaintext, logged at warn.
+    Passthrough,
+}
+
+/// Inbound mode in transparent mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    /// Only mutual TLS through the tunnel port.
+    #[default]
+    Strict,
+    /// Also plaintext to declared ports, without identity (migration only; logged loudly).
+    Permissive,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDestination {
+    cidr: String,
+    #[serde(default)]
+    ports: Vec<u16>,
+    spiffe_id: String,
+    #[serde(default)]
+    tunnel_port: Option<u16>,
+}
+
+/// The proxy config file (TOML).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    destination: Vec<FileDestination>,
+    #[serde(default)]
+    unmapped: Option<Unmapped>,
+    #[serde(default)]
+    inbound_mode: Option<InboundMode>,
+    #[serde(default)]
+    policy_file: Option<PathBuf>,
+}
+
+/// What the config file contributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    pub destinations: DestinationMap,
+    pub unmapped: Option<Unmapped>,
+    pub inbound_mode: Option<InboundMode>,
+    pub policy_file: Option<PathBuf>,
+}
+
+/// Parses the proxy config file; `name` is the file's path for error messages.
+pub fn parse_file(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
+    let f: File = toml::from_str(text).map_err(|e| err(name, e.to_string()))?;
+    let mut entries = Vec::with_capacity(f.destination.len());
+    for (i, d) in f.destination.into_iter().enumerate() {
+        let at = |field: &str| format!("{name}: destination[{i}].{field}");
+        let cidr = d.cidr.parse().map_err(|e| err(at("cidr"), e))?;
+        if d.ports.contains(&0) {
+            return Err(err(at("ports"), "port 0 is not a port"));
+        }
+        let spiffe_id = SpiffeId::parse(&d.spiffe_id)
+            .map_err(|e| err(at("spiffe_id"), format!("{:?}: {e}", d.spiffe_id)))?;
+        if spiffe_id.is_root() {
+            return Err(err(at("spiffe_id"), "a trust domain is not a workload ID"));
+        }
+        let tunnel_port = match d.tunnel_port {
+            Some(0) => return Err(err(at("tunnel_port"), "port 0 is not a port")),
+            Some(p) => p,
+            None => TUNNEL_PORT,
+        };
+        entries.push(Destination {
+            cidr,
+            ports: d.ports,
+            spiffe_id,
+            tunnel_port,
+        });
+    }
+    Ok(FileConfig {
+        destinations: DestinationMap::new(entries),
+        unmapped: f.unmapped,
+        inbound_mode: f.inbound_mode,
+        policy_file: f.policy_file,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn inbound_ports() {
+        assert_eq!(
+            "8080".parse::<InboundPort>().unwrap(),
+            InboundPort {
+                port: 8080,
+                protocol: Protocol::Tcp
+            }
+        );
+        assert_eq!(
+            "80:http".parse::<InboundPort>().unwrap().protocol,
+            Protocol::Http
+        );
+        for bad in ["0", "x", "80:udp", "", "70000"] {
+            let e = bad.parse::<InboundPort>().unwrap_err();
+            assert!(e.what.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn outbound_listeners() {
+        let o: OutboundListener = "127.0.0.1:9000=bar.example:8080,spiffe://example.org/bar"
+            .parse()
+            .unwrap();
+        assert_eq!(o.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(o.destination, "bar.example:8080");
+        assert_eq!(o.spiffe_id.as_str(), "spiffe://example.org/bar");
+        for bad in [
+            "127.0.0.1:9000",
+            "127.0.0.1:9000=bar:8080",
+            "nope=bar:8080,spiffe://example.org/bar",
+            "127.0.0.1:9000=bar,spiffe://example.org/bar",
+            "127.0.0.1:9000=bar:0,spiffe://example.org/bar",
+            "127.0.0.1:9000=bar:80,https://example.org/bar",
+        ] {
+            assert!(bad.parse::<OutboundListener>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidrs() {
+        let c: Cidr = "198.18.0.0/15".parse().unwrap();
+        assert!(c.contains("198.19.255.1".parse().unwrap()));
+        assert!(!c.contains("198.20.0.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+        assert!("198.18.0.1/15".parse::<Cidr>().is_err());
+        assert!("198.18.0.0/33".parse::<Cidr>().is_err());
+        assert!("::1/128".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn destination_file() {
+        let f = parse_file(
+            "p.toml",
+            r#"
+unmapped = "passthrough"
+[[destination]]
+cidr = "198.18.0.0/15"
+spiffe_id = "spiffe://example.org/any"
+[[destination]]
+cidr = "198.18.0.2"
+ports = [8080]
+spiffe_id = "spiffe://example.org/bar"
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.unmapped, Some(Unmapped::Passthrough));
+        let m = &f.destinations;
+        let bar = m.lookup("198.18.0.2:8080".parse().unwrap()).unwrap();
+        assert_eq!(bar.spiffe_id.as_str(), "spiffe://example.org/bar");
+        let other = m.lookup("198.18.0.2:9090".parse().unwrap()).unwrap();
+        assert_eq!(other.spiffe_id.as_str(), "spiffe://example.org/any");
+        assert!(m.lookup("10.0.0.1:80".parse().unwrap()).is_none());
+
+        let e = parse_file(
+            "p.toml",
+            "[[destination]]\ncidr = \"1.2.3.4\"\nspiffe_id = \"spiffe://x/y\"\n[[destination]]\ncidr = \"1.2.3.4/40\"\nspiffe_id = \"spiffe://x/y\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.what, "p.toml: destination[1].cidr");
+        let e = parse_file(
+            "p.toml",
+            "[[destination]]\ncidr = \"1.2.3.4\"\nspiffe_id = \"spiffe://x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.what, "p.toml: destination[0].spiffe_id");
+        assert!(parse_file("p.toml", "destinations = []").is_err());
+    }
+}

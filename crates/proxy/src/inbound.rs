@@ -1,0 +1,288 @@
+//! The inbound side: mutual TLS on the tunnel port, then HTTP/2 CONNECT streams. The source
+//! identity is taken only from the client certificate verified in this TLS session; the CONNECT
+//! target must be this workload's address and a declared port, the policy must allow the source
+//! on that port, and only then does the proxy connect to `127.0.0.1:PORT`. Nothing else is
+//! relayed anywhere.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tessera_policy::PolicySet;
+use tessera_spiffe::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::{InboundMode, InboundPort, Protocol};
+use crate::identity::Identity;
+use crate::outbound::COPY_BUF;
+use crate::telemetry::{AccessRecord, Direction, Telemetry};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The inbound side's state.
+#[derive(Debug)]
+pub struct Inbound {
+    identity: Arc<Identity>,
+    policy: Arc<ArcSwap<PolicySet>>,
+    ports: HashMap<u16, Protocol>,
+    /// Extra addresses a CONNECT may name as this workload's (besides the address the tunnel
+    /// connection arrived on).
+    addresses: Vec<IpAddr>,
+    telemetry: Arc<Telemetry>,
+    /// Built once the proxy has an identity; its resolver and bundles are swapped in place, so
+    /// one config serves for the life of the proxy.
+    server_cfg: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
+}
+
+impl Inbound {
+    pub fn new(
+        identity: Arc<Identity>,
+        policy: Arc<ArcSwap<PolicySet>>,
+        ports: &[InboundPort],
+        addresses: Vec<IpAddr>,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        Self {
+            identity,
+            policy,
+            ports: ports.iter().map(|p| (p.port, p.protocol)).collect(),
+            addresses,
+            telemetry,
+            server_cfg: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Serves the tunnel port until the task is dropped.
+    pub async fn serve_tunnel(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move { this.connection(tcp, peer).await });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let start = Instant::now();
+        let local = tcp.local_addr().ok();
+        let deny = |reason: String| {
+            let mut rec = AccessRecord::new(Direction::Inbound);
+            rec.src_addr = Some(peer);
+            rec.dst_addr = local;
+            rec.dst_spiffe_id = self.identity.spiffe_id().map(|i| i.to_string());
+            rec.reason = reason;
+            self.telemetry.record(rec, start.elapsed());
+        };
+        let cfg = match self.server_cfg.get() {
+            Some(c) => Some(c.clone()),
+            None => crate::tls::server_config(&self.identity)
+                .map(|c| self.server_cfg.get_or_init(|| c).clone()),
+        };
+        let Some(cfg) = cfg else {
+            deny("the proxy has no identity yet".into());
+            return;
+        };
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+        )
+        .await;
+        let tls = match tls {
+            Err(_) => Err("timed out".to_owned()),
+            Ok(r) => r.map_err(|e| e.to_string()),
+        };
+        self.telemetry.handshake(true, tls.is_ok());
+        let tls = match tls {
+            Ok(t) => t,
+            Err(e) => return deny(format!("TLS handshake failed: {e}")),
+        };
+        // The verifier of this very handshake accepted the chain (client certificates are
+        // mandatory); the identity is read from that verified leaf and nowhere else.
+        let Some(src) = tessera_tls::peer_spiffe_id(tls.get_ref().1.peer_certificates()) else {
+            return deny("client presented no X509-SVID".into());
+        };
+        let src = Arc::new(src);
+        let Some(local) = local else {
+            return deny("no local address".into());
+        };
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let src = src.clone();
+            async move { Ok::<_, Infallible>(this.stream(req, &src, peer, local).await) }
+        });
+        let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .max_frame_size(256 << 10)
+            .serve_connection(TokioIo::new(tls), svc)
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, %peer, "tunnel connection ended");
+        }
+    }
+
+    /// One CONNECT stream.
+    async fn stream(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        src: &Arc<SpiffeId>,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Response<Empty<Bytes>> {
+        let start = Instant::now();
+        let mut rec = AccessRecord::new(Direction::Inbound);
+        rec.src_spiffe_id = Some(src.to_string());
+        rec.dst_spiffe_id = self.identity.spiffe_id().map(|i| i.to_string());
+        rec.src_addr = Some(peer);
+        let refuse = |mut rec: AccessRecord, status: StatusCode, reason: String| {
+            rec.reason = reason;
+            self.telemetry.record(rec, start.elapsed());
+            status_only(status)
+        };
+        if req.method() != http::Method::CONNECT {
+            return refuse(
+                rec,
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{} is not CONNECT", req.method()),
+            );
+        }
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return refuse(
+                rec,
+                StatusCode::BAD_REQUEST,
+                format!("CONNECT target {:?} is not IP:PORT", req.uri().to_string()),
+            );
+        };
+        rec.dst_addr = Some(target);
+        // No open relay: the target must be this workload (the address the peer reached us
+        // on, or one configured), never a third host.
+        if target.ip() != local.ip() && !self.addresses.contains(&target.ip()) {
+            return refuse(
+                rec,
+                StatusCode::FORBIDDEN,
+                format!("CONNECT target {target} is not this workload's address"),
+            );
+        }
+        if !self.ports.contains_key(&target.port()) {
+            return refuse(
+                rec,
+                StatusCode::FORBIDDEN,
+                format!("port {} is not declared with --inbound", target.port()),
+            );
+        }
+        let decision = self.policy.load().decide(src, target.port());
+        if !decision.allowed {
+            return refuse(rec, StatusCode::FORBIDDEN, decision.reason.to_string());
+        }
+        let app_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.port());
+        let app = match crate::outbound::connect_marked(app_addr, None).await {
+            Ok(a) => a,
+            Err(e) => {
+                return refuse(
+                    rec,
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "{} allowed, but the application at {app_addr} refused: {e}",
+                        decision.reason
+                    ),
+                );
+            }
+        };
+        let telemetry = self.telemetry.clone();
+        tokio::spawn(async move {
+            let mut app = app;
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    telemetry.active.inc();
+                    let mut up = TokioIo::new(upgraded);
+                    let r = tokio::io::copy_bidirectional_with_sizes(
+                        &mut up, &mut app, COPY_BUF, COPY_BUF,
+                    )
+                    .await;
+                    telemetry.active.dec();
+                    rec.decision = "allow";
+                    match r {
+                        Ok((sent, received)) => {
+                            rec.bytes_sent = sent;
+                            rec.bytes_received = received;
+                            rec.reason = decision.reason.to_string();
+                        }
+                        Err(e) => rec.reason = format!("{}; copy: {e}", decision.reason),
+                    }
+                }
+                Err(e) => rec.reason = format!("CONNECT upgrade failed: {e}"),
+            }
+            telemetry.record(rec, start.elapsed());
+        });
+        status_only(StatusCode::OK)
+    }
+
+    /// Serves the transparent inbound plaintext port: STRICT refuses every connection (and logs
+    /// it); PERMISSIVE passes plaintext to a declared port without any identity, logged at warn.
+    pub async fn serve_plaintext(self: Arc<Self>, listener: TcpListener, mode: InboundMode) {
+        loop {
+            let Ok((mut tcp, peer)) = listener.accept().await else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let mut rec = AccessRecord::new(Direction::InboundPlaintext);
+                rec.src_addr = Some(peer);
+                rec.dst_spiffe_id = this.identity.spiffe_id().map(|i| i.to_string());
+                let target = crate::transparent::original_dst(&tcp).ok();
+                rec.dst_addr = target;
+                match (mode, target) {
+                    (InboundMode::Strict, _) => {
+                        rec.reason =
+                            "plaintext refused: inbound mode is STRICT (mutual TLS only)".into();
+                    }
+                    (InboundMode::Permissive, None) => {
+                        rec.reason = "no original destination".into();
+                    }
+                    (InboundMode::Permissive, Some(t)) if !this.ports.contains_key(&t.port()) => {
+                        rec.reason = format!("port {} is not declared with --inbound", t.port());
+                    }
+                    (InboundMode::Permissive, Some(t)) => {
+                        tracing::warn!(%peer, port = t.port(), "PERMISSIVE: plaintext connection without identity admitted");
+                        let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), t.port());
+                        match crate::outbound::connect_marked(app, None).await {
+                            Ok(mut a) => {
+                                rec.decision = "allow";
+                                rec.reason = "PERMISSIVE plaintext, no identity".into();
+                                if let Ok((s, r)) =
+                                    tokio::io::copy_bidirectional(&mut tcp, &mut a).await
+                                {
+                                    rec.bytes_sent = s;
+                                    rec.bytes_received = r;
+                                }
+                            }
+                            Err(e) => rec.reason = format!("application refused: {e}"),
+                        }
+                    }
+                }
+                this.telemetry.record(rec, start.elapsed());
+            });
+        }
+    }
+}
+
+fn status_only(status: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    r
+}

@@ -1,0 +1,22 @@
+//! `tessera proxy`: the data plane. Connections between workloads become HTTP/2 CONNECT streams
+//! (HBONE, port 15008) over mutual TLS with the workloads' X509-SVIDs; the destination authorizes
+//! on the SPIFFE ID proven in that same TLS session, never on an IP address.
+//!
+//! - [`identity`]: the proxy's SVID and bundles from the Workload API (rotation in place);
+//! - [`outbound`]: explicit listeners and the transparent capture port → pooled tunnels;
+//! - [`inbound`]: the tunnel server (mTLS, CONNECT target checks, policy) and the plaintext port;
+//! - [`transparent`]: iptables rules, `SO_ORIGINAL_DST`, `SO_MARK`;
+//! - [`telemetry`]: access log and metrics; [`run`]: wiring.
+
+pub mod config;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod run;
+pub mod telemetry;
+pub mod tls;
+pub mod transparent;
+
+pub use identity::Identity;
+pub use run::{ProxyOptions, RunningProxy, TransparentOptions, start};
+pub use telemetry::Telemetry;

@@ -1,0 +1,357 @@
+//! The outbound side: workload connections (from an explicit listener or intercepted) become
+//! streams of an HTTP/2 CONNECT tunnel over mutual TLS to the destination's proxy. Tunnel
+//! connections are pooled per (source identity, destination identity, tunnel address), and
+//! streams multiplexed on them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tessera_spiffe::SpiffeId;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::config::{DestinationMap, OutboundListener, Unmapped};
+use crate::identity::Identity;
+use crate::telemetry::{AccessRecord, Direction, Telemetry};
+use crate::tls::{ALPN_H2, ClientConfigs};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Copy buffer per direction: large enough for line-rate bulk transfers.
+pub(crate) const COPY_BUF: usize = 64 * 1024;
+
+/// Why a tunnel stream could not be opened; the text goes to the access log.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("the proxy has no identity yet")]
+    NoIdentity,
+    #[error("connect to tunnel {0}: {1}")]
+    Connect(SocketAddr, String),
+    #[error("TLS handshake with {0}: {1}")]
+    Tls(SocketAddr, String),
+    #[error("HTTP/2 with {0}: {1}")]
+    H2(SocketAddr, String),
+    #[error("peer refused CONNECT {target}: HTTP {status}")]
+    Refused { target: SocketAddr, status: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    src: Arc<SpiffeId>,
+    dst: SpiffeId,
+    tunnel: SocketAddr,
+}
+
+/// Opens tunnel streams.
+#[derive(Debug)]
+pub struct Outbound {
+    identity: Arc<Identity>,
+    configs: ClientConfigs,
+    pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    pooling: bool,
+    mark: Option<u32>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Outbound {
+    pub fn new(
+        identity: Arc<Identity>,
+        telemetry: Arc<Telemetry>,
+        pooling: bool,
+        mark: Option<u32>,
+    ) -> Self {
+        Self {
+            identity,
+            configs: ClientConfigs::default(),
+            pool: Mutex::new(HashMap::new()),
+            pooling,
+            mark,
+            telemetry,
+        }
+    }
+
+    /// A bidirectional stream to `target` through the proxy at `tunnel`, which must prove
+    /// `dst_id` in the TLS handshake.
+    pub async fn open(
+        &self,
+        dst_id: &SpiffeId,
+        tunnel: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<Upgraded, TunnelError> {
+        let src = self.identity.spiffe_id().ok_or(TunnelError::NoIdentity)?;
+        let key = PoolKey {
+            src,
+            dst: dst_id.clone(),
+            tunnel,
+        };
+        let pooled = if self.pooling {
+            self.pool.lock().ok().and_then(|mut p| match p.get(&key) {
+                Some(s) if !s.is_closed() => Some(s.clone()),
+                Some(_) => {
+                    p.remove(&key);
+                    None
+                }
+                None => None,
+            })
+        } else {
+            None
+        };
+        let sender = match pooled {
+            Some(s) => s,
+            None => self.dial(&key).await?,
+        };
+        match self.connect(sender, target, tunnel).await {
+            Err(TunnelError::H2(..)) if self.pooling => {
+                // The pooled connection died under us: drop it and dial once more.
+                if let Ok(mut p) = self.pool.lock() {
+                    p.remove(&key);
+                }
+                let sender = self.dial(&key).await?;
+                self.connect(sender, target, tunnel).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect(
+        &self,
+        mut sender: SendRequest<Empty<Bytes>>,
+        target: SocketAddr,
+        tunnel: SocketAddr,
+    ) -> Result<Upgraded, TunnelError> {
+        let h2 = |e: hyper::Error| TunnelError::H2(tunnel, e.to_string());
+        sender.ready().await.map_err(h2)?;
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| TunnelError::H2(tunnel, e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(h2)?;
+        if resp.status() != http::StatusCode::OK {
+            return Err(TunnelError::Refused {
+                target,
+                status: resp.status().as_u16(),
+            });
+        }
+        hyper::upgrade::on(resp).await.map_err(h2)
+    }
+
+    async fn dial(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+        let tunnel = key.tunnel;
+        let cfg = self
+            .configs
+            .get(&self.identity, &key.dst)
+            .ok_or(TunnelError::NoIdentity)?;
+        let tcp = connect_marked(tunnel, self.mark)
+            .await
+            .map_err(|e| TunnelError::Connect(tunnel, e.to_string()))?;
+        // The server name is not what is verified (the SPIFFE ID is); an IP address sends no SNI.
+        let name = ServerName::IpAddress(tunnel.ip().into());
+        let tls = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| TunnelError::Tls(tunnel, "timed out".into()))
+        .and_then(|r| r.map_err(|e| TunnelError::Tls(tunnel, e.to_string())));
+        self.telemetry.handshake(false, tls.is_ok());
+        let tls = tls?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            return Err(TunnelError::Tls(
+                tunnel,
+                "peer did not select ALPN h2".into(),
+            ));
+        }
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .max_frame_size(256 << 10)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| TunnelError::H2(tunnel, e.to_string()))?;
+        let pooled = self.telemetry.pooled.clone();
+        pooled.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %tunnel, "tunnel connection ended");
+            }
+            pooled.dec();
+        });
+        if self.pooling
+            && let Ok(mut p) = self.pool.lock()
+        {
+            p.insert(key.clone(), sender.clone());
+        }
+        Ok(sender)
+    }
+
+    /// Proxies one workload connection to `target` through the tunnel and writes its access record.
+    pub async fn proxy(
+        &self,
+        mut client: TcpStream,
+        dst_id: &SpiffeId,
+        tunnel: SocketAddr,
+        target: SocketAddr,
+    ) {
+        let start = Instant::now();
+        let mut rec = AccessRecord::new(Direction::Outbound);
+        rec.src_spiffe_id = self.identity.spiffe_id().map(|i| i.to_string());
+        rec.dst_spiffe_id = Some(dst_id.to_string());
+        rec.src_addr = client.peer_addr().ok();
+        rec.dst_addr = Some(target);
+        match self.open(dst_id, tunnel, target).await {
+            Err(e) => {
+                rec.reason = e.to_string();
+            }
+            Ok(upgraded) => {
+                self.telemetry.active.inc();
+                let mut up = TokioIo::new(upgraded);
+                let r = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut up,
+                    COPY_BUF,
+                    COPY_BUF,
+                )
+                .await;
+                self.telemetry.active.dec();
+                rec.decision = "allow";
+                match r {
+                    Ok((sent, received)) => {
+                        rec.bytes_sent = sent;
+                        rec.bytes_received = received;
+                        rec.reason = "closed".into();
+                    }
+                    Err(e) => rec.reason = format!("copy: {e}"),
+                }
+            }
+        }
+        self.telemetry.record(rec, start.elapsed());
+    }
+
+    /// Serves an explicit listener (`--outbound`).
+    pub async fn serve_explicit(self: Arc<Self>, listener: TcpListener, spec: OutboundListener) {
+        let spec = Arc::new(spec);
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let this = self.clone();
+            let spec = spec.clone();
+            tokio::spawn(async move {
+                let target = match tokio::net::lookup_host(spec.destination.as_str()).await {
+                    Ok(mut addrs) => addrs.next(),
+                    Err(_) => None,
+                };
+                let Some(target) = target else {
+                    let mut rec = AccessRecord::new(Direction::Outbound);
+                    rec.dst_spiffe_id = Some(spec.spiffe_id.to_string());
+                    rec.src_addr = client.peer_addr().ok();
+                    rec.reason = format!("cannot resolve {}", spec.destination);
+                    this.telemetry.record(rec, Duration::ZERO);
+                    return;
+                };
+                let tunnel = SocketAddr::new(target.ip(), crate::config::TUNNEL_PORT);
+                this.proxy(client, &spec.spiffe_id, tunnel, target).await;
+            });
+        }
+    }
+
+    /// Serves the transparent capture port: the original destination comes from
+    /// `SO_ORIGINAL_DST`, the identity to expect from the destination map.
+    pub async fn serve_transparent(
+        self: Arc<Self>,
+        listener: TcpListener,
+        map: Arc<DestinationMap>,
+        unmapped: Unmapped,
+    ) {
+        loop {
+            let Ok((client, peer)) = listener.accept().await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let this = self.clone();
+            let map = map.clone();
+            tokio::spawn(async move {
+                let target = match crate::transparent::original_dst(&client) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let mut rec = AccessRecord::new(Direction::Outbound);
+                        rec.src_addr = Some(peer);
+                        rec.reason = format!("no original destination (SO_ORIGINAL_DST): {e}");
+                        this.telemetry.record(rec, Duration::ZERO);
+                        return;
+                    }
+                };
+                match map.lookup(target) {
+                    Some(d) => {
+                        let tunnel = SocketAddr::new(target.ip(), d.tunnel_port);
+                        this.proxy(client, &d.spiffe_id, tunnel, target).await;
+                    }
+                    None => this.unmapped(client, peer, target, unmapped).await,
+                }
+            });
+        }
+    }
+
+    async fn unmapped(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        target: SocketAddr,
+        mode: Unmapped,
+    ) {
+        let start = Instant::now();
+        let mut rec = AccessRecord::new(Direction::Passthrough);
+        rec.src_spiffe_id = self.identity.spiffe_id().map(|i| i.to_string());
+        rec.src_addr = Some(peer);
+        rec.dst_addr = Some(target);
+        match mode {
+            Unmapped::Deny => {
+                rec.reason = "destination not in the destination map (--unmapped deny)".into();
+            }
+            Unmapped::Passthrough => {
+                tracing::warn!(%target, "unmapped destination passed through in PLAINTEXT");
+                match connect_marked(target, self.mark).await {
+                    Ok(mut upstream) => {
+                        let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        rec.decision = "allow";
+                        rec.reason = "unmapped destination: plaintext passthrough".into();
+                        if let Ok((s, r)) = r {
+                            rec.bytes_sent = s;
+                            rec.bytes_received = r;
+                        }
+                    }
+                    Err(e) => rec.reason = format!("passthrough connect: {e}"),
+                }
+            }
+        }
+        self.telemetry.record(rec, start.elapsed());
+    }
+}
+
+/// A TCP connection carrying the proxy's socket mark (when set), which the interception rules
+/// exempt, so the proxy's own traffic is not redirected back into itself.
+pub(crate) async fn connect_marked(
+    addr: SocketAddr,
+    mark: Option<u32>,
+) -> std::io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(m) = mark {
+        crate::transparent::set_mark(&sock, m)?;
+    }
+    sock.set_nodelay(true)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}

@@ -1,0 +1,186 @@
+//! Wiring: wait for an identity, compile the policy, bind the listeners.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tessera_policy::{DefaultAction, PolicySet};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::{DestinationMap, InboundMode, InboundPort, OutboundListener, Unmapped};
+use crate::identity::Identity;
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::telemetry::Telemetry;
+
+/// Transparent mode (the interception rules are installed by the caller, before the proxy has
+/// an identity, so nothing leaks in plaintext while it waits).
+#[derive(Debug, Clone)]
+pub struct TransparentOptions {
+    pub outbound_addr: SocketAddr,
+    pub inbound_plaintext_addr: SocketAddr,
+    pub destinations: DestinationMap,
+    pub unmapped: Unmapped,
+    pub inbound_mode: InboundMode,
+}
+
+/// Everything `start` needs besides the identity.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    pub tunnel_addr: SocketAddr,
+    pub inbound: Vec<InboundPort>,
+    /// Extra addresses CONNECT may name as this workload.
+    pub addresses: Vec<IpAddr>,
+    pub outbound: Vec<OutboundListener>,
+    pub transparent: Option<TransparentOptions>,
+    /// A policy file's (name, TOML text); `None`: no policy, `default_action` decides.
+    pub policy: Option<(String, String)>,
+    pub default_action: DefaultAction,
+    pub pooling: bool,
+    /// Socket mark of the proxy's outbound connections (transparent mode).
+    pub mark: Option<u32>,
+}
+
+impl ProxyOptions {
+    pub fn new(tunnel_addr: SocketAddr) -> Self {
+        Self {
+            tunnel_addr,
+            inbound: Vec::new(),
+            addresses: Vec::new(),
+            outbound: Vec::new(),
+            transparent: None,
+            policy: None,
+            default_action: DefaultAction::Deny,
+            pooling: true,
+            mark: None,
+        }
+    }
+}
+
+/// A started proxy.
+#[derive(Debug)]
+pub struct RunningProxy {
+    pub tunnel_addr: SocketAddr,
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub policy: Arc<ArcSwap<PolicySet>>,
+    pub outbound: Arc<Outbound>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    pub fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Compiles a policy file (or none) for the local trust domain; the file's `default` wins over
+/// `default`.
+pub fn compile_policy(
+    local: tessera_spiffe::TrustDomain,
+    policy: Option<&(String, String)>,
+    default: DefaultAction,
+) -> Result<PolicySet, String> {
+    match policy {
+        None => Ok(PolicySet::empty(local, default)),
+        Some((name, text)) => PolicySet::from_toml_or(local, text, default)
+            .map_err(|e| format!("policy file {name}: {e}")),
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{what}: cannot listen on {addr}: {e}"))
+}
+
+/// Waits for the first SVID, then serves. Listeners are bound only once the proxy has an
+/// identity: before that it refuses to serve.
+pub async fn start(
+    opts: ProxyOptions,
+    identity: Arc<Identity>,
+    telemetry: Arc<Telemetry>,
+) -> Result<RunningProxy, String> {
+    identity.wait_ready().await;
+    let own = identity
+        .spiffe_id()
+        .ok_or_else(|| "the proxy has no identity".to_owned())?;
+    let policy = compile_policy(
+        own.trust_domain(),
+        opts.policy.as_ref(),
+        opts.default_action,
+    )?;
+    let policy = Arc::new(ArcSwap::from_pointee(policy));
+    let mut tasks = Vec::new();
+
+    let inbound = Arc::new(Inbound::new(
+        identity.clone(),
+        policy.clone(),
+        &opts.inbound,
+        opts.addresses.clone(),
+        telemetry.clone(),
+    ));
+    let tunnel = bind(opts.tunnel_addr, "tunnel").await?;
+    let tunnel_addr = tunnel.local_addr().map_err(|e| e.to_string())?;
+    tasks.push(tokio::spawn(inbound.clone().serve_tunnel(tunnel)));
+
+    let outbound = Arc::new(Outbound::new(
+        identity.clone(),
+        telemetry.clone(),
+        opts.pooling,
+        opts.mark,
+    ));
+    let mut outbound_addrs = Vec::new();
+    for spec in opts.outbound {
+        let l = bind(spec.listen, "--outbound").await?;
+        outbound_addrs.push(l.local_addr().map_err(|e| e.to_string())?);
+        tasks.push(tokio::spawn(outbound.clone().serve_explicit(l, spec)));
+    }
+    if let Some(t) = opts.transparent {
+        let l = bind(t.outbound_addr, "transparent outbound").await?;
+        tasks.push(tokio::spawn(outbound.clone().serve_transparent(
+            l,
+            Arc::new(t.destinations),
+            t.unmapped,
+        )));
+        let p = bind(t.inbound_plaintext_addr, "transparent inbound").await?;
+        if t.inbound_mode == InboundMode::Permissive {
+            tracing::warn!(
+                "inbound mode PERMISSIVE: plaintext connections WITHOUT identity are admitted to declared ports"
+            );
+        }
+        tasks.push(tokio::spawn(inbound.serve_plaintext(p, t.inbound_mode)));
+    }
+    tracing::info!(spiffe_id = %own, %tunnel_addr, "proxy serving");
+    Ok(RunningProxy {
+        tunnel_addr,
+        outbound_addrs,
+        policy,
+        outbound,
+        tasks,
+    })
+}
+
+/// The default transparent listeners: capture on loopback, plaintext on every address.
+pub fn default_transparent_addrs() -> (SocketAddr, SocketAddr) {
+    (
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            crate::config::OUTBOUND_CAPTURE_PORT,
+        ),
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            crate::config::INBOUND_PLAINTEXT_PORT,
+        ),
+    )
+}

@@ -1,0 +1,207 @@
+//! The access log (one JSON line per connection) and the proxy's Prometheus metrics.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// Which path a connection took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// A workload's connection leaving through the tunnel.
+    Outbound,
+    /// A peer's tunnel stream arriving for this workload.
+    Inbound,
+    /// Plaintext arriving on an intercepted port (transparent mode).
+    InboundPlaintext,
+    /// An unmapped destination passed through without the tunnel.
+    Passthrough,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+            Self::InboundPlaintext => "inbound_plaintext",
+            Self::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// One connection's record.
+#[derive(Debug, Clone, Serialize)]
+pub struct AccessRecord {
+    pub direction: Direction,
+    pub src_spiffe_id: Option<String>,
+    pub dst_spiffe_id: Option<String>,
+    pub src_addr: Option<SocketAddr>,
+    pub dst_addr: Option<SocketAddr>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    pub reason: String,
+    /// Bytes from the source to the destination.
+    pub bytes_sent: u64,
+    /// Bytes from the destination back to the source.
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+}
+
+impl AccessRecord {
+    pub fn new(direction: Direction) -> Self {
+        Self {
+            direction,
+            src_spiffe_id: None,
+            dst_spiffe_id: None,
+            src_addr: None,
+            dst_addr: None,
+            decision: "deny",
+            reason: String::new(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnLabels {
+    direction: &'static str,
+    decision: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    direction: &'static str,
+    flow: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    side: &'static str,
+    result: &'static str,
+}
+
+/// Metrics and the access log of one proxy.
+#[derive(Debug)]
+pub struct Telemetry {
+    connections: Family<ConnLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    duration: Family<ConnLabels, Histogram>,
+    handshakes: Family<HandshakeLabels, Counter>,
+    pub(crate) active: Gauge,
+    pub(crate) pooled: Gauge,
+    sink: Sink,
+}
+
+struct Sink(Mutex<Box<dyn Write + Send>>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("access log sink")
+    }
+}
+
+impl Telemetry {
+    /// Registers the metrics in `registry`; access records go to `sink` (stdout by default).
+    pub fn new(registry: &mut Registry, sink: Box<dyn Write + Send>) -> Self {
+        let t = Self {
+            connections: Family::default(),
+            bytes: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 4.0, 12))
+            }),
+            handshakes: Family::default(),
+            active: Gauge::default(),
+            pooled: Gauge::default(),
+            sink: Sink(Mutex::new(sink)),
+        };
+        let r = registry.sub_registry_with_prefix("tessera_proxy");
+        r.register(
+            "connections",
+            "Proxied connections by direction and decision",
+            t.connections.clone(),
+        );
+        r.register("bytes", "Bytes proxied", t.bytes.clone());
+        r.register(
+            "connection_duration_seconds",
+            "Connection duration",
+            t.duration.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "Tunnel TLS handshakes by side and result",
+            t.handshakes.clone(),
+        );
+        r.register(
+            "active_connections",
+            "Connections being proxied now",
+            t.active.clone(),
+        );
+        r.register(
+            "pooled_tunnels",
+            "Outbound tunnel connections in the pool",
+            t.pooled.clone(),
+        );
+        t
+    }
+
+    pub fn handshake(&self, server_side: bool, ok: bool) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                side: if server_side { "server" } else { "client" },
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// Records a finished (or refused) connection: metrics, the access log line, and a tracing
+    /// event (denials at warn).
+    pub fn record(&self, mut rec: AccessRecord, took: Duration) {
+        rec.duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        let labels = ConnLabels {
+            direction: rec.direction.as_str(),
+            decision: rec.decision,
+        };
+        self.connections.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        for (flow, n) in [("sent", rec.bytes_sent), ("received", rec.bytes_received)] {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    direction: rec.direction.as_str(),
+                    flow,
+                })
+                .inc_by(n);
+        }
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let mut line = serde_json::json!({ "ts_ms": ts });
+        if let (Some(obj), Ok(serde_json::Value::Object(fields))) =
+            (line.as_object_mut(), serde_json::to_value(&rec))
+        {
+            obj.extend(fields);
+        }
+        if rec.decision == "deny" {
+            tracing::warn!(target: "tessera_proxy::access", "{line}");
+        } else {
+            tracing::debug!(target: "tessera_proxy::access", "{line}");
+        }
+        if let Ok(mut sink) = self.sink.0.lock() {
+            let _ = writeln!(sink, "{line}");
+            let _ = sink.flush();
+        }
+    }
+}

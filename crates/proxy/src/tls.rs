@@ -1,0 +1,57 @@
+//! rustls configurations of the tunnel, built only from `tessera-tls` (which owns the crypto
+//! provider and every SPIFFE verifier).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rustls::{ClientConfig, ServerConfig};
+use tessera_spiffe::SpiffeId;
+use tessera_tls::{ExpectedPeer, SpiffeClientVerifier, SpiffeServerVerifier};
+
+use crate::identity::Identity;
+
+/// ALPN of the tunnel: HTTP/2 (HBONE is HTTP/2 CONNECT over mutual TLS).
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The tunnel's server side: TLS 1.3, client certificate mandatory and verified against the
+/// bundle of the client's own trust domain. Session resumption is off, so every connection runs
+/// the full verification against the bundles of that moment (a bundle that drops a CA takes
+/// effect for the next connection, and no ticket outlives it).
+pub fn server_config(identity: &Identity) -> Option<Arc<ServerConfig>> {
+    let resolver = identity.resolver()?;
+    let clients = Arc::new(SpiffeClientVerifier::new(identity.bundles(), true));
+    let mut cfg = tessera_tls::server_config(resolver, clients, &[ALPN_H2]).ok()?;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Some(Arc::new(cfg))
+}
+
+/// Client configs by the SPIFFE ID the destination must prove. Each verifies the server's chain
+/// against the bundle of the server's trust domain and then that the ID is exactly the expected
+/// one: a stale address→identity mapping fails the handshake.
+#[derive(Debug, Default)]
+pub struct ClientConfigs {
+    by_peer: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl ClientConfigs {
+    pub fn get(&self, identity: &Identity, peer: &SpiffeId) -> Option<Arc<ClientConfig>> {
+        if let Ok(map) = self.by_peer.lock()
+            && let Some(c) = map.get(peer)
+        {
+            return Some(c.clone());
+        }
+        let resolver = identity.resolver()?;
+        let verifier = Arc::new(SpiffeServerVerifier::new(
+            identity.bundles(),
+            ExpectedPeer::Exact(peer.clone()),
+        ));
+        let mut cfg = tessera_tls::client_config(verifier, Some(resolver), &[ALPN_H2]).ok()?;
+        cfg.resumption = rustls::client::Resumption::disabled();
+        let cfg = Arc::new(cfg);
+        if let Ok(mut map) = self.by_peer.lock() {
+            map.insert(peer.clone(), cfg.clone());
+        }
+        Some(cfg)
+    }
+}

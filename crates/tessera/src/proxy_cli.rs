@@ -1,0 +1,245 @@
+//! `tessera proxy` and `tessera proxy uninstall-rules`: flags → `tessera_proxy` options.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use tessera_policy::DefaultAction;
+use tessera_proxy::config::{self, InboundMode, InboundPort, OutboundListener, Unmapped};
+use tessera_proxy::transparent::{self, RuleParams};
+use tessera_proxy::{Identity, ProxyOptions, Telemetry, TransparentOptions};
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct ProxyArgs {
+    #[command(subcommand)]
+    cmd: Option<ProxyCommand>,
+    #[command(flatten)]
+    run: ProxyRunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProxyCommand {
+    /// Remove the interception rules of `--transparent` from this network namespace.
+    UninstallRules,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DefaultArg {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum UnmappedArg {
+    /// Refuse connections to destinations without a `[[destination]]` entry.
+    Deny,
+    /// Pass them through in plaintext (logged).
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum InboundModeArg {
+    /// Mutual TLS only.
+    Strict,
+    /// Also plaintext to declared ports, without identity (logged loudly).
+    Permissive,
+}
+
+#[derive(Debug, Args)]
+struct ProxyRunArgs {
+    /// The Workload API socket (`unix:///path` or a path).
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    workload_socket: Option<String>,
+    /// Proxy config file (TOML): `[[destination]]` cidr/ports/spiffe_id, `unmapped`,
+    /// `inbound_mode`, `policy_file`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Local authorization policy file (TOML); without one, `--default-policy` decides.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Decision when no ALLOW policy exists.
+    #[arg(long, value_enum, default_value = "deny")]
+    default_policy: DefaultArg,
+    /// A port of this workload reachable through the tunnel: `PORT` or `PORT:http`. Repeatable.
+    #[arg(long = "inbound", value_name = "PORT[:http]")]
+    inbound: Vec<InboundPort>,
+    /// An explicit outbound listener: `LISTEN=HOST:PORT,SPIFFE_ID`. Repeatable.
+    #[arg(long = "outbound", value_name = "LISTEN=HOST:PORT,SPIFFE_ID")]
+    outbound: Vec<OutboundListener>,
+    /// Where the mTLS tunnel listens.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    tunnel_address: SocketAddr,
+    /// Extra addresses a CONNECT may name as this workload (besides the one it arrived on).
+    #[arg(long = "address")]
+    addresses: Vec<IpAddr>,
+    /// Intercept this network namespace's TCP with iptables (needs CAP_NET_ADMIN).
+    #[arg(long)]
+    transparent: bool,
+    /// Transparent mode: what to do with destinations missing from the destination map.
+    #[arg(long, value_enum)]
+    unmapped: Option<UnmappedArg>,
+    /// Transparent mode: STRICT (default) or PERMISSIVE inbound.
+    #[arg(long, value_enum)]
+    inbound_mode: Option<InboundModeArg>,
+    /// Open a new tunnel connection (full handshake) for every proxied connection.
+    #[arg(long)]
+    no_pool: bool,
+    /// Socket mark of the proxy's own connections in transparent mode.
+    #[arg(long, default_value_t = config::DEFAULT_MARK)]
+    mark: u32,
+    /// Serve /live, /ready and /metrics here.
+    #[arg(long)]
+    health_bind_address: Option<SocketAddr>,
+    /// Append the access log (JSON lines) to this file instead of stdout.
+    #[arg(long)]
+    access_log: Option<PathBuf>,
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
+    match a.cmd {
+        Some(ProxyCommand::UninstallRules) => {
+            transparent::uninstall().map_err(anyhow::Error::msg)?;
+            println!("interception rules removed");
+            Ok(ExitCode::SUCCESS)
+        }
+        None => run(a.run),
+    }
+}
+
+fn read(path: &PathBuf, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))
+}
+
+fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
+    let socket = match &a.workload_socket {
+        Some(s) => tessera_proxy::identity::socket_path(s)
+            .map_err(|e| anyhow::anyhow!("--workload-socket / SPIFFE_ENDPOINT_SOCKET: {e}"))?,
+        None => bail!("no Workload API socket: set --workload-socket or SPIFFE_ENDPOINT_SOCKET"),
+    };
+    let file = match &a.config {
+        Some(p) => config::parse_file(&p.display().to_string(), &read(p, "--config")?)?,
+        None => config::FileConfig::default(),
+    };
+    let policy_path = a.policy.clone().or(file.policy_file.clone());
+    let default_action = match a.default_policy {
+        DefaultArg::Deny => DefaultAction::Deny,
+        DefaultArg::Allow => DefaultAction::Allow,
+    };
+    let policy = match &policy_path {
+        Some(p) => Some((p.display().to_string(), read(p, "--policy")?)),
+        None => None,
+    };
+    // Check the policy now, so a bad file fails before anything is installed. The trust domain
+    // only gives `*` its meaning; the real one is used once the proxy has its SVID.
+    let probe = tessera_spiffe::TrustDomain::new("policy-check.invalid")?;
+    tessera_proxy::run::compile_policy(probe, policy.as_ref(), default_action)
+        .map_err(anyhow::Error::msg)?;
+    if a.inbound.is_empty() && a.outbound.is_empty() && !a.transparent {
+        bail!("nothing to do: give --inbound, --outbound or --transparent");
+    }
+    let unmapped = match a.unmapped {
+        Some(UnmappedArg::Deny) => Unmapped::Deny,
+        Some(UnmappedArg::Passthrough) => Unmapped::Passthrough,
+        None => file.unmapped.unwrap_or_default(),
+    };
+    let inbound_mode = match a.inbound_mode {
+        Some(InboundModeArg::Strict) => InboundMode::Strict,
+        Some(InboundModeArg::Permissive) => InboundMode::Permissive,
+        None => file.inbound_mode.unwrap_or_default(),
+    };
+    if !a.transparent && (a.unmapped.is_some() || a.inbound_mode.is_some()) {
+        bail!("--unmapped and --inbound-mode apply only with --transparent");
+    }
+
+    tessera_telemetry::init_logging(&a.log_level);
+    let mut opts = ProxyOptions::new(a.tunnel_address);
+    opts.inbound = a.inbound;
+    opts.outbound = a.outbound;
+    opts.addresses = a.addresses;
+    opts.policy = policy;
+    opts.default_action = default_action;
+    opts.pooling = !a.no_pool;
+    if a.transparent {
+        let (outbound_addr, inbound_plaintext_addr) =
+            tessera_proxy::run::default_transparent_addrs();
+        // Rules first: until the proxy has an identity, intercepted traffic meets closed ports
+        // (fails closed) instead of leaving in plaintext.
+        transparent::install(&RuleParams {
+            tunnel_port: a.tunnel_address.port(),
+            outbound_port: outbound_addr.port(),
+            inbound_plaintext_port: inbound_plaintext_addr.port(),
+            mark: a.mark,
+        })
+        .map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            "interception rules installed (they stay after exit; `tessera proxy uninstall-rules` removes them)"
+        );
+        opts.mark = Some(a.mark);
+        opts.transparent = Some(TransparentOptions {
+            outbound_addr,
+            inbound_plaintext_addr,
+            destinations: file.destinations,
+            unmapped,
+            inbound_mode,
+        });
+        if unmapped == Unmapped::Passthrough {
+            tracing::warn!(
+                "--unmapped passthrough: destinations without an identity leave in PLAINTEXT"
+            );
+        }
+    }
+    let sink: Box<dyn std::io::Write + Send> = match &a.access_log {
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("--access-log {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let telemetry = Arc::new(Telemetry::new(&mut registry, sink));
+        let identity = Identity::new();
+        tokio::spawn(tessera_proxy::identity::watch_workload_api(
+            socket,
+            identity.clone(),
+        ));
+        if let Some(addr) = a.health_bind_address {
+            let id = identity.clone();
+            let ready: tessera_telemetry::ReadyCheck = Arc::new(move || {
+                let ok = id.is_ready();
+                Box::pin(async move {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err("no X509-SVID from the Workload API yet".to_owned())
+                    }
+                })
+            });
+            let router = tessera_telemetry::router(Arc::new(Mutex::new(registry)), ready);
+            tessera_telemetry::serve(addr, router, std::future::pending())
+                .await
+                .with_context(|| format!("--health-bind-address {addr}"))?;
+        }
+        let running = tessera_proxy::start(opts, identity, telemetry)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        tracing::info!("shutting down");
+        running.shutdown();
+        Ok(ExitCode::SUCCESS)
+    })
+}
