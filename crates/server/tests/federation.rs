@@ -361,3 +361,83 @@ async fn sync_carries_exactly_the_federated_bundles_the_agents_entries_need() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_spiffe_endpoints_must_prove_the_expected_id_under_the_stored_bundle() {
+    // x.test serves its bundle with its server SVID; y.test federates with it.
+    let dx = tempfile::tempdir().unwrap();
+    let mut cx = config(dx.path());
+    cx.trust_domain = TrustDomain::new("x.test").unwrap();
+    cx.bundle_endpoint.bind_address = Some("127.0.0.1:0".parse().unwrap());
+    let x = tessera_server::start(cx).await.unwrap();
+    let url = format!("https://{}/", x.bundle_endpoint_addr.unwrap());
+    let dy = tempfile::tempdir().unwrap();
+    let mut cy = config(dy.path());
+    cy.trust_domain = TrustDomain::new("y.test").unwrap();
+    let y = tessera_server::start(cy).await.unwrap();
+    let mut fed = federation(&y).await;
+    let rel = |id: &str, bundle: Vec<u8>| pb::FederationRelationship {
+        trust_domain: "x.test".into(),
+        bundle_endpoint_url: url.clone(),
+        profile: "https_spiffe".into(),
+        endpoint_spiffe_id: id.into(),
+        bootstrap_bundle_json: bundle,
+        ..Default::default()
+    };
+
+    // A bootstrap bundle of the right name but another CA: the endpoint's SVID does not verify.
+    let impostor = TestCa::new("x.test").bundle().to_json().into_bytes();
+    fed.create_federation(rel("spiffe://x.test/tessera/server", impostor))
+        .await
+        .unwrap();
+    let req = pb::FederationRequest {
+        trust_domain: "x.test".into(),
+    };
+    let err = fed.refresh_federation(req.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("TLS handshake failed"), "{err:?}");
+    assert!(err.message().contains("unknown issuer"), "{err:?}");
+
+    // The right bundle but another expected ID: refused, the SPIFFE ID is what is checked.
+    fed.update_federation(rel(
+        "spiffe://x.test/someone-else",
+        x.bundle_json.clone().into_bytes(),
+    ))
+    .await
+    .unwrap();
+    let err = fed.refresh_federation(req.clone()).await.unwrap_err();
+    assert!(
+        err.message().contains(
+            "server presented spiffe://x.test/tessera/server, expected spiffe://x.test/someone-else"
+        ),
+        "{err:?}"
+    );
+    let shown = fed.get_federation(req.clone()).await.unwrap().into_inner();
+    let st = shown.status.unwrap();
+    assert!(
+        st.last_error
+            .contains("expected spiffe://x.test/someone-else"),
+        "{st:?}"
+    );
+    assert_eq!(st.last_success_at, 0);
+
+    // The right ID and bundle: fetched, and the stored bundle is x's.
+    fed.update_federation(rel("spiffe://x.test/tessera/server", Vec::new()))
+        .await
+        .unwrap();
+    let ok = fed.refresh_federation(req).await.unwrap().into_inner();
+    assert!(ok.status.unwrap().last_success_at > 0);
+    let got = Bundle::parse(
+        TrustDomain::new("x.test").unwrap(),
+        &ok.bundle.unwrap().spiffe_bundle_json,
+    )
+    .unwrap();
+    let want = Bundle::parse(
+        TrustDomain::new("x.test").unwrap(),
+        x.bundle_json.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(got.x509_authorities(), want.x509_authorities());
+    x.shutdown().await;
+    y.shutdown().await;
+}
