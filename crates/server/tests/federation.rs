@@ -441,3 +441,114 @@ async fn https_spiffe_endpoints_must_prove_the_expected_id_under_the_stored_bund
     x.shutdown().await;
     y.shutdown().await;
 }
+
+/// A stand-in https_web bundle endpoint whose document the test can swap.
+async fn serve_bundles(
+    ca: &TestCa,
+    served: Arc<std::sync::Mutex<Vec<u8>>>,
+) -> std::net::SocketAddr {
+    let leaf = ca.issue_with("", |p| {
+        p.subject_alt_names = vec![SanType::DnsName("localhost".try_into().unwrap())];
+    });
+    let cert = tessera_tls::web::fixed_cert(
+        leaf.chain.clone(),
+        PrivateKeyDer::Pkcs8(leaf.key.clone_key()),
+    )
+    .unwrap();
+    let tls = tessera_tls::web::bundle_endpoint_server_config(cert).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut s) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body = served.lock().unwrap().clone();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&body).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    addr
+}
+
+fn with_hint(ca: &TestCa, hint: u64) -> Vec<u8> {
+    let mut b = ca.bundle();
+    b.refresh_hint = Some(hint);
+    b.to_json().into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_refresh_by_themselves_at_the_refresh_hint() {
+    let web_ca = TestCa::new("enterprise-ca.test");
+    let (w1, w2) = (TestCa::new("w.test"), TestCa::new("w.test"));
+    let served = Arc::new(std::sync::Mutex::new(with_hint(&w1, 1)));
+    let addr = serve_bundles(&web_ca, served.clone()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.federation.refresh_floor = tessera_server::config::Secs(1);
+    let server = tessera_server::start(cfg).await.unwrap();
+    let mut fed = federation(&server).await;
+    fed.create_federation(pb::FederationRelationship {
+        trust_domain: "w.test".into(),
+        bundle_endpoint_url: format!("https://localhost:{}/", addr.port()),
+        profile: "https_web".into(),
+        ca_bundle_pem: pem::encode(&pem::Pem::new("CERTIFICATE", web_ca.root().to_vec())),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let req = pb::FederationRequest {
+        trust_domain: "w.test".into(),
+    };
+    // No explicit refresh anywhere below: the server fetches on its own, at the hint.
+    let held = |fed: FederationApiClient<tonic::transport::Channel>, want: Vec<u8>| {
+        let req = req.clone();
+        async move {
+            let mut fed = fed;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let r = fed.get_federation(req.clone()).await.unwrap().into_inner();
+                let now = r
+                    .bundle
+                    .as_ref()
+                    .and_then(|b| {
+                        Bundle::parse(TrustDomain::new("w.test").unwrap(), &b.spiffe_bundle_json)
+                            .ok()
+                    })
+                    .map(|b| b.x509_authorities().to_vec());
+                // The status is written just after the bundle: wait for both.
+                let recorded = r.status.as_ref().is_some_and(|s| s.last_success_at > 0);
+                if now.as_deref() == Some(&[want.clone()][..]) && recorded {
+                    return r;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "bundle not refreshed"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let first = held(fed.clone(), w1.root().to_vec()).await;
+    let st = first.status.unwrap();
+    // The hint (1 s, at our floor) sets the next refresh.
+    assert_eq!(st.next_refresh_at - st.last_attempt_at, 1, "{st:?}");
+    *served.lock().unwrap() = with_hint(&w2, 1);
+    held(fed.clone(), w2.root().to_vec()).await;
+    server.shutdown().await;
+}
