@@ -817,3 +817,87 @@ impl JwtMinter for ServerMinter {
         Ok(resp.into_inner().token)
     }
 }
+
+#[cfg(test)]
+mod federation_tests {
+    use super::*;
+
+    fn td(s: &str) -> TrustDomain {
+        TrustDomain::new(s).unwrap()
+    }
+
+    fn pb_bundle(ca: &tessera_test_util::TestCa) -> pb::Bundle {
+        let b = ca.bundle();
+        pb::Bundle {
+            trust_domain: b.trust_domain().to_string(),
+            spiffe_bundle_json: b.to_json().into_bytes(),
+            sequence: 0,
+        }
+    }
+
+    fn change(c: pb::change::Change) -> pb::SyncResponse {
+        pb::SyncResponse {
+            msg: Some(pb::sync_response::Msg::Change(pb::Change {
+                revision: 7,
+                change: Some(c),
+            })),
+        }
+    }
+
+    #[test]
+    fn federated_bundles_are_kept_per_trust_domain_and_never_replace_ours() {
+        let own = td("example.org");
+        let (own_ca, fed_ca, fed_ca2) = (
+            tessera_test_util::TestCa::new("example.org"),
+            tessera_test_util::TestCa::new("fed.test"),
+            tessera_test_util::TestCa::new("fed.test"),
+        );
+        let mut state = SyncState::default();
+        let mut pending = None;
+        let snap = pb::SyncResponse {
+            msg: Some(pb::sync_response::Msg::Snapshot(pb::SnapshotPage {
+                entries: Vec::new(),
+                bundles: vec![pb_bundle(&own_ca), pb_bundle(&fed_ca)],
+                revision: 5,
+                last: true,
+            })),
+        };
+        assert!(apply(&own, &mut state, &mut pending, snap));
+        let set = state.bundle_set().unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(
+            state.federated[&td("fed.test")].x509_authorities(),
+            [fed_ca.root().to_vec()]
+        );
+
+        // A pushed update replaces the federated bundle; ours is untouched.
+        apply(
+            &own,
+            &mut state,
+            &mut pending,
+            change(pb::change::Change::BundleUpdated(pb_bundle(&fed_ca2))),
+        );
+        assert_eq!(
+            state.federated[&td("fed.test")].x509_authorities(),
+            [fed_ca2.root().to_vec()]
+        );
+        assert_eq!(
+            state.bundle.as_ref().unwrap().x509_authorities(),
+            [own_ca.root().to_vec()]
+        );
+
+        // Deleting our own trust domain's bundle is ignored; a federated one goes.
+        for name in ["example.org", "fed.test"] {
+            apply(
+                &own,
+                &mut state,
+                &mut pending,
+                change(pb::change::Change::BundleDeleted(name.into())),
+            );
+        }
+        assert!(state.bundle.is_some());
+        assert!(state.federated.is_empty());
+        assert_eq!(state.bundle_set().unwrap().len(), 1);
+        assert_eq!(state.revision, 7);
+    }
+}

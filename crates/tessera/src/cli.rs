@@ -143,6 +143,16 @@ struct ServerRunArgs {
     datastore_url: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
+    /// Serve the trust domain's bundle here (bundle_endpoint.bind_address).
+    #[arg(long)]
+    bundle_endpoint_bind_address: Option<std::net::SocketAddr>,
+    /// `https_spiffe` (the server's SVID) or `https_web` (with the cert and key below).
+    #[arg(long, value_parser = ["https_spiffe", "https_web"])]
+    bundle_endpoint_profile: Option<String>,
+    #[arg(long)]
+    bundle_endpoint_cert_path: Option<PathBuf>,
+    #[arg(long)]
+    bundle_endpoint_key_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,6 +273,23 @@ fn server_run(a: ServerRunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = a.log_level {
         cfg.log_level = v;
+    }
+    if let Some(v) = a.bundle_endpoint_bind_address {
+        cfg.bundle_endpoint.bind_address = Some(v);
+    }
+    if let Some(v) = a.bundle_endpoint_profile {
+        use tessera_server::config::BundleEndpointProfile as P;
+        cfg.bundle_endpoint.profile = if v == "https_web" {
+            P::HttpsWeb
+        } else {
+            P::HttpsSpiffe
+        };
+    }
+    if let Some(v) = a.bundle_endpoint_cert_path {
+        cfg.bundle_endpoint.cert_path = Some(v);
+    }
+    if let Some(v) = a.bundle_endpoint_key_path {
+        cfg.bundle_endpoint.key_path = Some(v);
     }
     cfg.validate()?;
     tessera_telemetry::init_logging(&cfg.log_level);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use tessera_proto::workload::{
-    JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
 };
 use tessera_spiffe::{Bundle, BundleSet, TrustDomain};
 use tessera_test_util::TestCa;
@@ -539,6 +539,23 @@ async fn two_trust_domains_federate_over_both_profiles() {
             .into_inner();
         assert_eq!(v.spiffe_id, subject);
     }
+    // FetchJWTBundles carries the federated trust domain's JWT authorities too.
+    let jwt_bundles = wa
+        .fetch_jwt_bundles(req(JwtBundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let mut keys: Vec<&String> = jwt_bundles.bundles.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["spiffe://a.test", "spiffe://b.test"]);
+    assert!(
+        String::from_utf8_lossy(&jwt_bundles.bundles["spiffe://b.test"]).contains("\"kid\""),
+        "b.test's JWT keys are there"
+    );
     // A JWT-SVID of a trust domain nobody federates with is refused.
     let signer = tessera_test_util::JwtSigner::new("stranger");
     let stranger = tessera_spiffe::SpiffeId::parse("spiffe://c.test/x").unwrap();
