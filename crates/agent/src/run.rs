@@ -860,6 +860,7 @@ mod federation_tests {
                 bundles: vec![pb_bundle(&own_ca), pb_bundle(&fed_ca)],
                 revision: 5,
                 last: true,
+                tainted: None,
             })),
         };
         assert!(apply(&own, &mut state, &mut pending, snap));
