@@ -158,6 +158,8 @@ fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     cfg.validate()
         .map_err(|e| ServerError::Invalid(e.to_string()))?;
+    // Before anything is created: bad upstream files change nothing.
+    let upstream = load_upstream(&cfg)?;
     let io_err = |what: String| move |source| ServerError::Io { what, source };
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
@@ -166,7 +168,6 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let store = tessera_store::open(&cfg.datastore_url()).await?;
     let now = unix_now();
-    let upstream = load_upstream(&cfg)?;
     let ca = CaManager::open(
         &cfg.trust_domain,
         &cfg.data_dir,

@@ -106,7 +106,7 @@ async fn run(n: usize, rounds: usize) {
         authority.taint_authority(req(&old)).await.unwrap();
         let mut cache = d.agent.cache.subscribe();
         let c = async {
-            cache.wait_for(fresh_in).await.unwrap();
+            cache.wait_for(|s| fresh_in(s)).await.unwrap();
             t0.elapsed()
         };
         let s = async {
