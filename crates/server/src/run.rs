@@ -365,10 +365,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
                 _ = rot_stop.changed() => return,
             };
             let now = unix_now();
-            if forced {
-                if let Ok(set) = own_bundles(&rot_state) {
-                    bundles.store(Arc::new(set));
-                }
+            if forced && let Ok(set) = own_bundles(&rot_state) {
+                bundles.store(Arc::new(set));
             }
             let svid_due = if forced { now } else { svid_due };
             match rot_state.ca.tick(now) {
