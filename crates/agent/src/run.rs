@@ -568,6 +568,9 @@ async fn svid_task(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut held: HashMap<String, Held> = HashMap::new();
+    // Backoff after a failed signing call: short at first, because the usual cause is brief
+    // (the agent SVID was just renewed, after a taint say, and the old connection is refused).
+    let mut retry_delay = Duration::from_millis(100);
     loop {
         let state = state_rx.borrow_and_update().clone();
         let now = unix_now();
@@ -652,8 +655,11 @@ async fn svid_task(
             .min()
             .unwrap_or(now + 3600);
         let wait = if retry {
-            Duration::from_secs(1)
+            let d = retry_delay;
+            retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+            d
         } else {
+            retry_delay = Duration::from_millis(100);
             Duration::from_secs(next.saturating_sub(now).clamp(1, 3600))
         };
         tokio::select! {

@@ -365,7 +365,7 @@ fn forced_rotation_runs_prepare_activate_taint_revoke_in_order_only() {
         j.taint(X, &first).unwrap(),
         [JournalEvent::Tainted { kind: X, id: 1 }]
     );
-    assert_eq!(j.x509().tainted_ids(), [first.clone()]);
+    assert_eq!(j.x509().tainted_ids(), std::slice::from_ref(&first));
     rot(j.taint(X, &first).unwrap_err(), "already tainted");
     // Tainted but still published: SVIDs it signed verify until they are replaced.
     assert!(verifies(&before, &j.bundle().unwrap(), T0 + 3));
@@ -402,7 +402,7 @@ fn a_revoked_jwt_key_leaves_the_bundle_and_its_tokens_fail() {
     );
     j.activate(J).unwrap();
     j.taint(J, &kid).unwrap();
-    assert_eq!(j.jwt().tainted_ids(), [kid.clone()]);
+    assert_eq!(j.jwt().tainted_ids(), std::slice::from_ref(&kid));
     let opts = Validation {
         audience: "db",
         now: T0 + 2,

@@ -513,6 +513,15 @@ mod tests {
         let cfg = ServerConfig::parse(&ServerConfig::default_toml(), "default").unwrap();
         assert_eq!(cfg.trust_domain.as_str(), "example.org");
         assert_eq!(cfg.ca.ttl, Secs(86_400));
+        assert!(cfg.upstream_authority.disk.is_none());
+        let up = ServerConfig::parse(
+            "[upstream_authority.disk]\ncert_chain_path = \"/c.pem\"\nkey_path = \"/k.pem\"",
+            "t.toml",
+        )
+        .unwrap();
+        let disk = up.upstream_authority.disk.unwrap();
+        assert_eq!(disk.key_path, PathBuf::from("/k.pem"));
+        assert!(disk.bundle_path.is_none());
         assert!(
             cfg.datastore_url()
                 .ends_with("/var/lib/tessera/server/datastore.sqlite3")
@@ -547,6 +556,15 @@ mod tests {
             (
                 "[federation]\nrefresh_floor = \"2h\"",
                 "refresh_floor 2h is longer than federation.refresh_ceiling 1h",
+            ),
+            ("[ca]\nttl = \"30s\"", "ca.ttl 30s: must be at least 1m"),
+            (
+                "[upstream_authority.disk]\ncert_chain_path = \"/a.pem\"",
+                "missing field `key_path`",
+            ),
+            (
+                "[upstream_authority.vault]\nurl = \"x\"",
+                "unknown field `vault`",
             ),
         ] {
             let err = ServerConfig::parse(text, "t.toml").unwrap_err().to_string();

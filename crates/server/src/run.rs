@@ -161,6 +161,8 @@ fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     cfg.validate()
         .map_err(|e| ServerError::Invalid(e.to_string()))?;
+    // Before anything is created: bad upstream files change nothing.
+    let upstream = load_upstream(&cfg)?;
     let io_err = |what: String| move |source| ServerError::Io { what, source };
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(io_err(format!("create {}", cfg.data_dir.display())))?;
@@ -169,7 +171,6 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
 
     let store = tessera_store::open(&cfg.datastore_url()).await?;
     let now = unix_now();
-    let upstream = load_upstream(&cfg)?;
     let ca = CaManager::open(
         &cfg.trust_domain,
         &cfg.data_dir,
@@ -396,10 +397,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
                 _ = rot_stop.changed() => return,
             };
             let now = unix_now();
-            if forced {
-                if let Ok(set) = own_bundles(&rot_state) {
-                    bundles.store(Arc::new(set));
-                }
+            if forced && let Ok(set) = own_bundles(&rot_state) {
+                bundles.store(Arc::new(set));
             }
             let svid_due = if forced { now } else { svid_due };
             match rot_state.ca.tick(now) {

@@ -281,3 +281,53 @@ async fn svids_under_an_openssl_enterprise_pki_verify_with_openssl() {
     .await;
     d.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_server_with_broken_upstream_files_does_not_start_and_says_why() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = enterprise_pki(pki_dir.path(), "Acme");
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = enterprise_pki(other_dir.path(), "Other");
+    for (disk, want) in [
+        (
+            tessera_server::config::DiskUpstreamConfig {
+                cert_chain_path: pki.int_cert.clone(),
+                key_path: other.int_key.clone(),
+                bundle_path: Some(pki.root_cert.clone()),
+            },
+            "belongs to no certificate",
+        ),
+        (
+            tessera_server::config::DiskUpstreamConfig {
+                cert_chain_path: pki.int_cert.clone(),
+                key_path: pki.int_key.clone(),
+                bundle_path: Some(other.root_cert.clone()),
+            },
+            "does not reach a root",
+        ),
+        (
+            tessera_server::config::DiskUpstreamConfig {
+                cert_chain_path: pki_dir.path().join("missing.pem"),
+                key_path: pki.int_key.clone(),
+                bundle_path: None,
+            },
+            "cert_chain_path",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tessera_server::ServerConfig {
+            data_dir: dir.path().join("server"),
+            bind_address: "127.0.0.1:0".parse().unwrap(),
+            health_bind_address: "127.0.0.1:0".parse().unwrap(),
+            admin_socket: dir.path().join("admin/admin.sock"),
+            upstream_authority: tessera_server::config::UpstreamAuthorityConfig {
+                disk: Some(disk),
+            },
+            ..tessera_server::ServerConfig::default()
+        };
+        let err = tessera_server::start(cfg).await.unwrap_err().to_string();
+        assert!(err.contains("upstream_authority.disk"), "{err}");
+        assert!(err.contains(want), "want {want:?} in {err}");
+        assert!(!dir.path().join("server").exists(), "nothing created");
+    }
+}

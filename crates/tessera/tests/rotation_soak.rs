@@ -41,7 +41,7 @@ async fn workloads_stay_valid_across_ca_rotations_with_no_gap() {
     let (mut stream, first) = support::x509_stream(&client).await;
     let started = Instant::now();
     let mut held = Some((chain_of(&first), bundle_of(&first, &d.td)));
-    let mut cas = BTreeSet::new();
+    let mut cas = BTreeSet::from([aki(&chain_of(&first)[0])]);
     let mut updates = 0u32;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // A rotation is counted when the workload's SVID comes from a CA it has not seen before.
