@@ -151,13 +151,15 @@ pub fn verify_svid(
     Ok(id)
 }
 
-/// The CA that signed an X509-SVID must carry the SPIFFE ID of the leaf's trust domain as a URI
-/// SAN (X509-SVID §3.2: a signing certificate's SPIFFE ID is its trust domain's).
+/// A CA that signed an X509-SVID and carries a SPIFFE ID must carry exactly the ID of the leaf's
+/// trust domain (X509-SVID §3.2: a signing certificate's SPIFFE ID, if present, SHOULD reside in
+/// the trust domain of the leaves it issues; Tessera makes that a MUST).
 ///
 /// Path validation alone only proves the chain reaches a root of the leaf's bundle. When several
 /// trust domains' CAs share one enterprise root (an upstream authority), the root is in each of
 /// their bundles, so without this rule trust domain A's CA could mint identities of B. Tessera's
-/// CAs and SPIRE's carry this SAN; a CA without one signs nothing Tessera accepts.
+/// CAs and SPIRE's carry this SAN. A CA without any SPIFFE ID is accepted: §3.2 makes the ID
+/// optional, and other conforming PKIs (federation peers) issue from such CAs.
 fn check_issuer_names_trust_domain(
     issuer_der: &[u8],
     td: &tessera_spiffe::TrustDomain,
@@ -182,11 +184,9 @@ fn check_issuer_names_trust_domain(
     let want = td.id();
     match spiffe_ids.as_slice() {
         [one] if *one == want.as_str() => Ok(()),
-        [] => Err(format!(
-            "its issuing CA carries no SPIFFE ID; it must carry {want} to sign X509-SVIDs of              that trust domain (X509-SVID §3.2)"
-        )),
+        [] => Ok(()),
         ids => Err(format!(
-            "its issuing CA is for {}, not {want}: a CA signs only for its own trust domain              (X509-SVID §3.2)",
+            "its issuing CA is for {}, not {want}: a CA signs only for its own trust domain (X509-SVID §3.2)",
             ids.join(", ")
         )),
     }

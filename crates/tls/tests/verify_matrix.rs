@@ -192,3 +192,26 @@ fn an_empty_bundle_trusts_nothing() {
         Err(VerifyError::Svid(X509SvidError::EmptyChain))
     ));
 }
+
+#[test]
+fn an_issuing_ca_may_omit_a_spiffe_id_but_never_name_another_trust_domain() {
+    // X509-SVID §3.2: a signing certificate's SPIFFE ID is optional (SHOULD); when present it
+    // must be the leaf's trust domain (Tessera makes the SHOULD a MUST).
+    let root = TestCa::new("example.org");
+    let set = bundles(&[&root]);
+    let plain = root.intermediate_with(|p| p.subject_alt_names.clear());
+    let svid = plain.issue("spiffe://example.org/web");
+    assert_eq!(
+        verify(&svid.chain, &set).unwrap(),
+        "spiffe://example.org/web"
+    );
+    let other = root.intermediate_with(|p| {
+        p.subject_alt_names = vec![uri_san("spiffe://other.example")];
+    });
+    let svid = other.issue("spiffe://example.org/web");
+    let err = verify(&svid.chain, &set).unwrap_err().to_string();
+    assert!(
+        err.contains("issuing CA is for spiffe://other.example"),
+        "{err}"
+    );
+}
