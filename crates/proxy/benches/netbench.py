@@ -14,6 +14,7 @@ as sockperf reports it); full handshakes per CPU-second of the two proxies with 
 per idle proxied connection.
 """
 
+import atexit
 import json
 import os
 import re
@@ -29,6 +30,7 @@ DURATION = int(os.environ.get("DURATION", "10"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 ID = "spiffe://example.org/bench"
 PROCS = []
+atexit.register(lambda: [p.kill() for p in PROCS])
 
 
 def ns_cmd(ns, args):
@@ -43,7 +45,10 @@ def bg(args, ns=None, log=None):
 
 
 def run(args, ns=None, check=True):
-    return subprocess.run(ns_cmd(ns, args), check=check, capture_output=True, text=True)
+    o = subprocess.run(ns_cmd(ns, args), capture_output=True, text=True)
+    if check and o.returncode != 0:
+        raise RuntimeError(f"{' '.join(ns_cmd(ns, args))}: {o.stderr.strip()}")
+    return o
 
 
 def wait_port(host, port, ns=None, secs=30):
@@ -234,17 +239,17 @@ def main():
     # One identity for every process of the run (all run as this uid): a workload with two
     # entries would get two SVIDs, and which one comes first is not specified.
     entry(ID, f"unix:uid:{os.getuid()}")
-    for n in ["bnc", "bns"]:
-        run(["ip", "netns", "add", n], check=False)
-    run(["ip", "link", "add", "bnv0", "type", "veth", "peer", "name", "bnv1"])
-    run(["ip", "link", "set", "bnv0", "netns", "bnc"])
-    run(["ip", "link", "set", "bnv1", "netns", "bns"])
-    for ns, dev, ip in [("bnc", "bnv0", "198.18.10.1/24"), ("bns", "bnv1", "198.18.10.2/24")]:
-        run(["ip", "addr", "add", ip, "dev", dev], ns)
-        run(["ip", "link", "set", dev, "up"], ns)
-        run(["ip", "link", "set", "lo", "up"], ns)
     rows = []
     try:
+        for n in ["bnc", "bns"]:
+            run(["ip", "netns", "add", n], check=False)
+        run(["ip", "link", "add", "bnv0", "type", "veth", "peer", "name", "bnv1"])
+        run(["ip", "link", "set", "bnv0", "netns", "bnc"])
+        run(["ip", "link", "set", "bnv1", "netns", "bns"])
+        for ns, dev, ip in [("bnc", "bnv0", "198.18.10.1/24"), ("bns", "bnv1", "198.18.10.2/24")]:
+            run(["ip", "addr", "add", ip, "dev", dev], ns)
+            run(["ip", "link", "set", dev, "up"], ns)
+            run(["ip", "link", "set", "lo", "up"], ns)
         rows.append(topology("loopback", tmp, sock, None, None, "127.0.0.1"))
         for p in PROCS[1:]:
             p.kill()
@@ -256,6 +261,7 @@ def main():
             p.kill()
         for n in ["bnc", "bns"]:
             run(["ip", "netns", "del", n], check=False)
+        run(["ip", "link", "del", "bnv0"], check=False)
     print("| topology | direct Gbit/s | stunnel Gbit/s | tessera Gbit/s | tessera/direct | tessera/stunnel "
           "| p50 µs direct | stunnel | tessera | added p50 µs | handshakes/CPU-s | KiB/idle conn |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
