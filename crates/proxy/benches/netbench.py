@@ -100,7 +100,7 @@ def echo_server(port):
 def connect_loop(port, n, threads):
     def work(k):
         for _ in range(k):
-            c = socket.create_connection(("127.0.0.1", port))
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
             c.sendall(b"x")
             assert c.recv(1) == b"x"
             c.close()
@@ -117,7 +117,7 @@ def connect_loop(port, n, threads):
 def hold(port, n, secs):
     conns = []
     for _ in range(n):
-        c = socket.create_connection(("127.0.0.1", port))
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
         c.sendall(b"x")
         assert c.recv(1) == b"x"
         conns.append(c)
@@ -195,13 +195,16 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip):
     for k in tp:
         row[f"gbps_{k}"] = med(tp[k])
         row[f"p50_us_{k}"] = med(lat[k])
+    print(json.dumps({"partial": row, "throughput": tp, "latency": lat}), flush=True)
     # Handshakes per CPU-second of the two proxies, pooling off.
     before = cpu_seconds(srv.pid) + cpu_seconds(nopool.pid)
-    o = run([sys.executable, __file__, "connect-loop", "9004", "4000", "8"], client_ns)
+    o = subprocess.run(ns_cmd(client_ns, [sys.executable, __file__, "connect-loop", "9004", "1000", "4"]),
+                       capture_output=True, text=True, timeout=120)
     res = json.loads(o.stdout)
     used = cpu_seconds(srv.pid) + cpu_seconds(nopool.pid) - before
     row["handshakes"] = res["n"]
     row["handshakes_per_cpu_s"] = res["n"] / used if used else float("nan")
+    print(json.dumps({"partial": row}), flush=True)
     # Memory per idle proxied connection (pooled): RSS of both proxies, 1000 connections held.
     r0 = rss_kib(srv.pid) + rss_kib(cli.pid)
     holder = subprocess.Popen(ns_cmd(client_ns, [sys.executable, __file__, "hold", "9003", "1000", "30"]),
