@@ -14,6 +14,7 @@ as sockperf reports it); full handshakes per CPU-second of the two proxies with 
 per idle proxied connection.
 """
 
+import atexit
 import json
 import os
 import re
@@ -29,6 +30,7 @@ DURATION = int(os.environ.get("DURATION", "10"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 ID = "spiffe://example.org/bench"
 PROCS = []
+atexit.register(lambda: [p.kill() for p in PROCS])
 
 
 def ns_cmd(ns, args):
@@ -43,7 +45,10 @@ def bg(args, ns=None, log=None):
 
 
 def run(args, ns=None, check=True):
-    return subprocess.run(ns_cmd(ns, args), check=check, capture_output=True, text=True)
+    o = subprocess.run(ns_cmd(ns, args), capture_output=True, text=True)
+    if check and o.returncode != 0:
+        raise RuntimeError(f"{' '.join(ns_cmd(ns, args))}: {o.stderr.strip()}")
+    return o
 
 
 def wait_port(host, port, ns=None, secs=30):
@@ -95,7 +100,7 @@ def echo_server(port):
 def connect_loop(port, n, threads):
     def work(k):
         for _ in range(k):
-            c = socket.create_connection(("127.0.0.1", port))
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
             c.sendall(b"x")
             assert c.recv(1) == b"x"
             c.close()
@@ -112,7 +117,7 @@ def connect_loop(port, n, threads):
 def hold(port, n, secs):
     conns = []
     for _ in range(n):
-        c = socket.create_connection(("127.0.0.1", port))
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
         c.sendall(b"x")
         assert c.recv(1) == b"x"
         conns.append(c)
@@ -190,13 +195,16 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip):
     for k in tp:
         row[f"gbps_{k}"] = med(tp[k])
         row[f"p50_us_{k}"] = med(lat[k])
+    print(json.dumps({"partial": row, "throughput": tp, "latency": lat}), flush=True)
     # Handshakes per CPU-second of the two proxies, pooling off.
     before = cpu_seconds(srv.pid) + cpu_seconds(nopool.pid)
-    o = run([sys.executable, __file__, "connect-loop", "9004", "4000", "8"], client_ns)
+    o = subprocess.run(ns_cmd(client_ns, [sys.executable, __file__, "connect-loop", "9004", "1000", "4"]),
+                       capture_output=True, text=True, timeout=120)
     res = json.loads(o.stdout)
     used = cpu_seconds(srv.pid) + cpu_seconds(nopool.pid) - before
     row["handshakes"] = res["n"]
     row["handshakes_per_cpu_s"] = res["n"] / used if used else float("nan")
+    print(json.dumps({"partial": row}), flush=True)
     # Memory per idle proxied connection (pooled): RSS of both proxies, 1000 connections held.
     r0 = rss_kib(srv.pid) + rss_kib(cli.pid)
     holder = subprocess.Popen(ns_cmd(client_ns, [sys.executable, __file__, "hold", "9003", "1000", "30"]),
@@ -234,17 +242,17 @@ def main():
     # One identity for every process of the run (all run as this uid): a workload with two
     # entries would get two SVIDs, and which one comes first is not specified.
     entry(ID, f"unix:uid:{os.getuid()}")
-    for n in ["bnc", "bns"]:
-        run(["ip", "netns", "add", n], check=False)
-    run(["ip", "link", "add", "bnv0", "type", "veth", "peer", "name", "bnv1"])
-    run(["ip", "link", "set", "bnv0", "netns", "bnc"])
-    run(["ip", "link", "set", "bnv1", "netns", "bns"])
-    for ns, dev, ip in [("bnc", "bnv0", "198.18.10.1/24"), ("bns", "bnv1", "198.18.10.2/24")]:
-        run(["ip", "addr", "add", ip, "dev", dev], ns)
-        run(["ip", "link", "set", dev, "up"], ns)
-        run(["ip", "link", "set", "lo", "up"], ns)
     rows = []
     try:
+        for n in ["bnc", "bns"]:
+            run(["ip", "netns", "add", n], check=False)
+        run(["ip", "link", "add", "bnv0", "type", "veth", "peer", "name", "bnv1"])
+        run(["ip", "link", "set", "bnv0", "netns", "bnc"])
+        run(["ip", "link", "set", "bnv1", "netns", "bns"])
+        for ns, dev, ip in [("bnc", "bnv0", "198.18.10.1/24"), ("bns", "bnv1", "198.18.10.2/24")]:
+            run(["ip", "addr", "add", ip, "dev", dev], ns)
+            run(["ip", "link", "set", dev, "up"], ns)
+            run(["ip", "link", "set", "lo", "up"], ns)
         rows.append(topology("loopback", tmp, sock, None, None, "127.0.0.1"))
         for p in PROCS[1:]:
             p.kill()
@@ -256,6 +264,7 @@ def main():
             p.kill()
         for n in ["bnc", "bns"]:
             run(["ip", "netns", "del", n], check=False)
+        run(["ip", "link", "del", "bnv0"], check=False)
     print("| topology | direct Gbit/s | stunnel Gbit/s | tessera Gbit/s | tessera/direct | tessera/stunnel "
           "| p50 µs direct | stunnel | tessera | added p50 µs | handshakes/CPU-s | KiB/idle conn |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -25,6 +25,8 @@ use crate::outbound::COPY_BUF;
 use crate::telemetry::{AccessRecord, Direction, Telemetry};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent CONNECT streams on one tunnel connection.
+const MAX_STREAMS: u32 = 65_536;
 
 /// The inbound side's state.
 #[derive(Debug)]
@@ -120,7 +122,10 @@ impl Inbound {
             let src = src.clone();
             async move { Ok::<_, Infallible>(this.stream(req, &src, peer, local).await) }
         });
+        // Every workload connection between two identities shares one pooled tunnel, so the
+        // stream limit must not be hyper's default of 200 (the 201st would wait for a slot).
         let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(MAX_STREAMS)
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
             .max_frame_size(256 << 10)
