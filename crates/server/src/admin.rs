@@ -48,15 +48,7 @@ impl Admin {
         detail: serde_json::Value,
         result: Result<T, Status>,
     ) -> Result<T, Status> {
-        let summary = result
-            .as_ref()
-            .map(|_| ())
-            .map_err(|s| s.message().to_owned());
-        self.state.audit.record(&who, what, detail, &summary);
-        if result.is_err() {
-            self.state.metrics.error(what);
-        }
-        result
+        self.state.audited(&who, what, detail, result)
     }
 
     fn notify(&self, revision: u64) {

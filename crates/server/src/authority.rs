@@ -164,13 +164,10 @@ impl Authorities {
         let detail =
             serde_json::json!({"kind": r.kind().as_str_name(), "authority_id": r.authority_id});
         let result = self.step(step, r).await;
-        let summary = result
-            .as_ref()
-            .map(|_| ())
-            .map_err(|s| s.message().to_owned());
         let what = format!("authority {}", step.name());
-        self.state.audit.record(&who, &what, detail, &summary);
-        result.map(Response::new)
+        self.state
+            .audited(&who, &what, detail, result)
+            .map(Response::new)
     }
 }
 

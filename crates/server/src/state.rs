@@ -65,6 +65,26 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Records the outcome of an admin change in the audit log (and failures in the error
+    /// metric), and passes it through: the one path every admin service audits through.
+    pub(crate) fn audited<T>(
+        &self,
+        who: &crate::audit::Caller,
+        what: &str,
+        detail: serde_json::Value,
+        result: Result<T, tonic::Status>,
+    ) -> Result<T, tonic::Status> {
+        let summary = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|s| s.message().to_owned());
+        self.audit.record(who, what, detail, &summary);
+        if result.is_err() {
+            self.metrics.error(what);
+        }
+        result
+    }
+
     /// Reloads the admin IDs after a change to entries.
     pub(crate) async fn refresh_admin_ids(&self) -> Result<(), tessera_store::StoreError> {
         let entries = self

@@ -42,15 +42,7 @@ impl Federation {
         detail: serde_json::Value,
         result: Result<T, Status>,
     ) -> Result<T, Status> {
-        let summary = result
-            .as_ref()
-            .map(|_| ())
-            .map_err(|s| s.message().to_owned());
-        self.state.audit.record(&req_who, what, detail, &summary);
-        if result.is_err() {
-            self.state.metrics.error(what);
-        }
-        result
+        self.state.audited(&req_who, what, detail, result)
     }
 
     /// A foreign trust domain: the server's own bundle belongs to its CA, never to a
