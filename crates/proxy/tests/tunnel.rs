@@ -35,8 +35,10 @@ impl Write for Log {
 
 impl Log {
     fn records(&self) -> Vec<serde_json::Value> {
-        String::from_utf8(self.0.lock().unwrap().clone())
-            .unwrap()
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        // Only whole lines: the proxy may be writing the last one while we read.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()

@@ -193,8 +193,10 @@ impl Proxy {
     }
 
     fn records(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.access)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.access).unwrap_or_default();
+        // Only whole lines: the proxy may be writing the last one while we read.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
