@@ -21,7 +21,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{InboundMode, InboundPort, Protocol};
 use crate::identity::Identity;
-use crate::outbound::COPY_BUF;
 use crate::telemetry::{AccessRecord, Direction, Telemetry};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,10 +111,13 @@ impl Inbound {
         let Some(src) = tessera_tls::peer_spiffe_id(tls.get_ref().1.peer_certificates()) else {
             return deny("client presented no X509-SVID".into());
         };
-        let src = Arc::new(src);
         let Some(local) = local else {
             return deny("no local address".into());
         };
+        if tls.get_ref().1.alpn_protocol() == Some(crate::stream::ALPN_STREAM) {
+            return self.stream_tunnel(tls, &src, peer, local).await;
+        }
+        let src = Arc::new(src);
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
@@ -136,6 +138,56 @@ impl Inbound {
         }
     }
 
+    /// The admission of one tunnel request, the same for HTTP/2 CONNECT and the stream tunnel:
+    /// the target must be this workload's address and a declared port, the policy must allow
+    /// `src` (proven in this TLS session) on that port, and only then is the application
+    /// connected. Returns the application connection and the deciding reason, or the status and
+    /// reason of the refusal.
+    async fn admit(
+        &self,
+        src: &SpiffeId,
+        target_text: &str,
+        local: SocketAddr,
+        rec: &mut AccessRecord,
+    ) -> Result<(TcpStream, String), (StatusCode, String)> {
+        let Ok(target) = target_text.parse::<SocketAddr>() else {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("CONNECT target {target_text:?} is not IP:PORT"),
+            ));
+        };
+        rec.dst_addr = Some(target);
+        // No open relay: the target must be this workload (the address the peer reached us
+        // on, or one configured), never a third host.
+        if target.ip() != local.ip() && !self.addresses.contains(&target.ip()) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("CONNECT target {target} is not this workload's address"),
+            ));
+        }
+        if !self.ports.contains_key(&target.port()) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("port {} is not declared with --inbound", target.port()),
+            ));
+        }
+        let decision = self.policy.load().decide(src, target.port());
+        if !decision.allowed {
+            return Err((StatusCode::FORBIDDEN, decision.reason.to_string()));
+        }
+        let app_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.port());
+        match crate::outbound::connect_marked(app_addr, None).await {
+            Ok(app) => Ok((app, decision.reason.to_string())),
+            Err(e) => Err((
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "{} allowed, but the application at {app_addr} refused: {e}",
+                    decision.reason
+                ),
+            )),
+        }
+    }
+
     /// One CONNECT stream.
     async fn stream(
         &self,
@@ -145,95 +197,88 @@ impl Inbound {
         local: SocketAddr,
     ) -> Response<Empty<Bytes>> {
         let start = Instant::now();
-        let mut rec = AccessRecord::new(Direction::Inbound);
-        rec.src_spiffe_id = Some(src.to_string());
-        rec.dst_spiffe_id = self.identity.spiffe_id().map(|i| i.to_string());
-        rec.src_addr = Some(peer);
-        let refuse = |mut rec: AccessRecord, status: StatusCode, reason: String| {
-            rec.reason = reason;
-            self.telemetry.record(rec, start.elapsed());
-            status_only(status)
-        };
+        let mut rec = self.record(src, peer);
         if req.method() != http::Method::CONNECT {
-            return refuse(
-                rec,
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("{} is not CONNECT", req.method()),
-            );
+            rec.reason = format!("{} is not CONNECT", req.method());
+            self.telemetry.record(rec, start.elapsed());
+            return status_only(StatusCode::METHOD_NOT_ALLOWED);
         }
-        let Some(target) = req
+        let target = req
             .uri()
             .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return refuse(
-                rec,
-                StatusCode::BAD_REQUEST,
-                format!("CONNECT target {:?} is not IP:PORT", req.uri().to_string()),
-            );
-        };
-        rec.dst_addr = Some(target);
-        // No open relay: the target must be this workload (the address the peer reached us
-        // on, or one configured), never a third host.
-        if target.ip() != local.ip() && !self.addresses.contains(&target.ip()) {
-            return refuse(
-                rec,
-                StatusCode::FORBIDDEN,
-                format!("CONNECT target {target} is not this workload's address"),
-            );
-        }
-        if !self.ports.contains_key(&target.port()) {
-            return refuse(
-                rec,
-                StatusCode::FORBIDDEN,
-                format!("port {} is not declared with --inbound", target.port()),
-            );
-        }
-        let decision = self.policy.load().decide(src, target.port());
-        if !decision.allowed {
-            return refuse(rec, StatusCode::FORBIDDEN, decision.reason.to_string());
-        }
-        let app_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.port());
-        let app = match crate::outbound::connect_marked(app_addr, None).await {
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| req.uri().to_string());
+        let (mut app, reason) = match self.admit(src, &target, local, &mut rec).await {
             Ok(a) => a,
-            Err(e) => {
-                return refuse(
-                    rec,
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "{} allowed, but the application at {app_addr} refused: {e}",
-                        decision.reason
-                    ),
-                );
+            Err((status, reason)) => {
+                rec.reason = reason;
+                self.telemetry.record(rec, start.elapsed());
+                return status_only(status);
             }
         };
         let telemetry = self.telemetry.clone();
         tokio::spawn(async move {
-            let mut app = app;
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
-                    telemetry.active.inc();
                     let mut up = TokioIo::new(upgraded);
-                    let r = tokio::io::copy_bidirectional_with_sizes(
-                        &mut up, &mut app, COPY_BUF, COPY_BUF,
-                    )
-                    .await;
-                    telemetry.active.dec();
-                    rec.decision = "allow";
-                    match r {
-                        Ok((sent, received)) => {
-                            rec.bytes_sent = sent;
-                            rec.bytes_received = received;
-                            rec.reason = decision.reason.to_string();
-                        }
-                        Err(e) => rec.reason = format!("{}; copy: {e}", decision.reason),
-                    }
+                    relay(&telemetry, &mut rec, &mut up, &mut app, reason).await;
                 }
                 Err(e) => rec.reason = format!("CONNECT upgrade failed: {e}"),
             }
             telemetry.record(rec, start.elapsed());
         });
         status_only(StatusCode::OK)
+    }
+
+    /// One stream-tunnel connection: the target, the same admission, the status, then bytes.
+    async fn stream_tunnel<S>(
+        &self,
+        mut tls: S,
+        src: &SpiffeId,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let start = Instant::now();
+        let mut rec = self.record(src, peer);
+        let target =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::stream::read_request(&mut tls))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    rec.reason = format!("stream tunnel request: {e}");
+                    return self.telemetry.record(rec, start.elapsed());
+                }
+                Err(_) => {
+                    rec.reason = "stream tunnel request: timed out".into();
+                    return self.telemetry.record(rec, start.elapsed());
+                }
+            };
+        match self.admit(src, &target, local, &mut rec).await {
+            Err((status, reason)) => {
+                let _ = crate::stream::write_response(&mut tls, status.as_u16(), &reason).await;
+                rec.reason = reason;
+            }
+            Ok((mut app, reason)) => {
+                if let Err(e) = crate::stream::write_response(&mut tls, 200, "").await {
+                    rec.reason = format!("stream tunnel response: {e}");
+                } else {
+                    relay(&self.telemetry, &mut rec, &mut tls, &mut app, reason).await;
+                }
+            }
+        }
+        self.telemetry.record(rec, start.elapsed());
+    }
+
+    /// An inbound record with what is known before the target.
+    fn record(&self, src: &SpiffeId, peer: SocketAddr) -> AccessRecord {
+        let mut rec = AccessRecord::new(Direction::Inbound);
+        rec.src_spiffe_id = Some(src.to_string());
+        rec.dst_spiffe_id = self.identity.spiffe_id().map(|i| i.to_string());
+        rec.src_addr = Some(peer);
+        rec
     }
 
     /// Serves the transparent inbound plaintext port: STRICT refuses every connection (and logs
@@ -270,7 +315,7 @@ impl Inbound {
                                 rec.decision = "allow";
                                 rec.reason = "PERMISSIVE plaintext, no identity".into();
                                 if let Ok((s, r)) =
-                                    tokio::io::copy_bidirectional(&mut tcp, &mut a).await
+                                    crate::copy::bidirectional(&mut tcp, &mut a).await
                                 {
                                     rec.bytes_sent = s;
                                     rec.bytes_received = r;
@@ -283,6 +328,31 @@ impl Inbound {
                 this.telemetry.record(rec, start.elapsed());
             });
         }
+    }
+}
+
+/// Copies between an admitted tunnel stream and the application, filling in the record.
+async fn relay<A, B>(
+    telemetry: &Telemetry,
+    rec: &mut AccessRecord,
+    tunnel: &mut A,
+    app: &mut B,
+    reason: String,
+) where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    telemetry.active.inc();
+    let r = crate::copy::bidirectional(tunnel, app).await;
+    telemetry.active.dec();
+    rec.decision = "allow";
+    match r {
+        Ok((sent, received)) => {
+            rec.bytes_sent = sent;
+            rec.bytes_received = received;
+            rec.reason = reason;
+        }
+        Err(e) => rec.reason = format!("{reason}; copy: {e}"),
     }
 }
 

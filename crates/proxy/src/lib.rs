@@ -6,13 +6,17 @@
 //! - [`outbound`]: explicit listeners and the transparent capture port → pooled tunnels;
 //! - [`inbound`]: the tunnel server (mTLS, CONNECT target checks, policy) and the plaintext port;
 //! - [`transparent`]: iptables rules, `SO_ORIGINAL_DST`, `SO_MARK`;
+//! - [`stream`]: the stream tunnel (one mTLS connection per connection, the fast path);
+//! - [`copy`]: bidirectional copy with adaptive buffers, none held while idle;
 //! - [`telemetry`]: access log and metrics; [`run`]: wiring.
 
 pub mod config;
+pub mod copy;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod run;
+pub mod stream;
 pub mod telemetry;
 pub mod tls;
 pub mod transparent;

@@ -20,11 +20,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use crate::config::{DestinationMap, OutboundListener, Unmapped};
 use crate::identity::Identity;
 use crate::telemetry::{AccessRecord, Direction, Telemetry};
-use crate::tls::{ALPN_H2, ClientConfigs};
+use crate::tls::{ClientConfigs, TunnelProtocol};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction: large enough for line-rate bulk transfers.
-pub(crate) const COPY_BUF: usize = 64 * 1024;
 
 /// Why a tunnel stream could not be opened; the text goes to the access log.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +53,16 @@ pub struct Outbound {
     configs: ClientConfigs,
     pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
     pooling: bool,
+    protocol: TunnelProtocol,
     mark: Option<u32>,
     telemetry: Arc<Telemetry>,
+}
+
+/// An open tunnel stream of either protocol.
+#[derive(Debug)]
+pub enum TunnelStream {
+    H2(TokioIo<Upgraded>),
+    Stream(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Outbound {
@@ -71,13 +77,99 @@ impl Outbound {
             configs: ClientConfigs::default(),
             pool: Mutex::new(HashMap::new()),
             pooling,
+            protocol: TunnelProtocol::H2,
             mark,
             telemetry,
         }
     }
 
-    /// A bidirectional stream to `target` through the proxy at `tunnel`, which must prove
-    /// `dst_id` in the TLS handshake.
+    /// Carries connections with `protocol` (HTTP/2 CONNECT unless set).
+    pub fn with_protocol(mut self, protocol: TunnelProtocol) -> Self {
+        self.protocol = protocol;
+        self.configs = ClientConfigs::new(protocol);
+        self
+    }
+
+    /// A tunnel stream of the configured protocol to `target` through the proxy at `tunnel`,
+    /// which must prove `dst_id` in the TLS handshake.
+    pub async fn open_stream(
+        &self,
+        dst_id: &SpiffeId,
+        tunnel: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<TunnelStream, TunnelError> {
+        match self.protocol {
+            TunnelProtocol::H2 => Ok(TunnelStream::H2(TokioIo::new(
+                self.open(dst_id, tunnel, target).await?,
+            ))),
+            TunnelProtocol::Stream => Ok(TunnelStream::Stream(Box::new(
+                self.open_tls(dst_id, tunnel, target).await?,
+            ))),
+        }
+    }
+
+    /// The stream tunnel: a new mutual-TLS connection for this one connection, the target, and
+    /// the peer's admission result.
+    async fn open_tls(
+        &self,
+        dst_id: &SpiffeId,
+        tunnel: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TunnelError> {
+        let mut tls = self.handshake(dst_id, tunnel).await?;
+        let proto = |e: std::io::Error| TunnelError::H2(tunnel, format!("stream tunnel: {e}"));
+        crate::stream::write_request(&mut tls, target)
+            .await
+            .map_err(proto)?;
+        let (status, reason) =
+            tokio::time::timeout(CONNECT_TIMEOUT, crate::stream::read_response(&mut tls))
+                .await
+                .map_err(|_| TunnelError::H2(tunnel, "stream tunnel: no response".into()))?
+                .map_err(proto)?;
+        if status != 200 {
+            tracing::debug!(%target, status, %reason, "peer refused the stream tunnel");
+            return Err(TunnelError::Refused { target, status });
+        }
+        Ok(tls)
+    }
+
+    /// A verified mutual-TLS connection to the proxy at `tunnel`, which must prove `dst_id` and
+    /// select this side's ALPN.
+    async fn handshake(
+        &self,
+        dst_id: &SpiffeId,
+        tunnel: SocketAddr,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TunnelError> {
+        let cfg = self
+            .configs
+            .get(&self.identity, dst_id)
+            .ok_or(TunnelError::NoIdentity)?;
+        let tcp = connect_marked(tunnel, self.mark)
+            .await
+            .map_err(|e| TunnelError::Connect(tunnel, e.to_string()))?;
+        // The server name is not what is verified (the SPIFFE ID is); an IP address sends no SNI.
+        let name = ServerName::IpAddress(tunnel.ip().into());
+        let tls = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| TunnelError::Tls(tunnel, "timed out".into()))
+        .and_then(|r| r.map_err(|e| TunnelError::Tls(tunnel, e.to_string())));
+        self.telemetry.handshake(false, tls.is_ok());
+        let tls = tls?;
+        let want = self.protocol.alpn();
+        if tls.get_ref().1.alpn_protocol() != Some(want) {
+            return Err(TunnelError::Tls(
+                tunnel,
+                format!("peer did not select ALPN {}", String::from_utf8_lossy(want)),
+            ));
+        }
+        Ok(tls)
+    }
+
+    /// A bidirectional HTTP/2 CONNECT stream to `target` through the proxy at `tunnel`, which
+    /// must prove `dst_id` in the TLS handshake.
     pub async fn open(
         &self,
         dst_id: &SpiffeId,
@@ -144,30 +236,7 @@ impl Outbound {
 
     async fn dial(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let tunnel = key.tunnel;
-        let cfg = self
-            .configs
-            .get(&self.identity, &key.dst)
-            .ok_or(TunnelError::NoIdentity)?;
-        let tcp = connect_marked(tunnel, self.mark)
-            .await
-            .map_err(|e| TunnelError::Connect(tunnel, e.to_string()))?;
-        // The server name is not what is verified (the SPIFFE ID is); an IP address sends no SNI.
-        let name = ServerName::IpAddress(tunnel.ip().into());
-        let tls = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| TunnelError::Tls(tunnel, "timed out".into()))
-        .and_then(|r| r.map_err(|e| TunnelError::Tls(tunnel, e.to_string())));
-        self.telemetry.handshake(false, tls.is_ok());
-        let tls = tls?;
-        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
-            return Err(TunnelError::Tls(
-                tunnel,
-                "peer did not select ALPN h2".into(),
-            ));
-        }
+        let tls = self.handshake(&key.dst, tunnel).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
@@ -205,20 +274,18 @@ impl Outbound {
         rec.dst_spiffe_id = Some(dst_id.to_string());
         rec.src_addr = client.peer_addr().ok();
         rec.dst_addr = Some(target);
-        match self.open(dst_id, tunnel, target).await {
+        match self.open_stream(dst_id, tunnel, target).await {
             Err(e) => {
                 rec.reason = e.to_string();
             }
-            Ok(upgraded) => {
+            Ok(mut stream) => {
                 self.telemetry.active.inc();
-                let mut up = TokioIo::new(upgraded);
-                let r = tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut up,
-                    COPY_BUF,
-                    COPY_BUF,
-                )
-                .await;
+                let r = match &mut stream {
+                    TunnelStream::H2(up) => crate::copy::bidirectional(&mut client, up).await,
+                    TunnelStream::Stream(tls) => {
+                        crate::copy::bidirectional(&mut client, tls.as_mut()).await
+                    }
+                };
                 self.telemetry.active.dec();
                 rec.decision = "allow";
                 match r {
@@ -320,7 +387,7 @@ impl Outbound {
                 tracing::warn!(%target, "unmapped destination passed through in PLAINTEXT");
                 match connect_marked(target, self.mark).await {
                     Ok(mut upstream) => {
-                        let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        let r = crate::copy::bidirectional(&mut client, &mut upstream).await;
                         rec.decision = "allow";
                         rec.reason = "unmapped destination: plaintext passthrough".into();
                         if let Ok((s, r)) = r {

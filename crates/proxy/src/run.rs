@@ -38,6 +38,8 @@ pub struct ProxyOptions {
     pub policy: Option<(String, String)>,
     pub default_action: DefaultAction,
     pub pooling: bool,
+    /// How outbound connections travel to peer proxies (the inbound side serves both).
+    pub protocol: crate::tls::TunnelProtocol,
     /// Socket mark of the proxy's outbound connections (transparent mode).
     pub mark: Option<u32>,
 }
@@ -53,6 +55,7 @@ impl ProxyOptions {
             policy: None,
             default_action: DefaultAction::Deny,
             pooling: true,
+            protocol: crate::tls::TunnelProtocol::H2,
             mark: None,
         }
     }
@@ -134,12 +137,10 @@ pub async fn start(
     let tunnel_addr = tunnel.local_addr().map_err(|e| e.to_string())?;
     tasks.push(tokio::spawn(inbound.clone().serve_tunnel(tunnel)));
 
-    let outbound = Arc::new(Outbound::new(
-        identity.clone(),
-        telemetry.clone(),
-        opts.pooling,
-        opts.mark,
-    ));
+    let outbound = Arc::new(
+        Outbound::new(identity.clone(), telemetry.clone(), opts.pooling, opts.mark)
+            .with_protocol(opts.protocol),
+    );
     let mut outbound_addrs = Vec::new();
     for spec in opts.outbound {
         let l = bind(spec.listen, "--outbound").await?;

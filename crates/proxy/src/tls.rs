@@ -12,6 +12,41 @@ use crate::identity::Identity;
 
 /// ALPN of the tunnel: HTTP/2 (HBONE is HTTP/2 CONNECT over mutual TLS).
 pub const ALPN_H2: &[u8] = b"h2";
+pub use crate::stream::ALPN_STREAM;
+
+/// How the outbound side carries connections to a peer proxy. The inbound side serves both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TunnelProtocol {
+    /// HTTP/2 CONNECT (HBONE): pooled mutual-TLS connections, one stream per connection.
+    #[default]
+    H2,
+    /// One mutual-TLS connection per proxied connection (ALPN `tessera-stream/1`): no framing,
+    /// for throughput and latency; every connection costs a full handshake.
+    Stream,
+}
+
+impl TunnelProtocol {
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Self::H2 => ALPN_H2,
+            Self::Stream => ALPN_STREAM,
+        }
+    }
+}
+
+impl std::str::FromStr for TunnelProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "h2" => Ok(Self::H2),
+            "stream" => Ok(Self::Stream),
+            other => Err(format!(
+                "tunnel protocol {other:?}: expected h2 (HTTP/2 CONNECT, pooled) or stream (one mTLS connection per connection)"
+            )),
+        }
+    }
+}
 
 /// The tunnel's server side: TLS 1.3, client certificate mandatory and verified against the
 /// bundle of the client's own trust domain. Session resumption is off, so every connection runs
@@ -20,7 +55,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub fn server_config(identity: &Identity) -> Option<Arc<ServerConfig>> {
     let resolver = identity.resolver()?;
     let clients = Arc::new(SpiffeClientVerifier::new(identity.bundles(), true));
-    let mut cfg = tessera_tls::server_config(resolver, clients, &[ALPN_H2]).ok()?;
+    let mut cfg = tessera_tls::server_config(resolver, clients, &[ALPN_H2, ALPN_STREAM]).ok()?;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
     Some(Arc::new(cfg))
@@ -31,10 +66,19 @@ pub fn server_config(identity: &Identity) -> Option<Arc<ServerConfig>> {
 /// one: a stale address→identity mapping fails the handshake.
 #[derive(Debug, Default)]
 pub struct ClientConfigs {
+    protocol: TunnelProtocol,
     by_peer: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
 impl ClientConfigs {
+    /// Configs that offer only `protocol`'s ALPN.
+    pub fn new(protocol: TunnelProtocol) -> Self {
+        Self {
+            protocol,
+            by_peer: Mutex::default(),
+        }
+    }
+
     pub fn get(&self, identity: &Identity, peer: &SpiffeId) -> Option<Arc<ClientConfig>> {
         if let Ok(map) = self.by_peer.lock()
             && let Some(c) = map.get(peer)
@@ -46,7 +90,8 @@ impl ClientConfigs {
             identity.bundles(),
             ExpectedPeer::Exact(peer.clone()),
         ));
-        let mut cfg = tessera_tls::client_config(verifier, Some(resolver), &[ALPN_H2]).ok()?;
+        let mut cfg =
+            tessera_tls::client_config(verifier, Some(resolver), &[self.protocol.alpn()]).ok()?;
         cfg.resumption = rustls::client::Resumption::disabled();
         let cfg = Arc::new(cfg);
         if let Ok(mut map) = self.by_peer.lock() {

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use rustls_pki_types::PrivateKeyDer;
 use tessera_proxy::config::InboundPort;
-use tessera_proxy::outbound::TunnelError;
+use tessera_proxy::outbound::{TunnelError, TunnelStream};
+use tessera_proxy::tls::TunnelProtocol;
 use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
 use tessera_spiffe::{BundleSet, SpiffeId};
 use tessera_test_util::TestCa;
@@ -78,6 +79,15 @@ struct Node {
 }
 
 async fn node(identity: Arc<Identity>, inbound: &[u16], policy: Option<&str>) -> Node {
+    node_with(identity, inbound, policy, TunnelProtocol::H2).await
+}
+
+async fn node_with(
+    identity: Arc<Identity>,
+    inbound: &[u16],
+    policy: Option<&str>,
+    protocol: TunnelProtocol,
+) -> Node {
     let log = Log::default();
     let mut reg = prometheus_client::registry::Registry::default();
     let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
@@ -90,6 +100,7 @@ async fn node(identity: Arc<Identity>, inbound: &[u16], policy: Option<&str>) ->
         })
         .collect();
     opts.policy = policy.map(|p| ("test.toml".to_owned(), p.to_owned()));
+    opts.protocol = protocol;
     let proxy = tessera_proxy::start(opts, identity.clone(), telemetry)
         .await
         .unwrap();
@@ -183,6 +194,107 @@ async fn allowed_source_reaches_the_app_with_half_close_and_is_logged() {
         .filter(|r| r["decision"] == "allow")
         .count();
     assert_eq!(handshakes, 2);
+}
+
+/// The stream tunnel (one mTLS connection per connection) carries bytes with half-close, and
+/// admits exactly as the HTTP/2 path does: on the proven identity, a declared port, this
+/// workload's address, and the expected peer identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_tunnel_carries_and_refuses_like_h2() {
+    let ca = TestCa::new("example.org");
+    let (app_port, count) = echo_app().await;
+    let bar = node(
+        identity(&ca, "spiffe://example.org/bar", &[&ca]),
+        &[app_port],
+        Some(ALLOW_FOO),
+    )
+    .await;
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let bar_id = id("spiffe://example.org/bar");
+    let foo = node_with(
+        identity(&ca, "spiffe://example.org/foo", &[&ca]),
+        &[],
+        None,
+        TunnelProtocol::Stream,
+    )
+    .await;
+    let payload: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+    let stream = foo
+        .proxy
+        .outbound
+        .open_stream(&bar_id, bar.proxy.tunnel_addr, target)
+        .await
+        .unwrap();
+    let TunnelStream::Stream(mut tls) = stream else {
+        panic!("the stream protocol was configured");
+    };
+    tls.write_all(&payload).await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tls.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, payload, "every byte echoed after the half-close");
+    let rec = bar
+        .log
+        .wait_for(|r| r["decision"] == "allow" && r["bytes_sent"] == 700_000)
+        .await;
+    assert_eq!(rec["src_spiffe_id"], "spiffe://example.org/foo");
+    assert_eq!(rec["bytes_received"], 700_000);
+    assert_eq!(rec["reason"], "allowed by policy bar-from-foo rule 0");
+
+    let baz = node_with(
+        identity(&ca, "spiffe://example.org/baz", &[&ca]),
+        &[],
+        None,
+        TunnelProtocol::Stream,
+    )
+    .await;
+    let cases: [(&Node, SocketAddr, &str); 3] = [
+        (&baz, target, "no ALLOW policy matched"),
+        (
+            &foo,
+            "127.0.0.1:1".parse().unwrap(),
+            "port 1 is not declared with --inbound",
+        ),
+        (
+            &foo,
+            format!("127.0.0.2:{app_port}").parse().unwrap(),
+            "is not this workload's address",
+        ),
+    ];
+    for (client, to, reason) in cases {
+        let err = client
+            .proxy
+            .outbound
+            .open_stream(&bar_id, bar.proxy.tunnel_addr, to)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, TunnelError::Refused { status: 403, .. }),
+            "{reason}: {err}"
+        );
+        bar.log
+            .wait_for(|r| {
+                r["decision"] == "deny" && r["reason"].as_str().is_some_and(|s| s.contains(reason))
+            })
+            .await;
+    }
+    // A stale mapping: the destination does not prove the expected identity.
+    let err = foo
+        .proxy
+        .outbound
+        .open_stream(
+            &id("spiffe://example.org/not-bar"),
+            bar.proxy.tunnel_addr,
+            target,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TunnelError::Tls(..)), "{err}");
+    assert_eq!(
+        *count.lock().unwrap(),
+        1,
+        "only the admitted connection reached the app"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,11 @@ struct ProxyRunArgs {
     /// Open a new tunnel connection (full handshake) for every proxied connection.
     #[arg(long)]
     no_pool: bool,
+    /// How outbound connections travel to peer proxies: `h2` (HTTP/2 CONNECT, pooled, HBONE) or
+    /// `stream` (one mutual-TLS connection per connection: the fast path for throughput and
+    /// latency). The inbound side always serves both.
+    #[arg(long, default_value = "h2", value_name = "h2|stream")]
+    tunnel_protocol: tessera_proxy::tls::TunnelProtocol,
     /// Socket mark of the proxy's own connections in transparent mode.
     #[arg(long, default_value_t = config::DEFAULT_MARK)]
     mark: u32,
@@ -165,6 +170,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     opts.policy = policy;
     opts.default_action = default_action;
     opts.pooling = !a.no_pool;
+    opts.protocol = a.tunnel_protocol;
     if a.transparent {
         let (outbound_addr, inbound_plaintext_addr) =
             tessera_proxy::run::default_transparent_addrs();
