@@ -2,7 +2,9 @@
 //! and a certificate resolver whose SVID can be swapped on rotation without touching live
 //! connections.
 //!
-//! Every verifier here ends in [`crate::verify_svid`]; none looks at a certificate by itself.
+//! Every verifier here ends in [`crate::verify_svid`] (through the memo of chains it already
+//! accepted against the same bundle snapshot, [`crate::memo`]); none looks at a certificate by
+//! itself.
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,7 +21,8 @@ use rustls::{
 };
 use tessera_spiffe::{BundleSet, SpiffeId, TrustDomain};
 
-use crate::{PeerRole, crypto_provider, verify_svid};
+use crate::memo::VerifiedChains;
+use crate::{PeerRole, crypto_provider};
 
 /// The handshake-signature half of a verifier, the same for every verifier here: TLS 1.2 is
 /// never offered (our configs are TLS 1.3 only), and TLS 1.3 signatures are checked with the
@@ -114,6 +117,7 @@ pub struct SpiffeServerVerifier {
     bundles: SharedBundles,
     expected: ExpectedPeer,
     algs: WebPkiSupportedAlgorithms,
+    memo: VerifiedChains,
 }
 
 impl SpiffeServerVerifier {
@@ -122,6 +126,7 @@ impl SpiffeServerVerifier {
             bundles,
             expected,
             algs: algorithms(),
+            memo: VerifiedChains::default(),
         }
     }
 }
@@ -139,7 +144,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         // (X509-SVID §5), not by DNS names, so the expected ID is what we check.
         let chain = chain_of(end_entity, intermediates);
         let bundles = self.bundles.load();
-        let id = verify_svid(&chain, bundles.as_ref(), now, PeerRole::Server)
+        let id = self
+            .memo
+            .verify(&chain, &bundles, now, PeerRole::Server)
             .map_err(|e| to_rustls_err(&e))?;
         if !self.expected.allows(&id) {
             return Err(Error::General(format!(
@@ -159,6 +166,7 @@ pub struct SpiffeClientVerifier {
     bundles: SharedBundles,
     mandatory: bool,
     algs: WebPkiSupportedAlgorithms,
+    memo: VerifiedChains,
 }
 
 impl SpiffeClientVerifier {
@@ -169,6 +177,7 @@ impl SpiffeClientVerifier {
             bundles,
             mandatory,
             algs: algorithms(),
+            memo: VerifiedChains::default(),
         }
     }
 }
@@ -190,7 +199,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         let chain = chain_of(end_entity, intermediates);
         let bundles = self.bundles.load();
-        verify_svid(&chain, bundles.as_ref(), now, PeerRole::Client)
+        self.memo
+            .verify(&chain, &bundles, now, PeerRole::Client)
             .map_err(|e| to_rustls_err(&e))?;
         Ok(ClientCertVerified::assertion())
     }

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 pub mod config;
+pub mod memo;
 pub mod web;
 pub mod x509pop;
 
