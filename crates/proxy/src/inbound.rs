@@ -94,7 +94,7 @@ impl Inbound {
         };
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+            tokio_rustls::TlsAcceptor::from(cfg).accept(crate::readahead::ReadAhead::new(tcp)),
         )
         .await;
         let tls = match tls {

@@ -7,6 +7,7 @@
 //! - [`inbound`]: the tunnel server (mTLS, CONNECT target checks, policy) and the plaintext port;
 //! - [`transparent`]: iptables rules, `SO_ORIGINAL_DST`, `SO_MARK`;
 //! - [`stream`]: the stream tunnel (one mTLS connection per connection, the fast path);
+//! - [`readahead`]: large socket reads under rustls (which reads 4 KiB at a time);
 //! - [`copy`]: bidirectional copy with adaptive buffers, none held while idle;
 //! - [`telemetry`]: access log and metrics; [`run`]: wiring.
 
@@ -15,6 +16,7 @@ pub mod copy;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
+pub mod readahead;
 pub mod run;
 pub mod stream;
 pub mod telemetry;

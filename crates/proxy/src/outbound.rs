@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::{DestinationMap, OutboundListener, Unmapped};
 use crate::identity::Identity;
+use crate::readahead::ReadAhead;
 use crate::telemetry::{AccessRecord, Direction, Telemetry};
 use crate::tls::{ClientConfigs, TunnelProtocol};
 
@@ -62,7 +63,7 @@ pub struct Outbound {
 #[derive(Debug)]
 pub enum TunnelStream {
     H2(TokioIo<Upgraded>),
-    Stream(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Stream(Box<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>>),
 }
 
 impl Outbound {
@@ -115,7 +116,7 @@ impl Outbound {
         dst_id: &SpiffeId,
         tunnel: SocketAddr,
         target: SocketAddr,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TunnelError> {
+    ) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, TunnelError> {
         let mut tls = self.handshake(dst_id, tunnel).await?;
         let proto = |e: std::io::Error| TunnelError::H2(tunnel, format!("stream tunnel: {e}"));
         crate::stream::write_request(&mut tls, target)
@@ -139,7 +140,7 @@ impl Outbound {
         &self,
         dst_id: &SpiffeId,
         tunnel: SocketAddr,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TunnelError> {
+    ) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, TunnelError> {
         let cfg = self
             .configs
             .get(&self.identity, dst_id)
@@ -151,7 +152,7 @@ impl Outbound {
         let name = ServerName::IpAddress(tunnel.ip().into());
         let tls = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+            tokio_rustls::TlsConnector::from(cfg).connect(name, ReadAhead::new(tcp)),
         )
         .await
         .map_err(|_| TunnelError::Tls(tunnel, "timed out".into()))
