@@ -33,6 +33,9 @@ DURATION = int(os.environ.get("DURATION", "3"))
 ROUNDS = int(os.environ.get("ROUNDS", "11"))
 IDLE = int(os.environ.get("IDLE", "10000"))
 ENVOY = os.environ.get("ENVOY", "envoy")
+# Worker threads of Envoy, the same number `tessera proxy` takes by default (half the cores, at
+# most 2), so both are measured with the same share of the machine.
+THREADS = int(os.environ.get("THREADS", str(min(2, max(1, (os.cpu_count() or 2) // 2)))))
 ID = "spiffe://example.org/bench"
 PROCS = []
 atexit.register(lambda: [p.kill() for p in PROCS])
@@ -190,6 +193,10 @@ ENV_SOCK = [""]
 # Path name → client-side ports (iperf, sockperf), in the order they are run each round.
 PATHS = {"direct": None, "stunnel": (9101, 9102), "envoy": (9201, 9202), "tessera-h2": (9001, 9002),
          "tessera-stream": (9011, 9012)}
+# PATHS=envoy,tessera-stream runs only those (and direct); TOPOLOGIES=netns only that topology.
+if os.environ.get("PATHS"):
+    PATHS = {k: v for k, v in PATHS.items() if k == "direct" or k in os.environ["PATHS"].split(",")}
+TOPOLOGIES = os.environ.get("TOPOLOGIES", "loopback,netns").split(",")
 
 
 def topology(name, tmp, sock, server_ns, client_ns, server_ip):
@@ -231,7 +238,8 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip):
     envoy_conf(f"{logs}/envoy-c.json", f"{logs}/pem-c",
                [("127.0.0.1", 9201, server_ip, 15445), ("127.0.0.1", 9202, server_ip, 15446)], True)
     for side, ns, base in [("s", server_ns, 7101), ("c", client_ns, 7102)]:
-        bg([ENVOY, "-c", f"{logs}/envoy-{side}.json", "--disable-hot-restart", "--base-id", str(base), "-l", "warn"],
+        bg([ENVOY, "-c", f"{logs}/envoy-{side}.json", "--disable-hot-restart", "--base-id", str(base), "-l", "warn",
+            "--concurrency", str(THREADS)],
            ns, f"{logs}/envoy-{side}.log")
     for host, port, ns in [(server_ip, 5201, client_ns), (server_ip, 15443, client_ns), ("127.0.0.1", 9001, client_ns),
                            ("127.0.0.1", 9011, client_ns), ("127.0.0.1", 9101, client_ns),
@@ -323,12 +331,14 @@ def main():
             run(["ip", "addr", "add", ip, "dev", dev], ns)
             run(["ip", "link", "set", dev, "up"], ns)
             run(["ip", "link", "set", "lo", "up"], ns)
-        rows.append(topology("loopback", tmp, sock, None, None, "127.0.0.1"))
-        for p in PROCS[1:]:
-            p.kill()
-        del PROCS[1:]
-        time.sleep(1)
-        rows.append(topology("netns", tmp, sock, "bns", "bnc", "198.18.10.2"))
+        if "loopback" in TOPOLOGIES:
+            rows.append(topology("loopback", tmp, sock, None, None, "127.0.0.1"))
+            for p in PROCS[1:]:
+                p.kill()
+            del PROCS[1:]
+            time.sleep(1)
+        if "netns" in TOPOLOGIES:
+            rows.append(topology("netns", tmp, sock, "bns", "bnc", "198.18.10.2"))
     finally:
         for p in PROCS:
             p.kill()

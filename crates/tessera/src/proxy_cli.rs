@@ -96,6 +96,9 @@ struct ProxyRunArgs {
     /// Socket mark of the proxy's own connections in transparent mode.
     #[arg(long, default_value_t = config::DEFAULT_MARK)]
     mark: u32,
+    /// Worker threads of the proxy (default: half the cores, at most 2).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
     /// Serve /live, /ready and /metrics here.
     #[arg(long)]
     health_bind_address: Option<SocketAddr>,
@@ -104,6 +107,15 @@ struct ProxyRunArgs {
     access_log: Option<PathBuf>,
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+/// Worker threads when `--threads` is not given: a sidecar shares its node with the workload it
+/// serves, so it takes half the cores, at most two. On a two-core machine one worker proxies
+/// faster than two: every wake-up of a second worker is a cross-CPU hand-off (measured in
+/// BENCHMARKS.md).
+fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 2).clamp(1, 2)
 }
 
 pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
@@ -210,7 +222,9 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         ),
         None => Box::new(std::io::stdout()),
     };
+    let threads = a.threads.map_or_else(default_threads, usize::from);
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()?;
     rt.block_on(async move {
