@@ -130,6 +130,25 @@ impl Federation {
 
     /// Stores a relationship (and its bootstrap bundle first, so that the first fetch can use
     /// it) and wakes everyone that follows the feed.
+    /// Create (`create = true`) or update a relationship, audited as `federation.create` or
+    /// `federation.update`.
+    async fn save_audited(
+        &self,
+        req: Request<pb::FederationRelationship>,
+        create: bool,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        let who = crate::admin::caller(&req);
+        let r = req.into_inner();
+        let detail = serde_json::json!({ "trust_domain": r.trust_domain, "url": r.bundle_endpoint_url, "profile": r.profile });
+        let result = self.save(&r, create).await;
+        let action = if create {
+            "federation.create"
+        } else {
+            "federation.update"
+        };
+        self.audited(who, action, detail, result).map(Response::new)
+    }
+
     async fn save(
         &self,
         r: &pb::FederationRelationship,
@@ -237,24 +256,14 @@ impl FederationApi for Federation {
         &self,
         req: Request<pb::FederationRelationship>,
     ) -> Result<Response<pb::FederationRelationship>, Status> {
-        let who = crate::admin::caller(&req);
-        let r = req.into_inner();
-        let detail = serde_json::json!({ "trust_domain": r.trust_domain, "url": r.bundle_endpoint_url, "profile": r.profile });
-        let result = self.save(&r, true).await;
-        self.audited(who, "federation.create", detail, result)
-            .map(Response::new)
+        self.save_audited(req, true).await
     }
 
     async fn update_federation(
         &self,
         req: Request<pb::FederationRelationship>,
     ) -> Result<Response<pb::FederationRelationship>, Status> {
-        let who = crate::admin::caller(&req);
-        let r = req.into_inner();
-        let detail = serde_json::json!({ "trust_domain": r.trust_domain, "url": r.bundle_endpoint_url, "profile": r.profile });
-        let result = self.save(&r, false).await;
-        self.audited(who, "federation.update", detail, result)
-            .map(Response::new)
+        self.save_audited(req, false).await
     }
 
     async fn get_federation(
