@@ -3,7 +3,8 @@
 //! Each direction starts with a buffer of [`MIN_BUF`] and doubles it (up to [`MAX_BUF`]) whenever a
 //! read fills it, so a bulk transfer moves large chunks with few system calls and TLS writes of
 //! many records at once. A direction holds no buffer while it waits for data: when a read is
-//! pending and nothing is left to write, the buffer is freed. An idle proxied connection therefore
+//! pending and nothing is left to write, the buffer goes back to the thread's cache
+//! ([`crate::pool`]). An idle proxied connection therefore
 //! costs no copy buffers at all (the memory-per-idle-connection target), and a busy one never
 //! waits for an allocation larger than it has already proven to need.
 //!
@@ -79,7 +80,9 @@ impl Half {
                 // Drained: a buffer smaller than the grown size is replaced on the next read.
                 self.pos = 0;
                 if buf.capacity() < self.size {
-                    self.buf = None;
+                    if let Some(small) = self.buf.take() {
+                        crate::pool::give(small);
+                    }
                 } else {
                     buf.clear();
                 }
@@ -94,13 +97,13 @@ impl Half {
                 return Poll::Ready(Ok(self.amt));
             }
             let size = self.size;
-            let buf = self
-                .buf
-                .get_or_insert_with(|| BytesMut::with_capacity(size));
+            let buf = self.buf.get_or_insert_with(|| crate::pool::take(size));
             match tokio_util::io::poll_read_buf(reader.as_mut(), cx, buf) {
                 Poll::Pending => {
                     // Idle: give the (empty) buffer back, and push out what was written.
-                    self.buf = None;
+                    if let Some(b) = self.buf.take() {
+                        crate::pool::give(b);
+                    }
                     if self.need_flush {
                         ready!(writer.as_mut().poll_flush(cx))?;
                         self.need_flush = false;

@@ -16,6 +16,7 @@ pub mod copy;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod readahead;
 pub mod run;
 pub mod stream;

@@ -4,7 +4,7 @@
 //! or more `read` system calls, and a bulk transfer spends much of its time entering the kernel.
 //! [`ReadAhead`] sits between the socket and rustls: a small read is served from a buffer that
 //! one large `read` filled. The buffer is allocated only when data is flowing and freed as soon
-//! as it is drained and the socket has nothing more, so an idle connection holds none (the
+//! as it is drained and the socket has nothing more (back to [`crate::pool`]), so an idle connection holds none (the
 //! memory-per-idle-connection target). Writes pass straight through.
 
 use std::io;
@@ -60,12 +60,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             this.buf.clear();
             this.pos = 0;
             if this.buf.capacity() < READ_AHEAD {
-                this.buf = BytesMut::with_capacity(READ_AHEAD);
+                this.buf = crate::pool::take(READ_AHEAD);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
                 Poll::Pending => {
                     // Nothing to read: give the buffer back while the connection waits.
-                    this.buf = BytesMut::new();
+                    crate::pool::give(std::mem::take(&mut this.buf));
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
