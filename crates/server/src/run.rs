@@ -150,9 +150,11 @@ fn load_upstream(
     Ok(Some(Arc::new(up)))
 }
 
-fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
+/// The trust the mTLS endpoints verify clients with: every server's authorities of our trust
+/// domain (an agent may hold an SVID that another server of the domain signed).
+pub(crate) fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
     let mut set = BundleSet::new();
-    set.insert(state.ca.bundle()?)
+    set.insert(state.ca.trust_bundle()?)
         .map_err(|e| ServerError::Ca(e.to_string()))?;
     Ok(set)
 }
@@ -242,6 +244,14 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     }));
 
     state.refresh_admin_ids().await?;
+    // Changes other servers of the trust domain make (PostgreSQL: woken by LISTEN/NOTIFY).
+    let listener = state.store.listen_revisions().await?;
+    tasks.push(crate::follow::spawn(
+        state.clone(),
+        bundles.clone(),
+        stop_rx.clone(),
+        listener,
+    ));
     // Admin API over mTLS, when configured: client SVIDs are mandatory, and only the SPIFFE IDs
     // of entries marked admin get through the interceptor.
     let mut admin_addr = None;
@@ -427,7 +437,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         }
     }));
 
-    let bundle_json = state.ca.bundle()?.to_json();
+    let bundle_json = state.ca.trust_bundle()?.to_json();
     tracing::info!(
         trust_domain = %state.td,
         agent_api = %agent_addr,

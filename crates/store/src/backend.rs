@@ -162,7 +162,7 @@ pub async fn open_postgres_with(
         .connect(url)
         .await?;
     migrate(&pool, POSTGRES_MIGRATIONS).await?;
-    let schema: String = sqlx::query_scalar("SELECT current_schema()")
+    let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
         .fetch_one(&pool)
         .await?;
     let listen_options: sqlx::postgres::PgConnectOptions = url

@@ -226,7 +226,9 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// [`Self::events_after`]; this only wakes them, and costs no statement while idle.
     /// The listening task ends when every receiver is dropped. SQLite: `None` (one server per
     /// file; its writers wake their own followers).
-    async fn listen_revisions(&self) -> Result<Option<tokio::sync::watch::Receiver<u64>>, StoreError>;
+    async fn listen_revisions(
+        &self,
+    ) -> Result<Option<tokio::sync::watch::Receiver<u64>>, StoreError>;
 
     /// Deletes events with revisions before `before_revision` (at most up to the current one);
     /// returns how many.

@@ -36,12 +36,7 @@ async fn current_revision(pool: &AnyPool) -> Result<u64, sqlx::Error> {
 
 /// Listens until every receiver of `tx` is gone, reconnecting (with backoff) whenever the
 /// session is lost.
-pub(crate) async fn run(
-    options: PgPool,
-    channel: String,
-    pool: AnyPool,
-    tx: watch::Sender<u64>,
-) {
+pub(crate) async fn run(options: PgPool, channel: String, pool: AnyPool, tx: watch::Sender<u64>) {
     let mut backoff = Duration::from_millis(100);
     let mut was_down = false;
     loop {

@@ -1,0 +1,103 @@
+//! What a server learns from the revision feed about changes other servers made: several
+//! servers of one trust domain share one datastore, so a bundle published or an admin entry
+//! created through one must reach the others' in-memory state (their mTLS trust, the tainted
+//! set pushed to agents, the admin IDs). On PostgreSQL the store's LISTEN task wakes this
+//! follower (and every sync stream, through the [`Feed`](crate::state::Feed)) as each change
+//! commits; the follower then reads the changes by revision, so a lost notification costs
+//! nothing but time. An idle server reads nothing.
+
+use std::sync::Arc;
+
+use tessera_store::{EventKind, StoreError};
+use tessera_tls::SharedBundles;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::state::State;
+
+/// Reloads what depends on our trust domain's bundle: the CA's view of the other servers and
+/// the trust the mTLS endpoints verify clients with.
+async fn reload_trust(state: &State, bundles: &SharedBundles) {
+    match state.ca.refresh(&state.store).await {
+        Ok(()) => match crate::run::own_bundles(state) {
+            Ok(set) => bundles.store(Arc::new(set)),
+            Err(e) => tracing::error!(error = %e, "cannot build the trust bundle"),
+        },
+        Err(e) => tracing::warn!(error = %e, "cannot re-read the servers' authorities"),
+    }
+}
+
+/// Starts the follower. `listener`: the store's revision notifications (PostgreSQL).
+pub(crate) fn spawn(
+    state: Arc<State>,
+    bundles: SharedBundles,
+    mut stop: watch::Receiver<bool>,
+    mut listener: Option<watch::Receiver<u64>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut wake = state.feed.subscribe();
+        let mut last = *wake.borrow_and_update();
+        loop {
+            match state.store.events_after(last, 1000).await {
+                Ok(events) if !events.is_empty() => {
+                    let mut trust = false;
+                    let mut entries = false;
+                    for ev in &events {
+                        last = ev.revision;
+                        match ev.kind {
+                            EventKind::BundleUpdated | EventKind::BundleDeleted
+                                if ev.key == state.td.as_str() =>
+                            {
+                                trust = true;
+                            }
+                            EventKind::EntryCreated
+                            | EventKind::EntryUpdated
+                            | EventKind::EntryDeleted => entries = true,
+                            _ => {}
+                        }
+                    }
+                    if trust {
+                        reload_trust(&state, &bundles).await;
+                    }
+                    if entries && let Err(e) = state.refresh_admin_ids().await {
+                        tracing::warn!(error = %e, "cannot reload the admin IDs");
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(StoreError::Compacted { .. } | StoreError::FutureRevision { .. }) => {
+                    // Too far behind (or a restored database): reload everything instead.
+                    if let Ok(current) = state.store.current_revision().await {
+                        reload_trust(&state, &bundles).await;
+                        if let Err(e) = state.refresh_admin_ids().await {
+                            tracing::warn!(error = %e, "cannot reload the admin IDs");
+                        }
+                        last = current;
+                        continue;
+                    }
+                }
+                // The database is unreachable: wait for the next wake-up (the listener wakes
+                // everyone once it is back) and read from the same revision again.
+                Err(e) => tracing::warn!(error = %e, "cannot read the revision feed"),
+            }
+            let listen = async {
+                match &mut listener {
+                    Some(rx) => rx.changed().await.map(|()| *rx.borrow_and_update()),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = wake.changed() => if changed.is_err() { return },
+                revision = listen => match revision {
+                    Ok(rev) => {
+                        // Wakes every sync stream of this server; this loop reads now.
+                        state.feed.notify(rev);
+                        wake.borrow_and_update();
+                    }
+                    Err(_) => listener = None,
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    })
+}
