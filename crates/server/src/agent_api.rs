@@ -67,17 +67,26 @@ impl AgentApi {
                 self.state.td
             )));
         }
-        let agent = self
-            .state
-            .store
-            .get_agent(&id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| {
-                Status::unauthenticated(format!(
-                    "agent {id} is not attested (evicted?): attest again"
+        let read = async {
+            if self.state.datastore_up() {
+                self.state.store.get_agent(&id).await
+            } else {
+                Err(StoreError::Unavailable(
+                    "the datastore is unreachable".into(),
                 ))
-            })?;
+            }
+        };
+        let agent = match read.await {
+            Ok(found) => found,
+            // The datastore is unreachable: the agent as memory has it (see memory.rs).
+            Err(StoreError::Unavailable(_)) => self.state.memory.agent(&id),
+            Err(e) => return Err(store_status(e)),
+        }
+        .ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "agent {id} is not attested (evicted?): attest again"
+            ))
+        })?;
         if agent.banned {
             return Err(Status::permission_denied(format!("agent {id} is banned")));
         }
@@ -93,15 +102,27 @@ impl AgentApi {
 
     /// The parents whose entries `agent` may have: itself and every node alias it matches.
     async fn authorized_parents(&self, agent: &Agent) -> Result<BTreeSet<SpiffeId>, Status> {
-        let aliases = self
-            .state
-            .store
-            .list_entries(&EntryQuery {
-                parent_id: Some(self.state.server_id.clone()),
-                ..EntryQuery::default()
-            })
-            .await
-            .map_err(store_status)?;
+        let query = EntryQuery {
+            parent_id: Some(self.state.server_id.clone()),
+            ..EntryQuery::default()
+        };
+        let read = async {
+            if self.state.datastore_up() {
+                self.state.store.list_entries(&query).await
+            } else {
+                Err(StoreError::Unavailable(
+                    "the datastore is unreachable".into(),
+                ))
+            }
+        };
+        let aliases = match read.await {
+            Ok(list) => list,
+            Err(StoreError::Unavailable(_)) => self
+                .state
+                .memory
+                .entries_by_parents([&self.state.server_id]),
+            Err(e) => return Err(store_status(e)),
+        };
         let mut parents = BTreeSet::from([agent.spiffe_id.clone()]);
         for alias in aliases {
             if selector::matches(&alias.selectors, &agent.selectors) {
@@ -118,6 +139,24 @@ impl AgentApi {
             .list_entries_by_parents(&list)
             .await
             .map_err(store_status)
+    }
+
+    /// Entry `id` from the datastore, or as last read while the datastore is unreachable.
+    async fn entry(&self, id: &str) -> Result<Option<Entry>, Status> {
+        let read = async {
+            if self.state.datastore_up() {
+                self.state.store.get_entry(id).await
+            } else {
+                Err(StoreError::Unavailable(
+                    "the datastore is unreachable".into(),
+                ))
+            }
+        };
+        match read.await {
+            Ok(found) => Ok(found),
+            Err(StoreError::Unavailable(_)) => Ok(self.state.memory.entry(id)),
+            Err(e) => Err(store_status(e)),
+        }
     }
 
     fn sign(&self, csr: &[u8], tmpl: &SvidTemplate) -> Result<tessera_pki::SignedSvid, Status> {
@@ -371,12 +410,7 @@ impl AgentApiTrait for AgentApi {
         let parents = self.authorized_parents(&agent).await?;
         let mut results = Vec::with_capacity(requests.len());
         for r in requests {
-            let entry = self
-                .state
-                .store
-                .get_entry(&r.entry_id)
-                .await
-                .map_err(store_status)?;
+            let entry = self.entry(&r.entry_id).await?;
             let outcome = match entry {
                 None => Err(format!("entry {:?} not found", r.entry_id)),
                 Some(e) if !parents.contains(&e.parent_id) => {

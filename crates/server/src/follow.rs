@@ -32,8 +32,12 @@ pub(crate) fn spawn(
     state: Arc<State>,
     bundles: SharedBundles,
     mut stop: watch::Receiver<bool>,
-    mut listener: Option<watch::Receiver<u64>>,
+    listener: Option<tessera_store::RevisionListener>,
 ) -> JoinHandle<()> {
+    let (mut listener, mut connected) = match listener {
+        Some(l) => (Some(l.revisions), Some(l.connected)),
+        None => (None, None),
+    };
     tokio::spawn(async move {
         let mut wake = state.feed.subscribe();
         let mut last = *wake.borrow_and_update();
@@ -52,7 +56,30 @@ pub(crate) fn spawn(
                             }
                             EventKind::EntryCreated
                             | EventKind::EntryUpdated
-                            | EventKind::EntryDeleted => entries = true,
+                            | EventKind::EntryDeleted => {
+                                match state.store.get_entry(&ev.key).await {
+                                    Ok(found) => state.memory.set_entry(&ev.key, found),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, entry = ev.key, "cannot re-read a changed entry")
+                                    }
+                                }
+                                entries = true;
+                            }
+                            EventKind::AgentCreated
+                            | EventKind::AgentUpdated
+                            | EventKind::AgentBanned
+                            | EventKind::AgentUnbanned
+                            | EventKind::AgentDeleted => {
+                                match tessera_spiffe::SpiffeId::parse(&ev.key) {
+                                    Ok(id) => match state.store.get_agent(&id).await {
+                                        Ok(found) => state.memory.set_agent(&ev.key, found),
+                                        Err(e) => {
+                                            tracing::warn!(error = %e, agent = ev.key, "cannot re-read a changed agent")
+                                        }
+                                    },
+                                    Err(_) => state.memory.set_agent(&ev.key, None),
+                                }
+                            }
                             _ => {}
                         }
                     }
@@ -68,6 +95,9 @@ pub(crate) fn spawn(
                 Err(StoreError::Compacted { .. } | StoreError::FutureRevision { .. }) => {
                     // Too far behind (or a restored database): reload everything instead.
                     if let Ok(current) = state.store.current_revision().await {
+                        if let Err(e) = crate::run::load_memory(&state).await {
+                            tracing::warn!(error = %e, "cannot reload entries and agents");
+                        }
                         reload_trust(&state, &bundles).await;
                         if let Err(e) = state.refresh_admin_ids().await {
                             tracing::warn!(error = %e, "cannot reload the admin IDs");
@@ -86,8 +116,25 @@ pub(crate) fn spawn(
                     None => std::future::pending().await,
                 }
             };
+            let up = async {
+                match &mut connected {
+                    Some(rx) => rx.changed().await.map(|()| *rx.borrow_and_update()),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = wake.changed() => if changed.is_err() { return },
+                up = up => match up {
+                    Ok(up) => {
+                        if up {
+                            tracing::info!("datastore reachable again: resuming");
+                        } else {
+                            tracing::warn!("datastore unreachable: serving agents from memory, refusing changes");
+                        }
+                        state.set_datastore_up(up);
+                    }
+                    Err(_) => connected = None,
+                },
                 revision = listen => match revision {
                     Ok(rev) => {
                         // Wakes every sync stream of this server; this loop reads now.

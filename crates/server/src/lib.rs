@@ -18,6 +18,7 @@ pub mod config;
 mod convert;
 mod federation;
 mod follow;
+mod memory;
 mod metrics;
 mod run;
 mod state;

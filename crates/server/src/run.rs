@@ -159,6 +159,45 @@ pub(crate) fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
     Ok(set)
 }
 
+/// Reads every entry and agent into memory (a page at a time).
+pub(crate) async fn load_memory(state: &State) -> Result<(), ServerError> {
+    let store = &state.store;
+    let mut entries = Vec::new();
+    loop {
+        let page = store
+            .list_entries(&tessera_store::EntryQuery {
+                after: entries.last().map(|e: &tessera_store::Entry| e.id.clone()),
+                limit: Some(5000),
+                ..tessera_store::EntryQuery::default()
+            })
+            .await?;
+        let done = page.len() < 5000;
+        entries.extend(page);
+        if done {
+            break;
+        }
+    }
+    let mut agents = Vec::new();
+    loop {
+        let page = store
+            .list_agents(&tessera_store::AgentQuery {
+                after: agents
+                    .last()
+                    .map(|a: &tessera_store::Agent| a.spiffe_id.clone()),
+                limit: Some(5000),
+                ..tessera_store::AgentQuery::default()
+            })
+            .await?;
+        let done = page.len() < 5000;
+        agents.extend(page);
+        if done {
+            break;
+        }
+    }
+    state.memory.load(entries, agents);
+    Ok(())
+}
+
 /// Starts a server from `cfg`; returns once every endpoint listens.
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     cfg.validate()
@@ -184,14 +223,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     ca.publish(&store).await?;
     let revision = store.current_revision().await?;
     let (metrics, registry) = Metrics::new();
-    // Counted once at start; the admin API keeps the gauges current from then on.
-    let entries = store
-        .list_entries(&tessera_store::EntryQuery::default())
-        .await?
-        .len();
-    metrics
-        .entries
-        .set(i64::try_from(entries).unwrap_or(i64::MAX));
+
     let (stop, stop_rx) = watch::channel(false);
     let state = Arc::new(State {
         admin_ids: arc_swap::ArcSwap::from_pointee(std::collections::HashSet::new()),
@@ -206,8 +238,19 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         store,
         ca,
         feed: Feed::new(revision),
+        memory: crate::memory::Memory::default(),
+        datastore_up: std::sync::atomic::AtomicBool::new(true),
         metrics,
     });
+
+    // Every entry and agent in memory (kept current by the follower); counted once here, the
+    // admin API keeps the gauges current from then on.
+    load_memory(&state).await?;
+    let (entries, _) = state.memory.len();
+    state
+        .metrics
+        .entries
+        .set(i64::try_from(entries).unwrap_or(i64::MAX));
 
     let mut tasks = Vec::new();
 
@@ -370,7 +413,10 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
                 }
                 Err(e) => {
                     s.metrics.datastore_up.set(0);
-                    Err(e.to_string())
+                    Err(format!(
+                        "degraded: the datastore is unreachable; serving agents from memory \
+                         and refusing changes until it is back ({e})"
+                    ))
                 }
             }
         })

@@ -50,6 +50,11 @@ pub(crate) struct State {
     pub(crate) store: Arc<dyn Datastore>,
     pub(crate) ca: CaManager,
     pub(crate) feed: Feed,
+    /// What the agent API last read, for signing while the datastore is unreachable.
+    pub(crate) memory: crate::memory::Memory,
+    /// False while the datastore is known to be unreachable (PostgreSQL: the revision listener
+    /// lost its session): the agent API then answers from memory without waiting on it.
+    pub(crate) datastore_up: std::sync::atomic::AtomicBool,
     pub(crate) metrics: Metrics,
     pub(crate) audit: AuditLog,
     /// CA certificates that node certificates must chain to (x509pop); empty: x509pop off.
@@ -83,6 +88,16 @@ impl State {
             self.metrics.error(what);
         }
         result
+    }
+
+    pub(crate) fn datastore_up(&self) -> bool {
+        self.datastore_up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_datastore_up(&self, up: bool) {
+        self.datastore_up
+            .store(up, std::sync::atomic::Ordering::SeqCst);
+        self.metrics.datastore_up.set(i64::from(up));
     }
 
     /// Reloads the admin IDs after a change to entries.

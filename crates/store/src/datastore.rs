@@ -11,6 +11,17 @@ use crate::model::{
     Policy, StoredBundle,
 };
 
+/// What [`Datastore::listen_revisions`] gives.
+#[derive(Debug)]
+pub struct RevisionListener {
+    /// The newest revision announced.
+    pub revisions: tokio::sync::watch::Receiver<u64>,
+    /// Whether the listening session is up: it drops the moment the database goes away (and
+    /// comes back within about two seconds of its return), so a server knows at once that it
+    /// must not wait on the database, without polling it.
+    pub connected: tokio::sync::watch::Receiver<bool>,
+}
+
 /// See [`Datastore::publish_authorities`]: `(server records, stored bundle JSON)` → the new
 /// bundle JSON, or `None` when unchanged; an `Err` aborts the publication.
 pub type MergeBundle =
@@ -224,11 +235,9 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// connection, once it is back, with the revision read then, so nothing waits for a
     /// notification that was lost). Followers still read the changes with
     /// [`Self::events_after`]; this only wakes them, and costs no statement while idle.
-    /// The listening task ends when every receiver is dropped. SQLite: `None` (one server per
-    /// file; its writers wake their own followers).
-    async fn listen_revisions(
-        &self,
-    ) -> Result<Option<tokio::sync::watch::Receiver<u64>>, StoreError>;
+    /// The listening task ends when every receiver of `revisions` is dropped. SQLite: `None`
+    /// (one server per file; its writers wake their own followers).
+    async fn listen_revisions(&self) -> Result<Option<RevisionListener>, StoreError>;
 
     /// Deletes events with revisions before `before_revision` (at most up to the current one);
     /// returns how many.

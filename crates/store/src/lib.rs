@@ -37,7 +37,7 @@ pub mod model;
 mod sql;
 
 pub use backend::{PostgresOptions, open, open_postgres, open_postgres_with, open_sqlite};
-pub use datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle};
+pub use datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener};
 pub use error::StoreError;
 pub use model::{
     Agent, Entry, Event, EventKind, FederationRelationship, FederationStatus, JoinToken, NewAgent,

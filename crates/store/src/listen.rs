@@ -27,6 +27,15 @@ fn bump(tx: &watch::Sender<u64>, revision: u64) {
     });
 }
 
+/// Wakes the receivers only on a change (up ↔ down), not on every failed retry.
+fn set(connected: &watch::Sender<bool>, up: bool) {
+    connected.send_if_modified(|cur| {
+        let differs = *cur != up;
+        *cur = up;
+        differs
+    });
+}
+
 async fn current_revision(pool: &AnyPool) -> Result<u64, sqlx::Error> {
     let v: i64 = sqlx::query_scalar("SELECT value FROM revision WHERE id = 1")
         .fetch_one(pool)
@@ -36,12 +45,21 @@ async fn current_revision(pool: &AnyPool) -> Result<u64, sqlx::Error> {
 
 /// Listens until every receiver of `tx` is gone, reconnecting (with backoff) whenever the
 /// session is lost.
-pub(crate) async fn run(options: PgPool, channel: String, pool: AnyPool, tx: watch::Sender<u64>) {
+pub(crate) async fn run(
+    options: PgPool,
+    channel: String,
+    pool: AnyPool,
+    tx: watch::Sender<u64>,
+    connected: watch::Sender<bool>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut was_down = false;
     loop {
         let session = async {
             let mut listener = PgListener::connect_with(&options).await?;
+            // A lost session must come back here at once (Ok(None)), not be retried inside
+            // try_recv: the server has to learn now that the database is gone.
+            listener.eager_reconnect(false);
             listener.listen(&channel).await?;
             // Listening from here on; what committed before is read by revision.
             bump(&tx, current_revision(&pool).await?);
@@ -52,6 +70,7 @@ pub(crate) async fn run(options: PgPool, channel: String, pool: AnyPool, tx: wat
             r = session => match r {
                 Ok(l) => l,
                 Err(e) => {
+                        set(&connected, false);
                     if !was_down {
                         tracing::warn!(error = %e, "revision listener: database unreachable; retrying");
                         was_down = true;
@@ -65,6 +84,7 @@ pub(crate) async fn run(options: PgPool, channel: String, pool: AnyPool, tx: wat
                 }
             },
         };
+        set(&connected, true);
         if was_down {
             tracing::info!("revision listener: listening again");
             was_down = false;
@@ -80,8 +100,12 @@ pub(crate) async fn run(options: PgPool, channel: String, pool: AnyPool, tx: wat
                     },
                     // The session was lost (notifications in between with it): start over,
                     // which reads the current revision again.
-                    Ok(None) => break,
+                    Ok(None) => {
+                        set(&connected, false);
+                        break;
+                    }
                     Err(e) => {
+                        set(&connected, false);
                         tracing::warn!(error = %e, "revision listener: session lost; reconnecting");
                         break;
                     }

@@ -20,7 +20,7 @@ use tessera_spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::StoreError;
-use crate::datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle};
+use crate::datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener};
 use crate::model::{
     self, Agent, Entry, Event, EventKind, FederationRelationship, FederationStatus, JoinToken,
     NewAgent, NewEntry, Policy, StoredBundle,
@@ -489,7 +489,7 @@ impl Write {
             let mut sql = Sql::new("SELECT pg_notify(");
             sql.bind(text(&*channel))
                 .push(", ")
-                .bind(text(&revision.to_string()))
+                .bind(text(revision.to_string()))
                 .push(")");
             self.execute(sql).await?;
         }
@@ -526,6 +526,8 @@ impl SqlStore {
         self.listen = Some(
             sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
+                // Fail fast while the database is down; the listener retries with backoff.
+                .acquire_timeout(std::time::Duration::from_secs(2))
                 .connect_lazy_with(options),
         );
         self
@@ -1270,21 +1272,24 @@ impl Datastore for SqlStore {
         .collect()
     }
 
-    async fn listen_revisions(
-        &self,
-    ) -> Result<Option<tokio::sync::watch::Receiver<u64>>, StoreError> {
+    async fn listen_revisions(&self) -> Result<Option<RevisionListener>, StoreError> {
         let (Some(listen), Some(channel)) = (&self.listen, &self.notify_channel) else {
             return Ok(None);
         };
         let start = self.current_revision().await?;
-        let (tx, rx) = tokio::sync::watch::channel(start);
+        let (tx, revisions) = tokio::sync::watch::channel(start);
+        let (up, connected) = tokio::sync::watch::channel(true);
         tokio::spawn(crate::listen::run(
             listen.clone(),
             channel.to_string(),
             self.pool.clone(),
             tx,
+            up,
         ));
-        Ok(Some(rx))
+        Ok(Some(RevisionListener {
+            revisions,
+            connected,
+        }))
     }
 
     async fn set_federation_relationship(

@@ -60,6 +60,8 @@ fn entry(td: &TrustDomain, path: &str, parent: &str) -> pb::CreateEntryRequest {
             spiffe_id: format!("spiffe://{td}{path}"),
             parent_id: parent.into(),
             selectors: vec![format!("unix:uid:{}", support::my_uid())],
+            // Short-lived, so the agent renews them (every ~5 s) while PostgreSQL is down.
+            x509_ttl_secs: 10,
             ..Default::default()
         }),
     }
@@ -105,10 +107,11 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     out.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// What the workload saw on its one X509-SVID stream: the SPIFFE IDs of each context, when.
+/// What the workload saw on its one X509-SVID stream: for each context, when, its SPIFFE IDs,
+/// whether every SVID was valid then, and the latest expiry among its SVIDs.
 #[derive(Default)]
 struct Seen {
-    contexts: Vec<(Instant, Vec<String>, bool)>,
+    contexts: Vec<(Instant, Vec<String>, bool, u64)>,
     ended: Option<String>,
 }
 
@@ -126,12 +129,12 @@ fn ids_of(ctx: &spiffe::X509Context) -> Vec<String> {
 async fn wait_for_id(seen: &Mutex<Seen>, id: &str, within: Duration) -> Instant {
     let deadline = Instant::now() + within;
     loop {
-        if let Some((at, _, _)) = seen
+        if let Some((at, _, _, _)) = seen
             .lock()
             .unwrap()
             .contexts
             .iter()
-            .find(|(_, ids, _)| ids.iter().any(|i| i == id))
+            .find(|(_, ids, _, _)| ids.iter().any(|i| i == id))
         {
             return *at;
         }
@@ -145,6 +148,7 @@ async fn wait_for_id(seen: &Mutex<Seen>, id: &str, within: Duration) -> Instant 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
+    tessera_telemetry::init_logging("warn");
     let Some(pg) = tokio::task::spawn_blocking(Cluster::start).await.unwrap() else {
         return;
     };
@@ -239,7 +243,7 @@ async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
     seen.lock()
         .unwrap()
         .contexts
-        .push((Instant::now(), ids_of(&first), true));
+        .push((Instant::now(), ids_of(&first), true, 0));
     let recorder = {
         let seen = seen.clone();
         tokio::spawn(async move {
@@ -247,14 +251,19 @@ async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
                 match stream.next().await {
                     Some(Ok(ctx)) => {
                         let now = support::now();
-                        let valid = ctx.svids().iter().all(|s| {
-                            let der = s.cert_chain()[0].as_ref();
-                            support::not_after(der) > now
-                        });
-                        seen.lock()
-                            .unwrap()
-                            .contexts
-                            .push((Instant::now(), ids_of(&ctx), valid));
+                        let expiries: Vec<u64> = ctx
+                            .svids()
+                            .iter()
+                            .map(|s| support::not_after(s.cert_chain()[0].as_ref()))
+                            .collect();
+                        let valid = expiries.iter().all(|t| *t > now);
+                        let latest = expiries.into_iter().max().unwrap_or(0);
+                        seen.lock().unwrap().contexts.push((
+                            Instant::now(),
+                            ids_of(&ctx),
+                            valid,
+                            latest,
+                        ));
                     }
                     Some(Err(e)) => {
                         seen.lock().unwrap().ended = Some(e.to_string());
@@ -286,6 +295,7 @@ async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
 
     // The database goes away.
     let pg = Arc::new(pg);
+    let stopped_at = Instant::now();
     tokio::task::spawn_blocking({
         let pg = pg.clone();
         move || pg.stop()
@@ -305,6 +315,26 @@ async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
         .expect_err("no writes without the database");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     eprintln!("write while PostgreSQL is down: {}", refused.message());
+
+    // A kept signing from memory: the agent renewed the short-lived SVIDs during the outage.
+    let renewed = seen
+        .lock()
+        .unwrap()
+        .contexts
+        .iter()
+        .filter(|(at, _, _, _)| *at > stopped_at)
+        .count();
+    if renewed == 0 {
+        for (at, ids, valid, latest) in &seen.lock().unwrap().contexts {
+            eprintln!(
+                "context at {:?} after the stop: {ids:?} valid={valid} latest expiry {latest} (now {})",
+                at.checked_duration_since(stopped_at),
+                support::now()
+            );
+        }
+    }
+    assert!(renewed > 0, "no SVID renewed while PostgreSQL was down");
+    eprintln!("SVID renewals delivered while PostgreSQL was down: {renewed}");
 
     // Back again: writes and propagation resume without restarting anything.
     tokio::task::spawn_blocking({
@@ -341,7 +371,7 @@ async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.ended, None, "the workload's stream was reset");
-        for (_, ids, valid) in &seen.contexts {
+        for (_, ids, valid, _) in &seen.contexts {
             assert!(
                 ids.contains(&web1),
                 "a context without web-1's SVID: {ids:?}"
