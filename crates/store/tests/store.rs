@@ -275,11 +275,13 @@ mod postgres_ha {
         };
         let a = tessera_store::open(&schema.url).await.unwrap();
         let b = tessera_store::open(&schema.url).await.unwrap();
-        let mut heard = b
+        let listener = b
             .listen_revisions()
             .await
             .unwrap()
             .expect("postgres listens");
+        assert!(*listener.connected.borrow());
+        let mut heard = listener.revisions;
         let start = *heard.borrow_and_update();
 
         // A commit through A wakes B's listener with its revision (LISTEN/NOTIFY, no polling).
