@@ -9,6 +9,7 @@ use std::process::Command;
 /// A running throwaway cluster; [`Cluster::url`] names its `tessera` database.
 #[derive(Debug)]
 pub struct Cluster {
+    log_statements: bool,
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
@@ -44,6 +45,12 @@ impl Cluster {
     /// Starts one; `None` (with the reason printed) when PostgreSQL is not installed. With
     /// `CI=true` that is a failure instead.
     pub fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    /// [`Cluster::start`]; `log_statements`: every statement goes to [`Cluster::log`] (to
+    /// count what clients send).
+    pub fn start_with(log_statements: bool) -> Option<Self> {
         let Some(bin) = newest_bin() else {
             return skip_or_fail("no /usr/lib/postgresql/*/bin/initdb (install postgresql)");
         };
@@ -62,6 +69,7 @@ impl Cluster {
             std::env::var("USER").unwrap_or_else(|_| "postgres".into())
         };
         let c = Self {
+            log_statements,
             url: format!("postgres://{user}@127.0.0.1:{port}/tessera"),
             bin,
             dir,
@@ -137,9 +145,11 @@ impl Cluster {
                 .arg("-l")
                 .arg(&log)
                 .args(["-w", "-t", "60", "-m", "fast"]);
+            let log_all = self.log_statements;
             cmd.arg("-o").arg(format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=200",
-                dir.display()
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=200{}",
+                dir.display(),
+                if log_all { " -c log_statement=all -c log_line_prefix=%p:" } else { "" }
             ));
             cmd.arg(action);
         })
