@@ -145,11 +145,9 @@ fn run_agent(
             let mut stream = resp.into_inner();
             while let Some(Ok(msg)) = stream.next().await {
                 match msg.msg {
-                    Some(pb::sync_response::Msg::Snapshot(page)) => {
-                        if page.last {
-                            revision = page.revision;
-                            let _ = tx.send(Report::Synced(i));
-                        }
+                    Some(pb::sync_response::Msg::Snapshot(page)) if page.last => {
+                        revision = page.revision;
+                        let _ = tx.send(Report::Synced(i));
                     }
                     Some(pb::sync_response::Msg::Change(c)) => {
                         revision = revision.max(c.revision);
@@ -157,7 +155,7 @@ fn run_agent(
                             let _ = tx.send(Report::Change(i, e.spiffe_id, Instant::now()));
                         }
                     }
-                    None => {}
+                    Some(pb::sync_response::Msg::Snapshot(_)) | None => {}
                 }
             }
             lost = true;
