@@ -132,13 +132,9 @@ impl AgentApi {
         Ok(parents)
     }
 
+    /// From memory's index by parent: serving a sync queries nothing per agent.
     async fn authorized_entries(&self, parents: &BTreeSet<SpiffeId>) -> Result<Vec<Entry>, Status> {
-        let list: Vec<SpiffeId> = parents.iter().cloned().collect();
-        self.state
-            .store
-            .list_entries_by_parents(&list)
-            .await
-            .map_err(store_status)
+        Ok(self.state.memory.entries_by_parents(parents))
     }
 
     /// Entry `id` from the datastore, or as last read while the datastore is unreachable.
@@ -494,7 +490,8 @@ impl AgentApi {
     ) -> Result<(), Status> {
         let store = &self.state.store;
         // Subscribe before reading so a change committed during the snapshot still wakes us.
-        let mut wake = self.state.feed.subscribe();
+        // Woken by the follower once memory holds the change (see state::Applied).
+        let mut wake = self.state.applied.subscribe();
         let mut stopping = self.state.stopping.clone();
         let mut parents = self.authorized_parents(&agent).await?;
         // IDs of the entries this agent holds: known after a snapshot; unknown (None) when it
@@ -521,7 +518,12 @@ impl AgentApi {
                 .await?
         };
         loop {
-            let events = match store.events_after(last, 1000).await {
+            let from_memory = self.state.applied.events_after(last, 1000);
+            let read = match from_memory {
+                Some(ev) => Ok(ev),
+                None => store.events_after(last, 1000).await,
+            };
+            let events = match read {
                 Ok(ev) => ev,
                 Err(StoreError::Compacted { .. }) => {
                     last = self
@@ -560,7 +562,9 @@ impl AgentApi {
                 let mut lost = Vec::new();
                 match ev.kind {
                     EventKind::EntryCreated | EventKind::EntryUpdated => {
-                        match store.get_entry(&ev.key).await.map_err(store_status)? {
+                        // Memory is current up to at least this event (it may be newer,
+                        // which only means the agent gets the newest content sooner).
+                        match self.state.memory.entry(&ev.key) {
                             // A node alias changed: which parents this agent has may have changed.
                             Some(e) if e.parent_id == self.state.server_id => {
                                 parents = self.authorized_parents(&agent).await?;
@@ -662,13 +666,34 @@ impl AgentApi {
     ) -> Result<u64, Status> {
         // Read the revision first: anything committed after it is replayed from the feed, so
         // the snapshot may be newer than `revision` but never older.
-        let revision = self
-            .state
-            .store
-            .current_revision()
-            .await
-            .map_err(store_status)?;
-        let entries = self.authorized_entries(parents).await?;
+        // The snapshot comes from memory once memory has caught up with the datastore (one read
+        // of the revision per snapshot, so a stream opened right after a write sees it); memory
+        // may then be a little newer than `revision`, never older. Memory stuck behind (the
+        // follower cannot read the feed): from the datastore.
+        let revision = match self.state.store.current_revision().await {
+            Ok(r) => r,
+            // The datastore is away: memory as it is (an agent failing over to this server
+            // during the outage still gets its entries).
+            Err(StoreError::Unavailable(_)) => self.state.applied.revision(),
+            Err(e) => return Err(store_status(e)),
+        };
+        let mut applied = self.state.applied.subscribe();
+        let caught_up = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            applied.wait_for(|r| *r >= revision),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let entries = if caught_up {
+            self.authorized_entries(parents).await?
+        } else {
+            let list: Vec<SpiffeId> = parents.iter().cloned().collect();
+            self.state
+                .store
+                .list_entries_by_parents(&list)
+                .await
+                .map_err(store_status)?
+        };
         let mut bundles = vec![crate::admin::own_bundle(&self.state).await?];
         let tainted = tainted_pb(&self.state.ca.tainted().borrow());
         *needs = Needs::from_entries(&entries);

@@ -86,6 +86,8 @@ pub(crate) fn spawn(
                     if trust {
                         reload_trust(&state, &bundles).await;
                     }
+                    // Memory is current up to `last`: the sync streams may read it now.
+                    state.applied.push(&events);
                     if entries && let Err(e) = state.refresh_admin_ids().await {
                         tracing::warn!(error = %e, "cannot reload the admin IDs");
                     }
@@ -103,6 +105,7 @@ pub(crate) fn spawn(
                             tracing::warn!(error = %e, "cannot reload the admin IDs");
                         }
                         last = current;
+                        state.applied.reset(current);
                         continue;
                     }
                 }

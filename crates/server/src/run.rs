@@ -239,6 +239,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         ca,
         feed: Feed::new(revision),
         memory: crate::memory::Memory::default(),
+        applied: crate::state::Applied::new(revision),
         datastore_up: std::sync::atomic::AtomicBool::new(true),
         metrics,
     });
