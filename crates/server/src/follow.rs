@@ -15,6 +15,14 @@ use tokio::task::JoinHandle;
 
 use crate::state::State;
 
+/// More changed entries and agents than this in one read of the feed: reload them all.
+const BULK_RELOAD: usize = 200;
+
+/// After a failed reload: wait for the next wake-up (or a second) before trying again.
+async fn continue_after_error(wake: &mut watch::Receiver<u64>) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), wake.changed()).await;
+}
+
 /// Reloads what depends on our trust domain's bundle: the CA's view of the other servers and
 /// the trust the mTLS endpoints verify clients with.
 async fn reload_trust(state: &State, bundles: &SharedBundles) {
@@ -46,6 +54,24 @@ pub(crate) fn spawn(
                 Ok(events) if !events.is_empty() => {
                     let mut trust = false;
                     let mut entries = false;
+                    // A burst (a batch import, say) is cheaper reloaded whole, a page of
+                    // thousands at a time, than re-read one object per event.
+                    let changed_objects = events
+                        .iter()
+                        .filter(|e| {
+                            e.kind.as_str().starts_with("entry")
+                                || e.kind.as_str().starts_with("agent")
+                        })
+                        .count();
+                    let bulk = changed_objects > BULK_RELOAD;
+                    if bulk {
+                        if let Err(e) = crate::run::load_memory(&state).await {
+                            tracing::warn!(error = %e, "cannot reload entries and agents");
+                            // Nothing applied: read the same events again on the next wake.
+                            continue_after_error(&mut wake).await;
+                            continue;
+                        }
+                    }
                     for ev in &events {
                         last = ev.revision;
                         match ev.kind {
@@ -56,20 +82,30 @@ pub(crate) fn spawn(
                             }
                             EventKind::EntryCreated
                             | EventKind::EntryUpdated
+                            | EventKind::EntryDeleted
+                                if bulk =>
+                            {
+                                entries = true
+                            }
+                            EventKind::EntryCreated
+                            | EventKind::EntryUpdated
                             | EventKind::EntryDeleted => {
                                 match state.store.get_entry(&ev.key).await {
-                                    Ok(found) => state.memory.set_entry(&ev.key, found),
+                                    Ok(found) => {
+                                        entries |= state.memory.set_entry(&ev.key, found);
+                                    }
                                     Err(e) => {
                                         tracing::warn!(error = %e, entry = ev.key, "cannot re-read a changed entry")
                                     }
                                 }
-                                entries = true;
                             }
                             EventKind::AgentCreated
                             | EventKind::AgentUpdated
                             | EventKind::AgentBanned
                             | EventKind::AgentUnbanned
-                            | EventKind::AgentDeleted => {
+                            | EventKind::AgentDeleted
+                                if !bulk =>
+                            {
                                 match tessera_spiffe::SpiffeId::parse(&ev.key) {
                                     Ok(id) => match state.store.get_agent(&id).await {
                                         Ok(found) => state.memory.set_agent(&ev.key, found),
@@ -88,8 +124,11 @@ pub(crate) fn spawn(
                     }
                     // Memory is current up to `last`: the sync streams may read it now.
                     state.applied.push(&events);
-                    if entries && let Err(e) = state.refresh_admin_ids().await {
-                        tracing::warn!(error = %e, "cannot reload the admin IDs");
+                    // An admin entry changed: the admin IDs, from memory.
+                    if entries {
+                        state
+                            .admin_ids
+                            .store(std::sync::Arc::new(state.memory.admin_ids()));
                     }
                     continue;
                 }

@@ -82,12 +82,26 @@ impl Memory {
         self.lock().agents.get(id).cloned()
     }
 
-    pub(crate) fn set_entry(&self, id: &str, entry: Option<Entry>) {
+    /// Stores (or forgets) entry `id`; true when it is or was an admin entry.
+    pub(crate) fn set_entry(&self, id: &str, entry: Option<Entry>) -> bool {
         let mut inner = self.lock();
+        let was_admin = inner.entries.get(id).is_some_and(|e| e.admin);
+        let is_admin = entry.as_ref().is_some_and(|e| e.admin);
         match entry {
             Some(e) => inner.put_entry(e),
             None => inner.remove_entry(id),
         }
+        was_admin || is_admin
+    }
+
+    /// SPIFFE IDs of the entries marked admin.
+    pub(crate) fn admin_ids(&self) -> std::collections::HashSet<SpiffeId> {
+        self.lock()
+            .entries
+            .values()
+            .filter(|e| e.admin)
+            .map(|e| e.spiffe_id.clone())
+            .collect()
     }
 
     pub(crate) fn entry(&self, id: &str) -> Option<Entry> {
