@@ -64,14 +64,16 @@ pub(crate) fn spawn(
                         })
                         .count();
                     let bulk = changed_objects > BULK_RELOAD;
-                    if bulk {
-                        if let Err(e) = crate::run::load_memory(&state).await {
-                            tracing::warn!(error = %e, "cannot reload entries and agents");
-                            // Nothing applied: read the same events again on the next wake.
-                            continue_after_error(&mut wake).await;
-                            continue;
-                        }
+                    if bulk && let Err(e) = crate::run::load_memory(&state).await {
+                        tracing::warn!(error = %e, "cannot reload entries and agents");
+                        // Nothing applied: read the same events again on the next wake.
+                        continue_after_error(&mut wake).await;
+                        continue;
                     }
+                    // A re-read that fails (the database went away mid-batch) leaves memory
+                    // behind: the batch is read again rather than skipped.
+                    let from = last;
+                    let mut failed = false;
                     for ev in &events {
                         last = ev.revision;
                         match ev.kind {
@@ -95,7 +97,8 @@ pub(crate) fn spawn(
                                         entries |= state.memory.set_entry(&ev.key, found);
                                     }
                                     Err(e) => {
-                                        tracing::warn!(error = %e, entry = ev.key, "cannot re-read a changed entry")
+                                        tracing::warn!(error = %e, entry = ev.key, "cannot re-read a changed entry");
+                                        failed = true;
                                     }
                                 }
                             }
@@ -110,7 +113,8 @@ pub(crate) fn spawn(
                                     Ok(id) => match state.store.get_agent(&id).await {
                                         Ok(found) => state.memory.set_agent(&ev.key, found),
                                         Err(e) => {
-                                            tracing::warn!(error = %e, agent = ev.key, "cannot re-read a changed agent")
+                                            tracing::warn!(error = %e, agent = ev.key, "cannot re-read a changed agent");
+                                            failed = true;
                                         }
                                     },
                                     Err(_) => state.memory.set_agent(&ev.key, None),
@@ -118,6 +122,11 @@ pub(crate) fn spawn(
                             }
                             _ => {}
                         }
+                    }
+                    if failed {
+                        last = from;
+                        continue_after_error(&mut wake).await;
+                        continue;
                     }
                     if trust {
                         reload_trust(&state, &bundles).await;

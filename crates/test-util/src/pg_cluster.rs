@@ -149,7 +149,11 @@ impl Cluster {
             cmd.arg("-o").arg(format!(
                 "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=200{}",
                 dir.display(),
-                if log_all { " -c log_statement=all -c log_line_prefix=%p:" } else { "" }
+                if log_all {
+                    " -c log_statement=all -c log_line_prefix=%p:"
+                } else {
+                    ""
+                }
             ));
             cmd.arg(action);
         })
