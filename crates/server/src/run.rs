@@ -407,7 +407,16 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let ready: tessera_telemetry::ReadyCheck = Arc::new(move || {
         let s = ready_state.clone();
         Box::pin(async move {
-            match s.store.ping().await {
+            // Known unreachable (the listener's session is down): say so without waiting on
+            // the pool.
+            let ping = if s.datastore_up() {
+                s.store.ping().await
+            } else {
+                Err(tessera_store::StoreError::Unavailable(
+                    "the listening session to the database is down".into(),
+                ))
+            };
+            match ping {
                 Ok(()) => {
                     s.metrics.datastore_up.set(1);
                     Ok(())

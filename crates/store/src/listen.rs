@@ -6,6 +6,8 @@
 //! A notification can be lost only with the session; after reconnecting, the listener reads the
 //! current revision once, so followers catch up by revision and nothing is missed.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::AnyPool;
@@ -28,7 +30,10 @@ fn bump(tx: &watch::Sender<u64>, revision: u64) {
 }
 
 /// Wakes the receivers only on a change (up ↔ down), not on every failed retry.
-fn set(connected: &watch::Sender<bool>, up: bool) {
+/// Also tells the store itself (`reachable`, see `SqlStore::begin_write`), which then refuses
+/// writes at once instead of waiting out the pool's acquire timeout.
+fn set(connected: &watch::Sender<bool>, reachable: &AtomicBool, up: bool) {
+    reachable.store(up, Ordering::SeqCst);
     connected.send_if_modified(|cur| {
         let differs = *cur != up;
         *cur = up;
@@ -51,7 +56,16 @@ pub(crate) async fn run(
     pool: AnyPool,
     tx: watch::Sender<u64>,
     connected: watch::Sender<bool>,
+    reachable: Arc<AtomicBool>,
 ) {
+    // When this task ends nobody watches any more: the store goes back to trying every write.
+    struct Reset(Arc<AtomicBool>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let _reset = Reset(reachable.clone());
     let mut backoff = Duration::from_millis(100);
     let mut was_down = false;
     loop {
@@ -70,7 +84,7 @@ pub(crate) async fn run(
             r = session => match r {
                 Ok(l) => l,
                 Err(e) => {
-                        set(&connected, false);
+                        set(&connected, &reachable, false);
                     if !was_down {
                         tracing::warn!(error = %e, "revision listener: database unreachable; retrying");
                         was_down = true;
@@ -84,7 +98,7 @@ pub(crate) async fn run(
                 }
             },
         };
-        set(&connected, true);
+        set(&connected, &reachable, true);
         if was_down {
             tracing::info!("revision listener: listening again");
             was_down = false;
@@ -101,11 +115,11 @@ pub(crate) async fn run(
                     // The session was lost (notifications in between with it): start over,
                     // which reads the current revision again.
                     Ok(None) => {
-                        set(&connected, false);
+                        set(&connected, &reachable, false);
                         break;
                     }
                     Err(e) => {
-                        set(&connected, false);
+                        set(&connected, &reachable, false);
                         tracing::warn!(error = %e, "revision listener: session lost; reconnecting");
                         break;
                     }

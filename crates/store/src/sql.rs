@@ -45,6 +45,9 @@ pub(crate) struct SqlStore {
     /// PostgreSQL only: how the revision listener connects (its own connection, outside the
     /// pool, since LISTEN belongs to a session).
     listen: Option<sqlx::PgPool>,
+    /// False while the revision listener's session is down (the database is unreachable):
+    /// writes are refused at once then.
+    reachable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -512,6 +515,7 @@ impl SqlStore {
             write_lock,
             notify_channel: None,
             listen: None,
+            reachable: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
@@ -534,6 +538,12 @@ impl SqlStore {
     }
 
     async fn begin_write(&self) -> Result<Write, StoreError> {
+        if !self.reachable.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the database is unreachable (this server's listening session to it is down)"
+                    .into(),
+            ));
+        }
         let guard = match &self.write_lock {
             Some(lock) => Some(Arc::clone(lock).lock_owned().await),
             None => None,
@@ -1285,6 +1295,7 @@ impl Datastore for SqlStore {
             self.pool.clone(),
             tx,
             up,
+            self.reachable.clone(),
         ));
         Ok(Some(RevisionListener {
             revisions,

@@ -308,12 +308,18 @@ async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
     // A stays live, says it is not ready, and refuses writes with a clear error.
     assert_eq!(http_status(a.health_addr, "/live").await, 200);
     assert_eq!(http_status(a.health_addr, "/ready").await, 503);
+    let write_started = Instant::now();
     let refused = admin(&a)
         .await
         .create_entry(entry(&td, "/web-3", &parent))
         .await
         .expect_err("no writes without the database");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        write_started.elapsed() < Duration::from_secs(3),
+        "refused at once, not after the pool's timeout: {:?}",
+        write_started.elapsed()
+    );
     eprintln!("write while PostgreSQL is down: {}", refused.message());
 
     // A kept signing from memory: the agent renewed the short-lived SVIDs during the outage.
