@@ -23,6 +23,27 @@ async fn continue_after_error(wake: &mut watch::Receiver<u64>) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), wake.changed()).await;
 }
 
+/// Most events one read of the feed gathers (pages of 1,000): far behind (a bulk import), the
+/// follower reloads memory once for all of them instead of once per page.
+const MAX_GATHER: usize = 100_000;
+
+/// Every event after `revision`, up to [`MAX_GATHER`].
+async fn read_pending(
+    state: &State,
+    revision: u64,
+) -> Result<Vec<tessera_store::Event>, StoreError> {
+    let mut events = state.store.events_after(revision, 1000).await?;
+    while events.len() % 1000 == 0 && !events.is_empty() && events.len() < MAX_GATHER {
+        let after = events.last().map_or(revision, |e| e.revision);
+        let more = state.store.events_after(after, 1000).await?;
+        if more.is_empty() {
+            break;
+        }
+        events.extend(more);
+    }
+    Ok(events)
+}
+
 /// Reloads what depends on our trust domain's bundle: the CA's view of the other servers and
 /// the trust the mTLS endpoints verify clients with.
 async fn reload_trust(state: &State, bundles: &SharedBundles) {
@@ -50,7 +71,7 @@ pub(crate) fn spawn(
         let mut wake = state.feed.subscribe();
         let mut last = *wake.borrow_and_update();
         loop {
-            match state.store.events_after(last, 1000).await {
+            match read_pending(&state, last).await {
                 Ok(events) if !events.is_empty() => {
                     let mut trust = false;
                     let mut entries = false;

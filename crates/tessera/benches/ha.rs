@@ -237,8 +237,9 @@ async fn bench() {
         "seeded {n_entries} entries in {:.1} s",
         seed_started.elapsed().as_secs_f64()
     );
-    // Let every server's follower take the seeded entries into memory.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let every server's follower take the seeded entries into memory (one reload each).
+    let settle = (n_entries / 10_000).max(2) as u64;
+    tokio::time::sleep(Duration::from_secs(settle)).await;
 
     // Initial sync: every agent's snapshot.
     let (tx, mut rx) = mpsc::unbounded_channel();
