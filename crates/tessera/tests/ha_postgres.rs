@@ -322,7 +322,19 @@ async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
     );
     eprintln!("write while PostgreSQL is down: {}", refused.message());
 
-    // A kept signing from memory: the agent renewed the short-lived SVIDs during the outage.
+    // A keeps signing from memory: the agent renews the short-lived SVIDs (10 s, renewed at
+    // about half) during the outage; wait for one.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline
+        && !seen
+            .lock()
+            .unwrap()
+            .contexts
+            .iter()
+            .any(|(at, _, _, _)| *at > stopped_at)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let renewed = seen
         .lock()
         .unwrap()
