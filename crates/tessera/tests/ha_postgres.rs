@@ -382,7 +382,12 @@ async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
         "PostgreSQL back -> new entry at the workload: {:?}",
         at - restarted
     );
-    assert_eq!(http_status(a.health_addr, "/ready").await, 200);
+    // Ready again (the follower takes the listener's news in its own time).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_status(a.health_addr, "/ready").await != 200 {
+        assert!(Instant::now() < deadline, "/ready did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Never a gap: the one stream never ended, and every context it delivered held web-1's
     // SVID, valid at the time.
