@@ -12,6 +12,10 @@ pub struct AgentConfig {
     pub trust_domain: TrustDomain,
     /// The server's agent API address.
     pub server_address: String,
+    /// More servers of the same trust domain (IP:port each), tried in order after
+    /// `server_address` when the one in use cannot be reached: the agent moves its sync stream
+    /// there and resumes from the revision it has (servers sharing one PostgreSQL).
+    pub server_addresses: Vec<String>,
     /// The agent SVID, its key and the last bundle are kept here (mode 0600), so a restart needs
     /// no new join token.
     pub data_dir: PathBuf,
@@ -96,6 +100,7 @@ impl Default for AgentConfig {
         Self {
             trust_domain: TrustDomain::new("example.org").unwrap_or_else(|_| unreachable!()),
             server_address: "127.0.0.1:8081".into(),
+            server_addresses: Vec::new(),
             data_dir: PathBuf::from("/var/lib/tessera/agent"),
             socket_path: PathBuf::from("/tmp/tessera/agent.sock"),
             trust_bundle_path: None,
@@ -131,13 +136,26 @@ impl AgentConfig {
         if self.x509pop_cert_path.is_some() != self.x509pop_key_path.is_some() {
             return Err("x509pop_cert_path and x509pop_key_path must be set together".into());
         }
-        if self.server_address.parse::<SocketAddr>().is_err() {
-            return Err(format!(
-                "server_address {:?}: expected IP:port",
-                self.server_address
-            ));
-        }
+        self.servers()?;
         self.sds.validate()
+    }
+
+    /// `server_address`, then `server_addresses`, without repeats.
+    pub fn servers(&self) -> Result<Vec<SocketAddr>, String> {
+        let first = self
+            .server_address
+            .parse::<SocketAddr>()
+            .map_err(|_| format!("server_address {:?}: expected IP:port", self.server_address))?;
+        let mut out = vec![first];
+        for (i, a) in self.server_addresses.iter().enumerate() {
+            let addr = a
+                .parse::<SocketAddr>()
+                .map_err(|_| format!("server_addresses[{i}] {a:?}: expected IP:port"))?;
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+        Ok(out)
     }
 
     pub fn default_toml() -> String {
@@ -148,6 +166,9 @@ impl AgentConfig {
 trust_domain = "{td}"
 # The server's agent API (IP:port).
 server_address = "{server}"
+# More servers of the trust domain (sharing one PostgreSQL), tried in order when the one in use
+# cannot be reached; the agent resumes there from the revision it has.
+server_addresses = []
 # Agent SVID, key and last bundle (mode 0600): a restart needs no new join token.
 data_dir = "{data}"
 # The SPIFFE Workload API socket (SPIFFE_ENDPOINT_SOCKET=unix://<this>).

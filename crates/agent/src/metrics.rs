@@ -25,6 +25,8 @@ pub struct AgentMetrics {
     pub sds_responses: Counter,
     /// SDS responses Envoy rejected (NACKs).
     pub sds_nacks: Counter,
+    /// Moves to another server of the trust domain after losing the one in use.
+    pub failovers: Counter,
 }
 
 impl AgentMetrics {
@@ -38,6 +40,7 @@ impl AgentMetrics {
             sds_streams: Gauge::default(),
             sds_responses: Counter::default(),
             sds_nacks: Counter::default(),
+            failovers: Counter::default(),
         };
         let mut r = Registry::with_prefix("tessera_agent");
         r.register(
@@ -79,6 +82,11 @@ impl AgentMetrics {
             "sds_nacks",
             "Envoy SDS responses rejected by Envoy (NACK)",
             m.sds_nacks.clone(),
+        );
+        r.register(
+            "server_failovers",
+            "Moves to another server after losing the one in use",
+            m.failovers.clone(),
         );
         (Arc::new(m), Arc::new(Mutex::new(r)))
     }

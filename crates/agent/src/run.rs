@@ -87,7 +87,9 @@ fn federated_bundle(own: &TrustDomain, b: &pb::Bundle) -> Option<Bundle> {
 struct Shared {
     cfg: AgentConfig,
     td: TrustDomain,
-    server_addr: SocketAddr,
+    /// Every server of the trust domain this agent may use, and which one it uses now.
+    servers: Vec<SocketAddr>,
+    current: std::sync::atomic::AtomicUsize,
     server_id: SpiffeId,
     bundles: tessera_tls::SharedBundles,
     node: ArcSwap<NodeIdentity>,
@@ -106,6 +108,35 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    fn server_addr(&self) -> SocketAddr {
+        let i = self.current.load(std::sync::atomic::Ordering::SeqCst);
+        self.servers[i % self.servers.len()]
+    }
+
+    /// Moves to the next server of the list (when there is more than one); returns whether it
+    /// did. Every task picks the new client up on its next call; the cache, and so every SVID
+    /// and Workload API stream, stays as it is.
+    fn fail_over(&self) -> bool {
+        if self.servers.len() < 2 {
+            return false;
+        }
+        let from = self.server_addr();
+        self.current
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let to = self.server_addr();
+        match self.reconnect() {
+            Ok(()) => {
+                tracing::info!(%from, %to, "moving to another server");
+                self.metrics.failovers.inc();
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build a client for the next server");
+                false
+            }
+        }
+    }
+
     fn client(&self) -> AgentApiClient<Channel> {
         self.client.load().as_ref().clone()
     }
@@ -115,7 +146,7 @@ impl Shared {
     fn reconnect(&self) -> Result<(), AgentError> {
         let resolver = self.node.load().resolver()?;
         let c = tessera_server::client::agent_api(
-            self.server_addr,
+            self.server_addr(),
             ServerTrust::Bundles(self.bundles.clone()),
             self.server_id.clone(),
             Some(resolver),
@@ -236,15 +267,29 @@ async fn attest(
     Ok((node, bundle))
 }
 
+/// Attests with the first server of `servers` that answers.
+async fn attest_any(
+    cfg: &AgentConfig,
+    servers: &[SocketAddr],
+    server_id: &SpiffeId,
+) -> Result<(NodeIdentity, Bundle), AgentError> {
+    let mut last = AgentError::Config("no server address configured".into());
+    for addr in servers {
+        match attest(cfg, *addr, server_id).await {
+            Ok(done) => return Ok(done),
+            Err(e) => {
+                tracing::warn!(server = %addr, error = %e, "node attestation failed; trying the next server");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
 /// Starts the agent: attests (or loads its stored identity), then serves the Workload API.
 pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     cfg.validate().map_err(AgentError::Config)?;
-    let server_addr: SocketAddr = cfg.server_address.parse().map_err(|_| {
-        AgentError::Config(format!(
-            "server_address {:?}: expected IP:port",
-            cfg.server_address
-        ))
-    })?;
+    let servers = cfg.servers().map_err(AgentError::Config)?;
     let td = cfg.trust_domain.clone();
     let server_id = tessera_server::server_id(&td);
     let now = unix_now();
@@ -254,7 +299,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
             found
         }
         None => {
-            let (node, bundle) = attest(&cfg, server_addr, &server_id).await?;
+            let (node, bundle) = attest_any(&cfg, &servers, &server_id).await?;
             node::save(&cfg.data_dir, &node, &bundle)?;
             (node, bundle)
         }
@@ -264,7 +309,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let bundles: tessera_tls::SharedBundles = Arc::new(ArcSwap::from_pointee(set));
     let spiffe_id = node.spiffe_id.clone();
     let client = tessera_server::client::agent_api(
-        server_addr,
+        servers[0],
         ServerTrust::Bundles(bundles.clone()),
         server_id.clone(),
         Some(node.resolver()?),
@@ -275,7 +320,8 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let shared = Arc::new(Shared {
         metrics,
         td: td.clone(),
-        server_addr,
+        servers,
+        current: std::sync::atomic::AtomicUsize::new(0),
         server_id,
         bundles,
         node: ArcSwap::from_pointee(node),
@@ -369,6 +415,8 @@ async fn sync_task(
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut state = SyncState::default();
+    // Servers tried since the last stream that worked: a full round without one backs off.
+    let mut tried = 0usize;
     loop {
         if *stop.borrow() {
             return;
@@ -381,6 +429,7 @@ async fn sync_task(
         match result {
             Ok(resp) => {
                 backoff = Duration::from_millis(100);
+                tried = 0;
                 let mut stream = resp.into_inner();
                 let mut pending: Option<SyncState> = None;
                 loop {
@@ -401,20 +450,49 @@ async fn sync_task(
                         }
                         Some(Err(e)) => {
                             handle_status(&shared, &e).await;
+                            if is_server_loss(&e) && shared.fail_over() {
+                                tried += 1;
+                            }
                             break;
                         }
                         None => break,
                     }
                 }
             }
-            Err(e) => handle_status(&shared, &e).await,
+            Err(e) => {
+                handle_status(&shared, &e).await;
+                if is_server_loss(&e) && shared.fail_over() {
+                    tried += 1;
+                }
+            }
         }
+        // Straight on to the next server until each was tried once; then back off.
+        let pause = if tried > 0 && tried < shared.servers.len() {
+            Duration::from_millis(50)
+        } else {
+            let b = backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            b
+        };
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// The server went away or cannot serve (shutting down, unreachable, its database gone): worth
+/// trying another. Refusals of this agent are not: every server would say the same.
+fn is_server_loss(e: &tonic::Status) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Aborted
+    )
 }
 
 /// Reacts to an error from the server: banned and evicted agents say so in the log.
@@ -435,7 +513,7 @@ async fn handle_status(shared: &Shared, e: &tonic::Status) {
                 "the server does not accept this agent's SVID (evicted?): attesting again"
             );
             let cfg = &shared.cfg;
-            match attest(cfg, shared.server_addr, &shared.server_id).await {
+            match attest(cfg, shared.server_addr(), &shared.server_id).await {
                 Ok((node, bundle)) => {
                     if let Err(err) = node::save(&cfg.data_dir, &node, &bundle) {
                         tracing::error!(error = %err, "cannot persist the new agent SVID");

@@ -67,17 +67,26 @@ impl AgentApi {
                 self.state.td
             )));
         }
-        let agent = self
-            .state
-            .store
-            .get_agent(&id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| {
-                Status::unauthenticated(format!(
-                    "agent {id} is not attested (evicted?): attest again"
+        let read = async {
+            if self.state.datastore_up() {
+                self.state.store.get_agent(&id).await
+            } else {
+                Err(StoreError::Unavailable(
+                    "the datastore is unreachable".into(),
                 ))
-            })?;
+            }
+        };
+        let agent = match read.await {
+            Ok(found) => found,
+            // The datastore is unreachable: the agent as memory has it (see memory.rs).
+            Err(StoreError::Unavailable(_)) => self.state.memory.agent(&id),
+            Err(e) => return Err(store_status(e)),
+        }
+        .ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "agent {id} is not attested (evicted?): attest again"
+            ))
+        })?;
         if agent.banned {
             return Err(Status::permission_denied(format!("agent {id} is banned")));
         }
@@ -93,15 +102,27 @@ impl AgentApi {
 
     /// The parents whose entries `agent` may have: itself and every node alias it matches.
     async fn authorized_parents(&self, agent: &Agent) -> Result<BTreeSet<SpiffeId>, Status> {
-        let aliases = self
-            .state
-            .store
-            .list_entries(&EntryQuery {
-                parent_id: Some(self.state.server_id.clone()),
-                ..EntryQuery::default()
-            })
-            .await
-            .map_err(store_status)?;
+        let query = EntryQuery {
+            parent_id: Some(self.state.server_id.clone()),
+            ..EntryQuery::default()
+        };
+        let read = async {
+            if self.state.datastore_up() {
+                self.state.store.list_entries(&query).await
+            } else {
+                Err(StoreError::Unavailable(
+                    "the datastore is unreachable".into(),
+                ))
+            }
+        };
+        let aliases = match read.await {
+            Ok(list) => list,
+            Err(StoreError::Unavailable(_)) => self
+                .state
+                .memory
+                .entries_by_parents([&self.state.server_id]),
+            Err(e) => return Err(store_status(e)),
+        };
         let mut parents = BTreeSet::from([agent.spiffe_id.clone()]);
         for alias in aliases {
             if selector::matches(&alias.selectors, &agent.selectors) {
@@ -111,13 +132,27 @@ impl AgentApi {
         Ok(parents)
     }
 
+    /// From memory's index by parent: serving a sync queries nothing per agent.
     async fn authorized_entries(&self, parents: &BTreeSet<SpiffeId>) -> Result<Vec<Entry>, Status> {
-        let list: Vec<SpiffeId> = parents.iter().cloned().collect();
-        self.state
-            .store
-            .list_entries_by_parents(&list)
-            .await
-            .map_err(store_status)
+        Ok(self.state.memory.entries_by_parents(parents))
+    }
+
+    /// Entry `id` from the datastore, or as last read while the datastore is unreachable.
+    async fn entry(&self, id: &str) -> Result<Option<Entry>, Status> {
+        let read = async {
+            if self.state.datastore_up() {
+                self.state.store.get_entry(id).await
+            } else {
+                Err(StoreError::Unavailable(
+                    "the datastore is unreachable".into(),
+                ))
+            }
+        };
+        match read.await {
+            Ok(found) => Ok(found),
+            Err(StoreError::Unavailable(_)) => Ok(self.state.memory.entry(id)),
+            Err(e) => Err(store_status(e)),
+        }
     }
 
     fn sign(&self, csr: &[u8], tmpl: &SvidTemplate) -> Result<tessera_pki::SignedSvid, Status> {
@@ -371,12 +406,7 @@ impl AgentApiTrait for AgentApi {
         let parents = self.authorized_parents(&agent).await?;
         let mut results = Vec::with_capacity(requests.len());
         for r in requests {
-            let entry = self
-                .state
-                .store
-                .get_entry(&r.entry_id)
-                .await
-                .map_err(store_status)?;
+            let entry = self.entry(&r.entry_id).await?;
             let outcome = match entry {
                 None => Err(format!("entry {:?} not found", r.entry_id)),
                 Some(e) if !parents.contains(&e.parent_id) => {
@@ -460,7 +490,8 @@ impl AgentApi {
     ) -> Result<(), Status> {
         let store = &self.state.store;
         // Subscribe before reading so a change committed during the snapshot still wakes us.
-        let mut wake = self.state.feed.subscribe();
+        // Woken by the follower once memory holds the change (see state::Applied).
+        let mut wake = self.state.applied.subscribe();
         let mut stopping = self.state.stopping.clone();
         let mut parents = self.authorized_parents(&agent).await?;
         // IDs of the entries this agent holds: known after a snapshot; unknown (None) when it
@@ -487,7 +518,12 @@ impl AgentApi {
                 .await?
         };
         loop {
-            let events = match store.events_after(last, 1000).await {
+            let from_memory = self.state.applied.events_after(last, 1000);
+            let read = match from_memory {
+                Some(ev) => Ok(ev),
+                None => store.events_after(last, 1000).await,
+            };
+            let events = match read {
                 Ok(ev) => ev,
                 Err(StoreError::Compacted { .. }) => {
                     last = self
@@ -526,7 +562,9 @@ impl AgentApi {
                 let mut lost = Vec::new();
                 match ev.kind {
                     EventKind::EntryCreated | EventKind::EntryUpdated => {
-                        match store.get_entry(&ev.key).await.map_err(store_status)? {
+                        // Memory is current up to at least this event (it may be newer,
+                        // which only means the agent gets the newest content sooner).
+                        match self.state.memory.entry(&ev.key) {
                             // A node alias changed: which parents this agent has may have changed.
                             Some(e) if e.parent_id == self.state.server_id => {
                                 parents = self.authorized_parents(&agent).await?;
@@ -628,13 +666,34 @@ impl AgentApi {
     ) -> Result<u64, Status> {
         // Read the revision first: anything committed after it is replayed from the feed, so
         // the snapshot may be newer than `revision` but never older.
-        let revision = self
-            .state
-            .store
-            .current_revision()
-            .await
-            .map_err(store_status)?;
-        let entries = self.authorized_entries(parents).await?;
+        // The snapshot comes from memory once memory has caught up with the datastore (one read
+        // of the revision per snapshot, so a stream opened right after a write sees it); memory
+        // may then be a little newer than `revision`, never older. Memory stuck behind (the
+        // follower cannot read the feed): from the datastore.
+        let revision = match self.state.store.current_revision().await {
+            Ok(r) => r,
+            // The datastore is away: memory as it is (an agent failing over to this server
+            // during the outage still gets its entries).
+            Err(StoreError::Unavailable(_)) => self.state.applied.revision(),
+            Err(e) => return Err(store_status(e)),
+        };
+        let mut applied = self.state.applied.subscribe();
+        let caught_up = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            applied.wait_for(|r| *r >= revision),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let entries = if caught_up {
+            self.authorized_entries(parents).await?
+        } else {
+            let list: Vec<SpiffeId> = parents.iter().cloned().collect();
+            self.state
+                .store
+                .list_entries_by_parents(&list)
+                .await
+                .map_err(store_status)?
+        };
         let mut bundles = vec![crate::admin::own_bundle(&self.state).await?];
         let tainted = tainted_pb(&self.state.ca.tainted().borrow());
         *needs = Needs::from_entries(&entries);

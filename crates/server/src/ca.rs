@@ -15,8 +15,11 @@ use tessera_store::Datastore;
 use tokio::sync::watch;
 
 use crate::ServerError;
+use crate::cluster::{self, AuthorityRecord};
 
 pub(crate) const JOURNAL_FILE: &str = "ca_journal.json";
+/// This server's name among the servers of its trust domain (random, made at first start).
+pub(crate) const INSTANCE_FILE: &str = "server_instance_id";
 
 /// The tainted authorities, as pushed to agents.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,7 +43,65 @@ pub(crate) struct CaManager {
     path: PathBuf,
     ca_ttl: u64,
     upstream: Option<Arc<dyn UpstreamAuthority>>,
+    /// Every server's tainted authorities (ours as of now, the others' as last read).
     tainted: watch::Sender<Tainted>,
+    /// This server's key in the datastore's authority records.
+    instance: String,
+    /// What the other servers of the trust domain publish, as last read from the datastore.
+    cluster: Mutex<Cluster>,
+}
+
+#[derive(Debug, Default)]
+struct Cluster {
+    tainted: Tainted,
+    /// The trust domain's bundle as stored (every server's authorities).
+    bundle: Option<Bundle>,
+}
+
+fn own_tainted(j: &Journal) -> Tainted {
+    Tainted {
+        x509: j.x509().tainted_ids(),
+        jwt: j.jwt().tainted_ids(),
+    }
+}
+
+fn union(a: &Tainted, b: &Tainted) -> Tainted {
+    let join = |x: &[String], y: &[String]| {
+        x.iter()
+            .chain(y)
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    Tainted {
+        x509: join(&a.x509, &b.x509),
+        jwt: join(&a.jwt, &b.jwt),
+    }
+}
+
+/// Reads this server's instance id from `data_dir`, making one on first start.
+fn instance_id(data_dir: &Path) -> Result<String, ServerError> {
+    let path = data_dir.join(INSTANCE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() && s.trim().len() <= 64 => Ok(s.trim().to_owned()),
+        Ok(_) => Err(ServerError::Ca(format!(
+            "{}: expected one line of at most 64 characters; delete it to make a new one",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = [0u8; 16];
+            aws_lc_rs::rand::fill(&mut b)
+                .map_err(|_| ServerError::Ca("no randomness available".into()))?;
+            let id = hex::encode(b);
+            write_private(&path, id.as_bytes())?;
+            Ok(id)
+        }
+        Err(e) => Err(ServerError::Ca(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -109,10 +170,7 @@ impl CaManager {
                 );
             }
         }
-        let tainted = Tainted {
-            x509: journal.x509().tainted_ids(),
-            jwt: journal.jwt().tainted_ids(),
-        };
+        let tainted = own_tainted(&journal);
         let ca = Self {
             td: td.clone(),
             journal: Mutex::new(journal),
@@ -120,6 +178,8 @@ impl CaManager {
             ca_ttl,
             upstream,
             tainted: watch::Sender::new(tainted),
+            instance: instance_id(data_dir)?,
+            cluster: Mutex::new(Cluster::default()),
         };
         ca.self_check()?;
         Ok(ca)
@@ -220,12 +280,20 @@ impl CaManager {
         if !events.is_empty() {
             write_private(&self.path, &j.to_bytes())?;
         }
-        let tainted = Tainted {
-            x509: j.x509().tainted_ids(),
-            jwt: j.jwt().tainted_ids(),
-        };
+        let own = own_tainted(&j);
         let changed = j.generation() != before;
         drop(j);
+        self.update_tainted(&own);
+        Ok((events, changed))
+    }
+
+    fn cluster(&self) -> std::sync::MutexGuard<'_, Cluster> {
+        self.cluster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the tainted watch to ours ∪ the other servers', waking sync streams if it changed.
+    fn update_tainted(&self, own: &Tainted) {
+        let tainted = union(own, &self.cluster().tainted);
         self.tainted.send_if_modified(|cur| {
             let differs = *cur != tainted;
             if differs {
@@ -233,7 +301,6 @@ impl CaManager {
             }
             differs
         });
-        Ok((events, changed))
     }
 
     /// Advances rotation; persists and returns true when the published keys changed.
@@ -271,33 +338,83 @@ impl CaManager {
         self.upstream.as_ref()
     }
 
-    /// Writes the current bundle to the datastore when it differs from the stored one, with
-    /// `spiffe_sequence` one higher (Trust Domain and Bundle §4.1.1: it MUST change whenever the
-    /// contents do). Returns the revision of the write, if one happened.
+    /// What this server publishes of its CA: its authorities' public parts and taint marks.
+    fn record(&self) -> Result<AuthorityRecord, ServerError> {
+        let j = self.lock();
+        let bundle = j.bundle().map_err(|e| ServerError::Ca(e.to_string()))?;
+        let tainted = own_tainted(&j);
+        let expires_at = j
+            .x509()
+            .entries()
+            .map(|s| s.authority.not_after())
+            .chain(j.jwt().entries().map(|s| s.authority.not_after()))
+            .max()
+            .unwrap_or(0);
+        Ok(AuthorityRecord {
+            bundle: bundle.to_json(),
+            tainted_x509: tainted.x509,
+            tainted_jwt: tainted.jwt,
+            expires_at,
+        })
+    }
+
+    /// Publishes this server's authorities: its record in the datastore, and the trust
+    /// domain's bundle recomputed from every server's record when that changes it (with
+    /// `spiffe_sequence` one higher, Trust Domain and Bundle §4.1.1). Then re-reads what the
+    /// others publish. Returns the revision of the write, if one happened.
     pub(crate) async fn publish(
         &self,
         store: &Arc<dyn Datastore>,
     ) -> Result<Option<u64>, ServerError> {
-        let mut bundle = self.bundle()?;
+        let record = self.record()?.to_bytes();
+        let (td, own, now) = (self.td.clone(), self.instance.clone(), unix_now());
+        let merge = move |records: &[(String, Vec<u8>)], stored: Option<&[u8]>| {
+            cluster::merge_bundle(&td, records, stored, &own, now)
+        };
+        let rev = store
+            .publish_authorities(&self.td, &self.instance, &record, &merge)
+            .await?;
+        self.refresh(store).await?;
+        Ok(rev)
+    }
+
+    /// Re-reads what every server publishes (after a `BundleUpdated` event for our trust
+    /// domain): the stored bundle becomes our trust, and their taint marks join ours.
+    pub(crate) async fn refresh(&self, store: &Arc<dyn Datastore>) -> Result<(), ServerError> {
+        let records = store.list_authority_records().await?;
         let stored = store.get_bundle(&self.td).await?;
-        let previous = match &stored {
+        let now = unix_now();
+        let tainted = cluster::union_tainted(&self.td, &records, &self.instance, now);
+        let bundle = match stored {
             Some(s) => Some(
                 Bundle::parse(self.td.clone(), &s.bundle_json)
                     .map_err(|e| ServerError::Ca(format!("stored bundle is unreadable: {e}")))?,
             ),
             None => None,
         };
-        if let Some(prev) = &previous
-            && prev.x509_authorities() == bundle.x509_authorities()
-            && prev.jwt_authorities() == bundle.jwt_authorities()
         {
-            return Ok(None);
+            let mut c = self.cluster();
+            c.tainted = tainted;
+            c.bundle = bundle;
         }
-        bundle.sequence = Some(previous.and_then(|p| p.sequence).unwrap_or(0) + 1);
-        let rev = store
-            .set_bundle(&self.td, bundle.to_json().as_bytes())
-            .await?;
-        Ok(Some(rev))
+        let own = own_tainted(&self.lock());
+        self.update_tainted(&own);
+        Ok(())
+    }
+
+    /// What this server trusts for its own trust domain: every server's authorities as last
+    /// read, plus ours as of now (so a key we just made is trusted before the read comes back).
+    pub(crate) fn trust_bundle(&self) -> Result<Bundle, ServerError> {
+        let mut own = self.bundle()?;
+        if let Some(stored) = &self.cluster().bundle {
+            for der in stored.x509_authorities() {
+                let _ = own.add_x509_authority(der.clone());
+            }
+            for (kid, key) in stored.jwt_authorities() {
+                let _ = own.add_jwt_authority(kid, key.clone());
+            }
+        }
+        Ok(own)
     }
 
     /// Seconds until the next rotation step is due (for the rotation timer), 1 to 3600.

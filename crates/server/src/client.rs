@@ -89,6 +89,12 @@ fn tls_channel(
     let tls = Arc::new(tessera_tls::client_config(verifier, identity, &[b"h2"])?);
     let channel = Endpoint::from_static("http://tessera-server")
         .connect_timeout(std::time::Duration::from_secs(5))
+        // HTTP/2 pings: a server that hangs or drops off the network without closing the
+        // connection fails the agent's Sync stream within ~15 s, so the agent moves to another
+        // server (`server_addresses`) instead of waiting on a dead one forever.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let tls = tls.clone();
             async move {

@@ -114,7 +114,11 @@ pub(crate) fn store_status(e: tessera_store::StoreError) -> Status {
         E::Invalid { .. } => Status::invalid_argument(e.to_string()),
         E::AlreadyExists { .. } => Status::already_exists(e.to_string()),
         E::Banned { .. } => Status::permission_denied(e.to_string()),
-        E::Unavailable(_) => Status::unavailable(e.to_string()),
+        // Writes (and reads not in memory) while the database is away: say what still works.
+        E::Unavailable(_) => Status::unavailable(format!(
+            "{e}: this server refuses changes until its datastore is back (agents keep their \
+             SVIDs and are still served from memory); retry later"
+        )),
         _ => Status::internal(e.to_string()),
     }
 }

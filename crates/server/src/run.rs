@@ -150,11 +150,52 @@ fn load_upstream(
     Ok(Some(Arc::new(up)))
 }
 
-fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
+/// The trust the mTLS endpoints verify clients with: every server's authorities of our trust
+/// domain (an agent may hold an SVID that another server of the domain signed).
+pub(crate) fn own_bundles(state: &State) -> Result<BundleSet, ServerError> {
     let mut set = BundleSet::new();
-    set.insert(state.ca.bundle()?)
+    set.insert(state.ca.trust_bundle()?)
         .map_err(|e| ServerError::Ca(e.to_string()))?;
     Ok(set)
+}
+
+/// Reads every entry and agent into memory (a page at a time).
+pub(crate) async fn load_memory(state: &State) -> Result<(), ServerError> {
+    let store = &state.store;
+    let mut entries = Vec::new();
+    loop {
+        let page = store
+            .list_entries(&tessera_store::EntryQuery {
+                after: entries.last().map(|e: &tessera_store::Entry| e.id.clone()),
+                limit: Some(5000),
+                ..tessera_store::EntryQuery::default()
+            })
+            .await?;
+        let done = page.len() < 5000;
+        entries.extend(page);
+        if done {
+            break;
+        }
+    }
+    let mut agents = Vec::new();
+    loop {
+        let page = store
+            .list_agents(&tessera_store::AgentQuery {
+                after: agents
+                    .last()
+                    .map(|a: &tessera_store::Agent| a.spiffe_id.clone()),
+                limit: Some(5000),
+                ..tessera_store::AgentQuery::default()
+            })
+            .await?;
+        let done = page.len() < 5000;
+        agents.extend(page);
+        if done {
+            break;
+        }
+    }
+    state.memory.load(entries, agents);
+    Ok(())
 }
 
 /// Starts a server from `cfg`; returns once every endpoint listens.
@@ -182,14 +223,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     ca.publish(&store).await?;
     let revision = store.current_revision().await?;
     let (metrics, registry) = Metrics::new();
-    // Counted once at start; the admin API keeps the gauges current from then on.
-    let entries = store
-        .list_entries(&tessera_store::EntryQuery::default())
-        .await?
-        .len();
-    metrics
-        .entries
-        .set(i64::try_from(entries).unwrap_or(i64::MAX));
+
     let (stop, stop_rx) = watch::channel(false);
     let state = Arc::new(State {
         admin_ids: arc_swap::ArcSwap::from_pointee(std::collections::HashSet::new()),
@@ -204,8 +238,20 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         store,
         ca,
         feed: Feed::new(revision),
+        memory: crate::memory::Memory::default(),
+        applied: crate::state::Applied::new(revision),
+        datastore_up: std::sync::atomic::AtomicBool::new(true),
         metrics,
     });
+
+    // Every entry and agent in memory (kept current by the follower); counted once here, the
+    // admin API keeps the gauges current from then on.
+    load_memory(&state).await?;
+    let (entries, _) = state.memory.len();
+    state
+        .metrics
+        .entries
+        .set(i64::try_from(entries).unwrap_or(i64::MAX));
 
     let mut tasks = Vec::new();
 
@@ -242,6 +288,14 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     }));
 
     state.refresh_admin_ids().await?;
+    // Changes other servers of the trust domain make (PostgreSQL: woken by LISTEN/NOTIFY).
+    let listener = state.store.listen_revisions().await?;
+    tasks.push(crate::follow::spawn(
+        state.clone(),
+        bundles.clone(),
+        stop_rx.clone(),
+        listener,
+    ));
     // Admin API over mTLS, when configured: client SVIDs are mandatory, and only the SPIFFE IDs
     // of entries marked admin get through the interceptor.
     let mut admin_addr = None;
@@ -353,14 +407,26 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let ready: tessera_telemetry::ReadyCheck = Arc::new(move || {
         let s = ready_state.clone();
         Box::pin(async move {
-            match s.store.ping().await {
+            // Known unreachable (the listener's session is down): say so without waiting on
+            // the pool.
+            let ping = if s.datastore_up() {
+                s.store.ping().await
+            } else {
+                Err(tessera_store::StoreError::Unavailable(
+                    "the listening session to the database is down".into(),
+                ))
+            };
+            match ping {
                 Ok(()) => {
                     s.metrics.datastore_up.set(1);
                     Ok(())
                 }
                 Err(e) => {
                     s.metrics.datastore_up.set(0);
-                    Err(e.to_string())
+                    Err(format!(
+                        "degraded: the datastore is unreachable; serving agents from memory \
+                         and refusing changes until it is back ({e})"
+                    ))
                 }
             }
         })
@@ -427,7 +493,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         }
     }));
 
-    let bundle_json = state.ca.bundle()?.to_json();
+    let bundle_json = state.ca.trust_bundle()?.to_json();
     tracing::info!(
         trust_domain = %state.td,
         agent_api = %agent_addr,

@@ -42,6 +42,99 @@ impl Feed {
     }
 }
 
+/// The changes this server's follower has applied to memory (see `follow.rs`), for sync
+/// streams: they read the recent events and entries from here, so a change costs one read of
+/// the feed per server, not one per connected agent.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    /// The revision up to which memory is current.
+    tx: watch::Sender<u64>,
+    /// The most recent events, contiguous, oldest first.
+    recent: std::sync::Mutex<std::collections::VecDeque<tessera_store::Event>>,
+}
+
+/// Recent events kept for sync streams; a stream further behind reads the datastore.
+const RECENT_EVENTS: usize = 10_000;
+
+impl Applied {
+    pub(crate) fn new(revision: u64) -> Self {
+        Self {
+            tx: watch::Sender::new(revision),
+            recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+
+    pub(crate) fn revision(&self) -> u64 {
+        *self.tx.borrow()
+    }
+
+    /// Records events applied to memory (in revision order) and wakes the streams.
+    pub(crate) fn push(&self, events: &[tessera_store::Event]) {
+        let Some(last) = events.last().map(|e| e.revision) else {
+            return;
+        };
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            for ev in events {
+                // Keep the ring contiguous: a gap (never expected) starts it over.
+                if recent.back().is_some_and(|b| b.revision + 1 != ev.revision) {
+                    recent.clear();
+                }
+                recent.push_back(ev.clone());
+            }
+            while recent.len() > RECENT_EVENTS {
+                recent.pop_front();
+            }
+        }
+        self.tx.send_if_modified(|cur| {
+            let newer = last > *cur;
+            if newer {
+                *cur = last;
+            }
+            newer
+        });
+    }
+
+    /// Forgets the recent events (after reloading everything) and moves to `revision`.
+    pub(crate) fn reset(&self, revision: u64) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.tx.send_if_modified(|cur| {
+            let newer = revision > *cur;
+            if newer {
+                *cur = revision;
+            }
+            newer
+        });
+    }
+
+    /// Up to `limit` events after `revision` from memory, or `None` when memory does not reach
+    /// back that far (the caller reads the datastore instead).
+    pub(crate) fn events_after(
+        &self,
+        revision: u64,
+        limit: usize,
+    ) -> Option<Vec<tessera_store::Event>> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = *self.tx.borrow();
+        if revision >= applied {
+            return Some(Vec::new());
+        }
+        let first = recent.front()?.revision;
+        if first > revision + 1 {
+            return None;
+        }
+        let skip = usize::try_from(revision + 1 - first).ok()?;
+        Some(recent.iter().skip(skip).take(limit).cloned().collect())
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct State {
     pub(crate) cfg: ServerConfig,
@@ -50,6 +143,12 @@ pub(crate) struct State {
     pub(crate) store: Arc<dyn Datastore>,
     pub(crate) ca: CaManager,
     pub(crate) feed: Feed,
+    /// What the agent API last read, for signing while the datastore is unreachable.
+    pub(crate) memory: crate::memory::Memory,
+    pub(crate) applied: Applied,
+    /// False while the datastore is known to be unreachable (PostgreSQL: the revision listener
+    /// lost its session): the agent API then answers from memory without waiting on it.
+    pub(crate) datastore_up: std::sync::atomic::AtomicBool,
     pub(crate) metrics: Metrics,
     pub(crate) audit: AuditLog,
     /// CA certificates that node certificates must chain to (x509pop); empty: x509pop off.
@@ -83,6 +182,16 @@ impl State {
             self.metrics.error(what);
         }
         result
+    }
+
+    pub(crate) fn datastore_up(&self) -> bool {
+        self.datastore_up.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_datastore_up(&self, up: bool) {
+        self.datastore_up
+            .store(up, std::sync::atomic::Ordering::SeqCst);
+        self.metrics.datastore_up.set(i64::from(up));
     }
 
     /// Reloads the admin IDs after a change to entries.

@@ -27,6 +27,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "federation",
         include_str!("../migrations/sqlite/0002_federation.sql"),
     ),
+    (3, "ha", include_str!("../migrations/sqlite/0003_ha.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -39,6 +40,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "federation",
         include_str!("../migrations/postgres/0002_federation.sql"),
     ),
+    (3, "ha", include_str!("../migrations/postgres/0003_ha.sql")),
 ];
 
 /// Opens the store named by `url`: `sqlite:///path/to/store.db` (relative paths allowed:
@@ -160,8 +162,24 @@ pub async fn open_postgres_with(
         .connect(url)
         .await?;
     migrate(&pool, POSTGRES_MIGRATIONS).await?;
+    let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+        .fetch_one(&pool)
+        .await?;
+    let listen_options: sqlx::postgres::PgConnectOptions = url
+        .parse()
+        .map_err(|e| StoreError::invalid("datastore url", format!("{e}")))?;
     tracing::info!("datastore opened (postgres)");
-    Ok(Arc::new(SqlStore::new(pool, Backend::Postgres)))
+    Ok(Arc::new(
+        SqlStore::new(pool, Backend::Postgres)
+            .with_notifications(notify_channel(&schema), listen_options),
+    ))
+}
+
+/// The NOTIFY channel of the store in `schema`: one per schema, so stores sharing a database
+/// (tests do) do not wake each other; hashed, since channel names stop at 63 bytes.
+fn notify_channel(schema: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, schema.as_bytes());
+    format!("tessera_revisions_{}", hex::encode(&digest.as_ref()[..8]))
 }
 
 async fn migrate(

@@ -11,6 +11,22 @@ use crate::model::{
     Policy, StoredBundle,
 };
 
+/// What [`Datastore::listen_revisions`] gives.
+#[derive(Debug)]
+pub struct RevisionListener {
+    /// The newest revision announced.
+    pub revisions: tokio::sync::watch::Receiver<u64>,
+    /// Whether the listening session is up: it drops the moment the database goes away (and
+    /// comes back within about two seconds of its return), so a server knows at once that it
+    /// must not wait on the database, without polling it.
+    pub connected: tokio::sync::watch::Receiver<bool>,
+}
+
+/// See [`Datastore::publish_authorities`]: `(server records, stored bundle JSON)` → the new
+/// bundle JSON, or `None` when unchanged; an `Err` aborts the publication.
+pub type MergeBundle =
+    dyn Fn(&[(String, Vec<u8>)], Option<&[u8]>) -> Result<Option<Vec<u8>>, String> + Send + Sync;
+
 /// Which entries [`Datastore::list_entries`] returns; every set field must match.
 /// Results are ordered by id; page with `after` = the last id seen.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -136,6 +152,26 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
 
     async fn set_ca_journal(&self, server_id: &str, journal: &[u8]) -> Result<(), StoreError>;
 
+    // --- the trust domain's authorities: one public record per server ---
+
+    /// Records what server `server_id` publishes of its CA (`record`, opaque here) and
+    /// recomputes the trust domain's bundle from every server's record, in one transaction that
+    /// holds the revision lock: servers publishing at once never drop each other's keys.
+    /// `merge(records, stored_bundle)` gets every record (this one's new value included) and
+    /// the stored bundle JSON, and returns the new bundle JSON, or `None` when it is unchanged.
+    /// A revision (a `BundleUpdated` event for `td`) is taken when the bundle or the record
+    /// changed, and returned; nothing changed: `None`.
+    async fn publish_authorities(
+        &self,
+        td: &TrustDomain,
+        server_id: &str,
+        record: &[u8],
+        merge: &MergeBundle,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Every server's authority record, ordered by server id.
+    async fn list_authority_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
     // --- federation relationships ---
 
     /// Creates or replaces the relationship with `rel.trust_domain`; returns the revision.
@@ -193,6 +229,15 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// needs were pruned, it gets `Compacted`, and if its revision is ahead of the store's
     /// (a restored database), `FutureRevision`: either way it must take a snapshot instead.
     async fn events_after(&self, revision: u64, limit: u32) -> Result<Vec<Event>, StoreError>;
+
+    /// PostgreSQL: a receiver that holds the newest revision committed by any server sharing
+    /// the database, woken by LISTEN/NOTIFY as each commit becomes visible (and after a lost
+    /// connection, once it is back, with the revision read then, so nothing waits for a
+    /// notification that was lost). Followers still read the changes with
+    /// [`Self::events_after`]; this only wakes them, and costs no statement while idle.
+    /// The listening task ends when every receiver of `revisions` is dropped. SQLite: `None`
+    /// (one server per file; its writers wake their own followers).
+    async fn listen_revisions(&self) -> Result<Option<RevisionListener>, StoreError>;
 
     /// Deletes events with revisions before `before_revision` (at most up to the current one);
     /// returns how many.

@@ -32,11 +32,12 @@
 mod backend;
 mod datastore;
 mod error;
+mod listen;
 pub mod model;
 mod sql;
 
 pub use backend::{PostgresOptions, open, open_postgres, open_postgres_with, open_sqlite};
-pub use datastore::{AgentQuery, Datastore, EntryQuery};
+pub use datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener};
 pub use error::StoreError;
 pub use model::{
     Agent, Entry, Event, EventKind, FederationRelationship, FederationStatus, JoinToken, NewAgent,

@@ -20,7 +20,7 @@ use tessera_spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::StoreError;
-use crate::datastore::{AgentQuery, Datastore, EntryQuery};
+use crate::datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener};
 use crate::model::{
     self, Agent, Entry, Event, EventKind, FederationRelationship, FederationStatus, JoinToken,
     NewAgent, NewEntry, Policy, StoredBundle,
@@ -38,6 +38,16 @@ pub(crate) struct SqlStore {
     /// SQLite only: writers queue here, in order, instead of polling SQLite's busy handler.
     /// PostgreSQL writers are serialized by the revision row lock, across servers too.
     write_lock: Option<Arc<Mutex<()>>>,
+    /// PostgreSQL only: the channel every committed revision is announced on (`pg_notify` in
+    /// the committing transaction, so the notification is delivered exactly when the change is
+    /// visible). One per schema, so stores sharing a database do not wake each other.
+    notify_channel: Option<Arc<str>>,
+    /// PostgreSQL only: how the revision listener connects (its own connection, outside the
+    /// pool, since LISTEN belongs to a session).
+    listen: Option<sqlx::PgPool>,
+    /// False while the revision listener's session is down (the database is unreachable):
+    /// writes are refused at once then.
+    reachable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -392,6 +402,9 @@ struct Write {
     // Declared after `tx`, so dropped after it: the next SQLite writer starts only once this
     // transaction is finished.
     _serialized: Option<OwnedMutexGuard<()>>,
+    /// The last revision this transaction took, announced at commit.
+    revision: Option<u64>,
+    notify_channel: Option<Arc<str>>,
 }
 
 impl Write {
@@ -402,7 +415,9 @@ impl Write {
         let row = sqlx::query("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value")
             .fetch_one(&mut *self.tx)
             .await?;
-        get_u64(&row, "revision", "value")
+        let revision = get_u64(&row, "revision", "value")?;
+        self.revision = Some(revision);
+        Ok(revision)
     }
 
     async fn event(&mut self, revision: u64, kind: EventKind, key: &str) -> Result<(), StoreError> {
@@ -443,6 +458,7 @@ impl Write {
         let mut sql = Sql::new("UPDATE revision SET value = value + ");
         sql.bind(rev_param(n)).push(" WHERE id = 1");
         self.execute(sql).await?;
+        self.revision = self.revision.map(|r| r + n);
         Ok(())
     }
 
@@ -468,7 +484,18 @@ impl Write {
         Ok(())
     }
 
-    async fn commit(self) -> Result<(), StoreError> {
+    async fn commit(mut self) -> Result<(), StoreError> {
+        // Queued in the transaction: PostgreSQL delivers it at commit, to every server that
+        // listens, and drops it on rollback. Listeners still catch up by revision, so a lost
+        // notification delays nothing beyond the next one (or the listener's reconnect).
+        if let (Some(channel), Some(revision)) = (self.notify_channel.clone(), self.revision) {
+            let mut sql = Sql::new("SELECT pg_notify(");
+            sql.bind(text(&*channel))
+                .push(", ")
+                .bind(text(revision.to_string()))
+                .push(")");
+            self.execute(sql).await?;
+        }
         self.tx.commit().await?;
         Ok(())
     }
@@ -486,10 +513,37 @@ impl SqlStore {
             pool,
             backend,
             write_lock,
+            notify_channel: None,
+            listen: None,
+            reachable: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
+    /// PostgreSQL: announce revisions on `channel`, and listen with `options`.
+    pub(crate) fn with_notifications(
+        mut self,
+        channel: String,
+        options: sqlx::postgres::PgConnectOptions,
+    ) -> Self {
+        self.notify_channel = Some(Arc::from(channel));
+        // Lazy: nothing connects until the first listen; the listener detaches its connection.
+        self.listen = Some(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                // Fail fast while the database is down; the listener retries with backoff.
+                .acquire_timeout(std::time::Duration::from_secs(2))
+                .connect_lazy_with(options),
+        );
+        self
+    }
+
     async fn begin_write(&self) -> Result<Write, StoreError> {
+        if !self.reachable.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the database is unreachable (this server's listening session to it is down)"
+                    .into(),
+            ));
+        }
         let guard = match &self.write_lock {
             Some(lock) => Some(Arc::clone(lock).lock_owned().await),
             None => None,
@@ -504,6 +558,8 @@ impl SqlStore {
             tx,
             backend: self.backend,
             _serialized: guard,
+            revision: None,
+            notify_channel: self.notify_channel.clone(),
         })
     }
 
@@ -1129,6 +1185,122 @@ impl Datastore for SqlStore {
             .push(" ON CONFLICT (server_id) DO UPDATE SET journal = excluded.journal");
         w.execute(sql).await?;
         w.commit().await
+    }
+
+    async fn publish_authorities(
+        &self,
+        td: &TrustDomain,
+        server_id: &str,
+        record: &[u8],
+        merge: &MergeBundle,
+    ) -> Result<Option<u64>, StoreError> {
+        model::validate_server_id(server_id)?;
+        let mut w = self.begin_write().await?;
+        // Taken first: the counter row's lock serializes publishers on every server, so each
+        // one merges the records as the previous one left them.
+        let revision = w.next_revision().await?;
+        let mut sql = Sql::new("SELECT record FROM server_authorities WHERE server_id = ");
+        sql.bind(text(server_id));
+        let old = w
+            .fetch_optional(sql)
+            .await?
+            .map(|row| get_bytes(&row, "server_authorities", "record"))
+            .transpose()?;
+        let record_changed = old.as_deref() != Some(record);
+        if record_changed {
+            let mut sql = Sql::new("INSERT INTO server_authorities (server_id, record) VALUES ");
+            sql.bind_list([text(server_id), Param::Bytes(record.to_vec())])
+                .push(" ON CONFLICT (server_id) DO UPDATE SET record = excluded.record");
+            w.execute(sql).await?;
+        }
+        let records = w
+            .fetch_all(Sql::new(
+                "SELECT server_id, record FROM server_authorities ORDER BY server_id",
+            ))
+            .await?
+            .iter()
+            .map(|row| {
+                Ok((
+                    get_str(row, "server_authorities", "server_id")?,
+                    get_bytes(row, "server_authorities", "record")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut sql = Sql::new("SELECT bundle FROM bundles WHERE trust_domain = ");
+        sql.bind(text(td.as_str()));
+        let stored = w
+            .fetch_optional(sql)
+            .await?
+            .map(|row| get_bytes(&row, "bundles", "bundle"))
+            .transpose()?;
+        let merged = match merge(&records, stored.as_deref()) {
+            Ok(m) => m,
+            Err(reason) => {
+                w.rollback().await?;
+                return Err(StoreError::invalid("authority record", reason));
+            }
+        };
+        if merged.is_none() && !record_changed {
+            // Nothing changed: the rollback gives the revision back.
+            w.rollback().await?;
+            return Ok(None);
+        }
+        if let Some(json) = merged {
+            if let Err(e) = model::validate_bundle(td, &json) {
+                w.rollback().await?;
+                return Err(e);
+            }
+            let mut sql =
+                Sql::new("INSERT INTO bundles (trust_domain, bundle, updated_revision) VALUES ");
+            sql.bind_list([text(td.as_str()), Param::Bytes(json), rev_param(revision)])
+                .push(
+                    " ON CONFLICT (trust_domain) DO UPDATE SET bundle = excluded.bundle, \
+                     updated_revision = excluded.updated_revision",
+                );
+            w.execute(sql).await?;
+        }
+        // Also when only the record changed (a taint): the other servers re-read the records
+        // on this event and push the new tainted set to their agents.
+        w.event(revision, EventKind::BundleUpdated, td.as_str())
+            .await?;
+        w.commit().await?;
+        Ok(Some(revision))
+    }
+
+    async fn list_authority_records(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.fetch_all(Sql::new(
+            "SELECT server_id, record FROM server_authorities ORDER BY server_id",
+        ))
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                get_str(row, "server_authorities", "server_id")?,
+                get_bytes(row, "server_authorities", "record")?,
+            ))
+        })
+        .collect()
+    }
+
+    async fn listen_revisions(&self) -> Result<Option<RevisionListener>, StoreError> {
+        let (Some(listen), Some(channel)) = (&self.listen, &self.notify_channel) else {
+            return Ok(None);
+        };
+        let start = self.current_revision().await?;
+        let (tx, revisions) = tokio::sync::watch::channel(start);
+        let (up, connected) = tokio::sync::watch::channel(true);
+        tokio::spawn(crate::listen::run(
+            listen.clone(),
+            channel.to_string(),
+            self.pool.clone(),
+            tx,
+            up,
+            self.reachable.clone(),
+        ));
+        Ok(Some(RevisionListener {
+            revisions,
+            connected,
+        }))
     }
 
     async fn set_federation_relationship(

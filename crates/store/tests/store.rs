@@ -233,3 +233,117 @@ mod opening {
         }
     }
 }
+
+/// Several servers on one PostgreSQL: two store handles on one schema stand for two servers.
+mod postgres_ha {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use tessera_spiffe::{Bundle, TrustDomain};
+    use tessera_test_util::TestCa;
+
+    use crate::suite::{entry, id};
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    /// Records are bundle JSON; the merge is their union (what the server does, minus expiry).
+    fn merge(
+        records: &[(String, Vec<u8>)],
+        stored: Option<&[u8]>,
+    ) -> Result<Option<Vec<u8>>, String> {
+        let mut out = Bundle::new(td());
+        for (_, r) in records {
+            let b = Bundle::parse(td(), r).map_err(|e| e.to_string())?;
+            for der in b.x509_authorities() {
+                out.add_x509_authority(der.clone()).unwrap();
+            }
+        }
+        let same = stored.is_some_and(|s| {
+            let prev = Bundle::parse(td(), s).unwrap();
+            prev.x509_authorities().iter().collect::<BTreeSet<_>>()
+                == out.x509_authorities().iter().collect::<BTreeSet<_>>()
+        });
+        Ok((!same).then(|| out.to_json().into_bytes()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn servers_publishing_at_once_keep_each_others_keys_and_hear_each_others_commits() {
+        let Some(schema) = tessera_test_util::pg::fresh_schema("ha_publish").await else {
+            return;
+        };
+        let a = tessera_store::open(&schema.url).await.unwrap();
+        let b = tessera_store::open(&schema.url).await.unwrap();
+        let listener = b
+            .listen_revisions()
+            .await
+            .unwrap()
+            .expect("postgres listens");
+        assert!(*listener.connected.borrow());
+        let mut heard = listener.revisions;
+        let start = *heard.borrow_and_update();
+
+        // A commit through A wakes B's listener with its revision (LISTEN/NOTIFY, no polling).
+        let (created, _) = a
+            .create_entry(entry(
+                "ha",
+                &id("spiffe://example.org/agent"),
+                &["unix:uid:1"],
+            ))
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            heard.wait_for(|r| *r >= created.created_revision),
+        )
+        .await
+        .expect("B hears A's commit within 5 s")
+        .unwrap();
+        assert!(created.created_revision > start);
+
+        // 8 servers publish their own CA at once: every key ends up in the bundle.
+        let cas: Vec<TestCa> = (0..8).map(|_| TestCa::new("example.org")).collect();
+        let mut tasks = Vec::new();
+        for (i, ca) in cas.iter().enumerate() {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let record = ca.bundle().to_json().into_bytes();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .publish_authorities(&td(), &format!("server-{i}"), &record, &merge)
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut revisions = BTreeSet::new();
+        for t in tasks {
+            revisions.insert(
+                t.await
+                    .unwrap()
+                    .expect("each publication changed the bundle"),
+            );
+        }
+        assert_eq!(revisions.len(), 8, "one revision each");
+        let stored = a.get_bundle(&td()).await.unwrap().unwrap();
+        let bundle = Bundle::parse(td(), &stored.bundle_json).unwrap();
+        let have: BTreeSet<_> = bundle.x509_authorities().iter().cloned().collect();
+        let want: BTreeSet<_> = cas.iter().map(|c| c.root().to_vec()).collect();
+        assert_eq!(have, want);
+        assert_eq!(a.list_authority_records().await.unwrap().len(), 8);
+        // Publishing the same record again changes nothing and takes no revision.
+        let before = a.current_revision().await.unwrap();
+        let again = b
+            .publish_authorities(
+                &td(),
+                "server-0",
+                &cas[0].bundle().to_json().into_bytes(),
+                &merge,
+            )
+            .await
+            .unwrap();
+        assert_eq!(again, None);
+        assert_eq!(a.current_revision().await.unwrap(), before);
+        drop(heard);
+        schema.drop().await;
+    }
+}

@@ -24,6 +24,10 @@ pub(crate) struct AgentRunArgs {
     trust_domain: Option<String>,
     #[arg(long)]
     server_address: Option<String>,
+    /// Another server of the trust domain (IP:port), tried in order when the one in use is
+    /// lost; repeat for more. Replaces `server_addresses` of the config file.
+    #[arg(long = "also-server", value_name = "IP:PORT")]
+    server_addresses: Vec<String>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// The Workload API socket to serve.
@@ -364,6 +368,9 @@ pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = a.server_address {
         cfg.server_address = v;
+    }
+    if !a.server_addresses.is_empty() {
+        cfg.server_addresses = a.server_addresses;
     }
     if let Some(v) = a.data_dir {
         cfg.data_dir = v;

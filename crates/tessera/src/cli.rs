@@ -106,7 +106,7 @@ enum AgentCmd {
     /// trust domain's bundle), `ALL` (every bundle the caller may use, in one SPIFFE validator),
     /// `spiffe://<trust domain>` (that bundle); no name: everything. The three names are set in the
     /// config's [sds] table (see --print-default-config).
-    Run(agent_cli::AgentRunArgs),
+    Run(Box<agent_cli::AgentRunArgs>),
     /// Workload API client verbs (like `spire-agent api`).
     #[command(subcommand)]
     Api(agent_cli::ApiCommand),
@@ -215,7 +215,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent {
             cmd: AgentCmd::Run(a),
             ..
-        } => agent_cli::agent_run(a),
+        } => agent_cli::agent_run(*a),
         Command::Agent {
             cmd: AgentCmd::Api(a),
             ..

@@ -5,6 +5,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod netns;
+pub mod pg_cluster;
 
 pub use rcgen;
 
