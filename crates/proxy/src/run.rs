@@ -98,6 +98,20 @@ pub fn compile_policy(
     }
 }
 
+/// Compiles a policy file (or none) for this workload: policies whose `targets` do not cover
+/// `own` are left out.
+pub fn compile_policy_for(
+    own: &tessera_spiffe::SpiffeId,
+    policy: Option<&(String, String)>,
+    default: DefaultAction,
+) -> Result<PolicySet, String> {
+    match policy {
+        None => Ok(PolicySet::empty(own.trust_domain(), default)),
+        Some((name, text)) => PolicySet::from_toml_for_workload(own, text, default)
+            .map_err(|e| format!("policy file {name}: {e}")),
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
         .await
@@ -115,11 +129,7 @@ pub async fn start(
     let own = identity
         .spiffe_id()
         .ok_or_else(|| "the proxy has no identity".to_owned())?;
-    let policy = compile_policy(
-        own.trust_domain(),
-        opts.policy.as_ref(),
-        opts.default_action,
-    )?;
+    let policy = compile_policy_for(&own, opts.policy.as_ref(), opts.default_action)?;
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let mut tasks = Vec::new();
 
