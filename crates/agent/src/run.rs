@@ -867,6 +867,7 @@ mod federation_tests {
                 revision: 5,
                 last: true,
                 tainted: None,
+                ..Default::default()
             })),
         };
         assert!(apply(&own, &mut state, &mut pending, snap));

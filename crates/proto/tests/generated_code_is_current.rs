@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 const PROTOS: &[&str] = &[
     "tessera/v1/types.proto",
+    "tessera/v1/policy.proto",
     "tessera/v1/agent.proto",
     "tessera/v1/admin.proto",
     "tessera/v1/authority.proto",

@@ -17,6 +17,7 @@ pub mod config;
 mod convert;
 mod federation;
 mod metrics;
+mod policy_api;
 mod run;
 mod state;
 mod transport;
