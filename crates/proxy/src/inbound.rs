@@ -41,6 +41,8 @@ pub struct Inbound {
     /// Built once the proxy has an identity; its resolver and bundles are swapped in place, so
     /// one config serves for the life of the proxy.
     server_cfg: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
+    /// Open connections, re-authorized on policy changes (`crate::live`).
+    registry: Arc<crate::live::Registry>,
 }
 
 impl Inbound {
@@ -58,7 +60,14 @@ impl Inbound {
             addresses,
             telemetry,
             server_cfg: std::sync::OnceLock::new(),
+            registry: Arc::default(),
         }
+    }
+
+    /// Registers connections in `registry` (shared with the policy watcher).
+    pub fn with_registry(mut self, registry: Arc<crate::live::Registry>) -> Self {
+        self.registry = registry;
+        self
     }
 
     /// Serves the tunnel port until the task is dropped.
@@ -189,6 +198,9 @@ impl Inbound {
                 format!("port {} is not declared with --inbound", target.port()),
             );
         }
+        // Registered before deciding: a policy swapped in after this point re-evaluates it, so
+        // no change can slip between the decision and the registration.
+        let mut live = self.registry.register(src.clone(), target.port());
         let decision = self.policy.load().decide(src, target.port());
         if !decision.allowed {
             return refuse(rec, StatusCode::FORBIDDEN, decision.reason.to_string());
@@ -214,10 +226,13 @@ impl Inbound {
                 Ok(upgraded) => {
                     telemetry.active.inc();
                     let mut up = TokioIo::new(upgraded);
-                    let r = tokio::io::copy_bidirectional_with_sizes(
-                        &mut up, &mut app, COPY_BUF, COPY_BUF,
-                    )
-                    .await;
+                    let r = tokio::select! {
+                        r = tokio::io::copy_bidirectional_with_sizes(
+                            &mut up, &mut app, COPY_BUF, COPY_BUF,
+                        ) => r,
+                        // Live re-authorization (`crate::live`): policy now denies it.
+                        why = live.wait() => Err(std::io::Error::other(why)),
+                    };
                     telemetry.active.dec();
                     rec.decision = "allow";
                     match r {

@@ -6,11 +6,13 @@
 //! - [`outbound`]: explicit listeners and the transparent capture port → pooled tunnels;
 //! - [`inbound`]: the tunnel server (mTLS, CONNECT target checks, policy) and the plaintext port;
 //! - [`transparent`]: iptables rules, `SO_ORIGINAL_DST`, `SO_MARK`;
+//! - [`live`]: policies pushed from the agent, re-authorization of open connections;
 //! - [`telemetry`]: access log and metrics; [`run`]: wiring.
 
 pub mod config;
 pub mod identity;
 pub mod inbound;
+pub mod live;
 pub mod outbound;
 pub mod run;
 pub mod telemetry;

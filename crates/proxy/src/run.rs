@@ -34,8 +34,11 @@ pub struct ProxyOptions {
     pub addresses: Vec<IpAddr>,
     pub outbound: Vec<OutboundListener>,
     pub transparent: Option<TransparentOptions>,
-    /// A policy file's (name, TOML text); `None`: no policy, `default_action` decides.
+    /// A policy file's (name, TOML text); `None`: the policies come from the agent at
+    /// `policy_socket`, or, without one, `default_action` decides.
     pub policy: Option<(String, String)>,
+    /// The agent socket serving `tessera.v1.PolicyWatch` (used when `policy` is `None`).
+    pub policy_socket: Option<std::path::PathBuf>,
     pub default_action: DefaultAction,
     pub pooling: bool,
     /// Socket mark of the proxy's outbound connections (transparent mode).
@@ -51,6 +54,7 @@ impl ProxyOptions {
             outbound: Vec::new(),
             transparent: None,
             policy: None,
+            policy_socket: None,
             default_action: DefaultAction::Deny,
             pooling: true,
             mark: None,
@@ -64,6 +68,8 @@ pub struct RunningProxy {
     pub tunnel_addr: SocketAddr,
     pub outbound_addrs: Vec<SocketAddr>,
     pub policy: Arc<ArcSwap<PolicySet>>,
+    /// Open inbound connections (re-authorized on every policy change).
+    pub connections: Arc<crate::live::Registry>,
     pub outbound: Arc<Outbound>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -129,17 +135,36 @@ pub async fn start(
     let own = identity
         .spiffe_id()
         .ok_or_else(|| "the proxy has no identity".to_owned())?;
-    let policy = compile_policy_for(&own, opts.policy.as_ref(), opts.default_action)?;
+    let from_agent = opts.policy.is_none() && opts.policy_socket.is_some();
+    let policy = if from_agent {
+        // Until the agent's first snapshot: deny (fail closed).
+        PolicySet::empty(own.trust_domain(), DefaultAction::Deny)
+    } else {
+        compile_policy_for(&own, opts.policy.as_ref(), opts.default_action)?
+    };
     let policy = Arc::new(ArcSwap::from_pointee(policy));
+    let connections = Arc::new(crate::live::Registry::default());
     let mut tasks = Vec::new();
+    if let (true, Some(socket)) = (from_agent, opts.policy_socket.clone()) {
+        tracing::info!(socket = %socket.display(), "authorization policy from the agent (PolicyWatch)");
+        tasks.push(tokio::spawn(crate::live::watch_policies(
+            socket,
+            identity.clone(),
+            policy.clone(),
+            connections.clone(),
+        )));
+    }
 
-    let inbound = Arc::new(Inbound::new(
-        identity.clone(),
-        policy.clone(),
-        &opts.inbound,
-        opts.addresses.clone(),
-        telemetry.clone(),
-    ));
+    let inbound = Arc::new(
+        Inbound::new(
+            identity.clone(),
+            policy.clone(),
+            &opts.inbound,
+            opts.addresses.clone(),
+            telemetry.clone(),
+        )
+        .with_registry(connections.clone()),
+    );
     let tunnel = bind(opts.tunnel_addr, "tunnel").await?;
     let tunnel_addr = tunnel.local_addr().map_err(|e| e.to_string())?;
     tasks.push(tokio::spawn(inbound.clone().serve_tunnel(tunnel)));
@@ -176,6 +201,7 @@ pub async fn start(
         tunnel_addr,
         outbound_addrs,
         policy,
+        connections,
         outbound,
         tasks,
     })

@@ -1,0 +1,299 @@
+//! Policies from the agent and live re-authorization.
+//!
+//! [`watch_policies`] streams the policies that target this proxy's identity from the agent's
+//! `tessera.v1.PolicyWatch` service (pushed, never polled), compiles each snapshot and swaps it
+//! in. Every open inbound connection is registered in a [`Registry`]; after each swap, every
+//! registered connection is decided again under the new set, and those now denied are closed
+//! with a log line naming the policy (or the reason) that closed them. Until the first snapshot
+//! arrives the proxy denies everything (fails closed): no window where a stale or missing
+//! policy lets traffic through.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tessera_policy::{DefaultAction, NamedPolicy, PolicySet};
+use tessera_proto::v1 as pb;
+use tessera_spiffe::SpiffeId;
+use tokio::sync::watch;
+
+use crate::identity::Identity;
+
+/// One open connection: who, to which port, and how to close it.
+#[derive(Debug)]
+struct Conn {
+    src: Arc<SpiffeId>,
+    port: u16,
+    close: watch::Sender<Option<String>>,
+}
+
+/// The open inbound connections, for re-authorization.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Conn>>,
+}
+
+/// Removes its connection from the registry when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+    /// Becomes `Some(reason)` when the connection must close.
+    pub closed: watch::Receiver<Option<String>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+impl Registration {
+    /// Resolves with the reason once the connection must close (never, otherwise).
+    pub async fn wait(&mut self) -> String {
+        let reason = self
+            .closed
+            .wait_for(|c| c.is_some())
+            .await
+            .map(|r| r.clone().unwrap_or_default());
+        match reason {
+            Ok(r) => r,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(self: &Arc<Self>, src: Arc<SpiffeId>, port: u16) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = watch::channel(None);
+        self.lock().insert(id, Conn { src, port, close });
+        Registration {
+            registry: self.clone(),
+            id,
+            closed,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decides every open connection again under `set`; closes the denied ones. Returns how
+    /// many were closed.
+    pub fn reevaluate(&self, set: &PolicySet) -> usize {
+        let mut closed = 0;
+        for conn in self.lock().values() {
+            if conn.close.borrow().is_some() {
+                continue;
+            }
+            let d = set.decide(&conn.src, conn.port);
+            if !d.allowed {
+                let reason = format!("re-authorization: {}", d.reason);
+                tracing::warn!(
+                    src = %conn.src,
+                    port = conn.port,
+                    policy = d.reason.policy().unwrap_or(""),
+                    reason = %d.reason,
+                    "closing a live connection that policy now denies"
+                );
+                let _ = conn.close.send(Some(reason));
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+fn default_of(s: &str) -> Result<DefaultAction, String> {
+    match s {
+        "deny" => Ok(DefaultAction::Deny),
+        "allow" => Ok(DefaultAction::Allow),
+        other => Err(format!("default_action {other:?}: expected deny or allow")),
+    }
+}
+
+/// Compiles one pushed snapshot for `own`. Any bad document refuses the whole snapshot (the
+/// last good set stays): dropping one policy could drop a DENY.
+pub fn compile_snapshot(own: &SpiffeId, snap: &pb::PolicySnapshot) -> Result<PolicySet, String> {
+    let default = default_of(&snap.default_action)?;
+    let mut policies = Vec::with_capacity(snap.policies.len());
+    for p in &snap.policies {
+        policies
+            .push(NamedPolicy::from_json(&p.name, &p.document_json).map_err(|e| e.to_string())?);
+    }
+    PolicySet::for_workload(own, default, &policies).map_err(|e| e.to_string())
+}
+
+/// Installs `set` and closes the connections it denies.
+pub fn install(policy: &ArcSwap<PolicySet>, registry: &Registry, set: PolicySet) {
+    let set = Arc::new(set);
+    policy.store(set.clone());
+    let closed = registry.reevaluate(&set);
+    tracing::info!(policies = set.len(), closed, "authorization policy updated");
+}
+
+/// Streams policies from the agent at `socket` forever (reconnecting with backoff).
+pub async fn watch_policies(
+    socket: PathBuf,
+    identity: Arc<Identity>,
+    policy: Arc<ArcSwap<PolicySet>>,
+    registry: Arc<Registry>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match stream_once(&socket, &identity, &policy, &registry).await {
+            Ok(()) => tracing::warn!("policy stream ended; reconnecting"),
+            Err(e) => tracing::warn!(error = %e, socket = %socket.display(), "policy stream"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn stream_once(
+    socket: &Path,
+    identity: &Identity,
+    policy: &ArcSwap<PolicySet>,
+    registry: &Registry,
+) -> Result<(), String> {
+    use tessera_proto::v1::policy_watch_client::PolicyWatchClient;
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut req = tonic::Request::new(pb::WatchPoliciesRequest {});
+    // Attested like a Workload API call, header included (Workload API §4).
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let mut stream = PolicyWatchClient::new(channel)
+        .watch_policies(req)
+        .await
+        .map_err(|s| format!("WatchPolicies: {}", s.message()))?
+        .into_inner();
+    loop {
+        match stream.message().await {
+            Ok(Some(snap)) => {
+                let Some(own) = identity.spiffe_id() else {
+                    continue;
+                };
+                if snap.spiffe_id != own.as_str() {
+                    tracing::warn!(agent_says = %snap.spiffe_id, own = %own, "policies selected for another identity than this proxy's SVID; using them only for that identity");
+                }
+                match compile_snapshot(&own, &snap) {
+                    Ok(set) => install(policy, registry, set),
+                    Err(e) => {
+                        tracing::error!(error = %e, revision = snap.revision, "refusing a policy snapshot; the last good policy stays in force")
+                    }
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(format!("WatchPolicies stream: {}", s.message())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn snap(default: &str, policies: &[(&str, &str)]) -> pb::PolicySnapshot {
+        pb::PolicySnapshot {
+            spiffe_id: "spiffe://example.org/db".into(),
+            policies: policies
+                .iter()
+                .map(|(n, d)| pb::StoredPolicy {
+                    name: (*n).into(),
+                    document_json: (*d).into(),
+                })
+                .collect(),
+            default_action: default.into(),
+            revision: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_deny_closes_live_connections_it_denies_only() {
+        let own = SpiffeId::parse("spiffe://example.org/db").unwrap();
+        let td = own.trust_domain();
+        let policy = ArcSwap::from_pointee(PolicySet::empty(td, DefaultAction::Allow));
+        let registry = Arc::new(Registry::default());
+        let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
+        let bar = Arc::new(SpiffeId::parse("spiffe://example.org/bar").unwrap());
+        let mut f = registry.register(foo, 5432);
+        let b = registry.register(bar, 5432);
+        let set = compile_snapshot(
+            &own,
+            &snap(
+                "allow",
+                &[(
+                    "no-foo",
+                    r#"{"action":"DENY","rules":[{"from":{"principals":["spiffe://example.org/foo"]}}]}"#,
+                )],
+            ),
+        )
+        .unwrap();
+        install(&policy, &registry, set);
+        let reason = tokio::time::timeout(Duration::from_secs(1), f.wait())
+            .await
+            .unwrap();
+        assert!(reason.contains("no-foo"), "{reason}");
+        assert!(b.closed.borrow().is_none());
+        drop(f);
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_snapshot_is_refused_whole() {
+        let own = SpiffeId::parse("spiffe://example.org/db").unwrap();
+        let e = compile_snapshot(
+            &own,
+            &snap(
+                "deny",
+                &[
+                    ("ok", r#"{"action":"ALLOW"}"#),
+                    ("bad", r#"{"action":"NOPE"}"#),
+                ],
+            ),
+        )
+        .unwrap_err();
+        assert!(e.contains("bad"), "{e}");
+        assert!(compile_snapshot(&own, &snap("maybe", &[])).is_err());
+        // Policies targeting another workload are left out.
+        let s = compile_snapshot(
+            &own,
+            &snap(
+                "allow",
+                &[(
+                    "web-only",
+                    r#"{"action":"DENY","targets":["spiffe://example.org/web"]}"#,
+                )],
+            ),
+        )
+        .unwrap();
+        assert!(s.is_empty());
+    }
+}
