@@ -43,6 +43,7 @@ pub struct Inbound {
     server_cfg: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     /// Open connections, re-authorized on policy changes (`crate::live`).
     registry: Arc<crate::live::Registry>,
+    max_age: crate::live::MaxConnectionAge,
 }
 
 impl Inbound {
@@ -61,7 +62,14 @@ impl Inbound {
             telemetry,
             server_cfg: std::sync::OnceLock::new(),
             registry: Arc::default(),
+            max_age: crate::live::MaxConnectionAge::Svid,
         }
+    }
+
+    /// How long authorized connections may live (default: the peer certificate's lifetime).
+    pub fn with_max_connection_age(mut self, max_age: crate::live::MaxConnectionAge) -> Self {
+        self.max_age = max_age;
+        self
     }
 
     /// Registers connections in `registry` (shared with the policy watcher).
@@ -122,6 +130,15 @@ impl Inbound {
             return deny("client presented no X509-SVID".into());
         };
         let src = Arc::new(src);
+        let expires_at = match self.max_age {
+            crate::live::MaxConnectionAge::Svid => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(tessera_tls::leaf_not_after),
+            crate::live::MaxConnectionAge::Unlimited => None,
+        };
         let Some(local) = local else {
             return deny("no local address".into());
         };
@@ -129,7 +146,7 @@ impl Inbound {
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let src = src.clone();
-            async move { Ok::<_, Infallible>(this.stream(req, &src, peer, local).await) }
+            async move { Ok::<_, Infallible>(this.stream(req, &src, expires_at, peer, local).await) }
         });
         // Every workload connection between two identities shares one pooled tunnel, so the
         // stream limit must not be hyper's default of 200 (the 201st would wait for a slot).
@@ -150,6 +167,7 @@ impl Inbound {
         &self,
         req: Request<hyper::body::Incoming>,
         src: &Arc<SpiffeId>,
+        expires_at: Option<i64>,
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Response<Empty<Bytes>> {
@@ -200,8 +218,11 @@ impl Inbound {
         }
         // Registered before deciding: a policy swapped in after this point re-evaluates it, so
         // no change can slip between the decision and the registration.
-        let mut live = self.registry.register(src.clone(), target.port());
+        let mut live = self
+            .registry
+            .register(src.clone(), target.port(), expires_at);
         let decision = self.policy.load().decide(src, target.port());
+        crate::live::log_decision(&decision, src, target.port(), "connection");
         if !decision.allowed {
             return refuse(rec, StatusCode::FORBIDDEN, decision.reason.to_string());
         }

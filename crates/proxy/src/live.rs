@@ -44,6 +44,9 @@ pub struct Registration {
     id: u64,
     /// Becomes `Some(reason)` when the connection must close.
     pub closed: watch::Receiver<Option<String>>,
+    /// When the peer certificate the connection was authorized with expires (Unix seconds);
+    /// `None`: no limit (`max_connection_age = "unlimited"`).
+    expires_at: Option<i64>,
 }
 
 impl Drop for Registration {
@@ -55,6 +58,25 @@ impl Drop for Registration {
 impl Registration {
     /// Resolves with the reason once the connection must close (never, otherwise).
     pub async fn wait(&mut self) -> String {
+        let Some(at) = self.expires_at else {
+            return self.wait_closed().await;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let left = Duration::from_secs(u64::try_from(at).unwrap_or(0).saturating_sub(now));
+        tokio::select! {
+            r = self.wait_closed() => r,
+            () = tokio::time::sleep(left) => {
+                // No connection outlives the identity it was authorized with (a deleted entry,
+                // a banned agent): ARCHITECTURE.md "Policy model".
+                tracing::info!("closing a connection: the peer certificate it was authorized with expired (max_connection_age = \"svid\")");
+                "the peer certificate expired (max_connection_age = \"svid\")".to_owned()
+            }
+        }
+    }
+
+    async fn wait_closed(&mut self) -> String {
         let reason = self
             .closed
             .wait_for(|c| c.is_some())
@@ -72,7 +94,12 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(self: &Arc<Self>, src: Arc<SpiffeId>, port: u16) -> Registration {
+    pub fn register(
+        self: &Arc<Self>,
+        src: Arc<SpiffeId>,
+        port: u16,
+        expires_at: Option<i64>,
+    ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
         self.lock().insert(id, Conn { src, port, close });
@@ -80,6 +107,7 @@ impl Registry {
             registry: self.clone(),
             id,
             closed,
+            expires_at,
         }
     }
 
@@ -135,6 +163,45 @@ pub fn compile_snapshot(own: &SpiffeId, snap: &pb::PolicySnapshot) -> Result<Pol
             .push(NamedPolicy::from_json(&p.name, &p.document_json).map_err(|e| e.to_string())?);
     }
     PolicySet::for_workload(own, default, &policies).map_err(|e| e.to_string())
+}
+
+/// How long an authorized connection may live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaxConnectionAge {
+    /// Until the peer certificate it was authorized with expires.
+    #[default]
+    Svid,
+    /// No limit (policy changes still close it).
+    Unlimited,
+}
+
+/// One structured decision-log line per decision (allow, deny, audit, dry-run), naming the
+/// deciding policy.
+pub fn log_decision(d: &tessera_policy::Decision, src: &SpiffeId, port: u16, what: &str) {
+    let policy = d.reason.policy().unwrap_or("");
+    match d.kind() {
+        "deny" => {
+            tracing::info!(target: "tessera::decision", decision = "deny", %src, port, policy, reason = %d.reason, what)
+        }
+        "audit" => {
+            tracing::info!(target: "tessera::decision", decision = "audit", %src, port, policy, audit_policy = d.audit.as_deref().unwrap_or(""), reason = %d.reason, what)
+        }
+        _ => {
+            tracing::debug!(target: "tessera::decision", decision = "allow", %src, port, policy, reason = %d.reason, what)
+        }
+    }
+    if let Some(shadow) = &d.dry_run {
+        tracing::info!(
+            target: "tessera::decision",
+            decision = "dry-run",
+            %src,
+            port,
+            would = if shadow.allowed { "allow" } else { "deny" },
+            policy = shadow.reason.policy().unwrap_or(""),
+            reason = %shadow.reason,
+            what
+        );
+    }
 }
 
 /// Installs `set` and closes the connections it denies.
@@ -243,8 +310,8 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
         let bar = Arc::new(SpiffeId::parse("spiffe://example.org/bar").unwrap());
-        let mut f = registry.register(foo, 5432);
-        let b = registry.register(bar, 5432);
+        let mut f = registry.register(foo, 5432, None);
+        let b = registry.register(bar, 5432, None);
         let set = compile_snapshot(
             &own,
             &snap(
@@ -264,6 +331,30 @@ mod tests {
         assert!(b.closed.borrow().is_none());
         drop(f);
         assert_eq!(registry.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_ends_when_the_peer_certificate_expires() {
+        let registry = Arc::new(Registry::default());
+        let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        let mut expired = registry.register(foo.clone(), 1, Some(now - 1));
+        let why = tokio::time::timeout(Duration::from_secs(1), expired.wait())
+            .await
+            .unwrap();
+        assert!(why.contains("expired"), "{why}");
+        let mut later = registry.register(foo, 1, Some(now + 3600));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), later.wait())
+                .await
+                .is_err()
+        );
     }
 
     #[test]

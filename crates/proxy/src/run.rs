@@ -39,6 +39,8 @@ pub struct ProxyOptions {
     pub policy: Option<(String, String)>,
     /// The agent socket serving `tessera.v1.PolicyWatch` (used when `policy` is `None`).
     pub policy_socket: Option<std::path::PathBuf>,
+    /// How long authorized inbound connections may live.
+    pub max_connection_age: crate::live::MaxConnectionAge,
     pub default_action: DefaultAction,
     pub pooling: bool,
     /// Socket mark of the proxy's outbound connections (transparent mode).
@@ -55,6 +57,7 @@ impl ProxyOptions {
             transparent: None,
             policy: None,
             policy_socket: None,
+            max_connection_age: crate::live::MaxConnectionAge::Svid,
             default_action: DefaultAction::Deny,
             pooling: true,
             mark: None,
@@ -163,8 +166,14 @@ pub async fn start(
             opts.addresses.clone(),
             telemetry.clone(),
         )
-        .with_registry(connections.clone()),
+        .with_registry(connections.clone())
+        .with_max_connection_age(opts.max_connection_age),
     );
+    if opts.max_connection_age == crate::live::MaxConnectionAge::Unlimited {
+        tracing::warn!(
+            "max_connection_age = \"unlimited\": connections may outlive the peer certificate they were authorized with"
+        );
+    }
     let tunnel = bind(opts.tunnel_addr, "tunnel").await?;
     let tunnel_addr = tunnel.local_addr().map_err(|e| e.to_string())?;
     tasks.push(tokio::spawn(inbound.clone().serve_tunnel(tunnel)));

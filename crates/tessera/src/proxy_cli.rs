@@ -34,6 +34,14 @@ enum DefaultArg {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum MaxAgeArg {
+    /// Close a connection when the peer certificate it was authorized with expires.
+    Svid,
+    /// No limit (logged at start).
+    Unlimited,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum UnmappedArg {
     /// Refuse connections to destinations without a `[[destination]]` entry.
     Deny,
@@ -67,6 +75,9 @@ struct ProxyRunArgs {
     /// alone decides and no policy is taken from the agent.
     #[arg(long, value_enum)]
     default_policy: Option<DefaultArg>,
+    /// How long an authorized inbound connection may live.
+    #[arg(long, value_enum, default_value = "svid")]
+    max_connection_age: MaxAgeArg,
     /// A port of this workload reachable through the tunnel: `PORT` or `PORT:http`. Repeatable.
     #[arg(long = "inbound", value_name = "PORT[:http]")]
     inbound: Vec<InboundPort>,
@@ -170,6 +181,10 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     }
     opts.policy = policy;
     opts.default_action = default_action;
+    opts.max_connection_age = match a.max_connection_age {
+        MaxAgeArg::Svid => tessera_proxy::live::MaxConnectionAge::Svid,
+        MaxAgeArg::Unlimited => tessera_proxy::live::MaxConnectionAge::Unlimited,
+    };
     opts.pooling = !a.no_pool;
     if a.transparent {
         let (outbound_addr, inbound_plaintext_addr) =
