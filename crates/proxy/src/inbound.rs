@@ -221,7 +221,7 @@ impl Inbound {
         let mut live = self
             .registry
             .register(src.clone(), target.port(), expires_at);
-        let decision = self.policy.load().decide(src, target.port());
+        let decision = crate::live::decide(&self.policy.load(), src, target.port());
         crate::live::log_decision(&decision, src, target.port(), "connection");
         if !decision.allowed {
             return refuse(rec, StatusCode::FORBIDDEN, decision.reason.to_string());

@@ -127,7 +127,7 @@ impl Registry {
             if conn.close.borrow().is_some() {
                 continue;
             }
-            let d = set.decide(&conn.src, conn.port);
+            let d = decide(set, &conn.src, conn.port);
             if !d.allowed {
                 let reason = format!("re-authorization: {}", d.reason);
                 tracing::warn!(
@@ -163,6 +163,24 @@ pub fn compile_snapshot(own: &SpiffeId, snap: &pb::PolicySnapshot) -> Result<Pol
             .push(NamedPolicy::from_json(&p.name, &p.document_json).map_err(|e| e.to_string())?);
     }
     PolicySet::for_workload(own, default, &policies).map_err(|e| e.to_string())
+}
+
+/// Decides a connection. CUSTOM policies come first in the order; this proxy has no external
+/// authorizer client yet, so a connection a CUSTOM policy covers is denied (fail closed), never
+/// silently admitted past the authorizer it names.
+pub fn decide(set: &PolicySet, src: &SpiffeId, port: u16) -> tessera_policy::Decision {
+    if set.has_custom()
+        && let Some(c) = set.custom_checks(src, port, None).into_iter().next()
+    {
+        return tessera_policy::Decision::custom_denied(
+            c.policy,
+            format!(
+                "external authorizer {:?} is not available in this proxy (fail closed)",
+                c.provider.as_ref()
+            ),
+        );
+    }
+    set.decide(src, port)
 }
 
 /// How long an authorized connection may live.
@@ -355,6 +373,27 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[test]
+    fn custom_policies_fail_closed_without_an_authorizer() {
+        let own = SpiffeId::parse("spiffe://example.org/db").unwrap();
+        let set = compile_snapshot(
+            &own,
+            &snap(
+                "allow",
+                &[(
+                    "ext",
+                    r#"{"action":"CUSTOM","provider":"opa","rules":[{"to":{"ports":[80]}}]}"#,
+                )],
+            ),
+        )
+        .unwrap();
+        let src = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let d = decide(&set, &src, 80);
+        assert!(!d.allowed);
+        assert_eq!(d.reason.policy(), Some("ext"));
+        assert!(decide(&set, &src, 81).allowed);
     }
 
     #[test]
