@@ -139,6 +139,14 @@ impl Inbound {
                 .and_then(tessera_tls::leaf_not_after),
             crate::live::MaxConnectionAge::Unlimited => None,
         };
+        // Kept for re-verification when the bundles change (`crate::live`).
+        let chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>> = Arc::new(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                .unwrap_or_default(),
+        );
         let Some(local) = local else {
             return deny("no local address".into());
         };
@@ -146,7 +154,13 @@ impl Inbound {
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let src = src.clone();
-            async move { Ok::<_, Infallible>(this.stream(req, &src, expires_at, peer, local).await) }
+            let chain = chain.clone();
+            async move {
+                Ok::<_, Infallible>(
+                    this.stream(req, &src, (expires_at, chain), peer, local)
+                        .await,
+                )
+            }
         });
         // Every workload connection between two identities shares one pooled tunnel, so the
         // stream limit must not be hyper's default of 200 (the 201st would wait for a slot).
@@ -167,7 +181,10 @@ impl Inbound {
         &self,
         req: Request<hyper::body::Incoming>,
         src: &Arc<SpiffeId>,
-        expires_at: Option<i64>,
+        (expires_at, chain): (
+            Option<i64>,
+            Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+        ),
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Response<Empty<Bytes>> {
@@ -220,7 +237,7 @@ impl Inbound {
         // no change can slip between the decision and the registration.
         let mut live = self
             .registry
-            .register(src.clone(), target.port(), expires_at);
+            .register(src.clone(), target.port(), expires_at, chain);
         let decision = crate::live::decide(&self.policy.load(), src, target.port());
         crate::live::log_decision(&decision, src, target.port(), "connection");
         if !decision.allowed {

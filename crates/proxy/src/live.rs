@@ -27,6 +27,8 @@ use crate::identity::Identity;
 struct Conn {
     src: Arc<SpiffeId>,
     port: u16,
+    /// The peer's certificate chain as verified at the handshake (re-verified on bundle change).
+    chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
     close: watch::Sender<Option<String>>,
 }
 
@@ -99,10 +101,19 @@ impl Registry {
         src: Arc<SpiffeId>,
         port: u16,
         expires_at: Option<i64>,
+        chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
-        self.lock().insert(id, Conn { src, port, close });
+        self.lock().insert(
+            id,
+            Conn {
+                src,
+                port,
+                chain,
+                close,
+            },
+        );
         Registration {
             registry: self.clone(),
             id,
@@ -142,6 +153,50 @@ impl Registry {
             }
         }
         closed
+    }
+    /// Verifies every open connection's peer chain again against `bundles` (after a bundle
+    /// change: a CA removed from the bundle must not keep connections it authenticated) and
+    /// closes those that no longer verify. Returns how many were closed.
+    pub fn reverify(&self, bundles: &tessera_spiffe::BundleSet) -> usize {
+        let now = tessera_tls::now();
+        let mut closed = 0;
+        for conn in self.lock().values() {
+            if conn.close.borrow().is_some() || conn.chain.is_empty() {
+                continue;
+            }
+            if let Err(e) =
+                tessera_tls::verify_svid(&conn.chain, bundles, now, tessera_tls::PeerRole::Client)
+            {
+                tracing::warn!(src = %conn.src, port = conn.port, error = %e, "closing a live connection: its peer certificate no longer verifies against the current bundle");
+                let _ = conn
+                    .close
+                    .send(Some(format!("re-verification after a bundle change: {e}")));
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// Re-verifies open connections on every bundle or SVID change of this proxy, and decides them
+/// again under the current policy (an own-identity change changes which policies apply; the
+/// agent then pushes a new set, which [`install`] re-evaluates too).
+pub async fn watch_identity(
+    identity: Arc<Identity>,
+    policy: Arc<ArcSwap<PolicySet>>,
+    registry: Arc<Registry>,
+) {
+    let mut changes = identity.subscribe_changes();
+    while changes.changed().await.is_ok() {
+        let bundles = identity.bundles().load_full();
+        let reverified = registry.reverify(&bundles);
+        let denied = registry.reevaluate(&policy.load());
+        if reverified + denied > 0 {
+            tracing::info!(
+                closed = reverified + denied,
+                "identity or bundle change: live connections re-authorized"
+            );
+        }
     }
 }
 
@@ -328,8 +383,8 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
         let bar = Arc::new(SpiffeId::parse("spiffe://example.org/bar").unwrap());
-        let mut f = registry.register(foo, 5432, None);
-        let b = registry.register(bar, 5432, None);
+        let mut f = registry.register(foo, 5432, None, Arc::default());
+        let b = registry.register(bar, 5432, None, Arc::default());
         let set = compile_snapshot(
             &own,
             &snap(
@@ -362,16 +417,41 @@ mod tests {
                 .as_secs(),
         )
         .unwrap();
-        let mut expired = registry.register(foo.clone(), 1, Some(now - 1));
+        let mut expired = registry.register(foo.clone(), 1, Some(now - 1), Arc::default());
         let why = tokio::time::timeout(Duration::from_secs(1), expired.wait())
             .await
             .unwrap();
         assert!(why.contains("expired"), "{why}");
-        let mut later = registry.register(foo, 1, Some(now + 3600));
+        let mut later = registry.register(foo, 1, Some(now + 3600), Arc::default());
         assert!(
             tokio::time::timeout(Duration::from_millis(50), later.wait())
                 .await
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_bundle_change_closes_connections_whose_peer_no_longer_verifies() {
+        let ca = tessera_test_util::TestCa::new("example.org");
+        let other = tessera_test_util::TestCa::new("example.org");
+        let svid = ca.issue("spiffe://example.org/foo");
+        let registry = Arc::new(Registry::default());
+        let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
+        let conn = registry.register(foo, 1, None, Arc::new(svid.chain.clone()));
+        let mut set = tessera_spiffe::BundleSet::new();
+        set.upsert(ca.bundle());
+        assert_eq!(registry.reverify(&set), 0);
+        assert!(conn.closed.borrow().is_none());
+        // The CA that authenticated the peer left the bundle.
+        let mut rotated = tessera_spiffe::BundleSet::new();
+        rotated.upsert(other.bundle());
+        assert_eq!(registry.reverify(&rotated), 1);
+        assert!(
+            conn.closed
+                .borrow()
+                .as_deref()
+                .unwrap()
+                .contains("bundle change")
         );
     }
 

@@ -148,6 +148,11 @@ pub async fn start(
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let connections = Arc::new(crate::live::Registry::default());
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(crate::live::watch_identity(
+        identity.clone(),
+        policy.clone(),
+        connections.clone(),
+    )));
     if let (true, Some(socket)) = (from_agent, opts.policy_socket.clone()) {
         tracing::info!(socket = %socket.display(), "authorization policy from the agent (PolicyWatch)");
         tasks.push(tokio::spawn(crate::live::watch_policies(
