@@ -142,6 +142,8 @@ pub enum Reason {
     Default(DefaultAction),
     /// A CUSTOM policy's external authorizer denied (or failed, closed).
     CustomDenied { policy: Arc<str>, detail: String },
+    /// An HTTP port: the connection is admitted to HTTP parsing and each request is decided.
+    PerRequest,
 }
 
 impl Reason {
@@ -151,7 +153,7 @@ impl Reason {
             Self::DeniedBy { policy, .. }
             | Self::AllowedBy { policy, .. }
             | Self::CustomDenied { policy, .. } => Some(policy),
-            Self::NoAllowMatch | Self::Default(_) => None,
+            Self::NoAllowMatch | Self::Default(_) | Self::PerRequest => None,
         }
     }
 }
@@ -164,6 +166,7 @@ impl std::fmt::Display for Reason {
             Self::NoAllowMatch => f.write_str("no ALLOW policy matched"),
             Self::Default(DefaultAction::Deny) => f.write_str("no policy: default deny"),
             Self::Default(DefaultAction::Allow) => f.write_str("no policy: default allow"),
+            Self::PerRequest => f.write_str("HTTP port: each request decided"),
             Self::CustomDenied { policy, detail } => {
                 write!(f, "denied by CUSTOM policy {policy}: {detail}")
             }
@@ -196,6 +199,11 @@ impl Decision {
     /// A decision taken by a CUSTOM policy's authorizer (deny).
     pub fn custom_denied(policy: Arc<str>, detail: String) -> Self {
         Self::new(false, Reason::CustomDenied { policy, detail })
+    }
+
+    /// An HTTP connection admitted to per-request decisions.
+    pub fn http_per_request() -> Self {
+        Self::new(true, Reason::PerRequest)
     }
 
     /// `allow`, `deny`, `audit` (allowed and marked) as the decision log names it.

@@ -235,10 +235,18 @@ impl Inbound {
         }
         // Registered before deciding: a policy swapped in after this point re-evaluates it, so
         // no change can slip between the decision and the registration.
+        let http = self.ports.get(&target.port()) == Some(&Protocol::Http);
         let mut live = self
             .registry
             .register(src.clone(), target.port(), expires_at, chain);
-        let decision = crate::live::decide(&self.policy.load(), src, target.port());
+        let decision = if http {
+            // Declared HTTP: every request is decided under the current policy (`crate::l7`);
+            // a connection-level decision would apply TCP semantics to HTTP rules.
+            live.set_http();
+            tessera_policy::Decision::http_per_request()
+        } else {
+            crate::live::decide(&self.policy.load(), src, target.port())
+        };
         crate::live::log_decision(&decision, src, target.port(), "connection");
         if !decision.allowed {
             return refuse(rec, StatusCode::FORBIDDEN, decision.reason.to_string());
@@ -258,6 +266,11 @@ impl Inbound {
             }
         };
         let telemetry = self.telemetry.clone();
+        let l7 = http.then(|| crate::l7::L7Context {
+            policy: self.policy.clone(),
+            src: src.clone(),
+            port: target.port(),
+        });
         tokio::spawn(async move {
             let mut app = app;
             match hyper::upgrade::on(req).await {
@@ -265,9 +278,14 @@ impl Inbound {
                     telemetry.active.inc();
                     let mut up = TokioIo::new(upgraded);
                     let r = tokio::select! {
-                        r = tokio::io::copy_bidirectional_with_sizes(
-                            &mut up, &mut app, COPY_BUF, COPY_BUF,
-                        ) => r,
+                        r = async {
+                            match l7 {
+                                Some(ctx) => crate::l7::serve(up, app, ctx).await.map(|()| (0, 0)),
+                                None => tokio::io::copy_bidirectional_with_sizes(
+                                    &mut up, &mut app, COPY_BUF, COPY_BUF,
+                                ).await,
+                            }
+                        } => r,
                         // Live re-authorization (`crate::live`): policy now denies it.
                         why = live.wait() => Err(std::io::Error::other(why)),
                     };

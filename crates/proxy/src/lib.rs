@@ -12,6 +12,7 @@
 pub mod config;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
 pub mod live;
 pub mod outbound;
 pub mod run;

@@ -29,6 +29,9 @@ struct Conn {
     port: u16,
     /// The peer's certificate chain as verified at the handshake (re-verified on bundle change).
     chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    /// An HTTP port: each request is decided under the current set, so a policy change is not
+    /// re-decided with TCP semantics here (bundle re-verification still applies).
+    http: bool,
     close: watch::Sender<Option<String>>,
 }
 
@@ -58,6 +61,13 @@ impl Drop for Registration {
 }
 
 impl Registration {
+    /// Marks the connection as HTTP (see `Conn::http`).
+    pub fn set_http(&self) {
+        if let Some(c) = self.registry.lock().get_mut(&self.id) {
+            c.http = true;
+        }
+    }
+
     /// Resolves with the reason once the connection must close (never, otherwise).
     pub async fn wait(&mut self) -> String {
         let Some(at) = self.expires_at else {
@@ -111,6 +121,7 @@ impl Registry {
                 src,
                 port,
                 chain,
+                http: false,
                 close,
             },
         );
@@ -135,7 +146,7 @@ impl Registry {
     pub fn reevaluate(&self, set: &PolicySet) -> usize {
         let mut closed = 0;
         for conn in self.lock().values() {
-            if conn.close.borrow().is_some() {
+            if conn.close.borrow().is_some() || conn.http {
                 continue;
             }
             let d = decide(set, &conn.src, conn.port);
