@@ -95,7 +95,10 @@ async fn a_policy_created_with_the_cli_reaches_the_proxy_and_closes_a_live_conne
         if let Ok(up) = open().await {
             break up;
         }
-        assert!(Instant::now() < deadline, "the ALLOW never reached the proxy");
+        assert!(
+            Instant::now() < deadline,
+            "the ALLOW never reached the proxy"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let mut up = TokioIo::new(up);
@@ -124,14 +127,20 @@ async fn a_policy_created_with_the_cli_reaches_the_proxy_and_closes_a_live_conne
     assert!(open().await.is_err(), "new connections are denied too");
 
     let list = policy_cli(&d.admin_socket, &["list"]);
-    assert!(list.contains("default: deny") && list.contains("no-db"), "{list}");
+    assert!(
+        list.contains("default: deny") && list.contains("no-db"),
+        "{list}"
+    );
     let shown = policy_cli(&d.admin_socket, &["show", "no-db"]);
     assert!(shown.contains("\"DENY\""), "{shown}");
     // Deleting the DENY admits new connections again.
     policy_cli(&d.admin_socket, &["delete", "no-db"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while open().await.is_err() {
-        assert!(Instant::now() < deadline, "the delete never reached the proxy");
+        assert!(
+            Instant::now() < deadline,
+            "the delete never reached the proxy"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     proxy.shutdown();
