@@ -22,6 +22,8 @@ const PROTOS: &[&str] = &[
     // Envoy's Secret Discovery Service (SDS v3): a trimmed subset of the Envoy API with upstream
     // package names, messages and field numbers (proto/envoy/README.md).
     "envoy/service/secret/v3/sds.proto",
+    // Envoy's external authorization API (ext_authz v3), trimmed the same way.
+    "envoy/service/auth/v3/external_auth.proto",
     "envoy/extensions/transport_sockets/tls/v3/secret.proto",
     "envoy/extensions/transport_sockets/tls/v3/tls_spiffe_validator_config.proto",
 ];

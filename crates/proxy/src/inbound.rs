@@ -44,6 +44,7 @@ pub struct Inbound {
     /// Open connections, re-authorized on policy changes (`crate::live`).
     registry: Arc<crate::live::Registry>,
     max_age: crate::live::MaxConnectionAge,
+    authorizers: Arc<crate::authz::Authorizers>,
 }
 
 impl Inbound {
@@ -63,7 +64,14 @@ impl Inbound {
             server_cfg: std::sync::OnceLock::new(),
             registry: Arc::default(),
             max_age: crate::live::MaxConnectionAge::Svid,
+            authorizers: Arc::default(),
         }
+    }
+
+    /// External authorizers for CUSTOM policies.
+    pub fn with_authorizers(mut self, authorizers: Arc<crate::authz::Authorizers>) -> Self {
+        self.authorizers = authorizers;
+        self
     }
 
     /// How long authorized connections may live (default: the peer certificate's lifetime).
@@ -244,8 +252,24 @@ impl Inbound {
             // a connection-level decision would apply TCP semantics to HTTP rules.
             live.set_http();
             tessera_policy::Decision::http_per_request()
-        } else {
+        } else if self.authorizers.is_empty() {
             crate::live::decide(&self.policy.load(), src, target.port())
+        } else {
+            let own = self.identity.spiffe_id();
+            let input = crate::authz::CheckInput {
+                src,
+                src_addr: Some(peer),
+                dst: own.as_deref(),
+                dst_addr: Some(target),
+                http: None,
+            };
+            crate::authz::authorize(
+                &self.policy.load_full(),
+                &self.authorizers,
+                &input,
+                target.port(),
+            )
+            .await
         };
         crate::live::log_decision(&decision, src, target.port(), "connection");
         if !decision.allowed {
@@ -267,6 +291,10 @@ impl Inbound {
         };
         let telemetry = self.telemetry.clone();
         let l7 = http.then(|| crate::l7::L7Context {
+            authorizers: self.authorizers.clone(),
+            own: self.identity.spiffe_id(),
+            peer,
+            local: target,
             policy: self.policy.clone(),
             src: src.clone(),
             port: target.port(),

@@ -21,6 +21,11 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Who is asking, on which port.
 #[derive(Debug, Clone)]
 pub struct L7Context {
+    pub authorizers: Arc<crate::authz::Authorizers>,
+    /// This workload's ID and the addresses of the two ends (for external authorizers).
+    pub own: Option<Arc<SpiffeId>>,
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
     pub policy: Arc<ArcSwap<PolicySet>>,
     pub src: Arc<SpiffeId>,
     pub port: u16,
@@ -106,7 +111,22 @@ async fn handle(
     let host = host_of(&req);
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
-    let d = decide(ctx, &method, &path, &host);
+    let d = if ctx.authorizers.is_empty() {
+        decide(ctx, &method, &path, &host)
+    } else {
+        let input = crate::authz::CheckInput {
+            src: &ctx.src,
+            src_addr: Some(ctx.peer),
+            dst: ctx.own.as_deref(),
+            dst_addr: Some(ctx.local),
+            http: Some(HttpRequest {
+                method: &method,
+                path: &path,
+                host: &host,
+            }),
+        };
+        crate::authz::authorize(&ctx.policy.load_full(), &ctx.authorizers, &input, ctx.port).await
+    };
     crate::live::log_decision(&d, &ctx.src, ctx.port, "http request");
     if !d.allowed {
         tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, %host, reason = %d.reason, "HTTP request denied: 403");

@@ -9,6 +9,7 @@
 //! - [`live`]: policies pushed from the agent, re-authorization of open connections;
 //! - [`telemetry`]: access log and metrics; [`run`]: wiring.
 
+pub mod authz;
 pub mod config;
 pub mod identity;
 pub mod inbound;

@@ -38,6 +38,9 @@ struct Conn {
 /// The open inbound connections, for re-authorization.
 #[derive(Debug, Default)]
 pub struct Registry {
+    /// With external authorizers, CUSTOM was asked when the connection was admitted; a policy
+    /// change re-decides the rest of the order only.
+    authorizers: std::sync::atomic::AtomicBool,
     next: AtomicU64,
     conns: Mutex<HashMap<u64, Conn>>,
 }
@@ -133,6 +136,10 @@ impl Registry {
         }
     }
 
+    pub fn set_authorizers_configured(&self, yes: bool) {
+        self.authorizers.store(yes, Ordering::Relaxed);
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -145,11 +152,16 @@ impl Registry {
     /// many were closed.
     pub fn reevaluate(&self, set: &PolicySet) -> usize {
         let mut closed = 0;
+        let authorizers = self.authorizers.load(Ordering::Relaxed);
         for conn in self.lock().values() {
             if conn.close.borrow().is_some() || conn.http {
                 continue;
             }
-            let d = decide(set, &conn.src, conn.port);
+            let d = if authorizers {
+                set.decide(&conn.src, conn.port)
+            } else {
+                decide(set, &conn.src, conn.port)
+            };
             if !d.allowed {
                 let reason = format!("re-authorization: {}", d.reason);
                 tracing::warn!(

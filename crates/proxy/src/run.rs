@@ -39,6 +39,8 @@ pub struct ProxyOptions {
     pub policy: Option<(String, String)>,
     /// The agent socket serving `tessera.v1.PolicyWatch` (used when `policy` is `None`).
     pub policy_socket: Option<std::path::PathBuf>,
+    /// External authorizers for CUSTOM policies (`[[authz_provider]]`).
+    pub authz_providers: Vec<crate::authz::ProviderConfig>,
     /// How long authorized inbound connections may live.
     pub max_connection_age: crate::live::MaxConnectionAge,
     pub default_action: DefaultAction,
@@ -57,6 +59,7 @@ impl ProxyOptions {
             transparent: None,
             policy: None,
             policy_socket: None,
+            authz_providers: Vec::new(),
             max_connection_age: crate::live::MaxConnectionAge::Svid,
             default_action: DefaultAction::Deny,
             pooling: true,
@@ -146,7 +149,9 @@ pub async fn start(
         compile_policy_for(&own, opts.policy.as_ref(), opts.default_action)?
     };
     let policy = Arc::new(ArcSwap::from_pointee(policy));
+    let authorizers = Arc::new(crate::authz::Authorizers::new(&opts.authz_providers)?);
     let connections = Arc::new(crate::live::Registry::default());
+    connections.set_authorizers_configured(!authorizers.is_empty());
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(crate::live::watch_identity(
         identity.clone(),
@@ -172,6 +177,7 @@ pub async fn start(
             telemetry.clone(),
         )
         .with_registry(connections.clone())
+        .with_authorizers(authorizers)
         .with_max_connection_age(opts.max_connection_age),
     );
     if opts.max_connection_age == crate::live::MaxConnectionAge::Unlimited {

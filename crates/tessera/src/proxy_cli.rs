@@ -179,6 +179,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     if policy.is_none() && a.default_policy.is_none() {
         opts.policy_socket = Some(socket.clone());
     }
+    opts.authz_providers = file.authz_providers.clone();
     opts.policy = policy;
     opts.default_action = default_action;
     opts.max_connection_age = match a.max_connection_age {
