@@ -63,10 +63,23 @@ impl Snapshot {
     }
 }
 
+/// The authorization policies the server pushed (every policy; each caller of `PolicyWatch`
+/// gets those targeting its identity).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Policies {
+    /// The sync revision these reflect.
+    pub revision: u64,
+    /// `[policy] default` of the trust domain: "deny" or "allow"; empty until the first sync.
+    pub default_action: String,
+    /// Name → JSON document.
+    pub documents: std::collections::BTreeMap<String, String>,
+}
+
 /// The agent's cache: one writer (the SVID manager) publishes snapshots; readers subscribe.
 #[derive(Debug)]
 pub struct Cache {
     tx: watch::Sender<Arc<Snapshot>>,
+    policies: watch::Sender<Arc<Policies>>,
     /// kids of JWT keys an operator tainted: cached JWT-SVIDs they signed are minted again.
     tainted_jwt: std::sync::RwLock<BTreeSet<String>>,
 }
@@ -81,6 +94,7 @@ impl Cache {
     pub fn new() -> Self {
         Self {
             tx: watch::Sender::new(Arc::new(Snapshot::default())),
+            policies: watch::Sender::new(Arc::new(Policies::default())),
             tainted_jwt: std::sync::RwLock::new(BTreeSet::new()),
         }
     }
@@ -108,6 +122,22 @@ impl Cache {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(kid)
+    }
+
+    /// Replaces the policies; subscribers wake only when something other than the revision
+    /// changed.
+    pub fn set_policies(&self, p: Policies) {
+        self.policies.send_if_modified(|cur| {
+            if cur.default_action == p.default_action && cur.documents == p.documents {
+                return false;
+            }
+            *cur = Arc::new(p);
+            true
+        });
+    }
+
+    pub fn subscribe_policies(&self) -> watch::Receiver<Arc<Policies>> {
+        self.policies.subscribe()
     }
 
     pub fn current(&self) -> Arc<Snapshot> {

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod config;
 pub mod metrics;
 mod node;
+pub mod policy_watch;
 mod run;
 pub mod sds;
 pub mod workload_api;

@@ -48,6 +48,9 @@ pub(crate) struct SyncState {
     /// Bundles of the trust domains this agent's entries federate with (the server sends only
     /// those), each parsed as its own trust domain's: never merged into ours.
     pub(crate) federated: BTreeMap<TrustDomain, Bundle>,
+    /// Authorization policies (name → JSON document) and the trust domain's default.
+    pub(crate) policies: BTreeMap<String, String>,
+    pub(crate) policy_default: String,
 }
 
 impl SyncState {
@@ -445,6 +448,11 @@ async fn sync_task(
                                     set.upsert(b.clone());
                                     shared.bundles.store(Arc::new(set));
                                 }
+                                shared.cache.set_policies(crate::cache::Policies {
+                                    revision: state.revision,
+                                    default_action: state.policy_default.clone(),
+                                    documents: state.policies.clone(),
+                                });
                                 let _ = state_tx.send(Arc::new(state.clone()));
                             }
                         }
@@ -548,6 +556,10 @@ fn apply(
                 ..SyncState::default()
             });
             p.revision = page.revision;
+            p.policy_default = page.policy_default;
+            for pol in page.policies {
+                p.policies.insert(pol.name, pol.document_json);
+            }
             if let Some(t) = page.tainted {
                 p.set_tainted(t);
             }
@@ -596,6 +608,12 @@ fn apply(
                     if let Some(fed) = federated_bundle(td, &b) {
                         state.federated.insert(fed.trust_domain().clone(), fed);
                     }
+                }
+                Some(pb::change::Change::PolicyUpdated(p)) => {
+                    state.policies.insert(p.name, p.document_json);
+                }
+                Some(pb::change::Change::PolicyDeleted(name)) => {
+                    state.policies.remove(&name);
                 }
                 Some(pb::change::Change::BundleDeleted(name)) => {
                     // Our own bundle is never dropped: the agent would trust nothing.
@@ -945,6 +963,7 @@ mod federation_tests {
                 revision: 5,
                 last: true,
                 tainted: None,
+                ..Default::default()
             })),
         };
         assert!(apply(&own, &mut state, &mut pending, snap));

@@ -14,7 +14,7 @@
 //!
 //! Every error goes through one mapping to gRPC codes (`error::to_status`).
 
-mod error;
+pub(crate) mod error;
 mod jwt_cache;
 mod transport;
 pub(crate) mod view;
@@ -131,6 +131,12 @@ impl WorkloadApi {
             "Envoy SDS call"
         );
         Ok(peer)
+    }
+
+    /// `PolicyWatch` (`crate::policy_watch`) checks its callers as the Workload API does: the
+    /// security header, then the pinned process.
+    pub(crate) fn policy_caller<T>(&self, req: &Request<T>) -> Result<PeerProcess, Status> {
+        self.caller(req, "WatchPolicies")
     }
 
     /// Attests `peer` exactly as Workload API calls do (bounded blocking threads). The caller
@@ -553,9 +559,11 @@ pub async fn serve_listener(
         let _ = stopped_tx.send(());
     };
     let sds = crate::sds::SecretDiscovery::new(api.clone()).into_service();
+    let policies = crate::policy_watch::PolicyWatchService::new(api.clone()).into_service();
     let server = tonic::transport::Server::builder()
         .add_service(api.into_service())
         .add_service(sds)
+        .add_service(policies)
         .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {

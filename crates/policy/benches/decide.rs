@@ -25,11 +25,16 @@ fn bench(c: &mut Criterion) {
                             format!("spiffe://example.org/team/{i}/*"),
                         ],
                         trust_domains: vec![],
+                        ..Source::default()
                     }),
                     to: Some(Target {
                         ports: vec![u16::try_from(8000 + i % 100).unwrap()],
+                        ..Target::default()
                     }),
                 }],
+                targets: vec![],
+                provider: None,
+                dry_run: false,
             },
         })
         .collect();

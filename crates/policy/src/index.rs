@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tessera_spiffe::SpiffeId;
 
-use crate::document::{self, PolicyError, Principal, Rule};
+use crate::document::{self, HttpMatch, HttpRequest, PolicyError, Principal, Rule};
 
 /// One rule after compilation.
 #[derive(Debug, Clone)]
@@ -14,6 +14,10 @@ struct Compiled {
     rule: usize,
     /// `from.trust_domains`; empty = not restricted by this field.
     trust_domains: Vec<String>,
+    /// `from.not_principals`: a match here excludes the caller.
+    not_principals: Vec<Principal>,
+    /// The HTTP fields of `to`, if any.
+    http: Option<HttpMatch>,
 }
 
 /// How a rule was reached, which decides what still has to be checked.
@@ -41,9 +45,24 @@ pub(crate) struct ActionIndex {
     rules: Vec<Compiled>,
     by_port: HashMap<u16, PortIndex>,
     any_port: PortIndex,
+    /// How a rule with HTTP fields answers for plain TCP (no request): DENY, AUDIT and CUSTOM
+    /// rules match (fail closed: a restriction written for HTTP still restricts TCP), ALLOW
+    /// rules do not (a permission written for some requests never opens the whole port).
+    http_on_tcp_matches: bool,
 }
 
 impl ActionIndex {
+    pub(crate) fn new(http_on_tcp_matches: bool) -> Self {
+        Self {
+            http_on_tcp_matches,
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
     pub(crate) fn insert(
         &mut self,
         name: &str,
@@ -66,6 +85,15 @@ impl ActionIndex {
             let field = format!("rules[{rule_idx}].from.principals[{i}]");
             principals.push(document::parse_principal(name, &field, p)?);
         }
+        let mut not_principals = Vec::with_capacity(from.not_principals.len());
+        for (i, p) in from.not_principals.iter().enumerate() {
+            let field = format!("rules[{rule_idx}].from.not_principals[{i}]");
+            not_principals.push(document::parse_principal(name, &field, p)?);
+        }
+        let http = match &rule.to {
+            Some(to) => document::compile_http(name, rule_idx, to)?,
+            None => None,
+        };
         let id = u32::try_from(self.rules.len()).map_err(|_| {
             PolicyError::new(
                 name,
@@ -77,6 +105,8 @@ impl ActionIndex {
             policy,
             rule: rule_idx,
             trust_domains,
+            not_principals,
+            http,
         });
         let ports = rule.to.as_ref().map(|t| t.ports.as_slice()).unwrap_or(&[]);
         if ports.is_empty() {
@@ -90,14 +120,20 @@ impl ActionIndex {
     }
 
     /// The first matching rule (lowest policy, then rule index) for `source` on `port`.
-    pub(crate) fn find(&self, source: &SpiffeId, local: bool, port: u16) -> Option<(u32, usize)> {
+    pub(crate) fn find(
+        &self,
+        source: &SpiffeId,
+        local: bool,
+        port: u16,
+        req: Option<&HttpRequest<'_>>,
+    ) -> Option<(u32, usize)> {
         let mut best: Option<(u32, usize)> = None;
         let mut consider = |ids: &[u32], via: Via| {
             for id in ids {
                 let Some(c) = self.rules.get(*id as usize) else {
                     continue;
                 };
-                if self.matches(c, via, source, local) {
+                if self.matches(c, via, source, local) && self.matches_rest(c, source, local, req) {
                     let key = (c.policy, c.rule);
                     if best.is_none_or(|b| key < b) {
                         best = Some(key);
@@ -112,6 +148,57 @@ impl ActionIndex {
             lookup(idx, source, &mut consider);
         }
         best
+    }
+
+    /// The fields the index does not key on: not-principals and HTTP.
+    /// Every matching policy (sorted, once each).
+    pub(crate) fn find_all(
+        &self,
+        source: &SpiffeId,
+        local: bool,
+        port: u16,
+        req: Option<&HttpRequest<'_>>,
+    ) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut consider = |ids: &[u32], via: Via| {
+            for id in ids {
+                let Some(c) = self.rules.get(*id as usize) else {
+                    continue;
+                };
+                if self.matches(c, via, source, local) && self.matches_rest(c, source, local, req) {
+                    out.push(c.policy);
+                }
+            }
+        };
+        for idx in [Some(&self.any_port), self.by_port.get(&port)]
+            .into_iter()
+            .flatten()
+        {
+            lookup(idx, source, &mut consider);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn matches_rest(
+        &self,
+        c: &Compiled,
+        source: &SpiffeId,
+        local: bool,
+        req: Option<&HttpRequest<'_>>,
+    ) -> bool {
+        if c.not_principals
+            .iter()
+            .any(|p| document::principal_matches(p, source, local))
+        {
+            return false;
+        }
+        match (&c.http, req) {
+            (None, _) => true,
+            (Some(h), Some(r)) => h.matches(r),
+            (Some(_), None) => self.http_on_tcp_matches,
+        }
     }
 
     fn matches(&self, c: &Compiled, via: Via, source: &SpiffeId, local: bool) -> bool {

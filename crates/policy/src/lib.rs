@@ -6,8 +6,14 @@
 //! on a segment boundary, its trust domain), so a decision costs a few hash lookups whatever the
 //! number of rules.
 //!
-//! Order (ARCHITECTURE.md, "Policy model"): any DENY match → deny; no ALLOW policy at all → the
-//! default (`deny` unless configured `allow`); an ALLOW match → allow; otherwise deny.
+//! Order (ARCHITECTURE.md, "Policy model"): a CUSTOM policy's external authorizer denying → deny
+//! (the caller asks the authorizers named by [`PolicySet::custom_checks`] before
+//! [`PolicySet::decide`]); any DENY match → deny; no ALLOW policy at all → the default (`deny`
+//! unless configured `allow`); an ALLOW match → allow; otherwise deny. AUDIT matches only mark the
+//! decision; `dry_run` policies are evaluated in a shadow set and only reported.
+//!
+//! A set is compiled for one destination workload ([`PolicySet::for_workload`] keeps the
+//! policies whose `targets` cover it, and the mesh-wide ones).
 
 mod document;
 mod index;
@@ -18,7 +24,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 use tessera_spiffe::{SpiffeId, TrustDomain};
 
-pub use document::{Action, DefaultAction, PolicyDocument, PolicyError, Rule, Source, Target};
+pub use document::{
+    Action, DefaultAction, HttpRequest, PolicyDocument, PolicyError, Rule, Source, Target,
+};
 use index::ActionIndex;
 
 /// A policy with its name, as stored (`Policy { id, document }` in the datastore) or written in a
@@ -39,6 +47,49 @@ impl NamedPolicy {
             name: name.to_owned(),
             document,
         })
+    }
+
+    /// The JSON document (the datastore's `Policy.document`).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.document).unwrap_or_default()
+    }
+
+    /// Checks the name and the document.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        validate_name(&self.name)?;
+        document::validate(&self.name, &self.document)
+    }
+
+    /// Whether this policy applies to the destination workload `id`: mesh-wide (no `targets`)
+    /// or a target pattern covers it. An invalid pattern covers nothing.
+    pub fn applies_to(&self, id: &SpiffeId, local: &TrustDomain) -> bool {
+        if self.document.targets.is_empty() {
+            return true;
+        }
+        let is_local = id.is_member_of(local);
+        self.document.targets.iter().any(|t| {
+            document::parse_principal(&self.name, "targets", t)
+                .map(|p| document::principal_matches(&p, id, is_local))
+                .unwrap_or(false)
+        })
+    }
+}
+
+/// A policy name: what `tessera policy show NAME` takes and the store's `Policy.id`.
+pub fn validate_name(name: &str) -> Result<(), PolicyError> {
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(PolicyError::new(
+            name,
+            "name",
+            "1 to 256 letters, digits, `.`, `_`, `-` or `/`",
+        ))
     }
 }
 
@@ -70,6 +121,12 @@ struct FilePolicy {
     action: Action,
     #[serde(default)]
     rules: Vec<Rule>,
+    #[serde(default)]
+    targets: Vec<String>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
 }
 
 /// Why a decision was taken.
@@ -83,6 +140,22 @@ pub enum Reason {
     NoAllowMatch,
     /// No ALLOW policy exists: the configured default applied.
     Default(DefaultAction),
+    /// A CUSTOM policy's external authorizer denied (or failed, closed).
+    CustomDenied { policy: Arc<str>, detail: String },
+    /// An HTTP port: the connection is admitted to HTTP parsing and each request is decided.
+    PerRequest,
+}
+
+impl Reason {
+    /// The policy that decided, if one did.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            Self::DeniedBy { policy, .. }
+            | Self::AllowedBy { policy, .. }
+            | Self::CustomDenied { policy, .. } => Some(policy),
+            Self::NoAllowMatch | Self::Default(_) | Self::PerRequest => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Reason {
@@ -93,6 +166,10 @@ impl std::fmt::Display for Reason {
             Self::NoAllowMatch => f.write_str("no ALLOW policy matched"),
             Self::Default(DefaultAction::Deny) => f.write_str("no policy: default deny"),
             Self::Default(DefaultAction::Allow) => f.write_str("no policy: default allow"),
+            Self::PerRequest => f.write_str("HTTP port: each request decided"),
+            Self::CustomDenied { policy, detail } => {
+                write!(f, "denied by CUSTOM policy {policy}: {detail}")
+            }
         }
     }
 }
@@ -102,6 +179,48 @@ impl std::fmt::Display for Reason {
 pub struct Decision {
     pub allowed: bool,
     pub reason: Reason,
+    /// The first AUDIT policy that matched (the decision log marks it; nothing else changes).
+    pub audit: Option<Arc<str>>,
+    /// What the policies marked `dry_run` would have decided, when that differs from the
+    /// decision or a dry-run policy would have been the deciding one.
+    pub dry_run: Option<Box<Decision>>,
+}
+
+impl Decision {
+    fn new(allowed: bool, reason: Reason) -> Self {
+        Self {
+            allowed,
+            reason,
+            audit: None,
+            dry_run: None,
+        }
+    }
+
+    /// A decision taken by a CUSTOM policy's authorizer (deny).
+    pub fn custom_denied(policy: Arc<str>, detail: String) -> Self {
+        Self::new(false, Reason::CustomDenied { policy, detail })
+    }
+
+    /// An HTTP connection admitted to per-request decisions.
+    pub fn http_per_request() -> Self {
+        Self::new(true, Reason::PerRequest)
+    }
+
+    /// `allow`, `deny`, `audit` (allowed and marked) as the decision log names it.
+    pub fn kind(&self) -> &'static str {
+        match (self.allowed, self.audit.is_some()) {
+            (false, _) => "deny",
+            (true, true) => "audit",
+            (true, false) => "allow",
+        }
+    }
+}
+
+/// A CUSTOM policy that matched: its authorizer must be asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomCheck {
+    pub policy: Arc<str>,
+    pub provider: Arc<str>,
 }
 
 /// Compiled policies of one workload.
@@ -110,9 +229,15 @@ pub struct PolicySet {
     local: TrustDomain,
     default: DefaultAction,
     names: Vec<Arc<str>>,
+    /// The provider of each CUSTOM policy, by policy index.
+    providers: Vec<Option<Arc<str>>>,
     deny: ActionIndex,
     allow: ActionIndex,
+    audit: ActionIndex,
+    custom: ActionIndex,
     has_allow: bool,
+    /// Every policy with the `dry_run` ones enforced too; `None` when there are none.
+    shadow: Option<Box<PolicySet>>,
 }
 
 impl PolicySet {
@@ -122,10 +247,52 @@ impl PolicySet {
         default: DefaultAction,
         policies: &[NamedPolicy],
     ) -> Result<Self, PolicyError> {
+        let shadow = if policies.iter().any(|p| p.document.dry_run) {
+            let enforced: Vec<NamedPolicy> = policies
+                .iter()
+                .map(|p| {
+                    let mut p = p.clone();
+                    p.document.dry_run = false;
+                    p
+                })
+                .collect();
+            Some(Box::new(Self::compile(local.clone(), default, &enforced)?))
+        } else {
+            None
+        };
+        let mut set = Self::compile(local, default, policies)?;
+        set.shadow = shadow;
+        Ok(set)
+    }
+
+    /// Compiles the policies that apply to the destination workload `own` (mesh-wide ones and
+    /// those whose `targets` cover it); `*` stands for `own`'s trust domain.
+    pub fn for_workload(
+        own: &SpiffeId,
+        default: DefaultAction,
+        policies: &[NamedPolicy],
+    ) -> Result<Self, PolicyError> {
+        let local = own.trust_domain();
+        let mine: Vec<NamedPolicy> = policies
+            .iter()
+            .filter(|p| p.applies_to(own, &local))
+            .cloned()
+            .collect();
+        Self::new(local, default, &mine)
+    }
+
+    fn compile(
+        local: TrustDomain,
+        default: DefaultAction,
+        policies: &[NamedPolicy],
+    ) -> Result<Self, PolicyError> {
         let mut seen = BTreeSet::new();
         let mut names = Vec::with_capacity(policies.len());
-        let mut deny = ActionIndex::default();
-        let mut allow = ActionIndex::default();
+        let mut providers = Vec::with_capacity(policies.len());
+        let mut deny = ActionIndex::new(true);
+        let mut allow = ActionIndex::new(false);
+        let mut audit = ActionIndex::new(true);
+        let mut custom = ActionIndex::new(true);
         let mut has_allow = false;
         for (n, p) in policies.iter().enumerate() {
             if p.name.is_empty() {
@@ -147,12 +314,19 @@ impl PolicySet {
                 PolicyError::new(&p.name, "policy", "too many policies (at most 2^32)")
             })?;
             names.push(Arc::from(p.name.as_str()));
+            providers.push(p.document.provider.as_deref().map(Arc::from));
+            if p.document.dry_run {
+                // Evaluated only in the shadow set.
+                continue;
+            }
             let target = match p.document.action {
                 Action::Deny => &mut deny,
                 Action::Allow => {
                     has_allow = true;
                     &mut allow
                 }
+                Action::Audit => &mut audit,
+                Action::Custom => &mut custom,
             };
             for (r, rule) in p.document.rules.iter().enumerate() {
                 target.insert(&p.name, idx, r, rule)?;
@@ -162,9 +336,13 @@ impl PolicySet {
             local,
             default,
             names,
+            providers,
             deny,
             allow,
+            audit,
+            custom,
             has_allow,
+            shadow: None,
         })
     }
 
@@ -180,20 +358,19 @@ impl PolicySet {
         toml_text: &str,
         default: DefaultAction,
     ) -> Result<Self, PolicyError> {
-        let file: PolicyFile = toml::from_str(toml_text)
-            .map_err(|e| PolicyError::new("(policy file)", "document", e.to_string()))?;
-        let policies: Vec<NamedPolicy> = file
-            .policy
-            .into_iter()
-            .map(|p| NamedPolicy {
-                name: p.name,
-                document: PolicyDocument {
-                    action: p.action,
-                    rules: p.rules,
-                },
-            })
-            .collect();
-        Self::new(local, file.default.unwrap_or(default), &policies)
+        let (file_default, policies) = parse_file(toml_text)?;
+        Self::new(local, file_default.unwrap_or(default), &policies)
+    }
+
+    /// As [`Self::from_toml_or`], keeping only the policies that apply to the destination
+    /// workload `own` (see [`Self::for_workload`]).
+    pub fn from_toml_for_workload(
+        own: &SpiffeId,
+        toml_text: &str,
+        default: DefaultAction,
+    ) -> Result<Self, PolicyError> {
+        let (file_default, policies) = parse_file(toml_text)?;
+        Self::for_workload(own, file_default.unwrap_or(default), &policies)
     }
 
     /// No policy: everything gets `default`.
@@ -202,10 +379,24 @@ impl PolicySet {
             local,
             default,
             names: Vec::new(),
-            deny: ActionIndex::default(),
-            allow: ActionIndex::default(),
+            providers: Vec::new(),
+            deny: ActionIndex::new(true),
+            allow: ActionIndex::new(false),
+            audit: ActionIndex::new(true),
+            custom: ActionIndex::new(true),
             has_allow: false,
+            shadow: None,
         }
+    }
+
+    /// The default that applies when no ALLOW policy exists.
+    pub fn default_action(&self) -> DefaultAction {
+        self.default
+    }
+
+    /// Whether any CUSTOM policy is in force (the caller needs an authorizer round trip).
+    pub fn has_custom(&self) -> bool {
+        !self.custom.is_empty()
     }
 
     pub fn local_trust_domain(&self) -> &TrustDomain {
@@ -220,37 +411,106 @@ impl PolicySet {
         self.names.is_empty()
     }
 
-    /// Decides a connection from `source` (the peer's verified SPIFFE ID) to `port`.
+    /// Decides a connection from `source` (the peer's verified SPIFFE ID) to `port` (plain TCP,
+    /// or the connection-level check before any HTTP request is read).
     pub fn decide(&self, source: &SpiffeId, port: u16) -> Decision {
+        self.decide_request(source, port, None)
+    }
+
+    /// Decides one HTTP request (`req`) or, with `None`, a TCP connection. CUSTOM policies are
+    /// not consulted here: ask [`Self::custom_checks`]' authorizers first.
+    pub fn decide_request(
+        &self,
+        source: &SpiffeId,
+        port: u16,
+        req: Option<&HttpRequest<'_>>,
+    ) -> Decision {
+        let mut d = self.enforce(source, port, req);
+        if let Some(shadow) = &self.shadow {
+            let s = shadow.enforce(source, port, req);
+            let by_dry_run = s
+                .reason
+                .policy()
+                .is_some_and(|p| d.reason.policy() != Some(p));
+            if s.allowed != d.allowed || by_dry_run {
+                d.dry_run = Some(Box::new(s));
+            }
+        }
+        d
+    }
+
+    fn enforce(&self, source: &SpiffeId, port: u16, req: Option<&HttpRequest<'_>>) -> Decision {
         let local = source.is_member_of(&self.local);
-        if let Some((p, rule)) = self.deny.find(source, local, port) {
-            return Decision {
-                allowed: false,
-                reason: Reason::DeniedBy {
+        let mut d = self.decide_enforced(source, local, port, req);
+        if !self.audit.is_empty() {
+            d.audit = self
+                .audit
+                .find(source, local, port, req)
+                .map(|(p, _)| self.name(p));
+        }
+        d
+    }
+
+    fn decide_enforced(
+        &self,
+        source: &SpiffeId,
+        local: bool,
+        port: u16,
+        req: Option<&HttpRequest<'_>>,
+    ) -> Decision {
+        if let Some((p, rule)) = self.deny.find(source, local, port, req) {
+            return Decision::new(
+                false,
+                Reason::DeniedBy {
                     policy: self.name(p),
                     rule,
                 },
-            };
+            );
         }
         if !self.has_allow {
-            return Decision {
-                allowed: self.default == DefaultAction::Allow,
-                reason: Reason::Default(self.default),
-            };
+            return Decision::new(
+                self.default == DefaultAction::Allow,
+                Reason::Default(self.default),
+            );
         }
-        match self.allow.find(source, local, port) {
-            Some((p, rule)) => Decision {
-                allowed: true,
-                reason: Reason::AllowedBy {
+        match self.allow.find(source, local, port, req) {
+            Some((p, rule)) => Decision::new(
+                true,
+                Reason::AllowedBy {
                     policy: self.name(p),
                     rule,
                 },
-            },
-            None => Decision {
-                allowed: false,
-                reason: Reason::NoAllowMatch,
-            },
+            ),
+            None => Decision::new(false, Reason::NoAllowMatch),
         }
+    }
+
+    /// The CUSTOM policies matching this connection or request, whose authorizers must all
+    /// allow before [`Self::decide_request`] is consulted (CUSTOM comes first in the order).
+    /// One per provider: the first matching policy names it.
+    pub fn custom_checks(
+        &self,
+        source: &SpiffeId,
+        port: u16,
+        req: Option<&HttpRequest<'_>>,
+    ) -> Vec<CustomCheck> {
+        if self.custom.is_empty() {
+            return Vec::new();
+        }
+        let local = source.is_member_of(&self.local);
+        let mut out: Vec<CustomCheck> = Vec::new();
+        for p in self.custom.find_all(source, local, port, req) {
+            let Some(Some(provider)) = self.providers.get(p as usize) else {
+                continue;
+            };
+            if !out.iter().any(|c| c.provider == *provider) {
+                out.push(CustomCheck {
+                    policy: self.name(p),
+                    provider: provider.clone(),
+                });
+            }
+        }
+        out
     }
 
     fn name(&self, idx: u32) -> Arc<str> {
@@ -259,6 +519,27 @@ impl PolicySet {
             .cloned()
             .unwrap_or_else(|| Arc::from("?"))
     }
+}
+
+/// A policy file's default and policies.
+fn parse_file(toml_text: &str) -> Result<(Option<DefaultAction>, Vec<NamedPolicy>), PolicyError> {
+    let file: PolicyFile = toml::from_str(toml_text)
+        .map_err(|e| PolicyError::new("(policy file)", "document", e.to_string()))?;
+    let policies: Vec<NamedPolicy> = file
+        .policy
+        .into_iter()
+        .map(|p| NamedPolicy {
+            name: p.name,
+            document: PolicyDocument {
+                action: p.action,
+                rules: p.rules,
+                targets: p.targets,
+                provider: p.provider,
+                dry_run: p.dry_run,
+            },
+        })
+        .collect();
+    Ok((file.default, policies))
 }
 
 #[cfg(test)]

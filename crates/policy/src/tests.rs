@@ -218,11 +218,16 @@ fn ten_thousand_rules_still_pick_the_right_one() {
                     from: Some(Source {
                         principals: vec![format!("spiffe://example.org/svc/{i}")],
                         trust_domains: vec![],
+                        ..Source::default()
                     }),
                     to: Some(Target {
                         ports: vec![u16::try_from(1000 + i % 100).unwrap()],
+                        ..Target::default()
                     }),
                 }],
+                targets: vec![],
+                provider: None,
+                dry_run: false,
             },
         });
     }
@@ -236,4 +241,198 @@ fn ten_thousand_rules_still_pick_the_right_one() {
         }
     );
     assert!(!s.decide(&id("spiffe://example.org/svc/4242"), 1043).allowed);
+}
+
+fn req<'a>(method: &'a str, path: &'a str, host: &'a str) -> HttpRequest<'a> {
+    HttpRequest { method, path, host }
+}
+
+#[test]
+fn http_routes_allow_get_public_and_deny_post_admin() {
+    let s = set(concat!(
+        "[[policy]]\nname = \"public\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "from = { principals = [\"*\"] }\nto = { methods = [\"GET\"], paths = [\"/public\", \"/static/*\"] }\n",
+        "[[policy]]\nname = \"no-admin\"\naction = \"DENY\"\n[[policy.rules]]\n",
+        "to = { methods = [\"POST\"], paths = [\"/admin*\"], not_hosts = [\"*.internal\"] }\n",
+    ));
+    let foo = id("spiffe://example.org/foo");
+    let r = |m, p, h| s.decide_request(&foo, 80, Some(&req(m, p, h)));
+    assert!(r("GET", "/public", "a.example").allowed);
+    assert!(r("GET", "/static/x.css", "a.example").allowed);
+    assert!(!r("GET", "/private", "a.example").allowed);
+    assert!(!r("PUT", "/public", "a.example").allowed);
+    let d = r("POST", "/admin/users", "a.example");
+    assert!(!d.allowed);
+    assert_eq!(d.reason.policy(), Some("no-admin"));
+    // not_hosts excludes (case-insensitively): the DENY does not match, no ALLOW does either.
+    assert_eq!(
+        r("POST", "/admin", "X.INTERNAL").reason,
+        Reason::NoAllowMatch
+    );
+    // On plain TCP the HTTP-only DENY matches (fail closed) and the HTTP-only ALLOW does not.
+    assert_eq!(s.decide(&foo, 80).reason.policy(), Some("no-admin"));
+    let only_allow = set(concat!(
+        "[[policy]]\nname = \"get\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "to = { methods = [\"GET\"] }\n",
+    ));
+    assert_eq!(only_allow.decide(&foo, 80).reason, Reason::NoAllowMatch);
+    assert!(
+        only_allow
+            .decide_request(&foo, 80, Some(&req("GET", "/", "h")))
+            .allowed
+    );
+}
+
+#[test]
+fn not_principals_exclude() {
+    let s = set(concat!(
+        "[[policy]]\nname = \"all-but-b\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "from = { principals = [\"spiffe://example.org/ns/*\"], not_principals = [\"spiffe://example.org/ns/b/*\"] }\n",
+    ));
+    assert!(s.decide(&id("spiffe://example.org/ns/a/x"), 1).allowed);
+    assert!(!s.decide(&id("spiffe://example.org/ns/b/x"), 1).allowed);
+}
+
+#[test]
+fn audit_marks_and_changes_nothing() {
+    let s = set(concat!(
+        "default = \"allow\"\n",
+        "[[policy]]\nname = \"watch-foo\"\naction = \"AUDIT\"\n[[policy.rules]]\n",
+        "from = { principals = [\"spiffe://example.org/foo\"] }\n",
+    ));
+    let d = s.decide(&id("spiffe://example.org/foo"), 1);
+    assert!(d.allowed);
+    assert_eq!(d.audit.as_deref(), Some("watch-foo"));
+    assert_eq!(d.kind(), "audit");
+    let d = s.decide(&id("spiffe://example.org/bar"), 1);
+    assert_eq!(
+        (d.audit, d.reason),
+        (None, Reason::Default(DefaultAction::Allow))
+    );
+}
+
+#[test]
+fn dry_run_reports_without_enforcing() {
+    let s = set(concat!(
+        "[[policy]]\nname = \"all\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "[[policy]]\nname = \"try-deny\"\naction = \"DENY\"\ndry_run = true\n[[policy.rules]]\n",
+        "from = { principals = [\"spiffe://example.org/foo\"] }\n",
+    ));
+    let d = s.decide(&id("spiffe://example.org/foo"), 1);
+    assert!(d.allowed, "dry-run is not enforced");
+    let shadow = d.dry_run.expect("dry run reported");
+    assert!(!shadow.allowed);
+    assert_eq!(shadow.reason.policy(), Some("try-deny"));
+    assert!(
+        s.decide(&id("spiffe://example.org/bar"), 1)
+            .dry_run
+            .is_none()
+    );
+}
+
+#[test]
+fn custom_policies_are_listed_for_the_caller_once_per_provider() {
+    let s = set(concat!(
+        "default = \"allow\"\n",
+        "[[policy]]\nname = \"ext\"\naction = \"CUSTOM\"\nprovider = \"opa\"\n[[policy.rules]]\n",
+        "to = { ports = [8080] }\n",
+        "[[policy]]\nname = \"ext2\"\naction = \"CUSTOM\"\nprovider = \"opa\"\n[[policy.rules]]\n",
+    ));
+    assert!(s.has_custom());
+    let foo = id("spiffe://example.org/foo");
+    let c = s.custom_checks(&foo, 8080, None);
+    assert_eq!(
+        c,
+        vec![CustomCheck {
+            policy: Arc::from("ext"),
+            provider: Arc::from("opa")
+        }]
+    );
+    assert_eq!(s.custom_checks(&foo, 9, None)[0].policy.as_ref(), "ext2");
+    // CUSTOM does not take part in decide(): the default applies.
+    assert!(s.decide(&foo, 8080).allowed);
+}
+
+#[test]
+fn targets_select_the_destination_workload() {
+    let p = |name: &str, targets: &str| {
+        NamedPolicy::from_json(
+            name,
+            &format!(r#"{{"action":"DENY","targets":[{targets}],"rules":[{{}}]}}"#),
+        )
+        .unwrap()
+    };
+    let policies = vec![
+        p("to-db", r#""spiffe://example.org/db""#),
+        p("to-web", r#""spiffe://example.org/web/*""#),
+    ];
+    let db = PolicySet::for_workload(
+        &id("spiffe://example.org/db"),
+        DefaultAction::Allow,
+        &policies,
+    )
+    .unwrap();
+    assert_eq!(db.len(), 1);
+    assert_eq!(
+        db.decide(&id("spiffe://example.org/x"), 1).reason.policy(),
+        Some("to-db")
+    );
+    let other = PolicySet::for_workload(
+        &id("spiffe://example.org/cache"),
+        DefaultAction::Allow,
+        &policies,
+    )
+    .unwrap();
+    assert!(other.is_empty());
+    assert!(other.decide(&id("spiffe://example.org/x"), 1).allowed);
+}
+
+#[test]
+fn new_fields_are_validated_by_name() {
+    let cases = [
+        (r#"{"action":"CUSTOM"}"#, "provider"),
+        (r#"{"action":"CUSTOM","provider":"a b"}"#, "provider"),
+        (r#"{"action":"ALLOW","provider":"opa"}"#, "provider"),
+        (
+            r#"{"action":"ALLOW","targets":["spiffe://example.org"]}"#,
+            "targets[0]",
+        ),
+        (
+            r#"{"action":"ALLOW","rules":[{"from":{"not_principals":["x"]}}]}"#,
+            "rules[0].from.not_principals[0]",
+        ),
+        (
+            r#"{"action":"ALLOW","rules":[{"to":{"methods":["get"]}}]}"#,
+            "rules[0].to.methods[0]",
+        ),
+        (
+            r#"{"action":"ALLOW","rules":[{},{"to":{"paths":["admin"]}}]}"#,
+            "rules[1].to.paths[0]",
+        ),
+        (
+            r#"{"action":"ALLOW","rules":[{"to":{"not_paths":["/a*b*"]}}]}"#,
+            "rules[0].to.not_paths[0]",
+        ),
+        (
+            r#"{"action":"ALLOW","rules":[{"to":{"hosts":["http://x/"]}}]}"#,
+            "rules[0].to.hosts[0]",
+        ),
+    ];
+    for (doc, field) in cases {
+        let e = NamedPolicy::from_json("p1", doc).unwrap_err();
+        assert_eq!(
+            (e.policy.as_str(), e.field.as_str()),
+            ("p1", field),
+            "{doc}: {e}"
+        );
+    }
+    assert!(NamedPolicy::from_json("p1", r#"{"action":"ALLOW","oops":1}"#).is_err());
+}
+
+#[test]
+fn documents_round_trip_through_json() {
+    let json = r#"{"action":"CUSTOM","rules":[{"from":{"principals":["*"],"not_principals":["spiffe://example.org/x"]},"to":{"ports":[80],"methods":["GET"],"paths":["/p*"]}}],"targets":["spiffe://example.org/db"],"provider":"opa","dry_run":true}"#;
+    let p = NamedPolicy::from_json("rt", json).unwrap();
+    assert_eq!(p.to_json(), json);
+    assert_eq!(NamedPolicy::from_json("rt", &p.to_json()).unwrap(), p);
 }

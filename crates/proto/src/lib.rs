@@ -67,6 +67,11 @@ pub mod xds {
                     include!("gen/envoy.service.secret.v3.rs");
                 }
             }
+            pub mod auth {
+                pub mod v3 {
+                    include!("gen/envoy.service.auth.v3.rs");
+                }
+            }
         }
         pub mod extensions {
             pub mod transport_sockets {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 const PROTOS: &[&str] = &[
     "tessera/v1/types.proto",
+    "tessera/v1/policy.proto",
     "tessera/v1/agent.proto",
     "tessera/v1/admin.proto",
     "tessera/v1/authority.proto",
@@ -21,6 +22,8 @@ const PROTOS: &[&str] = &[
     // Envoy's Secret Discovery Service (SDS v3): a trimmed subset of the Envoy API with upstream
     // package names, messages and field numbers (proto/envoy/README.md).
     "envoy/service/secret/v3/sds.proto",
+    // Envoy's external authorization API (ext_authz v3), trimmed the same way.
+    "envoy/service/auth/v3/external_auth.proto",
     "envoy/extensions/transport_sockets/tls/v3/secret.proto",
     "envoy/extensions/transport_sockets/tls/v3/tls_spiffe_validator_config.proto",
 ];

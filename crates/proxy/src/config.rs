@@ -250,6 +250,9 @@ struct File {
     inbound_mode: Option<InboundMode>,
     #[serde(default)]
     policy_file: Option<PathBuf>,
+    /// External authorizers for CUSTOM policies.
+    #[serde(default)]
+    authz_provider: Vec<crate::authz::ProviderConfig>,
 }
 
 /// What the config file contributes.
@@ -259,6 +262,7 @@ pub struct FileConfig {
     pub unmapped: Option<Unmapped>,
     pub inbound_mode: Option<InboundMode>,
     pub policy_file: Option<PathBuf>,
+    pub authz_providers: Vec<crate::authz::ProviderConfig>,
 }
 
 /// Parses the proxy config file; `name` is the file's path for error messages.
@@ -293,6 +297,7 @@ pub fn parse_file(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
         unmapped: f.unmapped,
         inbound_mode: f.inbound_mode,
         policy_file: f.policy_file,
+        authz_providers: f.authz_provider,
     })
 }
 

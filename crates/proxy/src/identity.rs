@@ -31,6 +31,8 @@ pub struct Identity {
     bundles: SharedBundles,
     ready: watch::Sender<bool>,
     rotations: AtomicU64,
+    /// Bumped on every SVID or bundle change (live re-authorization watches it).
+    changes: watch::Sender<u64>,
 }
 
 impl Identity {
@@ -41,6 +43,7 @@ impl Identity {
             bundles: Arc::new(ArcSwap::from_pointee(BundleSet::new())),
             ready: watch::channel(false).0,
             rotations: AtomicU64::new(0),
+            changes: watch::channel(0).0,
         })
     }
 
@@ -73,12 +76,19 @@ impl Identity {
         }
         self.id.store(Some(Arc::new(id)));
         self.ready.send_replace(true);
+        self.changes.send_modify(|n| *n += 1);
         Ok(())
     }
 
     /// Replaces the bundles only (tests; a bundle update without an SVID change).
     pub fn set_bundles(&self, bundles: BundleSet) {
         self.bundles.store(Arc::new(bundles));
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Wakes on every SVID or bundle change.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// This proxy's SPIFFE ID, once it has one.

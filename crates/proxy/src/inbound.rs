@@ -40,6 +40,10 @@ pub struct Inbound {
     /// Built once the proxy has an identity; its resolver and bundles are swapped in place, so
     /// one config serves for the life of the proxy.
     server_cfg: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
+    /// Open connections, re-authorized on policy changes (`crate::live`).
+    registry: Arc<crate::live::Registry>,
+    max_age: crate::live::MaxConnectionAge,
+    authorizers: Arc<crate::authz::Authorizers>,
 }
 
 impl Inbound {
@@ -57,7 +61,28 @@ impl Inbound {
             addresses,
             telemetry,
             server_cfg: std::sync::OnceLock::new(),
+            registry: Arc::default(),
+            max_age: crate::live::MaxConnectionAge::Svid,
+            authorizers: Arc::default(),
         }
+    }
+
+    /// External authorizers for CUSTOM policies.
+    pub fn with_authorizers(mut self, authorizers: Arc<crate::authz::Authorizers>) -> Self {
+        self.authorizers = authorizers;
+        self
+    }
+
+    /// How long authorized connections may live (default: the peer certificate's lifetime).
+    pub fn with_max_connection_age(mut self, max_age: crate::live::MaxConnectionAge) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// Registers connections in `registry` (shared with the policy watcher).
+    pub fn with_registry(mut self, registry: Arc<crate::live::Registry>) -> Self {
+        self.registry = registry;
+        self
     }
 
     /// Serves the tunnel port until the task is dropped.
@@ -111,18 +136,38 @@ impl Inbound {
         let Some(src) = tessera_tls::peer_spiffe_id(tls.get_ref().1.peer_certificates()) else {
             return deny("client presented no X509-SVID".into());
         };
+        let src = Arc::new(src);
+        let expires_at = match self.max_age {
+            crate::live::MaxConnectionAge::Svid => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(tessera_tls::leaf_not_after),
+            crate::live::MaxConnectionAge::Unlimited => None,
+        };
+        // Kept for re-verification when the bundles change (`crate::live`).
+        let chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>> = Arc::new(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                .unwrap_or_default(),
+        );
+        let peer_cert = PeerCert { expires_at, chain };
         let Some(local) = local else {
             return deny("no local address".into());
         };
         if tls.get_ref().1.alpn_protocol() == Some(crate::stream::ALPN_STREAM) {
-            return self.stream_tunnel(tls, &src, peer, local).await;
+            return self.stream_tunnel(tls, &src, &peer_cert, peer, local).await;
         }
-        let src = Arc::new(src);
         let this = self.clone();
+        let peer_cert = Arc::new(peer_cert);
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
             let src = src.clone();
-            async move { Ok::<_, Infallible>(this.stream(req, &src, peer, local).await) }
+            let peer_cert = peer_cert.clone();
+            async move { Ok::<_, Infallible>(this.stream(req, &src, &peer_cert, peer, local).await) }
         });
         // Every workload connection between two identities shares one pooled tunnel, so the
         // stream limit must not be hyper's default of 200 (the 201st would wait for a slot).
@@ -139,17 +184,19 @@ impl Inbound {
     }
 
     /// The admission of one tunnel request, the same for HTTP/2 CONNECT and the stream tunnel:
-    /// the target must be this workload's address and a declared port, the policy must allow
-    /// `src` (proven in this TLS session) on that port, and only then is the application
-    /// connected. Returns the application connection and the deciding reason, or the status and
-    /// reason of the refusal.
+    /// the target must be this workload's address and a declared port, the policy (and any
+    /// external authorizer) must allow `src` (proven in this TLS session) on that port, and only
+    /// then is the application connected. The connection is registered for live
+    /// re-authorization *before* it is decided, so a policy swapped in between cannot be missed.
     async fn admit(
         &self,
-        src: &SpiffeId,
+        src: &Arc<SpiffeId>,
+        peer_cert: &PeerCert,
         target_text: &str,
+        peer: SocketAddr,
         local: SocketAddr,
         rec: &mut AccessRecord,
-    ) -> Result<(TcpStream, String), (StatusCode, String)> {
+    ) -> Result<Admitted, (StatusCode, String)> {
         let Ok(target) = target_text.parse::<SocketAddr>() else {
             return Err((
                 StatusCode::BAD_REQUEST,
@@ -171,21 +218,69 @@ impl Inbound {
                 format!("port {} is not declared with --inbound", target.port()),
             ));
         }
-        let decision = self.policy.load().decide(src, target.port());
+        let http = self.ports.get(&target.port()) == Some(&Protocol::Http);
+        let live = self.registry.register(
+            src.clone(),
+            target.port(),
+            peer_cert.expires_at,
+            peer_cert.chain.clone(),
+        );
+        let decision = if http {
+            // Declared HTTP: every request is decided under the current policy (`crate::l7`);
+            // a connection-level decision would apply TCP semantics to HTTP rules.
+            live.set_http();
+            tessera_policy::Decision::http_per_request()
+        } else if self.authorizers.is_empty() {
+            crate::live::decide(&self.policy.load(), src, target.port())
+        } else {
+            let own = self.identity.spiffe_id();
+            let input = crate::authz::CheckInput {
+                src,
+                src_addr: Some(peer),
+                dst: own.as_deref(),
+                dst_addr: Some(target),
+                http: None,
+            };
+            crate::authz::authorize(
+                &self.policy.load_full(),
+                &self.authorizers,
+                &input,
+                target.port(),
+            )
+            .await
+        };
+        crate::live::log_decision(&decision, src, target.port(), "connection");
         if !decision.allowed {
             return Err((StatusCode::FORBIDDEN, decision.reason.to_string()));
         }
         let app_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.port());
-        match crate::outbound::connect_marked(app_addr, None).await {
-            Ok(app) => Ok((app, decision.reason.to_string())),
-            Err(e) => Err((
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "{} allowed, but the application at {app_addr} refused: {e}",
-                    decision.reason
-                ),
-            )),
-        }
+        let app = match crate::outbound::connect_marked(app_addr, None).await {
+            Ok(app) => app,
+            Err(e) => {
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "{} allowed, but the application at {app_addr} refused: {e}",
+                        decision.reason
+                    ),
+                ));
+            }
+        };
+        let l7 = http.then(|| crate::l7::L7Context {
+            authorizers: self.authorizers.clone(),
+            own: self.identity.spiffe_id(),
+            peer,
+            local: target,
+            policy: self.policy.clone(),
+            src: src.clone(),
+            port: target.port(),
+        });
+        Ok(Admitted {
+            app,
+            reason: decision.reason.to_string(),
+            live,
+            l7,
+        })
     }
 
     /// One CONNECT stream.
@@ -193,6 +288,7 @@ impl Inbound {
         &self,
         req: Request<hyper::body::Incoming>,
         src: &Arc<SpiffeId>,
+        peer_cert: &PeerCert,
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Response<Empty<Bytes>> {
@@ -208,7 +304,10 @@ impl Inbound {
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_else(|| req.uri().to_string());
-        let (mut app, reason) = match self.admit(src, &target, local, &mut rec).await {
+        let admitted = match self
+            .admit(src, peer_cert, &target, peer, local, &mut rec)
+            .await
+        {
             Ok(a) => a,
             Err((status, reason)) => {
                 rec.reason = reason;
@@ -220,8 +319,7 @@ impl Inbound {
         tokio::spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
-                    let mut up = TokioIo::new(upgraded);
-                    relay(&telemetry, &mut rec, &mut up, &mut app, reason).await;
+                    relay(&telemetry, &mut rec, TokioIo::new(upgraded), admitted).await;
                 }
                 Err(e) => rec.reason = format!("CONNECT upgrade failed: {e}"),
             }
@@ -234,11 +332,12 @@ impl Inbound {
     async fn stream_tunnel<S>(
         &self,
         mut tls: S,
-        src: &SpiffeId,
+        src: &Arc<SpiffeId>,
+        peer_cert: &PeerCert,
         peer: SocketAddr,
         local: SocketAddr,
     ) where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let start = Instant::now();
         let mut rec = self.record(src, peer);
@@ -256,16 +355,19 @@ impl Inbound {
                     return self.telemetry.record(rec, start.elapsed());
                 }
             };
-        match self.admit(src, &target, local, &mut rec).await {
+        match self
+            .admit(src, peer_cert, &target, peer, local, &mut rec)
+            .await
+        {
             Err((status, reason)) => {
                 let _ = crate::stream::write_response(&mut tls, status.as_u16(), &reason).await;
                 rec.reason = reason;
             }
-            Ok((mut app, reason)) => {
+            Ok(admitted) => {
                 if let Err(e) = crate::stream::write_response(&mut tls, 200, "").await {
                     rec.reason = format!("stream tunnel response: {e}");
                 } else {
-                    relay(&self.telemetry, &mut rec, &mut tls, &mut app, reason).await;
+                    relay(&self.telemetry, &mut rec, tls, admitted).await;
                 }
             }
         }
@@ -331,19 +433,49 @@ impl Inbound {
     }
 }
 
-/// Copies between an admitted tunnel stream and the application, filling in the record.
-async fn relay<A, B>(
-    telemetry: &Telemetry,
-    rec: &mut AccessRecord,
-    tunnel: &mut A,
-    app: &mut B,
+/// The peer certificate a tunnel connection was authorized with: when it expires (for
+/// `max_connection_age = "svid"`) and its chain (re-verified when the bundles change).
+#[derive(Debug)]
+struct PeerCert {
+    expires_at: Option<i64>,
+    chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+}
+
+/// What [`Inbound::admit`] hands to the relay.
+struct Admitted {
+    app: TcpStream,
+    /// The deciding reason (policy and rule), for the access log.
     reason: String,
-) where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    /// Fires when current policy, bundles or the peer certificate's expiry end the connection.
+    live: crate::live::Registration,
+    /// Set for a port declared HTTP: each request is decided (`crate::l7`).
+    l7: Option<crate::l7::L7Context>,
+}
+
+/// Carries an admitted tunnel stream to the application (bytes, or HTTP requests decided one by
+/// one) until either side ends or live re-authorization closes it; fills in the record.
+async fn relay<T>(telemetry: &Telemetry, rec: &mut AccessRecord, mut tunnel: T, admitted: Admitted)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Admitted {
+        mut app,
+        reason,
+        mut live,
+        l7,
+    } = admitted;
     telemetry.active.inc();
-    let r = crate::copy::bidirectional(tunnel, app).await;
+    let r = tokio::select! {
+        r = async {
+            match l7 {
+                Some(ctx) => crate::l7::serve(tunnel, app, ctx).await.map(|()| (0, 0)),
+                None => crate::copy::bidirectional(&mut tunnel, &mut app).await,
+            }
+        } => r,
+        // Live re-authorization (`crate::live`): policy now denies it, or its peer
+        // certificate expired.
+        why = live.wait() => Err(std::io::Error::other(why)),
+    };
     telemetry.active.dec();
     rec.decision = "allow";
     match r {

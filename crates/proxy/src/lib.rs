@@ -9,12 +9,16 @@
 //! - [`stream`]: the stream tunnel (one mTLS connection per connection, the fast path);
 //! - [`readahead`]: large socket reads under rustls (which reads 4 KiB at a time);
 //! - [`copy`]: bidirectional copy with adaptive buffers, none held while idle;
+//! - [`live`]: policies pushed from the agent, re-authorization of open connections;
 //! - [`telemetry`]: access log and metrics; [`run`]: wiring.
 
+pub mod authz;
 pub mod config;
 pub mod copy;
 pub mod identity;
 pub mod inbound;
+pub mod l7;
+pub mod live;
 pub mod outbound;
 pub mod pool;
 pub mod readahead;

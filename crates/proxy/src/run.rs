@@ -34,8 +34,15 @@ pub struct ProxyOptions {
     pub addresses: Vec<IpAddr>,
     pub outbound: Vec<OutboundListener>,
     pub transparent: Option<TransparentOptions>,
-    /// A policy file's (name, TOML text); `None`: no policy, `default_action` decides.
+    /// A policy file's (name, TOML text); `None`: the policies come from the agent at
+    /// `policy_socket`, or, without one, `default_action` decides.
     pub policy: Option<(String, String)>,
+    /// The agent socket serving `tessera.v1.PolicyWatch` (used when `policy` is `None`).
+    pub policy_socket: Option<std::path::PathBuf>,
+    /// External authorizers for CUSTOM policies (`[[authz_provider]]`).
+    pub authz_providers: Vec<crate::authz::ProviderConfig>,
+    /// How long authorized inbound connections may live.
+    pub max_connection_age: crate::live::MaxConnectionAge,
     pub default_action: DefaultAction,
     pub pooling: bool,
     /// How outbound connections travel to peer proxies (the inbound side serves both).
@@ -53,6 +60,9 @@ impl ProxyOptions {
             outbound: Vec::new(),
             transparent: None,
             policy: None,
+            policy_socket: None,
+            authz_providers: Vec::new(),
+            max_connection_age: crate::live::MaxConnectionAge::Svid,
             default_action: DefaultAction::Deny,
             pooling: true,
             protocol: crate::tls::TunnelProtocol::H2,
@@ -67,6 +77,8 @@ pub struct RunningProxy {
     pub tunnel_addr: SocketAddr,
     pub outbound_addrs: Vec<SocketAddr>,
     pub policy: Arc<ArcSwap<PolicySet>>,
+    /// Open inbound connections (re-authorized on every policy change).
+    pub connections: Arc<crate::live::Registry>,
     pub outbound: Arc<Outbound>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -101,6 +113,20 @@ pub fn compile_policy(
     }
 }
 
+/// Compiles a policy file (or none) for this workload: policies whose `targets` do not cover
+/// `own` are left out.
+pub fn compile_policy_for(
+    own: &tessera_spiffe::SpiffeId,
+    policy: Option<&(String, String)>,
+    default: DefaultAction,
+) -> Result<PolicySet, String> {
+    match policy {
+        None => Ok(PolicySet::empty(own.trust_domain(), default)),
+        Some((name, text)) => PolicySet::from_toml_for_workload(own, text, default)
+            .map_err(|e| format!("policy file {name}: {e}")),
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
         .await
@@ -118,21 +144,50 @@ pub async fn start(
     let own = identity
         .spiffe_id()
         .ok_or_else(|| "the proxy has no identity".to_owned())?;
-    let policy = compile_policy(
-        own.trust_domain(),
-        opts.policy.as_ref(),
-        opts.default_action,
-    )?;
+    let from_agent = opts.policy.is_none() && opts.policy_socket.is_some();
+    let policy = if from_agent {
+        // Until the agent's first snapshot: deny (fail closed).
+        PolicySet::empty(own.trust_domain(), DefaultAction::Deny)
+    } else {
+        compile_policy_for(&own, opts.policy.as_ref(), opts.default_action)?
+    };
     let policy = Arc::new(ArcSwap::from_pointee(policy));
+    let authorizers = Arc::new(crate::authz::Authorizers::new(&opts.authz_providers)?);
+    let connections = Arc::new(crate::live::Registry::default());
+    connections.set_authorizers_configured(!authorizers.is_empty());
     let mut tasks = Vec::new();
-
-    let inbound = Arc::new(Inbound::new(
+    tasks.push(tokio::spawn(crate::live::watch_identity(
         identity.clone(),
         policy.clone(),
-        &opts.inbound,
-        opts.addresses.clone(),
-        telemetry.clone(),
-    ));
+        connections.clone(),
+    )));
+    if let (true, Some(socket)) = (from_agent, opts.policy_socket.clone()) {
+        tracing::info!(socket = %socket.display(), "authorization policy from the agent (PolicyWatch)");
+        tasks.push(tokio::spawn(crate::live::watch_policies(
+            socket,
+            identity.clone(),
+            policy.clone(),
+            connections.clone(),
+        )));
+    }
+
+    let inbound = Arc::new(
+        Inbound::new(
+            identity.clone(),
+            policy.clone(),
+            &opts.inbound,
+            opts.addresses.clone(),
+            telemetry.clone(),
+        )
+        .with_registry(connections.clone())
+        .with_authorizers(authorizers)
+        .with_max_connection_age(opts.max_connection_age),
+    );
+    if opts.max_connection_age == crate::live::MaxConnectionAge::Unlimited {
+        tracing::warn!(
+            "max_connection_age = \"unlimited\": connections may outlive the peer certificate they were authorized with"
+        );
+    }
     let tunnel = bind(opts.tunnel_addr, "tunnel").await?;
     let tunnel_addr = tunnel.local_addr().map_err(|e| e.to_string())?;
     tasks.push(tokio::spawn(inbound.clone().serve_tunnel(tunnel)));
@@ -167,6 +222,7 @@ pub async fn start(
         tunnel_addr,
         outbound_addrs,
         policy,
+        connections,
         outbound,
         tasks,
     })

@@ -612,6 +612,11 @@ impl AgentApi {
                             changes.push(pb::change::Change::BundleDeleted(ev.key.clone()));
                         }
                     }
+                    // Every agent gets every policy: the agent selects those targeting each
+                    // workload (policies are small; targets may match any workload it serves).
+                    EventKind::PolicyUpdated | EventKind::PolicyDeleted => {
+                        changes.push(crate::policy_api::change(&self.state, &ev.key).await?);
+                    }
                     EventKind::AgentBanned | EventKind::AgentDeleted
                         if ev.key == agent.spiffe_id.as_str() =>
                     {
@@ -708,6 +713,7 @@ impl AgentApi {
                 bundles.push(convert::bundle(td, &b.bundle_json));
             }
         }
+        let policies = crate::policy_api::all_pb(&self.state).await?;
         *sent = Some(entries.iter().map(|e| e.id.clone()).collect());
         let pages: Vec<&[Entry]> = if entries.is_empty() {
             vec![&[]]
@@ -723,6 +729,8 @@ impl AgentApi {
                     revision,
                     last: i + 1 == n,
                     tainted: (i == 0).then(|| tainted.clone()),
+                    policies: if i == 0 { policies.clone() } else { Vec::new() },
+                    policy_default: crate::policy_api::default_str(&self.state).to_owned(),
                 })),
             };
             tx.send(Ok(msg))

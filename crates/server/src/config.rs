@@ -99,6 +99,16 @@ pub struct ServerConfig {
     pub bundle_endpoint: BundleEndpointConfig,
     /// How federated bundles are refreshed.
     pub federation: FederationConfig,
+    /// Authorization policy defaults, pushed to agents with the policies.
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`: what a workload with no ALLOW policy decides.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// `"deny"` (the default) or `"allow"`.
+    pub default: tessera_policy::DefaultAction,
 }
 
 /// The bundle endpoint profiles (SPIFFE Trust Domain and Bundle §5.2).
@@ -277,6 +287,7 @@ impl Default for ServerConfig {
             upstream_authority: UpstreamAuthorityConfig::default(),
             bundle_endpoint: BundleEndpointConfig::default(),
             federation: FederationConfig::default(),
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -470,6 +481,10 @@ refresh_ceiling = "1h"
 # For bundles without a refresh hint.
 default_refresh = "5m"
 fetch_timeout = "10s"
+
+[policy]
+# What a workload with no ALLOW policy decides: "deny" or "allow". Pushed with the policies.
+default = "deny"
 "#,
             td = d.trust_domain,
             data_dir = d.data_dir.display(),
@@ -514,6 +529,9 @@ mod tests {
         assert_eq!(cfg.trust_domain.as_str(), "example.org");
         assert_eq!(cfg.ca.ttl, Secs(86_400));
         assert!(cfg.upstream_authority.disk.is_none());
+        assert_eq!(cfg.policy.default, tessera_policy::DefaultAction::Deny);
+        let open = ServerConfig::parse("[policy]\ndefault = \"allow\"", "t.toml").unwrap();
+        assert_eq!(open.policy.default, tessera_policy::DefaultAction::Allow);
         let up = ServerConfig::parse(
             "[upstream_authority.disk]\ncert_chain_path = \"/c.pem\"\nkey_path = \"/k.pem\"",
             "t.toml",
@@ -562,6 +580,7 @@ mod tests {
                 "[upstream_authority.disk]\ncert_chain_path = \"/a.pem\"",
                 "missing field `key_path`",
             ),
+            ("[policy]\ndefault = \"open\"", "unknown variant `open`"),
             (
                 "[upstream_authority.vault]\nurl = \"x\"",
                 "unknown field `vault`",

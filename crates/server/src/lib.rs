@@ -20,6 +20,7 @@ mod federation;
 mod follow;
 mod memory;
 mod metrics;
+mod policy_api;
 mod run;
 mod state;
 mod transport;

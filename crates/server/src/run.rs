@@ -370,12 +370,18 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let fed_svc = FederationApiServer::new(crate::federation::api::Federation {
         state: state.clone(),
     });
+    // Authorization policies (`tessera policy ...`).
+    let policy_svc =
+        tessera_proto::v1::policy_api_server::PolicyApiServer::new(crate::policy_api::Policies {
+            state: state.clone(),
+        });
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(admin_svc)
             .add_service(authority_svc)
             .add_service(fed_svc)
+            .add_service(policy_svc)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(uds),
                 shutdown,

@@ -458,6 +458,10 @@ pub(crate) fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
             log_level: a.log_level.clone(),
             ..tessera_server::ServerConfig::default()
         };
+        let policy_default = match server_cfg.policy.default {
+            tessera_policy::DefaultAction::Deny => "deny",
+            tessera_policy::DefaultAction::Allow => "allow",
+        };
         let server = tessera_server::start(server_cfg).await?;
         let agent_dir = data_dir.join("agent");
         std::fs::create_dir_all(&agent_dir)?;
@@ -491,6 +495,9 @@ pub(crate) fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         println!("  Workload API:  unix://{}", a.workload_socket.display());
         println!("  Admin socket:  {}", a.admin_socket.display());
         println!("  Agent:         {}", agent.spiffe_id);
+        println!(
+            "  Policy:        default {policy_default} (no ALLOW policy for a workload → {policy_default}; `tessera policy list`)"
+        );
         println!(
             "  Data dir:      {}{}",
             data_dir.display(),

@@ -79,6 +79,13 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// Authorization policies (admin API): create|apply -f FILE, list, show, delete.
+    Policy {
+        #[command(subcommand)]
+        cmd: crate::policy_cli::PolicyCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// SPIFFE ID tools.
     #[command(subcommand)]
     Id(IdCommand),
@@ -226,6 +233,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Federation { cmd, conn } => {
             block_on(crate::federation_cli::federation(&conn, cmd))
         }
+        Command::Policy { cmd, conn } => block_on(crate::policy_cli::policy(&conn, cmd)),
         Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
         Command::Server(ServerCommand::Run(a)) => server_run(a),
         Command::Proxy(a) => proxy_cli::proxy(a),

@@ -10,6 +10,7 @@ mod authority_cli;
 mod cli;
 mod federation_cli;
 mod inspect;
+mod policy_cli;
 mod proxy_cli;
 
 fn main() -> ExitCode {

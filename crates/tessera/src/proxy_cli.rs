@@ -34,6 +34,14 @@ enum DefaultArg {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
+enum MaxAgeArg {
+    /// Close a connection when the peer certificate it was authorized with expires.
+    Svid,
+    /// No limit (logged at start).
+    Unlimited,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
 enum UnmappedArg {
     /// Refuse connections to destinations without a `[[destination]]` entry.
     Deny,
@@ -58,12 +66,18 @@ struct ProxyRunArgs {
     /// `inbound_mode`, `policy_file`.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Local authorization policy file (TOML); without one, `--default-policy` decides.
+    /// Local authorization policy file (TOML). Without one (and without `--default-policy`),
+    /// the policies come from the agent (`tessera.v1.PolicyWatch` on the Workload API socket),
+    /// pushed as they change, with the trust domain's default.
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// Decision when no ALLOW policy exists.
-    #[arg(long, value_enum, default_value = "deny")]
-    default_policy: DefaultArg,
+    /// Decision when no ALLOW policy exists (default: deny). Given without `--policy`, this
+    /// alone decides and no policy is taken from the agent.
+    #[arg(long, value_enum)]
+    default_policy: Option<DefaultArg>,
+    /// How long an authorized inbound connection may live.
+    #[arg(long, value_enum, default_value = "svid")]
+    max_connection_age: MaxAgeArg,
     /// A port of this workload reachable through the tunnel: `PORT` or `PORT:http`. Repeatable.
     #[arg(long = "inbound", value_name = "PORT[:http]")]
     inbound: Vec<InboundPort>,
@@ -145,8 +159,8 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     };
     let policy_path = a.policy.clone().or(file.policy_file.clone());
     let default_action = match a.default_policy {
-        DefaultArg::Deny => DefaultAction::Deny,
-        DefaultArg::Allow => DefaultAction::Allow,
+        None | Some(DefaultArg::Deny) => DefaultAction::Deny,
+        Some(DefaultArg::Allow) => DefaultAction::Allow,
     };
     let policy = match &policy_path {
         Some(p) => Some((p.display().to_string(), read(p, "--policy")?)),
@@ -179,8 +193,16 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     opts.inbound = a.inbound;
     opts.outbound = a.outbound;
     opts.addresses = a.addresses;
+    if policy.is_none() && a.default_policy.is_none() {
+        opts.policy_socket = Some(socket.clone());
+    }
+    opts.authz_providers = file.authz_providers.clone();
     opts.policy = policy;
     opts.default_action = default_action;
+    opts.max_connection_age = match a.max_connection_age {
+        MaxAgeArg::Svid => tessera_proxy::live::MaxConnectionAge::Svid,
+        MaxAgeArg::Unlimited => tessera_proxy::live::MaxConnectionAge::Unlimited,
+    };
     opts.pooling = !a.no_pool;
     opts.protocol = a.tunnel_protocol;
     if a.transparent {

@@ -296,6 +296,14 @@ pub fn peer_spiffe_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> 
     tessera_spiffe::validate_svid_chain(certs).ok()
 }
 
+/// The end of a certificate's validity (`notAfter`, Unix seconds): how long a connection
+/// authorized with it may live (`max_connection_age = "svid"` in the proxy).
+pub fn leaf_not_after(leaf: &CertificateDer<'_>) -> Option<i64> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// The serial number of a certificate as lowercase hex of its bytes without leading zero bytes
 /// (`"00"` for zero), the form the CA reports and the datastore records for an agent's SVID.
 pub fn leaf_serial_hex(leaf: &CertificateDer<'_>) -> Option<String> {

@@ -15,8 +15,8 @@ pub mod x509pop;
 
 pub use config::{
     ExpectedPeer, InsecureBootstrapVerifier, SharedBundles, SpiffeClientVerifier,
-    SpiffeServerVerifier, SvidResolver, certified_key, client_config, leaf_serial_hex,
-    peer_spiffe_id, server_config,
+    SpiffeServerVerifier, SvidResolver, certified_key, client_config, leaf_not_after,
+    leaf_serial_hex, peer_spiffe_id, server_config,
 };
 
 use rustls::crypto::CryptoProvider;

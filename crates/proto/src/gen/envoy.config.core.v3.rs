@@ -55,6 +55,74 @@ pub mod data_source {
         EnvironmentVariable(::prost::alloc::string::String),
     }
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SocketAddress {
+    #[prost(enumeration = "socket_address::Protocol", tag = "1")]
+    pub protocol: i32,
+    #[prost(string, tag = "2")]
+    pub address: ::prost::alloc::string::String,
+    #[prost(oneof = "socket_address::PortSpecifier", tags = "3, 4")]
+    pub port_specifier: ::core::option::Option<socket_address::PortSpecifier>,
+}
+/// Nested message and enum types in `SocketAddress`.
+pub mod socket_address {
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        Hash,
+        PartialOrd,
+        Ord,
+        ::prost::Enumeration
+    )]
+    #[repr(i32)]
+    pub enum Protocol {
+        Tcp = 0,
+        Udp = 1,
+    }
+    impl Protocol {
+        /// String value of the enum field names used in the ProtoBuf definition.
+        ///
+        /// The values are not transformed in any way and thus are considered stable
+        /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+        pub fn as_str_name(&self) -> &'static str {
+            match self {
+                Self::Tcp => "TCP",
+                Self::Udp => "UDP",
+            }
+        }
+        /// Creates an enum from field names used in the ProtoBuf definition.
+        pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+            match value {
+                "TCP" => Some(Self::Tcp),
+                "UDP" => Some(Self::Udp),
+                _ => None,
+            }
+        }
+    }
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum PortSpecifier {
+        #[prost(uint32, tag = "3")]
+        PortValue(u32),
+        #[prost(string, tag = "4")]
+        NamedPort(::prost::alloc::string::String),
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Address {
+    #[prost(oneof = "address::Address", tags = "1")]
+    pub address: ::core::option::Option<address::Address>,
+}
+/// Nested message and enum types in `Address`.
+pub mod address {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Address {
+        #[prost(message, tag = "1")]
+        SocketAddress(super::SocketAddress),
+    }
+}
 /// Message type for extension configuration.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TypedExtensionConfig {

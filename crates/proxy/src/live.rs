@@ -1,0 +1,532 @@
+//! Policies from the agent and live re-authorization.
+//!
+//! [`watch_policies`] streams the policies that target this proxy's identity from the agent's
+//! `tessera.v1.PolicyWatch` service (pushed, never polled), compiles each snapshot and swaps it
+//! in. Every open inbound connection is registered in a [`Registry`]; after each swap, every
+//! registered connection is decided again under the new set, and those now denied are closed
+//! with a log line naming the policy (or the reason) that closed them. Until the first snapshot
+//! arrives the proxy denies everything (fails closed): no window where a stale or missing
+//! policy lets traffic through.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tessera_policy::{DefaultAction, NamedPolicy, PolicySet};
+use tessera_proto::v1 as pb;
+use tessera_spiffe::SpiffeId;
+use tokio::sync::watch;
+
+use crate::identity::Identity;
+
+/// One open connection: who, to which port, and how to close it.
+#[derive(Debug)]
+struct Conn {
+    src: Arc<SpiffeId>,
+    port: u16,
+    /// The peer's certificate chain as verified at the handshake (re-verified on bundle change).
+    chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    /// An HTTP port: each request is decided under the current set, so a policy change is not
+    /// re-decided with TCP semantics here (bundle re-verification still applies).
+    http: bool,
+    close: watch::Sender<Option<String>>,
+}
+
+/// The open inbound connections, for re-authorization.
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// With external authorizers, CUSTOM was asked when the connection was admitted; a policy
+    /// change re-decides the rest of the order only.
+    authorizers: std::sync::atomic::AtomicBool,
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, Conn>>,
+}
+
+/// Removes its connection from the registry when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+    /// Becomes `Some(reason)` when the connection must close.
+    pub closed: watch::Receiver<Option<String>>,
+    /// When the peer certificate the connection was authorized with expires (Unix seconds);
+    /// `None`: no limit (`max_connection_age = "unlimited"`).
+    expires_at: Option<i64>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.lock().remove(&self.id);
+    }
+}
+
+impl Registration {
+    /// Marks the connection as HTTP (see `Conn::http`).
+    pub fn set_http(&self) {
+        if let Some(c) = self.registry.lock().get_mut(&self.id) {
+            c.http = true;
+        }
+    }
+
+    /// Resolves with the reason once the connection must close (never, otherwise).
+    pub async fn wait(&mut self) -> String {
+        let Some(at) = self.expires_at else {
+            return self.wait_closed().await;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let left = Duration::from_secs(u64::try_from(at).unwrap_or(0).saturating_sub(now));
+        tokio::select! {
+            r = self.wait_closed() => r,
+            () = tokio::time::sleep(left) => {
+                // No connection outlives the identity it was authorized with (a deleted entry,
+                // a banned agent): ARCHITECTURE.md "Policy model".
+                tracing::info!("closing a connection: the peer certificate it was authorized with expired (max_connection_age = \"svid\")");
+                "the peer certificate expired (max_connection_age = \"svid\")".to_owned()
+            }
+        }
+    }
+
+    async fn wait_closed(&mut self) -> String {
+        let reason = self
+            .closed
+            .wait_for(|c| c.is_some())
+            .await
+            .map(|r| r.clone().unwrap_or_default());
+        match reason {
+            Ok(r) => r,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Conn>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn register(
+        self: &Arc<Self>,
+        src: Arc<SpiffeId>,
+        port: u16,
+        expires_at: Option<i64>,
+        chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    ) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = watch::channel(None);
+        self.lock().insert(
+            id,
+            Conn {
+                src,
+                port,
+                chain,
+                http: false,
+                close,
+            },
+        );
+        Registration {
+            registry: self.clone(),
+            id,
+            closed,
+            expires_at,
+        }
+    }
+
+    pub fn set_authorizers_configured(&self, yes: bool) {
+        self.authorizers.store(yes, Ordering::Relaxed);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decides every open connection again under `set`; closes the denied ones. Returns how
+    /// many were closed.
+    pub fn reevaluate(&self, set: &PolicySet) -> usize {
+        let mut closed = 0;
+        let authorizers = self.authorizers.load(Ordering::Relaxed);
+        for conn in self.lock().values() {
+            if conn.close.borrow().is_some() || conn.http {
+                continue;
+            }
+            let d = if authorizers {
+                set.decide(&conn.src, conn.port)
+            } else {
+                decide(set, &conn.src, conn.port)
+            };
+            if !d.allowed {
+                let reason = format!("re-authorization: {}", d.reason);
+                tracing::warn!(
+                    src = %conn.src,
+                    port = conn.port,
+                    policy = d.reason.policy().unwrap_or(""),
+                    reason = %d.reason,
+                    "closing a live connection that policy now denies"
+                );
+                let _ = conn.close.send(Some(reason));
+                closed += 1;
+            }
+        }
+        closed
+    }
+    /// Verifies every open connection's peer chain again against `bundles` (after a bundle
+    /// change: a CA removed from the bundle must not keep connections it authenticated) and
+    /// closes those that no longer verify. Returns how many were closed.
+    pub fn reverify(&self, bundles: &tessera_spiffe::BundleSet) -> usize {
+        let now = tessera_tls::now();
+        let mut closed = 0;
+        for conn in self.lock().values() {
+            if conn.close.borrow().is_some() || conn.chain.is_empty() {
+                continue;
+            }
+            if let Err(e) =
+                tessera_tls::verify_svid(&conn.chain, bundles, now, tessera_tls::PeerRole::Client)
+            {
+                tracing::warn!(src = %conn.src, port = conn.port, error = %e, "closing a live connection: its peer certificate no longer verifies against the current bundle");
+                let _ = conn
+                    .close
+                    .send(Some(format!("re-verification after a bundle change: {e}")));
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
+/// Re-verifies open connections on every bundle or SVID change of this proxy, and decides them
+/// again under the current policy (an own-identity change changes which policies apply; the
+/// agent then pushes a new set, which [`install`] re-evaluates too).
+pub async fn watch_identity(
+    identity: Arc<Identity>,
+    policy: Arc<ArcSwap<PolicySet>>,
+    registry: Arc<Registry>,
+) {
+    let mut changes = identity.subscribe_changes();
+    while changes.changed().await.is_ok() {
+        let bundles = identity.bundles().load_full();
+        let reverified = registry.reverify(&bundles);
+        let denied = registry.reevaluate(&policy.load());
+        if reverified + denied > 0 {
+            tracing::info!(
+                closed = reverified + denied,
+                "identity or bundle change: live connections re-authorized"
+            );
+        }
+    }
+}
+
+fn default_of(s: &str) -> Result<DefaultAction, String> {
+    match s {
+        "deny" => Ok(DefaultAction::Deny),
+        "allow" => Ok(DefaultAction::Allow),
+        other => Err(format!("default_action {other:?}: expected deny or allow")),
+    }
+}
+
+/// Compiles one pushed snapshot for `own`. Any bad document refuses the whole snapshot (the
+/// last good set stays): dropping one policy could drop a DENY.
+pub fn compile_snapshot(own: &SpiffeId, snap: &pb::PolicySnapshot) -> Result<PolicySet, String> {
+    let default = default_of(&snap.default_action)?;
+    let mut policies = Vec::with_capacity(snap.policies.len());
+    for p in &snap.policies {
+        policies
+            .push(NamedPolicy::from_json(&p.name, &p.document_json).map_err(|e| e.to_string())?);
+    }
+    PolicySet::for_workload(own, default, &policies).map_err(|e| e.to_string())
+}
+
+/// Decides a connection. CUSTOM policies come first in the order; this proxy has no external
+/// authorizer client yet, so a connection a CUSTOM policy covers is denied (fail closed), never
+/// silently admitted past the authorizer it names.
+pub fn decide(set: &PolicySet, src: &SpiffeId, port: u16) -> tessera_policy::Decision {
+    if set.has_custom()
+        && let Some(c) = set.custom_checks(src, port, None).into_iter().next()
+    {
+        return tessera_policy::Decision::custom_denied(
+            c.policy,
+            format!(
+                "external authorizer {:?} is not available in this proxy (fail closed)",
+                c.provider.as_ref()
+            ),
+        );
+    }
+    set.decide(src, port)
+}
+
+/// How long an authorized connection may live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaxConnectionAge {
+    /// Until the peer certificate it was authorized with expires.
+    #[default]
+    Svid,
+    /// No limit (policy changes still close it).
+    Unlimited,
+}
+
+/// One structured decision-log line per decision (allow, deny, audit, dry-run), naming the
+/// deciding policy.
+pub fn log_decision(d: &tessera_policy::Decision, src: &SpiffeId, port: u16, what: &str) {
+    let policy = d.reason.policy().unwrap_or("");
+    match d.kind() {
+        "deny" => {
+            tracing::info!(target: "tessera::decision", decision = "deny", %src, port, policy, reason = %d.reason, what)
+        }
+        "audit" => {
+            tracing::info!(target: "tessera::decision", decision = "audit", %src, port, policy, audit_policy = d.audit.as_deref().unwrap_or(""), reason = %d.reason, what)
+        }
+        _ => {
+            tracing::debug!(target: "tessera::decision", decision = "allow", %src, port, policy, reason = %d.reason, what)
+        }
+    }
+    if let Some(shadow) = &d.dry_run {
+        tracing::info!(
+            target: "tessera::decision",
+            decision = "dry-run",
+            %src,
+            port,
+            would = if shadow.allowed { "allow" } else { "deny" },
+            policy = shadow.reason.policy().unwrap_or(""),
+            reason = %shadow.reason,
+            what
+        );
+    }
+}
+
+/// Installs `set` and closes the connections it denies.
+pub fn install(policy: &ArcSwap<PolicySet>, registry: &Registry, set: PolicySet) {
+    let set = Arc::new(set);
+    policy.store(set.clone());
+    let closed = registry.reevaluate(&set);
+    tracing::info!(policies = set.len(), closed, "authorization policy updated");
+}
+
+/// Streams policies from the agent at `socket` forever (reconnecting with backoff).
+pub async fn watch_policies(
+    socket: PathBuf,
+    identity: Arc<Identity>,
+    policy: Arc<ArcSwap<PolicySet>>,
+    registry: Arc<Registry>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match stream_once(&socket, &identity, &policy, &registry).await {
+            Ok(()) => tracing::warn!("policy stream ended; reconnecting"),
+            Err(e) => tracing::warn!(error = %e, socket = %socket.display(), "policy stream"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn stream_once(
+    socket: &Path,
+    identity: &Identity,
+    policy: &ArcSwap<PolicySet>,
+    registry: &Registry,
+) -> Result<(), String> {
+    use tessera_proto::v1::policy_watch_client::PolicyWatchClient;
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut req = tonic::Request::new(pb::WatchPoliciesRequest {});
+    // Attested like a Workload API call, header included (Workload API §4).
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let mut stream = PolicyWatchClient::new(channel)
+        .watch_policies(req)
+        .await
+        .map_err(|s| format!("WatchPolicies: {}", s.message()))?
+        .into_inner();
+    loop {
+        match stream.message().await {
+            Ok(Some(snap)) => {
+                let Some(own) = identity.spiffe_id() else {
+                    continue;
+                };
+                if snap.spiffe_id != own.as_str() {
+                    tracing::warn!(agent_says = %snap.spiffe_id, own = %own, "policies selected for another identity than this proxy's SVID; using them only for that identity");
+                }
+                match compile_snapshot(&own, &snap) {
+                    Ok(set) => install(policy, registry, set),
+                    Err(e) => {
+                        tracing::error!(error = %e, revision = snap.revision, "refusing a policy snapshot; the last good policy stays in force")
+                    }
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(format!("WatchPolicies stream: {}", s.message())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn snap(default: &str, policies: &[(&str, &str)]) -> pb::PolicySnapshot {
+        pb::PolicySnapshot {
+            spiffe_id: "spiffe://example.org/db".into(),
+            policies: policies
+                .iter()
+                .map(|(n, d)| pb::StoredPolicy {
+                    name: (*n).into(),
+                    document_json: (*d).into(),
+                })
+                .collect(),
+            default_action: default.into(),
+            revision: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_deny_closes_live_connections_it_denies_only() {
+        let own = SpiffeId::parse("spiffe://example.org/db").unwrap();
+        let td = own.trust_domain();
+        let policy = ArcSwap::from_pointee(PolicySet::empty(td, DefaultAction::Allow));
+        let registry = Arc::new(Registry::default());
+        let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
+        let bar = Arc::new(SpiffeId::parse("spiffe://example.org/bar").unwrap());
+        let mut f = registry.register(foo, 5432, None, Arc::default());
+        let b = registry.register(bar, 5432, None, Arc::default());
+        let set = compile_snapshot(
+            &own,
+            &snap(
+                "allow",
+                &[(
+                    "no-foo",
+                    r#"{"action":"DENY","rules":[{"from":{"principals":["spiffe://example.org/foo"]}}]}"#,
+                )],
+            ),
+        )
+        .unwrap();
+        install(&policy, &registry, set);
+        let reason = tokio::time::timeout(Duration::from_secs(1), f.wait())
+            .await
+            .unwrap();
+        assert!(reason.contains("no-foo"), "{reason}");
+        assert!(b.closed.borrow().is_none());
+        drop(f);
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_ends_when_the_peer_certificate_expires() {
+        let registry = Arc::new(Registry::default());
+        let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
+        let now = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .unwrap();
+        let mut expired = registry.register(foo.clone(), 1, Some(now - 1), Arc::default());
+        let why = tokio::time::timeout(Duration::from_secs(1), expired.wait())
+            .await
+            .unwrap();
+        assert!(why.contains("expired"), "{why}");
+        let mut later = registry.register(foo, 1, Some(now + 3600), Arc::default());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), later.wait())
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_bundle_change_closes_connections_whose_peer_no_longer_verifies() {
+        let ca = tessera_test_util::TestCa::new("example.org");
+        let other = tessera_test_util::TestCa::new("example.org");
+        let svid = ca.issue("spiffe://example.org/foo");
+        let registry = Arc::new(Registry::default());
+        let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
+        let conn = registry.register(foo, 1, None, Arc::new(svid.chain.clone()));
+        let mut set = tessera_spiffe::BundleSet::new();
+        set.upsert(ca.bundle());
+        assert_eq!(registry.reverify(&set), 0);
+        assert!(conn.closed.borrow().is_none());
+        // The CA that authenticated the peer left the bundle.
+        let mut rotated = tessera_spiffe::BundleSet::new();
+        rotated.upsert(other.bundle());
+        assert_eq!(registry.reverify(&rotated), 1);
+        assert!(
+            conn.closed
+                .borrow()
+                .as_deref()
+                .unwrap()
+                .contains("bundle change")
+        );
+    }
+
+    #[test]
+    fn custom_policies_fail_closed_without_an_authorizer() {
+        let own = SpiffeId::parse("spiffe://example.org/db").unwrap();
+        let set = compile_snapshot(
+            &own,
+            &snap(
+                "allow",
+                &[(
+                    "ext",
+                    r#"{"action":"CUSTOM","provider":"opa","rules":[{"to":{"ports":[80]}}]}"#,
+                )],
+            ),
+        )
+        .unwrap();
+        let src = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let d = decide(&set, &src, 80);
+        assert!(!d.allowed);
+        assert_eq!(d.reason.policy(), Some("ext"));
+        assert!(decide(&set, &src, 81).allowed);
+    }
+
+    #[test]
+    fn a_bad_snapshot_is_refused_whole() {
+        let own = SpiffeId::parse("spiffe://example.org/db").unwrap();
+        let e = compile_snapshot(
+            &own,
+            &snap(
+                "deny",
+                &[
+                    ("ok", r#"{"action":"ALLOW"}"#),
+                    ("bad", r#"{"action":"NOPE"}"#),
+                ],
+            ),
+        )
+        .unwrap_err();
+        assert!(e.contains("bad"), "{e}");
+        assert!(compile_snapshot(&own, &snap("maybe", &[])).is_err());
+        // Policies targeting another workload are left out.
+        let s = compile_snapshot(
+            &own,
+            &snap(
+                "allow",
+                &[(
+                    "web-only",
+                    r#"{"action":"DENY","targets":["spiffe://example.org/web"]}"#,
+                )],
+            ),
+        )
+        .unwrap();
+        assert!(s.is_empty());
+    }
+}

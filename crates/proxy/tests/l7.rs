@@ -1,0 +1,159 @@
+//! `--inbound PORT:http`: each request through the tunnel is decided with its method, path and
+//! host (HTTP/1.1 and HTTP/2); denied requests get 403, allowed ones reach the application.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::PrivateKeyDer;
+use tessera_proxy::config::{InboundPort, Protocol};
+use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
+use tessera_spiffe::{BundleSet, SpiffeId};
+use tessera_test_util::TestCa;
+use tokio::net::TcpListener;
+
+fn identity(ca: &TestCa, id: &str) -> Arc<Identity> {
+    let i = Identity::new();
+    let svid = ca.issue(id);
+    let mut b = BundleSet::new();
+    b.upsert(ca.bundle());
+    i.update(svid.chain, PrivateKeyDer::Pkcs8(svid.key), b)
+        .unwrap();
+    i
+}
+
+async fn proxy(identity: Arc<Identity>, inbound: Option<u16>, policy: &str) -> RunningProxy {
+    let mut reg = prometheus_client::registry::Registry::default();
+    let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(std::io::sink())));
+    let mut opts = ProxyOptions::new("127.0.0.1:0".parse().unwrap());
+    opts.inbound = inbound
+        .map(|port| InboundPort {
+            port,
+            protocol: Protocol::Http,
+        })
+        .into_iter()
+        .collect();
+    opts.policy = Some(("test.toml".into(), policy.into()));
+    tessera_proxy::start(opts, identity, telemetry)
+        .await
+        .unwrap()
+}
+
+/// An HTTP/1.1 application answering "ok <METHOD> <PATH>".
+async fn app() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let body = format!("ok {} {}", req.method(), req.uri().path());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+const POLICY: &str = r#"
+[[policy]]
+name = "public-reads"
+action = "ALLOW"
+[[policy.rules]]
+from = { principals = ["spiffe://example.org/foo"] }
+to = { methods = ["GET"], paths = ["/public*"] }
+
+[[policy]]
+name = "no-admin-writes"
+action = "DENY"
+[[policy.rules]]
+to = { methods = ["POST"], paths = ["/admin*"] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
+    let ca = TestCa::new("example.org");
+    let app_port = app().await;
+    let bar = proxy(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        POLICY,
+    )
+    .await;
+    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+
+    // HTTP/1.1 through the tunnel.
+    let up = foo
+        .outbound
+        .open(&bar_id, bar.tunnel_addr, target)
+        .await
+        .unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
+    tokio::spawn(conn);
+    let mut call = async |method: &str, path: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "bar.example")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        h1.ready().await.unwrap();
+        let resp = h1.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    assert_eq!(
+        call("GET", "/public/x").await,
+        (200, "ok GET /public/x".into())
+    );
+    let (status, body) = call("POST", "/admin/users").await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no-admin-writes"), "{body}");
+    let (status, body) = call("GET", "/private").await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no ALLOW policy matched"), "{body}");
+    // The connection survives denied requests.
+    assert_eq!(call("GET", "/public").await.0, 200);
+
+    // HTTP/2 through the tunnel.
+    let up = foo
+        .outbound
+        .open(&bar_id, bar.tunnel_addr, target)
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), up)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let get = Request::builder()
+        .uri("http://bar.example/public/h2")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    h2.ready().await.unwrap();
+    let resp = h2.send_request(get).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok GET /public/h2");
+    let post = Request::builder()
+        .method("POST")
+        .uri("http://bar.example/admin")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(h2.send_request(post).await.unwrap().status(), 403);
+}

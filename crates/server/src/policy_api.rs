@@ -1,0 +1,172 @@
+//! The `PolicyApi` admin service (`tessera policy ...`): authorization policies stored in the
+//! datastore as their JSON document. Each change is validated whole by `tessera-policy` (errors
+//! name the policy and the field, and change nothing), audited, and becomes a revision of the
+//! change feed, which pushes it to every agent's `Sync` stream.
+
+use std::sync::Arc;
+
+use tessera_policy::{DefaultAction, NamedPolicy};
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::policy_api_server::PolicyApi;
+use tessera_store::Policy;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{field_err, store_status};
+use crate::state::State;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Policies {
+    pub(crate) state: Arc<State>,
+}
+
+/// The configured `[policy] default` as it travels ("deny" | "allow").
+pub(crate) fn default_str(state: &State) -> &'static str {
+    match state.cfg.policy.default {
+        DefaultAction::Deny => "deny",
+        DefaultAction::Allow => "allow",
+    }
+}
+
+fn to_pb(p: Policy) -> pb::StoredPolicy {
+    pb::StoredPolicy {
+        name: p.id,
+        document_json: p.document,
+    }
+}
+
+/// Every stored policy (the first page of a Sync snapshot).
+pub(crate) async fn all_pb(state: &State) -> Result<Vec<pb::StoredPolicy>, Status> {
+    Ok(state
+        .store
+        .list_policies()
+        .await
+        .map_err(store_status)?
+        .into_iter()
+        .map(to_pb)
+        .collect())
+}
+
+/// The Sync change for a policy event: the policy as it is now, or its deletion.
+pub(crate) async fn change(state: &State, name: &str) -> Result<pb::change::Change, Status> {
+    Ok(
+        match state.store.get_policy(name).await.map_err(store_status)? {
+            Some(p) => pb::change::Change::PolicyUpdated(to_pb(p)),
+            None => pb::change::Change::PolicyDeleted(name.to_owned()),
+        },
+    )
+}
+
+/// Validates a policy and returns it with its document in canonical JSON.
+fn checked(p: &pb::StoredPolicy) -> Result<Policy, Status> {
+    tessera_policy::validate_name(&p.name).map_err(|e| field_err("name", e))?;
+    let named = NamedPolicy::from_json(&p.name, &p.document_json)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(Policy {
+        id: named.name.clone(),
+        document: named.to_json(),
+    })
+}
+
+#[tonic::async_trait]
+impl PolicyApi for Policies {
+    async fn apply_policy(
+        &self,
+        req: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::PolicyResponse>, Status> {
+        let who = crate::admin::caller(&req);
+        let r = req.get_ref();
+        let name = r
+            .policy
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        let detail = serde_json::json!({ "name": name, "create_only": r.create_only });
+        let result = async {
+            let p = r
+                .policy
+                .as_ref()
+                .ok_or_else(|| field_err("policy", "missing"))?;
+            let policy = checked(p)?;
+            let store = &self.state.store;
+            // create_only is a convenience against typos, not a lock: two concurrent creates
+            // of one name both succeed and the later one wins, as with apply.
+            if r.create_only
+                && store
+                    .get_policy(&policy.id)
+                    .await
+                    .map_err(store_status)?
+                    .is_some()
+            {
+                return Err(Status::already_exists(format!(
+                    "policy {:?} exists (use `tessera policy apply` to replace it)",
+                    policy.id
+                )));
+            }
+            let revision = store.set_policy(&policy).await.map_err(store_status)?;
+            self.state.feed.notify(revision);
+            Ok(pb::PolicyResponse {
+                policy: Some(to_pb(policy)),
+                revision,
+            })
+        }
+        .await;
+        self.state
+            .audited(&who, "apply_policy", detail, result)
+            .map(Response::new)
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<pb::PolicyName>,
+    ) -> Result<Response<pb::PolicyResponse>, Status> {
+        let name = &req.get_ref().name;
+        tessera_policy::validate_name(name).map_err(|e| field_err("name", e))?;
+        match self
+            .state
+            .store
+            .get_policy(name)
+            .await
+            .map_err(store_status)?
+        {
+            Some(p) => Ok(Response::new(pb::PolicyResponse {
+                policy: Some(to_pb(p)),
+                revision: 0,
+            })),
+            None => Err(Status::not_found(format!("no policy {name:?}"))),
+        }
+    }
+
+    async fn list_policies(
+        &self,
+        _req: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        Ok(Response::new(pb::ListPoliciesResponse {
+            policies: all_pb(&self.state).await?,
+            default_action: default_str(&self.state).to_owned(),
+        }))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<pb::PolicyName>,
+    ) -> Result<Response<pb::PolicyResponse>, Status> {
+        let who = crate::admin::caller(&req);
+        let name = req.get_ref().name.clone();
+        let detail = serde_json::json!({ "name": name });
+        let result = async {
+            tessera_policy::validate_name(&name).map_err(|e| field_err("name", e))?;
+            let store = &self.state.store;
+            let p = store.delete_policy(&name).await.map_err(store_status)?;
+            let revision = store.current_revision().await.map_err(store_status)?;
+            self.state.feed.notify(revision);
+            Ok(pb::PolicyResponse {
+                policy: Some(to_pb(p)),
+                revision,
+            })
+        }
+        .await;
+        self.state
+            .audited(&who, "delete_policy", detail, result)
+            .map(Response::new)
+    }
+}

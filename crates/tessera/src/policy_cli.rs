@@ -1,0 +1,224 @@
+//! `tessera policy create|apply|list|show|delete`: a thin client of the server's `PolicyApi` on
+//! the admin socket. Files are YAML or JSON: one policy (`name` plus the document fields) or a
+//! list of them. The policy crate checks each document here for a quick, local error; the
+//! server checks again and is the authority.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::policy_api_client::PolicyApiClient;
+use tonic::transport::Channel;
+
+use crate::admin_cli::AdminConn;
+use crate::cli::Output;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Create the policies of a file (refused if one of the names exists).
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Create or replace the policies of a file.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List every policy and the trust domain's default.
+    List,
+    /// Show one policy's document.
+    Show { name: String },
+    /// Delete a policy.
+    Delete { name: String },
+}
+
+async fn connect(socket: &Path) -> anyhow::Result<PolicyApiClient<Channel>> {
+    let ch = tessera_server::client::unix_channel(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the server's admin socket {} (is the server running? see --admin-socket)",
+                socket.display()
+            )
+        })?;
+    Ok(PolicyApiClient::new(ch))
+}
+
+/// The policies of a YAML or JSON file, each as (name, JSON document), checked locally.
+pub(crate) fn read_policy_file(path: &Path) -> anyhow::Result<Vec<pb::StoredPolicy>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    parse_policies(&text).with_context(|| path.display().to_string())
+}
+
+fn parse_policies(text: &str) -> anyhow::Result<Vec<pb::StoredPolicy>> {
+    let t = text.trim_start();
+    let value: serde_json::Value = if t.starts_with('{') || t.starts_with('[') {
+        serde_json::from_str(text).context("not JSON")?
+    } else {
+        serde_yaml_ng::from_str(text).context("not YAML")?
+    };
+    let items = match value {
+        serde_json::Value::Array(a) => a,
+        one @ serde_json::Value::Object(_) => vec![one],
+        _ => anyhow::bail!("expected a policy (a mapping with `name`) or a list of them"),
+    };
+    if items.is_empty() {
+        anyhow::bail!("no policy in the file");
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let serde_json::Value::Object(mut map) = item else {
+            anyhow::bail!("policy #{i}: expected a mapping");
+        };
+        let name = match map.remove("name") {
+            Some(serde_json::Value::String(n)) => n,
+            _ => anyhow::bail!("policy #{i}: `name` (a string) is required"),
+        };
+        let document_json = serde_json::Value::Object(map).to_string();
+        let p = tessera_policy::NamedPolicy::from_json(&name, &document_json)?;
+        p.validate()?;
+        out.push(pb::StoredPolicy {
+            name,
+            document_json: p.to_json(),
+        });
+    }
+    Ok(out)
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+fn policy_json(p: &pb::StoredPolicy) -> serde_json::Value {
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&p.document_json).unwrap_or(serde_json::Value::Null);
+    if let serde_json::Value::Object(m) = &mut doc {
+        m.insert("name".into(), serde_json::Value::String(p.name.clone()));
+    }
+    doc
+}
+
+fn summary(p: &pb::StoredPolicy) -> String {
+    let doc: serde_json::Value =
+        serde_json::from_str(&p.document_json).unwrap_or(serde_json::Value::Null);
+    let action = doc.get("action").and_then(|a| a.as_str()).unwrap_or("?");
+    let rules = doc
+        .get("rules")
+        .and_then(|r| r.as_array())
+        .map_or(0, |r| r.len());
+    let dry = if doc.get("dry_run").and_then(|d| d.as_bool()) == Some(true) {
+        " (dry run)"
+    } else {
+        ""
+    };
+    format!("{}\t{action}\t{rules} rule(s){dry}", p.name)
+}
+
+pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+    // Read and check files before connecting: a bad file changes nothing.
+    let (policies, create_only) = match &cmd {
+        PolicyCommand::Create { file } => (read_policy_file(file)?, true),
+        PolicyCommand::Apply { file } => (read_policy_file(file)?, false),
+        _ => (Vec::new(), false),
+    };
+    let mut client = connect(&conn.admin_socket).await?;
+    match cmd {
+        PolicyCommand::Create { .. } | PolicyCommand::Apply { .. } => {
+            let mut done = Vec::new();
+            for p in policies {
+                let name = p.name.clone();
+                let r = client
+                    .apply_policy(pb::ApplyPolicyRequest {
+                        policy: Some(p),
+                        create_only,
+                    })
+                    .await
+                    .map_err(status)
+                    .with_context(|| format!("policy {name:?}"))?
+                    .into_inner();
+                done.push(serde_json::json!({"name": name, "revision": r.revision}));
+                if matches!(conn.output, Output::Human) {
+                    println!("Applied policy {name} (revision {})", r.revision);
+                }
+            }
+            if matches!(conn.output, Output::Json) {
+                println!("{:#}", serde_json::Value::Array(done));
+            }
+        }
+        PolicyCommand::List => {
+            let r = client
+                .list_policies(pb::ListPoliciesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => println!(
+                    "{:#}",
+                    serde_json::json!({
+                        "default": r.default_action,
+                        "policies": r.policies.iter().map(policy_json).collect::<Vec<_>>(),
+                    })
+                ),
+                Output::Human => {
+                    println!("default: {}", r.default_action);
+                    for p in &r.policies {
+                        println!("{}", summary(p));
+                    }
+                }
+            }
+        }
+        PolicyCommand::Show { name } => {
+            let r = client
+                .get_policy(pb::PolicyName { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if let Some(p) = r.policy {
+                println!("{:#}", policy_json(&p));
+            }
+        }
+        PolicyCommand::Delete { name } => {
+            let r = client
+                .delete_policy(pb::PolicyName { name: name.clone() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => {
+                    println!(
+                        "{:#}",
+                        serde_json::json!({"name": name, "revision": r.revision})
+                    )
+                }
+                Output::Human => println!("Deleted policy {name} (revision {})", r.revision),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn yaml_and_json_files_parse_and_bad_ones_name_the_field() {
+        let yaml = "- name: web\n  action: ALLOW\n  rules:\n    - from: {principals: [\"spiffe://example.org/a\"]}\n      to: {methods: [GET]}\n- name: audit\n  action: AUDIT\n";
+        let p = parse_policies(yaml).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].name, "web");
+        assert!(p[0].document_json.contains("\"methods\":[\"GET\"]"));
+        let json = r#"{"name":"x","action":"DENY"}"#;
+        assert_eq!(parse_policies(json).unwrap()[0].name, "x");
+        let e = parse_policies("name: bad\naction: ALLOW\nrules:\n  - to: {methods: [get]}\n")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("rules[0].to.methods[0]"), "{e:#}");
+        assert!(parse_policies("action: ALLOW\n").is_err());
+        assert!(parse_policies("[]").is_err());
+        assert!(parse_policies("name: a b\naction: ALLOW\n").is_err());
+    }
+}
