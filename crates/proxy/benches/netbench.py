@@ -84,25 +84,36 @@ def rss_kib(pid):
 # ---- helpers run inside a namespace (python3 netbench.py <mode> ...) ----
 
 def echo_server(port):
+    """An echo server on one thread (selectors): ten thousand idle connections cost no threads."""
+    import selectors
+    sel = selectors.DefaultSelector()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port))
     s.listen(4096)
-
-    def serve(c):
-        try:
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    break
-                c.sendall(d)
-        except OSError:
-            pass
-        c.close()
-
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
     while True:
-        c, _ = s.accept()
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
+        for key, _ in sel.select():
+            if key.fileobj is s:
+                try:
+                    c, _ = s.accept()
+                except OSError:
+                    continue
+                c.setblocking(True)
+                c.settimeout(5)
+                sel.register(c, selectors.EVENT_READ)
+                continue
+            c = key.fileobj
+            try:
+                d = c.recv(65536)
+                if d:
+                    c.sendall(d)
+                    continue
+            except OSError:
+                pass
+            sel.unregister(c)
+            c.close()
 
 
 def connect_loop(port, n, threads):

@@ -241,6 +241,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         memory: crate::memory::Memory::default(),
         applied: crate::state::Applied::new(revision),
         datastore_up: std::sync::atomic::AtomicBool::new(true),
+        policies_seen: arc_swap::ArcSwapOption::empty(),
         metrics,
     });
 

@@ -149,6 +149,10 @@ pub(crate) struct State {
     /// False while the datastore is known to be unreachable (PostgreSQL: the revision listener
     /// lost its session): the agent API then answers from memory without waiting on it.
     pub(crate) datastore_up: std::sync::atomic::AtomicBool,
+    /// The policies last read from the datastore, for Sync snapshots while it is unreachable
+    /// (writes are refused then, so no newer policy can have been accepted by this server).
+    /// `None` until the first read: never-read is not the same as no policies.
+    pub(crate) policies_seen: arc_swap::ArcSwapOption<Vec<tessera_proto::v1::StoredPolicy>>,
     pub(crate) metrics: Metrics,
     pub(crate) audit: AuditLog,
     /// CA certificates that node certificates must chain to (x509pop); empty: x509pop off.
