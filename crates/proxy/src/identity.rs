@@ -238,10 +238,11 @@ pub async fn watch_workload_api(socket: PathBuf, identity: Arc<Identity>) {
     }
 }
 
-async fn stream_once(socket: &Path, identity: &Identity) -> Result<(), String> {
-    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+/// A gRPC channel to the agent's socket (the Workload API and the services beside it). The URI
+/// is required by the API but unused: the connector always dials the socket.
+pub(crate) async fn uds_channel(socket: &Path) -> Result<tonic::transport::Channel, String> {
     let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+    tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let p = path.clone();
             async move {
@@ -251,7 +252,12 @@ async fn stream_once(socket: &Path, identity: &Identity) -> Result<(), String> {
             }
         }))
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| format!("connect: {e}"))
+}
+
+async fn stream_once(socket: &Path, identity: &Identity) -> Result<(), String> {
+    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let channel = uds_channel(socket).await?;
     let mut client = SpiffeWorkloadApiClient::new(channel);
     let mut req = tonic::Request::new(tessera_proto::workload::X509svidRequest {});
     // Workload API §4: every request carries this header, so a browser cannot be tricked

@@ -333,18 +333,7 @@ async fn stream_once(
     registry: &Registry,
 ) -> Result<(), String> {
     use tessera_proto::v1::policy_watch_client::PolicyWatchClient;
-    let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let channel = crate::identity::uds_channel(socket).await?;
     let mut req = tonic::Request::new(pb::WatchPoliciesRequest {});
     // Attested like a Workload API call, header included (Workload API §4).
     req.metadata_mut().insert(
