@@ -204,3 +204,4 @@ pub(crate) async fn x509_stream(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+pub(crate) mod netns;

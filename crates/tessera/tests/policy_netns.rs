@@ -1,0 +1,338 @@
+//! Authorization policy end to end between network namespaces, through `tessera server`,
+//! `tessera agent` and two `tessera proxy` processes (foo → bar), with the server restarted
+//! between the steps (the agent resumes its Sync stream; proxies keep their PolicyWatch stream):
+//!
+//! - the trust domain's default (deny) refuses foo; an ALLOW change admits a new connection;
+//! - an HTTP route rule admits GET /public and refuses POST /admin with 403 (the application
+//!   never sees it);
+//! - a new DENY closes a live connection at bar's proxy, with a log line naming the policy;
+//! - a CUSTOM policy: an external authorizer (implemented here, inside bar's namespace) decides,
+//!   and its outage fails closed.
+//!
+//! Needs root (CI runs as root); skipped with a reason otherwise, failing instead under CI=true.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::netns::{App, ControlPlane, Proxy, cli, exchange, s, wait_until};
+use tessera_proto::xds::envoy::service::auth::v3 as auth;
+use tessera_proto::xds::google::rpc::Status;
+use tessera_test_util::netns::{Net, in_netns, usable};
+
+const FOO_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const BAR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const TCP_PORT: u16 = 8080;
+const HTTP_PORT: u16 = 8081;
+const AUTHZ_PORT: u16 = 9191;
+
+/// An HTTP/1.1 application inside `ns`: answers every request with 200 and "app saw METHOD PATH",
+/// one request per connection; remembers the request lines it saw.
+fn http_app(ns: &str, port: u16) -> Arc<std::sync::Mutex<Vec<String>>> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = in_netns(ns, || {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap()
+    });
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let seen = s2.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf);
+                let line = text.lines().next().unwrap_or_default().to_owned();
+                let body = format!("app saw {line}");
+                seen.lock().unwrap().push(line);
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    seen
+}
+
+/// One HTTP/1.1 request from inside `ns` to `to`; the response's status line and body.
+fn http(ns: &str, to: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
+    in_netns(ns, || {
+        let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            c,
+            "{method} {path} HTTP/1.1\r\nhost: bar.example\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        Some((status, body))
+    })
+}
+
+/// An external authorizer (Envoy's `Authorization/Check`) whose answer a switch decides; it
+/// records the principals it was shown.
+#[derive(Clone, Default)]
+struct SwitchAuthorizer {
+    allow: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+    last: Arc<std::sync::Mutex<(String, String)>>,
+}
+
+#[tonic::async_trait]
+impl auth::authorization_server::Authorization for SwitchAuthorizer {
+    async fn check(
+        &self,
+        req: tonic::Request<auth::CheckRequest>,
+    ) -> Result<tonic::Response<auth::CheckResponse>, tonic::Status> {
+        let a = req.into_inner().attributes.unwrap_or_default();
+        *self.last.lock().unwrap() = (
+            a.source.unwrap_or_default().principal,
+            a.destination.unwrap_or_default().principal,
+        );
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        // google.rpc.Code: 0 OK, 7 PERMISSION_DENIED.
+        let code = if self.allow.load(Ordering::SeqCst) {
+            0
+        } else {
+            7
+        };
+        Ok(tonic::Response::new(auth::CheckResponse {
+            status: Some(Status {
+                code,
+                ..Default::default()
+            }),
+        }))
+    }
+}
+
+/// Serves `a` on 127.0.0.1:AUTHZ_PORT inside `ns` until the returned runtime is dropped.
+fn start_authorizer(ns: &str, a: SwitchAuthorizer) -> tokio::runtime::Runtime {
+    let l = in_netns(ns, || {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, AUTHZ_PORT)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.spawn(async move {
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        tonic::transport::Server::builder()
+            .add_service(auth::authorization_server::AuthorizationServer::new(a))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+            .await
+    });
+    rt
+}
+
+fn apply(cp: &ControlPlane, name: &str, yaml: &str) {
+    let p = cp.path(name);
+    std::fs::write(&p, yaml).unwrap();
+    cli(&cp.admin, &["policy", "apply", "-f", p.to_str().unwrap()]);
+}
+
+/// Whether foo gets its payload echoed by bar's TCP application (through both proxies).
+fn foo_reaches_bar(foo: &str) -> bool {
+    exchange(foo, "127.0.0.1:9000".parse().unwrap(), b"ping").is_ok_and(|b| b == b"ping")
+}
+
+#[test]
+fn policy_changes_reach_live_connections_through_restarts() {
+    if !usable("policy_changes_reach_live_connections_through_restarts") {
+        return;
+    }
+    let mut cp = ControlPlane::start();
+    let mut net = Net::new();
+    let foo = net.node("foo", FOO_IP);
+    let bar = net.node("bar", BAR_IP);
+    cp.entry("foo", &foo, &[]);
+    cp.entry("bar", &bar, &[]);
+    let app = App::start(&bar, Ipv4Addr::LOCALHOST, TCP_PORT);
+    let http_seen = http_app(&bar, HTTP_PORT);
+    let bar_cfg = cp.path("bar-proxy.toml");
+    std::fs::write(
+        &bar_cfg,
+        format!(
+            "[[authz_provider]]\nname = \"ext\"\naddress = \"127.0.0.1:{AUTHZ_PORT}\"\ntimeout_ms = 500\n"
+        ),
+    )
+    .unwrap();
+    // No `--policy`: bar takes its policies from the agent (PolicyWatch).
+    let bar_proxy = Proxy::start(
+        &cp,
+        &bar,
+        "bar",
+        &s(&[
+            "--config",
+            bar_cfg.to_str().unwrap(),
+            "--inbound",
+            "8080",
+            "--inbound",
+            "8081:http",
+        ]),
+    );
+    let _foo_proxy = Proxy::start(
+        &cp,
+        &foo,
+        "foo",
+        &s(&[
+            "--outbound",
+            "127.0.0.1:9000=198.18.0.2:8080,spiffe://example.org/bar",
+            "--outbound",
+            "127.0.0.1:9001=198.18.0.2:8081,spiffe://example.org/bar",
+        ]),
+    );
+
+    // 1. The trust domain's default is deny: no policy, no connection.
+    assert!(!foo_reaches_bar(&foo), "default deny let foo through");
+    let before = app.connections();
+
+    // 2. An ALLOW change admits a new connection; an HTTP route rule on the HTTP port.
+    apply(
+        &cp,
+        "allow.yaml",
+        r#"
+- name: foo-to-bar
+  action: ALLOW
+  rules:
+    - from: {principals: ["spiffe://example.org/foo"]}
+      to: {ports: [8080]}
+- name: http-public
+  action: ALLOW
+  rules:
+    - from: {principals: ["spiffe://example.org/foo"]}
+      to: {ports: [8081], methods: [GET], paths: ["/public*"]}
+"#,
+    );
+    wait_until("the ALLOW to admit foo", 15, || foo_reaches_bar(&foo));
+    assert!(app.connections() > before);
+
+    let http_to = "127.0.0.1:9001".parse().unwrap();
+    let (status, body) = http(&foo, http_to, "GET", "/public/index.html").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "app saw GET /public/index.html HTTP/1.1");
+    let (status, body) = http(&foo, http_to, "POST", "/admin").unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        !http_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("/admin")),
+        "the application saw the denied request"
+    );
+    bar_proxy.wait_record("bar's 403 record", |r| {
+        r["decision"] == "deny" && r["src_spiffe_id"] == "spiffe://example.org/foo"
+    });
+
+    // 3. Through a server restart: a new DENY closes a live connection.
+    cp.restart_server();
+    let mut live = in_netns(&foo, || TcpStream::connect("127.0.0.1:9000").unwrap());
+    live.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    live.write_all(b"live").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"live");
+    let t0 = Instant::now();
+    apply(
+        &cp,
+        "deny.yaml",
+        r#"
+name: no-foo-tcp
+action: DENY
+rules:
+  - from: {principals: ["spiffe://example.org/foo"]}
+    to: {ports: [8080]}
+"#,
+    );
+    let n = live.read(&mut b).unwrap_or(0);
+    let closed_after = t0.elapsed();
+    assert_eq!(n, 0, "the live connection was answered, not closed");
+    eprintln!("policy apply (CLI process) -> live connection closed: {closed_after:?}");
+    // Bound for a debug build on a busy CI machine, CLI process included; the benchmark
+    // (BENCHMARKS.md) measures the p99 of this path in a release build.
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "closed after {closed_after:?}"
+    );
+    wait_until("bar's log line naming the closing policy", 10, || {
+        let e = bar_proxy.stderr();
+        e.contains("closing a live connection that policy now denies") && e.contains("no-foo-tcp")
+    });
+    assert!(!foo_reaches_bar(&foo), "a new connection passed the DENY");
+    // The HTTP port is not covered by the DENY.
+    assert_eq!(http(&foo, http_to, "GET", "/public").unwrap().0, 200);
+
+    // 4. Through another restart: a CUSTOM policy's external authorizer decides.
+    cp.restart_server();
+    cli(&cp.admin, &["policy", "delete", "no-foo-tcp"]);
+    wait_until("the DENY's deletion to admit foo again", 15, || {
+        foo_reaches_bar(&foo)
+    });
+    let authz = SwitchAuthorizer::default();
+    let rt = start_authorizer(&bar, authz.clone());
+    apply(
+        &cp,
+        "custom.yaml",
+        r#"
+name: ext-check
+action: CUSTOM
+provider: ext
+rules:
+  - to: {ports: [8080]}
+"#,
+    );
+    // The authorizer says no (its switch starts off): once the policy arrives, foo is refused.
+    wait_until("the CUSTOM policy to refuse foo", 15, || {
+        !foo_reaches_bar(&foo)
+    });
+    assert!(authz.calls.load(Ordering::SeqCst) > 0);
+    bar_proxy.wait_record("bar's CUSTOM denial", |r| {
+        r["decision"] == "deny"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("CUSTOM policy ext-check"))
+    });
+    authz.allow.store(true, Ordering::SeqCst);
+    assert!(
+        foo_reaches_bar(&foo),
+        "the authorizer allowed; the proxy did not"
+    );
+    let (src, dst) = authz.last.lock().unwrap().clone();
+    assert_eq!(src, "spiffe://example.org/foo");
+    assert_eq!(dst, "spiffe://example.org/bar");
+    // The authorizer goes away: fail closed (the provider is not `fail_open`).
+    drop(rt);
+    wait_until("the authorizer's port to close", 10, || {
+        in_netns(&bar, || {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, AUTHZ_PORT)).is_err()
+        })
+    });
+    assert!(
+        !foo_reaches_bar(&foo),
+        "the authorizer's outage let foo through"
+    );
+    // The HTTP port is outside the CUSTOM policy's ports and unaffected.
+    assert_eq!(http(&foo, http_to, "GET", "/public").unwrap().0, 200);
+}

@@ -1,0 +1,381 @@
+//! Processes for the network-namespace suites: a server and an agent as `tessera` processes in
+//! the root namespace (the agent's socket is a file every namespace can reach), `tessera proxy`
+//! inside namespaces, an echo application, and a packet capture.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tessera_test_util::netns::{Net, in_netns};
+
+pub(crate) struct Proc(pub(crate) Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(crate) fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+pub(crate) fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub(crate) fn cli(admin: &Path, args: &[&str]) -> Output {
+    let o = tessera()
+        .args(args)
+        .env("TESSERA_ADMIN_SOCKET", admin)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Server and agent in the root namespace.
+pub(crate) struct ControlPlane {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) admin: PathBuf,
+    pub(crate) socket: PathBuf,
+    pub(crate) agent_id: String,
+    pub(crate) server: Option<Proc>,
+    _agent: Proc,
+    port: u16,
+    config: Option<PathBuf>,
+}
+
+impl ControlPlane {
+    pub(crate) fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// As [`Self::start`], the server reading `config` (TOML) too.
+    pub(crate) fn start_with_config(config: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = dir.path().join("admin/admin.sock");
+        let socket = dir.path().join("agent/agent.sock");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = config.map(|text| {
+            let p = dir.path().join("server.toml");
+            std::fs::write(&p, text).unwrap();
+            p
+        });
+        let server = Self::spawn_server(dir.path(), &admin, port, config.as_deref());
+        wait_until("the admin socket", 30, || admin.exists());
+        let tok: serde_json::Value =
+            serde_json::from_slice(&cli(&admin, &["token", "generate", "--output", "json"]).stdout)
+                .unwrap();
+        let bundle = dir.path().join("bundle.json");
+        std::fs::write(
+            &bundle,
+            cli(&admin, &["bundle", "show", "--format", "spiffe"]).stdout,
+        )
+        .unwrap();
+        let agent = Proc(
+            tessera()
+                .args(["agent", "run", "--log-level", "warn"])
+                .args(["--server-address", &format!("127.0.0.1:{port}")])
+                .arg("--data-dir")
+                .arg(dir.path().join("agent"))
+                .arg("--socket-path")
+                .arg(&socket)
+                .arg("--trust-bundle-path")
+                .arg(&bundle)
+                .args(["--join-token", tok["token"].as_str().unwrap()])
+                .args(["--health-bind-address", "127.0.0.1:0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_until("the agent socket", 30, || socket.exists());
+        Self {
+            admin,
+            socket,
+            agent_id: tok["agent_spiffe_id"].as_str().unwrap().to_owned(),
+            server: Some(server),
+            _agent: agent,
+            dir,
+            port,
+            config,
+        }
+    }
+
+    fn spawn_server(dir: &Path, admin: &Path, port: u16, config: Option<&Path>) -> Proc {
+        let mut cmd = tessera();
+        cmd.args(["server", "run", "--log-level", "warn"]);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.stderr"))
+            .unwrap();
+        Proc(
+            cmd.args(["--bind-address", &format!("127.0.0.1:{port}")])
+                .args(["--health-bind-address", "127.0.0.1:0"])
+                .arg("--data-dir")
+                .arg(dir.join("server"))
+                .arg("--admin-socket")
+                .arg(admin)
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// Stops the server and starts it again on the same data directory and address; returns
+    /// once its admin socket answers.
+    pub(crate) fn restart_server(&mut self) {
+        self.server.take();
+        let _ = std::fs::remove_file(&self.admin);
+        self.server = Some(Self::spawn_server(
+            self.dir.path(),
+            &self.admin,
+            self.port,
+            self.config.as_deref(),
+        ));
+        wait_until("the restarted server's admin socket", 30, || {
+            tessera()
+                .args(["policy", "list"])
+                .env("TESSERA_ADMIN_SOCKET", &self.admin)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    }
+
+    pub(crate) fn entry(&self, name: &str, ns: &str, extra: &[&str]) {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            &format!("spiffe://example.org/{name}"),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        args.extend(["--parent-id".into(), self.agent_id.clone()]);
+        args.extend(["--selector".into(), format!("netns:name:{ns}")]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&self.admin, &refs);
+    }
+
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A `tessera proxy` inside a namespace; access log and stderr in files.
+pub(crate) struct Proxy {
+    proc: Option<Proc>,
+    access: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Proxy {
+    pub(crate) fn start(cp: &ControlPlane, ns: &str, name: &str, args: &[String]) -> Self {
+        let access = cp.path(&format!("{name}.access.log"));
+        let stderr = cp.path(&format!("{name}.stderr"));
+        let child = Net::exec(ns, env!("CARGO_BIN_EXE_tessera"))
+            .arg("proxy")
+            .arg("--workload-socket")
+            .arg(&cp.socket)
+            .arg("--access-log")
+            .arg(&access)
+            .args(["--log-level", "info"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let p = Self {
+            proc: Some(Proc(child)),
+            access,
+            stderr,
+        };
+        // Ready once the tunnel port accepts (it is bound only after the SVID arrived).
+        wait_until(&format!("{name}'s proxy to have an identity"), 30, || {
+            in_netns(ns, || TcpStream::connect(("127.0.0.1", 15008)).is_ok())
+        });
+        p
+    }
+
+    pub(crate) fn records(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.access).unwrap_or_default();
+        // Only whole lines: the proxy may be writing the last one while we read.
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub(crate) fn wait_record(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut found = None;
+        wait_until(what, 15, || {
+            found = self.records().into_iter().find(&pred);
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    pub(crate) fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub(crate) fn stop(&mut self) {
+        self.proc.take();
+    }
+}
+
+/// An echo application bound inside `ns`; counts connections and keeps what it received.
+#[derive(Clone, Default)]
+pub(crate) struct App {
+    connections: Arc<AtomicUsize>,
+    received: Arc<Mutex<Vec<u8>>>,
+}
+
+impl App {
+    pub(crate) fn start(ns: &str, bind: Ipv4Addr, port: u16) -> Self {
+        let l = in_netns(ns, || TcpListener::bind((bind, port)).unwrap());
+        let app = Self::default();
+        let a = app.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                a.connections.fetch_add(1, Ordering::SeqCst);
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                a.received.lock().unwrap().extend_from_slice(&buf[..n]);
+                                if s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        app
+    }
+
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn saw(&self, needle: &[u8]) -> bool {
+        let r = self.received.lock().unwrap();
+        r.windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+/// From inside `ns`: connect, send `payload`, half-close, read the echo.
+pub(crate) fn exchange(ns: &str, to: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    in_netns(ns, || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(payload)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    })
+}
+
+/// A packet capture on a root-namespace veth.
+pub(crate) struct Capture {
+    proc: Option<Proc>,
+    file: PathBuf,
+}
+
+impl Capture {
+    pub(crate) fn start(iface: &str, file: PathBuf) -> Self {
+        let log = file.with_extension("log");
+        let child = Command::new("tcpdump")
+            .args([
+                "-i",
+                iface,
+                "--immediate-mode",
+                "-U",
+                "-Z",
+                "root",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("tcpdump (CI installs it)");
+        wait_until("tcpdump to listen", 10, || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("listening on")
+        });
+        Self {
+            proc: Some(Proc(child)),
+            file,
+        }
+    }
+
+    pub(crate) fn stop(&mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(300));
+        if let Some(p) = &self.proc {
+            // SIGINT: tcpdump flushes and exits.
+            let _ = Command::new("kill")
+                .args(["-INT", &p.0.id().to_string()])
+                .status();
+        }
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.0.wait();
+        }
+        std::fs::read(&self.file).unwrap()
+    }
+}
+
+pub(crate) fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+pub(crate) fn write_policy(cp: &ControlPlane, name: &str, text: &str) -> String {
+    let p = cp.path(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+pub(crate) fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| (*x).to_owned()).collect()
+}
