@@ -152,8 +152,8 @@ fn apply(cp: &ControlPlane, name: &str, yaml: &str) {
 }
 
 /// Whether foo gets its payload echoed by bar's TCP application (through both proxies).
-fn foo_reaches_bar(foo: &str) -> bool {
-    exchange(foo, "127.0.0.1:9000".parse().unwrap(), b"ping").is_ok_and(|b| b == b"ping")
+fn foo_reaches_bar(foo_ns: &str) -> bool {
+    exchange(foo_ns, "127.0.0.1:9000".parse().unwrap(), b"ping").is_ok_and(|b| b == b"ping")
 }
 
 #[test]
