@@ -31,6 +31,7 @@ fn bench(c: &mut Criterion) {
                         ports: vec![u16::try_from(8000 + i % 100).unwrap()],
                         ..Target::default()
                     }),
+                    when: vec![],
                 }],
                 targets: vec![],
                 provider: None,

@@ -2,6 +2,8 @@
 //! validation. Field names follow Istio's AuthorizationPolicy where they exist there; later issues
 //! only add fields (HTTP methods and paths, CUSTOM, AUDIT), never rename these.
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 use tessera_spiffe::{SpiffeId, TrustDomain};
 
@@ -75,6 +77,31 @@ pub struct Rule {
     pub from: Option<Source>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<Target>,
+    /// Further conditions (Istio's `when`); all must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+}
+
+/// A condition on one attribute of the connection or request (Istio's `when`):
+///
+/// | `key` | values |
+/// |---|---|
+/// | `request.headers[<name>]` | header value patterns (exact, `prefix*`, `*suffix`, `*`); HTTP only |
+/// | `source.ip`, `destination.ip` | addresses or networks (`198.18.0.0/15`, `2001:db8::/32`) |
+/// | `destination.port` | port numbers |
+///
+/// `values`: one must match; `not_values`: none may. An attribute the proxy does not have (a
+/// header on plain TCP) is treated like an HTTP field on TCP: a DENY (AUDIT, CUSTOM) rule
+/// matches, an ALLOW rule does not. An address condition only ever narrows a rule that the
+/// proven SPIFFE ID already matched: it is never a source of identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
 }
 
 /// Who connects: the SPIFFE ID proven in the TLS session.
@@ -296,6 +323,246 @@ pub struct HttpRequest<'a> {
     pub path: &'a str,
     /// The host, without a port, any case.
     pub host: &'a str,
+    /// The request's headers (name, value) whose values are text; names in any case.
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+/// The network addresses of a connection, where known: attributes for `when` conditions only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Addresses {
+    pub source: Option<IpAddr>,
+    pub destination: Option<IpAddr>,
+}
+
+/// An IPv4 or IPv6 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    fn parse(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| {
+            format!("{s:?}: an IP address or network (198.18.0.0/15, 2001:db8::/32)")
+        })?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length is 0..={max}"))?,
+        };
+        let net = Self { addr, prefix };
+        if !net.contains(addr) || Self::bits(addr) & !net.mask() != 0 {
+            return Err(format!("{s:?}: host bits are set below the prefix length"));
+        }
+        Ok(net)
+    }
+
+    fn bits(a: IpAddr) -> u128 {
+        match a {
+            IpAddr::V4(v) => u128::from(u32::from(v)),
+            IpAddr::V6(v) => u128::from(v),
+        }
+    }
+
+    fn mask(&self) -> u128 {
+        let width = if self.addr.is_ipv4() { 32 } else { 128 };
+        let ones = u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0);
+        ones >> (128 - width)
+    }
+
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
+        let ip = match ip {
+            IpAddr::V6(v) => v.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        ip.is_ipv4() == self.addr.is_ipv4()
+            && Self::bits(ip) & self.mask() == Self::bits(self.addr) & self.mask()
+    }
+}
+
+/// What a condition looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CondKey {
+    /// Lower-case header name.
+    Header(String),
+    SourceIp,
+    DestinationIp,
+    DestinationPort,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CondValues {
+    Str(Vec<StrMatch>),
+    Net(Vec<IpNet>),
+    Port(Vec<u16>),
+}
+
+impl CondValues {
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Str(v) => v.is_empty(),
+            Self::Net(v) => v.is_empty(),
+            Self::Port(v) => v.is_empty(),
+        }
+    }
+}
+
+/// A compiled condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Cond {
+    key: CondKey,
+    values: CondValues,
+    not_values: CondValues,
+}
+
+impl Cond {
+    /// Whether the condition holds; `None` when the attribute is unknown here (a header on
+    /// plain TCP, an address the proxy was not given).
+    pub(crate) fn eval(
+        &self,
+        port: u16,
+        addrs: &Addresses,
+        req: Option<&HttpRequest<'_>>,
+    ) -> Option<bool> {
+        let one = |values: &CondValues| -> Option<bool> {
+            Some(match (&self.key, values) {
+                (CondKey::Header(name), CondValues::Str(m)) => req?
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .any(|(_, v)| m.iter().any(|m| m.matches(v))),
+                (CondKey::SourceIp, CondValues::Net(n)) => {
+                    let ip = addrs.source?;
+                    n.iter().any(|n| n.contains(ip))
+                }
+                (CondKey::DestinationIp, CondValues::Net(n)) => {
+                    let ip = addrs.destination?;
+                    n.iter().any(|n| n.contains(ip))
+                }
+                (CondKey::DestinationPort, CondValues::Port(p)) => p.contains(&port),
+                _ => false,
+            })
+        };
+        let yes = if self.values.is_empty() {
+            true
+        } else {
+            one(&self.values)?
+        };
+        let no = if self.not_values.is_empty() {
+            false
+        } else {
+            one(&self.not_values)?
+        };
+        Some(yes && !no)
+    }
+}
+
+fn parse_key(policy: &str, field: &str, key: &str) -> Result<CondKey, PolicyError> {
+    if let Some(name) = key
+        .strip_prefix("request.headers[")
+        .and_then(|k| k.strip_suffix(']'))
+    {
+        // A field name is an RFC 9110 token (section 5.1); names compare case-insensitively.
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(token) {
+            return Err(PolicyError::new(
+                policy,
+                field,
+                format!("{key:?}: request.headers[<name>] with a header field name"),
+            ));
+        }
+        return Ok(CondKey::Header(name.to_ascii_lowercase()));
+    }
+    match key {
+        "source.ip" => Ok(CondKey::SourceIp),
+        "destination.ip" => Ok(CondKey::DestinationIp),
+        "destination.port" => Ok(CondKey::DestinationPort),
+        _ => Err(PolicyError::new(
+            policy,
+            field,
+            format!(
+                "{key:?}: not a condition key (request.headers[<name>], source.ip, destination.ip, destination.port)"
+            ),
+        )),
+    }
+}
+
+fn parse_values(
+    policy: &str,
+    field: &str,
+    key: &CondKey,
+    values: &[String],
+) -> Result<CondValues, PolicyError> {
+    let at = |i: usize| format!("{field}[{i}]");
+    Ok(match key {
+        CondKey::Header(_) => CondValues::Str(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| parse_str_match(policy, &at(i), v))
+                .collect::<Result<_, _>>()?,
+        ),
+        CondKey::SourceIp | CondKey::DestinationIp => CondValues::Net(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| IpNet::parse(v).map_err(|m| PolicyError::new(policy, at(i), m)))
+                .collect::<Result<_, _>>()?,
+        ),
+        CondKey::DestinationPort => CondValues::Port(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                        PolicyError::new(policy, at(i), format!("{v:?}: a port number 1..=65535"))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// Compiles rule `r`'s `when` list.
+pub(crate) fn compile_when(
+    policy: &str,
+    r: usize,
+    when: &[Condition],
+) -> Result<Vec<Cond>, PolicyError> {
+    when.iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let base = format!("rules[{r}].when[{i}]");
+            let key = parse_key(policy, &format!("{base}.key"), &c.key)?;
+            if c.values.is_empty() && c.not_values.is_empty() {
+                return Err(PolicyError::new(
+                    policy,
+                    base,
+                    "a condition needs values or not_values",
+                ));
+            }
+            let values = parse_values(policy, &format!("{base}.values"), &key, &c.values)?;
+            let not_values =
+                parse_values(policy, &format!("{base}.not_values"), &key, &c.not_values)?;
+            Ok(Cond {
+                key,
+                values,
+                not_values,
+            })
+        })
+        .collect()
 }
 
 impl HttpMatch {
@@ -444,6 +711,7 @@ pub(crate) fn validate(name: &str, doc: &PolicyDocument) -> Result<(), PolicyErr
             }
             compile_http(name, r, to)?;
         }
+        compile_when(name, r, &rule.when)?;
     }
     Ok(())
 }

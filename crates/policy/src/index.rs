@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use tessera_spiffe::SpiffeId;
 
-use crate::document::{self, HttpMatch, HttpRequest, PolicyError, Principal, Rule};
+use crate::document::{
+    self, Addresses, Cond, HttpMatch, HttpRequest, PolicyError, Principal, Rule,
+};
 
 /// One rule after compilation.
 #[derive(Debug, Clone)]
@@ -18,6 +20,8 @@ struct Compiled {
     not_principals: Vec<Principal>,
     /// The HTTP fields of `to`, if any.
     http: Option<HttpMatch>,
+    /// `when` conditions.
+    when: Vec<Cond>,
 }
 
 /// How a rule was reached, which decides what still has to be checked.
@@ -45,8 +49,8 @@ pub(crate) struct ActionIndex {
     rules: Vec<Compiled>,
     by_port: HashMap<u16, PortIndex>,
     any_port: PortIndex,
-    /// How a rule with HTTP fields answers for plain TCP (no request): DENY, AUDIT and CUSTOM
-    /// rules match (fail closed: a restriction written for HTTP still restricts TCP), ALLOW
+    /// How a rule with HTTP fields answers for plain TCP (no request), and a condition whose
+    /// attribute is unknown: DENY, AUDIT and CUSTOM rules match (fail closed: a restriction written for HTTP still restricts TCP), ALLOW
     /// rules do not (a permission written for some requests never opens the whole port).
     http_on_tcp_matches: bool,
 }
@@ -94,6 +98,7 @@ impl ActionIndex {
             Some(to) => document::compile_http(name, rule_idx, to)?,
             None => None,
         };
+        let when = document::compile_when(name, rule_idx, &rule.when)?;
         let id = u32::try_from(self.rules.len()).map_err(|_| {
             PolicyError::new(
                 name,
@@ -107,6 +112,7 @@ impl ActionIndex {
             trust_domains,
             not_principals,
             http,
+            when,
         });
         let ports = rule.to.as_ref().map(|t| t.ports.as_slice()).unwrap_or(&[]);
         if ports.is_empty() {
@@ -125,6 +131,7 @@ impl ActionIndex {
         source: &SpiffeId,
         local: bool,
         port: u16,
+        addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> Option<(u32, usize)> {
         let mut best: Option<(u32, usize)> = None;
@@ -133,7 +140,9 @@ impl ActionIndex {
                 let Some(c) = self.rules.get(*id as usize) else {
                     continue;
                 };
-                if self.matches(c, via, source, local) && self.matches_rest(c, source, local, req) {
+                if self.matches(c, via, source, local)
+                    && self.matches_rest(c, source, local, port, addrs, req)
+                {
                     let key = (c.policy, c.rule);
                     if best.is_none_or(|b| key < b) {
                         best = Some(key);
@@ -157,6 +166,7 @@ impl ActionIndex {
         source: &SpiffeId,
         local: bool,
         port: u16,
+        addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> Vec<u32> {
         let mut out = Vec::new();
@@ -165,7 +175,9 @@ impl ActionIndex {
                 let Some(c) = self.rules.get(*id as usize) else {
                     continue;
                 };
-                if self.matches(c, via, source, local) && self.matches_rest(c, source, local, req) {
+                if self.matches(c, via, source, local)
+                    && self.matches_rest(c, source, local, port, addrs, req)
+                {
                     out.push(c.policy);
                 }
             }
@@ -186,6 +198,8 @@ impl ActionIndex {
         c: &Compiled,
         source: &SpiffeId,
         local: bool,
+        port: u16,
+        addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> bool {
         if c.not_principals
@@ -194,11 +208,17 @@ impl ActionIndex {
         {
             return false;
         }
-        match (&c.http, req) {
+        let http = match (&c.http, req) {
             (None, _) => true,
             (Some(h), Some(r)) => h.matches(r),
             (Some(_), None) => self.http_on_tcp_matches,
-        }
+        };
+        // An attribute not known here (a header on TCP, an address not given) is answered as
+        // an HTTP field on TCP is: a restriction still restricts, a permission does not open.
+        http && c
+            .when
+            .iter()
+            .all(|w| w.eval(port, addrs, req).unwrap_or(self.http_on_tcp_matches))
     }
 
     fn matches(&self, c: &Compiled, via: Via, source: &SpiffeId, local: bool) -> bool {

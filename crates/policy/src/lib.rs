@@ -25,7 +25,8 @@ use serde::Deserialize;
 use tessera_spiffe::{SpiffeId, TrustDomain};
 
 pub use document::{
-    Action, DefaultAction, HttpRequest, PolicyDocument, PolicyError, Rule, Source, Target,
+    Action, Addresses, Condition, DefaultAction, HttpRequest, PolicyDocument, PolicyError, Rule,
+    Source, Target,
 };
 use index::ActionIndex;
 
@@ -414,20 +415,22 @@ impl PolicySet {
     /// Decides a connection from `source` (the peer's verified SPIFFE ID) to `port` (plain TCP,
     /// or the connection-level check before any HTTP request is read).
     pub fn decide(&self, source: &SpiffeId, port: u16) -> Decision {
-        self.decide_request(source, port, None)
+        self.decide_request(source, port, &Addresses::default(), None)
     }
 
-    /// Decides one HTTP request (`req`) or, with `None`, a TCP connection. CUSTOM policies are
-    /// not consulted here: ask [`Self::custom_checks`]' authorizers first.
+    /// Decides one HTTP request (`req`) or, with `None`, a TCP connection; `addrs` are the
+    /// connection's addresses where known (for `when` conditions). CUSTOM policies are not
+    /// consulted here: ask [`Self::custom_checks`]' authorizers first.
     pub fn decide_request(
         &self,
         source: &SpiffeId,
         port: u16,
+        addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> Decision {
-        let mut d = self.enforce(source, port, req);
+        let mut d = self.enforce(source, port, addrs, req);
         if let Some(shadow) = &self.shadow {
-            let s = shadow.enforce(source, port, req);
+            let s = shadow.enforce(source, port, addrs, req);
             let by_dry_run = s
                 .reason
                 .policy()
@@ -439,13 +442,19 @@ impl PolicySet {
         d
     }
 
-    fn enforce(&self, source: &SpiffeId, port: u16, req: Option<&HttpRequest<'_>>) -> Decision {
+    fn enforce(
+        &self,
+        source: &SpiffeId,
+        port: u16,
+        addrs: &Addresses,
+        req: Option<&HttpRequest<'_>>,
+    ) -> Decision {
         let local = source.is_member_of(&self.local);
-        let mut d = self.decide_enforced(source, local, port, req);
+        let mut d = self.decide_enforced(source, local, port, addrs, req);
         if !self.audit.is_empty() {
             d.audit = self
                 .audit
-                .find(source, local, port, req)
+                .find(source, local, port, addrs, req)
                 .map(|(p, _)| self.name(p));
         }
         d
@@ -456,9 +465,10 @@ impl PolicySet {
         source: &SpiffeId,
         local: bool,
         port: u16,
+        addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> Decision {
-        if let Some((p, rule)) = self.deny.find(source, local, port, req) {
+        if let Some((p, rule)) = self.deny.find(source, local, port, addrs, req) {
             return Decision::new(
                 false,
                 Reason::DeniedBy {
@@ -473,7 +483,7 @@ impl PolicySet {
                 Reason::Default(self.default),
             );
         }
-        match self.allow.find(source, local, port, req) {
+        match self.allow.find(source, local, port, addrs, req) {
             Some((p, rule)) => Decision::new(
                 true,
                 Reason::AllowedBy {
@@ -492,6 +502,7 @@ impl PolicySet {
         &self,
         source: &SpiffeId,
         port: u16,
+        addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> Vec<CustomCheck> {
         if self.custom.is_empty() {
@@ -499,7 +510,7 @@ impl PolicySet {
         }
         let local = source.is_member_of(&self.local);
         let mut out: Vec<CustomCheck> = Vec::new();
-        for p in self.custom.find_all(source, local, port, req) {
+        for p in self.custom.find_all(source, local, port, addrs, req) {
             let Some(Some(provider)) = self.providers.get(p as usize) else {
                 continue;
             };

@@ -224,6 +224,7 @@ fn ten_thousand_rules_still_pick_the_right_one() {
                         ports: vec![u16::try_from(1000 + i % 100).unwrap()],
                         ..Target::default()
                     }),
+                    when: vec![],
                 }],
                 targets: vec![],
                 provider: None,
@@ -244,7 +245,12 @@ fn ten_thousand_rules_still_pick_the_right_one() {
 }
 
 fn req<'a>(method: &'a str, path: &'a str, host: &'a str) -> HttpRequest<'a> {
-    HttpRequest { method, path, host }
+    HttpRequest {
+        method,
+        path,
+        host,
+        headers: &[],
+    }
 }
 
 #[test]
@@ -256,7 +262,7 @@ fn http_routes_allow_get_public_and_deny_post_admin() {
         "to = { methods = [\"POST\"], paths = [\"/admin*\"], not_hosts = [\"*.internal\"] }\n",
     ));
     let foo = id("spiffe://example.org/foo");
-    let r = |m, p, h| s.decide_request(&foo, 80, Some(&req(m, p, h)));
+    let r = |m, p, h| s.decide_request(&foo, 80, &Addresses::default(), Some(&req(m, p, h)));
     assert!(r("GET", "/public", "a.example").allowed);
     assert!(r("GET", "/static/x.css", "a.example").allowed);
     assert!(!r("GET", "/private", "a.example").allowed);
@@ -278,7 +284,7 @@ fn http_routes_allow_get_public_and_deny_post_admin() {
     assert_eq!(only_allow.decide(&foo, 80).reason, Reason::NoAllowMatch);
     assert!(
         only_allow
-            .decide_request(&foo, 80, Some(&req("GET", "/", "h")))
+            .decide_request(&foo, 80, &Addresses::default(), Some(&req("GET", "/", "h")))
             .allowed
     );
 }
@@ -340,7 +346,7 @@ fn custom_policies_are_listed_for_the_caller_once_per_provider() {
     ));
     assert!(s.has_custom());
     let foo = id("spiffe://example.org/foo");
-    let c = s.custom_checks(&foo, 8080, None);
+    let c = s.custom_checks(&foo, 8080, &Addresses::default(), None);
     assert_eq!(
         c,
         vec![CustomCheck {
@@ -348,7 +354,12 @@ fn custom_policies_are_listed_for_the_caller_once_per_provider() {
             provider: Arc::from("opa")
         }]
     );
-    assert_eq!(s.custom_checks(&foo, 9, None)[0].policy.as_ref(), "ext2");
+    assert_eq!(
+        s.custom_checks(&foo, 9, &Addresses::default(), None)[0]
+            .policy
+            .as_ref(),
+        "ext2"
+    );
     // CUSTOM does not take part in decide(): the default applies.
     assert!(s.decide(&foo, 8080).allowed);
 }
@@ -435,4 +446,131 @@ fn documents_round_trip_through_json() {
     let p = NamedPolicy::from_json("rt", json).unwrap();
     assert_eq!(p.to_json(), json);
     assert_eq!(NamedPolicy::from_json("rt", &p.to_json()).unwrap(), p);
+}
+
+fn addrs(src: &str, dst: &str) -> Addresses {
+    Addresses {
+        source: Some(src.parse().unwrap()),
+        destination: Some(dst.parse().unwrap()),
+    }
+}
+
+#[test]
+fn when_conditions_narrow_rules() {
+    let s = set(concat!(
+        "[[policy]]\nname = \"tenant-a\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "from = { principals = [\"spiffe://example.org/foo\"] }\n",
+        "when = [{ key = \"request.headers[X-Tenant]\", values = [\"a\", \"team-*\"] },\n",
+        "        { key = \"source.ip\", values = [\"198.18.0.0/15\", \"2001:db8::/32\"], not_values = [\"198.18.0.9\"] }]\n",
+        "[[policy]]\nname = \"no-port-9\"\naction = \"DENY\"\n[[policy.rules]]\n",
+        "when = [{ key = \"destination.port\", values = [\"9\"] }, { key = \"destination.ip\", not_values = [\"10.0.0.0/8\"] }]\n",
+    ));
+    let foo = id("spiffe://example.org/foo");
+    let hdr = |v: &'static str| HttpRequest {
+        method: "GET",
+        path: "/",
+        host: "h",
+        headers: Box::leak(Box::new([("x-tenant", v)])),
+    };
+    let at = addrs("198.18.0.1", "198.18.0.2");
+    let d = |port, a: &Addresses, r: Option<&HttpRequest<'_>>| s.decide_request(&foo, port, a, r);
+    assert!(d(80, &at, Some(&hdr("a"))).allowed);
+    assert!(d(80, &at, Some(&hdr("team-blue"))).allowed);
+    assert!(
+        !d(80, &at, Some(&hdr("b"))).allowed,
+        "header value not listed"
+    );
+    // IPv6 networks, and IPv4 clients seen as IPv4-mapped IPv6.
+    assert!(d(80, &addrs("2001:db8::7", "::1"), Some(&hdr("a"))).allowed);
+    assert!(d(80, &addrs("::ffff:198.18.0.3", "::1"), Some(&hdr("a"))).allowed);
+    assert!(
+        !d(80, &addrs("198.18.0.9", "198.18.0.2"), Some(&hdr("a"))).allowed,
+        "not_values"
+    );
+    assert!(!d(80, &addrs("203.0.113.1", "198.18.0.2"), Some(&hdr("a"))).allowed);
+    // Unknown attributes: the ALLOW with a header condition does not open TCP, nor does one
+    // with an address condition when the address is not known.
+    assert_eq!(d(80, &at, None).reason, Reason::NoAllowMatch);
+    assert_eq!(
+        d(80, &Addresses::default(), Some(&hdr("a"))).reason,
+        Reason::NoAllowMatch
+    );
+    // The DENY on port 9 applies except towards 10/8; an unknown destination address counts as
+    // matching for a DENY (fail closed).
+    assert_eq!(
+        d(9, &at, Some(&hdr("a"))).reason.policy(),
+        Some("no-port-9")
+    );
+    assert!(d(9, &addrs("198.18.0.1", "10.1.2.3"), Some(&hdr("a"))).allowed);
+    assert_eq!(
+        d(9, &Addresses::default(), None).reason.policy(),
+        Some("no-port-9")
+    );
+}
+
+#[test]
+fn bad_when_conditions_name_the_field() {
+    let cases = [
+        (
+            "{ key = \"source.port\", values = [\"1\"] }",
+            "rules[0].when[0].key",
+            "not a condition key",
+        ),
+        (
+            "{ key = \"request.headers[]\", values = [\"1\"] }",
+            "rules[0].when[0].key",
+            "header field name",
+        ),
+        (
+            "{ key = \"request.headers[a b]\", values = [\"1\"] }",
+            "rules[0].when[0].key",
+            "header field name",
+        ),
+        (
+            "{ key = \"source.ip\" }",
+            "rules[0].when[0]",
+            "values or not_values",
+        ),
+        (
+            "{ key = \"source.ip\", values = [\"198.18.0.1/15\"] }",
+            "rules[0].when[0].values[0]",
+            "host bits",
+        ),
+        (
+            "{ key = \"source.ip\", values = [\"10.0.0.0/33\"] }",
+            "rules[0].when[0].values[0]",
+            "0..=32",
+        ),
+        (
+            "{ key = \"destination.ip\", not_values = [\"example.com\"] }",
+            "rules[0].when[0].not_values[0]",
+            "an IP address",
+        ),
+        (
+            "{ key = \"destination.port\", values = [\"0\"] }",
+            "rules[0].when[0].values[0]",
+            "1..=65535",
+        ),
+        (
+            "{ key = \"request.headers[x]\", values = [\"a*b\"] }",
+            "rules[0].when[0].values[0]",
+            "`*`",
+        ),
+    ];
+    for (cond, field, msg) in cases {
+        let text = format!(
+            "[[policy]]\nname = \"p\"\naction = \"ALLOW\"\n[[policy.rules]]\nwhen = [{cond}]\n"
+        );
+        let e = PolicySet::from_toml(td("example.org"), &text).unwrap_err();
+        assert_eq!(e.policy, "p", "{cond}");
+        assert_eq!(e.field, field, "{cond}: {e}");
+        assert!(e.message.contains(msg), "{cond}: {e}");
+    }
+    // And a stored JSON document is checked the same way.
+    let e = NamedPolicy::from_json(
+        "j",
+        r#"{"action":"DENY","rules":[{"when":[{"key":"nope","values":["1"]}]}]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "rules[0].when[0].key");
 }

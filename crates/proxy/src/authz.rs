@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tessera_policy::{CustomCheck, Decision, PolicySet};
+use tessera_policy::{Addresses, CustomCheck, Decision, PolicySet};
 use tessera_proto::xds::envoy::config::core::v3 as core;
 use tessera_proto::xds::envoy::service::auth::v3 as auth;
 use tessera_spiffe::SpiffeId;
@@ -119,6 +119,7 @@ impl Authorizers {
                             method: h.method.to_owned(),
                             path: h.path.to_owned(),
                             host: h.host.to_owned(),
+                            headers: header_map(h.headers),
                             ..Default::default()
                         }),
                     }),
@@ -155,6 +156,21 @@ impl Authorizers {
     }
 }
 
+/// Request headers as Envoy hands them to an authorizer: lower-case names, repeated values
+/// joined with `,` (RFC 9110 section 5.3).
+fn header_map(headers: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = HashMap::with_capacity(headers.len());
+    for (n, v) in headers {
+        m.entry(n.to_ascii_lowercase())
+            .and_modify(|e| {
+                e.push(',');
+                e.push_str(v);
+            })
+            .or_insert_with(|| (*v).to_owned());
+    }
+    m
+}
+
 /// CUSTOM first (asking the authorizers), then the rest of the order.
 pub async fn authorize(
     set: &PolicySet,
@@ -162,15 +178,19 @@ pub async fn authorize(
     input: &CheckInput<'_>,
     port: u16,
 ) -> Decision {
+    let addrs = Addresses {
+        source: input.src_addr.map(|a| a.ip()),
+        destination: input.dst_addr.map(|a| a.ip()),
+    };
     if set.has_custom() {
-        let checks = set.custom_checks(input.src, port, input.http.as_ref());
+        let checks = set.custom_checks(input.src, port, &addrs, input.http.as_ref());
         if !checks.is_empty()
             && let Some(deny) = authorizers.check(&checks, input).await
         {
             return deny;
         }
     }
-    set.decide_request(input.src, port, input.http.as_ref())
+    set.decide_request(input.src, port, &addrs, input.http.as_ref())
 }
 
 /// Shared handle.

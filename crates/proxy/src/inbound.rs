@@ -219,9 +219,14 @@ impl Inbound {
             ));
         }
         let http = self.ports.get(&target.port()) == Some(&Protocol::Http);
+        let addrs = tessera_policy::Addresses {
+            source: Some(peer.ip()),
+            destination: Some(target.ip()),
+        };
         let live = self.registry.register(
             src.clone(),
             target.port(),
+            addrs,
             peer_cert.expires_at,
             peer_cert.chain.clone(),
         );
@@ -231,7 +236,7 @@ impl Inbound {
             live.set_http();
             tessera_policy::Decision::http_per_request()
         } else if self.authorizers.is_empty() {
-            crate::live::decide(&self.policy.load(), src, target.port())
+            crate::live::decide(&self.policy.load(), src, target.port(), &addrs, None)
         } else {
             let own = self.identity.spiffe_id();
             let input = crate::authz::CheckInput {

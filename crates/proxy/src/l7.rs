@@ -57,27 +57,6 @@ fn host_of(req: &Request<Incoming>) -> String {
     }
 }
 
-/// Decides one request (CUSTOM first, fail closed: see `crate::live::decide`).
-pub fn decide(ctx: &L7Context, method: &str, path: &str, host: &str) -> tessera_policy::Decision {
-    let set = ctx.policy.load();
-    let r = HttpRequest { method, path, host };
-    if set.has_custom()
-        && let Some(c) = set
-            .custom_checks(&ctx.src, ctx.port, Some(&r))
-            .into_iter()
-            .next()
-    {
-        return tessera_policy::Decision::custom_denied(
-            c.policy,
-            format!(
-                "external authorizer {:?} is not available in this proxy (fail closed)",
-                c.provider.as_ref()
-            ),
-        );
-    }
-    set.decide_request(&ctx.src, ctx.port, Some(&r))
-}
-
 /// Serves HTTP on `io` (the CONNECT stream) until it ends, forwarding allowed requests to `app`.
 pub async fn serve<IO>(io: IO, app: TcpStream, ctx: L7Context) -> std::io::Result<()>
 where
@@ -111,21 +90,36 @@ async fn handle(
     let host = host_of(&req);
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
-    let d = if ctx.authorizers.is_empty() {
-        decide(ctx, &method, &path, &host)
-    } else {
-        let input = crate::authz::CheckInput {
-            src: &ctx.src,
-            src_addr: Some(ctx.peer),
-            dst: ctx.own.as_deref(),
-            dst_addr: Some(ctx.local),
-            http: Some(HttpRequest {
-                method: &method,
-                path: &path,
-                host: &host,
-            }),
+    let d = {
+        // Header values that are not visible ASCII are left out: no condition can name them.
+        let headers: Vec<(&str, &str)> = req
+            .headers()
+            .iter()
+            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
+            .collect();
+        let r = HttpRequest {
+            method: &method,
+            path: &path,
+            host: &host,
+            headers: &headers,
         };
-        crate::authz::authorize(&ctx.policy.load_full(), &ctx.authorizers, &input, ctx.port).await
+        let addrs = tessera_policy::Addresses {
+            source: Some(ctx.peer.ip()),
+            destination: Some(ctx.local.ip()),
+        };
+        if ctx.authorizers.is_empty() {
+            crate::live::decide(&ctx.policy.load(), &ctx.src, ctx.port, &addrs, Some(&r))
+        } else {
+            let input = crate::authz::CheckInput {
+                src: &ctx.src,
+                src_addr: Some(ctx.peer),
+                dst: ctx.own.as_deref(),
+                dst_addr: Some(ctx.local),
+                http: Some(r),
+            };
+            crate::authz::authorize(&ctx.policy.load_full(), &ctx.authorizers, &input, ctx.port)
+                .await
+        }
     };
     crate::live::log_decision(&d, &ctx.src, ctx.port, "http request");
     if !d.allowed {

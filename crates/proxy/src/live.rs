@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tessera_policy::{DefaultAction, NamedPolicy, PolicySet};
+use tessera_policy::{Addresses, DefaultAction, NamedPolicy, PolicySet};
 use tessera_proto::v1 as pb;
 use tessera_spiffe::SpiffeId;
 use tokio::sync::watch;
@@ -27,6 +27,8 @@ use crate::identity::Identity;
 struct Conn {
     src: Arc<SpiffeId>,
     port: u16,
+    /// The two ends' addresses (for `when` conditions).
+    addrs: Addresses,
     /// The peer's certificate chain as verified at the handshake (re-verified on bundle change).
     chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
     /// An HTTP port: each request is decided under the current set, so a policy change is not
@@ -113,6 +115,7 @@ impl Registry {
         self: &Arc<Self>,
         src: Arc<SpiffeId>,
         port: u16,
+        addrs: Addresses,
         expires_at: Option<i64>,
         chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
     ) -> Registration {
@@ -123,6 +126,7 @@ impl Registry {
             Conn {
                 src,
                 port,
+                addrs,
                 chain,
                 http: false,
                 close,
@@ -158,9 +162,9 @@ impl Registry {
                 continue;
             }
             let d = if authorizers {
-                set.decide(&conn.src, conn.port)
+                set.decide_request(&conn.src, conn.port, &conn.addrs, None)
             } else {
-                decide(set, &conn.src, conn.port)
+                decide(set, &conn.src, conn.port, &conn.addrs, None)
             };
             if !d.allowed {
                 let reason = format!("re-authorization: {}", d.reason);
@@ -246,9 +250,15 @@ pub fn compile_snapshot(own: &SpiffeId, snap: &pb::PolicySnapshot) -> Result<Pol
 /// Decides a connection. CUSTOM policies come first in the order; this proxy has no external
 /// authorizer client yet, so a connection a CUSTOM policy covers is denied (fail closed), never
 /// silently admitted past the authorizer it names.
-pub fn decide(set: &PolicySet, src: &SpiffeId, port: u16) -> tessera_policy::Decision {
+pub fn decide(
+    set: &PolicySet,
+    src: &SpiffeId,
+    port: u16,
+    addrs: &Addresses,
+    req: Option<&tessera_policy::HttpRequest<'_>>,
+) -> tessera_policy::Decision {
     if set.has_custom()
-        && let Some(c) = set.custom_checks(src, port, None).into_iter().next()
+        && let Some(c) = set.custom_checks(src, port, addrs, req).into_iter().next()
     {
         return tessera_policy::Decision::custom_denied(
             c.policy,
@@ -258,7 +268,7 @@ pub fn decide(set: &PolicySet, src: &SpiffeId, port: u16) -> tessera_policy::Dec
             ),
         );
     }
-    set.decide(src, port)
+    set.decide_request(src, port, addrs, req)
 }
 
 /// How long an authorized connection may live.
@@ -395,8 +405,8 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
         let bar = Arc::new(SpiffeId::parse("spiffe://example.org/bar").unwrap());
-        let mut f = registry.register(foo, 5432, None, Arc::default());
-        let b = registry.register(bar, 5432, None, Arc::default());
+        let mut f = registry.register(foo, 5432, Addresses::default(), None, Arc::default());
+        let b = registry.register(bar, 5432, Addresses::default(), None, Arc::default());
         let set = compile_snapshot(
             &own,
             &snap(
@@ -429,12 +439,24 @@ mod tests {
                 .as_secs(),
         )
         .unwrap();
-        let mut expired = registry.register(foo.clone(), 1, Some(now - 1), Arc::default());
+        let mut expired = registry.register(
+            foo.clone(),
+            1,
+            Addresses::default(),
+            Some(now - 1),
+            Arc::default(),
+        );
         let why = tokio::time::timeout(Duration::from_secs(1), expired.wait())
             .await
             .unwrap();
         assert!(why.contains("expired"), "{why}");
-        let mut later = registry.register(foo, 1, Some(now + 3600), Arc::default());
+        let mut later = registry.register(
+            foo,
+            1,
+            Addresses::default(),
+            Some(now + 3600),
+            Arc::default(),
+        );
         assert!(
             tokio::time::timeout(Duration::from_millis(50), later.wait())
                 .await
@@ -449,7 +471,13 @@ mod tests {
         let svid = ca.issue("spiffe://example.org/foo");
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
-        let conn = registry.register(foo, 1, None, Arc::new(svid.chain.clone()));
+        let conn = registry.register(
+            foo,
+            1,
+            Addresses::default(),
+            None,
+            Arc::new(svid.chain.clone()),
+        );
         let mut set = tessera_spiffe::BundleSet::new();
         set.upsert(ca.bundle());
         assert_eq!(registry.reverify(&set), 0);
@@ -482,10 +510,10 @@ mod tests {
         )
         .unwrap();
         let src = SpiffeId::parse("spiffe://example.org/web").unwrap();
-        let d = decide(&set, &src, 80);
+        let d = decide(&set, &src, 80, &Addresses::default(), None);
         assert!(!d.allowed);
         assert_eq!(d.reason.policy(), Some("ext"));
-        assert!(decide(&set, &src, 81).allowed);
+        assert!(decide(&set, &src, 81, &Addresses::default(), None).allowed);
     }
 
     #[test]

@@ -81,6 +81,15 @@ name = "no-admin-writes"
 action = "DENY"
 [[policy.rules]]
 to = { methods = ["POST"], paths = ["/admin*"] }
+
+[[policy]]
+name = "no-beta-clients"
+action = "DENY"
+[[policy.rules]]
+when = [
+  { key = "request.headers[X-Client]", values = ["beta*"] },
+  { key = "source.ip", values = ["127.0.0.0/8"] },
+]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,11 +114,12 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
         .unwrap();
     let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
     tokio::spawn(conn);
-    let mut call = async |method: &str, path: &str| {
+    let mut call_with = async |method: &str, path: &str, client: &str| {
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "bar.example")
+            .header("x-client", client)
             .body(Empty::<Bytes>::new())
             .unwrap();
         h1.ready().await.unwrap();
@@ -118,6 +128,7 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
     };
+    let mut call = async |method: &str, path: &str| call_with(method, path, "stable").await;
     assert_eq!(
         call("GET", "/public/x").await,
         (200, "ok GET /public/x".into())
@@ -130,6 +141,10 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     assert!(body.contains("no ALLOW policy matched"), "{body}");
     // The connection survives denied requests.
     assert_eq!(call("GET", "/public").await.0, 200);
+    // A `when` condition on a header (and the source address) denies one client's requests.
+    let (status, body) = call_with("GET", "/public", "beta-7").await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no-beta-clients"), "{body}");
 
     // HTTP/2 through the tunnel.
     let up = foo
