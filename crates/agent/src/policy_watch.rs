@@ -47,7 +47,7 @@ fn build(
         // A document that does not parse here (a newer server's field) is skipped with a log
         // line by the proxy's compile step; the agent passes on only what applies.
         match NamedPolicy::from_json(name, doc) {
-            Ok(p) if p.applies_to(own, &local) => out.push(pb::StoredPolicy {
+            Ok(p) if p.applies_to(own, &local, Some(selectors)) => out.push(pb::StoredPolicy {
                 name: name.clone(),
                 document_json: doc.clone(),
             }),

@@ -34,6 +34,7 @@ fn bench(c: &mut Criterion) {
                     when: vec![],
                 }],
                 targets: vec![],
+                selectors: vec![],
                 provider: None,
                 dry_run: false,
             },

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use tessera_spiffe::{SpiffeId, TrustDomain};
+use tessera_spiffe::{Selector, SpiffeId, TrustDomain};
 
 /// What a matching policy does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -46,6 +46,13 @@ pub struct PolicyDocument {
     /// syntax). Empty: every workload (mesh-wide).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<String>,
+    /// The destination workloads this policy applies to, by attested selectors
+    /// (`k8s:ns:payments`, `netns:name:bar`, `unix:uid:1000`): a workload is covered when its
+    /// selectors include all of these, as an entry's selectors match a workload. With
+    /// `targets` too, both must cover it. The agent matches them (it attested the workload);
+    /// a proxy's local policy file cannot use them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selectors: Vec<String>,
     /// CUSTOM only: the external authorizer's name (a provider configured on the proxy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
@@ -61,6 +68,7 @@ impl PolicyDocument {
             action,
             rules,
             targets: Vec::new(),
+            selectors: Vec::new(),
             provider: None,
             dry_run: false,
         }
@@ -688,6 +696,11 @@ pub(crate) fn validate(name: &str, doc: &PolicyDocument) -> Result<(), PolicyErr
     }
     for (i, t) in doc.targets.iter().enumerate() {
         parse_principal(name, &format!("targets[{i}]"), t)?;
+    }
+    for (i, s) in doc.selectors.iter().enumerate() {
+        Selector::parse(s).map_err(|e| {
+            PolicyError::new(name, format!("selectors[{i}]"), format!("{s:?}: {e}"))
+        })?;
     }
     for (r, rule) in doc.rules.iter().enumerate() {
         if let Some(from) = &rule.from {

@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tessera_spiffe::{SpiffeId, TrustDomain};
+use tessera_spiffe::{Selector, SpiffeId, TrustDomain};
 
 pub use document::{
     Action, Addresses, Condition, DefaultAction, HttpRequest, PolicyDocument, PolicyError, Rule,
@@ -61,18 +61,33 @@ impl NamedPolicy {
         document::validate(&self.name, &self.document)
     }
 
-    /// Whether this policy applies to the destination workload `id`: mesh-wide (no `targets`)
-    /// or a target pattern covers it. An invalid pattern covers nothing.
-    pub fn applies_to(&self, id: &SpiffeId, local: &TrustDomain) -> bool {
-        if self.document.targets.is_empty() {
-            return true;
-        }
+    /// Whether this policy applies to the destination workload `id` with the attested
+    /// `selectors`: mesh-wide (no `targets`, no `selectors`), or a target pattern covers `id`
+    /// (when `targets` are given) and the workload has every selector listed (when `selectors`
+    /// are given). `selectors: None`: they were matched already by whoever sent this policy
+    /// (the agent, which attested the workload). An invalid pattern covers nothing.
+    pub fn applies_to(
+        &self,
+        id: &SpiffeId,
+        local: &TrustDomain,
+        selectors: Option<&BTreeSet<Selector>>,
+    ) -> bool {
         let is_local = id.is_member_of(local);
-        self.document.targets.iter().any(|t| {
-            document::parse_principal(&self.name, "targets", t)
-                .map(|p| document::principal_matches(&p, id, is_local))
-                .unwrap_or(false)
-        })
+        let by_id = self.document.targets.is_empty()
+            || self.document.targets.iter().any(|t| {
+                document::parse_principal(&self.name, "targets", t)
+                    .map(|p| document::principal_matches(&p, id, is_local))
+                    .unwrap_or(false)
+            });
+        let by_selectors = match selectors {
+            None => true,
+            Some(have) => self
+                .document
+                .selectors
+                .iter()
+                .all(|s| Selector::parse(s).is_ok_and(|s| have.contains(&s))),
+        };
+        by_id && by_selectors
     }
 }
 
@@ -124,6 +139,8 @@ struct FilePolicy {
     rules: Vec<Rule>,
     #[serde(default)]
     targets: Vec<String>,
+    #[serde(default)]
+    selectors: Vec<String>,
     #[serde(default)]
     provider: Option<String>,
     #[serde(default)]
@@ -267,7 +284,8 @@ impl PolicySet {
     }
 
     /// Compiles the policies that apply to the destination workload `own` (mesh-wide ones and
-    /// those whose `targets` cover it); `*` stands for `own`'s trust domain.
+    /// those whose `targets` cover it; `selectors` were matched by the agent that sent them);
+    /// `*` stands for `own`'s trust domain.
     pub fn for_workload(
         own: &SpiffeId,
         default: DefaultAction,
@@ -276,7 +294,7 @@ impl PolicySet {
         let local = own.trust_domain();
         let mine: Vec<NamedPolicy> = policies
             .iter()
-            .filter(|p| p.applies_to(own, &local))
+            .filter(|p| p.applies_to(own, &local, None))
             .cloned()
             .collect();
         Self::new(local, default, &mine)
@@ -371,6 +389,15 @@ impl PolicySet {
         default: DefaultAction,
     ) -> Result<Self, PolicyError> {
         let (file_default, policies) = parse_file(toml_text)?;
+        if let Some(p) = policies.iter().find(|p| !p.document.selectors.is_empty()) {
+            // Only the agent knows a workload's attested selectors; a local file is this
+            // proxy's own, so it names its targets by SPIFFE ID.
+            return Err(PolicyError::new(
+                &p.name,
+                "selectors",
+                "selector targets are matched by the agent; a local policy file targets by SPIFFE ID (`targets`)",
+            ));
+        }
         Self::for_workload(own, file_default.unwrap_or(default), &policies)
     }
 
@@ -545,6 +572,7 @@ fn parse_file(toml_text: &str) -> Result<(Option<DefaultAction>, Vec<NamedPolicy
                 action: p.action,
                 rules: p.rules,
                 targets: p.targets,
+                selectors: p.selectors,
                 provider: p.provider,
                 dry_run: p.dry_run,
             },

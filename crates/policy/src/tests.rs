@@ -227,6 +227,7 @@ fn ten_thousand_rules_still_pick_the_right_one() {
                     when: vec![],
                 }],
                 targets: vec![],
+                selectors: vec![],
                 provider: None,
                 dry_run: false,
             },
@@ -573,4 +574,44 @@ fn bad_when_conditions_name_the_field() {
     )
     .unwrap_err();
     assert_eq!(e.field, "rules[0].when[0].key");
+}
+
+#[test]
+fn selector_targets_cover_workloads_with_every_selector() {
+    let p = NamedPolicy::from_json(
+        "payments-only",
+        r#"{"action":"DENY","rules":[{}],"targets":["spiffe://example.org/svc/*"],"selectors":["k8s:ns:payments","unix:uid:1000"]}"#,
+    )
+    .unwrap();
+    let local = td("example.org");
+    let sel = |l: &[&str]| -> BTreeSet<Selector> {
+        l.iter().map(|s| Selector::parse(s).unwrap()).collect()
+    };
+    let svc = id("spiffe://example.org/svc/a");
+    let both = sel(&["k8s:ns:payments", "unix:uid:1000", "unix:gid:5"]);
+    assert!(p.applies_to(&svc, &local, Some(&both)));
+    assert!(
+        !p.applies_to(&svc, &local, Some(&sel(&["k8s:ns:payments"]))),
+        "one selector missing"
+    );
+    assert!(
+        !p.applies_to(&id("spiffe://example.org/db"), &local, Some(&both)),
+        "targets and selectors both apply"
+    );
+    // Matched already by the agent that sent it.
+    assert!(p.applies_to(&svc, &local, None));
+    // Mesh-wide without either.
+    let all = NamedPolicy::from_json("all", r#"{"action":"DENY","rules":[{}]}"#).unwrap();
+    assert!(all.applies_to(&svc, &local, Some(&BTreeSet::new())));
+    // A bad selector names the field; a local policy file cannot target by selector.
+    let e =
+        NamedPolicy::from_json("bad", r#"{"action":"DENY","selectors":["nocolon"]}"#).unwrap_err();
+    assert_eq!(e.field, "selectors[0]");
+    let e = PolicySet::from_toml_for_workload(
+        &svc,
+        "[[policy]]\nname = \"s\"\naction = \"DENY\"\nselectors = [\"k8s:ns:x\"]\n",
+        DefaultAction::Deny,
+    )
+    .unwrap_err();
+    assert_eq!((e.policy.as_str(), e.field.as_str()), ("s", "selectors"));
 }

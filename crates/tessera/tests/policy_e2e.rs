@@ -108,6 +108,35 @@ async fn a_policy_created_with_the_cli_reaches_the_proxy_and_closes_a_live_conne
     assert_eq!(&buf, b"ping");
     assert_eq!(proxy.connections.len(), 1);
 
+    // Selector targets, matched by the agent against the proxy's attested selectors: the
+    // policy for this process's uid reaches the proxy, the one for another uid does not.
+    let uid = support::my_uid();
+    let sel = dir.path().join("selectors.json");
+    std::fs::write(
+        &sel,
+        format!(
+            r#"[{{"name":"for-others","action":"DENY","rules":[{{}}],"selectors":["unix:uid:{}"]}},
+                {{"name":"for-me","action":"AUDIT","rules":[{{}}],"selectors":["unix:uid:{uid}"]}}]"#,
+            uid + 1
+        ),
+    )
+    .unwrap();
+    policy_cli(&d.admin_socket, &["apply", "-f", sel.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.policy.load().len() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the selector-targeted policy never reached the proxy ({} policies)",
+            proxy.policy.load().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(proxy.policy.load().len(), 2, "for-others reached the proxy");
+    assert!(open().await.is_ok(), "a DENY for another uid applied here");
+    policy_cli(&d.admin_socket, &["delete", "for-others"]);
+    policy_cli(&d.admin_socket, &["delete", "for-me"]);
+
     let deny = dir.path().join("deny.json");
     std::fs::write(
         &deny,
