@@ -44,6 +44,8 @@ pub struct Inbound {
     registry: Arc<crate::live::Registry>,
     max_age: crate::live::MaxConnectionAge,
     authorizers: Arc<crate::authz::Authorizers>,
+    /// Where connections to the application are made (this namespace or the workload's).
+    sockets: crate::sockets::Sockets,
 }
 
 impl Inbound {
@@ -64,7 +66,15 @@ impl Inbound {
             registry: Arc::default(),
             max_age: crate::live::MaxConnectionAge::Svid,
             authorizers: Arc::default(),
+            sockets: crate::sockets::Sockets::default(),
         }
+    }
+
+    /// Makes connections to the application with `sockets` (a node proxy: inside the
+    /// workload's network namespace).
+    pub fn with_sockets(mut self, sockets: crate::sockets::Sockets) -> Self {
+        self.sockets = sockets;
+        self
     }
 
     /// External authorizers for CUSTOM policies.
@@ -259,7 +269,7 @@ impl Inbound {
             return Err((StatusCode::FORBIDDEN, decision.reason.to_string()));
         }
         let app_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.port());
-        let app = match crate::outbound::connect_marked(app_addr, None).await {
+        let app = match self.sockets.connect(app_addr, false).await {
             Ok(app) => app,
             Err(e) => {
                 return Err((
@@ -417,7 +427,7 @@ impl Inbound {
                     (InboundMode::Permissive, Some(t)) => {
                         tracing::warn!(%peer, port = t.port(), "PERMISSIVE: plaintext connection without identity admitted");
                         let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), t.port());
-                        match crate::outbound::connect_marked(app, None).await {
+                        match this.sockets.connect(app, false).await {
                             Ok(mut a) => {
                                 rec.decision = "allow";
                                 rec.reason = "PERMISSIVE plaintext, no identity".into();

@@ -23,6 +23,7 @@ pub mod outbound;
 pub mod pool;
 pub mod readahead;
 pub mod run;
+pub mod sockets;
 pub mod stream;
 pub mod telemetry;
 pub mod tls;

@@ -15,7 +15,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tessera_spiffe::SpiffeId;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::{DestinationMap, OutboundListener, Unmapped};
 use crate::identity::Identity;
@@ -23,7 +23,7 @@ use crate::readahead::ReadAhead;
 use crate::telemetry::{AccessRecord, Direction, Telemetry};
 use crate::tls::{ClientConfigs, TunnelProtocol};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::sockets::CONNECT_TIMEOUT;
 
 /// Why a tunnel stream could not be opened; the text goes to the access log.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +55,8 @@ pub struct Outbound {
     pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
     pooling: bool,
     protocol: TunnelProtocol,
-    mark: Option<u32>,
+    /// Where connections are made (this namespace or a workload's) and their mark.
+    sockets: crate::sockets::Sockets,
     telemetry: Arc<Telemetry>,
 }
 
@@ -71,7 +72,7 @@ impl Outbound {
         identity: Arc<Identity>,
         telemetry: Arc<Telemetry>,
         pooling: bool,
-        mark: Option<u32>,
+        sockets: crate::sockets::Sockets,
     ) -> Self {
         Self {
             identity,
@@ -79,7 +80,7 @@ impl Outbound {
             pool: Mutex::new(HashMap::new()),
             pooling,
             protocol: TunnelProtocol::H2,
-            mark,
+            sockets,
             telemetry,
         }
     }
@@ -145,7 +146,9 @@ impl Outbound {
             .configs
             .get(&self.identity, dst_id)
             .ok_or(TunnelError::NoIdentity)?;
-        let tcp = connect_marked(tunnel, self.mark)
+        let tcp = self
+            .sockets
+            .connect(tunnel, true)
             .await
             .map_err(|e| TunnelError::Connect(tunnel, e.to_string()))?;
         // The server name is not what is verified (the SPIFFE ID is); an IP address sends no SNI.
@@ -386,7 +389,7 @@ impl Outbound {
             }
             Unmapped::Passthrough => {
                 tracing::warn!(%target, "unmapped destination passed through in PLAINTEXT");
-                match connect_marked(target, self.mark).await {
+                match self.sockets.connect(target, true).await {
                     Ok(mut upstream) => {
                         let r = crate::copy::bidirectional(&mut client, &mut upstream).await;
                         rec.decision = "allow";
@@ -402,24 +405,4 @@ impl Outbound {
         }
         self.telemetry.record(rec, start.elapsed());
     }
-}
-
-/// A TCP connection carrying the proxy's socket mark (when set), which the interception rules
-/// exempt, so the proxy's own traffic is not redirected back into itself.
-pub(crate) async fn connect_marked(
-    addr: SocketAddr,
-    mark: Option<u32>,
-) -> std::io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if let Some(m) = mark {
-        crate::transparent::set_mark(&sock, m)?;
-    }
-    sock.set_nodelay(true)?;
-    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }

@@ -49,6 +49,9 @@ pub struct ProxyOptions {
     pub protocol: crate::tls::TunnelProtocol,
     /// Socket mark of the proxy's outbound connections (transparent mode).
     pub mark: Option<u32>,
+    /// Node mode: every listener and connection is made inside this workload's network
+    /// namespace (`None`: the proxy's own).
+    pub netns: Option<Arc<crate::sockets::Netns>>,
 }
 
 impl ProxyOptions {
@@ -67,6 +70,7 @@ impl ProxyOptions {
             pooling: true,
             protocol: crate::tls::TunnelProtocol::H2,
             mark: None,
+            netns: None,
         }
     }
 }
@@ -127,10 +131,19 @@ pub fn compile_policy_for(
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
+async fn bind(
+    sockets: &crate::sockets::Sockets,
+    addr: SocketAddr,
+    what: &str,
+) -> Result<TcpListener, String> {
+    let ns = sockets
+        .netns()
+        .map(|n| format!(" in network namespace {}", n.name()))
+        .unwrap_or_default();
+    sockets
+        .listen(addr)
         .await
-        .map_err(|e| format!("{what}: cannot listen on {addr}: {e}"))
+        .map_err(|e| format!("{what}: cannot listen on {addr}{ns}: {e}"))
 }
 
 /// Waits for the first SVID, then serves. Listeners are bound only once the proxy has an
@@ -171,6 +184,10 @@ pub async fn start(
         )));
     }
 
+    let sockets = match &opts.netns {
+        Some(ns) => crate::sockets::Sockets::in_netns(ns.clone(), opts.mark),
+        None => crate::sockets::Sockets::here(opts.mark),
+    };
     let inbound = Arc::new(
         Inbound::new(
             identity.clone(),
@@ -181,35 +198,41 @@ pub async fn start(
         )
         .with_registry(connections.clone())
         .with_authorizers(authorizers)
-        .with_max_connection_age(opts.max_connection_age),
+        .with_max_connection_age(opts.max_connection_age)
+        .with_sockets(sockets.clone()),
     );
     if opts.max_connection_age == crate::live::MaxConnectionAge::Unlimited {
         tracing::warn!(
             "max_connection_age = \"unlimited\": connections may outlive the peer certificate they were authorized with"
         );
     }
-    let tunnel = bind(opts.tunnel_addr, "tunnel").await?;
+    let tunnel = bind(&sockets, opts.tunnel_addr, "tunnel").await?;
     let tunnel_addr = tunnel.local_addr().map_err(|e| e.to_string())?;
     tasks.push(tokio::spawn(inbound.clone().serve_tunnel(tunnel)));
 
     let outbound = Arc::new(
-        Outbound::new(identity.clone(), telemetry.clone(), opts.pooling, opts.mark)
-            .with_protocol(opts.protocol),
+        Outbound::new(
+            identity.clone(),
+            telemetry.clone(),
+            opts.pooling,
+            sockets.clone(),
+        )
+        .with_protocol(opts.protocol),
     );
     let mut outbound_addrs = Vec::new();
     for spec in opts.outbound {
-        let l = bind(spec.listen, "--outbound").await?;
+        let l = bind(&sockets, spec.listen, "--outbound").await?;
         outbound_addrs.push(l.local_addr().map_err(|e| e.to_string())?);
         tasks.push(tokio::spawn(outbound.clone().serve_explicit(l, spec)));
     }
     if let Some(t) = opts.transparent {
-        let l = bind(t.outbound_addr, "transparent outbound").await?;
+        let l = bind(&sockets, t.outbound_addr, "transparent outbound").await?;
         tasks.push(tokio::spawn(outbound.clone().serve_transparent(
             l,
             Arc::new(t.destinations),
             t.unmapped,
         )));
-        let p = bind(t.inbound_plaintext_addr, "transparent inbound").await?;
+        let p = bind(&sockets, t.inbound_plaintext_addr, "transparent inbound").await?;
         if t.inbound_mode == InboundMode::Permissive {
             tracing::warn!(
                 "inbound mode PERMISSIVE: plaintext connections WITHOUT identity are admitted to declared ports"

@@ -1,0 +1,208 @@
+//! Where the proxy's sockets are made. A sidecar makes them in its own network namespace; a node
+//! proxy serving several workloads makes each workload's sockets inside that workload's network
+//! namespace (issue 10), so its listeners are the workload's own ports and its connections leave
+//! from the workload's address.
+//!
+//! A socket belongs to the network namespace of the thread that created it, for its whole life.
+//! Entering a namespace (`setns`) changes the calling thread, so it is never done on an async
+//! worker (every task on that worker would silently move with it): each namespace gets one
+//! dedicated OS thread that enters it once and then only creates sockets (and runs setup
+//! commands such as `iptables`) on request. The sockets are then driven by the async runtime
+//! like any other.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// How long a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread inside one network namespace, making sockets there. The namespace stays alive (the
+/// file descriptor pins it) until this is dropped.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    jobs: Mutex<mpsc::Sender<Job>>,
+}
+
+impl Netns {
+    /// Starts the thread and enters the network namespace `fd` refers to (`name` is for logs
+    /// and errors). Fails when `fd` is not a network namespace: `setns` with `CLONE_NEWNET`
+    /// checks the namespace type (setns(2)).
+    pub fn enter(fd: OwnedFd, name: &str) -> std::io::Result<Arc<Self>> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<()>>();
+        let thread_name = format!("netns-{name}");
+        std::thread::Builder::new()
+            .name(thread_name.chars().take(15).collect())
+            .spawn(move || {
+                let entered = nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if !ok {
+                    return;
+                }
+                // Runs until the last sender (the `Netns`) is dropped; `fd` is held until then.
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+                drop(fd);
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the namespace thread ended"))?
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("{name}: cannot enter the network namespace: {e}"),
+                )
+            })?;
+        Ok(Arc::new(Self {
+            name: name.to_owned(),
+            jobs: Mutex::new(jobs),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `f` on the namespace's thread and waits for its result without blocking the
+    /// runtime.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Box::new(move || {
+            let _ = tx.send(f());
+        }))?;
+        rx.await.map_err(|_| {
+            std::io::Error::other(format!("{}: the namespace thread ended", self.name))
+        })
+    }
+
+    /// Runs `f` on the namespace's thread, blocking the caller (set-up code off the runtime).
+    pub fn run_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<T> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(Box::new(move || {
+            let _ = tx.send(f());
+        }))?;
+        rx.recv().map_err(|_| {
+            std::io::Error::other(format!("{}: the namespace thread ended", self.name))
+        })
+    }
+
+    fn submit(&self, job: Job) -> std::io::Result<()> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| {
+                std::io::Error::other(format!("{}: the namespace thread ended", self.name))
+            })
+    }
+}
+
+/// The proxy's socket factory: the namespace sockets are made in, and the mark its own
+/// connections carry (so interception rules let them pass).
+#[derive(Debug, Clone, Default)]
+pub struct Sockets {
+    netns: Option<Arc<Netns>>,
+    mark: Option<u32>,
+}
+
+impl Sockets {
+    /// Sockets in the proxy's own namespace.
+    pub fn here(mark: Option<u32>) -> Self {
+        Self { netns: None, mark }
+    }
+
+    /// Sockets in a workload's namespace.
+    pub fn in_netns(netns: Arc<Netns>, mark: Option<u32>) -> Self {
+        Self {
+            netns: Some(netns),
+            mark,
+        }
+    }
+
+    pub fn netns(&self) -> Option<&Arc<Netns>> {
+        self.netns.as_ref()
+    }
+
+    async fn socket(&self, v4: bool) -> std::io::Result<TcpSocket> {
+        let make = move || {
+            if v4 {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+        };
+        match &self.netns {
+            None => make(),
+            Some(ns) => ns.run(make).await?,
+        }
+    }
+
+    /// A TCP connection; `marked`: it carries the proxy's mark (connections the interception
+    /// rules must not redirect back into the proxy).
+    pub async fn connect(&self, addr: SocketAddr, marked: bool) -> std::io::Result<TcpStream> {
+        let sock = self.socket(addr.is_ipv4()).await?;
+        if let (true, Some(m)) = (marked, self.mark) {
+            crate::transparent::set_mark(&sock, m)?;
+        }
+        sock.set_nodelay(true)?;
+        tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+    }
+
+    /// A listener on `addr`.
+    pub async fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let bind = move || -> std::io::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let l = match &self.netns {
+            None => return TcpListener::bind(addr).await,
+            Some(ns) => ns.run(bind).await??,
+        };
+        TcpListener::from_std(l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_a_network_namespace_is_refused() {
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        let e = Netns::enter(f.into(), "not-a-netns").unwrap_err();
+        assert!(e.to_string().contains("not-a-netns"), "{e}");
+        // Another namespace type: the mount namespace.
+        if let Ok(f) = std::fs::File::open("/proc/self/ns/mnt") {
+            assert!(Netns::enter(f.into(), "mnt").is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn sockets_here_listen_and_connect() {
+        let s = Sockets::here(None);
+        let l = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = s.connect(addr, true).await.unwrap();
+        assert_eq!(c.peer_addr().unwrap(), addr);
+    }
+}
