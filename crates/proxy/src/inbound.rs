@@ -103,7 +103,8 @@ impl Inbound {
             };
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
-            tokio::spawn(async move { this.connection(tcp, peer).await });
+            self.sockets
+                .spawn(async move { this.connection(tcp, peer).await });
         }
     }
 
@@ -331,7 +332,7 @@ impl Inbound {
             }
         };
         let telemetry = self.telemetry.clone();
-        tokio::spawn(async move {
+        self.sockets.spawn(async move {
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     relay(&telemetry, &mut rec, TokioIo::new(upgraded), admitted).await;
@@ -406,7 +407,7 @@ impl Inbound {
                 continue;
             };
             let this = self.clone();
-            tokio::spawn(async move {
+            self.sockets.spawn(async move {
                 let start = Instant::now();
                 let mut rec = AccessRecord::new(Direction::InboundPlaintext);
                 rec.src_addr = Some(peer);

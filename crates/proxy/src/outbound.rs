@@ -250,7 +250,7 @@ impl Outbound {
             .map_err(|e| TunnelError::H2(tunnel, e.to_string()))?;
         let pooled = self.telemetry.pooled.clone();
         pooled.inc();
-        tokio::spawn(async move {
+        self.sockets.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %tunnel, "tunnel connection ended");
             }
@@ -315,7 +315,7 @@ impl Outbound {
             let _ = client.set_nodelay(true);
             let this = self.clone();
             let spec = spec.clone();
-            tokio::spawn(async move {
+            self.sockets.spawn(async move {
                 let target = match tokio::net::lookup_host(spec.destination.as_str()).await {
                     Ok(mut addrs) => addrs.next(),
                     Err(_) => None,
@@ -349,7 +349,7 @@ impl Outbound {
             let _ = client.set_nodelay(true);
             let this = self.clone();
             let map = map.clone();
-            tokio::spawn(async move {
+            self.sockets.spawn(async move {
                 let target = match crate::transparent::original_dst(&client) {
                     Ok(t) => t,
                     Err(e) => {

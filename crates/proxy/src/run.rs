@@ -85,13 +85,14 @@ pub struct RunningProxy {
     pub connections: Arc<crate::live::Registry>,
     pub outbound: Arc<Outbound>,
     tasks: Vec<JoinHandle<()>>,
+    /// Where this proxy's sockets live; its drain switch ends every connection.
+    sockets: crate::sockets::Sockets,
 }
 
 impl RunningProxy {
+    /// Stops listening and closes every connection at once.
     pub fn shutdown(self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        drop(self);
     }
 }
 
@@ -100,6 +101,7 @@ impl Drop for RunningProxy {
         for t in &self.tasks {
             t.abort();
         }
+        self.sockets.drain();
     }
 }
 
@@ -248,6 +250,7 @@ pub async fn start(
         connections,
         outbound,
         tasks,
+        sockets,
     })
 }
 

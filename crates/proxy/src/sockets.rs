@@ -115,16 +115,22 @@ impl Netns {
 
 /// The proxy's socket factory: the namespace sockets are made in, and the mark its own
 /// connections carry (so interception rules let them pass).
+/// Also the proxy's drain switch: every connection task is spawned through [`Sockets::spawn`], so
+/// [`Sockets::drain`] ends them all at once (a node proxy detaching a workload).
 #[derive(Debug, Clone, Default)]
 pub struct Sockets {
     netns: Option<Arc<Netns>>,
     mark: Option<u32>,
+    drain: tokio_util::sync::CancellationToken,
 }
 
 impl Sockets {
     /// Sockets in the proxy's own namespace.
     pub fn here(mark: Option<u32>) -> Self {
-        Self { netns: None, mark }
+        Self {
+            mark,
+            ..Self::default()
+        }
     }
 
     /// Sockets in a workload's namespace.
@@ -132,7 +138,28 @@ impl Sockets {
         Self {
             netns: Some(netns),
             mark,
+            ..Self::default()
         }
+    }
+
+    /// Spawns a connection task that [`Self::drain`] ends.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let drain = self.drain.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = drain.cancelled() => {}
+                () = task => {}
+            }
+        })
+    }
+
+    /// Ends every task spawned through [`Self::spawn`] (their sockets close) and refuses new
+    /// ones from then on.
+    pub fn drain(&self) {
+        self.drain.cancel();
     }
 
     pub fn netns(&self) -> Option<&Arc<Netns>> {
@@ -195,6 +222,27 @@ mod tests {
         if let Ok(f) = std::fs::File::open("/proc/self/ns/mnt") {
             assert!(Netns::enter(f.into(), "mnt").is_err());
         }
+    }
+
+    #[tokio::test]
+    async fn drain_ends_connection_tasks() {
+        let s = Sockets::here(None);
+        let l = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut c = s.connect(addr, false).await.unwrap();
+        let (mut held, _) = l.accept().await.unwrap();
+        // A task that would hold the accepted socket forever.
+        let t = s.spawn(async move {
+            let mut b = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut held, &mut b).await;
+            std::future::pending::<()>().await;
+        });
+        s.drain();
+        t.await.unwrap();
+        // The socket was dropped with the task: the peer sees EOF.
+        let mut b = [0u8; 1];
+        let n = tokio::io::AsyncReadExt::read(&mut c, &mut b).await.unwrap();
+        assert_eq!(n, 0);
     }
 
     #[tokio::test]

@@ -112,7 +112,7 @@ fn one_process_serves_two_workloads_inside_their_namespaces() {
         .unwrap();
     let ca = TestCa::new("example.org");
     let (foo_ns, bar_ns) = (netns(&foo), netns(&bar));
-    let (_bar_proxy, bar_log, _foo_proxy) = rt.block_on(async {
+    let (bar_proxy, bar_log, _foo_proxy) = rt.block_on(async {
         let policy = concat!(
             "[[policy]]\nname = \"bar-from-foo\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
             "from = { principals = [\"spiffe://example.org/foo\"] }\n",
@@ -166,5 +166,23 @@ fn one_process_serves_two_workloads_inside_their_namespaces() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // Detaching bar (its instance stopped) ends its listeners and live connections at once.
+    let mut live = in_netns(&foo, || TcpStream::connect(("127.0.0.1", 9000)).unwrap());
+    live.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    live.write_all(b"live").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    let t0 = std::time::Instant::now();
+    {
+        let _guard = rt.enter();
+        bar_proxy.shutdown();
+    }
+    let n = live.read(&mut b).unwrap_or(0);
+    assert_eq!(n, 0, "the live connection outlived bar's detach");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let refused = in_netns(&bar, || TcpStream::connect((BAR_IP, 15008)).is_err());
+    assert!(refused, "bar's tunnel port still accepts after detach");
     drop(rt);
 }
