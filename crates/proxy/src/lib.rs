@@ -19,6 +19,7 @@ pub mod identity;
 pub mod inbound;
 pub mod l7;
 pub mod live;
+pub mod node;
 pub mod outbound;
 pub mod pool;
 pub mod readahead;

@@ -1,9 +1,11 @@
-//! Node mode's data path (issue 10): one process serves two workloads, each proxy instance making
-//! every socket inside its workload's network namespace (`ProxyOptions::netns`) from a dedicated
-//! thread. foo's outbound listener is foo's own 127.0.0.1:9000, its tunnel connection leaves
-//! from foo's address, bar's tunnel port is bar's 15008 and bar's application is reached on
-//! bar's loopback; the same data path and policy as sidecar mode. A file that is not a network
-//! namespace is refused.
+//! Node mode's data path (issue 10): one process (`NodeProxy`) serves three workloads, each
+//! through a proxy instance whose sockets all live inside the workload's network namespace, with
+//! interception rules installed in that namespace from the namespace's thread. foo connects
+//! directly to bar's address; foo's namespace redirects it to foo's instance, which tunnels with
+//! foo's own key from foo's address; bar's instance admits foo by identity and reaches bar's
+//! application on bar's loopback. baz, on the same node, is denied by bar's policy (pushed per
+//! workload, as the agent's delegated stream does). Detaching bar ends its connections at once.
+//! A file that is not a network namespace is refused.
 //!
 //! Needs root (CI runs as root); skipped with a reason otherwise, failing instead under CI=true.
 
@@ -12,18 +14,24 @@
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls_pki_types::PrivateKeyDer;
-use tessera_proxy::config::{InboundPort, OutboundListener};
-use tessera_proxy::sockets::Netns;
-use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
+use tessera_proto::v1 as pb;
+use tessera_proxy::config::{
+    self, Destination, DestinationMap, InboundMode, InboundPort, Protocol, Unmapped,
+};
+use tessera_proxy::node::{NodeProxy, WorkloadEvent, WorkloadSvid};
+use tessera_proxy::run::TransparentOptions;
+use tessera_proxy::transparent::RuleParams;
+use tessera_proxy::{ProxyOptions, Telemetry};
 use tessera_spiffe::{BundleSet, SpiffeId};
 use tessera_test_util::TestCa;
 use tessera_test_util::netns::{Net, in_netns, usable};
 
 const FOO_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const BAR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const BAZ_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 
 #[derive(Clone, Default)]
 struct Log(Arc<Mutex<Vec<u8>>>);
@@ -39,57 +47,53 @@ impl std::io::Write for Log {
 }
 
 impl Log {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    fn records(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]).to_owned();
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn wait_for(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.records().into_iter().find(&pred) {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "{what}: {:#?}", self.records());
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 }
 
-fn identity(ca: &TestCa, id: &str) -> Arc<Identity> {
-    let i = Identity::new();
-    let svid = ca.issue(id);
-    let mut b = BundleSet::new();
-    b.upsert(ca.bundle());
-    i.update(svid.chain, PrivateKeyDer::Pkcs8(svid.key), b)
-        .unwrap();
-    i
-}
-
-fn netns(ns: &str) -> Arc<Netns> {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
-    Netns::enter(f.into(), ns).unwrap()
-}
-
-async fn instance(
-    identity: Arc<Identity>,
-    ns: Arc<Netns>,
-    edit: impl FnOnce(&mut ProxyOptions),
-) -> (RunningProxy, Log) {
-    let log = Log::default();
-    let mut reg = prometheus_client::registry::Registry::default();
-    let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
-    let mut opts = ProxyOptions::new("0.0.0.0:15008".parse().unwrap());
-    opts.netns = Some(ns);
-    opts.default_action = tessera_policy::DefaultAction::Deny;
-    edit(&mut opts);
-    (
-        tessera_proxy::start(opts, identity, telemetry)
-            .await
-            .unwrap(),
-        log,
-    )
-}
-
-#[test]
-fn one_process_serves_two_workloads_inside_their_namespaces() {
-    if !usable("one_process_serves_two_workloads_inside_their_namespaces") {
-        return;
+fn svid(ca: &TestCa, id: &str) -> WorkloadSvid {
+    let s = ca.issue(id);
+    let mut bundles = BundleSet::new();
+    bundles.upsert(ca.bundle());
+    WorkloadSvid {
+        chain: s.chain,
+        key: PrivateKeyDer::Pkcs8(s.key),
+        bundles,
     }
-    let mut net = Net::new();
-    let foo = net.node("foo", FOO_IP);
-    let bar = net.node("bar", BAR_IP);
-    // bar's application, on bar's loopback only.
-    let app = in_netns(&bar, || {
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap()
+}
+
+fn attach(ns: &str, id: &str, svid: WorkloadSvid) -> WorkloadEvent {
+    WorkloadEvent::Attached {
+        id: id.to_owned(),
+        name: ns.to_owned(),
+        netns: std::fs::File::open(format!("/run/netns/{ns}"))
+            .unwrap()
+            .into(),
+        svid,
+    }
+}
+
+/// An echo application on `ns`'s loopback.
+fn echo_app(ns: &str, port: u16) {
+    let app = in_netns(ns, || {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap()
     });
     std::thread::spawn(move || {
         for c in app.incoming() {
@@ -104,6 +108,30 @@ fn one_process_serves_two_workloads_inside_their_namespaces() {
             });
         }
     });
+}
+
+/// From inside `ns`, straight to `to` (intercepted there): the echo of `payload`, or nothing.
+fn exchange(ns: &str, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    in_netns(ns, || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(payload).ok()?;
+        let mut b = vec![0u8; payload.len()];
+        s.read_exact(&mut b).ok()?;
+        Some(b)
+    })
+}
+
+#[test]
+fn one_node_proxy_serves_each_workload_inside_its_namespace() {
+    if !usable("one_node_proxy_serves_each_workload_inside_its_namespace") {
+        return;
+    }
+    let mut net = Net::new();
+    let foo = net.node("foo", FOO_IP);
+    let bar = net.node("bar", BAR_IP);
+    let baz = net.node("baz", BAZ_IP);
+    echo_app(&bar, 8080);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -111,78 +139,135 @@ fn one_process_serves_two_workloads_inside_their_namespaces() {
         .build()
         .unwrap();
     let ca = TestCa::new("example.org");
-    let (foo_ns, bar_ns) = (netns(&foo), netns(&bar));
-    let (bar_proxy, bar_log, _foo_proxy) = rt.block_on(async {
-        let policy = concat!(
-            "[[policy]]\nname = \"bar-from-foo\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
-            "from = { principals = [\"spiffe://example.org/foo\"] }\n",
-        );
-        let (bar_proxy, bar_log) =
-            instance(identity(&ca, "spiffe://example.org/bar"), bar_ns, |o| {
-                o.inbound = vec![InboundPort {
-                    port: 8080,
-                    protocol: tessera_proxy::config::Protocol::Tcp,
-                }];
-                o.policy = Some(("bar.toml".into(), policy.into()));
-            })
-            .await;
-        let (foo_proxy, _) = instance(identity(&ca, "spiffe://example.org/foo"), foo_ns, |o| {
-            o.outbound = vec![OutboundListener {
-                listen: "127.0.0.1:9000".parse().unwrap(),
-                destination: SocketAddr::from((BAR_IP, 8080)).to_string(),
+    let log = Log::default();
+    let mut node = rt.block_on(async {
+        let mut reg = prometheus_client::registry::Registry::default();
+        let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
+        let (outbound_addr, inbound_plaintext_addr) = tessera_proxy::run::default_transparent_addrs();
+        let mut t = ProxyOptions::new("0.0.0.0:15008".parse().unwrap());
+        t.inbound = vec![InboundPort {
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }];
+        t.mark = Some(config::DEFAULT_MARK);
+        t.transparent = Some(TransparentOptions {
+            outbound_addr,
+            inbound_plaintext_addr,
+            destinations: DestinationMap::new(vec![Destination {
+                cidr: "198.18.0.2/32".parse().unwrap(),
+                ports: vec![],
                 spiffe_id: SpiffeId::parse("spiffe://example.org/bar").unwrap(),
-            }];
+                tunnel_port: config::TUNNEL_PORT,
+            }]),
+            unmapped: Unmapped::Deny,
+            inbound_mode: InboundMode::Strict,
+        });
+        let rules = RuleParams {
+            tunnel_port: config::TUNNEL_PORT,
+            outbound_port: outbound_addr.port(),
+            inbound_plaintext_port: inbound_plaintext_addr.port(),
+            mark: config::DEFAULT_MARK,
+        };
+        let mut node = NodeProxy::new(t, Some(rules), telemetry);
+        // Not a network namespace: refused, nothing attached.
+        let not_ns = WorkloadEvent::Attached {
+            id: "w0".into(),
+            name: "not-a-netns".into(),
+            netns: std::fs::File::open("/proc/self/status").unwrap().into(),
+            svid: svid(&ca, "spiffe://example.org/nobody"),
+        };
+        let e = node.apply(not_ns).await.unwrap_err();
+        assert!(e.contains("not-a-netns"), "{e}");
+        assert!(node.is_empty());
+
+        for (ns, id, spiffe) in [
+            (&foo, "w1", "spiffe://example.org/foo"),
+            (&bar, "w2", "spiffe://example.org/bar"),
+            (&baz, "w3", "spiffe://example.org/baz"),
+        ] {
+            node.apply(attach(ns, id, svid(&ca, spiffe))).await.unwrap();
+        }
+        // A re-attach under a live workload ID is refused.
+        let again = node
+            .apply(attach(&bar, "w2", svid(&ca, "spiffe://example.org/bar")))
+            .await
+            .unwrap_err();
+        assert!(again.contains("attached already"), "{again}");
+        // bar's policies, as the agent pushes them for bar.
+        node.apply(WorkloadEvent::Policies {
+            id: "w2".into(),
+            snapshot: pb::PolicySnapshot {
+                spiffe_id: "spiffe://example.org/bar".into(),
+                policies: vec![pb::StoredPolicy {
+                    name: "bar-from-foo".into(),
+                    document_json: r#"{"action":"ALLOW","rules":[{"from":{"principals":["spiffe://example.org/foo"]}}]}"#.into(),
+                }],
+                default_action: "deny".into(),
+                revision: 1,
+            },
         })
-        .await;
-        (bar_proxy, bar_log, foo_proxy)
+        .await
+        .unwrap();
+        node
     });
-    // The listeners are the workloads' own: nothing listens on 9000 or 15008 in the root
-    // namespace, where the process runs.
-    assert!(TcpStream::connect(("127.0.0.1", 9000)).is_err());
+    assert_eq!(node.len(), 3);
+    // The listeners are the workloads' own: nothing listens in the process's namespace.
     assert!(TcpStream::connect(("127.0.0.1", 15008)).is_err());
 
-    let echoed = in_netns(&foo, || {
-        let mut s = TcpStream::connect(("127.0.0.1", 9000)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"node-mode").unwrap();
-        let mut b = [0u8; 9];
-        s.read_exact(&mut b).unwrap();
-        b
+    // foo → bar, intercepted in foo's namespace, admitted by identity.
+    let bar_app = SocketAddr::from((BAR_IP, 8080));
+    assert_eq!(
+        exchange(&foo, bar_app, b"node-mode").as_deref(),
+        Some(&b"node-mode"[..])
+    );
+    let rec = log.wait_for("bar's allow record", |r| {
+        r["direction"] == "inbound" && r["decision"] == "allow"
     });
-    assert_eq!(&echoed, b"node-mode");
-    // bar saw foo's identity, from foo's address: foo's tunnel connection left from foo's
-    // namespace.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = bar_log.text();
-        if log.contains("\"src_spiffe_id\":\"spiffe://example.org/foo\"")
-            && log.contains("\"src_addr\":\"198.18.0.1:")
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "bar's access log: {log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_eq!(rec["src_spiffe_id"], "spiffe://example.org/foo");
+    assert_eq!(rec["dst_spiffe_id"], "spiffe://example.org/bar");
+    // The tunnel connection left from foo's own address.
+    assert!(
+        rec["src_addr"].as_str().unwrap().starts_with("198.18.0.1:"),
+        "{rec}"
+    );
+    // baz, a workload of the same node proxy, proves baz and is denied.
+    assert_eq!(exchange(&baz, bar_app, b"baz"), None);
+    log.wait_for("bar's denial of baz", |r| {
+        r["direction"] == "inbound"
+            && r["decision"] == "deny"
+            && r["src_spiffe_id"] == "spiffe://example.org/baz"
+    });
+    // Plaintext straight to bar's tunnel-less port is refused by STRICT inbound.
+    assert_eq!(
+        in_netns(&baz, || {
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddr::from((BAR_IP, 9999)),
+                Duration::from_secs(5),
+            )
+            .ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut b = [0u8; 1];
+            s.read(&mut b).ok().filter(|n| *n > 0)
+        }),
+        None
+    );
 
-    // Detaching bar (its instance stopped) ends its listeners and live connections at once.
-    let mut live = in_netns(&foo, || TcpStream::connect(("127.0.0.1", 9000)).unwrap());
+    // Detaching bar ends its live connections at once.
+    let mut live = in_netns(&foo, || TcpStream::connect(bar_app).unwrap());
     live.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     live.write_all(b"live").unwrap();
     let mut b = [0u8; 4];
     live.read_exact(&mut b).unwrap();
-    let t0 = std::time::Instant::now();
-    {
-        let _guard = rt.enter();
-        bar_proxy.shutdown();
-    }
+    let t0 = Instant::now();
+    rt.block_on(node.apply(WorkloadEvent::Detached { id: "w2".into() }))
+        .unwrap();
     let n = live.read(&mut b).unwrap_or(0);
     assert_eq!(n, 0, "the live connection outlived bar's detach");
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-    let refused = in_netns(&bar, || TcpStream::connect((BAR_IP, 15008)).is_err());
-    assert!(refused, "bar's tunnel port still accepts after detach");
+    assert_eq!(node.len(), 2);
+    // bar's interception rules stay: nothing reaches bar's application now (fails closed).
+    assert_eq!(exchange(&foo, bar_app, b"after"), None);
+    drop(node);
     drop(rt);
 }
