@@ -182,13 +182,21 @@ impl Inbound {
         });
         // Every workload connection between two identities shares one pooled tunnel, so the
         // stream limit must not be hyper's default of 200 (the 201st would wait for a slot).
-        let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .max_concurrent_streams(MAX_STREAMS)
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
             .max_frame_size(256 << 10)
-            .serve_connection(TokioIo::new(tls), svc)
-            .await;
+            .serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            () = self.sockets.stopping() => {
+                // A graceful drain (an upgrade): GOAWAY, then serve the open streams to their end.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
         if let Err(e) = r {
             tracing::debug!(error = %e, %peer, "tunnel connection ended");
         }
@@ -480,7 +488,7 @@ where
         mut live,
         l7,
     } = admitted;
-    telemetry.active.inc();
+    let active = telemetry.active_guard();
     let r = tokio::select! {
         r = async {
             match l7 {
@@ -492,7 +500,7 @@ where
         // certificate expired.
         why = live.wait() => Err(std::io::Error::other(why)),
     };
-    telemetry.active.dec();
+    drop(active);
     rec.decision = "allow";
     match r {
         Ok((sent, received)) => {

@@ -102,6 +102,15 @@ impl NodeProxy {
         self.workloads.is_empty()
     }
 
+    /// Closes every workload's listeners and keeps their open connections (an upgrade: the
+    /// new process has bound the same ports with `SO_REUSEPORT`). Then wait for
+    /// [`Telemetry::active_connections`] to reach 0, or a deadline, and drop the controller.
+    pub fn stop_accepting(&mut self) {
+        for w in self.workloads.values_mut() {
+            w.proxy.stop_accepting();
+        }
+    }
+
     /// The running instance of workload `id` (tests, metrics).
     pub fn instance(&self, id: &str) -> Option<&RunningProxy> {
         self.workloads.get(id).map(|i| &i.proxy)
@@ -168,6 +177,12 @@ impl NodeProxy {
             ));
         }
         let ns = Netns::enter(netns, &name).map_err(|e| e.to_string())?;
+        match ns.run(crate::sockets::enable_request_migration).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(workload = %name, error = %e, "cannot set tcp_migrate_req: connections queued at an upgrade may be reset");
+            }
+        }
         if let Some(rules) = self.rules {
             // Interception inside the workload's namespace, from its namespace thread (the
             // iptables process inherits that thread's namespace). The rules stay if this

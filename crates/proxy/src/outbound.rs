@@ -283,14 +283,14 @@ impl Outbound {
                 rec.reason = e.to_string();
             }
             Ok(mut stream) => {
-                self.telemetry.active.inc();
+                let active = self.telemetry.active_guard();
                 let r = match &mut stream {
                     TunnelStream::H2(up) => crate::copy::bidirectional(&mut client, up).await,
                     TunnelStream::Stream(tls) => {
                         crate::copy::bidirectional(&mut client, tls.as_mut()).await
                     }
                 };
-                self.telemetry.active.dec();
+                drop(active);
                 rec.decision = "allow";
                 match r {
                     Ok((sent, received)) => {

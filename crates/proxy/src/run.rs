@@ -84,7 +84,10 @@ pub struct RunningProxy {
     /// Open inbound connections (re-authorized on every policy change).
     pub connections: Arc<crate::live::Registry>,
     pub outbound: Arc<Outbound>,
+    /// Policy and identity watchers.
     tasks: Vec<JoinHandle<()>>,
+    /// Accept loops (their listeners close when they end).
+    listeners: Vec<JoinHandle<()>>,
     /// Where this proxy's sockets live; its drain switch ends every connection.
     sockets: crate::sockets::Sockets,
 }
@@ -94,11 +97,20 @@ impl RunningProxy {
     pub fn shutdown(self) {
         drop(self);
     }
+
+    /// Closes the listeners and keeps serving the open connections (a graceful drain: with
+    /// `SO_REUSEPORT`, another process's listeners take the new connections).
+    pub fn stop_accepting(&mut self) {
+        for t in self.listeners.drain(..) {
+            t.abort();
+        }
+        self.sockets.stop_accepting();
+    }
 }
 
 impl Drop for RunningProxy {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&self.listeners) {
             t.abort();
         }
         self.sockets.drain();
@@ -210,7 +222,7 @@ pub async fn start(
     }
     let tunnel = bind(&sockets, opts.tunnel_addr, "tunnel").await?;
     let tunnel_addr = tunnel.local_addr().map_err(|e| e.to_string())?;
-    tasks.push(tokio::spawn(inbound.clone().serve_tunnel(tunnel)));
+    let mut listeners = vec![tokio::spawn(inbound.clone().serve_tunnel(tunnel))];
 
     let outbound = Arc::new(
         Outbound::new(
@@ -225,11 +237,11 @@ pub async fn start(
     for spec in opts.outbound {
         let l = bind(&sockets, spec.listen, "--outbound").await?;
         outbound_addrs.push(l.local_addr().map_err(|e| e.to_string())?);
-        tasks.push(tokio::spawn(outbound.clone().serve_explicit(l, spec)));
+        listeners.push(tokio::spawn(outbound.clone().serve_explicit(l, spec)));
     }
     if let Some(t) = opts.transparent {
         let l = bind(&sockets, t.outbound_addr, "transparent outbound").await?;
-        tasks.push(tokio::spawn(outbound.clone().serve_transparent(
+        listeners.push(tokio::spawn(outbound.clone().serve_transparent(
             l,
             Arc::new(t.destinations),
             t.unmapped,
@@ -240,7 +252,7 @@ pub async fn start(
                 "inbound mode PERMISSIVE: plaintext connections WITHOUT identity are admitted to declared ports"
             );
         }
-        tasks.push(tokio::spawn(inbound.serve_plaintext(p, t.inbound_mode)));
+        listeners.push(tokio::spawn(inbound.serve_plaintext(p, t.inbound_mode)));
     }
     tracing::info!(spiffe_id = %own, %tunnel_addr, "proxy serving");
     Ok(RunningProxy {
@@ -250,6 +262,7 @@ pub async fn start(
         connections,
         outbound,
         tasks,
+        listeners,
         sockets,
     })
 }

@@ -122,6 +122,8 @@ pub struct Sockets {
     netns: Option<Arc<Netns>>,
     mark: Option<u32>,
     drain: tokio_util::sync::CancellationToken,
+    /// A graceful drain began: serve what is open, invite peers elsewhere (HTTP/2 GOAWAY).
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Sockets {
@@ -154,6 +156,17 @@ impl Sockets {
                 () = task => {}
             }
         })
+    }
+
+    /// Begins a graceful drain: tunnel connections send GOAWAY, so peers open their next
+    /// streams on new connections (to another process's listener), while open streams finish.
+    pub fn stop_accepting(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Resolves once [`Self::stop_accepting`] was called.
+    pub async fn stopping(&self) {
+        self.stopping.cancelled().await;
     }
 
     /// Ends every task spawned through [`Self::spawn`] (their sockets close) and refuses new
@@ -193,19 +206,53 @@ impl Sockets {
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
     }
 
-    /// A listener on `addr`.
+    /// A listener on `addr`. In a workload's namespace it is bound with `SO_REUSEPORT`, so a
+    /// new node proxy process can bind the same ports while the old one drains (an upgrade),
+    /// and the namespace's `tcp_migrate_req` (set at attach) hands the old listener's pending
+    /// connections to the new one when it closes.
     pub async fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        let bind = move || -> std::io::Result<std::net::TcpListener> {
-            let l = std::net::TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        };
         let l = match &self.netns {
             None => return TcpListener::bind(addr).await,
-            Some(ns) => ns.run(bind).await??,
+            Some(ns) => ns.run(move || reuseport_listener(addr)).await??,
         };
         TcpListener::from_std(l)
     }
+}
+
+/// A non-blocking listener with `SO_REUSEADDR` and `SO_REUSEPORT`. The kernel lets only sockets
+/// of the same effective user join a reuseport group, so another user cannot steal connections.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, listen,
+        setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd as _;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    match addr {
+        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
+    }
+    listen(&fd, Backlog::new(1024)?)?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// Sets the namespace's `net.ipv4.tcp_migrate_req` (from its thread: `/proc/sys/net` shows the
+/// opening thread's namespace), so connections waiting in a closing reuseport listener's queue
+/// move to another listener of the group instead of being reset.
+pub fn enable_request_migration() -> std::io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
 }
 
 #[cfg(test)]

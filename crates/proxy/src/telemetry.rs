@@ -111,7 +111,28 @@ impl std::fmt::Debug for Sink {
     }
 }
 
+/// Counts one proxied connection in the `active` gauge for as long as it lives, also when its
+/// task is cancelled (a drain).
+#[derive(Debug)]
+pub(crate) struct ActiveGuard(Gauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Telemetry {
+    pub(crate) fn active_guard(&self) -> ActiveGuard {
+        self.active.inc();
+        ActiveGuard(self.active.clone())
+    }
+
+    /// Connections being proxied now (both directions).
+    pub fn active_connections(&self) -> i64 {
+        self.active.get()
+    }
+
     /// Registers the metrics in `registry`; access records go to `sink` (stdout by default).
     pub fn new(registry: &mut Registry, sink: Box<dyn Write + Send>) -> Self {
         let t = Self {

@@ -169,8 +169,38 @@ fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
-/// Installs the rules in the current network namespace, replacing ours if present.
+/// Whether exactly these rules are in place already (each one present, checked with `-C`).
+fn installed(p: &RuleParams) -> Result<bool, String> {
+    let check = |t: Table, r: &[String]| -> Result<bool, String> {
+        let mut c = r.to_vec();
+        if let Some(first) = c.first_mut() {
+            *first = "-C".to_owned();
+        }
+        Ok(iptables_in(t, &c)?.status.success())
+    };
+    for r in rules(p) {
+        if !check(Table::Nat4, &r)? {
+            return Ok(false);
+        }
+    }
+    if ipv6_enabled() {
+        for r in rules_v6() {
+            if !check(Table::Filter6, &r)? {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Installs the rules in the current network namespace, replacing ours if present. When the
+/// same rules are in place already (a restarted or upgraded proxy), they are left untouched:
+/// removing and re-adding them would open a window in which the workload's traffic is not
+/// intercepted.
 pub fn install(p: &RuleParams) -> Result<(), String> {
+    if installed(p)? {
+        return Ok(());
+    }
     uninstall()?;
     for chain in [CHAIN_OUTPUT, CHAIN_INBOUND] {
         must(&["-N".to_owned(), chain.to_owned()])?;

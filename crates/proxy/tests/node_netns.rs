@@ -122,6 +122,53 @@ fn exchange(ns: &str, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// A node proxy in transparent mode: inbound port 8080, bar at 198.18.0.2 (STRICT inbound).
+fn node_proxy(log: &Log) -> NodeProxy {
+    let mut reg = prometheus_client::registry::Registry::default();
+    let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
+    let (outbound_addr, inbound_plaintext_addr) = tessera_proxy::run::default_transparent_addrs();
+    let mut t = ProxyOptions::new("0.0.0.0:15008".parse().unwrap());
+    t.inbound = vec![InboundPort {
+        port: 8080,
+        protocol: Protocol::Tcp,
+    }];
+    t.mark = Some(config::DEFAULT_MARK);
+    t.transparent = Some(TransparentOptions {
+        outbound_addr,
+        inbound_plaintext_addr,
+        destinations: DestinationMap::new(vec![Destination {
+            cidr: "198.18.0.2/32".parse().unwrap(),
+            ports: vec![],
+            spiffe_id: SpiffeId::parse("spiffe://example.org/bar").unwrap(),
+            tunnel_port: config::TUNNEL_PORT,
+        }]),
+        unmapped: Unmapped::Deny,
+        inbound_mode: InboundMode::Strict,
+    });
+    let rules = RuleParams {
+        tunnel_port: config::TUNNEL_PORT,
+        outbound_port: outbound_addr.port(),
+        inbound_plaintext_port: inbound_plaintext_addr.port(),
+        mark: config::DEFAULT_MARK,
+    };
+    NodeProxy::new(t, Some(rules), telemetry)
+}
+
+fn bar_policy() -> WorkloadEvent {
+    WorkloadEvent::Policies {
+        id: "w2".into(),
+        snapshot: pb::PolicySnapshot {
+            spiffe_id: "spiffe://example.org/bar".into(),
+            policies: vec![pb::StoredPolicy {
+                name: "bar-from-foo".into(),
+                document_json: r#"{"action":"ALLOW","rules":[{"from":{"principals":["spiffe://example.org/foo"]}}]}"#.into(),
+            }],
+            default_action: "deny".into(),
+            revision: 1,
+        },
+    }
+}
+
 #[test]
 fn one_node_proxy_serves_each_workload_inside_its_namespace() {
     if !usable("one_node_proxy_serves_each_workload_inside_its_namespace") {
@@ -141,34 +188,7 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
     let ca = TestCa::new("example.org");
     let log = Log::default();
     let mut node = rt.block_on(async {
-        let mut reg = prometheus_client::registry::Registry::default();
-        let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
-        let (outbound_addr, inbound_plaintext_addr) = tessera_proxy::run::default_transparent_addrs();
-        let mut t = ProxyOptions::new("0.0.0.0:15008".parse().unwrap());
-        t.inbound = vec![InboundPort {
-            port: 8080,
-            protocol: Protocol::Tcp,
-        }];
-        t.mark = Some(config::DEFAULT_MARK);
-        t.transparent = Some(TransparentOptions {
-            outbound_addr,
-            inbound_plaintext_addr,
-            destinations: DestinationMap::new(vec![Destination {
-                cidr: "198.18.0.2/32".parse().unwrap(),
-                ports: vec![],
-                spiffe_id: SpiffeId::parse("spiffe://example.org/bar").unwrap(),
-                tunnel_port: config::TUNNEL_PORT,
-            }]),
-            unmapped: Unmapped::Deny,
-            inbound_mode: InboundMode::Strict,
-        });
-        let rules = RuleParams {
-            tunnel_port: config::TUNNEL_PORT,
-            outbound_port: outbound_addr.port(),
-            inbound_plaintext_port: inbound_plaintext_addr.port(),
-            mark: config::DEFAULT_MARK,
-        };
-        let mut node = NodeProxy::new(t, Some(rules), telemetry);
+        let mut node = node_proxy(&log);
         // Not a network namespace: refused, nothing attached.
         let not_ns = WorkloadEvent::Attached {
             id: "w0".into(),
@@ -194,20 +214,7 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
             .unwrap_err();
         assert!(again.contains("attached already"), "{again}");
         // bar's policies, as the agent pushes them for bar.
-        node.apply(WorkloadEvent::Policies {
-            id: "w2".into(),
-            snapshot: pb::PolicySnapshot {
-                spiffe_id: "spiffe://example.org/bar".into(),
-                policies: vec![pb::StoredPolicy {
-                    name: "bar-from-foo".into(),
-                    document_json: r#"{"action":"ALLOW","rules":[{"from":{"principals":["spiffe://example.org/foo"]}}]}"#.into(),
-                }],
-                default_action: "deny".into(),
-                revision: 1,
-            },
-        })
-        .await
-        .unwrap();
+        node.apply(bar_policy()).await.unwrap();
         node
     });
     assert_eq!(node.len(), 3);
@@ -269,5 +276,101 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
     // bar's interception rules stay: nothing reaches bar's application now (fails closed).
     assert_eq!(exchange(&foo, bar_app, b"after"), None);
     drop(node);
+    drop(rt);
+}
+
+/// An upgrade: a second node proxy attaches the same workloads while the first still serves
+/// (listeners with SO_REUSEPORT, the same interception rules left in place); the first stops
+/// accepting and drains. A client connecting in a loop throughout sees no refused or reset
+/// connection, and a connection open across the handover keeps working.
+#[test]
+fn an_upgrade_hands_over_without_refused_or_reset_connections() {
+    if !usable("an_upgrade_hands_over_without_refused_or_reset_connections") {
+        return;
+    }
+    let mut net = Net::new();
+    let foo = net.node("foo", FOO_IP);
+    let bar = net.node("bar", BAR_IP);
+    echo_app(&bar, 8080);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = TestCa::new("example.org");
+    let start = |log: &Log| {
+        let mut node = node_proxy(log);
+        rt.block_on(async {
+            node.apply(attach(&foo, "w1", svid(&ca, "spiffe://example.org/foo")))
+                .await
+                .unwrap();
+            node.apply(attach(&bar, "w2", svid(&ca, "spiffe://example.org/bar")))
+                .await
+                .unwrap();
+            node.apply(bar_policy()).await.unwrap();
+        });
+        node
+    };
+    let (old_log, new_log) = (Log::default(), Log::default());
+    let mut old = start(&old_log);
+    let bar_app = SocketAddr::from((BAR_IP, 8080));
+    assert_eq!(
+        exchange(&foo, bar_app, b"before").as_deref(),
+        Some(&b"before"[..])
+    );
+
+    // A connection open across the handover.
+    let mut long = in_netns(&foo, || TcpStream::connect(bar_app).unwrap());
+    long.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // A client connecting in a loop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (
+        Arc::new(Mutex::new(0usize)),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let client = {
+        let (stop, ok, failed, foo) = (stop.clone(), ok.clone(), failed.clone(), foo.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match exchange(&foo, bar_app, b"loop") {
+                    Some(b) if b == b"loop" => *ok.lock().unwrap() += 1,
+                    other => failed.lock().unwrap().push(format!("{other:?}")),
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let new = start(&new_log);
+    std::thread::sleep(Duration::from_millis(300));
+    old.stop_accepting();
+    std::thread::sleep(Duration::from_millis(500));
+    // The long connection still works on the old process.
+    long.write_all(b"still").unwrap();
+    let mut b = [0u8; 5];
+    long.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still");
+    drop(long);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    client.join().unwrap();
+    let failed = failed.lock().unwrap().clone();
+    assert!(
+        failed.is_empty(),
+        "failed connections during the upgrade: {failed:?}"
+    );
+    assert!(
+        *ok.lock().unwrap() > 10,
+        "too few connections to mean anything"
+    );
+    // The new process served connections after the handover.
+    new_log.wait_for("the new process's allow record", |r| {
+        r["direction"] == "inbound" && r["decision"] == "allow"
+    });
+    drop(old);
+    assert_eq!(
+        exchange(&foo, bar_app, b"after").as_deref(),
+        Some(&b"after"[..])
+    );
+    drop(new);
     drop(rt);
 }
