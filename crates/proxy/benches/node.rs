@@ -75,7 +75,9 @@ fn add_ns(all: &mut Namespaces, name: String) -> String {
 }
 
 fn echo_app(ns: &str) {
-    let app = in_netns(ns, || TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap());
+    let app = in_netns(ns, || {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap()
+    });
     std::thread::spawn(move || {
         for c in app.incoming() {
             let Ok(mut c) = c else { return };
@@ -229,7 +231,10 @@ fn main() {
     let (d50, f50) = (percentile(&mut direct, 0.5), percentile(&mut first, 0.5));
     let fmax = *first.iter().max().unwrap();
     println!("attach -> first proxied connection, {attaches} attaches:");
-    println!("  direct connect + echo in the namespace (baseline): p50 {:.3} ms", ms(d50));
+    println!(
+        "  direct connect + echo in the namespace (baseline): p50 {:.3} ms",
+        ms(d50)
+    );
     println!(
         "  attach -> first echo through the workload's proxy:  p50 {:.3} ms  max {:.3} ms (target < 50 ms)",
         ms(f50),

@@ -98,9 +98,7 @@ impl Inbound {
     /// Serves the tunnel port until the task is dropped.
     pub async fn serve_tunnel(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                continue;
-            };
+            let (tcp, peer) = crate::sockets::accept(&listener).await;
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
             self.sockets
@@ -411,9 +409,7 @@ impl Inbound {
     /// it); PERMISSIVE passes plaintext to a declared port without any identity, logged at warn.
     pub async fn serve_plaintext(self: Arc<Self>, listener: TcpListener, mode: InboundMode) {
         loop {
-            let Ok((mut tcp, peer)) = listener.accept().await else {
-                continue;
-            };
+            let (mut tcp, peer) = crate::sockets::accept(&listener).await;
             let this = self.clone();
             self.sockets.spawn(async move {
                 let start = Instant::now();

@@ -309,9 +309,7 @@ impl Outbound {
     pub async fn serve_explicit(self: Arc<Self>, listener: TcpListener, spec: OutboundListener) {
         let spec = Arc::new(spec);
         loop {
-            let Ok((client, _)) = listener.accept().await else {
-                continue;
-            };
+            let (client, _) = crate::sockets::accept(&listener).await;
             let _ = client.set_nodelay(true);
             let this = self.clone();
             let spec = spec.clone();
@@ -343,9 +341,7 @@ impl Outbound {
         unmapped: Unmapped,
     ) {
         loop {
-            let Ok((client, peer)) = listener.accept().await else {
-                continue;
-            };
+            let (client, peer) = crate::sockets::accept(&listener).await;
             let _ = client.set_nodelay(true);
             let this = self.clone();
             let map = map.clone();

@@ -219,6 +219,33 @@ impl Sockets {
     }
 }
 
+/// The next connection on `listener`. Accept errors (out of file descriptors, out of memory, a
+/// connection reset before it was accepted) are retried after a pause that grows to one second,
+/// with one log line per run of failures, instead of spinning on the error.
+pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut pause = Duration::from_millis(5);
+    let mut failures = 0u64;
+    loop {
+        match listener.accept().await {
+            Ok(c) => {
+                if failures > 0 {
+                    tracing::info!(failures, "accepting connections again");
+                }
+                return c;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    let addr = listener.local_addr().ok();
+                    tracing::warn!(error = %e, ?addr, "cannot accept a connection; retrying with backoff");
+                }
+                failures += 1;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
 /// A non-blocking listener with `SO_REUSEADDR` and `SO_REUSEPORT`. The kernel lets only sockets
 /// of the same effective user join a reuseport group, so another user cannot steal connections.
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
