@@ -259,7 +259,38 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
         None
     );
 
+    // The IP-reuse attack in node mode: foo is detached and its namespace deleted; a new
+    // workload takes foo's address and is attached with its own identity (baz). It is baz,
+    // never foo: bar denies it, and logs baz from foo's old address.
+    rt.block_on(node.apply(WorkloadEvent::Detached { id: "w1".into() }))
+        .unwrap();
+    net.remove_node(&foo);
+    let reuse = net.node("reuse", FOO_IP);
+    rt.block_on(node.apply(attach(&reuse, "w4", svid(&ca, "spiffe://example.org/baz"))))
+        .unwrap();
+    assert_eq!(exchange(&reuse, bar_app, b"i-am-foo"), None);
+    let denied = log.wait_for("bar's denial of the address reuser", |r| {
+        r["direction"] == "inbound"
+            && r["decision"] == "deny"
+            && r["src_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("198.18.0.1:"))
+    });
+    assert_eq!(denied["src_spiffe_id"], "spiffe://example.org/baz");
+    let foo = reuse;
+
     // Detaching bar ends its live connections at once.
+    // (A connection from a workload bar admits: baz is not one, so let bar admit baz first.)
+    rt.block_on(node.apply(WorkloadEvent::Policies {
+        id: "w2".into(),
+        snapshot: pb::PolicySnapshot {
+            spiffe_id: "spiffe://example.org/bar".into(),
+            policies: vec![],
+            default_action: "allow".into(),
+            revision: 2,
+        },
+    }))
+    .unwrap();
     let mut live = in_netns(&foo, || TcpStream::connect(bar_app).unwrap());
     live.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
