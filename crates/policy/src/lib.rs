@@ -109,6 +109,58 @@ pub fn validate_name(name: &str) -> Result<(), PolicyError> {
     }
 }
 
+/// Policies written as YAML or JSON (what `tessera policy apply -f` reads and what a policy
+/// sync source serves): one policy (a mapping with `name` and the document's fields) or a list
+/// of them, possibly empty. Every policy is validated and names are unique; the first error
+/// names the policy (or its position) and the field.
+pub fn parse_documents(text: &str) -> Result<Vec<NamedPolicy>, PolicyError> {
+    let t = text.trim_start();
+    let value: serde_json::Value = if t.starts_with('{') || t.starts_with('[') {
+        serde_json::from_str(text)
+            .map_err(|e| PolicyError::new("(document)", "document", format!("not JSON: {e}")))?
+    } else if t.is_empty() {
+        serde_json::Value::Array(Vec::new())
+    } else {
+        serde_yaml_ng::from_str(text)
+            .map_err(|e| PolicyError::new("(document)", "document", format!("not YAML: {e}")))?
+    };
+    let items = match value {
+        serde_json::Value::Array(a) => a,
+        one @ serde_json::Value::Object(_) => vec![one],
+        serde_json::Value::Null => Vec::new(),
+        _ => {
+            return Err(PolicyError::new(
+                "(document)",
+                "document",
+                "expected a policy (a mapping with `name`) or a list of them",
+            ));
+        }
+    };
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("#{i}");
+        let serde_json::Value::Object(mut map) = item else {
+            return Err(PolicyError::new(&at, "policy", "expected a mapping"));
+        };
+        let name = match map.remove("name") {
+            Some(serde_json::Value::String(n)) => n,
+            _ => return Err(PolicyError::new(&at, "name", "a string `name` is required")),
+        };
+        validate_name(&name)?;
+        if !seen.insert(name.clone()) {
+            return Err(PolicyError::new(
+                &name,
+                "name",
+                "two policies have this name",
+            ));
+        }
+        let document_json = serde_json::Value::Object(map).to_string();
+        out.push(NamedPolicy::from_json(&name, &document_json)?);
+    }
+    Ok(out)
+}
+
 /// A local policy file (TOML):
 ///
 /// ```toml

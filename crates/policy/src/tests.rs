@@ -615,3 +615,41 @@ fn selector_targets_cover_workloads_with_every_selector() {
     .unwrap_err();
     assert_eq!((e.policy.as_str(), e.field.as_str()), ("s", "selectors"));
 }
+
+#[test]
+fn documents_parse_from_yaml_and_json_and_name_what_is_wrong() {
+    let yaml = "- name: a\n  action: ALLOW\n  rules: [{from: {principals: [\"*\"]}}]\n- name: b\n  action: DENY\n";
+    let ps = parse_documents(yaml).unwrap();
+    assert_eq!(
+        ps.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    let one = parse_documents(r#"{"name":"c","action":"AUDIT"}"#).unwrap();
+    assert_eq!(one[0].document.action, Action::Audit);
+    assert!(parse_documents("[]").unwrap().is_empty());
+    assert!(parse_documents("").unwrap().is_empty());
+    for (text, policy, field) in [
+        (
+            "- name: a\n  action: ALLOW\n- name: a\n  action: DENY\n",
+            "a",
+            "name",
+        ),
+        ("- action: ALLOW\n", "#0", "name"),
+        ("- name: x\n  action: MAYBE\n", "x", "document"),
+        (
+            "- name: y\n  action: DENY\n  rules: [{to: {ports: [0]}}]\n",
+            "y",
+            "rules[0].to.ports[0]",
+        ),
+        ("- name: \"bad name\"\n  action: DENY\n", "bad name", "name"),
+        ("42", "(document)", "document"),
+        ("{not json", "(document)", "document"),
+    ] {
+        let e = parse_documents(text).unwrap_err();
+        assert_eq!(
+            (e.policy.as_str(), e.field.as_str()),
+            (policy, field),
+            "{text}: {e}"
+        );
+    }
+}

@@ -54,38 +54,17 @@ pub(crate) fn read_policy_file(path: &Path) -> anyhow::Result<Vec<pb::StoredPoli
 }
 
 fn parse_policies(text: &str) -> anyhow::Result<Vec<pb::StoredPolicy>> {
-    let t = text.trim_start();
-    let value: serde_json::Value = if t.starts_with('{') || t.starts_with('[') {
-        serde_json::from_str(text).context("not JSON")?
-    } else {
-        serde_yaml_ng::from_str(text).context("not YAML")?
-    };
-    let items = match value {
-        serde_json::Value::Array(a) => a,
-        one @ serde_json::Value::Object(_) => vec![one],
-        _ => anyhow::bail!("expected a policy (a mapping with `name`) or a list of them"),
-    };
-    if items.is_empty() {
+    let policies = tessera_policy::parse_documents(text)?;
+    if policies.is_empty() {
         anyhow::bail!("no policy in the file");
     }
-    let mut out = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        let serde_json::Value::Object(mut map) = item else {
-            anyhow::bail!("policy #{i}: expected a mapping");
-        };
-        let name = match map.remove("name") {
-            Some(serde_json::Value::String(n)) => n,
-            _ => anyhow::bail!("policy #{i}: `name` (a string) is required"),
-        };
-        let document_json = serde_json::Value::Object(map).to_string();
-        let p = tessera_policy::NamedPolicy::from_json(&name, &document_json)?;
-        p.validate()?;
-        out.push(pb::StoredPolicy {
-            name,
+    Ok(policies
+        .into_iter()
+        .map(|p| pb::StoredPolicy {
             document_json: p.to_json(),
-        });
-    }
-    Ok(out)
+            name: p.name,
+        })
+        .collect())
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
