@@ -103,12 +103,46 @@ pub struct ServerConfig {
     pub policy: PolicyConfig,
 }
 
-/// `[policy]`: what a workload with no ALLOW policy decides.
+/// `[policy]`: what a workload with no ALLOW policy decides, and the external sources that own
+/// named policy sets.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// `"deny"` (the default) or `"allow"`.
     pub default: tessera_policy::DefaultAction,
+    /// `[[policy.sync]]`: each source is the source of truth for the policies named
+    /// `<set>/<name>`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sync: Vec<PolicySyncConfig>,
+}
+
+/// `[[policy.sync]]`: a policy set owned by an external access-control system.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySyncConfig {
+    /// The set's name: its policies are stored as `<set>/<name>`, and only this source changes
+    /// them.
+    pub set: String,
+    /// `https://…` (verified with `ca_file` or `spiffe_id`), or `http://` to a loopback address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A directory of `*.yaml`, `*.yml` and `*.json` files, read whole at every poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<PathBuf>,
+    /// How often the source is read.
+    #[serde(default = "default_sync_interval")]
+    pub interval: Secs,
+    /// HTTPS: PEM CA certificate(s) the server's certificate must chain to (Web PKI rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// HTTPS: the server must present this SPIFFE ID's X509-SVID, verified against this trust
+    /// domain's bundles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+}
+
+fn default_sync_interval() -> Secs {
+    Secs(30)
 }
 
 /// The bundle endpoint profiles (SPIFFE Trust Domain and Bundle §5.2).
@@ -358,11 +392,28 @@ impl ServerConfig {
             }
         }
         self.validate_federation()?;
+        self.validate_policy_sync()?;
         if !self.admin_socket.is_absolute() {
             return invalid(format!(
                 "admin_socket {}: must be an absolute path",
                 self.admin_socket.display()
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_policy_sync(&self) -> Result<(), ConfigError> {
+        let mut sets = std::collections::BTreeSet::new();
+        for (i, s) in self.policy.sync.iter().enumerate() {
+            let at = format!("policy.sync[{i}]");
+            crate::policy_sync::check_source(s)
+                .map_err(|m| ConfigError::Invalid(format!("{at}: {m}")))?;
+            if !sets.insert(s.set.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "{at}.set {:?}: two sources own this set",
+                    s.set
+                )));
+            }
         }
         Ok(())
     }
@@ -485,6 +536,15 @@ fetch_timeout = "10s"
 [policy]
 # What a workload with no ALLOW policy decides: "deny" or "allow". Pushed with the policies.
 default = "deny"
+
+# A policy set owned by an external access-control system: the source is the source of truth
+# for the policies named "<set>/<name>" (created, updated and deleted to match; an invalid
+# document is refused whole and the last good set stays). `tessera policy sync status`.
+# [[policy.sync]]
+# set = "central"
+# url = "https://pap.example:8443/policies"   # or: directory = "/etc/tessera/policies.d"
+# ca_file = "/etc/tessera/pap-ca.pem"         # or: spiffe_id = "spiffe://example.org/pap"
+# interval = "30s"
 "#,
             td = d.trust_domain,
             data_dir = d.data_dir.display(),
@@ -532,6 +592,13 @@ mod tests {
         assert_eq!(cfg.policy.default, tessera_policy::DefaultAction::Deny);
         let open = ServerConfig::parse("[policy]\ndefault = \"allow\"", "t.toml").unwrap();
         assert_eq!(open.policy.default, tessera_policy::DefaultAction::Allow);
+        assert!(cfg.policy.sync.is_empty());
+        let synced = ServerConfig::parse(
+            "[[policy.sync]]\nset = \"central\"\nurl = \"http://127.0.0.1:9/p\"\ninterval = \"5s\"",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(synced.policy.sync[0].interval, Secs(5));
         let up = ServerConfig::parse(
             "[upstream_authority.disk]\ncert_chain_path = \"/c.pem\"\nkey_path = \"/k.pem\"",
             "t.toml",
@@ -581,6 +648,19 @@ mod tests {
                 "missing field `key_path`",
             ),
             ("[policy]\ndefault = \"open\"", "unknown variant `open`"),
+            (
+                "[[policy.sync]]\nset = \"central\"\nurl = \"http://pap.example/p\"",
+                "policy.sync[0]: url: \"http://pap.example/p\": plain http is allowed only to a loopback address",
+            ),
+            (
+                "[[policy.sync]]\nset = \"c\"\ndirectory = \"/d\"\n[[policy.sync]]\nset = \"c\"\ndirectory = \"/e\"",
+                "policy.sync[1].set \"c\": two sources own this set",
+            ),
+            (
+                "[[policy.sync]]\nset = \"c\"\ndirectory = \"/d\"\ninterval = \"soon\"",
+                "duration \"soon\"",
+            ),
+            ("[[policy.sync]]\nset = \"c\"\nbogus = 1", "unknown field `bogus`"),
             (
                 "[upstream_authority.vault]\nurl = \"x\"",
                 "unknown field `vault`",

@@ -21,6 +21,7 @@ mod follow;
 mod memory;
 mod metrics;
 mod policy_api;
+mod policy_sync;
 mod run;
 mod state;
 mod transport;

@@ -61,6 +61,22 @@ pub(crate) async fn change(state: &State, name: &str) -> Result<pb::change::Chan
     )
 }
 
+/// A policy of a set owned by a sync source is changed only there: a manual change would be
+/// undone at the next poll, or worse, stand until then as if the owner had decided it.
+fn refuse_synced(state: &State, name: &str) -> Result<(), Status> {
+    match crate::policy_sync::owner(state, name) {
+        Some(s) => Err(Status::failed_precondition(format!(
+            "policy {name:?} belongs to the policy set {:?}, owned by its sync source {}: change it there",
+            s.set,
+            s.url
+                .clone()
+                .or_else(|| s.directory.as_ref().map(|d| d.display().to_string()))
+                .unwrap_or_default()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Validates a policy and returns it with its document in canonical JSON.
 fn checked(p: &pb::StoredPolicy) -> Result<Policy, Status> {
     tessera_policy::validate_name(&p.name).map_err(|e| field_err("name", e))?;
@@ -92,6 +108,7 @@ impl PolicyApi for Policies {
                 .as_ref()
                 .ok_or_else(|| field_err("policy", "missing"))?;
             let policy = checked(p)?;
+            refuse_synced(&self.state, &policy.id)?;
             let store = &self.state.store;
             // create_only is a convenience against typos, not a lock: two concurrent creates
             // of one name both succeed and the later one wins, as with apply.
@@ -151,6 +168,15 @@ impl PolicyApi for Policies {
         }))
     }
 
+    async fn get_policy_sync_status(
+        &self,
+        _req: Request<pb::PolicySyncStatusRequest>,
+    ) -> Result<Response<pb::PolicySyncStatusResponse>, Status> {
+        Ok(Response::new(pb::PolicySyncStatusResponse {
+            sources: crate::policy_sync::status_pb(&self.state),
+        }))
+    }
+
     async fn delete_policy(
         &self,
         req: Request<pb::PolicyName>,
@@ -160,6 +186,7 @@ impl PolicyApi for Policies {
         let detail = serde_json::json!({ "name": name });
         let result = async {
             tessera_policy::validate_name(&name).map_err(|e| field_err("name", e))?;
+            refuse_synced(&self.state, &name)?;
             let store = &self.state.store;
             let p = store.delete_policy(&name).await.map_err(store_status)?;
             let revision = store.current_revision().await.map_err(store_status)?;

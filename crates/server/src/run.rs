@@ -242,6 +242,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         applied: crate::state::Applied::new(revision),
         datastore_up: std::sync::atomic::AtomicBool::new(true),
         policies_seen: arc_swap::ArcSwapOption::empty(),
+        policy_sync: crate::policy_sync::SyncStatuses::default(),
         metrics,
     });
 
@@ -408,6 +409,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         state.clone(),
         stop_rx.clone(),
     ));
+    tasks.extend(crate::policy_sync::spawn(state.clone()));
 
     // Health and metrics.
     let ready_state = state.clone();

@@ -69,6 +69,43 @@ pub struct StoredPolicy {
     #[prost(string, tag = "2")]
     pub document_json: ::prost::alloc::string::String,
 }
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicySyncStatusRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PolicySyncStatusResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub sources: ::prost::alloc::vec::Vec<PolicySyncStatus>,
+}
+/// One source of a policy set owned by an external access-control system. Times are Unix
+/// seconds (0: never).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicySyncStatus {
+    #[prost(string, tag = "1")]
+    pub set: ::prost::alloc::string::String,
+    /// The URL or directory.
+    #[prost(string, tag = "2")]
+    pub source: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub interval_secs: u64,
+    #[prost(int64, tag = "4")]
+    pub last_attempt_unix: i64,
+    #[prost(int64, tag = "5")]
+    pub last_success_unix: i64,
+    /// The version last applied: the endpoint's ETag, or a digest of the directory.
+    #[prost(string, tag = "6")]
+    pub etag: ::prost::alloc::string::String,
+    /// Policies in the set as last applied.
+    #[prost(uint64, tag = "7")]
+    pub policies: u64,
+    /// The datastore revision of the last change the source made (0: none yet).
+    #[prost(uint64, tag = "8")]
+    pub revision: u64,
+    /// Why the last poll failed (empty after a success): the last good set stays in force.
+    #[prost(string, tag = "9")]
+    pub last_error: ::prost::alloc::string::String,
+    #[prost(int64, tag = "10")]
+    pub last_error_unix: i64,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ApplyPolicyRequest {
     #[prost(message, optional, tag = "1")]
@@ -296,6 +333,31 @@ pub mod policy_api_client {
                 .insert(GrpcMethod::new("tessera.v1.PolicyApi", "DeletePolicy"));
             self.inner.unary(req, path, codec).await
         }
+        /// The state of every `[[policy.sync]]` source on this server (`tessera policy sync status`).
+        pub async fn get_policy_sync_status(
+            &mut self,
+            request: impl tonic::IntoRequest<super::PolicySyncStatusRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PolicySyncStatusResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.v1.PolicyApi/GetPolicySyncStatus",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("tessera.v1.PolicyApi", "GetPolicySyncStatus"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -332,6 +394,14 @@ pub mod policy_api_server {
             &self,
             request: tonic::Request<super::PolicyName>,
         ) -> std::result::Result<tonic::Response<super::PolicyResponse>, tonic::Status>;
+        /// The state of every `[[policy.sync]]` source on this server (`tessera policy sync status`).
+        async fn get_policy_sync_status(
+            &self,
+            request: tonic::Request<super::PolicySyncStatusRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PolicySyncStatusResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct PolicyApiServer<T> {
@@ -570,6 +640,52 @@ pub mod policy_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeletePolicySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.v1.PolicyApi/GetPolicySyncStatus" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetPolicySyncStatusSvc<T: PolicyApi>(pub Arc<T>);
+                    impl<
+                        T: PolicyApi,
+                    > tonic::server::UnaryService<super::PolicySyncStatusRequest>
+                    for GetPolicySyncStatusSvc<T> {
+                        type Response = super::PolicySyncStatusResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::PolicySyncStatusRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as PolicyApi>::get_policy_sync_status(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetPolicySyncStatusSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

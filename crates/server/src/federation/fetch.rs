@@ -27,6 +27,8 @@ pub(crate) struct EndpointUrl {
     pub(crate) target: String,
     /// The Host header value.
     pub(crate) authority: String,
+    /// `https` (else plain `http`, which only [`parse_url_allowing_loopback_http`] admits).
+    pub(crate) tls: bool,
 }
 
 /// Parses a bundle endpoint URL; the error says what is wrong with it.
@@ -37,6 +39,36 @@ pub(crate) fn parse_url(s: &str) -> Result<EndpointUrl, String> {
             "{s:?}: the scheme must be https (bundle endpoints are always served over TLS, Trust Domain and Bundle §5.2)"
         ));
     }
+    endpoint(s, &url)
+}
+
+/// As [`parse_url`], also admitting `http://` to a loopback address (127.0.0.0/8, ::1): only a
+/// process on this host can answer there. `why` says what the source is, for the error.
+pub(crate) fn parse_url_allowing_loopback_http(s: &str, why: &str) -> Result<EndpointUrl, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => endpoint(s, &url),
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                // A name may resolve anywhere: only a literal loopback address is trusted.
+                _ => false,
+            };
+            if !loopback {
+                return Err(format!(
+                    "{s:?}: plain http is allowed only to a loopback address (127.0.0.1, [::1]); {why}, so use https with ca_file or spiffe_id"
+                ));
+            }
+            endpoint(s, &url)
+        }
+        other => Err(format!(
+            "{s:?}: the scheme must be https (or http to loopback), not {other:?}"
+        )),
+    }
+}
+
+fn endpoint(s: &str, url: &url::Url) -> Result<EndpointUrl, String> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err(format!("{s:?}: credentials in the URL are not allowed"));
     }
@@ -64,6 +96,7 @@ pub(crate) fn parse_url(s: &str) -> Result<EndpointUrl, String> {
         port,
         target,
         authority,
+        tls: url.scheme() == "https",
     })
 }
 
@@ -121,31 +154,87 @@ pub(crate) async fn get(
     timeout: Duration,
 ) -> Result<Vec<u8>, String> {
     let ep = parse_url(url)?;
-    tokio::time::timeout(timeout, get_inner(&ep, tls))
+    match get_endpoint(&ep, Some(tls), None, MAX_BUNDLE_BYTES, timeout)
         .await
-        .map_err(|_| format!("GET {url}: no answer within {}s", timeout.as_secs()))?
-        .map_err(|e| format!("GET {url}: {e}"))
+        .map_err(|e| format!("GET {url}: {e}"))?
+    {
+        Fetched::Body { body, .. } => Ok(body),
+        Fetched::NotModified => Err(format!("GET {url}: 304 without a condition")),
+    }
 }
 
-async fn get_inner(ep: &EndpointUrl, tls: Arc<rustls::ClientConfig>) -> Result<Vec<u8>, String> {
+/// What a (conditional) GET brought.
+#[derive(Debug)]
+pub(crate) enum Fetched {
+    /// `If-None-Match` matched: nothing changed.
+    NotModified,
+    Body {
+        body: Vec<u8>,
+        etag: Option<String>,
+    },
+}
+
+/// GETs `ep` (over `tls` when the URL is https; `tls` must then be given), with
+/// `If-None-Match: etag` when given, within `timeout`, reading at most `max` bytes. Redirects are
+/// not followed: the configuration names the endpoint to trust.
+pub(crate) async fn get_endpoint(
+    ep: &EndpointUrl,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    etag: Option<&str>,
+    max: usize,
+    timeout: Duration,
+) -> Result<Fetched, String> {
+    tokio::time::timeout(timeout, get_inner(ep, tls, etag, max))
+        .await
+        .map_err(|_| format!("no answer within {}s", timeout.as_secs()))?
+}
+
+async fn get_inner(
+    ep: &EndpointUrl,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    etag: Option<&str>,
+    max: usize,
+) -> Result<Fetched, String> {
     let tcp = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port))
         .await
         .map_err(|e| format!("cannot connect to {}:{}: {e}", ep.host, ep.port))?;
-    let name = ServerName::try_from(ep.host.clone())
-        .map_err(|e| format!("{:?} is not a valid TLS server name: {e}", ep.host))?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    match (ep.tls, tls) {
+        (true, Some(tls)) => {
+            let name = ServerName::try_from(ep.host.clone())
+                .map_err(|e| format!("{:?} is not a valid TLS server name: {e}", ep.host))?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            request(ep, stream, etag, max).await
+        }
+        (true, None) => Err("an https URL needs a TLS configuration".into()),
+        (false, _) => request(ep, tcp, etag, max).await,
+    }
+}
+
+async fn request<S>(
+    ep: &EndpointUrl,
+    io: S,
+    etag: Option<&str>,
+    max: usize,
+) -> Result<Fetched, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = hyper::Request::get(ep.target.as_str())
+    let mut req = hyper::Request::get(ep.target.as_str())
         .header(hyper::header::HOST, ep.authority.as_str())
-        .header(hyper::header::ACCEPT, "application/json")
+        .header(hyper::header::ACCEPT, "application/json");
+    if let Some(tag) = etag {
+        req = req.header(hyper::header::IF_NONE_MATCH, tag);
+    }
+    let req = req
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("request: {e}"))?;
     let result = async {
@@ -154,15 +243,25 @@ async fn get_inner(ep: &EndpointUrl, tls: Arc<rustls::ClientConfig>) -> Result<V
             .await
             .map_err(|e| format!("HTTP: {e}"))?;
         let status = resp.status();
+        if status == hyper::StatusCode::NOT_MODIFIED && etag.is_some() {
+            return Ok(Fetched::NotModified);
+        }
         if status != hyper::StatusCode::OK {
-            // Redirects are not followed: the relationship names the endpoint to trust.
             return Err(format!("the endpoint answered HTTP {status}, not 200"));
         }
-        let body = Limited::new(resp.into_body(), MAX_BUNDLE_BYTES)
+        let etag = resp
+            .headers()
+            .get(hyper::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = Limited::new(resp.into_body(), max)
             .collect()
             .await
-            .map_err(|e| format!("reading the bundle (at most {MAX_BUNDLE_BYTES} bytes): {e}"))?;
-        Ok(body.to_bytes().to_vec())
+            .map_err(|e| format!("reading the body (at most {max} bytes): {e}"))?;
+        Ok(Fetched::Body {
+            body: body.to_bytes().to_vec(),
+            etag,
+        })
     }
     .await;
     driver.abort();
