@@ -660,7 +660,10 @@ mod tests {
                 "[[policy.sync]]\nset = \"c\"\ndirectory = \"/d\"\ninterval = \"soon\"",
                 "duration \"soon\"",
             ),
-            ("[[policy.sync]]\nset = \"c\"\nbogus = 1", "unknown field `bogus`"),
+            (
+                "[[policy.sync]]\nset = \"c\"\nbogus = 1",
+                "unknown field `bogus`",
+            ),
             (
                 "[upstream_authority.vault]\nurl = \"x\"",
                 "unknown field `vault`",

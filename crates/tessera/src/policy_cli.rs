@@ -33,6 +33,31 @@ pub(crate) enum PolicyCommand {
     Show { name: String },
     /// Delete a policy.
     Delete { name: String },
+    /// Policy sets owned by external access-control systems (`[[policy.sync]]`).
+    #[command(subcommand)]
+    Sync(SyncCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SyncCommand {
+    /// Each source's last poll, last success, version applied, policies and last error (as
+    /// seen by the server this command reaches).
+    Status,
+}
+
+fn unix_time(t: i64) -> String {
+    if t == 0 {
+        "never".to_owned()
+    } else {
+        let ago = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        )
+        .unwrap_or(i64::MAX)
+        .saturating_sub(t);
+        format!("{ago}s ago")
+    }
 }
 
 async fn connect(socket: &Path) -> anyhow::Result<PolicyApiClient<Channel>> {
@@ -173,6 +198,62 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                     )
                 }
                 Output::Human => println!("Deleted policy {name} (revision {})", r.revision),
+            }
+        }
+        PolicyCommand::Sync(SyncCommand::Status) => {
+            let r = client
+                .get_policy_sync_status(pb::PolicySyncStatusRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            match conn.output {
+                Output::Json => {
+                    let rows: Vec<serde_json::Value> = r
+                        .sources
+                        .iter()
+                        .map(|s| {
+                            serde_json::json!({
+                                "set": s.set,
+                                "source": s.source,
+                                "interval_secs": s.interval_secs,
+                                "last_attempt_unix": s.last_attempt_unix,
+                                "last_success_unix": s.last_success_unix,
+                                "etag": s.etag,
+                                "policies": s.policies,
+                                "revision": s.revision,
+                                "last_error": s.last_error,
+                                "last_error_unix": s.last_error_unix,
+                            })
+                        })
+                        .collect();
+                    println!("{:#}", serde_json::Value::Array(rows));
+                }
+                Output::Human => {
+                    if r.sources.is_empty() {
+                        println!("no [[policy.sync]] source is configured on this server");
+                    }
+                    for s in &r.sources {
+                        println!(
+                            "set {} from {} (every {}s)",
+                            s.set, s.source, s.interval_secs
+                        );
+                        println!(
+                            "  last poll {}, last success {}, {} policies, version {:?}, revision {}",
+                            unix_time(s.last_attempt_unix),
+                            unix_time(s.last_success_unix),
+                            s.policies,
+                            s.etag,
+                            s.revision
+                        );
+                        if !s.last_error.is_empty() {
+                            println!(
+                                "  last error ({}): {} — the last good set stays in force",
+                                unix_time(s.last_error_unix),
+                                s.last_error
+                            );
+                        }
+                    }
+                }
             }
         }
     }
