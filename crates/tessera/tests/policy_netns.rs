@@ -7,7 +7,11 @@
 //!   never sees it);
 //! - a new DENY closes a live connection at bar's proxy, with a log line naming the policy;
 //! - a CUSTOM policy: an external authorizer (implemented here, inside bar's namespace) decides,
-//!   and its outage fails closed.
+//!   and its outage fails closed;
+//! - a policy set synced from an HTTP source in the test (`[[policy.sync]]`): applied, updated
+//!   (a synced DENY closes a live connection), a bad document refused whole and shown by
+//!   `tessera policy sync status` while the last good set stays, manual changes refused, and
+//!   a change at the source applied after two server restarts.
 //!
 //! Needs root (CI runs as root); skipped with a reason otherwise, failing instead under CI=true.
 
@@ -335,4 +339,136 @@ rules:
     );
     // The HTTP port is outside the CUSTOM policy's ports and unaffected.
     assert_eq!(http(&foo, http_to, "GET", "/public").unwrap().0, 200);
+}
+
+/// A policy source on loopback (plain http is allowed there): serves `doc` with its ETag and
+/// answers 304 to a matching `If-None-Match`.
+fn policy_source(doc: Arc<std::sync::Mutex<(String, String)>>) -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let mut buf = Vec::new();
+            let mut b = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&b[..n]),
+                }
+            }
+            let req = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+            let (etag, body) = doc.lock().unwrap().clone();
+            let tag = format!("\"{etag}\"");
+            let resp = if req.contains(&format!("if-none-match: {tag}")) {
+                format!("HTTP/1.1 304 Not Modified\r\nETag: {tag}\r\nConnection: close\r\n\r\n")
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nETag: {tag}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let _ = c.write_all(resp.as_bytes());
+        }
+    });
+    port
+}
+
+const SYNC_ALLOW: &str = "- name: foo-to-bar\n  action: ALLOW\n  rules: [{from: {principals: [\"spiffe://example.org/foo\"]}, to: {ports: [8080]}}]\n";
+
+#[test]
+fn a_synced_policy_set_governs_live_connections_through_restarts() {
+    if !usable("a_synced_policy_set_governs_live_connections_through_restarts") {
+        return;
+    }
+    let doc = Arc::new(std::sync::Mutex::new((
+        "v1".to_owned(),
+        SYNC_ALLOW.to_owned(),
+    )));
+    let port = policy_source(doc.clone());
+    let mut cp = ControlPlane::start_with_config(Some(&format!(
+        "[[policy.sync]]\nset = \"central\"\nurl = \"http://127.0.0.1:{port}/policies\"\ninterval = \"1s\"\n"
+    )));
+    let mut net = Net::new();
+    let foo = net.node("foo", FOO_IP);
+    let bar = net.node("bar", BAR_IP);
+    cp.entry("foo", &foo, &[]);
+    cp.entry("bar", &bar, &[]);
+    let _app = App::start(&bar, Ipv4Addr::LOCALHOST, TCP_PORT);
+    let bar_proxy = Proxy::start(&cp, &bar, "bar", &s(&["--inbound", "8080"]));
+    let _foo_proxy = Proxy::start(
+        &cp,
+        &foo,
+        "foo",
+        &s(&[
+            "--outbound",
+            "127.0.0.1:9000=198.18.0.2:8080,spiffe://example.org/bar",
+        ]),
+    );
+    let sync_status = |cp: &ControlPlane| {
+        String::from_utf8_lossy(&cli(&cp.admin, &["policy", "sync", "status"]).stdout).into_owned()
+    };
+
+    // Applied: the synced ALLOW admits foo.
+    wait_until("the synced ALLOW to admit foo", 20, || {
+        foo_reaches_bar(&foo)
+    });
+    let list = String::from_utf8_lossy(&cli(&cp.admin, &["policy", "list"]).stdout).into_owned();
+    assert!(list.contains("central/foo-to-bar"), "{list}");
+
+    // Updated at the source: a DENY closes the live connection.
+    let mut live = in_netns(&foo, || TcpStream::connect("127.0.0.1:9000").unwrap());
+    live.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    live.write_all(b"live").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    *doc.lock().unwrap() = (
+        "v2".into(),
+        format!(
+            "{SYNC_ALLOW}- name: no-foo\n  action: DENY\n  rules: [{{from: {{principals: [\"spiffe://example.org/foo\"]}}}}]\n"
+        ),
+    );
+    assert_eq!(
+        live.read(&mut b).unwrap_or(0),
+        0,
+        "the live connection survived the synced DENY"
+    );
+    wait_until("bar's log line naming the synced DENY", 10, || {
+        bar_proxy.stderr().contains("central/no-foo")
+    });
+
+    // Through a restart, a bad document: refused whole, shown in the status, the DENY stays.
+    cp.restart_server();
+    *doc.lock().unwrap() = (
+        "v3".into(),
+        "- name: foo-to-bar\n  action: ALLOW\n  rules: [{to: {ports: [0]}}]\n".into(),
+    );
+    wait_until("the bad document in the sync status", 20, || {
+        sync_status(&cp).contains("rules[0].to.ports[0]")
+    });
+    assert!(!foo_reaches_bar(&foo), "the bad document lifted the DENY");
+    let st = sync_status(&cp);
+    assert!(st.contains("set central from http://127.0.0.1:"), "{st}");
+    assert!(st.contains("the last good set stays in force"), "{st}");
+    // A manual change to the synced set is refused.
+    let o = support::netns::tessera()
+        .args(["policy", "delete", "central/no-foo"])
+        .env("TESSERA_ADMIN_SOCKET", &cp.admin)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("owned by its sync source"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Through another restart, the source drops the DENY: foo is admitted again.
+    cp.restart_server();
+    *doc.lock().unwrap() = ("v4".into(), SYNC_ALLOW.into());
+    wait_until("the DENY's removal at the source to admit foo", 20, || {
+        foo_reaches_bar(&foo)
+    });
+    assert!(!sync_status(&cp).contains("last error"));
 }
