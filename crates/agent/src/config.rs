@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub log_level: String,
     /// Envoy SDS v3 on the Workload API socket: the resource names it answers to.
     pub sds: SdsConfig,
+    /// Node mode: the admin socket (mode 0600) where workloads are attached by network
+    /// namespace (`tessera workload attach`). Unset: no enrollment.
+    pub admin_socket_path: Option<PathBuf>,
 }
 
 /// Envoy's Secret Discovery Service (SDS v3), served on the Workload API socket. The names are
@@ -112,6 +115,7 @@ impl Default for AgentConfig {
             health_bind_address: None,
             log_level: "info".into(),
             sds: SdsConfig::default(),
+            admin_socket_path: None,
         }
     }
 }
@@ -127,6 +131,14 @@ impl AgentConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(p) = &self.admin_socket_path
+            && (!p.is_absolute() || *p == self.socket_path)
+        {
+            return Err(format!(
+                "admin_socket_path {}: must be an absolute path other than socket_path",
+                p.display()
+            ));
+        }
         if !self.socket_path.is_absolute() {
             return Err(format!(
                 "socket_path {}: must be an absolute path",

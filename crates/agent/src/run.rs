@@ -346,6 +346,20 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         state_rx.clone(),
         stop_rx.clone(),
     )));
+    if let Some(path) = shared.cfg.admin_socket_path.clone() {
+        let enrollments = crate::enroll::Enrollments::restore(&shared.cfg.data_dir);
+        crate::enroll::serve(&path, enrollments.clone()).map_err(|e| AgentError::Io {
+            what: format!("agent admin socket {}", path.display()),
+            source: e,
+        })?;
+        tracing::info!(socket = %path.display(), enrolled = enrollments.len(), "node-mode enrollment on the agent admin socket");
+        tasks.push(tokio::spawn(enrolled_svid_task(
+            shared.clone(),
+            enrollments,
+            state_rx.clone(),
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(renew_task(
         shared.clone(),
         state_rx,
@@ -760,6 +774,78 @@ async fn svid_task(
         };
         tokio::select! {
             r = state_rx.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// SVIDs of the enrolled workloads (node mode): for each workload, every entry whose selectors
+/// are all among the workload's, signed for a key of that workload alone (`sign_batch` makes
+/// a fresh key per request), renewed at half-life or when the entry changes. Entries that no
+/// longer match are dropped with their keys.
+async fn enrolled_svid_task(
+    shared: Arc<Shared>,
+    enrollments: Arc<crate::enroll::Enrollments>,
+    mut state_rx: watch::Receiver<Arc<SyncState>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut changes = enrollments.subscribe();
+    let mut retry_delay = Duration::from_millis(100);
+    loop {
+        let state = state_rx.borrow_and_update().clone();
+        changes.borrow_and_update();
+        let mut failed = false;
+        for (wid, selectors) in enrollments.selectors() {
+            let matching: Vec<&pb::Entry> = state
+                .entries
+                .values()
+                .filter(|e| {
+                    !e.selectors.is_empty()
+                        && e.selectors
+                            .iter()
+                            .all(|s| Selector::parse(s).is_ok_and(|s| selectors.contains(&s)))
+                })
+                .collect();
+            let pairs: Vec<(String, u64)> = matching
+                .iter()
+                .map(|e| (e.id.clone(), e.updated_revision))
+                .collect();
+            let due = enrollments.due(&wid, &pairs, unix_now());
+            let due: Vec<&pb::Entry> = matching
+                .iter()
+                .filter(|e| due.contains(&e.id))
+                .copied()
+                .collect();
+            let mut signed = Vec::new();
+            if !due.is_empty() && !shared.banned.load(std::sync::atomic::Ordering::SeqCst) {
+                match sign_batch(&shared, &due).await {
+                    Ok(v) => {
+                        for (entry, identity) in v {
+                            let at = rotate_at(unix_now(), identity.not_after);
+                            signed.push((entry.id.clone(), entry.updated_revision, identity, at));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(workload = %wid, error = %e, "cannot get an enrolled workload's SVIDs signed; retrying");
+                        failed = true;
+                    }
+                }
+            }
+            enrollments.store(&wid, &pairs, signed);
+        }
+        // Rotation is checked at least every 30 s (SVIDs live far longer).
+        let wait = if failed {
+            let d = retry_delay;
+            retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+            d
+        } else {
+            retry_delay = Duration::from_millis(100);
+            Duration::from_secs(30)
+        };
+        tokio::select! {
+            r = state_rx.changed() => if r.is_err() { return },
+            r = changes.changed() => if r.is_err() { return },
             () = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
         }

@@ -47,6 +47,9 @@ pub(crate) struct AgentRunArgs {
     /// Serve /live, /ready and /metrics here.
     #[arg(long)]
     health_bind_address: Option<std::net::SocketAddr>,
+    /// Node mode: the admin socket (mode 0600) for `tessera workload attach|detach|list`.
+    #[arg(long, value_name = "PATH")]
+    agent_admin_socket: Option<PathBuf>,
     #[arg(long)]
     log_level: Option<String>,
 }
@@ -392,6 +395,9 @@ pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {
     }
     if a.insecure_bootstrap {
         cfg.insecure_bootstrap = true;
+    }
+    if let Some(v) = a.agent_admin_socket {
+        cfg.admin_socket_path = Some(v);
     }
     if let Some(v) = a.health_bind_address {
         cfg.health_bind_address = Some(v);

@@ -86,6 +86,22 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// Node mode: attach workloads to this node's agent by network namespace (what a CNI
+    /// plugin calls), detach them, list them.
+    Workload {
+        #[command(subcommand)]
+        cmd: crate::workload_cli::WorkloadCommand,
+        /// The agent's admin socket (`tessera agent run --agent-admin-socket`).
+        #[arg(
+            long,
+            env = "TESSERA_AGENT_ADMIN_SOCKET",
+            default_value = "/run/tessera/agent-admin.sock",
+            global = true
+        )]
+        agent_admin_socket: PathBuf,
+        #[arg(long, value_enum, default_value = "human", global = true)]
+        output: Output,
+    },
     /// SPIFFE ID tools.
     #[command(subcommand)]
     Id(IdCommand),
@@ -237,6 +253,11 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
         Command::Server(ServerCommand::Run(a)) => server_run(a),
         Command::Proxy(a) => proxy_cli::proxy(a),
+        Command::Workload {
+            cmd,
+            agent_admin_socket,
+            output,
+        } => crate::workload_cli::run(&agent_admin_socket, output, cmd),
     }
 }
 

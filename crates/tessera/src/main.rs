@@ -12,6 +12,7 @@ mod federation_cli;
 mod inspect;
 mod policy_cli;
 mod proxy_cli;
+mod workload_cli;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

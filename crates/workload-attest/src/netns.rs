@@ -40,3 +40,59 @@ pub(crate) fn names_of(dir: &Path, dev: u64, ino: u64) -> io::Result<Vec<String>
     names.sort();
     Ok(names)
 }
+
+/// `nsfs`'s filesystem magic (linux/magic.h): namespace files live there.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// The `netns:name:<name>` selectors of a network namespace handed over as a file descriptor
+/// (node-mode enrollment: a CNI plugin passes the workload's namespace with SCM_RIGHTS).
+///
+/// The descriptor must be a *network* namespace: an nsfs file (`fstatfs`) that `setns` accepts
+/// as `CLONE_NEWNET` — a mount or user namespace, or any other file, is refused, since the caller would otherwise have the agent vouch for something else. The
+/// names are found by device and inode under `/run/netns` (see the module's note on why only
+/// names are emitted); a namespace without a name there is refused, as no `netns:name:`
+/// selector could describe it. The descriptor stays open with the caller of this function,
+/// which pins the namespace: its inode cannot be reused while it is held.
+pub fn netns_selectors_of_fd(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> Result<(Vec<tessera_spiffe::Selector>, u64, u64), String> {
+    let fs = nix::sys::statfs::fstatfs(fd).map_err(|e| format!("fstatfs: {e}"))?;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let magic = fs.filesystem_type().0 as i64;
+    if magic != NSFS_MAGIC {
+        return Err(
+            "not a namespace file (expected a descriptor of /run/netns/NAME or /proc/PID/ns/net)"
+                .into(),
+        );
+    }
+    // The namespace's type: `setns(fd, CLONE_NEWNET)` fails with EINVAL for any other kind of
+    // namespace (setns(2)). It is done on a short-lived thread of its own, so no thread that
+    // does anything else ever changes namespace (NS_GET_NSTYPE would need an unsafe ioctl).
+    std::thread::scope(|s| {
+        s.spawn(|| nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET))
+            .join()
+            .map_err(|_| "checking the namespace type failed".to_owned())?
+            .map_err(|e| match e {
+                nix::errno::Errno::EINVAL => {
+                    "not a network namespace (another kind of namespace)".to_owned()
+                }
+                e => format!("checking the namespace type: {e}"),
+            })
+    })?;
+    let st = nix::sys::stat::fstat(fd).map_err(|e| format!("fstat: {e}"))?;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+    let names = names_of(NETNS_RUN_DIR.as_ref(), dev, ino)
+        .map_err(|e| format!("listing {NETNS_RUN_DIR}: {e}"))?;
+    if names.is_empty() {
+        return Err(format!(
+            "the network namespace has no name under {NETNS_RUN_DIR} (`ip netns add NAME`, or a CNI's bind mount), so no netns:name selector can describe it"
+        ));
+    }
+    let selectors = names
+        .iter()
+        .map(|n| tessera_spiffe::Selector::new("netns", &format!("name:{n}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("namespace name: {e}"))?;
+    Ok((selectors, dev, ino))
+}

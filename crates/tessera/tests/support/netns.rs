@@ -54,9 +54,52 @@ pub(crate) struct ControlPlane {
     pub(crate) socket: PathBuf,
     pub(crate) agent_id: String,
     pub(crate) server: Option<Proc>,
-    _agent: Proc,
+    agent: Option<Proc>,
+    agent_args: AgentArgs,
+    /// The agent's admin socket (node-mode enrollment).
+    pub(crate) agent_admin: PathBuf,
     port: u16,
     config: Option<PathBuf>,
+}
+
+/// How the agent is started (and restarted).
+struct AgentArgs {
+    port: u16,
+    data_dir: PathBuf,
+    socket: PathBuf,
+    bundle: PathBuf,
+    token: String,
+    admin: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentArgs {
+    fn spawn(&self) -> Proc {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        Proc(
+            tessera()
+                .args(["agent", "run", "--log-level", "info"])
+                .args(["--server-address", &format!("127.0.0.1:{}", self.port)])
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--socket-path")
+                .arg(&self.socket)
+                .arg("--trust-bundle-path")
+                .arg(&self.bundle)
+                .args(["--join-token", &self.token])
+                .arg("--agent-admin-socket")
+                .arg(&self.admin)
+                .args(["--health-bind-address", "127.0.0.1:0"])
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap(),
+        )
+    }
 }
 
 impl ControlPlane {
@@ -90,34 +133,42 @@ impl ControlPlane {
             cli(&admin, &["bundle", "show", "--format", "spiffe"]).stdout,
         )
         .unwrap();
-        let agent = Proc(
-            tessera()
-                .args(["agent", "run", "--log-level", "warn"])
-                .args(["--server-address", &format!("127.0.0.1:{port}")])
-                .arg("--data-dir")
-                .arg(dir.path().join("agent"))
-                .arg("--socket-path")
-                .arg(&socket)
-                .arg("--trust-bundle-path")
-                .arg(&bundle)
-                .args(["--join-token", tok["token"].as_str().unwrap()])
-                .args(["--health-bind-address", "127.0.0.1:0"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let agent_admin = dir.path().join("agent-admin/admin.sock");
+        let agent_args = AgentArgs {
+            port,
+            data_dir: dir.path().join("agent"),
+            socket: socket.clone(),
+            bundle,
+            token: tok["token"].as_str().unwrap().to_owned(),
+            admin: agent_admin.clone(),
+            log: dir.path().join("agent.stderr"),
+        };
+        let agent = agent_args.spawn();
         wait_until("the agent socket", 30, || socket.exists());
         Self {
             admin,
             socket,
             agent_id: tok["agent_spiffe_id"].as_str().unwrap().to_owned(),
             server: Some(server),
-            _agent: agent,
+            agent: Some(agent),
+            agent_args,
+            agent_admin,
             dir,
             port,
             config,
         }
+    }
+
+    /// Stops the agent and starts it again on the same data directory (it resumes with its
+    /// stored SVID); returns once its sockets are back.
+    pub(crate) fn restart_agent(&mut self) {
+        self.agent.take();
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.agent_admin);
+        self.agent = Some(self.agent_args.spawn());
+        wait_until("the restarted agent's sockets", 30, || {
+            self.socket.exists() && self.agent_admin.exists()
+        });
     }
 
     fn spawn_server(dir: &Path, admin: &Path, port: u16, config: Option<&Path>) -> Proc {

@@ -1,0 +1,563 @@
+//! Node-mode enrollment (issue 10): what a CNI plugin calls so that one node proxy can serve a
+//! workload inside its network namespace. On the agent's admin socket (`--agent-admin-socket`,
+//! mode 0600, root only by default) a caller attaches a workload by handing over its network
+//! namespace as a file descriptor (SCM_RIGHTS), detaches it, or lists the enrolled workloads.
+//!
+//! Security rules:
+//! - The agent attests the workload itself from the descriptor: it must be a network namespace
+//!   (`tessera_workload_attest::netns_selectors_of_fd`), and its `netns:name:` selectors are
+//!   derived by the agent. A caller may add selectors of type `attach:` only: `unix:`,
+//!   `netns:`, `cgroup:` (or any other type) describe facts the agent attests, and a caller
+//!   claiming them could have the agent vouch for a workload that is not what it says.
+//! - The agent holds the descriptor until detach: that pins the namespace, whose inode the kernel
+//!   would otherwise reuse after deletion (so an inode never identifies a later namespace).
+//! - Every workload gets an ID of its own (random, never reused) and its own keys: each of its
+//!   SVIDs is signed for a key generated for that workload alone (not shared with other
+//!   workloads of the same identity, nor with the Workload API's cache), and the keys are
+//!   zeroized when it is detached. The server signs only for entries this agent is
+//!   authorized for (the SignX509Svids path).
+//! - After an agent restart the enrolled workloads are restored from a snapshot in the data
+//!   directory: each namespace is opened again by name and kept only if it is the same namespace
+//!   (device and inode) as when it was enrolled; the others are dropped and logged.
+//!
+//! Wire format: one request per connection, a 4-byte big-endian length then a JSON object; a
+//! descriptor rides with the request's first bytes. The answer has the same framing:
+//! `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tessera_spiffe::Selector;
+use tokio::sync::watch;
+
+use crate::cache::Identity;
+
+/// Largest request or answer.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// A request on the admin socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// With exactly one descriptor: the workload's network namespace.
+    Attach {
+        #[serde(default)]
+        selectors: Vec<String>,
+    },
+    Detach {
+        workload: String,
+    },
+    List {},
+}
+
+/// One SVID of an enrolled workload, as listed (public facts only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SvidInfo {
+    pub spiffe_id: String,
+    pub not_after: u64,
+    /// SHA-256 of the certificate's public key (SubjectPublicKeyInfo), hex: which key it is.
+    pub key_sha256: String,
+}
+
+/// An enrolled workload, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    pub id: String,
+    /// The namespace's name under /run/netns.
+    pub netns: String,
+    pub selectors: Vec<String>,
+    pub svids: Vec<SvidInfo>,
+}
+
+struct Held {
+    identity: Arc<Identity>,
+    entry_revision: u64,
+    rotate_at: u64,
+}
+
+struct Workload {
+    name: String,
+    /// Held until detach: pins the namespace (its inode cannot be reused while held). The
+    /// delegated identity stream to the node proxy will hand it over.
+    _netns: OwnedFd,
+    dev: u64,
+    ino: u64,
+    selectors: BTreeSet<Selector>,
+    /// By entry ID.
+    svids: BTreeMap<String, Held>,
+}
+
+/// What the snapshot keeps of a workload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Saved {
+    id: String,
+    name: String,
+    dev: u64,
+    ino: u64,
+    selectors: Vec<String>,
+}
+
+/// The enrolled workloads of this agent.
+pub struct Enrollments {
+    inner: Mutex<BTreeMap<String, Workload>>,
+    /// Bumped on attach and detach (the SVID task and, later, delegated streams follow it).
+    changed: watch::Sender<u64>,
+    snapshot: PathBuf,
+}
+
+impl std::fmt::Debug for Enrollments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollments").finish_non_exhaustive()
+    }
+}
+
+/// The selectors a caller may add: `attach:` only (see the module's security rules).
+pub fn caller_selectors(given: &[String]) -> Result<BTreeSet<Selector>, String> {
+    let mut out = BTreeSet::new();
+    for s in given {
+        let sel = Selector::parse(s).map_err(|e| format!("selector {s:?}: {e}"))?;
+        if sel.kind() != "attach" {
+            return Err(format!(
+                "selector {s:?}: a caller may add only attach: selectors; {}: selectors are attested by the agent itself",
+                sel.kind()
+            ));
+        }
+        out.insert(sel);
+    }
+    Ok(out)
+}
+
+fn new_id() -> Result<String, String> {
+    let mut b = [0u8; 12];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("random workload ID: {e}"))?;
+    Ok(format!("w-{}", hex::encode(b)))
+}
+
+fn key_sha256(leaf: &[u8]) -> String {
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    match X509Certificate::from_der(leaf) {
+        Ok((_, c)) => hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            c.public_key().raw,
+        )),
+        Err(_) => String::new(),
+    }
+}
+
+impl Workload {
+    fn info(&self, id: &str) -> WorkloadInfo {
+        WorkloadInfo {
+            id: id.to_owned(),
+            netns: self.name.clone(),
+            selectors: self.selectors.iter().map(|s| s.to_string()).collect(),
+            svids: self
+                .svids
+                .values()
+                .map(|h| SvidInfo {
+                    spiffe_id: h.identity.spiffe_id.to_string(),
+                    not_after: h.identity.not_after,
+                    key_sha256: h
+                        .identity
+                        .chain
+                        .first()
+                        .map(|c| key_sha256(c))
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Enrollments {
+    /// Restores the workloads saved in `data_dir` that still exist (same namespace by device
+    /// and inode), dropping the others.
+    pub fn restore(data_dir: &Path) -> Arc<Self> {
+        let snapshot = data_dir.join("enrolled.json");
+        let this = Arc::new(Self {
+            inner: Mutex::new(BTreeMap::new()),
+            changed: watch::channel(0).0,
+            snapshot,
+        });
+        let saved: Vec<Saved> = match std::fs::read(&this.snapshot) {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(path = %this.snapshot.display(), error = %e, "enrolled-workload snapshot unreadable; starting with none");
+                    Vec::new()
+                }
+            },
+            Err(_) => Vec::new(),
+        };
+        for s in saved {
+            let path = format!("{}/{}", "/run/netns", s.name);
+            let reopened = std::fs::File::open(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    let fd: OwnedFd = f.into();
+                    let (_, dev, ino) = tessera_workload_attest::netns_selectors_of_fd(fd.as_fd())?;
+                    if (dev, ino) == (s.dev, s.ino) {
+                        Ok(fd)
+                    } else {
+                        Err("the name now names another namespace".into())
+                    }
+                });
+            let selectors: Result<BTreeSet<Selector>, _> =
+                s.selectors.iter().map(|x| Selector::parse(x)).collect();
+            match (reopened, selectors) {
+                (Ok(netns), Ok(selectors)) => {
+                    tracing::info!(workload = %s.id, netns = %s.name, "enrolled workload restored");
+                    this.lock().insert(
+                        s.id,
+                        Workload {
+                            name: s.name,
+                            _netns: netns,
+                            dev: s.dev,
+                            ino: s.ino,
+                            selectors,
+                            svids: BTreeMap::new(),
+                        },
+                    );
+                }
+                (Err(e), _) => {
+                    tracing::warn!(workload = %s.id, netns = %s.name, reason = %e, "enrolled workload is gone: dropped");
+                }
+                (_, Err(e)) => {
+                    tracing::warn!(workload = %s.id, error = %e, "enrolled workload with a bad selector: dropped");
+                }
+            }
+        }
+        this.save();
+        this
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Workload>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self) {
+        let saved: Vec<Saved> = self
+            .lock()
+            .iter()
+            .map(|(id, w)| Saved {
+                id: id.clone(),
+                name: w.name.clone(),
+                dev: w.dev,
+                ino: w.ino,
+                selectors: w.selectors.iter().map(|s| s.to_string()).collect(),
+            })
+            .collect();
+        let tmp = self.snapshot.with_extension("json.tmp");
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &self.snapshot));
+        if let Err(e) = written {
+            tracing::error!(path = %self.snapshot.display(), error = %e, "cannot save the enrolled workloads");
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Enrolls the workload whose network namespace is `netns`.
+    pub fn attach(&self, netns: OwnedFd, given: &[String]) -> Result<WorkloadInfo, String> {
+        let extra = caller_selectors(given)?;
+        let (derived, dev, ino) = tessera_workload_attest::netns_selectors_of_fd(netns.as_fd())?;
+        let name = derived
+            .first()
+            .map(|s| s.value().trim_start_matches("name:").to_owned())
+            .unwrap_or_default();
+        let mut selectors: BTreeSet<Selector> = derived.into_iter().collect();
+        selectors.extend(extra);
+        let id = new_id()?;
+        let w = Workload {
+            name,
+            _netns: netns,
+            dev,
+            ino,
+            selectors,
+            svids: BTreeMap::new(),
+        };
+        let info = w.info(&id);
+        self.lock().insert(id.clone(), w);
+        self.save();
+        self.changed.send_modify(|n| *n += 1);
+        tracing::info!(workload = %id, netns = %info.netns, selectors = ?info.selectors, "workload attached");
+        Ok(info)
+    }
+
+    /// Detaches workload `id`: its namespace is released and its keys are zeroized (each
+    /// key is `Zeroizing` and held only here).
+    pub fn detach(&self, id: &str) -> Result<WorkloadInfo, String> {
+        let w = self
+            .lock()
+            .remove(id)
+            .ok_or_else(|| format!("no enrolled workload {id:?}"))?;
+        let info = w.info(id);
+        drop(w);
+        self.save();
+        self.changed.send_modify(|n| *n += 1);
+        tracing::info!(workload = %id, netns = %info.netns, "workload detached");
+        Ok(info)
+    }
+
+    pub fn list(&self) -> Vec<WorkloadInfo> {
+        self.lock().iter().map(|(id, w)| w.info(id)).collect()
+    }
+
+    /// (workload ID, selectors) of every workload, for matching entries.
+    pub(crate) fn selectors(&self) -> Vec<(String, BTreeSet<Selector>)> {
+        self.lock()
+            .iter()
+            .map(|(id, w)| (id.clone(), w.selectors.clone()))
+            .collect()
+    }
+
+    /// Which (entry ID, entry revision) pairs of workload `id` need signing now.
+    pub(crate) fn due(&self, id: &str, entries: &[(String, u64)], now: u64) -> Vec<String> {
+        let g = self.lock();
+        let Some(w) = g.get(id) else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .filter(|(e, rev)| match w.svids.get(e) {
+                None => true,
+                Some(h) => h.entry_revision != *rev || now >= h.rotate_at,
+            })
+            .map(|(e, _)| e.clone())
+            .collect()
+    }
+
+    /// Keeps only the SVIDs of `entries` for workload `id`, and stores newly signed ones.
+    pub(crate) fn store(
+        &self,
+        id: &str,
+        entries: &[(String, u64)],
+        signed: Vec<(String, u64, Identity, u64)>,
+    ) {
+        let mut g = self.lock();
+        let Some(w) = g.get_mut(id) else {
+            return;
+        };
+        w.svids.retain(|e, _| entries.iter().any(|(x, _)| x == e));
+        for (entry, rev, identity, rotate_at) in signed {
+            w.svids.insert(
+                entry,
+                Held {
+                    identity: Arc::new(identity),
+                    entry_revision: rev,
+                    rotate_at,
+                },
+            );
+        }
+    }
+}
+
+// ---- the admin socket ----
+
+fn read_frame(s: &mut UnixStream, first: Vec<u8>) -> Result<Vec<u8>, String> {
+    let mut buf = first;
+    while buf.len() < 4 {
+        let mut b = [0u8; 4096];
+        let n = s.read(&mut b).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("the request ended early".into());
+        }
+        buf.extend_from_slice(&b[..n]);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(format!("request of {len} bytes; at most {MAX_FRAME}"));
+    }
+    while buf.len() < 4 + len {
+        let mut b = vec![0u8; (4 + len - buf.len()).min(MAX_FRAME)];
+        let n = s.read(&mut b).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("the request ended early".into());
+        }
+        buf.extend_from_slice(&b[..n]);
+    }
+    if buf.len() > 4 + len {
+        return Err("bytes after the request".into());
+    }
+    Ok(buf.split_off(4))
+}
+
+/// Writes one frame (length, then JSON).
+pub fn write_frame(s: &mut UnixStream, v: &serde_json::Value) -> std::io::Result<()> {
+    let body = v.to_string();
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    s.write_all(&len.to_be_bytes())?;
+    s.write_all(body.as_bytes())
+}
+
+/// Receives the first bytes of a request and the descriptors that came with them.
+fn recv_with_fds(s: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    let mut data = vec![0u8; MAX_FRAME + 4];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let r = recvmsg(
+        s,
+        &mut [std::io::IoSliceMut::new(&mut data)],
+        &mut anc,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("recvmsg: {e}"))?;
+    let mut fds = Vec::new();
+    for m in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(it) = m {
+            fds.extend(it);
+        }
+    }
+    if r.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err("too many descriptors with the request (at most one)".into());
+    }
+    data.truncate(r.bytes);
+    Ok((data, fds))
+}
+
+fn handle(enrollments: &Enrollments, s: &mut UnixStream) -> serde_json::Value {
+    let outcome = (|| -> Result<serde_json::Value, String> {
+        let (first, mut fds) = recv_with_fds(s)?;
+        let body = read_frame(s, first)?;
+        let req: Request =
+            serde_json::from_slice(&body).map_err(|e| format!("bad request: {e}"))?;
+        if !matches!(req, Request::Attach { .. }) && !fds.is_empty() {
+            return Err("this request takes no descriptor".into());
+        }
+        match req {
+            Request::Attach { selectors } => {
+                if fds.len() != 1 {
+                    return Err(format!(
+                        "attach takes exactly one descriptor (the workload's network namespace), not {}",
+                        fds.len()
+                    ));
+                }
+                let fd = fds.remove(0);
+                let w = enrollments.attach(fd, &selectors)?;
+                Ok(serde_json::json!({ "ok": true, "workload": w }))
+            }
+            Request::Detach { workload } => {
+                let w = enrollments.detach(&workload)?;
+                Ok(serde_json::json!({ "ok": true, "workload": w }))
+            }
+            Request::List {} => {
+                Ok(serde_json::json!({ "ok": true, "workloads": enrollments.list() }))
+            }
+        }
+    })();
+    match outcome {
+        Ok(v) => v,
+        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+    }
+}
+
+/// Serves the admin socket at `path` (created mode 0600, replacing a stale one) on threads of
+/// its own: requests are rare and short, and a blocking socket carries descriptors simply.
+pub fn serve(path: &Path, enrollments: Arc<Enrollments>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    // Root only (or whoever runs the agent): attaching makes the agent sign for a namespace.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("agent-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let enrollments = enrollments.clone();
+                let _ = std::thread::Builder::new()
+                    .name("agent-admin-req".into())
+                    .spawn(move || {
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+                        let answer = handle(&enrollments, &mut s);
+                        let _ = write_frame(&mut s, &answer);
+                    });
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn callers_may_add_attach_selectors_only() {
+        let ok = caller_selectors(&["attach:app:web".into(), "attach:tier:1".into()]).unwrap();
+        assert_eq!(ok.len(), 2);
+        for bad in [
+            "unix:uid:0",
+            "netns:name:other",
+            "cgroup:path:/x",
+            "k8s:ns:a",
+            "nocolon",
+        ] {
+            let e = caller_selectors(&[bad.into()]).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn requests_parse_strictly() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"attach","selectors":["attach:a:b"]}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Attach {
+                selectors: vec!["attach:a:b".into()]
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"list"}"#).unwrap(),
+            Request::List {}
+        );
+        for bad in [
+            r#"{"op":"steal"}"#,
+            r#"{"op":"detach"}"#,
+            r#"{"op":"list","x":1}"#,
+            "[]",
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_namespace() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Enrollments::restore(d.path());
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        let err = e.attach(f.into(), &[]).unwrap_err();
+        assert!(err.contains("not a namespace"), "{err}");
+        if let Ok(m) = std::fs::File::open("/proc/self/ns/mnt") {
+            // Root: EINVAL from setns ("not a network namespace"); others: EPERM. Refused both.
+            let err = e.attach(m.into(), &[]).unwrap_err();
+            assert!(err.contains("namespace"), "{err}");
+        }
+        assert!(e.is_empty());
+    }
+}
