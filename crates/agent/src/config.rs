@@ -41,6 +41,10 @@ pub struct AgentConfig {
     /// Node mode: the admin socket (mode 0600) where workloads are attached by network
     /// namespace (`tessera workload attach`). Unset: no enrollment.
     pub admin_socket_path: Option<PathBuf>,
+    /// SPIFFE IDs whose holders (attested like Workload API callers) may open the delegated
+    /// identity stream on the admin socket: the node proxy. It receives enrolled workloads'
+    /// keys, so list only the node proxy's own ID.
+    pub authorized_delegates: Vec<String>,
 }
 
 /// Envoy's Secret Discovery Service (SDS v3), served on the Workload API socket. The names are
@@ -116,6 +120,7 @@ impl Default for AgentConfig {
             log_level: "info".into(),
             sds: SdsConfig::default(),
             admin_socket_path: None,
+            authorized_delegates: Vec::new(),
         }
     }
 }
@@ -138,6 +143,15 @@ impl AgentConfig {
                 "admin_socket_path {}: must be an absolute path other than socket_path",
                 p.display()
             ));
+        }
+        for d in &self.authorized_delegates {
+            let id = tessera_spiffe::SpiffeId::parse(d)
+                .map_err(|e| format!("authorized_delegates {d:?}: {e}"))?;
+            if id.is_root() {
+                return Err(format!(
+                    "authorized_delegates {d:?}: a trust domain, not a workload ID"
+                ));
+            }
         }
         if !self.socket_path.is_absolute() {
             return Err(format!(

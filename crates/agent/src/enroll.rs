@@ -55,6 +55,9 @@ pub enum Request {
         workload: String,
     },
     List {},
+    /// The delegated identity stream (node proxy): only for callers whose attested identity is
+    /// in `authorized_delegates`.
+    Watch {},
 }
 
 /// One SVID of an enrolled workload, as listed (public facts only).
@@ -358,7 +361,9 @@ impl Enrollments {
         let Some(w) = g.get_mut(id) else {
             return;
         };
+        let before = w.svids.len();
         w.svids.retain(|e, _| entries.iter().any(|(x, _)| x == e));
+        let changed = !signed.is_empty() || w.svids.len() != before;
         for (entry, rev, identity, rotate_at) in signed {
             w.svids.insert(
                 entry,
@@ -368,6 +373,227 @@ impl Enrollments {
                     rotate_at,
                 },
             );
+        }
+        drop(g);
+        if changed {
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// What the delegated stream sends: each workload with a duplicate of its namespace
+    /// descriptor, its selectors and its SVIDs.
+    fn view(&self) -> Vec<WorkloadView> {
+        self.lock()
+            .iter()
+            .filter_map(|(id, w)| {
+                let fd = w._netns.try_clone().ok()?;
+                Some(WorkloadView {
+                    id: id.clone(),
+                    name: w.name.clone(),
+                    netns: fd,
+                    selectors: w.selectors.clone(),
+                    svids: w.svids.values().map(|h| h.identity.clone()).collect(),
+                })
+            })
+            .collect()
+    }
+}
+
+struct WorkloadView {
+    id: String,
+    name: String,
+    netns: OwnedFd,
+    selectors: BTreeSet<Selector>,
+    svids: Vec<Arc<Identity>>,
+}
+
+/// What the delegated identity stream needs from the agent: attestation of the caller (as the
+/// Workload API does it), the cache (bundles, policies), and the authorized delegates.
+pub struct Delegation {
+    pub api: crate::workload_api::WorkloadApi,
+    pub handle: tokio::runtime::Handle,
+    pub authorized: Vec<tessera_spiffe::SpiffeId>,
+}
+
+impl std::fmt::Debug for Delegation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delegation")
+            .field("authorized", &self.authorized)
+            .finish_non_exhaustive()
+    }
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn svids_json(svids: &[Arc<Identity>]) -> serde_json::Value {
+    serde_json::Value::Array(
+        svids
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "spiffe_id": i.spiffe_id.to_string(),
+                    "chain": i.chain.iter().map(|c| b64(c)).collect::<Vec<_>>(),
+                    "key_pkcs8": b64(&i.key_pkcs8),
+                    "not_after": i.not_after,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// One frame with a descriptor attached (SCM_RIGHTS).
+fn write_frame_with_fd(s: &UnixStream, v: &serde_json::Value, fd: &OwnedFd) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    let body = v.to_string();
+    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend_from_slice(body.as_bytes());
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd.as_fd()];
+    anc.push(SendAncillaryMessage::ScmRights(&fds));
+    let sent = sendmsg(
+        s,
+        &[std::io::IoSlice::new(&frame)],
+        &mut anc,
+        SendFlags::empty(),
+    )?;
+    let mut rest = &frame[sent..];
+    let mut w = s;
+    while !rest.is_empty() {
+        let n = std::io::Write::write(&mut w, rest)?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
+/// The delegated identity stream: authorizes the caller, then sends `attached` (with the
+/// namespace descriptor, SVIDs and keys, bundles), `svids`, `policies` and `detached` events
+/// as enrollments, SVIDs, bundles or policies change (pushed, never polled by the caller).
+fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Result<(), String> {
+    let peer = tessera_workload_attest::PeerProcess::from_socket(&*s)
+        .map_err(|e| format!("the caller: {e}"))?;
+    let attestation = d
+        .handle
+        .block_on(d.api.attest(peer))
+        .map_err(|e| format!("attesting the caller: {e}"))?;
+    let cache = d.api.cache().clone();
+    let ids: Vec<String> =
+        crate::workload_api::view::identities_for(&cache.current(), attestation.selectors())
+            .iter()
+            .map(|i| i.spiffe_id.to_string())
+            .collect();
+    // A delegate receives other workloads' keys: only identities the operator named may.
+    if !d
+        .authorized
+        .iter()
+        .any(|a| ids.iter().any(|i| i == a.as_str()))
+    {
+        return Err(format!(
+            "not an authorized delegate: the caller's identities {ids:?} are not in authorized_delegates"
+        ));
+    }
+    write_frame(s, &serde_json::json!({ "ok": true })).map_err(|e| e.to_string())?;
+    let mut enr = enrollments.subscribe();
+    let mut snaps = cache.subscribe();
+    let mut pols = cache.subscribe_policies();
+    // What was sent, by workload: (SVID key fingerprints, bundles JSON, policies JSON).
+    let mut sent: BTreeMap<String, (Vec<String>, String, String)> = BTreeMap::new();
+    loop {
+        enr.borrow_and_update();
+        let snapshot = snaps.borrow_and_update().clone();
+        let policies = pols.borrow_and_update().clone();
+        let bundles: serde_json::Value = snapshot
+            .bundles
+            .iter()
+            .map(|b| {
+                (
+                    b.trust_domain().to_string(),
+                    serde_json::Value::String(b.to_json()),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        let bundles_text = bundles.to_string();
+        let view = enrollments.view();
+        for w in &view {
+            let fps: Vec<String> = w
+                .svids
+                .iter()
+                .map(|i| i.chain.first().map(|c| key_sha256(c)).unwrap_or_default())
+                .collect();
+            let pol = crate::policy_watch::build(&snapshot, &w.selectors, &policies)
+                .map(|p| {
+                    serde_json::json!({
+                        "spiffe_id": p.spiffe_id,
+                        "default_action": p.default_action,
+                        "revision": p.revision,
+                        "policies": p.policies.iter().map(|x| serde_json::json!({
+                            "name": x.name, "document_json": x.document_json,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .unwrap_or(serde_json::Value::Null);
+            let pol_text = pol.to_string();
+            let io = |e: std::io::Error| format!("the delegate went away: {e}");
+            match sent.get(&w.id) {
+                None if w.svids.is_empty() => continue, // sent once it has an identity
+                None => {
+                    write_frame_with_fd(
+                        s,
+                        &serde_json::json!({
+                            "event": "attached",
+                            "workload": w.id, "netns": w.name,
+                            "svids": svids_json(&w.svids), "bundles": bundles,
+                        }),
+                        &w.netns,
+                    )
+                    .map_err(io)?;
+                    write_frame(s, &serde_json::json!({"event": "policies", "workload": w.id, "snapshot": pol}))
+                        .map_err(io)?;
+                }
+                Some((f, b, p)) => {
+                    if *f != fps || *b != bundles_text {
+                        write_frame(
+                            s,
+                            &serde_json::json!({
+                                "event": "svids", "workload": w.id,
+                                "svids": svids_json(&w.svids), "bundles": bundles,
+                            }),
+                        )
+                        .map_err(io)?;
+                    }
+                    if *p != pol_text {
+                        write_frame(s, &serde_json::json!({"event": "policies", "workload": w.id, "snapshot": pol}))
+                            .map_err(io)?;
+                    }
+                }
+            }
+            sent.insert(w.id.clone(), (fps, bundles_text.clone(), pol_text));
+        }
+        let gone: Vec<String> = sent
+            .keys()
+            .filter(|id| !view.iter().any(|w| &w.id == *id))
+            .cloned()
+            .collect();
+        for id in gone {
+            write_frame(s, &serde_json::json!({"event": "detached", "workload": id}))
+                .map_err(|e| format!("the delegate went away: {e}"))?;
+            sent.remove(&id);
+        }
+        let ended = d.handle.block_on(async {
+            tokio::select! {
+                r = enr.changed() => r.is_err(),
+                r = snaps.changed() => r.is_err(),
+                r = pols.changed() => r.is_err(),
+                () = tokio::time::sleep(Duration::from_secs(30)) => false,
+            }
+        });
+        if ended {
+            return Ok(());
         }
     }
 }
@@ -436,7 +662,11 @@ fn recv_with_fds(s: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
     Ok((data, fds))
 }
 
-fn handle(enrollments: &Enrollments, s: &mut UnixStream) -> serde_json::Value {
+fn handle(
+    enrollments: &Enrollments,
+    delegation: Option<&Delegation>,
+    s: &mut UnixStream,
+) -> Option<serde_json::Value> {
     let outcome = (|| -> Result<serde_json::Value, String> {
         let (first, mut fds) = recv_with_fds(s)?;
         let body = read_frame(s, first)?;
@@ -464,17 +694,30 @@ fn handle(enrollments: &Enrollments, s: &mut UnixStream) -> serde_json::Value {
             Request::List {} => {
                 Ok(serde_json::json!({ "ok": true, "workloads": enrollments.list() }))
             }
+            Request::Watch {} => {
+                let d = delegation.ok_or("this agent has no delegated identity stream")?;
+                // Long-lived: the stream's own frames are the answer.
+                let _ = s.set_read_timeout(None);
+                let _ = s.set_write_timeout(None);
+                watch(enrollments, d, s)?;
+                Ok(serde_json::Value::Null)
+            }
         }
     })();
     match outcome {
-        Ok(v) => v,
-        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+        Ok(serde_json::Value::Null) => None,
+        Ok(v) => Some(v),
+        Err(e) => Some(serde_json::json!({ "ok": false, "error": e })),
     }
 }
 
 /// Serves the admin socket at `path` (created mode 0600, replacing a stale one) on threads of
 /// its own: requests are rare and short, and a blocking socket carries descriptors simply.
-pub fn serve(path: &Path, enrollments: Arc<Enrollments>) -> std::io::Result<()> {
+pub fn serve(
+    path: &Path,
+    enrollments: Arc<Enrollments>,
+    delegation: Option<Arc<Delegation>>,
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -488,13 +731,15 @@ pub fn serve(path: &Path, enrollments: Arc<Enrollments>) -> std::io::Result<()> 
             for conn in listener.incoming() {
                 let Ok(mut s) = conn else { continue };
                 let enrollments = enrollments.clone();
+                let delegation = delegation.clone();
                 let _ = std::thread::Builder::new()
                     .name("agent-admin-req".into())
                     .spawn(move || {
                         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                         let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-                        let answer = handle(&enrollments, &mut s);
-                        let _ = write_frame(&mut s, &answer);
+                        if let Some(answer) = handle(&enrollments, delegation.as_deref(), &mut s) {
+                            let _ = write_frame(&mut s, &answer);
+                        }
                     });
             }
         })?;

@@ -34,7 +34,7 @@ impl PolicyWatchService {
 }
 
 /// What a caller with these identities gets; `None` when it has no identity.
-fn build(
+pub(crate) fn build(
     snapshot: &Snapshot,
     selectors: &std::collections::BTreeSet<tessera_spiffe::Selector>,
     policies: &Policies,

@@ -346,23 +346,9 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         state_rx.clone(),
         stop_rx.clone(),
     )));
-    if let Some(path) = shared.cfg.admin_socket_path.clone() {
-        let enrollments = crate::enroll::Enrollments::restore(&shared.cfg.data_dir);
-        crate::enroll::serve(&path, enrollments.clone()).map_err(|e| AgentError::Io {
-            what: format!("agent admin socket {}", path.display()),
-            source: e,
-        })?;
-        tracing::info!(socket = %path.display(), enrolled = enrollments.len(), "node-mode enrollment on the agent admin socket");
-        tasks.push(tokio::spawn(enrolled_svid_task(
-            shared.clone(),
-            enrollments,
-            state_rx.clone(),
-            stop_rx.clone(),
-        )));
-    }
     tasks.push(tokio::spawn(renew_task(
         shared.clone(),
-        state_rx,
+        state_rx.clone(),
         stop_rx.clone(),
     )));
 
@@ -375,6 +361,34 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let api = crate::workload_api::WorkloadApi::new(cache.clone(), attestor, minter)
         .with_metrics(shared.metrics.clone())
         .with_sds(shared.cfg.sds.clone());
+    if let Some(path) = shared.cfg.admin_socket_path.clone() {
+        let enrollments = crate::enroll::Enrollments::restore(&shared.cfg.data_dir);
+        let authorized = shared
+            .cfg
+            .authorized_delegates
+            .iter()
+            .map(|s| SpiffeId::parse(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AgentError::Config(format!("authorized_delegates: {e}")))?;
+        let delegation = Arc::new(crate::enroll::Delegation {
+            api: api.clone(),
+            handle: tokio::runtime::Handle::current(),
+            authorized,
+        });
+        crate::enroll::serve(&path, enrollments.clone(), Some(delegation)).map_err(|e| {
+            AgentError::Io {
+                what: format!("agent admin socket {}", path.display()),
+                source: e,
+            }
+        })?;
+        tracing::info!(socket = %path.display(), enrolled = enrollments.len(), "node-mode enrollment on the agent admin socket");
+        tasks.push(tokio::spawn(enrolled_svid_task(
+            shared.clone(),
+            enrollments,
+            state_rx.clone(),
+            stop_rx.clone(),
+        )));
+    }
     let socket_path = shared.cfg.socket_path.clone();
     let mut srx = stop_rx.clone();
     let path = socket_path.clone();

@@ -218,3 +218,191 @@ impl NodeProxy {
         Ok(())
     }
 }
+
+// ---- the agent's delegated identity stream ----
+
+/// Reads frames (4-byte big-endian length, JSON) and the descriptors that come with them.
+struct FrameReader {
+    buf: Vec<u8>,
+    fds: std::collections::VecDeque<OwnedFd>,
+}
+
+const MAX_FRAME: usize = 4 << 20;
+
+impl FrameReader {
+    fn next(&mut self, s: &std::os::unix::net::UnixStream) -> Result<serde_json::Value, String> {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > MAX_FRAME {
+                    return Err(format!("a frame of {len} bytes from the agent"));
+                }
+                if self.buf.len() >= 4 + len {
+                    let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+                    return serde_json::from_slice(&body).map_err(|e| format!("bad frame: {e}"));
+                }
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+            let mut anc = RecvAncillaryBuffer::new(&mut space);
+            let r = recvmsg(
+                s,
+                &mut [std::io::IoSliceMut::new(&mut chunk)],
+                &mut anc,
+                RecvFlags::CMSG_CLOEXEC,
+            )
+            .map_err(|e| format!("recvmsg: {e}"))?;
+            for m in anc.drain() {
+                if let RecvAncillaryMessage::ScmRights(it) = m {
+                    self.fds.extend(it);
+                }
+            }
+            if r.bytes == 0 {
+                return Err("the agent closed the stream".into());
+            }
+            self.buf.extend_from_slice(&chunk[..r.bytes]);
+        }
+    }
+}
+
+fn svid_of(v: &serde_json::Value) -> Result<WorkloadSvid, String> {
+    use base64::Engine as _;
+    let b64 = |s: &serde_json::Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_str().unwrap_or_default())
+            .map_err(|e| format!("base64: {e}"))
+    };
+    // The instance serves with the first SVID (the workload's default identity).
+    let first = v["svids"]
+        .as_array()
+        .and_then(|a| a.first())
+        .ok_or("no SVID for the workload")?;
+    let chain = first["chain"]
+        .as_array()
+        .ok_or("no chain")?
+        .iter()
+        .map(|c| b64(c).map(CertificateDer::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::Pkcs8(b64(&first["key_pkcs8"])?.into());
+    let mut bundles = BundleSet::new();
+    if let Some(m) = v["bundles"].as_object() {
+        for (td, json) in m {
+            let td = tessera_spiffe::TrustDomain::new(td).map_err(|e| e.to_string())?;
+            let b = tessera_spiffe::Bundle::parse(td, json.as_str().unwrap_or_default().as_bytes())
+                .map_err(|e| e.to_string())?;
+            bundles.upsert(b);
+        }
+    }
+    Ok(WorkloadSvid {
+        chain,
+        key,
+        bundles,
+    })
+}
+
+fn event_of(
+    v: &serde_json::Value,
+    fds: &mut std::collections::VecDeque<OwnedFd>,
+) -> Result<Option<WorkloadEvent>, String> {
+    let id = v["workload"].as_str().unwrap_or_default().to_owned();
+    Ok(match v["event"].as_str() {
+        Some("attached") => {
+            let netns = fds
+                .pop_front()
+                .ok_or("an attached event without its namespace")?;
+            Some(WorkloadEvent::Attached {
+                name: v["netns"].as_str().unwrap_or(&id).to_owned(),
+                netns,
+                svid: svid_of(v)?,
+                id,
+            })
+        }
+        Some("svids") => Some(WorkloadEvent::Svid {
+            svid: svid_of(v)?,
+            id,
+        }),
+        Some("policies") if v["snapshot"].is_object() => {
+            let s = &v["snapshot"];
+            Some(WorkloadEvent::Policies {
+                snapshot: tessera_proto::v1::PolicySnapshot {
+                    spiffe_id: s["spiffe_id"].as_str().unwrap_or_default().to_owned(),
+                    default_action: s["default_action"].as_str().unwrap_or_default().to_owned(),
+                    revision: s["revision"].as_u64().unwrap_or(0),
+                    policies: s["policies"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .map(|p| tessera_proto::v1::StoredPolicy {
+                                    name: p["name"].as_str().unwrap_or_default().to_owned(),
+                                    document_json: p["document_json"]
+                                        .as_str()
+                                        .unwrap_or_default()
+                                        .to_owned(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                },
+                id,
+            })
+        }
+        Some("policies") => None,
+        Some("detached") => Some(WorkloadEvent::Detached { id }),
+        other => return Err(format!("unknown event {other:?}")),
+    })
+}
+
+/// Follows the agent's delegated identity stream on its admin socket, forever (reconnecting
+/// with backoff), sending the events to `tx`. Runs on a thread of its own (blocking socket).
+/// After a reconnect the agent sends every workload again as `attached`: the consumer treats an
+/// attach of a workload it serves as an SVID update.
+pub fn follow_agent(socket: std::path::PathBuf, tx: tokio::sync::mpsc::Sender<WorkloadEvent>) {
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        let r = (|| -> Result<(), String> {
+            let mut s = std::os::unix::net::UnixStream::connect(&socket)
+                .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+            let body = br#"{"op":"watch"}"#;
+            let mut frame = u32::try_from(body.len())
+                .unwrap_or(0)
+                .to_be_bytes()
+                .to_vec();
+            frame.extend_from_slice(body);
+            std::io::Write::write_all(&mut s, &frame).map_err(|e| e.to_string())?;
+            let mut reader = FrameReader {
+                buf: Vec::new(),
+                fds: Default::default(),
+            };
+            let first = reader.next(&s)?;
+            if first["ok"] != true {
+                return Err(format!(
+                    "the agent refused the delegated stream: {}",
+                    first["error"].as_str().unwrap_or("?")
+                ));
+            }
+            tracing::info!(socket = %socket.display(), "following the agent's delegated identity stream");
+            loop {
+                let v = reader.next(&s)?;
+                match event_of(&v, &mut reader.fds) {
+                    Ok(Some(ev)) => {
+                        if tx.blocking_send(ev).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "ignoring a bad event from the agent"),
+                }
+            }
+        })();
+        if tx.is_closed() {
+            return;
+        }
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "delegated identity stream");
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
+}

@@ -50,6 +50,10 @@ pub(crate) struct AgentRunArgs {
     /// Node mode: the admin socket (mode 0600) for `tessera workload attach|detach|list`.
     #[arg(long, value_name = "PATH")]
     agent_admin_socket: Option<PathBuf>,
+    /// Node mode: a SPIFFE ID that may open the delegated identity stream (the node proxy's);
+    /// repeat for more. Replaces `authorized_delegates` of the config file.
+    #[arg(long = "authorized-delegate", value_name = "SPIFFE_ID")]
+    authorized_delegates: Vec<String>,
     #[arg(long)]
     log_level: Option<String>,
 }
@@ -398,6 +402,9 @@ pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(v) = a.agent_admin_socket {
         cfg.admin_socket_path = Some(v);
+    }
+    if !a.authorized_delegates.is_empty() {
+        cfg.authorized_delegates = a.authorized_delegates;
     }
     if let Some(v) = a.health_bind_address {
         cfg.health_bind_address = Some(v);

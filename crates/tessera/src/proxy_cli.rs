@@ -119,6 +119,15 @@ struct ProxyRunArgs {
     /// Append the access log (JSON lines) to this file instead of stdout.
     #[arg(long)]
     access_log: Option<PathBuf>,
+    /// Node mode: serve every workload enrolled with this node's agent (`tessera workload
+    /// attach`), each inside its own network namespace with its own SVID, from the agent's
+    /// delegated identity stream (this proxy's identity must be in the agent's
+    /// `authorized_delegates`). `--inbound`, `--transparent` and the rest apply to every workload.
+    #[arg(long, requires = "agent_admin_socket")]
+    node: bool,
+    /// Node mode: the agent's admin socket.
+    #[arg(long, value_name = "PATH")]
+    agent_admin_socket: Option<PathBuf>,
     #[arg(long, default_value = "info")]
     log_level: String,
 }
@@ -148,11 +157,20 @@ fn read(path: &PathBuf, what: &str) -> anyhow::Result<String> {
 }
 
 fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
-    let socket = match &a.workload_socket {
-        Some(s) => tessera_proxy::identity::socket_path(s)
+    let socket = match (&a.workload_socket, a.node) {
+        (Some(s), _) => tessera_proxy::identity::socket_path(s)
             .map_err(|e| anyhow::anyhow!("--workload-socket / SPIFFE_ENDPOINT_SOCKET: {e}"))?,
-        None => bail!("no Workload API socket: set --workload-socket or SPIFFE_ENDPOINT_SOCKET"),
+        // Node mode: identities come from the agent's delegated stream.
+        (None, true) => PathBuf::new(),
+        (None, false) => {
+            bail!("no Workload API socket: set --workload-socket or SPIFFE_ENDPOINT_SOCKET")
+        }
     };
+    if a.node && (a.policy.is_some() || a.default_policy.is_some()) {
+        bail!(
+            "--node: each workload's policies come from the agent; --policy and --default-policy do not apply"
+        );
+    }
     let file = match &a.config {
         Some(p) => config::parse_file(&p.display().to_string(), &read(p, "--config")?)?,
         None => config::FileConfig::default(),
@@ -205,21 +223,27 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     };
     opts.pooling = !a.no_pool;
     opts.protocol = a.tunnel_protocol;
+    let mut node_rules = None;
     if a.transparent {
         let (outbound_addr, inbound_plaintext_addr) =
             tessera_proxy::run::default_transparent_addrs();
-        // Rules first: until the proxy has an identity, intercepted traffic meets closed ports
-        // (fails closed) instead of leaving in plaintext.
-        transparent::install(&RuleParams {
+        let params = RuleParams {
             tunnel_port: a.tunnel_address.port(),
             outbound_port: outbound_addr.port(),
             inbound_plaintext_port: inbound_plaintext_addr.port(),
             mark: a.mark,
-        })
-        .map_err(anyhow::Error::msg)?;
-        tracing::info!(
-            "interception rules installed (they stay after exit; `tessera proxy uninstall-rules` removes them)"
-        );
+        };
+        if a.node {
+            // Installed in each workload's namespace when it is attached.
+            node_rules = Some(params);
+        } else {
+            // Rules first: until the proxy has an identity, intercepted traffic meets closed
+            // ports (fails closed) instead of leaving in plaintext.
+            transparent::install(&params).map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                "interception rules installed (they stay after exit; `tessera proxy uninstall-rules` removes them)"
+            );
+        }
         opts.mark = Some(a.mark);
         opts.transparent = Some(TransparentOptions {
             outbound_addr,
@@ -249,6 +273,9 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         .worker_threads(threads)
         .enable_all()
         .build()?;
+    if let (true, Some(admin)) = (a.node, a.agent_admin_socket.clone()) {
+        return rt.block_on(node(opts, node_rules, sink, admin));
+    }
     rt.block_on(async move {
         let mut registry = prometheus_client::registry::Registry::default();
         let telemetry = Arc::new(Telemetry::new(&mut registry, sink));
@@ -284,4 +311,50 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         running.shutdown();
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Node mode: one instance per enrolled workload, driven by the agent's delegated stream. On
+/// Ctrl-C or SIGTERM (an upgrade: the new process has bound the same ports with SO_REUSEPORT)
+/// the listeners close and open connections finish, for at most 30 s.
+async fn node(
+    template: ProxyOptions,
+    rules: Option<RuleParams>,
+    sink: Box<dyn std::io::Write + Send>,
+    admin: PathBuf,
+) -> anyhow::Result<ExitCode> {
+    use tessera_proxy::node::{NodeProxy, WorkloadEvent};
+    let mut registry = prometheus_client::registry::Registry::default();
+    let telemetry = Arc::new(Telemetry::new(&mut registry, sink));
+    let mut node = NodeProxy::new(template, rules, telemetry.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    std::thread::Builder::new()
+        .name("delegated-stream".into())
+        .spawn(move || tessera_proxy::node::follow_agent(admin, tx))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                // After a reconnect the agent sends every workload again.
+                let ev = match ev {
+                    WorkloadEvent::Attached { id, svid, .. } if node.instance(&id).is_some() => {
+                        WorkloadEvent::Svid { id, svid }
+                    }
+                    ev => ev,
+                };
+                if let Err(e) = node.apply(ev).await {
+                    tracing::error!(error = %e, "node proxy");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    tracing::info!("draining: listeners closed, open connections finish (at most 30 s)");
+    node.stop_accepting();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while telemetry.active_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(ExitCode::SUCCESS)
 }

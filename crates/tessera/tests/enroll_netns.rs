@@ -170,3 +170,206 @@ fn workloads_are_attached_by_namespace_with_keys_of_their_own() {
         svids_of(&cp, &id2).len() == 2
     });
 }
+
+/// Node mode end to end: `tessera agent` enrolls foo, bar and baz (`tessera workload attach`),
+/// one `tessera proxy --node --transparent` (the agent's authorized delegate) serves them all
+/// inside their namespaces from the delegated identity stream. foo reaches bar straight at
+/// bar's address (intercepted in foo's namespace, mutual TLS with foo's key), baz is denied by
+/// the policy created with `tessera policy`, detaching bar closes a live connection, and the
+/// IP-reuse attack fails: with foo detached and deleted, a new workload at foo's address and
+/// the server stopped, it is baz, never foo.
+#[test]
+fn a_node_proxy_serves_enrolled_workloads_by_identity() {
+    use std::io::{Read as _, Write as _};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+    if !usable("a_node_proxy_serves_enrolled_workloads_by_identity") {
+        return;
+    }
+    let mut cp = ControlPlane::start();
+    let mut net = Net::new();
+    let foo = net.node("foo", Ipv4Addr::new(198, 18, 0, 1));
+    let bar = net.node("bar", Ipv4Addr::new(198, 18, 0, 2));
+    let baz = net.node("baz", Ipv4Addr::new(198, 18, 0, 3));
+    let reuse = net.ns_name("reuse");
+    cp.entry("foo", &foo, &[]);
+    cp.entry("bar", &bar, &[]);
+    cp.entry("baz", &baz, &[]);
+    cp.entry("baz", &reuse, &[]);
+    support::netns::cli(
+        &cp.admin,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            support::netns::NODE_PROXY_ID,
+            "--parent-id",
+            &cp.agent_id,
+            "--selector",
+            "unix:uid:0",
+        ],
+    );
+    let policy = cp.path("bar-policy.yaml");
+    std::fs::write(
+        &policy,
+        "name: bar-from-foo\naction: ALLOW\ntargets: [\"spiffe://example.org/bar\"]\nrules: [{from: {principals: [\"spiffe://example.org/foo\"]}, to: {ports: [8080]}}]\n",
+    )
+    .unwrap();
+    support::netns::cli(
+        &cp.admin,
+        &["policy", "apply", "-f", policy.to_str().unwrap()],
+    );
+    let app = support::netns::App::start(&bar, Ipv4Addr::LOCALHOST, 8080);
+    let cfg = cp.path("node-proxy.toml");
+    std::fs::write(
+        &cfg,
+        "[[destination]]\ncidr = \"198.18.0.2/32\"\nspiffe_id = \"spiffe://example.org/bar\"\n",
+    )
+    .unwrap();
+    let log = cp.path("node-proxy.access.log");
+    let stderr = cp.path("node-proxy.stderr");
+    let _node = support::netns::Proc(
+        tessera()
+            .args([
+                "proxy",
+                "--node",
+                "--transparent",
+                "--inbound",
+                "8080",
+                "--log-level",
+                "info",
+            ])
+            .arg("--agent-admin-socket")
+            .arg(&cp.agent_admin)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--access-log")
+            .arg(&log)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ids = std::collections::BTreeMap::new();
+    for ns in [&foo, &bar, &baz] {
+        let a = ok(workload(
+            &cp,
+            &["attach", "--netns", &format!("/run/netns/{ns}")],
+        ));
+        ids.insert(ns.clone(), a["workload"]["id"].as_str().unwrap().to_owned());
+    }
+    let bar_app = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 8080));
+    let exchange = |ns: &str, payload: &[u8]| -> Option<Vec<u8>> {
+        tessera_test_util::netns::in_netns(ns, || {
+            let mut s = TcpStream::connect_timeout(&bar_app, Duration::from_secs(5)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            s.write_all(payload).ok()?;
+            let mut b = vec![0u8; payload.len()];
+            s.read_exact(&mut b).ok()?;
+            Some(b)
+        })
+    };
+    let records = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |e| &text[..e]).to_owned();
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until("foo to reach bar through the node proxy", 30, || {
+        exchange(&foo, b"hello").as_deref() == Some(&b"hello"[..])
+    });
+    let mut rec = serde_json::Value::Null;
+    wait_until("bar's allow record", 10, || {
+        rec = records()
+            .into_iter()
+            .find(|r| r["direction"] == "inbound" && r["decision"] == "allow")
+            .unwrap_or(serde_json::Value::Null);
+        !rec.is_null()
+    });
+    assert_eq!(rec["src_spiffe_id"], "spiffe://example.org/foo");
+    assert_eq!(rec["dst_spiffe_id"], "spiffe://example.org/bar");
+    assert!(
+        rec["src_addr"].as_str().unwrap().starts_with("198.18.0.1:"),
+        "{rec}"
+    );
+    // baz, served by the same node proxy, is denied by identity.
+    assert_eq!(exchange(&baz, b"baz"), None);
+    wait_until("bar's denial of baz", 10, || {
+        records().iter().any(|r| {
+            r["direction"] == "inbound"
+                && r["decision"] == "deny"
+                && r["src_spiffe_id"] == "spiffe://example.org/baz"
+        })
+    });
+
+    // Detaching bar closes a live connection at once.
+    let mut live =
+        tessera_test_util::netns::in_netns(&foo, || TcpStream::connect(bar_app).unwrap());
+    live.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    live.write_all(b"live").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    ok(workload(&cp, &["detach", "--workload", &ids[&bar]]));
+    assert_eq!(
+        live.read(&mut b).unwrap_or(0),
+        0,
+        "the live connection outlived bar's detach"
+    );
+    let before = app.connections();
+    ok(workload(
+        &cp,
+        &["attach", "--netns", &format!("/run/netns/{bar}")],
+    ));
+    wait_until("bar re-attached as a new workload", 30, || {
+        exchange(&foo, b"again").as_deref() == Some(&b"again"[..])
+    });
+    assert!(app.connections() > before);
+
+    // The IP-reuse attack: foo detached and gone, a new workload at foo's address, the
+    // server stopped. It is baz (its own entry), never foo.
+    ok(workload(&cp, &["detach", "--workload", &ids[&foo]]));
+    net.remove_node(&foo);
+    assert_eq!(net.node("reuse", Ipv4Addr::new(198, 18, 0, 1)), reuse);
+    ok(workload(
+        &cp,
+        &["attach", "--netns", &format!("/run/netns/{reuse}")],
+    ));
+    // Its SVID (baz's) is signed while the server is up; then the control plane goes away.
+    // (A workload attached while the server is down gets no SVID at all: its keys are its
+    // own, signed at attach.)
+    let reuser = listed(&cp)
+        .into_iter()
+        .find(|w| w["netns"] == reuse.as_str())
+        .unwrap();
+    let reuser_id = reuser["id"].as_str().unwrap().to_owned();
+    wait_until("the reuser's SVID", 20, || {
+        svids_of(&cp, &reuser_id).len() == 1
+    });
+    assert_eq!(svids_of(&cp, &reuser_id)[0].0, "spiffe://example.org/baz");
+    cp.server.take();
+    let n_before = app.connections();
+    wait_until(
+        "the reuser's denial, as baz, from foo's address",
+        30,
+        || {
+            let _ = exchange(&reuse, b"i-am-foo");
+            records().iter().any(|r| {
+                r["direction"] == "inbound"
+                    && r["decision"] == "deny"
+                    && r["src_spiffe_id"] == "spiffe://example.org/baz"
+                    && r["src_addr"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with("198.18.0.1:"))
+            })
+        },
+    );
+    assert_eq!(
+        app.connections(),
+        n_before,
+        "the reuser reached bar's application"
+    );
+    assert!(!app.saw(b"i-am-foo"));
+}

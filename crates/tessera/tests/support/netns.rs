@@ -62,6 +62,9 @@ pub(crate) struct ControlPlane {
     config: Option<PathBuf>,
 }
 
+/// The node proxy's SPIFFE ID: the agent's authorized delegate.
+pub(crate) const NODE_PROXY_ID: &str = "spiffe://example.org/node-proxy";
+
 /// How the agent is started (and restarted).
 struct AgentArgs {
     port: u16,
@@ -93,6 +96,7 @@ impl AgentArgs {
                 .args(["--join-token", &self.token])
                 .arg("--agent-admin-socket")
                 .arg(&self.admin)
+                .args(["--authorized-delegate", NODE_PROXY_ID])
                 .args(["--health-bind-address", "127.0.0.1:0"])
                 .stdout(Stdio::null())
                 .stderr(stderr)
