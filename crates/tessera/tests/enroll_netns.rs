@@ -155,6 +155,49 @@ fn workloads_are_attached_by_namespace_with_keys_of_their_own() {
     assert!(e.contains("no enrolled workload"), "{e}");
     assert_eq!(listed(&cp).len(), 3);
 
+    // The delegated identity stream (it carries keys) is refused to a caller that is not an
+    // authorized delegate: this test process is attested, and it is not the node proxy.
+    {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(&cp.agent_admin).unwrap();
+        let body = br#"{"op":"watch"}"#;
+        s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut answer = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut answer).unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(answer["ok"], false);
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("not an authorized delegate"),
+            "{answer}"
+        );
+    }
+    // From inside w1's namespace, the Workload API gives w1's identity only (never w2's api).
+    let o = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w1,
+            env!("CARGO_BIN_EXE_tessera"),
+            "agent",
+            "api",
+            "fetch",
+            "x509",
+        ])
+        .arg("--socket")
+        .arg(format!("unix://{}", cp.socket.display()))
+        .output()
+        .unwrap();
+    let fetched =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(fetched.contains("spiffe://example.org/web"), "{fetched}");
+    assert!(!fetched.contains("spiffe://example.org/api"), "{fetched}");
+
     // Detach.
     ok(workload(&cp, &["detach", "--workload", &id1]));
     assert!(listed(&cp).iter().all(|w| w["id"] != id1.as_str()));
@@ -206,7 +249,7 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
             "--parent-id",
             &cp.agent_id,
             "--selector",
-            "unix:uid:0",
+            &format!("unix:path:{}", env!("CARGO_BIN_EXE_tessera")),
         ],
     );
     let policy = cp.path("bar-policy.yaml");
