@@ -19,13 +19,71 @@ use support::netns::{ControlPlane, tessera, wait_until};
 use tessera_test_util::netns::{Net, usable};
 
 fn workload(cp: &ControlPlane, args: &[&str]) -> Output {
+    workload_at(&cp.agent_admin, args)
+}
+
+fn workload_at(socket: &std::path::Path, args: &[&str]) -> Output {
     tessera()
         .arg("workload")
         .args(args)
         .args(["--output", "json"])
-        .env("TESSERA_AGENT_ADMIN_SOCKET", &cp.agent_admin)
+        .env("TESSERA_AGENT_ADMIN_SOCKET", socket)
         .output()
         .unwrap()
+}
+
+fn node_proxy_entry(cp: &ControlPlane, parent: &str) {
+    support::netns::cli(
+        &cp.admin,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            support::netns::NODE_PROXY_ID,
+            "--parent-id",
+            parent,
+            "--selector",
+            &format!("unix:path:{}", env!("CARGO_BIN_EXE_tessera")),
+        ],
+    );
+}
+
+/// `tessera proxy --node --transparent --inbound 8080` following the agent at `admin`, its
+/// access log at `log`.
+fn node_proxy(
+    cp: &ControlPlane,
+    name: &str,
+    admin: &std::path::Path,
+    log: &std::path::Path,
+) -> support::netns::Proc {
+    let cfg = cp.path(&format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        "[[destination]]\ncidr = \"198.18.0.2/32\"\nspiffe_id = \"spiffe://example.org/bar\"\n",
+    )
+    .unwrap();
+    support::netns::Proc(
+        tessera()
+            .args([
+                "proxy",
+                "--node",
+                "--transparent",
+                "--inbound",
+                "8080",
+                "--log-level",
+                "info",
+            ])
+            .arg("--agent-admin-socket")
+            .arg(admin)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--access-log")
+            .arg(log)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(cp.path(&format!("{name}.stderr"))).unwrap())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn ok(o: Output) -> serde_json::Value {
@@ -214,9 +272,10 @@ fn workloads_are_attached_by_namespace_with_keys_of_their_own() {
     });
 }
 
-/// Node mode end to end: `tessera agent` enrolls foo, bar and baz (`tessera workload attach`),
-/// one `tessera proxy --node --transparent` (the agent's authorized delegate) serves them all
-/// inside their namespaces from the delegated identity stream. foo reaches bar straight at
+/// Node mode end to end with two nodes: agent A enrolls foo and baz, agent B enrolls bar
+/// (`tessera workload attach`); one `tessera proxy --node --transparent` per node (its agent's
+/// authorized delegate) serves that node's workloads inside their namespaces from the
+/// delegated identity stream. foo reaches bar straight at
 /// bar's address (intercepted in foo's namespace, mutual TLS with foo's key), baz is denied by
 /// the policy created with `tessera policy`, detaching bar closes a live connection, and the
 /// IP-reuse attack fails: with foo detached and deleted, a new workload at foo's address and
@@ -235,8 +294,9 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
     let bar = net.node("bar", Ipv4Addr::new(198, 18, 0, 2));
     let baz = net.node("baz", Ipv4Addr::new(198, 18, 0, 3));
     let reuse = net.ns_name("reuse");
+    // Node A (the control plane's agent): foo, baz. Node B (a second agent): bar.
+    let node_b = cp.add_agent("b");
     cp.entry("foo", &foo, &[]);
-    cp.entry("bar", &bar, &[]);
     cp.entry("baz", &baz, &[]);
     cp.entry("baz", &reuse, &[]);
     support::netns::cli(
@@ -245,13 +305,15 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
             "entry",
             "create",
             "--spiffe-id",
-            support::netns::NODE_PROXY_ID,
+            "spiffe://example.org/bar",
             "--parent-id",
-            &cp.agent_id,
+            &node_b.agent_id,
             "--selector",
-            &format!("unix:path:{}", env!("CARGO_BIN_EXE_tessera")),
+            &format!("netns:name:{bar}"),
         ],
     );
+    node_proxy_entry(&cp, &cp.agent_id);
+    node_proxy_entry(&cp, &node_b.agent_id);
     let policy = cp.path("bar-policy.yaml");
     std::fs::write(
         &policy,
@@ -263,40 +325,18 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
         &["policy", "apply", "-f", policy.to_str().unwrap()],
     );
     let app = support::netns::App::start(&bar, Ipv4Addr::LOCALHOST, 8080);
-    let cfg = cp.path("node-proxy.toml");
-    std::fs::write(
-        &cfg,
-        "[[destination]]\ncidr = \"198.18.0.2/32\"\nspiffe_id = \"spiffe://example.org/bar\"\n",
-    )
-    .unwrap();
-    let log = cp.path("node-proxy.access.log");
-    let stderr = cp.path("node-proxy.stderr");
-    let _node = support::netns::Proc(
-        tessera()
-            .args([
-                "proxy",
-                "--node",
-                "--transparent",
-                "--inbound",
-                "8080",
-                "--log-level",
-                "info",
-            ])
-            .arg("--agent-admin-socket")
-            .arg(&cp.agent_admin)
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--access-log")
-            .arg(&log)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let log = cp.path("node-a.access.log");
+    let log_b = cp.path("node-b.access.log");
+    let _node_a = node_proxy(&cp, "node-a", &cp.agent_admin, &log);
+    let _node_b = node_proxy(&cp, "node-b", &node_b.admin, &log_b);
     let mut ids = std::collections::BTreeMap::new();
-    for ns in [&foo, &bar, &baz] {
-        let a = ok(workload(
-            &cp,
+    for (ns, admin) in [
+        (&foo, &cp.agent_admin),
+        (&bar, &node_b.admin),
+        (&baz, &cp.agent_admin),
+    ] {
+        let a = ok(workload_at(
+            admin,
             &["attach", "--netns", &format!("/run/netns/{ns}")],
         ));
         ids.insert(ns.clone(), a["workload"]["id"].as_str().unwrap().to_owned());
@@ -312,8 +352,9 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
             Some(b)
         })
     };
+    // Inbound records of bar are node B's.
     let records = || -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let text = std::fs::read_to_string(&log_b).unwrap_or_default();
         let complete = text.rfind('\n').map_or("", |e| &text[..e]).to_owned();
         complete
             .lines()
@@ -337,7 +378,7 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
         rec["src_addr"].as_str().unwrap().starts_with("198.18.0.1:"),
         "{rec}"
     );
-    // baz, served by the same node proxy, is denied by identity.
+    // baz, a workload of node A like foo, is denied by identity.
     assert_eq!(exchange(&baz, b"baz"), None);
     wait_until("bar's denial of baz", 10, || {
         records().iter().any(|r| {
@@ -355,15 +396,18 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
     live.write_all(b"live").unwrap();
     let mut b = [0u8; 4];
     live.read_exact(&mut b).unwrap();
-    ok(workload(&cp, &["detach", "--workload", &ids[&bar]]));
+    ok(workload_at(
+        &node_b.admin,
+        &["detach", "--workload", &ids[&bar]],
+    ));
     assert_eq!(
         live.read(&mut b).unwrap_or(0),
         0,
         "the live connection outlived bar's detach"
     );
     let before = app.connections();
-    ok(workload(
-        &cp,
+    ok(workload_at(
+        &node_b.admin,
         &["attach", "--netns", &format!("/run/netns/{bar}")],
     ));
     wait_until("bar re-attached as a new workload", 30, || {

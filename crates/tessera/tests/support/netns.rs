@@ -65,6 +65,13 @@ pub(crate) struct ControlPlane {
 /// The node proxy's SPIFFE ID: the agent's authorized delegate.
 pub(crate) const NODE_PROXY_ID: &str = "spiffe://example.org/node-proxy";
 
+/// Another agent (node) of the control plane.
+pub(crate) struct ExtraAgent {
+    _proc: Proc,
+    pub(crate) admin: PathBuf,
+    pub(crate) agent_id: String,
+}
+
 /// How the agent is started (and restarted).
 struct AgentArgs {
     port: u16,
@@ -160,6 +167,36 @@ impl ControlPlane {
             dir,
             port,
             config,
+        }
+    }
+
+    /// A second agent of the trust domain (another "node"), attested with a new join token,
+    /// with its own Workload API and admin sockets.
+    pub(crate) fn add_agent(&self, name: &str) -> ExtraAgent {
+        let tok: serde_json::Value = serde_json::from_slice(
+            &cli(&self.admin, &["token", "generate", "--output", "json"]).stdout,
+        )
+        .unwrap();
+        let args = AgentArgs {
+            port: self.port,
+            data_dir: self.dir.path().join(format!("agent-{name}")),
+            socket: self.dir.path().join(format!("agent-{name}/agent.sock")),
+            bundle: self.agent_args.bundle.clone(),
+            token: tok["token"].as_str().unwrap().to_owned(),
+            admin: self
+                .dir
+                .path()
+                .join(format!("agent-{name}-admin/admin.sock")),
+            log: self.dir.path().join(format!("agent-{name}.stderr")),
+        };
+        let proc = args.spawn();
+        wait_until("the second agent's sockets", 30, || {
+            args.socket.exists() && args.admin.exists()
+        });
+        ExtraAgent {
+            _proc: proc,
+            admin: args.admin,
+            agent_id: tok["agent_spiffe_id"].as_str().unwrap().to_owned(),
         }
     }
 
