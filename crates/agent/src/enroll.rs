@@ -445,7 +445,13 @@ fn svids_json(svids: &[Arc<Identity>]) -> serde_json::Value {
 }
 
 /// One frame with a descriptor attached (SCM_RIGHTS).
-fn write_frame_with_fd(s: &UnixStream, v: &serde_json::Value, fd: &OwnedFd) -> std::io::Result<()> {
+/// Writes one frame with `fd` attached (SCM_RIGHTS) when given: both ends of the admin socket
+/// (the agent's stream, `tessera workload attach`) frame this way.
+pub fn write_frame_with_fd(
+    s: &UnixStream,
+    v: &serde_json::Value,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> std::io::Result<()> {
     use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
     let body = v.to_string();
     let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
@@ -453,8 +459,11 @@ fn write_frame_with_fd(s: &UnixStream, v: &serde_json::Value, fd: &OwnedFd) -> s
     frame.extend_from_slice(body.as_bytes());
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut anc = SendAncillaryBuffer::new(&mut space);
-    let fds = [fd.as_fd()];
-    anc.push(SendAncillaryMessage::ScmRights(&fds));
+    let fds;
+    if let Some(fd) = fd {
+        fds = [fd];
+        anc.push(SendAncillaryMessage::ScmRights(&fds));
+    }
     let sent = sendmsg(
         s,
         &[std::io::IoSlice::new(&frame)],
@@ -549,7 +558,7 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
                             "workload": w.id, "netns": w.name,
                             "svids": svids_json(&w.svids), "bundles": bundles,
                         }),
-                        &w.netns,
+                        Some(w.netns.as_fd()),
                     )
                     .map_err(io)?;
                     write_frame(s, &serde_json::json!({"event": "policies", "workload": w.id, "snapshot": pol}))
@@ -626,6 +635,21 @@ fn read_frame(s: &mut UnixStream, first: Vec<u8>) -> Result<Vec<u8>, String> {
         return Err("bytes after the request".into());
     }
     Ok(buf.split_off(4))
+}
+
+/// Reads one answer frame (length, then JSON) of at most [`MAX_FRAME`] bytes.
+pub fn read_answer(s: &mut UnixStream) -> Result<serde_json::Value, String> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(format!("an answer of {len} bytes"));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    serde_json::from_slice(&body).map_err(|e| format!("a bad answer: {e}"))
 }
 
 /// Writes one frame (length, then JSON).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use tessera_agent::enroll::{MAX_FRAME, Request, WorkloadInfo};
+use tessera_agent::enroll::{Request, WorkloadInfo};
 
 use crate::cli::Output;
 
@@ -38,7 +38,6 @@ fn call(
     req: &Request,
     fd: Option<std::fs::File>,
 ) -> anyhow::Result<serde_json::Value> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
     let mut s = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach the agent's admin socket {} (is the agent running with --agent-admin-socket? are you root?)",
@@ -46,33 +45,13 @@ fn call(
         )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let body = serde_json::to_vec(req)?;
-    let mut frame = u32::try_from(body.len())?.to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut anc = SendAncillaryBuffer::new(&mut space);
-    let fds;
-    if let Some(f) = &fd {
-        fds = [f.as_fd()];
-        anc.push(SendAncillaryMessage::ScmRights(&fds));
-    }
-    let sent = sendmsg(
+    tessera_agent::enroll::write_frame_with_fd(
         &s,
-        &[std::io::IoSlice::new(&frame)],
-        &mut anc,
-        SendFlags::empty(),
+        &serde_json::to_value(req)?,
+        fd.as_ref().map(|f| f.as_fd()),
     )
     .context("sending the request")?;
-    if sent < frame.len() {
-        std::io::Write::write_all(&mut s, &frame[sent..])?;
-    }
-    let mut len = [0u8; 4];
-    std::io::Read::read_exact(&mut s, &mut len).context("reading the agent's answer")?;
-    let len = u32::from_be_bytes(len) as usize;
-    anyhow::ensure!(len <= MAX_FRAME, "answer of {len} bytes");
-    let mut body = vec![0u8; len];
-    std::io::Read::read_exact(&mut s, &mut body)?;
-    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    let v = tessera_agent::enroll::read_answer(&mut s).map_err(anyhow::Error::msg)?;
     if v["ok"] != true {
         anyhow::bail!("{}", v["error"].as_str().unwrap_or("the agent refused"));
     }
