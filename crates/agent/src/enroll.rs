@@ -481,7 +481,8 @@ pub fn write_frame_with_fd(
 
 /// The delegated identity stream: authorizes the caller, then sends `attached` (with the
 /// namespace descriptor, SVIDs and keys, bundles), `svids`, `policies` and `detached` events
-/// as enrollments, SVIDs, bundles or policies change (pushed, never polled by the caller).
+/// as enrollments, SVIDs, bundles or policies change (pushed, never polled by the caller), and
+/// a `keepalive` after 30 s without one.
 fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Result<(), String> {
     let peer = tessera_workload_attest::PeerProcess::from_socket(&*s)
         .map_err(|e| format!("the caller: {e}"))?;
@@ -593,16 +594,21 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
                 .map_err(|e| format!("the delegate went away: {e}"))?;
             sent.remove(&id);
         }
-        let ended = d.handle.block_on(async {
+        // `None`: nothing changed for 30 s; a keepalive then finds a delegate that went away,
+        // so its thread ends.
+        let woke = d.handle.block_on(async {
             tokio::select! {
-                r = enr.changed() => r.is_err(),
-                r = snaps.changed() => r.is_err(),
-                r = pols.changed() => r.is_err(),
-                () = tokio::time::sleep(Duration::from_secs(30)) => false,
+                r = enr.changed() => Some(r.is_err()),
+                r = snaps.changed() => Some(r.is_err()),
+                r = pols.changed() => Some(r.is_err()),
+                () = tokio::time::sleep(Duration::from_secs(30)) => None,
             }
         });
-        if ended {
-            return Ok(());
+        match woke {
+            Some(true) => return Ok(()),
+            Some(false) => {}
+            None => write_frame(s, &serde_json::json!({"event": "keepalive"}))
+                .map_err(|e| format!("the delegate went away: {e}"))?,
         }
     }
 }

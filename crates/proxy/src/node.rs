@@ -350,6 +350,7 @@ fn event_of(
         }
         Some("policies") => None,
         Some("detached") => Some(WorkloadEvent::Detached { id }),
+        Some("keepalive") => None,
         other => return Err(format!("unknown event {other:?}")),
     })
 }

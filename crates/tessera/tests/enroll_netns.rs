@@ -207,7 +207,7 @@ fn workloads_are_attached_by_namespace_with_keys_of_their_own() {
     assert!(e.contains("only attach: selectors"), "{e}");
     let e = refused(workload(&cp, &["attach", "--netns", "/proc/self/ns/mnt"]));
     assert!(e.contains("not a network namespace"), "{e}");
-    let e = refused(workload(&cp, &["attach", "--netns", "/etc/hostname"]));
+    let e = refused(workload(&cp, &["attach", "--netns", "/proc/self/status"]));
     assert!(e.contains("not a namespace"), "{e}");
     let e = refused(workload(&cp, &["detach", "--workload", "w-nope"]));
     assert!(e.contains("no enrolled workload"), "{e}");
