@@ -9,7 +9,11 @@ Topologies: `loopback` (everything in the root namespace) and `netns` (client an
 network namespaces joined by a veth pair, 198.18.10.0/24). Paths compared in alternation, every
 round: direct TCP, a stunnel pair and an Envoy pair (each a TCP proxy with mutual TLS 1.3 and the
 same P-256 SVIDs), and `tessera proxy` pairs with the HTTP/2 CONNECT tunnel (pooled) and with the
-stream tunnel (one mTLS connection per connection).
+stream tunnel (one mTLS connection per connection). In the netns topology also node mode
+(`tessera-node`), two nodes: two agents and a `tessera proxy --node` each in the root namespace,
+serving one workload each, enrolled with `tessera workload attach` (namespaces bnnc and bnns, a
+veth pair of their own, 198.18.11.0/24, the same topology as bnc/bns) with its own SVID and key,
+over the stream tunnel.
 
 Measures: iperf3 bulk throughput of one TCP stream; sockperf 1 KiB ping-pong latency (p50 one-way,
 as sockperf reports it; "added" is the median over rounds of proxied p50 minus direct p50 of the
@@ -203,14 +207,63 @@ def tessera_proxy(args, ns, log):
 ENV_SOCK = [""]
 # Path name → client-side ports (iperf, sockperf), in the order they are run each round.
 PATHS = {"direct": None, "stunnel": (9101, 9102), "envoy": (9201, 9202), "tessera-h2": (9001, 9002),
-         "tessera-stream": (9011, 9012)}
+         "tessera-stream": (9011, 9012), "tessera-node": (9021, 9022)}
+NODE_ID = {"client": "spiffe://example.org/node-client", "server": "spiffe://example.org/node-server"}
 # PATHS=envoy,tessera-stream runs only those (and direct); TOPOLOGIES=netns only that topology.
 if os.environ.get("PATHS"):
     PATHS = {k: v for k, v in PATHS.items() if k == "direct" or k in os.environ["PATHS"].split(",")}
 TOPOLOGIES = os.environ.get("TOPOLOGIES", "loopback,netns").split(",")
 
 
-def topology(name, tmp, sock, server_ns, client_ns, server_ip):
+def node_mode(tmp, agent_admin, env):
+    """Node mode in the netns topology, two nodes: the dev process's agent is node A's (the client
+    workload, bnnc), a second `tessera agent` is node B's (the server workload, bnns); a
+    `tessera proxy --node` per node, in the root namespace, follows its agent's delegated stream.
+    Explicit outbound listeners in bnnc, the stream tunnel. Returns the two node proxies."""
+    bg(["iperf3", "-s", "-p", "5201"], "bnns")
+    bg(["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"], "bnns")
+    bg([sys.executable, __file__, "echo", "7777"], "bnns")
+    banner = open(f"{tmp}/dev.log").read()
+    server = re.search(r"Server: +(\S+)", banner).group(1)
+    agent_a = re.search(r"Agent: +(\S+)", banner).group(1)
+    tok = json.loads(subprocess.run([TESSERA, "token", "generate", "--output", "json"], env=env, check=True,
+                                    capture_output=True, text=True).stdout)
+    admin_b = f"{tmp}/agent-b-admin/admin.sock"
+    bg([TESSERA, "agent", "run", "--log-level", "warn", "--server-address", server, "--data-dir", f"{tmp}/agent-b",
+        "--socket-path", f"{tmp}/agent-b/agent.sock", "--trust-bundle-path", f"{tmp}/data/agent/bootstrap_bundle.json",
+        "--join-token", tok["token"], "--agent-admin-socket", admin_b, "--authorized-delegate", ID], None,
+       f"{tmp}/agent-b.log")
+    while not os.path.exists(admin_b):
+        time.sleep(0.1)
+
+    def entry(i, parent, sel):
+        subprocess.run([TESSERA, "entry", "create", "--spiffe-id", i, "--parent-id", parent, "--selector", sel],
+                       env=env, check=True, capture_output=True)
+
+    # The workloads, identified by their namespaces (the agent derives `netns:name:`), and node
+    # B's proxy (node A's has the run's entry already).
+    entry(NODE_ID["client"], agent_a, "netns:name:bnnc")
+    entry(NODE_ID["server"], tok["agent_spiffe_id"], "netns:name:bnns")
+    entry(ID, tok["agent_spiffe_id"], f"unix:uid:{os.getuid()}")
+    policy = f"{tmp}/node-policy.yaml"
+    with open(policy, "w") as f:
+        f.write(f"name: node-bench\naction: ALLOW\ntargets: [\"{NODE_ID['server']}\"]\n"
+                f"rules: [{{from: {{principals: [\"{NODE_ID['client']}\"]}}}}]\n")
+    subprocess.run([TESSERA, "policy", "apply", "-f", policy], env=env, check=True, capture_output=True)
+    nodes = []
+    for name, admin, ns in [("a", agent_admin, "bnnc"), ("b", admin_b, "bnns")]:
+        nodes.append(bg([TESSERA, "proxy", "--node", "--agent-admin-socket", admin, "--tunnel-protocol", "stream",
+                         "--threads", str(THREADS), "--access-log", "/dev/null", "--log-level", "warn",
+                         "--inbound", "5201", "--inbound", "11111", "--inbound", "7777"] + sum(
+            (["--outbound", f"127.0.0.1:{lp}=198.18.11.2:{dp},{NODE_ID['server']}"]
+             for lp, dp in [(9021, 5201), (9022, 11111), (9023, 7777)]), []), None, f"{tmp}/node-{name}-proxy.log"))
+        subprocess.run([TESSERA, "workload", "attach", "--agent-admin-socket", admin, "--netns", f"/run/netns/{ns}"],
+                       check=True, capture_output=True)
+    wait_port("127.0.0.1", 9021, "bnnc")
+    return nodes
+
+
+def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
     """Starts servers and proxies for one topology; returns the results row."""
     ENV_SOCK[0] = env_sock = f"unix://{sock}"
     logs = f"{tmp}/{name}"
@@ -258,15 +311,17 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip):
         wait_port(host, port, ns)
 
     row = {"topology": name}
-    tp = {k: [] for k in PATHS}
-    lat = {k: [] for k in PATHS}
+    paths = {k: v for k, v in PATHS.items() if k != "tessera-node" or nodes}
+    tp = {k: [] for k in paths}
+    lat = {k: [] for k in paths}
     for _ in range(ROUNDS):  # alternate paths each round
-        for k, ports in PATHS.items():
+        for k, ports in paths.items():
             host, (ip, sp) = (server_ip, (5201, 11111)) if ports is None else ("127.0.0.1", ports)
-            tp[k].append(iperf(client_ns, host, ip))
-            lat[k].append(sockperf(client_ns, host, sp))
+            cns = "bnnc" if k == "tessera-node" else client_ns
+            tp[k].append(iperf(cns, host, ip))
+            lat[k].append(sockperf(cns, host, sp))
     med = lambda v: sorted(v)[len(v) // 2]
-    for k in PATHS:
+    for k in paths:
         row[f"gbps_{k}"] = med(tp[k])
         row[f"p50_us_{k}"] = med(lat[k])
         # Added latency: the median over rounds of (proxied p50 - direct p50) of the same round.
@@ -274,13 +329,17 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip):
     print(json.dumps({"partial": row, "throughput": tp, "latency": lat}), flush=True)
     # Full handshakes per CPU-second of the two proxies: HTTP/2 with pooling off, and stream
     # (one handshake per connection by design).
-    for key, proc, port in [("h2", nopool, 9004), ("stream", stream, 9013)]:
-        before = cpu_seconds(srv.pid) + cpu_seconds(proc.pid)
-        o = subprocess.run(ns_cmd(client_ns, [sys.executable, __file__, "connect-loop", str(port), "1000", "4"]),
+    runs = [("h2", [srv, nopool], client_ns, 9004), ("stream", [srv, stream], client_ns, 9013)]
+    if nodes:
+        runs.append(("node", nodes, "bnnc", 9023))
+    for key, procs, cns, port in runs:
+        before = sum(cpu_seconds(p.pid) for p in procs)
+        o = subprocess.run(ns_cmd(cns, [sys.executable, __file__, "connect-loop", str(port), "1000", "4"]),
                            capture_output=True, text=True, timeout=120)
         res = json.loads(o.stdout)
-        used = cpu_seconds(srv.pid) + cpu_seconds(proc.pid) - before
+        used = sum(cpu_seconds(p.pid) for p in procs) - before
         row[f"handshakes_per_cpu_s_{key}"] = res["n"] / used if used else float("nan")
+        row[f"conns_per_s_{key}"] = res["n"] / res["secs"]
     print(json.dumps({"partial": row}), flush=True)
     # Memory per idle proxied connection: RSS growth of both proxies, IDLE connections held.
     import resource
@@ -325,8 +384,10 @@ def main():
             return hold(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     tmp = tempfile.mkdtemp(prefix="tessera-netbench-")
     admin, sock = f"{tmp}/admin/admin.sock", f"{tmp}/agent/agent.sock"
+    agent_admin = f"{tmp}/agent-admin/admin.sock"
     bg([TESSERA, "dev", "--log-level", "warn", "--data-dir", f"{tmp}/data", "--admin-socket", admin,
-        "--workload-socket", sock], None, f"{tmp}/dev.log")
+        "--workload-socket", sock, "--agent-admin-socket", agent_admin, "--authorized-delegate", ID], None,
+       f"{tmp}/dev.log")
     while not (os.path.exists(sock) and os.path.exists(admin)):
         time.sleep(0.1)
     env = dict(os.environ, TESSERA_ADMIN_SOCKET=admin)
@@ -340,15 +401,16 @@ def main():
     entry(ID, f"unix:uid:{os.getuid()}")
     rows = []
     try:
-        for n in ["bnc", "bns"]:
-            run(["ip", "netns", "add", n], check=False)
-        run(["ip", "link", "add", "bnv0", "type", "veth", "peer", "name", "bnv1"])
-        run(["ip", "link", "set", "bnv0", "netns", "bnc"])
-        run(["ip", "link", "set", "bnv1", "netns", "bns"])
-        for ns, dev, ip in [("bnc", "bnv0", "198.18.10.1/24"), ("bns", "bnv1", "198.18.10.2/24")]:
-            run(["ip", "addr", "add", ip, "dev", dev], ns)
-            run(["ip", "link", "set", dev, "up"], ns)
-            run(["ip", "link", "set", "lo", "up"], ns)
+        for c, s_, a, b, net in [("bnc", "bns", "bnv0", "bnv1", "198.18.10"), ("bnnc", "bnns", "bnv2", "bnv3", "198.18.11")]:
+            for n in [c, s_]:
+                run(["ip", "netns", "add", n], check=False)
+            run(["ip", "link", "add", a, "type", "veth", "peer", "name", b])
+            run(["ip", "link", "set", a, "netns", c])
+            run(["ip", "link", "set", b, "netns", s_])
+            for ns, dev, ip in [(c, a, f"{net}.1/24"), (s_, b, f"{net}.2/24")]:
+                run(["ip", "addr", "add", ip, "dev", dev], ns)
+                run(["ip", "link", "set", dev, "up"], ns)
+                run(["ip", "link", "set", "lo", "up"], ns)
         if "loopback" in TOPOLOGIES:
             rows.append(topology("loopback", tmp, sock, None, None, "127.0.0.1"))
             for p in PROCS[1:]:
@@ -356,17 +418,19 @@ def main():
             del PROCS[1:]
             time.sleep(1)
         if "netns" in TOPOLOGIES:
-            rows.append(topology("netns", tmp, sock, "bns", "bnc", "198.18.10.2"))
+            nodes = node_mode(tmp, agent_admin, env) if "tessera-node" in PATHS else None
+            rows.append(topology("netns", tmp, sock, "bns", "bnc", "198.18.10.2", nodes))
     finally:
         for p in PROCS:
             p.kill()
-        for n in ["bnc", "bns"]:
+        for n in ["bnc", "bns", "bnnc", "bnns"]:
             run(["ip", "netns", "del", n], check=False)
-        run(["ip", "link", "del", "bnv0"], check=False)
+        for link in ["bnv0", "bnv2"]:
+            run(["ip", "link", "del", link], check=False)
     print("| topology | path | Gbit/s | × direct | p50 µs | added p50 µs (median of per-round differences) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        for k in PATHS:
+        for k in [k for k in PATHS if f"gbps_{k}" in r]:
             print(f"| {r['topology']} | {k} | {r['gbps_' + k]:.2f} | {r['gbps_' + k] / r['gbps_direct']:.2f} "
                   f"| {r['p50_us_' + k]:.1f} | {r['added_us_' + k]:.1f} |")
     print()
@@ -376,6 +440,10 @@ def main():
         print(f"| {r['topology']} | {r['handshakes_per_cpu_s_h2']:.0f} | {r['handshakes_per_cpu_s_stream']:.0f} "
               f"| {r['kib_per_idle_conn_h2']:.1f} | {r['kib_per_idle_conn_stream']:.1f} "
               f"| {r['rss_kib_h2'][0]}→{r['rss_kib_h2'][1]} | {r['rss_kib_stream'][0]}→{r['rss_kib_stream'][1]} |")
+    for r in rows:
+        if "handshakes_per_cpu_s_node" in r:
+            print(f"node mode ({r['topology']}): {r['handshakes_per_cpu_s_node']:.0f} handshakes/CPU-s of the two node proxies, "
+                  f"{r['conns_per_s_node']:.0f} conns/s (stream pair: {r['conns_per_s_stream']:.0f} conns/s)")
     print(f"(DURATION={DURATION}s per run, ROUNDS={ROUNDS} alternating, medians; IDLE={IDLE}; logs in {tmp})")
 
 

@@ -442,6 +442,14 @@ pub(crate) struct DevArgs {
         default_value = "/tmp/tessera/admin.sock"
     )]
     admin_socket: PathBuf,
+    /// Node mode: the agent's admin socket (mode 0600) for `tessera workload attach|detach|list`
+    /// and the node proxy's delegated identity stream.
+    #[arg(long, value_name = "PATH")]
+    agent_admin_socket: Option<PathBuf>,
+    /// Node mode: a SPIFFE ID that may open the delegated identity stream (the node proxy's);
+    /// repeat for more.
+    #[arg(long = "authorized-delegate", value_name = "SPIFFE_ID")]
+    authorized_delegates: Vec<String>,
     #[arg(long, default_value = "info")]
     log_level: String,
 }
@@ -496,9 +504,11 @@ pub(crate) fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
             server_address: server.agent_addr.to_string(),
             data_dir: agent_dir,
             socket_path: a.workload_socket.clone(),
-            trust_bundle_path: Some(bundle_path),
+            trust_bundle_path: Some(bundle_path.clone()),
             join_token,
             log_level: a.log_level.clone(),
+            admin_socket_path: a.agent_admin_socket.clone(),
+            authorized_delegates: a.authorized_delegates.clone(),
             ..tessera_agent::AgentConfig::default()
         };
         let agent = tessera_agent::start(agent_cfg).await?;
@@ -508,6 +518,14 @@ pub(crate) fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         println!("  Workload API:  unix://{}", a.workload_socket.display());
         println!("  Admin socket:  {}", a.admin_socket.display());
         println!("  Agent:         {}", agent.spiffe_id);
+        println!(
+            "  Server:        {} (more agents: `tessera agent run --server-address` it, `--trust-bundle-path {}`, a join token from `tessera token generate`)",
+            server.agent_addr,
+            bundle_path.display()
+        );
+        if let Some(p) = &a.agent_admin_socket {
+            println!("  Node mode:     agent admin socket {}", p.display());
+        }
         println!(
             "  Policy:        default {policy_default} (no ALLOW policy for a workload → {policy_default}; `tessera policy list`)"
         );

@@ -353,8 +353,23 @@ async fn node(
     tracing::info!("draining: listeners closed, open connections finish (at most 30 s)");
     node.stop_accepting();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     while telemetry.active_connections() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::select! {
+            // A draining process still obeys the agent for the connections it holds: a
+            // detach closes them, a policy change re-authorizes them, a rotated SVID is
+            // installed. It serves no new workload (the new process does).
+            Some(ev) = rx.recv() => {
+                if matches!(ev, WorkloadEvent::Attached { .. }) {
+                    continue;
+                }
+                if let Err(e) = node.apply(ev).await {
+                    tracing::error!(error = %e, "node proxy (draining)");
+                }
+            }
+            _ = tick.tick() => {}
+        }
     }
+    tracing::info!(open = telemetry.active_connections(), "drained: exiting");
     Ok(ExitCode::SUCCESS)
 }

@@ -460,3 +460,177 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
     );
     assert!(!app.saw(b"i-am-foo"));
 }
+
+/// An upgrade of the node proxy, as processes: a second `tessera proxy --node` starts and binds
+/// the same listeners in every workload's namespace (SO_REUSEPORT), the old one gets SIGTERM
+/// and drains. A client that opens connections in a loop all the while sees no refused, reset
+/// or failed connection; a connection opened before the upgrade keeps working until it is
+/// closed; then the old process exits and the new one carries the traffic.
+#[test]
+fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
+    use std::io::{Read as _, Write as _};
+    use std::net::{SocketAddr, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    if !usable("a_node_proxy_upgrade_refuses_and_resets_nothing") {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let mut net = Net::new();
+    let foo = net.node("foo", Ipv4Addr::new(198, 18, 0, 1));
+    let bar = net.node("bar", Ipv4Addr::new(198, 18, 0, 2));
+    // One node: foo and bar both enrolled with the control plane's agent.
+    cp.entry("foo", &foo, &[]);
+    cp.entry("bar", &bar, &[]);
+    node_proxy_entry(&cp, &cp.agent_id);
+    let policy = cp.path("bar-policy.yaml");
+    std::fs::write(
+        &policy,
+        "name: bar-from-foo\naction: ALLOW\ntargets: [\"spiffe://example.org/bar\"]\nrules: [{from: {principals: [\"spiffe://example.org/foo\"]}, to: {ports: [8080]}}]\n",
+    )
+    .unwrap();
+    support::netns::cli(
+        &cp.admin,
+        &["policy", "apply", "-f", policy.to_str().unwrap()],
+    );
+    let app = support::netns::App::start(&bar, Ipv4Addr::LOCALHOST, 8080);
+    let old_log = cp.path("old.access.log");
+    let new_log = cp.path("new.access.log");
+    let mut old = node_proxy(&cp, "old", &cp.agent_admin, &old_log);
+    for ns in [&foo, &bar] {
+        ok(workload(
+            &cp,
+            &["attach", "--netns", &format!("/run/netns/{ns}")],
+        ));
+    }
+    let bar_app = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 8080));
+    let exchange = move |payload: &[u8]| echo_once(bar_app, payload);
+    wait_until("foo to reach bar through the old node proxy", 30, || {
+        tessera_test_util::netns::in_netns(&foo, || exchange(b"hello")).is_ok()
+    });
+    let mut live =
+        tessera_test_util::netns::in_netns(&foo, || TcpStream::connect(bar_app).unwrap());
+    live.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let roundtrip = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut b = vec![0u8; msg.len()];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(b, msg);
+    };
+    roundtrip(&mut live, b"before the upgrade");
+
+    // The client: one connection after another from foo, every failure recorded.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let client = {
+        let (stop, done, failures, foo) =
+            (stop.clone(), done.clone(), failures.clone(), foo.clone());
+        std::thread::spawn(move || {
+            tessera_test_util::netns::in_netns(&foo, || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    match exchange(format!("upgrade-{i}").as_bytes()) {
+                        Ok(()) => {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("connection {i}: {e}")),
+                    }
+                }
+            })
+        })
+    };
+    wait_until("connections before the upgrade", 20, || {
+        done.load(Ordering::SeqCst) >= 20
+    });
+    let _new = node_proxy(&cp, "new", &cp.agent_admin, &new_log);
+    let carried = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"decision\":\"allow\""))
+            .count()
+    };
+    // The new process serves once it has bound its listeners: SO_REUSEPORT spreads new
+    // connections over both processes from then on.
+    wait_until("the new process to carry connections", 30, || {
+        carried(&new_log) > 0
+    });
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &old.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let at_term = done.load(Ordering::SeqCst);
+    // The connection from before the upgrade is the old process's to finish.
+    std::thread::sleep(Duration::from_millis(500));
+    roundtrip(&mut live, b"while the old process drains");
+    wait_until(
+        "connections after the old process stopped accepting",
+        30,
+        || done.load(Ordering::SeqCst) >= at_term + 200,
+    );
+    assert!(
+        old.0.try_wait().unwrap().is_none(),
+        "the old process exited with a connection open"
+    );
+    drop(live);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = old.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the old process did not exit after its last connection closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "the old process exited with {status}");
+    let new_before = carried(&new_log);
+    let after_exit = done.load(Ordering::SeqCst);
+    wait_until("connections after the old process exited", 30, || {
+        done.load(Ordering::SeqCst) >= after_exit + 100
+    });
+    stop.store(true, Ordering::SeqCst);
+    client.join().unwrap();
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed across the upgrade, first: {:?}",
+        failures.len(),
+        done.load(Ordering::SeqCst) + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(carried(&new_log) >= new_before + 100);
+    assert!(app.saw(b"while the old process drains"));
+    eprintln!(
+        "upgrade: {} connections, none failed; old process carried {}, new {}",
+        done.load(Ordering::SeqCst),
+        carried(&old_log),
+        carried(&new_log)
+    );
+}
+
+/// One connection to `addr`: send `payload`, read its echo.
+fn echo_once(addr: std::net::SocketAddr, payload: &[u8]) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    use std::time::Duration;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(payload).map_err(|e| format!("write: {e}"))?;
+    let mut b = vec![0u8; payload.len()];
+    s.read_exact(&mut b).map_err(|e| format!("read: {e}"))?;
+    if b != payload {
+        return Err("the echo differs".into());
+    }
+    Ok(())
+}
