@@ -334,7 +334,7 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
         runs.append(("node", nodes, "bnnc", 9023))
     for key, procs, cns, port in runs:
         before = sum(cpu_seconds(p.pid) for p in procs)
-        o = subprocess.run(ns_cmd(cns, [sys.executable, __file__, "connect-loop", str(port), "1000", "4"]),
+        o = subprocess.run(ns_cmd(cns, [sys.executable, __file__, "connect-loop", str(port), os.environ.get("HANDSHAKES", "2000"), "4"]),
                            capture_output=True, text=True, timeout=120)
         res = json.loads(o.stdout)
         used = sum(cpu_seconds(p.pid) for p in procs) - before

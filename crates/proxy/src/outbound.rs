@@ -118,11 +118,11 @@ impl Outbound {
         tunnel: SocketAddr,
         target: SocketAddr,
     ) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, TunnelError> {
-        let mut tls = self.handshake(dst_id, tunnel).await?;
+        // The request leaves with the client's Finished (see `stream::request`).
+        let mut tls = self
+            .handshake(dst_id, tunnel, Some(crate::stream::request(target)))
+            .await?;
         let proto = |e: std::io::Error| TunnelError::H2(tunnel, format!("stream tunnel: {e}"));
-        crate::stream::write_request(&mut tls, target)
-            .await
-            .map_err(proto)?;
         let (status, reason) =
             tokio::time::timeout(CONNECT_TIMEOUT, crate::stream::read_response(&mut tls))
                 .await
@@ -136,11 +136,12 @@ impl Outbound {
     }
 
     /// A verified mutual-TLS connection to the proxy at `tunnel`, which must prove `dst_id` and
-    /// select this side's ALPN.
+    /// select this side's ALPN; `first` is sent as soon as the handshake is complete.
     async fn handshake(
         &self,
         dst_id: &SpiffeId,
         tunnel: SocketAddr,
+        first: Option<Vec<u8>>,
     ) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, TunnelError> {
         let cfg = self
             .configs
@@ -155,7 +156,12 @@ impl Outbound {
         let name = ServerName::IpAddress(tunnel.ip().into());
         let tls = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio_rustls::TlsConnector::from(cfg).connect(name, ReadAhead::new(tcp)),
+            tokio_rustls::TlsConnector::from(cfg).connect_with(name, ReadAhead::new(tcp), |c| {
+                if let Some(first) = first {
+                    // Buffered by rustls until the handshake is complete.
+                    let _ = std::io::Write::write_all(&mut c.writer(), &first);
+                }
+            }),
         )
         .await
         .map_err(|_| TunnelError::Tls(tunnel, "timed out".into()))
@@ -240,7 +246,7 @@ impl Outbound {
 
     async fn dial(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let tunnel = key.tunnel;
-        let tls = self.handshake(&key.dst, tunnel).await?;
+        let tls = self.handshake(&key.dst, tunnel, None).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)

@@ -27,13 +27,21 @@ fn bad(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// Sends the target in one TLS record.
-pub async fn write_request<W: AsyncWrite + Unpin>(w: &mut W, target: SocketAddr) -> io::Result<()> {
+/// The request naming `target`. The outbound side hands it to rustls before the handshake
+/// ends, so it leaves in the same write as the client's Finished: rustls sends such data only
+/// once the handshake is complete, i.e. after the server's certificate and SPIFFE ID were
+/// verified, never to an unverified peer.
+pub fn request(target: SocketAddr) -> Vec<u8> {
     let t = target.to_string();
     let mut msg = Vec::with_capacity(2 + t.len());
     msg.extend_from_slice(&(t.len() as u16).to_be_bytes());
     msg.extend_from_slice(t.as_bytes());
-    w.write_all(&msg).await?;
+    msg
+}
+
+/// Sends the target in one TLS record.
+pub async fn write_request<W: AsyncWrite + Unpin>(w: &mut W, target: SocketAddr) -> io::Result<()> {
+    w.write_all(&request(target)).await?;
     w.flush().await
 }
 

@@ -209,19 +209,28 @@ impl Telemetry {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let mut line = serde_json::json!({ "ts_ms": ts });
-        if let (Some(obj), Ok(serde_json::Value::Object(fields))) =
-            (line.as_object_mut(), serde_json::to_value(&rec))
-        {
-            obj.extend(fields);
+        // One line, serialized once and written with one `write` (an unbuffered file would
+        // otherwise see a system call per JSON token, and lines of other writers between them).
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            ts_ms: u128,
+            #[serde(flatten)]
+            rec: &'a AccessRecord,
         }
+        let Ok(mut line) = serde_json::to_vec(&Line {
+            ts_ms: ts,
+            rec: &rec,
+        }) else {
+            return;
+        };
         if rec.decision == "deny" {
-            tracing::warn!(target: "tessera_proxy::access", "{line}");
+            tracing::warn!(target: "tessera_proxy::access", "{}", String::from_utf8_lossy(&line));
         } else {
-            tracing::debug!(target: "tessera_proxy::access", "{line}");
+            tracing::debug!(target: "tessera_proxy::access", "{}", String::from_utf8_lossy(&line));
         }
+        line.push(b'\n');
         if let Ok(mut sink) = self.sink.0.lock() {
-            let _ = writeln!(sink, "{line}");
+            let _ = sink.write_all(&line);
             let _ = sink.flush();
         }
     }

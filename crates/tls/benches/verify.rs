@@ -61,5 +61,40 @@ fn chain_verification(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, chain_verification);
+/// One TLS 1.3 key exchange as each side of a handshake does it: an ephemeral key pair and one
+/// agreement with the peer's share, for every group `crypto_provider()` offers. The handshake
+/// rate of the tunnel depends on it; the order of the offered groups follows these figures.
+fn key_exchange(c: &mut Criterion) {
+    use aws_lc_rs::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey};
+    let rng = SystemRandom::new();
+    let mut g = c.benchmark_group("key_exchange");
+    for (name, alg) in [
+        ("x25519", &agreement::X25519),
+        ("secp256r1", &agreement::ECDH_P256),
+        ("secp384r1", &agreement::ECDH_P384),
+    ] {
+        let peer = EphemeralPrivateKey::generate(alg, &rng).unwrap();
+        let peer_pub = peer.compute_public_key().unwrap();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mine = EphemeralPrivateKey::generate(alg, &rng).unwrap();
+                let share = mine.compute_public_key().unwrap();
+                black_box(share.as_ref().len());
+                agreement::agree_ephemeral(
+                    mine,
+                    UnparsedPublicKey::new(alg, peer_pub.as_ref()),
+                    (),
+                    |k| {
+                        black_box(k.len());
+                        Ok(())
+                    },
+                )
+                .unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, chain_verification, key_exchange);
 criterion_main!(benches);
