@@ -86,6 +86,20 @@ fn node_proxy(
     )
 }
 
+/// `tessera policy apply`: bar admits foo on port 8080.
+fn allow_foo_to_bar(cp: &ControlPlane) {
+    let policy = cp.path("bar-policy.yaml");
+    std::fs::write(
+        &policy,
+        "name: bar-from-foo\naction: ALLOW\ntargets: [\"spiffe://example.org/bar\"]\nrules: [{from: {principals: [\"spiffe://example.org/foo\"]}, to: {ports: [8080]}}]\n",
+    )
+    .unwrap();
+    support::netns::cli(
+        &cp.admin,
+        &["policy", "apply", "-f", policy.to_str().unwrap()],
+    );
+}
+
 fn ok(o: Output) -> serde_json::Value {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
@@ -314,16 +328,7 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
     );
     node_proxy_entry(&cp, &cp.agent_id);
     node_proxy_entry(&cp, &node_b.agent_id);
-    let policy = cp.path("bar-policy.yaml");
-    std::fs::write(
-        &policy,
-        "name: bar-from-foo\naction: ALLOW\ntargets: [\"spiffe://example.org/bar\"]\nrules: [{from: {principals: [\"spiffe://example.org/foo\"]}, to: {ports: [8080]}}]\n",
-    )
-    .unwrap();
-    support::netns::cli(
-        &cp.admin,
-        &["policy", "apply", "-f", policy.to_str().unwrap()],
-    );
+    allow_foo_to_bar(&cp);
     let app = support::netns::App::start(&bar, Ipv4Addr::LOCALHOST, 8080);
     let log = cp.path("node-a.access.log");
     let log_b = cp.path("node-b.access.log");
@@ -465,7 +470,8 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
 /// the same listeners in every workload's namespace (SO_REUSEPORT), the old one gets SIGTERM
 /// and drains. A client that opens connections in a loop all the while sees no refused, reset
 /// or failed connection; a connection opened before the upgrade keeps working until it is
-/// closed; then the old process exits and the new one carries the traffic.
+/// closed; then the old process exits and the new one carries the traffic. A crash of the node
+/// proxy then leaves the interception rules in place: traffic fails closed.
 #[test]
 fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     use std::io::{Read as _, Write as _};
@@ -484,16 +490,7 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     cp.entry("foo", &foo, &[]);
     cp.entry("bar", &bar, &[]);
     node_proxy_entry(&cp, &cp.agent_id);
-    let policy = cp.path("bar-policy.yaml");
-    std::fs::write(
-        &policy,
-        "name: bar-from-foo\naction: ALLOW\ntargets: [\"spiffe://example.org/bar\"]\nrules: [{from: {principals: [\"spiffe://example.org/foo\"]}, to: {ports: [8080]}}]\n",
-    )
-    .unwrap();
-    support::netns::cli(
-        &cp.admin,
-        &["policy", "apply", "-f", policy.to_str().unwrap()],
-    );
+    allow_foo_to_bar(&cp);
     let app = support::netns::App::start(&bar, Ipv4Addr::LOCALHOST, 8080);
     let old_log = cp.path("old.access.log");
     let new_log = cp.path("new.access.log");
@@ -549,7 +546,7 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     wait_until("connections before the upgrade", 20, || {
         done.load(Ordering::SeqCst) >= 20
     });
-    let _new = node_proxy(&cp, "new", &cp.agent_admin, &new_log);
+    let mut new = node_proxy(&cp, "new", &cp.agent_admin, &new_log);
     let carried = |log: &std::path::Path| {
         std::fs::read_to_string(log)
             .unwrap_or_default()
@@ -610,6 +607,36 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     );
     assert!(carried(&new_log) >= new_before + 100);
     assert!(app.saw(b"while the old process drains"));
+
+    // A crash of the (new) node proxy leaves the interception rules in both namespaces, so
+    // traffic fails closed instead of leaving in plaintext: `exposed` listens on bar's own
+    // address, where a connection from foo would arrive if either namespace's rules were gone.
+    new.0.kill().unwrap();
+    new.0.wait().unwrap();
+    let exposed = support::netns::App::start(&bar, Ipv4Addr::new(198, 18, 0, 2), 8081);
+    let exposed_addr = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 8081));
+    let before = app.connections();
+    let after_crash = tessera_test_util::netns::in_netns(&foo, || {
+        (
+            exchange(b"after-the-crash"),
+            echo_once(exposed_addr, b"after-the-crash"),
+        )
+    });
+    assert!(after_crash.0.is_err(), "foo reached bar with no proxy");
+    assert!(
+        after_crash.1.is_err(),
+        "foo reached bar's address in plaintext"
+    );
+    assert_eq!(
+        app.connections(),
+        before,
+        "a connection reached bar's application"
+    );
+    assert_eq!(
+        exposed.connections(),
+        0,
+        "a plaintext connection reached bar"
+    );
     eprintln!(
         "upgrade: {} connections, none failed; old process carried {}, new {}",
         done.load(Ordering::SeqCst),
