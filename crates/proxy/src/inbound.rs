@@ -126,9 +126,13 @@ impl Inbound {
             deny("the proxy has no identity yet".into());
             return;
         };
+        // Boxed: the handshake's state lives on the heap only while it runs, instead of
+        // enlarging this connection's task for its whole life (memory per idle connection).
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            tokio_rustls::TlsAcceptor::from(cfg).accept(crate::readahead::ReadAhead::new(tcp)),
+            Box::pin(
+                tokio_rustls::TlsAcceptor::from(cfg).accept(crate::readahead::ReadAhead::new(tcp)),
+            ),
         )
         .await;
         let tls = match tls {
@@ -136,8 +140,10 @@ impl Inbound {
             Ok(r) => r.map_err(|e| e.to_string()),
         };
         self.telemetry.handshake(true, tls.is_ok());
+        // On the heap: the TLS connection is the largest part of a connection's state, and the
+        // task's own layout would otherwise keep room for it in every state.
         let tls = match tls {
-            Ok(t) => t,
+            Ok(t) => Box::new(t),
             Err(e) => return deny(format!("TLS handshake failed: {e}")),
         };
         // The verifier of this very handshake accepted the chain (client certificates are
@@ -168,7 +174,8 @@ impl Inbound {
             return deny("no local address".into());
         };
         if tls.get_ref().1.alpn_protocol() == Some(crate::stream::ALPN_STREAM) {
-            return self.stream_tunnel(tls, &src, &peer_cert, peer, local).await;
+            // Boxed: the HTTP/2 branch's state is not carried by a stream-tunnel connection.
+            return Box::pin(self.stream_tunnel(tls, &src, &peer_cert, peer, local)).await;
         }
         let this = self.clone();
         let peer_cert = Arc::new(peer_cert);
@@ -180,13 +187,15 @@ impl Inbound {
         });
         // Every workload connection between two identities shares one pooled tunnel, so the
         // stream limit must not be hyper's default of 200 (the 201st would wait for a slot).
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .max_concurrent_streams(MAX_STREAMS)
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(16 << 20)
-            .max_frame_size(256 << 10)
-            .serve_connection(TokioIo::new(tls), svc);
-        tokio::pin!(conn);
+        // Boxed, so a stream-tunnel connection's task does not carry the room for it.
+        let mut conn = Box::pin(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .max_frame_size(256 << 10)
+                .serve_connection(TokioIo::new(tls), svc),
+        );
         let r = tokio::select! {
             r = conn.as_mut() => r,
             () = self.sockets.stopping() => {
@@ -377,10 +386,8 @@ impl Inbound {
                     return self.telemetry.record(rec, start.elapsed());
                 }
             };
-        match self
-            .admit(src, peer_cert, &target, peer, local, &mut rec)
-            .await
-        {
+        // Boxed: admission (with an external authorizer's gRPC call) is transient state.
+        match Box::pin(self.admit(src, peer_cert, &target, peer, local, &mut rec)).await {
             Err((status, reason)) => {
                 let _ = crate::stream::write_response(&mut tls, status.as_u16(), &reason).await;
                 rec.reason = reason;
@@ -488,7 +495,8 @@ where
     let r = tokio::select! {
         r = async {
             match l7 {
-                Some(ctx) => crate::l7::serve(tunnel, app, ctx).await.map(|()| (0, 0)),
+                // Boxed: an HTTP server's state only where the port is declared `:http`.
+                Some(ctx) => Box::pin(crate::l7::serve(tunnel, app, ctx)).await.map(|()| (0, 0)),
                 None => crate::copy::bidirectional(&mut tunnel, &mut app).await,
             }
         } => r,

@@ -284,7 +284,9 @@ impl Outbound {
         rec.dst_spiffe_id = Some(dst_id.to_string());
         rec.src_addr = client.peer_addr().ok();
         rec.dst_addr = Some(target);
-        match self.open_stream(dst_id, tunnel, target).await {
+        // Boxed: the connect and handshake state lives on the heap only while it runs, not in
+        // this connection's task for its whole life (memory per idle connection).
+        match Box::pin(self.open_stream(dst_id, tunnel, target)).await {
             Err(e) => {
                 rec.reason = e.to_string();
             }
