@@ -39,12 +39,6 @@ pub fn request(target: SocketAddr) -> Vec<u8> {
     msg
 }
 
-/// Sends the target in one TLS record.
-pub async fn write_request<W: AsyncWrite + Unpin>(w: &mut W, target: SocketAddr) -> io::Result<()> {
-    w.write_all(&request(target)).await?;
-    w.flush().await
-}
-
 /// Reads the target text; the caller validates it exactly as an HTTP/2 CONNECT authority.
 pub async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<String> {
     let len = usize::from(r.read_u16().await?);
@@ -101,7 +95,7 @@ mod tests {
     async fn request_and_response_round_trip() {
         let (mut a, mut b) = tokio::io::duplex(256);
         let target: SocketAddr = "198.18.0.2:8080".parse().unwrap();
-        write_request(&mut a, target).await.unwrap();
+        a.write_all(&request(target)).await.unwrap();
         assert_eq!(read_request(&mut b).await.unwrap(), "198.18.0.2:8080");
         write_response(&mut b, 403, "denied by policy")
             .await
