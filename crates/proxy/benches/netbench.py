@@ -204,6 +204,23 @@ def tessera_proxy(args, ns, log):
                "--log-level", "warn"] + args, ns, log)
 
 
+def servers(ns):
+    """The applications of the server side: iperf3, sockperf and the echo server."""
+    bg(["iperf3", "-s", "-p", "5201"], ns)
+    bg(["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"], ns)
+    bg([sys.executable, __file__, "echo", "7777"], ns)
+
+
+def cli(env, *args):
+    """A `tessera` CLI call against the run's admin sockets; its stdout."""
+    return subprocess.run([TESSERA, *args], env=env, check=True, capture_output=True, text=True).stdout
+
+
+def entry(env, spiffe_id, selector, parent=None):
+    cli(env, "entry", "create", "--spiffe-id", spiffe_id, "--selector", selector,
+        *(["--parent-id", parent] if parent else []))
+
+
 ENV_SOCK = [""]
 # Path name → client-side ports (iperf, sockperf), in the order they are run each round.
 PATHS = {"direct": None, "stunnel": (9101, 9102), "envoy": (9201, 9202), "tessera-h2": (9001, 9002),
@@ -220,14 +237,11 @@ def node_mode(tmp, agent_admin, env):
     workload, bnnc), a second `tessera agent` is node B's (the server workload, bnns); a
     `tessera proxy --node` per node, in the root namespace, follows its agent's delegated stream.
     Explicit outbound listeners in bnnc, the stream tunnel. Returns the two node proxies."""
-    bg(["iperf3", "-s", "-p", "5201"], "bnns")
-    bg(["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"], "bnns")
-    bg([sys.executable, __file__, "echo", "7777"], "bnns")
+    servers("bnns")
     banner = open(f"{tmp}/dev.log").read()
     server = re.search(r"Server: +(\S+)", banner).group(1)
     agent_a = re.search(r"Agent: +(\S+)", banner).group(1)
-    tok = json.loads(subprocess.run([TESSERA, "token", "generate", "--output", "json"], env=env, check=True,
-                                    capture_output=True, text=True).stdout)
+    tok = json.loads(cli(env, "token", "generate", "--output", "json"))
     admin_b = f"{tmp}/agent-b-admin/admin.sock"
     bg([TESSERA, "agent", "run", "--log-level", "warn", "--server-address", server, "--data-dir", f"{tmp}/agent-b",
         "--socket-path", f"{tmp}/agent-b/agent.sock", "--trust-bundle-path", f"{tmp}/data/agent/bootstrap_bundle.json",
@@ -236,20 +250,16 @@ def node_mode(tmp, agent_admin, env):
     while not os.path.exists(admin_b):
         time.sleep(0.1)
 
-    def entry(i, parent, sel):
-        subprocess.run([TESSERA, "entry", "create", "--spiffe-id", i, "--parent-id", parent, "--selector", sel],
-                       env=env, check=True, capture_output=True)
-
     # The workloads, identified by their namespaces (the agent derives `netns:name:`), and node
     # B's proxy (node A's has the run's entry already).
-    entry(NODE_ID["client"], agent_a, "netns:name:bnnc")
-    entry(NODE_ID["server"], tok["agent_spiffe_id"], "netns:name:bnns")
-    entry(ID, tok["agent_spiffe_id"], f"unix:uid:{os.getuid()}")
+    entry(env, NODE_ID["client"], "netns:name:bnnc", agent_a)
+    entry(env, NODE_ID["server"], "netns:name:bnns", tok["agent_spiffe_id"])
+    entry(env, ID, f"unix:uid:{os.getuid()}", tok["agent_spiffe_id"])
     policy = f"{tmp}/node-policy.yaml"
     with open(policy, "w") as f:
         f.write(f"name: node-bench\naction: ALLOW\ntargets: [\"{NODE_ID['server']}\"]\n"
                 f"rules: [{{from: {{principals: [\"{NODE_ID['client']}\"]}}}}]\n")
-    subprocess.run([TESSERA, "policy", "apply", "-f", policy], env=env, check=True, capture_output=True)
+    cli(env, "policy", "apply", "-f", policy)
     nodes = []
     for name, admin, ns in [("a", agent_admin, "bnnc"), ("b", admin_b, "bnns")]:
         nodes.append(bg([TESSERA, "proxy", "--node", "--agent-admin-socket", admin, "--tunnel-protocol", "stream",
@@ -257,8 +267,7 @@ def node_mode(tmp, agent_admin, env):
                          "--inbound", "5201", "--inbound", "11111", "--inbound", "7777"] + sum(
             (["--outbound", f"127.0.0.1:{lp}=198.18.11.2:{dp},{NODE_ID['server']}"]
              for lp, dp in [(9021, 5201), (9022, 11111), (9023, 7777)]), []), None, f"{tmp}/node-{name}-proxy.log"))
-        subprocess.run([TESSERA, "workload", "attach", "--agent-admin-socket", admin, "--netns", f"/run/netns/{ns}"],
-                       check=True, capture_output=True)
+        cli(env, "workload", "attach", "--agent-admin-socket", admin, "--netns", f"/run/netns/{ns}")
     wait_port("127.0.0.1", 9021, "bnnc")
     return nodes
 
@@ -268,9 +277,7 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
     ENV_SOCK[0] = env_sock = f"unix://{sock}"
     logs = f"{tmp}/{name}"
     os.makedirs(logs, exist_ok=True)
-    bg(["iperf3", "-s", "-p", "5201"], server_ns)
-    bg(["sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"], server_ns)
-    bg([sys.executable, __file__, "echo", "7777"], server_ns)
+    servers(server_ns)
     sid = ID
     srv = tessera_proxy(["--inbound", "5201", "--inbound", "11111", "--inbound", "7777", "--default-policy", "allow",
                          "--tunnel-address", f"{server_ip}:15008"], server_ns, f"{logs}/server-proxy.log")
@@ -392,13 +399,9 @@ def main():
         time.sleep(0.1)
     env = dict(os.environ, TESSERA_ADMIN_SOCKET=admin)
 
-    def entry(i, sel):
-        subprocess.run([TESSERA, "entry", "create", "--spiffe-id", i, "--selector", sel], env=env, check=True,
-                       capture_output=True)
-
     # One identity for every process of the run (all run as this uid): a workload with two
     # entries would get two SVIDs, and which one comes first is not specified.
-    entry(ID, f"unix:uid:{os.getuid()}")
+    entry(env, ID, f"unix:uid:{os.getuid()}")
     rows = []
     try:
         for c, s_, a, b, net in [("bnc", "bns", "bnv0", "bnv1", "198.18.10"), ("bnnc", "bnns", "bnv2", "bnv3", "198.18.11")]:
