@@ -502,9 +502,8 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
         ));
     }
     let bar_app = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 8080));
-    let exchange = move |payload: &[u8]| echo_once(bar_app, payload);
     wait_until("foo to reach bar through the old node proxy", 30, || {
-        tessera_test_util::netns::in_netns(&foo, || exchange(b"hello")).is_ok()
+        echoed(&foo, bar_app, b"hello").is_ok()
     });
     let mut live =
         tessera_test_util::netns::in_netns(&foo, || TcpStream::connect(bar_app).unwrap());
@@ -526,21 +525,19 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
         let (stop, done, failures, foo) =
             (stop.clone(), done.clone(), failures.clone(), foo.clone());
         std::thread::spawn(move || {
-            tessera_test_util::netns::in_netns(&foo, || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    i += 1;
-                    match exchange(format!("upgrade-{i}").as_bytes()) {
-                        Ok(()) => {
-                            done.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(e) => failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("connection {i}: {e}")),
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                match echoed(&foo, bar_app, format!("upgrade-{i}").as_bytes()) {
+                    Ok(()) => {
+                        done.fetch_add(1, Ordering::SeqCst);
                     }
+                    Err(e) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("connection {i}: {e}")),
                 }
-            })
+            }
         })
     };
     wait_until("connections before the upgrade", 20, || {
@@ -616,15 +613,12 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     let exposed = support::netns::App::start(&bar, Ipv4Addr::new(198, 18, 0, 2), 8081);
     let exposed_addr = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 8081));
     let before = app.connections();
-    let after_crash = tessera_test_util::netns::in_netns(&foo, || {
-        (
-            exchange(b"after-the-crash"),
-            echo_once(exposed_addr, b"after-the-crash"),
-        )
-    });
-    assert!(after_crash.0.is_err(), "foo reached bar with no proxy");
     assert!(
-        after_crash.1.is_err(),
+        echoed(&foo, bar_app, b"after-the-crash").is_err(),
+        "foo reached bar with no proxy"
+    );
+    assert!(
+        echoed(&foo, exposed_addr, b"after-the-crash").is_err(),
         "foo reached bar's address in plaintext"
     );
     assert_eq!(
@@ -645,19 +639,15 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     );
 }
 
-/// One connection to `addr`: send `payload`, read its echo.
-fn echo_once(addr: std::net::SocketAddr, payload: &[u8]) -> Result<(), String> {
-    use std::io::{Read as _, Write as _};
-    use std::time::Duration;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(payload).map_err(|e| format!("write: {e}"))?;
-    let mut b = vec![0u8; payload.len()];
-    s.read_exact(&mut b).map_err(|e| format!("read: {e}"))?;
-    if b != payload {
-        return Err("the echo differs".into());
+/// One connection from inside `ns` to `to` (`support::netns::exchange`): Ok only when the whole
+/// payload came back.
+fn echoed(ns: &str, to: std::net::SocketAddr, payload: &[u8]) -> Result<(), String> {
+    match support::netns::exchange(ns, to, payload) {
+        Ok(back) if back == payload => Ok(()),
+        Ok(back) => Err(format!(
+            "{} bytes came back instead of the echo",
+            back.len()
+        )),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(())
 }
