@@ -173,10 +173,13 @@ impl Inbound {
         let Some(local) = local else {
             return deny("no local address".into());
         };
+        let mut tls = tls;
         if tls.get_ref().1.alpn_protocol() == Some(crate::stream::ALPN_STREAM) {
             // Boxed: the HTTP/2 branch's state is not carried by a stream-tunnel connection.
             return Box::pin(self.stream_tunnel(tls, &src, &peer_cert, peer, local)).await;
         }
+        // HTTP/2 keeps its keys in rustls: large reads, not record-aligned ones.
+        tls.get_mut().0.unaligned();
         let this = self.clone();
         let peer_cert = Arc::new(peer_cert);
         let svc = hyper::service::service_fn(move |req| {
@@ -368,7 +371,7 @@ impl Inbound {
         peer: SocketAddr,
         local: SocketAddr,
     ) where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: Tunnel,
     {
         let start = Instant::now();
         let mut rec = self.record(src, peer);
@@ -479,12 +482,31 @@ struct Admitted {
     l7: Option<crate::l7::L7Context>,
 }
 
+/// A tunnel stream as [`relay`] carries it.
+trait Tunnel: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sized + 'static {
+    /// A stream-tunnel connection whose data phase leaves rustls (`crate::sealed`); `Err(self)`
+    /// for a stream that stays as it is.
+    fn into_sealed(self) -> Result<std::io::Result<crate::sealed::Sealed>, Self> {
+        Err(self)
+    }
+}
+
+impl Tunnel for TokioIo<hyper::upgrade::Upgraded> {}
+
+impl Tunnel for Box<tokio_rustls::server::TlsStream<crate::readahead::ReadAhead<TcpStream>>> {
+    fn into_sealed(self) -> Result<std::io::Result<crate::sealed::Sealed>, Self> {
+        Ok(crate::sealed::Sealed::from_server(*self))
+    }
+}
+
 /// Carries an admitted tunnel stream to the application (bytes, or HTTP requests decided one by
 /// one) until either side ends or live re-authorization closes it; fills in the record.
-async fn relay<T>(telemetry: &Telemetry, rec: &mut AccessRecord, mut tunnel: T, admitted: Admitted)
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
+async fn relay<T: Tunnel>(
+    telemetry: &Telemetry,
+    rec: &mut AccessRecord,
+    tunnel: T,
+    admitted: Admitted,
+) {
     let Admitted {
         mut app,
         reason,
@@ -497,7 +519,14 @@ where
             match l7 {
                 // Boxed: an HTTP server's state only where the port is declared `:http`.
                 Some(ctx) => Box::pin(crate::l7::serve(tunnel, app, ctx)).await.map(|()| (0, 0)),
-                None => crate::copy::bidirectional(&mut tunnel, &mut app).await,
+                None => match tunnel.into_sealed() {
+                    // The stream tunnel's data phase on its handshake's keys.
+                    Ok(Ok(mut sealed)) => crate::sealed::bidirectional(&mut app, &mut sealed)
+                        .await
+                        .map(|(to_tunnel, to_app)| (to_app, to_tunnel)),
+                    Ok(Err(e)) => Err(e),
+                    Err(mut tunnel) => crate::copy::bidirectional(&mut tunnel, &mut app).await,
+                },
             }
         } => r,
         // Live re-authorization (`crate::live`): policy now denies it, or its peer

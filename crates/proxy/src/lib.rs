@@ -8,6 +8,7 @@
 //! - [`transparent`]: iptables rules, `SO_ORIGINAL_DST`, `SO_MARK`;
 //! - [`stream`]: the stream tunnel (one mTLS connection per connection, the fast path);
 //! - [`readahead`]: large socket reads under rustls (which reads 4 KiB at a time);
+//! - [`sealed`]: the stream tunnel's data phase on its handshake's keys, records sealed in place;
 //! - [`copy`]: bidirectional copy with adaptive buffers, none held while idle;
 //! - [`live`]: policies pushed from the agent, re-authorization of open connections;
 //! - [`telemetry`]: access log and metrics; [`run`]: wiring.
@@ -24,6 +25,7 @@ pub mod outbound;
 pub mod pool;
 pub mod readahead;
 pub mod run;
+pub mod sealed;
 pub mod sockets;
 pub mod stream;
 pub mod telemetry;

@@ -167,13 +167,17 @@ impl Outbound {
         .map_err(|_| TunnelError::Tls(tunnel, "timed out".into()))
         .and_then(|r| r.map_err(|e| TunnelError::Tls(tunnel, e.to_string())));
         self.telemetry.handshake(false, tls.is_ok());
-        let tls = tls?;
+        let mut tls = tls?;
         let want = self.protocol.alpn();
         if tls.get_ref().1.alpn_protocol() != Some(want) {
             return Err(TunnelError::Tls(
                 tunnel,
                 format!("peer did not select ALPN {}", String::from_utf8_lossy(want)),
             ));
+        }
+        if self.protocol == TunnelProtocol::H2 {
+            // HTTP/2 keeps its keys in rustls: large reads, not record-aligned ones.
+            tls.get_mut().0.unaligned();
         }
         Ok(tls)
     }
@@ -290,13 +294,19 @@ impl Outbound {
             Err(e) => {
                 rec.reason = e.to_string();
             }
-            Ok(mut stream) => {
+            Ok(stream) => {
                 let active = self.telemetry.active_guard();
-                let r = match &mut stream {
-                    TunnelStream::H2(up) => crate::copy::bidirectional(&mut client, up).await,
-                    TunnelStream::Stream(tls) => {
-                        crate::copy::bidirectional(&mut client, tls.as_mut()).await
+                let r = match stream {
+                    TunnelStream::H2(mut up) => {
+                        crate::copy::bidirectional(&mut client, &mut up).await
                     }
+                    // The data phase on the handshake's keys, records sealed in place.
+                    TunnelStream::Stream(tls) => match crate::sealed::Sealed::from_client(*tls) {
+                        Ok(mut tunnel) => {
+                            crate::sealed::bidirectional(&mut client, &mut tunnel).await
+                        }
+                        Err(e) => Err(e),
+                    },
                 };
                 drop(active);
                 rec.decision = "allow";

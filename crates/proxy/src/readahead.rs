@@ -6,12 +6,19 @@
 //! one large `read` filled. The buffer is allocated only when data is flowing and freed as soon
 //! as it is drained and the socket has nothing more (back to [`crate::pool`]), so an idle connection holds none (the
 //! memory-per-idle-connection target). Writes pass straight through.
+//!
+//! Record-aligned mode (on from the start; the HTTP/2 tunnel turns it off after the handshake):
+//! no read hands rustls bytes past the end of the TLS record it is in. rustls decrypts every
+//! whole record it is given, so when the stream tunnel takes the connection's keys from rustls
+//! (`crate::sealed`), everything rustls has read is processed, and every later byte is still
+//! here, whole records and all, for [`ReadAhead::into_parts`].
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
+use tessera_tls::records::HEADER;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The read-ahead buffer: several TLS records per system call, and below the allocator's
@@ -24,6 +31,9 @@ pub struct ReadAhead<S> {
     inner: S,
     buf: BytesMut,
     pos: usize,
+    aligned: bool,
+    /// In aligned mode, the bytes of the current record not yet handed out (0 at a boundary).
+    record_left: usize,
 }
 
 impl<S> ReadAhead<S> {
@@ -32,7 +42,25 @@ impl<S> ReadAhead<S> {
             inner,
             buf: BytesMut::new(),
             pos: 0,
+            aligned: true,
+            record_left: 0,
         }
+    }
+
+    /// Turns record-aligned reads off (for a connection whose keys stay with rustls).
+    pub fn unaligned(&mut self) {
+        self.aligned = false;
+    }
+
+    /// The socket and the bytes read from it and not yet handed out, if every read so far ended
+    /// on a record boundary (so the reader holds no part of a record).
+    pub fn into_parts(mut self) -> Result<(S, BytesMut), S> {
+        if !self.aligned || self.record_left != 0 {
+            return Err(self.inner);
+        }
+        let rest = self.buf.split_off(self.pos);
+        crate::pool::give(self.buf);
+        Ok((self.inner, rest))
     }
 
     pub fn get_ref(&self) -> &S {
@@ -52,30 +80,59 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.pos == this.buf.len() {
-            if out.remaining() >= READ_AHEAD {
+        loop {
+            let avail = this.buf.len() - this.pos;
+            let mut n = avail.min(out.remaining());
+            if this.aligned {
+                if this.record_left == 0 && avail >= HEADER {
+                    // Every TLS record starts with type, version, then a big-endian length.
+                    let len = &this.buf[this.pos + 3..this.pos + HEADER];
+                    this.record_left = HEADER + usize::from(u16::from_be_bytes([len[0], len[1]]));
+                }
+                n = n.min(this.record_left);
+            } else if avail == 0 && out.remaining() >= READ_AHEAD {
                 // A large read gains nothing from the buffer.
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            this.buf.clear();
-            this.pos = 0;
+            if n > 0 {
+                out.put_slice(&this.buf[this.pos..this.pos + n]);
+                this.pos += n;
+                this.record_left = this.record_left.saturating_sub(n);
+                return Poll::Ready(Ok(()));
+            }
+            // Nothing to hand out: read more, keeping a partial record header.
+            if avail == 0 {
+                this.buf.clear();
+                this.pos = 0;
+            } else if this.pos > 0 {
+                this.buf.copy_within(this.pos.., 0);
+                this.buf.truncate(avail);
+                this.pos = 0;
+            }
             if this.buf.capacity() < READ_AHEAD {
-                this.buf = crate::pool::take(READ_AHEAD);
+                let mut bigger = crate::pool::take(READ_AHEAD);
+                bigger.extend_from_slice(&this.buf);
+                crate::pool::give(std::mem::replace(&mut this.buf, bigger));
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
                 Poll::Pending => {
-                    // Nothing to read: give the buffer back while the connection waits.
-                    crate::pool::give(std::mem::take(&mut this.buf));
+                    if this.buf.is_empty() {
+                        // Nothing to read: give the buffer back while the connection waits.
+                        crate::pool::give(std::mem::take(&mut this.buf));
+                    }
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => {
+                    // The end: hand out a partial header as it is (rustls reports it).
+                    let n = this.buf.len().min(out.remaining());
+                    out.put_slice(&this.buf[..n]);
+                    this.pos = n;
+                    return Poll::Ready(Ok(()));
+                }
                 Poll::Ready(Ok(_)) => {}
             }
         }
-        let n = (this.buf.len() - this.pos).min(out.remaining());
-        out.put_slice(&this.buf[this.pos..this.pos + n]);
-        this.pos += n;
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -120,6 +177,7 @@ mod tests {
     async fn small_reads_see_every_byte_in_order_and_idle_frees_the_buffer() {
         let (mut w, r) = tokio::io::duplex(1 << 20);
         let mut r = ReadAhead::new(r);
+        r.unaligned();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
         w.write_all(&data).await.unwrap();
         let mut got = Vec::new();
@@ -138,5 +196,60 @@ mod tests {
         // EOF still reads as EOF.
         drop(w);
         assert_eq!(r.read(&mut chunk).await.unwrap(), 0);
+    }
+
+    /// A TLS-like record: the 5-byte header, then `len` bytes of `fill`.
+    fn record(len: u16, fill: u8) -> Vec<u8> {
+        let mut r = vec![23, 3, 3];
+        r.extend(len.to_be_bytes());
+        r.extend(std::iter::repeat_n(fill, usize::from(len)));
+        r
+    }
+
+    #[tokio::test]
+    async fn aligned_reads_end_on_record_boundaries_and_the_rest_stays() {
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let mut r = ReadAhead::new(r);
+        let mut wire = record(10, 1);
+        wire.extend(record(20_000, 2));
+        wire.extend(record(3, 3));
+        // The first piece cuts the second record's header in two.
+        w.write_all(&wire[..17]).await.unwrap();
+        let mut chunk = vec![0u8; 64 * 1024];
+        assert_eq!(
+            r.read(&mut chunk).await.unwrap(),
+            15,
+            "only the first record"
+        );
+        // Half a header is not handed out: the read waits for the rest of it.
+        let rest = wire[17..].to_vec();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            w.write_all(&rest).await.unwrap();
+            w
+        });
+        let mut second = 0;
+        while second < 20_005 {
+            let n = r.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0 && second + n <= 20_005,
+                "a read ran past the second record"
+            );
+            second += n;
+        }
+        let _w = writer.await.unwrap();
+        // Between records, the third is still in the reader, whole, for the caller.
+        let (_, rest) = r.into_parts().map_err(|_| "not at a boundary").unwrap();
+        assert_eq!(&rest[..], &record(3, 3)[..]);
+    }
+
+    #[tokio::test]
+    async fn mid_record_the_parts_are_refused() {
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let mut r = ReadAhead::new(r);
+        w.write_all(&record(100, 1)).await.unwrap();
+        let mut chunk = [0u8; 10];
+        r.read_exact(&mut chunk).await.unwrap();
+        assert!(r.into_parts().is_err());
     }
 }

@@ -58,6 +58,8 @@ pub fn server_config(identity: &Identity) -> Option<Arc<ServerConfig>> {
     let mut cfg = tessera_tls::server_config(resolver, clients, &[ALPN_H2, ALPN_STREAM]).ok()?;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.send_tls13_tickets = 0;
+    // The stream tunnel carries its data phase on this handshake's keys (`crate::sealed`).
+    cfg.enable_secret_extraction = true;
     Some(Arc::new(cfg))
 }
 
@@ -93,6 +95,7 @@ impl ClientConfigs {
         let mut cfg =
             tessera_tls::client_config(verifier, Some(resolver), &[self.protocol.alpn()]).ok()?;
         cfg.resumption = rustls::client::Resumption::disabled();
+        cfg.enable_secret_extraction = self.protocol == TunnelProtocol::Stream;
         let cfg = Arc::new(cfg);
         if let Ok(mut map) = self.by_peer.lock() {
             map.insert(peer.clone(), cfg.clone());

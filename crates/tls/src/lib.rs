@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 pub mod config;
 pub mod memo;
+pub mod records;
 pub mod web;
 pub mod x509pop;
 

@@ -1,0 +1,582 @@
+//! The stream tunnel's data phase, on the keys of its own handshake.
+//!
+//! rustls runs the handshake (and with it every SPIFFE check, in `tessera-tls`) and the
+//! admission exchange; then each proxy takes the connection's traffic keys from rustls and
+//! carries the bytes as TLS 1.3 records sealed and opened in place
+//! ([`tessera_tls::records`]). The wire does not change: these are the same records rustls
+//! would send, under the same keys, with the same sequence numbers. What changes is the work
+//! per byte: plaintext is read from the workload's socket into a buffer, sealed where it lies
+//! and written with its record headers and tags in one `writev`; received records are opened
+//! where they were read and their plaintext written to the workload with one `writev`. rustls's
+//! buffered connection copies each byte once on the sending side and three times on the
+//! receiving side (read-ahead → deframer → plaintext queue → caller).
+//!
+//! The keys are never used twice: rustls's record layer is consumed by the extraction, and the
+//! sequence numbers carry on from where it stopped (RFC 8446 §5.3). Nothing of the connection
+//! is lost in the hand-over: [`ReadAhead`] hands rustls whole records only, so every byte rustls
+//! read was decrypted and consumed (checked here), and every byte after it is still in the
+//! read-ahead buffer.
+//!
+//! Like [`crate::copy`], a direction holds no buffer while it waits for data, and a half-close
+//! is a `close_notify` (RFC 8446 §6.1), after which the other direction goes on.
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+
+use bytes::{BufMut, BytesMut};
+use tessera_tls::records::{self, Frame, MAX_PLAINTEXT, MAX_RECORD, Opened, Opener, Sealer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::readahead::ReadAhead;
+
+/// The first read of a direction; reads that fill the buffer double it up to [`MAX_BATCH`].
+/// At least two records, so the receiving side always has room for a whole one.
+pub const MIN_BATCH: usize = 32 * 1024;
+/// The largest read: four full records per `writev` (larger batches measured slower here: the
+/// next process in the pipeline waits longer for its first bytes).
+pub const MAX_BATCH: usize = 64 * 1024;
+const MAX_RECORDS: usize = MAX_BATCH / MAX_PLAINTEXT;
+/// The largest read of records: larger reads measured slower here (the next process in the
+/// pipeline waits longer for its first bytes).
+pub const OPEN_READ: usize = 64 * 1024;
+/// The receiving side's buffer: two of the largest reads, so a partial record at the end of
+/// a read is moved at most once every other read.
+const OPEN_BUF: usize = 2 * OPEN_READ;
+
+/// A stream-tunnel connection whose keys left rustls.
+#[derive(Debug)]
+pub struct Sealed {
+    tcp: TcpStream,
+    sealer: Sealer,
+    opener: Opener,
+    /// Bytes read past the admission exchange, not yet opened.
+    pending: BytesMut,
+    /// The peer had sent `close_notify` before the hand-over.
+    peer_closed: bool,
+}
+
+fn handover(why: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("stream tunnel key hand-over: {why}"))
+}
+
+impl Sealed {
+    /// The outbound side, after the peer admitted the connection.
+    pub fn from_client(
+        tls: tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>,
+    ) -> io::Result<Self> {
+        let (io, conn) = tls.into_inner();
+        Self::take(io, conn.into())
+    }
+
+    /// The inbound side, after it sent the admission.
+    pub fn from_server(
+        tls: tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
+    ) -> io::Result<Self> {
+        let (io, conn) = tls.into_inner();
+        Self::take(io, conn.into())
+    }
+
+    fn take(io: ReadAhead<TcpStream>, mut conn: rustls::Connection) -> io::Result<Self> {
+        let state = conn.process_new_packets().map_err(handover)?;
+        // Plaintext rustls decrypted and nobody read would be lost with its record layer.
+        if state.plaintext_bytes_to_read() != 0 {
+            return Err(handover(format!(
+                "{} bytes of data arrived before the admission was read",
+                state.plaintext_bytes_to_read()
+            )));
+        }
+        let peer_closed = state.peer_has_closed();
+        let (tcp, pending) = io
+            .into_parts()
+            .map_err(|_| handover("rustls holds part of a record"))?;
+        // Fails if rustls still has records to send (none: the admission was flushed).
+        let secrets = conn.dangerous_extract_secrets().map_err(handover)?;
+        let (sealer, opener) = records::from_secrets(&secrets).map_err(handover)?;
+        Ok(Self {
+            tcp,
+            sealer,
+            opener,
+            pending,
+            peer_closed,
+        })
+    }
+}
+
+/// Carries `plain` ↔ `tunnel` until both directions have ended; returns the plaintext bytes
+/// each way (`plain` → `tunnel`, `tunnel` → `plain`).
+pub async fn bidirectional(plain: &mut TcpStream, tunnel: &mut Sealed) -> io::Result<(u64, u64)> {
+    let Sealed {
+        tcp,
+        sealer,
+        opener,
+        pending,
+        peer_closed,
+    } = tunnel;
+    let mid_write = AtomicBool::new(false);
+    let r = {
+        let (plain_r, plain_w) = plain.split();
+        let (tcp_r, tcp_w) = tcp.split();
+        tokio::try_join!(
+            seal_loop(plain_r, tcp_w, sealer, &mid_write),
+            open_loop(
+                tcp_r,
+                plain_w,
+                opener,
+                std::mem::take(pending),
+                *peer_closed
+            ),
+        )
+    };
+    if let Err(e) = &r
+        && let Some(desc) = e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<records::RecordError>())
+            .and_then(records::RecordError::alert)
+        && !mid_write.load(Ordering::Relaxed)
+        && let Ok(alert) = sealer.fatal(desc)
+    {
+        // §5.2, §6.2: a record that fails to open ends the connection with an alert that says
+        // why. Best effort: the connection closes either way.
+        let _ = tcp.try_write(&alert);
+    }
+    r
+}
+
+fn record_error(e: records::RecordError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Reads into a buffer of `size` from the thread's cache, holding none while it waits.
+async fn read_pooled<R: AsyncRead + Unpin>(r: &mut R, size: usize) -> io::Result<BytesMut> {
+    poll_fn(|cx| {
+        let mut buf = crate::pool::take(size);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, &mut buf) {
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(buf)),
+            other => {
+                crate::pool::give(buf);
+                other.map_ok(|_| BytesMut::new())
+            }
+        }
+    })
+    .await
+}
+
+/// Writes every slice, in as few `writev` calls as the socket takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *w).poll_write_vectored(cx, slices)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Workload → tunnel: reads plaintext, seals it in place (at most 2^14 bytes a record), writes
+/// header, ciphertext and trailer of every record in one `writev`. At the workload's end, a
+/// `close_notify` and a TCP half-close.
+async fn seal_loop<R, W>(
+    mut r: R,
+    mut w: W,
+    sealer: &mut Sealer,
+    mid_write: &AtomicBool,
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut size = MIN_BATCH;
+    let mut total = 0u64;
+    loop {
+        let mut buf = read_pooled(&mut r, size).await?;
+        let n = buf.len();
+        if n == 0 {
+            crate::pool::give(buf);
+            let close = sealer.close_notify().map_err(record_error)?;
+            w.write_all(&close).await?;
+            w.shutdown().await?;
+            return Ok(total);
+        }
+        if n == size && size < MAX_BATCH {
+            size *= 2;
+        }
+        let mut frames = [Frame {
+            header: [0; records::HEADER],
+            trailer: [0; 1 + records::TAG],
+        }; MAX_RECORDS];
+        let mut count = 0;
+        for (chunk, frame) in buf.chunks_mut(MAX_PLAINTEXT).zip(frames.iter_mut()) {
+            *frame = sealer.seal_in_place(chunk).map_err(record_error)?;
+            count += 1;
+        }
+        let mut slices = [IoSlice::new(&[]); 3 * MAX_RECORDS];
+        for (i, (chunk, frame)) in buf.chunks(MAX_PLAINTEXT).zip(&frames[..count]).enumerate() {
+            slices[3 * i] = IoSlice::new(&frame.header);
+            slices[3 * i + 1] = IoSlice::new(chunk);
+            slices[3 * i + 2] = IoSlice::new(&frame.trailer);
+        }
+        mid_write.store(true, Ordering::Relaxed);
+        write_all_vectored(&mut w, &mut slices[..3 * count]).await?;
+        mid_write.store(false, Ordering::Relaxed);
+        total += n as u64;
+        crate::pool::give(buf);
+    }
+}
+
+/// Tunnel → workload: reads records, opens every whole one in place, writes their plaintext in
+/// one `writev`. At `close_notify`, a TCP half-close towards the workload. The tunnel's end
+/// without `close_notify` is an error: the data may have been cut short (RFC 8446 §6.1).
+async fn open_loop<R, W>(
+    mut r: R,
+    mut w: W,
+    opener: &mut Opener,
+    pending: BytesMut,
+    peer_closed: bool,
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if peer_closed {
+        w.shutdown().await?;
+        return Ok(0);
+    }
+    let mut read_size = MIN_BATCH;
+    let mut buf = BytesMut::new();
+    if !pending.is_empty() {
+        buf = crate::pool::take(OPEN_BUF.max(pending.len().next_power_of_two()));
+        buf.extend_from_slice(&pending);
+    }
+    let mut start = 0;
+    let mut total = 0u64;
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    loop {
+        let mut closed = false;
+        while start < buf.len() {
+            match opener.open(&mut buf[start..]).map_err(record_error)? {
+                Opened::Need(_) => break,
+                Opened::Data { len, data } => {
+                    if !data.is_empty() {
+                        ranges.push(start + data.start..start + data.end);
+                    }
+                    start += len;
+                }
+                Opened::Closed { len } => {
+                    // §6.1: anything after close_notify is ignored.
+                    start += len;
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if !ranges.is_empty() {
+            let mut slices: Vec<IoSlice<'_>> = ranges
+                .iter()
+                .map(|r| IoSlice::new(&buf[r.clone()]))
+                .collect();
+            write_all_vectored(&mut w, &mut slices).await?;
+            total += ranges.iter().map(|r| r.len() as u64).sum::<u64>();
+            ranges.clear();
+        }
+        if closed {
+            crate::pool::give(buf);
+            w.shutdown().await?;
+            return Ok(total);
+        }
+        if start == buf.len() {
+            // Everything opened: no buffer while waiting for the next records.
+            crate::pool::give(std::mem::take(&mut buf));
+            start = 0;
+        } else if buf.capacity() - buf.len() < read_size.max(MAX_RECORD) {
+            // Part of a record, and too little room after it: move it to the front of a new
+            // buffer (less than one record, at most once every other read).
+            let mut next = crate::pool::take(OPEN_BUF);
+            next.extend_from_slice(&buf[start..]);
+            crate::pool::give(std::mem::replace(&mut buf, next));
+            start = 0;
+        }
+        let n = if buf.is_empty() {
+            // Between records: no buffer is held while the read waits.
+            buf = poll_fn(|cx| {
+                let mut b = crate::pool::take(OPEN_BUF);
+                let mut lim = (&mut b).limit(read_size);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut r), cx, &mut lim) {
+                    Poll::Ready(Ok(_)) => Poll::Ready(Ok(b)),
+                    other => {
+                        crate::pool::give(b);
+                        other.map_ok(|_| BytesMut::new())
+                    }
+                }
+            })
+            .await?;
+            buf.len()
+        } else {
+            let mut lim = (&mut buf).limit(read_size);
+            poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut r), cx, &mut lim)).await?
+        };
+        if n == read_size && read_size < OPEN_READ {
+            read_size *= 2;
+        }
+        if n == 0 {
+            crate::pool::give(buf);
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the peer proxy closed the tunnel without close_notify (RFC 8446 §6.1): data may be cut short",
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use rustls_pki_types::{PrivateKeyDer, ServerName};
+    use tessera_spiffe::BundleSet;
+    use tessera_test_util::TestCa;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::Identity;
+    use crate::tls::{ClientConfigs, TunnelProtocol};
+
+    fn identity(ca: &TestCa, id: &str) -> Arc<Identity> {
+        let i = Identity::new();
+        let svid = ca.issue(id);
+        let mut b = BundleSet::new();
+        b.upsert(ca.bundle());
+        i.update(svid.chain, PrivateKeyDer::Pkcs8(svid.key), b)
+            .unwrap();
+        i
+    }
+
+    /// What the middle does to the client → server bytes: flip a bit of the byte at
+    /// `flip_at`, or end both connections (no close_notify) once `cut_at` bytes have passed.
+    #[derive(Default)]
+    struct Middle {
+        passed: AtomicUsize,
+        flip_at: AtomicUsize,
+        cut_at: AtomicUsize,
+    }
+
+    /// A TCP forwarder between the two proxies, so a test can damage the wire.
+    async fn middle(to: SocketAddr, m: Arc<Middle>) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut s = TcpStream::connect(to).await.unwrap();
+            let (mut cr, mut cw) = c.split();
+            let (mut sr, mut sw) = s.split();
+            let up = async {
+                let mut buf = [0u8; 1];
+                // One byte at a time: exact offsets.
+                while cr.read_exact(&mut buf).await.is_ok() {
+                    let at = m.passed.fetch_add(1, Ordering::SeqCst);
+                    if at == m.cut_at.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if at == m.flip_at.load(Ordering::SeqCst) {
+                        buf[0] ^= 0x10;
+                    }
+                    if sw.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = sw.shutdown().await;
+            };
+            let down = async {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                let _ = cw.shutdown().await;
+            };
+            tokio::join!(up, down);
+        });
+        addr
+    }
+
+    /// One stream-tunnel connection through `m`, carried by both sides: handshake, request,
+    /// admission, and the server application's first bytes (`banner`) sent before the client
+    /// has read the admission, so they arrive behind it. Returns the client application's
+    /// socket, the server application's socket, and both sides' results.
+    async fn tunnel(
+        m: Arc<Middle>,
+        banner: &[u8],
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<io::Result<(u64, u64)>>,
+        tokio::task::JoinHandle<io::Result<(u64, u64)>>,
+    ) {
+        let ca = TestCa::new("example.org");
+        let server_id = identity(&ca, "spiffe://example.org/bar");
+        let client_id = identity(&ca, "spiffe://example.org/foo");
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let via = middle(l.local_addr().unwrap(), m).await;
+        let scfg = crate::tls::server_config(&server_id).unwrap();
+        let banner = banner.to_vec();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(scfg)
+                .accept(ReadAhead::new(tcp))
+                .await
+                .unwrap();
+            let target = crate::stream::read_request(&mut tls).await.unwrap();
+            assert_eq!(target, "127.0.0.1:9");
+            crate::stream::write_response(&mut tls, 200, "")
+                .await
+                .unwrap();
+            let mut sealed = Sealed::from_server(tls).unwrap();
+            let (mut app, mut plain) = loopback().await;
+            app.write_all(&banner).await.unwrap();
+            let carried = tokio::spawn(async move { bidirectional(&mut plain, &mut sealed).await });
+            (app, carried)
+        });
+        let ccfg = ClientConfigs::new(TunnelProtocol::Stream)
+            .get(&client_id, &"spiffe://example.org/bar".parse().unwrap())
+            .unwrap();
+        let tcp = TcpStream::connect(via).await.unwrap();
+        let req = crate::stream::request("127.0.0.1:9".parse().unwrap());
+        let mut tls = tokio_rustls::TlsConnector::from(ccfg)
+            .connect_with(
+                ServerName::IpAddress(via.ip().into()),
+                ReadAhead::new(tcp),
+                |c| {
+                    std::io::Write::write_all(&mut c.writer(), &req).unwrap();
+                },
+            )
+            .await
+            .unwrap();
+        let (server_app, server_side) = server.await.unwrap();
+        // The banner arrives behind the admission before the client reads the admission.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, _) = crate::stream::read_response(&mut tls).await.unwrap();
+        assert_eq!(status, 200);
+        let mut sealed = Sealed::from_client(tls).unwrap();
+        let (client_app, mut plain) = loopback().await;
+        let client_side = tokio::spawn(async move { bidirectional(&mut plain, &mut sealed).await });
+        (client_app, server_app, client_side, server_side)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_sides_carry_every_byte_both_ways_with_half_close() {
+        let (mut client, mut server, client_side, server_side) = tunnel(
+            Arc::new(Middle {
+                flip_at: usize::MAX.into(),
+                cut_at: usize::MAX.into(),
+                ..Middle::default()
+            }),
+            b"banner",
+        )
+        .await;
+        let mut banner = [0u8; 6];
+        client.read_exact(&mut banner).await.unwrap();
+        assert_eq!(
+            &banner, b"banner",
+            "bytes behind the admission survive the hand-over"
+        );
+        // More than a batch, and not a whole number of records, each way.
+        let up: Vec<u8> = (0..3 * MAX_BATCH + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let down: Vec<u8> = (0..MAX_BATCH + 777).map(|i| (i % 241) as u8).collect();
+        let sent = up.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == up,
+            "client → server: every byte, in order, then the half-close ({} of {})",
+            got.len(),
+            up.len()
+        );
+        // The server's direction still works after the client's ended.
+        server.write_all(&down).await.unwrap();
+        server.shutdown().await.unwrap();
+        let back = writer.await.unwrap();
+        assert!(
+            back == down,
+            "server → client after the half-close ({} of {})",
+            back.len(),
+            down.len()
+        );
+        assert_eq!(
+            client_side.await.unwrap().unwrap(),
+            (up.len() as u64, 6 + down.len() as u64)
+        );
+        assert_eq!(
+            server_side.await.unwrap().unwrap(),
+            (6 + down.len() as u64, up.len() as u64)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flipped_bit_ends_the_connection_and_the_sender_is_told() {
+        let m = Arc::new(Middle {
+            flip_at: usize::MAX.into(),
+            cut_at: usize::MAX.into(),
+            ..Middle::default()
+        });
+        let (mut client, mut server, client_side, server_side) = tunnel(m.clone(), b"").await;
+        // The next record's first ciphertext byte.
+        m.flip_at
+            .store(m.passed.load(Ordering::SeqCst) + 5 + 3, Ordering::SeqCst);
+        client.write_all(b"tampered in flight").await.unwrap();
+        let e = server_side.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("bad_record_mac"), "{e}");
+        let mut got = Vec::new();
+        let _ = server.read_to_end(&mut got).await;
+        assert!(
+            got.is_empty(),
+            "nothing of a record that failed to open reaches the workload"
+        );
+        // The server's fatal alert reaches the client's side.
+        let e = client_side.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("alert 20"), "{e}");
+        drop(client);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tunnel_cut_without_close_notify_is_an_error_not_an_end() {
+        let m = Arc::new(Middle {
+            flip_at: usize::MAX.into(),
+            cut_at: usize::MAX.into(),
+            ..Middle::default()
+        });
+        let (mut client, _server, _client_side, server_side) = tunnel(m.clone(), b"").await;
+        // Cut in the middle of the next record.
+        m.cut_at
+            .store(m.passed.load(Ordering::SeqCst) + 20, Ordering::SeqCst);
+        client.write_all(&[7u8; 100]).await.unwrap();
+        let e = server_side.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(e.to_string().contains("close_notify"), "{e}");
+    }
+
+    /// A connected loopback pair: (application's end, proxy's end).
+    async fn loopback() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+}
