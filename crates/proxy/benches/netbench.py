@@ -15,7 +15,8 @@ serving one workload each, enrolled with `tessera workload attach` (namespaces b
 veth pair of their own, 198.18.11.0/24, the same topology as bnc/bns) with its own SVID and key,
 over the stream tunnel.
 
-Measures: iperf3 bulk throughput of one TCP stream; sockperf 1 KiB ping-pong latency (p50 one-way,
+Measures: iperf3 bulk throughput of one TCP stream (and the CPU-seconds the path's two proxies
+spend per GB of it); sockperf 1 KiB ping-pong latency (p50 one-way,
 as sockperf reports it; "added" is the median over rounds of proxied p50 minus direct p50 of the
 same round); full handshakes per CPU-second of the two proxies (HTTP/2 with pooling off, and
 stream); RSS growth of the two proxies per idle proxied connection with IDLE connections held.
@@ -302,16 +303,17 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
     stunnel_conf(f"{logs}/stunnel-c.conf", f"{logs}/pem-c",
                  f"client = yes\n[iperf]\naccept = 127.0.0.1:9101\nconnect = {server_ip}:15443\nverify = 2\n"
                  f"[sockperf]\naccept = 127.0.0.1:9102\nconnect = {server_ip}:15444\nverify = 2\n")
-    bg(["stunnel4", f"{logs}/stunnel-s.conf"], server_ns, f"{logs}/stunnel-s.log")
-    bg(["stunnel4", f"{logs}/stunnel-c.conf"], client_ns, f"{logs}/stunnel-c.log")
+    stunnels = [bg(["stunnel4", f"{logs}/stunnel-s.conf"], server_ns, f"{logs}/stunnel-s.log"),
+                bg(["stunnel4", f"{logs}/stunnel-c.conf"], client_ns, f"{logs}/stunnel-c.log")]
     envoy_conf(f"{logs}/envoy-s.json", f"{logs}/pem-s",
                [(server_ip, 15445, "127.0.0.1", 5201), (server_ip, 15446, "127.0.0.1", 11111)], False)
     envoy_conf(f"{logs}/envoy-c.json", f"{logs}/pem-c",
                [("127.0.0.1", 9201, server_ip, 15445), ("127.0.0.1", 9202, server_ip, 15446)], True)
+    envoys = []
     for side, ns, base in [("s", server_ns, 7101), ("c", client_ns, 7102)]:
-        bg([ENVOY, "-c", f"{logs}/envoy-{side}.json", "--disable-hot-restart", "--base-id", str(base), "-l", "warn",
+        envoys.append(bg([ENVOY, "-c", f"{logs}/envoy-{side}.json", "--disable-hot-restart", "--base-id", str(base), "-l", "warn",
             "--concurrency", str(THREADS)],
-           ns, f"{logs}/envoy-{side}.log")
+           ns, f"{logs}/envoy-{side}.log"))
     for host, port, ns in [(server_ip, 5201, client_ns), (server_ip, 15443, client_ns), ("127.0.0.1", 9001, client_ns),
                            ("127.0.0.1", 9011, client_ns), ("127.0.0.1", 9101, client_ns),
                            ("127.0.0.1", 9201, client_ns), ("127.0.0.1", 9004, client_ns)]:
@@ -321,11 +323,20 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
     paths = {k: v for k, v in PATHS.items() if k != "tessera-node" or nodes}
     tp = {k: [] for k in paths}
     lat = {k: [] for k in paths}
+    # The two proxies of each path: their CPU-seconds per GB carried (user + system, from /proc)
+    # say how much work a path spends per byte, apart from how the VM schedules the pipeline.
+    pair = {"stunnel": stunnels, "envoy": envoys, "tessera-h2": [srv, h2], "tessera-stream": [srv, stream],
+            "tessera-node": nodes or []}
+    cpu_gb = {k: [] for k in paths if pair.get(k)}
     for _ in range(ROUNDS):  # alternate paths each round
         for k, ports in paths.items():
             host, (ip, sp) = (server_ip, (5201, 11111)) if ports is None else ("127.0.0.1", ports)
             cns = "bnnc" if k == "tessera-node" else client_ns
+            before = sum(cpu_seconds(p.pid) for p in pair.get(k) or [])
             tp[k].append(iperf(cns, host, ip))
+            if k in cpu_gb:
+                used = sum(cpu_seconds(p.pid) for p in pair[k]) - before
+                cpu_gb[k].append(used / (tp[k][-1] * DURATION / 8))
             lat[k].append(sockperf(cns, host, sp))
     med = lambda v: sorted(v)[len(v) // 2]
     for k in paths:
@@ -333,6 +344,8 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
         row[f"p50_us_{k}"] = med(lat[k])
         # Added latency: the median over rounds of (proxied p50 - direct p50) of the same round.
         row[f"added_us_{k}"] = med([a - b for a, b in zip(lat[k], lat["direct"])])
+        if k in cpu_gb:
+            row[f"cpu_s_per_gb_{k}"] = med(cpu_gb[k])
     print(json.dumps({"partial": row, "throughput": tp, "latency": lat}), flush=True)
     # Full handshakes per CPU-second of the two proxies: HTTP/2 with pooling off, and stream
     # (one handshake per connection by design).
@@ -430,12 +443,14 @@ def main():
             run(["ip", "netns", "del", n], check=False)
         for link in ["bnv0", "bnv2"]:
             run(["ip", "link", "del", link], check=False)
-    print("| topology | path | Gbit/s | × direct | p50 µs | added p50 µs (median of per-round differences) |")
-    print("|---|---|---|---|---|---|")
+    print("| topology | path | Gbit/s | × direct | p50 µs | added p50 µs (median of per-round differences) "
+          "| CPU-s per GB, both proxies |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         for k in [k for k in PATHS if f"gbps_{k}" in r]:
+            cpu = r.get(f"cpu_s_per_gb_{k}")
             print(f"| {r['topology']} | {k} | {r['gbps_' + k]:.2f} | {r['gbps_' + k] / r['gbps_direct']:.2f} "
-                  f"| {r['p50_us_' + k]:.1f} | {r['added_us_' + k]:.1f} |")
+                  f"| {r['p50_us_' + k]:.1f} | {r['added_us_' + k]:.1f} | {'' if cpu is None else f'{cpu:.3f}'} |")
     print()
     print("| topology | handshakes/CPU-s h2 no-pool | stream | KiB/idle conn h2 | stream | RSS KiB before→after h2 | stream |")
     print("|---|---|---|---|---|---|---|")

@@ -58,8 +58,10 @@ impl<S> ReadAhead<S> {
         if !self.aligned || self.record_left != 0 {
             return Err(self.inner);
         }
-        let rest = self.buf.split_off(self.pos);
-        crate::pool::give(self.buf);
+        // A copy of the (usually empty) rest, so the read-ahead buffer goes back to the cache
+        // whole instead of staying allocated for the connection's life.
+        let rest = BytesMut::from(&self.buf[self.pos..]);
+        crate::pool::give(std::mem::take(&mut self.buf));
         Ok((self.inner, rest))
     }
 

@@ -306,6 +306,82 @@ async fn stream_tunnel_carries_and_refuses_like_h2() {
     );
 }
 
+/// Through both proxies' own paths (the outbound side's `proxy`, the inbound side's relay), the
+/// stream tunnel's data phase on the handshake's keys: every byte both ways, a server that
+/// speaks first, half-close, and both access records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_tunnel_carries_every_byte_through_both_proxies() {
+    let ca = TestCa::new("example.org");
+    // A server that speaks first, then echoes.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(b"hello from bar\n").await.unwrap();
+        let (mut r, mut w) = s.split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let bar = node(
+        identity(&ca, "spiffe://example.org/bar", &[&ca]),
+        &[app_port],
+        Some(ALLOW_FOO),
+    )
+    .await;
+    let foo = node_with(
+        identity(&ca, "spiffe://example.org/foo", &[&ca]),
+        &[],
+        None,
+        TunnelProtocol::Stream,
+    )
+    .await;
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let bar_id = id("spiffe://example.org/bar");
+    // The workload's connection to foo's proxy.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = l.accept().await.unwrap();
+    let payload: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
+    let workload = async {
+        let mut hello = [0u8; 15];
+        client.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello from bar\n");
+        let (mut r, mut w) = client.split();
+        let send = async {
+            w.write_all(&payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let recv = r.read_to_end(&mut back);
+        let (_, n) = tokio::join!(send, recv);
+        n.unwrap();
+        assert!(
+            back == payload,
+            "echo of {} bytes, got {}",
+            payload.len(),
+            back.len()
+        );
+    };
+    tokio::join!(
+        foo.proxy
+            .outbound
+            .proxy(accepted, &bar_id, bar.proxy.tunnel_addr, target),
+        workload
+    );
+    let out = foo.log.wait_for(|r| r["direction"] == "outbound").await;
+    assert_eq!(out["reason"], "closed", "{out}");
+    assert_eq!(out["bytes_sent"], 1_000_003);
+    assert_eq!(out["bytes_received"], 1_000_003 + 15);
+    let inb = bar
+        .log
+        .wait_for(|r| r["decision"] == "allow" && r["bytes_sent"] == 1_000_003)
+        .await;
+    assert_eq!(inb["bytes_received"], 1_000_003 + 15, "{inb}");
+    assert_eq!(inb["src_spiffe_id"], "spiffe://example.org/foo");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_decides_on_the_proven_identity() {
     let ca = TestCa::new("example.org");
