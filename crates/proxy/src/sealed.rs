@@ -186,6 +186,22 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Writes the opened plaintext at `ranges` of `buf` (then forgets them); returns its length.
+async fn write_ranges<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    ranges: &mut Vec<std::ops::Range<usize>>,
+) -> io::Result<u64> {
+    let mut slices: Vec<IoSlice<'_>> = ranges
+        .iter()
+        .map(|r| IoSlice::new(&buf[r.clone()]))
+        .collect();
+    write_all_vectored(w, &mut slices).await?;
+    let n = ranges.iter().map(|r| r.len() as u64).sum();
+    ranges.clear();
+    Ok(n)
+}
+
 /// Workload → tunnel: reads plaintext, seals it in place (at most 2^14 bytes a record), writes
 /// header, ciphertext and trailer of every record in one `writev`. At the workload's end, a
 /// `close_notify` and a TCP half-close.
@@ -283,13 +299,7 @@ where
                     start += len;
                     if ranges.len() == WRITE_RECORDS_OUT {
                         // Written as soon as opened: the workload starts on them meanwhile.
-                        let mut slices: Vec<IoSlice<'_>> = ranges
-                            .iter()
-                            .map(|r| IoSlice::new(&buf[r.clone()]))
-                            .collect();
-                        write_all_vectored(&mut w, &mut slices).await?;
-                        total += ranges.iter().map(|r| r.len() as u64).sum::<u64>();
-                        ranges.clear();
+                        total += write_ranges(&mut w, &buf, &mut ranges).await?;
                     }
                 }
                 Opened::Closed { len } => {
@@ -300,15 +310,7 @@ where
                 }
             }
         }
-        if !ranges.is_empty() {
-            let mut slices: Vec<IoSlice<'_>> = ranges
-                .iter()
-                .map(|r| IoSlice::new(&buf[r.clone()]))
-                .collect();
-            write_all_vectored(&mut w, &mut slices).await?;
-            total += ranges.iter().map(|r| r.len() as u64).sum::<u64>();
-            ranges.clear();
-        }
+        total += write_ranges(&mut w, &buf, &mut ranges).await?;
         if closed {
             crate::pool::give(buf);
             w.shutdown().await?;
