@@ -277,7 +277,6 @@ where
         w.shutdown().await?;
         return Ok(0);
     }
-    let read_size = OPEN_READ;
     let mut buf = BytesMut::new();
     if !pending.is_empty() {
         buf = crate::pool::take(OPEN_BUF.max(pending.len().next_power_of_two()));
@@ -320,7 +319,7 @@ where
             // Everything opened: no buffer while waiting for the next records.
             crate::pool::give(std::mem::take(&mut buf));
             start = 0;
-        } else if buf.capacity() - buf.len() < read_size.max(MAX_RECORD) {
+        } else if buf.capacity() - buf.len() < OPEN_READ.max(MAX_RECORD) {
             // Part of a record, and too little room after it: move it to the front of a new
             // buffer (less than one record, at most once every other read).
             let mut next = crate::pool::take(OPEN_BUF);
@@ -332,7 +331,7 @@ where
             // Between records: no buffer is held while the read waits.
             buf = poll_fn(|cx| {
                 let mut b = crate::pool::take(OPEN_BUF);
-                let mut lim = (&mut b).limit(read_size);
+                let mut lim = (&mut b).limit(OPEN_READ);
                 match tokio_util::io::poll_read_buf(Pin::new(&mut r), cx, &mut lim) {
                     Poll::Ready(Ok(_)) => Poll::Ready(Ok(b)),
                     other => {
@@ -344,7 +343,7 @@ where
             .await?;
             buf.len()
         } else {
-            let mut lim = (&mut buf).limit(read_size);
+            let mut lim = (&mut buf).limit(OPEN_READ);
             poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut r), cx, &mut lim)).await?
         };
         if n == 0 {
@@ -388,11 +387,21 @@ mod tests {
 
     /// What the middle does to the client → server bytes: flip a bit of the byte at
     /// `flip_at`, or end both connections (no close_notify) once `cut_at` bytes have passed.
-    #[derive(Default)]
     struct Middle {
         passed: AtomicUsize,
         flip_at: AtomicUsize,
         cut_at: AtomicUsize,
+    }
+
+    impl Middle {
+        /// A middle that passes every byte as it is, until a test sets an offset.
+        fn honest() -> Arc<Self> {
+            Arc::new(Self {
+                passed: 0.into(),
+                flip_at: usize::MAX.into(),
+                cut_at: usize::MAX.into(),
+            })
+        }
     }
 
     /// A TCP forwarder between the two proxies, so a test can damage the wire.
@@ -495,15 +504,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn both_sides_carry_every_byte_both_ways_with_half_close() {
-        let (mut client, mut server, client_side, server_side) = tunnel(
-            Arc::new(Middle {
-                flip_at: usize::MAX.into(),
-                cut_at: usize::MAX.into(),
-                ..Middle::default()
-            }),
-            b"banner",
-        )
-        .await;
+        let (mut client, mut server, client_side, server_side) =
+            tunnel(Middle::honest(), b"banner").await;
         let mut banner = [0u8; 6];
         tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut banner))
             .await
@@ -556,11 +558,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flipped_bit_ends_the_connection_and_the_sender_is_told() {
-        let m = Arc::new(Middle {
-            flip_at: usize::MAX.into(),
-            cut_at: usize::MAX.into(),
-            ..Middle::default()
-        });
+        let m = Middle::honest();
         let (mut client, mut server, client_side, server_side) = tunnel(m.clone(), b"").await;
         // The next record's first ciphertext byte.
         m.flip_at
@@ -582,11 +580,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tunnel_cut_without_close_notify_is_an_error_not_an_end() {
-        let m = Arc::new(Middle {
-            flip_at: usize::MAX.into(),
-            cut_at: usize::MAX.into(),
-            ..Middle::default()
-        });
+        let m = Middle::honest();
         let (mut client, _server, _client_side, server_side) = tunnel(m.clone(), b"").await;
         // Cut in the middle of the next record.
         m.cut_at
