@@ -47,6 +47,17 @@ impl Identity {
         })
     }
 
+    /// A ready identity with this SVID and these bundles (see [`Identity::update`]).
+    pub fn with_svid(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        bundles: BundleSet,
+    ) -> Result<Arc<Self>, IdentityError> {
+        let identity = Self::new();
+        identity.update(chain, key, bundles)?;
+        Ok(identity)
+    }
+
     /// Installs an SVID (chain leaf first, PKCS#8 key) and the bundles to verify peers with. The
     /// chain must be an X509-SVID; its ID becomes this proxy's identity.
     pub fn update(

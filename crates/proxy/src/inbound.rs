@@ -131,7 +131,13 @@ impl Inbound {
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             Box::pin(
-                tokio_rustls::TlsAcceptor::from(cfg).accept(crate::readahead::ReadAhead::new(tcp)),
+                // Its own copy of the config, whose key log keeps this connection's traffic
+                // secrets for the stream tunnel's record layer (`crate::sealed`).
+                {
+                    let log = Arc::default();
+                    tokio_rustls::TlsAcceptor::from(crate::tls::server_config_for(&cfg, &log))
+                        .accept(crate::readahead::ReadAhead::new(tcp).with_secrets(log))
+                },
             ),
         )
         .await;

@@ -192,9 +192,7 @@ impl NodeProxy {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("workload {name}: {e}"))?;
         }
-        let identity = Identity::new();
-        identity
-            .update(svid.chain, svid.key, svid.bundles)
+        let identity = Identity::with_svid(svid.chain, svid.key, svid.bundles)
             .map_err(|e| format!("workload {name}: {e}"))?;
         let mut opts = self.template.clone();
         opts.netns = Some(ns);

@@ -154,9 +154,20 @@ impl Outbound {
             .map_err(|e| TunnelError::Connect(tunnel, e.to_string()))?;
         // The server name is not what is verified (the SPIFFE ID is); an IP address sends no SNI.
         let name = ServerName::IpAddress(tunnel.ip().into());
+        let (cfg, io) = if self.protocol == TunnelProtocol::Stream {
+            // Its own copy of the config, whose key log keeps this connection's traffic secrets
+            // for the record layer of the data phase (`crate::sealed`).
+            let log = Arc::default();
+            (
+                crate::tls::client_config_for(&cfg, &log),
+                ReadAhead::new(tcp).with_secrets(log),
+            )
+        } else {
+            (cfg, ReadAhead::new(tcp))
+        };
         let tls = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio_rustls::TlsConnector::from(cfg).connect_with(name, ReadAhead::new(tcp), |c| {
+            tokio_rustls::TlsConnector::from(cfg).connect_with(name, io, |c| {
                 if let Some(first) = first {
                     // Buffered by rustls until the handshake is complete.
                     let _ = std::io::Write::write_all(&mut c.writer(), &first);

@@ -15,10 +15,11 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use tessera_tls::records::HEADER;
+use tessera_tls::records::{HEADER, TrafficSecretLog};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The read-ahead buffer: several TLS records per system call, and below the allocator's
@@ -34,6 +35,9 @@ pub struct ReadAhead<S> {
     aligned: bool,
     /// In aligned mode, the bytes of the current record not yet handed out (0 at a boundary).
     record_left: usize,
+    /// The application traffic secrets the handshake over this stream logged, for the stream
+    /// tunnel's hand-over (`crate::sealed`); `None` where the keys stay with rustls.
+    secrets: Option<Arc<TrafficSecretLog>>,
 }
 
 impl<S> ReadAhead<S> {
@@ -44,7 +48,19 @@ impl<S> ReadAhead<S> {
             pos: 0,
             aligned: true,
             record_left: 0,
+            secrets: None,
         }
+    }
+
+    /// Carries `log`, the `key_log` of this connection's TLS config, to the hand-over.
+    pub fn with_secrets(mut self, log: Arc<TrafficSecretLog>) -> Self {
+        self.secrets = Some(log);
+        self
+    }
+
+    /// The traffic secrets carried for the hand-over, if any.
+    pub fn take_secrets(&mut self) -> Option<Arc<TrafficSecretLog>> {
+        self.secrets.take()
     }
 
     /// Turns record-aligned reads off (for a connection whose keys stay with rustls).

@@ -86,7 +86,11 @@ impl Sealed {
         Self::take(io, conn.into())
     }
 
-    fn take(io: ReadAhead<TcpStream>, mut conn: rustls::Connection) -> io::Result<Self> {
+    fn take(mut io: ReadAhead<TcpStream>, mut conn: rustls::Connection) -> io::Result<Self> {
+        let client = matches!(conn, rustls::Connection::Client(_));
+        let log = io
+            .take_secrets()
+            .ok_or_else(|| handover("the connection's config logged no traffic secrets"))?;
         let state = conn.process_new_packets().map_err(handover)?;
         // Plaintext rustls decrypted and nobody read would be lost with its record layer.
         if state.plaintext_bytes_to_read() != 0 {
@@ -101,7 +105,7 @@ impl Sealed {
             .map_err(|_| handover("rustls holds part of a record"))?;
         // Fails if rustls still has records to send (none: the admission was flushed).
         let secrets = conn.dangerous_extract_secrets().map_err(handover)?;
-        let (sealer, opener) = records::from_secrets(&secrets).map_err(handover)?;
+        let (sealer, opener) = records::from_secrets(&secrets, &log, client).map_err(handover)?;
         Ok(Self {
             tcp,
             sealer,
@@ -123,17 +127,20 @@ pub async fn bidirectional(plain: &mut TcpStream, tunnel: &mut Sealed) -> io::Re
         peer_closed,
     } = tunnel;
     let mid_write = AtomicBool::new(false);
+    // Set by the open side when the peer's KeyUpdate asks for one back (RFC 8446 §4.6.3).
+    let update_requested = AtomicBool::new(false);
     let r = {
         let (plain_r, plain_w) = plain.split();
         let (tcp_r, tcp_w) = tcp.split();
         tokio::try_join!(
-            seal_loop(plain_r, tcp_w, sealer, &mid_write),
+            seal_loop(plain_r, tcp_w, sealer, &mid_write, &update_requested),
             open_loop(
                 tcp_r,
                 plain_w,
                 opener,
                 std::mem::take(pending),
-                *peer_closed
+                *peer_closed,
+                &update_requested,
             ),
         )
     };
@@ -210,6 +217,7 @@ async fn seal_loop<R, W>(
     mut w: W,
     sealer: &mut Sealer,
     mid_write: &AtomicBool,
+    update_requested: &AtomicBool,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -234,6 +242,14 @@ where
         // process in the pipeline starts on the first bytes while the rest are sealed.
         mid_write.store(true, Ordering::Relaxed);
         for group in buf.chunks_mut(WRITE_RECORDS * MAX_PLAINTEXT) {
+            // §4.6.3: the peer asked for an update, which goes before this side's next
+            // application data; §5.5: or this key has sealed as many records as it should.
+            // Checked per group: a group is at most WRITE_RECORDS records, far below the margin
+            // between the update point and the key's hard limit.
+            if update_requested.swap(false, Ordering::Relaxed) || sealer.needs_update() {
+                let update = sealer.key_update(false).map_err(record_error)?;
+                w.write_all(&update).await?;
+            }
             // On the heap, not in this future: an idle connection's task stays small.
             let frames = group
                 .chunks_mut(MAX_PLAINTEXT)
@@ -268,6 +284,7 @@ async fn open_loop<R, W>(
     opener: &mut Opener,
     pending: BytesMut,
     peer_closed: bool,
+    update_requested: &AtomicBool,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -299,6 +316,14 @@ where
                     if ranges.len() == WRITE_RECORDS_OUT {
                         // Written as soon as opened: the workload starts on them meanwhile.
                         total += write_ranges(&mut w, &buf, &mut ranges).await?;
+                    }
+                }
+                Opened::KeyUpdate { len, requested } => {
+                    // The opener holds the peer's next key; the seal side answers a request
+                    // before its next record.
+                    start += len;
+                    if requested {
+                        update_requested.store(true, Ordering::Relaxed);
                     }
                 }
                 Opened::Closed { len } => {
@@ -366,8 +391,7 @@ mod tests {
     use std::time::Duration;
 
     use rustls_pki_types::{PrivateKeyDer, ServerName};
-    use tessera_spiffe::BundleSet;
-    use tessera_test_util::TestCa;
+    use tessera_test_util::{TestCa, bundle_set};
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -376,13 +400,13 @@ mod tests {
     use crate::tls::{ClientConfigs, TunnelProtocol};
 
     fn identity(ca: &TestCa, id: &str) -> Arc<Identity> {
-        let i = Identity::new();
         let svid = ca.issue(id);
-        let mut b = BundleSet::new();
-        b.upsert(ca.bundle());
-        i.update(svid.chain, PrivateKeyDer::Pkcs8(svid.key), b)
-            .unwrap();
-        i
+        Identity::with_svid(
+            svid.chain,
+            PrivateKeyDer::Pkcs8(svid.key),
+            bundle_set(&[ca]),
+        )
+        .unwrap()
     }
 
     /// What the middle does to the client → server bytes: flip a bit of the byte at
@@ -439,19 +463,41 @@ mod tests {
         addr
     }
 
+    /// What one side's data phase ended with: its result, and how many KeyUpdates it sent and
+    /// followed.
+    struct Carried {
+        result: io::Result<(u64, u64)>,
+        sent_updates: u64,
+        followed_updates: u64,
+    }
+
+    async fn carry(mut plain: TcpStream, mut sealed: Sealed) -> Carried {
+        let result = bidirectional(&mut plain, &mut sealed).await;
+        Carried {
+            result,
+            sent_updates: sealed.sealer.generation(),
+            followed_updates: sealed.opener.generation(),
+        }
+    }
+
+    type Side = tokio::task::JoinHandle<Carried>;
+
+    async fn tunnel(m: Arc<Middle>, banner: &[u8]) -> (TcpStream, TcpStream, Side, Side) {
+        tunnel_with(m, banner, u64::MAX, false).await
+    }
+
     /// One stream-tunnel connection through `m`, carried by both sides: handshake, request,
     /// admission, and the server application's first bytes (`banner`) sent before the client
-    /// has read the admission, so they arrive behind it. Returns the client application's
-    /// socket, the server application's socket, and both sides' results.
-    async fn tunnel(
+    /// has read the admission, so they arrive behind it. Each side updates its key every
+    /// `update_every` records; with `request`, the client's first record is a KeyUpdate that
+    /// asks the server for one in return. Returns the client application's socket, the server
+    /// application's socket, and both sides' ends.
+    async fn tunnel_with(
         m: Arc<Middle>,
         banner: &[u8],
-    ) -> (
-        TcpStream,
-        TcpStream,
-        tokio::task::JoinHandle<io::Result<(u64, u64)>>,
-        tokio::task::JoinHandle<io::Result<(u64, u64)>>,
-    ) {
+        update_every: u64,
+        request: bool,
+    ) -> (TcpStream, TcpStream, Side, Side) {
         let ca = TestCa::new("example.org");
         let server_id = identity(&ca, "spiffe://example.org/bar");
         let client_id = identity(&ca, "spiffe://example.org/foo");
@@ -461,30 +507,33 @@ mod tests {
         let banner = banner.to_vec();
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.unwrap();
-            let mut tls = tokio_rustls::TlsAcceptor::from(scfg)
-                .accept(ReadAhead::new(tcp))
-                .await
-                .unwrap();
+            let log = Arc::default();
+            let mut tls =
+                tokio_rustls::TlsAcceptor::from(crate::tls::server_config_for(&scfg, &log))
+                    .accept(ReadAhead::new(tcp).with_secrets(log))
+                    .await
+                    .unwrap();
             let target = crate::stream::read_request(&mut tls).await.unwrap();
             assert_eq!(target, "127.0.0.1:9");
             crate::stream::write_response(&mut tls, 200, "")
                 .await
                 .unwrap();
             let mut sealed = Sealed::from_server(tls).unwrap();
-            let (mut app, mut plain) = loopback().await;
+            sealed.sealer.update_every(update_every);
+            let (mut app, plain) = loopback().await;
             app.write_all(&banner).await.unwrap();
-            let carried = tokio::spawn(async move { bidirectional(&mut plain, &mut sealed).await });
-            (app, carried)
+            (app, tokio::spawn(carry(plain, sealed)))
         });
         let ccfg = ClientConfigs::new(TunnelProtocol::Stream)
             .get(&client_id, &"spiffe://example.org/bar".parse().unwrap())
             .unwrap();
         let tcp = TcpStream::connect(via).await.unwrap();
         let req = crate::stream::request("127.0.0.1:9".parse().unwrap());
-        let mut tls = tokio_rustls::TlsConnector::from(ccfg)
+        let log = Arc::default();
+        let mut tls = tokio_rustls::TlsConnector::from(crate::tls::client_config_for(&ccfg, &log))
             .connect_with(
                 ServerName::IpAddress(via.ip().into()),
-                ReadAhead::new(tcp),
+                ReadAhead::new(tcp).with_secrets(log),
                 |c| {
                     std::io::Write::write_all(&mut c.writer(), &req).unwrap();
                 },
@@ -497,8 +546,13 @@ mod tests {
         let (status, _) = crate::stream::read_response(&mut tls).await.unwrap();
         assert_eq!(status, 200);
         let mut sealed = Sealed::from_client(tls).unwrap();
-        let (client_app, mut plain) = loopback().await;
-        let client_side = tokio::spawn(async move { bidirectional(&mut plain, &mut sealed).await });
+        sealed.sealer.update_every(update_every);
+        if request {
+            let update = sealed.sealer.key_update(true).unwrap();
+            sealed.tcp.write_all(&update).await.unwrap();
+        }
+        let (client_app, plain) = loopback().await;
+        let client_side = tokio::spawn(carry(plain, sealed));
         (client_app, server_app, client_side, server_side)
     }
 
@@ -547,13 +601,60 @@ mod tests {
             down.len()
         );
         assert_eq!(
-            client_side.await.unwrap().unwrap(),
+            client_side.await.unwrap().result.unwrap(),
             (up.len() as u64, 6 + down.len() as u64)
         );
         assert_eq!(
-            server_side.await.unwrap().unwrap(),
+            server_side.await.unwrap().result.unwrap(),
             (6 + down.len() as u64, up.len() as u64)
         );
+    }
+
+    /// Both directions move to new keys every few records, and the server answers the
+    /// client's request for an update (RFC 8446 §4.6.3); every byte arrives, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_updates_in_both_directions_lose_nothing() {
+        for (every, request) in [(u64::MAX, true), (3, false)] {
+            let (mut client, mut server, client_side, server_side) =
+                tunnel_with(Middle::honest(), b"", every, request).await;
+            let up: Vec<u8> = (0..2 * MAX_BATCH + 999).map(|i| (i % 251) as u8).collect();
+            let down: Vec<u8> = (0..MAX_BATCH + 5).map(|i| (i % 239) as u8).collect();
+            let sent = up.clone();
+            let writer = tokio::spawn(async move {
+                client.write_all(&sent).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut back = Vec::new();
+                client.read_to_end(&mut back).await.unwrap();
+                back
+            });
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            assert!(got == up, "client → server ({} of {})", got.len(), up.len());
+            server.write_all(&down).await.unwrap();
+            server.shutdown().await.unwrap();
+            let back = writer.await.unwrap();
+            assert!(
+                back == down,
+                "server → client ({} of {})",
+                back.len(),
+                down.len()
+            );
+            let (c, s) = (client_side.await.unwrap(), server_side.await.unwrap());
+            assert_eq!(c.result.unwrap(), (up.len() as u64, down.len() as u64));
+            assert_eq!(s.result.unwrap(), (down.len() as u64, up.len() as u64));
+            // Each side followed every update the other sent.
+            assert_eq!(c.sent_updates, s.followed_updates);
+            assert_eq!(s.sent_updates, c.followed_updates);
+            if request {
+                // The request, and the one update it asked for.
+                assert_eq!((c.sent_updates, s.sent_updates), (1, 1));
+            } else {
+                // An update once 3 records are sealed (checked per group of WRITE_RECORDS):
+                // at least one per 3 + WRITE_RECORDS of the 33 and 17 full records.
+                assert!(c.sent_updates >= 33 / 5, "{}", c.sent_updates);
+                assert!(s.sent_updates >= 17 / 5, "{}", s.sent_updates);
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,7 +665,7 @@ mod tests {
         m.flip_at
             .store(m.passed.load(Ordering::SeqCst) + 5 + 3, Ordering::SeqCst);
         client.write_all(b"tampered in flight").await.unwrap();
-        let e = server_side.await.unwrap().unwrap_err();
+        let e = server_side.await.unwrap().result.unwrap_err();
         assert!(e.to_string().contains("bad_record_mac"), "{e}");
         let mut got = Vec::new();
         let _ = server.read_to_end(&mut got).await;
@@ -573,7 +674,7 @@ mod tests {
             "nothing of a record that failed to open reaches the workload"
         );
         // The server's fatal alert reaches the client's side.
-        let e = client_side.await.unwrap().unwrap_err();
+        let e = client_side.await.unwrap().result.unwrap_err();
         assert!(e.to_string().contains("alert 20"), "{e}");
         drop(client);
     }
@@ -586,7 +687,7 @@ mod tests {
         m.cut_at
             .store(m.passed.load(Ordering::SeqCst) + 20, Ordering::SeqCst);
         client.write_all(&[7u8; 100]).await.unwrap();
-        let e = server_side.await.unwrap().unwrap_err();
+        let e = server_side.await.unwrap().result.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
         assert!(e.to_string().contains("close_notify"), "{e}");
     }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use rustls::{ClientConfig, ServerConfig};
 use tessera_spiffe::SpiffeId;
+use tessera_tls::records::TrafficSecretLog;
 use tessera_tls::{ExpectedPeer, SpiffeClientVerifier, SpiffeServerVerifier};
 
 use crate::identity::Identity;
@@ -61,6 +62,23 @@ pub fn server_config(identity: &Identity) -> Option<Arc<ServerConfig>> {
     // The stream tunnel carries its data phase on this handshake's keys (`crate::sealed`).
     cfg.enable_secret_extraction = true;
     Some(Arc::new(cfg))
+}
+
+/// `cfg` for one connection, with `log` as its `key_log`: the stream tunnel takes that
+/// connection's application traffic secrets to its own record layer, where they derive the keys
+/// of each KeyUpdate (`crate::sealed`). A copy per connection, so a secret can only ever reach
+/// the connection it belongs to (the record layer also checks it against the extracted keys).
+pub fn server_config_for(cfg: &ServerConfig, log: &Arc<TrafficSecretLog>) -> Arc<ServerConfig> {
+    let mut c = cfg.clone();
+    c.key_log = log.clone();
+    Arc::new(c)
+}
+
+/// [`server_config_for`], for the client side.
+pub fn client_config_for(cfg: &ClientConfig, log: &Arc<TrafficSecretLog>) -> Arc<ClientConfig> {
+    let mut c = cfg.clone();
+    c.key_log = log.clone();
+    Arc::new(c)
 }
 
 /// Client configs by the SPIFFE ID the destination must prove. Each verifies the server's chain

@@ -13,8 +13,8 @@ use tessera_proto::xds::google::rpc::Status;
 use tessera_proxy::authz::ProviderConfig;
 use tessera_proxy::config::{InboundPort, Protocol};
 use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
-use tessera_spiffe::{BundleSet, SpiffeId};
-use tessera_test_util::TestCa;
+use tessera_spiffe::SpiffeId;
+use tessera_test_util::{TestCa, bundle_set};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
@@ -73,13 +73,13 @@ async fn start_authorizer(a: TestAuthorizer) -> SocketAddr {
 }
 
 fn identity(ca: &TestCa, id: &str) -> Arc<Identity> {
-    let i = Identity::new();
     let svid = ca.issue(id);
-    let mut b = BundleSet::new();
-    b.upsert(ca.bundle());
-    i.update(svid.chain, PrivateKeyDer::Pkcs8(svid.key), b)
-        .unwrap();
-    i
+    Identity::with_svid(
+        svid.chain,
+        PrivateKeyDer::Pkcs8(svid.key),
+        bundle_set(&[ca]),
+    )
+    .unwrap()
 }
 
 async fn proxy(

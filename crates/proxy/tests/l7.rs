@@ -13,18 +13,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::PrivateKeyDer;
 use tessera_proxy::config::{InboundPort, Protocol};
 use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
-use tessera_spiffe::{BundleSet, SpiffeId};
-use tessera_test_util::TestCa;
+use tessera_spiffe::SpiffeId;
+use tessera_test_util::{TestCa, bundle_set};
 use tokio::net::TcpListener;
 
 fn identity(ca: &TestCa, id: &str) -> Arc<Identity> {
-    let i = Identity::new();
     let svid = ca.issue(id);
-    let mut b = BundleSet::new();
-    b.upsert(ca.bundle());
-    i.update(svid.chain, PrivateKeyDer::Pkcs8(svid.key), b)
-        .unwrap();
-    i
+    Identity::with_svid(
+        svid.chain,
+        PrivateKeyDer::Pkcs8(svid.key),
+        bundle_set(&[ca]),
+    )
+    .unwrap()
 }
 
 async fn proxy(identity: Arc<Identity>, inbound: Option<u16>, policy: &str) -> RunningProxy {

@@ -16,8 +16,8 @@ use tessera_proxy::config::InboundPort;
 use tessera_proxy::outbound::{TunnelError, TunnelStream};
 use tessera_proxy::tls::TunnelProtocol;
 use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
-use tessera_spiffe::{BundleSet, SpiffeId};
-use tessera_test_util::TestCa;
+use tessera_spiffe::SpiffeId;
+use tessera_test_util::{TestCa, bundle_set};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
@@ -56,20 +56,14 @@ impl Log {
     }
 }
 
-fn bundles(cas: &[&TestCa]) -> BundleSet {
-    let mut s = BundleSet::new();
-    for ca in cas {
-        s.upsert(ca.bundle());
-    }
-    s
-}
-
 fn identity(ca: &TestCa, id: &str, trust: &[&TestCa]) -> Arc<Identity> {
-    let i = Identity::new();
     let svid = ca.issue(id);
-    i.update(svid.chain, PrivateKeyDer::Pkcs8(svid.key), bundles(trust))
-        .unwrap();
-    i
+    Identity::with_svid(
+        svid.chain,
+        PrivateKeyDer::Pkcs8(svid.key),
+        bundle_set(trust),
+    )
+    .unwrap()
 }
 
 struct Node {
@@ -560,7 +554,7 @@ async fn rotation_during_a_transfer_and_a_bundle_without_the_peer_ca() {
             for (n, name) in [(&foo, "foo"), (&bar, "bar")] {
                 let s = ca.issue(&format!("spiffe://example.org/{name}"));
                 n.identity
-                    .update(s.chain, PrivateKeyDer::Pkcs8(s.key), bundles(&[&ca]))
+                    .update(s.chain, PrivateKeyDer::Pkcs8(s.key), bundle_set(&[&ca]))
                     .unwrap();
                 assert_eq!(n.identity.rotations(), 1);
             }
@@ -579,7 +573,7 @@ async fn rotation_during_a_transfer_and_a_bundle_without_the_peer_ca() {
     let other = TestCa::new("example.org");
     let s = other.issue("spiffe://example.org/foo");
     foo.identity
-        .update(s.chain, PrivateKeyDer::Pkcs8(s.key), bundles(&[&ca]))
+        .update(s.chain, PrivateKeyDer::Pkcs8(s.key), bundle_set(&[&ca]))
         .unwrap();
     let fresh = node(foo.identity.clone(), &[], None).await;
     let err = fresh
@@ -600,7 +594,7 @@ async fn rotation_during_a_transfer_and_a_bundle_without_the_peer_ca() {
         })
         .await;
     // And foo, whose bundle no longer holds bar's CA, refuses bar.
-    foo.identity.set_bundles(bundles(&[&other]));
+    foo.identity.set_bundles(bundle_set(&[&other]));
     let fresh2 = node(foo.identity.clone(), &[], None).await;
     let err = fresh2
         .proxy

@@ -21,8 +21,17 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tessera_spiffe::bundle::EcCurve;
-use tessera_spiffe::{Bundle, JwtKey, TrustDomain};
+use tessera_spiffe::{Bundle, BundleSet, JwtKey, TrustDomain};
 use time::{Duration, OffsetDateTime};
+
+/// A bundle set with the root of every CA in `cas`.
+pub fn bundle_set(cas: &[&TestCa]) -> BundleSet {
+    let mut s = BundleSet::new();
+    for ca in cas {
+        s.upsert(ca.bundle());
+    }
+    s
+}
 
 /// A CA of one trust domain: a self-signed root, or an intermediate below another `TestCa`.
 #[derive(Debug)]

@@ -7,13 +7,23 @@
 //! into. rustls's buffered connection copies every byte two to four times on the way; this
 //! layer copies none. The wire format is exactly TLS 1.3's, so either side may be rustls.
 //!
+//! Keys come from the application traffic secrets of the handshake (RFC 8446 §7.1), captured by
+//! [`TrafficSecretLog`]; the key and IV derived from them here must equal the ones rustls
+//! extracted, so a secret that belongs to another connection is refused rather than used. The
+//! secrets let each direction move to its next key with a KeyUpdate (§4.6.3, §7.2): this side
+//! sends one before a key reaches its limit, and follows the peer's.
+//!
 //! Pure: no I/O. What it accepts is deliberately narrow, because both ends are Tessera proxies
-//! with session tickets off and no post-handshake authentication: application data, and the
-//! `close_notify` alert. Any other content (another alert, a handshake message such as
-//! KeyUpdate) ends the connection with an error that names it.
+//! with session tickets off and no post-handshake authentication: application data, KeyUpdate,
+//! and the `close_notify` alert. Any other content (another alert, another handshake message)
+//! ends the connection with an error that names it.
+
+use std::sync::Mutex;
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
-use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
+use aws_lc_rs::hkdf;
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, KeyLog};
+use zeroize::Zeroizing;
 
 /// The record header: type, legacy version, length (§5.1).
 pub const HEADER: usize = 5;
@@ -25,6 +35,10 @@ pub const TAG: usize = 16;
 pub const OVERHEAD: usize = HEADER + 1 + TAG;
 /// The largest record accepted: `TLSCiphertext.length` may not exceed 2^14 + 256 (§5.2).
 pub const MAX_RECORD: usize = HEADER + MAX_PLAINTEXT + 256;
+
+/// A KeyUpdate handshake message: type 24, length 1, `request_update` (§4.6.3).
+const KEY_UPDATE: u8 = 24;
+const KEY_UPDATE_LEN: usize = 5;
 
 const CONTENT_ALERT: u8 = 21;
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -47,7 +61,7 @@ pub enum RecordError {
     #[error("malformed alert of {0} bytes (RFC 8446 §6)")]
     MalformedAlert(usize),
     #[error(
-        "peer sent a post-handshake message of type {0} (a KeyUpdate is 24); this connection does not take them"
+        "peer sent a post-handshake message of type {0}; only KeyUpdate (24) is taken here (no tickets, no post-handshake authentication)"
     )]
     PostHandshake(u8),
     #[error("record of content type {0} is not expected after the handshake")]
@@ -62,6 +76,20 @@ pub enum RecordError {
     Room(usize),
     #[error("TLS 1.2 or unknown traffic secrets: this layer speaks TLS 1.3 only")]
     Unsupported,
+    #[error(
+        "no application traffic secret was captured for this connection (the config needs a TrafficSecretLog)"
+    )]
+    NoSecret,
+    #[error(
+        "the captured traffic secret does not give this connection's key and IV (RFC 8446 §7.3): it belongs to another connection"
+    )]
+    SecretMismatch,
+    #[error(
+        "malformed KeyUpdate: {0} bytes of handshake data where exactly one KeyUpdate must end the record (RFC 8446 §4.6.3, §5.1)"
+    )]
+    MalformedKeyUpdate(usize),
+    #[error("KeyUpdate with request_update {0}: only 0 and 1 are defined (RFC 8446 §4.6.3)")]
+    KeyUpdateRequest(u8),
 }
 
 impl RecordError {
@@ -71,7 +99,8 @@ impl RecordError {
         match self {
             Self::BadMac => Some(20),
             Self::Overflow(_) => Some(22),
-            Self::MalformedAlert(_) => Some(50),
+            Self::MalformedAlert(_) | Self::MalformedKeyUpdate(_) => Some(50),
+            Self::KeyUpdateRequest(_) => Some(47),
             Self::OuterType(_)
             | Self::NoContentType
             | Self::PostHandshake(_)
@@ -81,51 +110,193 @@ impl RecordError {
     }
 }
 
-/// One direction's key: the AEAD key, the static IV and the next sequence number (§5.3).
+/// Captures the two application traffic secrets of one handshake (RFC 8446 §7.1) as rustls
+/// derives them. Set as the `key_log` of a config cloned for that one connection, so the secrets
+/// cannot be confused with another connection's; [`from_secrets`] takes them out (and checks
+/// them against the keys rustls extracted). Nothing else is kept, and the secrets are zeroed
+/// when dropped.
+#[derive(Default)]
+pub struct TrafficSecretLog {
+    client: Mutex<Option<Zeroizing<Vec<u8>>>>,
+    server: Mutex<Option<Zeroizing<Vec<u8>>>>,
+}
+
+const CLIENT_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
+
+impl std::fmt::Debug for TrafficSecretLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secrets.
+        f.debug_struct("TrafficSecretLog").finish_non_exhaustive()
+    }
+}
+
+impl KeyLog for TrafficSecretLog {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        let slot = match label {
+            CLIENT_SECRET => &self.client,
+            SERVER_SECRET => &self.server,
+            _ => return,
+        };
+        if let Ok(mut s) = slot.lock() {
+            *s = Some(Zeroizing::new(secret.to_vec()));
+        }
+    }
+
+    fn will_log(&self, label: &str) -> bool {
+        // Only the two application traffic secrets: the handshake and exporter secrets are
+        // never copied out of rustls.
+        label == CLIENT_SECRET || label == SERVER_SECRET
+    }
+}
+
+impl TrafficSecretLog {
+    fn take(&self, client: bool) -> Option<Zeroizing<Vec<u8>>> {
+        let slot = if client { &self.client } else { &self.server };
+        slot.lock().ok()?.take()
+    }
+}
+
+/// One direction's key: the AEAD key, the static IV, the next sequence number (§5.3), and the
+/// traffic secret they were derived from, for the next KeyUpdate (§7.2).
 struct DirectionKey {
     key: LessSafeKey,
     iv: [u8; 12],
     seq: u64,
+    /// The hard limit: no record is sealed or opened under this key at or past it.
     limit: u64,
+    /// Where this side's sealer moves to the next key (half the limit).
+    update_at: u64,
+    aead: &'static aead::Algorithm,
+    hash: hkdf::Algorithm,
+    secret: Zeroizing<Vec<u8>>,
+    /// How many KeyUpdates this direction has gone through.
+    generation: u64,
 }
 
 impl std::fmt::Debug for DirectionKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the key or the IV.
+        // Never the key, the IV or the secret.
         f.debug_struct("DirectionKey")
             .field("seq", &self.seq)
             .finish_non_exhaustive()
     }
 }
 
+/// An output length for HKDF-Expand.
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// HKDF-Expand-Label(secret, label, "", out.len()) (§7.1): the info is the length, the label
+/// prefixed by "tls13 ", and an empty context.
+fn expand_label(
+    hash: hkdf::Algorithm,
+    secret: &[u8],
+    label: &[u8],
+    out: &mut [u8],
+) -> Result<(), RecordError> {
+    let length = u16::try_from(out.len())
+        .map_err(|_| RecordError::Unsupported)?
+        .to_be_bytes();
+    let label_len = [u8::try_from(6 + label.len()).map_err(|_| RecordError::Unsupported)?];
+    let info: [&[u8]; 5] = [&length, &label_len, b"tls13 ", label, &[0]];
+    hkdf::Prk::new_less_safe(hash, secret)
+        .expand(&info, Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .map_err(|_| RecordError::Unsupported)
+}
+
+/// The key and IV of a traffic secret (§7.3).
+fn traffic_keys(
+    aead: &'static aead::Algorithm,
+    hash: hkdf::Algorithm,
+    secret: &[u8],
+) -> Result<(Zeroizing<Vec<u8>>, [u8; 12]), RecordError> {
+    let mut key = Zeroizing::new(vec![0; aead.key_len()]);
+    expand_label(hash, secret, b"key", &mut key)?;
+    let mut iv = [0; 12];
+    expand_label(hash, secret, b"iv", &mut iv)?;
+    Ok((key, iv))
+}
+
 impl DirectionKey {
-    fn new(seq: u64, secrets: &ConnectionTrafficSecrets) -> Result<Self, RecordError> {
-        // §5.5: AES-GCM may protect at most 2^24.5 full-size records under one key; rustls keeps
-        // to 2^24, and so does this layer. ChaCha20-Poly1305 has no such limit short of the
-        // sequence number itself, which must never wrap (§5.3).
-        let (alg, key, iv, limit) = match secrets {
+    fn new(
+        seq: u64,
+        extracted: &ConnectionTrafficSecrets,
+        secret: Zeroizing<Vec<u8>>,
+    ) -> Result<Self, RecordError> {
+        // §5.5: AES-GCM may protect at most 2^24.5 full-size records under one key; the hard
+        // limit here is 2^24 and this side updates its key at 2^23, as rustls does.
+        // ChaCha20-Poly1305 has no such limit short of the sequence number itself, which must
+        // never wrap (§5.3). The hash is the suite's (SHA-384 only for AES-256-GCM).
+        let (aead, hash, key, iv, limit) = match extracted {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-                (&aead::AES_128_GCM, key, iv, 1 << 24)
+                (&aead::AES_128_GCM, hkdf::HKDF_SHA256, key, iv, 1 << 24)
             }
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-                (&aead::AES_256_GCM, key, iv, 1 << 24)
+                (&aead::AES_256_GCM, hkdf::HKDF_SHA384, key, iv, 1 << 24)
             }
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&aead::CHACHA20_POLY1305, key, iv, u64::MAX)
-            }
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (
+                &aead::CHACHA20_POLY1305,
+                hkdf::HKDF_SHA256,
+                key,
+                iv,
+                u64::MAX,
+            ),
             _ => return Err(RecordError::Unsupported),
         };
-        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| RecordError::Unsupported)?;
-        let iv: [u8; 12] = iv
-            .as_ref()
-            .try_into()
-            .map_err(|_| RecordError::Unsupported)?;
+        if secret.len() != hkdf::KeyType::len(&hash) {
+            return Err(RecordError::SecretMismatch);
+        }
+        let (derived_key, derived_iv) = traffic_keys(aead, hash, &secret)?;
+        // The secret must be this connection's: its keys are the ones rustls extracted.
+        if aws_lc_rs::constant_time::verify_slices_are_equal(&derived_key, key.as_ref()).is_err()
+            || aws_lc_rs::constant_time::verify_slices_are_equal(&derived_iv, iv.as_ref()).is_err()
+        {
+            return Err(RecordError::SecretMismatch);
+        }
+        Self::from_secret(aead, hash, secret, seq, limit)
+    }
+
+    fn from_secret(
+        aead: &'static aead::Algorithm,
+        hash: hkdf::Algorithm,
+        secret: Zeroizing<Vec<u8>>,
+        seq: u64,
+        limit: u64,
+    ) -> Result<Self, RecordError> {
+        let (key, iv) = traffic_keys(aead, hash, &secret)?;
         Ok(Self {
-            key: LessSafeKey::new(key),
+            key: LessSafeKey::new(
+                UnboundKey::new(aead, &key).map_err(|_| RecordError::Unsupported)?,
+            ),
             iv,
             seq,
             limit,
+            update_at: limit / 2,
+            aead,
+            hash,
+            secret,
+            generation: 0,
         })
+    }
+
+    /// Moves to the next generation (§7.2): application_traffic_secret_N+1 =
+    /// HKDF-Expand-Label(application_traffic_secret_N, "traffic upd", "", Hash.length), its
+    /// key and IV, and sequence number 0 (§5.3).
+    fn update(&mut self) -> Result<(), RecordError> {
+        let mut next = Zeroizing::new(vec![0; self.secret.len()]);
+        expand_label(self.hash, &self.secret, b"traffic upd", &mut next)?;
+        let (update_at, generation) = (self.update_at, self.generation);
+        *self = Self::from_secret(self.aead, self.hash, next, 0, self.limit)?;
+        self.update_at = update_at;
+        self.generation = generation + 1;
+        Ok(())
     }
 
     /// The per-record nonce: the sequence number, left-padded to the IV's length, XORed with the
@@ -151,12 +322,19 @@ pub struct Sealer(DirectionKey);
 #[derive(Debug)]
 pub struct Opener(DirectionKey);
 
-/// The two directions of a connection whose handshake rustls completed, from
-/// `dangerous_extract_secrets` (both sequence numbers carried over).
-pub fn from_secrets(s: &ExtractedSecrets) -> Result<(Sealer, Opener), RecordError> {
+/// The two directions of a connection whose handshake rustls completed: the keys and sequence
+/// numbers of `dangerous_extract_secrets`, and the traffic secrets `log` captured for it (the
+/// config's `key_log` for this one connection). `client` says which side this is.
+pub fn from_secrets(
+    s: &ExtractedSecrets,
+    log: &TrafficSecretLog,
+    client: bool,
+) -> Result<(Sealer, Opener), RecordError> {
+    let tx = log.take(client).ok_or(RecordError::NoSecret)?;
+    let rx = log.take(!client).ok_or(RecordError::NoSecret)?;
     Ok((
-        Sealer(DirectionKey::new(s.tx.0, &s.tx.1)?),
-        Opener(DirectionKey::new(s.rx.0, &s.rx.1)?),
+        Sealer(DirectionKey::new(s.tx.0, &s.tx.1, tx)?),
+        Opener(DirectionKey::new(s.rx.0, &s.rx.1, rx)?),
     ))
 }
 
@@ -187,6 +365,39 @@ impl Sealer {
     pub fn close_notify(&mut self) -> Result<Vec<u8>, RecordError> {
         // Alert level warning (1), description close_notify (0).
         self.alert(1, 0)
+    }
+
+    /// Whether this direction's key has protected as many records as it should (half its
+    /// limit): the caller sends [`Sealer::key_update`] before the next record.
+    pub fn needs_update(&self) -> bool {
+        self.0.seq >= self.0.update_at
+    }
+
+    /// How many KeyUpdates this side has sent.
+    pub fn generation(&self) -> u64 {
+        self.0.generation
+    }
+
+    /// Updates the key after `records` records instead of half the limit (never later).
+    pub fn update_every(&mut self, records: u64) {
+        self.0.update_at = records.min(self.0.limit / 2);
+    }
+
+    /// A KeyUpdate record (§4.6.3), sealed under the current key, after which this direction
+    /// uses the next one (§7.2). `requested` asks the peer to update its own key in turn.
+    pub fn key_update(&mut self, requested: bool) -> Result<Vec<u8>, RecordError> {
+        let mut rec = vec![0; OVERHEAD + KEY_UPDATE_LEN];
+        rec[HEADER..HEADER + KEY_UPDATE_LEN].copy_from_slice(&[
+            KEY_UPDATE,
+            0,
+            0,
+            1,
+            u8::from(requested),
+        ]);
+        let n = self.seal(&mut rec, KEY_UPDATE_LEN, CONTENT_HANDSHAKE)?;
+        rec.truncate(n);
+        self.0.update()?;
+        Ok(rec)
     }
 
     /// A fatal alert (level 2) with `description` (§6.2), sent before closing on an error.
@@ -250,9 +461,18 @@ pub enum Opened {
     },
     /// A record of `len` bytes holding `close_notify`: the peer sends no more (§6.1).
     Closed { len: usize },
+    /// A record of `len` bytes holding a KeyUpdate: the peer's later records use its next key,
+    /// which this opener now holds. With `requested`, this side must update its own key before
+    /// it sends its next application data (§4.6.3).
+    KeyUpdate { len: usize, requested: bool },
 }
 
 impl Opener {
+    /// How many of the peer's KeyUpdates this side has followed.
+    pub fn generation(&self) -> u64 {
+        self.0.generation
+    }
+
     /// Opens the record at the start of `buf` in place. Decrypts nothing until the whole record
     /// is there.
     pub fn open(&mut self, buf: &mut [u8]) -> Result<Opened, RecordError> {
@@ -302,9 +522,25 @@ impl Opener {
                 [level, desc] => Err(RecordError::Alert(desc, level)),
                 _ => Err(RecordError::MalformedAlert(end)),
             },
-            CONTENT_HANDSHAKE => Err(RecordError::PostHandshake(
-                inner.first().copied().unwrap_or(0),
-            )),
+            CONTENT_HANDSHAKE => match inner[..end] {
+                // §4.6.3: KeyUpdate, length 1, request_update 0 or 1. §5.1: a message before a
+                // key change must end its record, so it is the record's only content here.
+                [KEY_UPDATE, 0, 0, 1, request] => {
+                    let requested = match request {
+                        0 => false,
+                        1 => true,
+                        other => return Err(RecordError::KeyUpdateRequest(other)),
+                    };
+                    self.0.update()?;
+                    Ok(Opened::KeyUpdate { len, requested })
+                }
+                [KEY_UPDATE, ..] => Err(RecordError::MalformedKeyUpdate(end)),
+                // Tickets are off and post-handshake authentication is never offered: no other
+                // handshake message may come.
+                _ => Err(RecordError::PostHandshake(
+                    inner.first().copied().unwrap_or(0),
+                )),
+            },
             other => Err(RecordError::ContentType(other)),
         }
     }
@@ -315,11 +551,15 @@ mod tests {
     use super::*;
 
     fn pair() -> (Sealer, Opener) {
-        let mk = || DirectionKey {
-            key: LessSafeKey::new(UnboundKey::new(&aead::AES_128_GCM, &[7; 16]).expect("key")),
-            iv: [9; 12],
-            seq: 0,
-            limit: 1 << 24,
+        let mk = || {
+            DirectionKey::from_secret(
+                &aead::AES_128_GCM,
+                hkdf::HKDF_SHA256,
+                Zeroizing::new(vec![7; 32]),
+                0,
+                1 << 24,
+            )
+            .expect("key")
         };
         (Sealer(mk()), Opener(mk()))
     }
@@ -419,9 +659,101 @@ mod tests {
         assert_eq!(o.open(&mut rec[..n]), Err(RecordError::Alert(40, 2)));
 
         let mut rec = vec![0; OVERHEAD + 5];
-        rec[HEADER] = 24; // KeyUpdate
+        rec[HEADER] = 4; // NewSessionTicket
         let n = s.seal(&mut rec, 5, CONTENT_HANDSHAKE).expect("seal");
-        assert_eq!(o.open(&mut rec[..n]), Err(RecordError::PostHandshake(24)));
+        assert_eq!(o.open(&mut rec[..n]), Err(RecordError::PostHandshake(4)));
+    }
+
+    /// A handshake record with `content`, sealed under `s`'s current key.
+    fn handshake_record(s: &mut Sealer, content: &[u8]) -> Vec<u8> {
+        let mut rec = vec![0; OVERHEAD + content.len()];
+        rec[HEADER..HEADER + content.len()].copy_from_slice(content);
+        let n = s
+            .seal(&mut rec, content.len(), CONTENT_HANDSHAKE)
+            .expect("seal");
+        rec.truncate(n);
+        rec
+    }
+
+    fn data_of(o: &mut Opener, rec: &mut [u8]) -> Vec<u8> {
+        match o.open(rec).expect("open") {
+            Opened::Data { data, .. } => rec[data].to_vec(),
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn key_updates_move_both_ends_to_the_next_key_every_time() {
+        let (mut s, mut o) = pair();
+        for generation in 0..5u8 {
+            let mut rec = sealed(&mut s, &[generation; 3]);
+            assert_eq!(data_of(&mut o, &mut rec), [generation; 3]);
+            let requested = generation % 2 == 1;
+            let mut update = s.key_update(requested).expect("key update");
+            assert_eq!(s.0.seq, 0, "the new key starts at sequence number 0 (§5.3)");
+            assert_eq!(
+                o.open(&mut update),
+                Ok(Opened::KeyUpdate {
+                    len: update.len(),
+                    requested
+                })
+            );
+        }
+        let mut rec = sealed(&mut s, b"after five updates");
+        assert_eq!(data_of(&mut o, &mut rec), b"after five updates");
+
+        // After an update, a record under the old key does not open...
+        let (mut s1, mut o1) = pair();
+        let (mut s2, _) = pair();
+        let mut update = s1.key_update(false).expect("key update");
+        assert!(matches!(o1.open(&mut update), Ok(Opened::KeyUpdate { .. })));
+        let mut stale = sealed(&mut s2, b"old key");
+        assert_eq!(o1.open(&mut stale), Err(RecordError::BadMac));
+        // ...and an opener that missed the update cannot read the new key's records.
+        let (mut s3, mut o3) = pair();
+        let _dropped = s3.key_update(false).expect("key update");
+        let mut fresh = sealed(&mut s3, b"new key");
+        assert_eq!(o3.open(&mut fresh), Err(RecordError::BadMac));
+    }
+
+    #[test]
+    fn the_sealer_asks_for_an_update_at_half_the_limit() {
+        let (mut s, mut o) = pair();
+        assert_eq!(s.0.update_at, 1 << 23);
+        s.update_every(3);
+        for _ in 0..3 {
+            assert!(!s.needs_update());
+            let mut rec = sealed(&mut s, b"r");
+            assert_eq!(data_of(&mut o, &mut rec), b"r");
+        }
+        assert!(s.needs_update());
+        let mut update = s.key_update(false).expect("key update");
+        assert!(matches!(o.open(&mut update), Ok(Opened::KeyUpdate { .. })));
+        assert!(!s.needs_update(), "a new key, counted from 0");
+        // Never later than half the hard limit.
+        s.update_every(u64::MAX);
+        assert_eq!(s.0.update_at, 1 << 23);
+    }
+
+    #[test]
+    fn malformed_key_updates_are_refused_with_their_alerts() {
+        let cases: [(&[u8], RecordError, u8); 4] = [
+            (&[24, 0, 0, 1, 2], RecordError::KeyUpdateRequest(2), 47),
+            (&[24, 0, 0, 2, 0, 0], RecordError::MalformedKeyUpdate(6), 50),
+            // Another message after it: the KeyUpdate would not end its record (§5.1).
+            (
+                &[24, 0, 0, 1, 1, 24, 0, 0, 1, 1],
+                RecordError::MalformedKeyUpdate(10),
+                50,
+            ),
+            (&[24, 0, 0], RecordError::MalformedKeyUpdate(3), 50),
+        ];
+        for (content, err, alert) in cases {
+            let (mut s, mut o) = pair();
+            let mut rec = handshake_record(&mut s, content);
+            assert_eq!(o.open(&mut rec), Err(err.clone()), "{content:?}");
+            assert_eq!(err.alert(), Some(alert));
+        }
     }
 
     #[test]

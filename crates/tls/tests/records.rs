@@ -1,6 +1,7 @@
 //! The record layer against rustls itself: after a real mutual-TLS handshake, one side hands its
 //! keys to `tessera_tls::records` and the other stays a rustls connection. Every record each
-//! side sends must be read by the other, so the layer speaks TLS 1.3 exactly.
+//! side sends must be read by the other, so the layer speaks TLS 1.3 exactly, KeyUpdate
+//! included (rustls derives the next keys with its own code).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
 
@@ -12,7 +13,7 @@ use rustls::pki_types::{PrivateKeyDer, ServerName};
 use rustls::{ClientConnection, ServerConnection};
 use tessera_spiffe::BundleSet;
 use tessera_test_util::{Issued, TestCa};
-use tessera_tls::records::{self, HEADER, OVERHEAD, Opened, RecordError};
+use tessera_tls::records::{self, HEADER, OVERHEAD, Opened, RecordError, TrafficSecretLog};
 use tessera_tls::{
     ExpectedPeer, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver, certified_key,
     server_config,
@@ -23,9 +24,17 @@ fn resolver(svid: &Issued) -> Arc<SvidResolver> {
     SvidResolver::new(certified_key(svid.chain.clone(), key).unwrap())
 }
 
+struct Pair {
+    c: ClientConnection,
+    s: ServerConnection,
+    /// The traffic secrets each side's key log captured.
+    clog: Arc<TrafficSecretLog>,
+    slog: Arc<TrafficSecretLog>,
+}
+
 /// A finished handshake between a rustls client and server, in memory, with `suite` (the
-/// client offers only it).
-fn handshake(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerConnection) {
+/// client offers only it), each with its own traffic secret log.
+fn handshake(suite: rustls::SupportedCipherSuite) -> Pair {
     let ca = TestCa::new("example.org");
     let server = ca.issue("spiffe://example.org/server");
     let client = ca.issue("spiffe://example.org/client");
@@ -40,6 +49,8 @@ fn handshake(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerCo
     .unwrap();
     scfg.enable_secret_extraction = true;
     scfg.send_tls13_tickets = 0;
+    let slog = Arc::new(TrafficSecretLog::default());
+    scfg.key_log = slog.clone();
     let provider = rustls::crypto::CryptoProvider {
         cipher_suites: vec![suite],
         ..(*tessera_tls::crypto_provider()).clone()
@@ -54,6 +65,8 @@ fn handshake(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerCo
         )))
         .with_client_cert_resolver(resolver(&client));
     ccfg.enable_secret_extraction = true;
+    let clog = Arc::new(TrafficSecretLog::default());
+    ccfg.key_log = clog.clone();
     let mut c = ClientConnection::new(
         Arc::new(ccfg),
         ServerName::try_from("tessera.invalid").unwrap(),
@@ -69,7 +82,7 @@ fn handshake(suite: rustls::SupportedCipherSuite) -> (ClientConnection, ServerCo
         c.process_new_packets().unwrap();
         if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write() {
             assert_eq!(c.negotiated_cipher_suite(), Some(suite));
-            return (c, s);
+            return Pair { c, s, clog, slog };
         }
     }
     panic!("handshake did not finish");
@@ -93,8 +106,17 @@ fn seal(s: &mut records::Sealer, data: &[u8]) -> Vec<u8> {
 }
 
 /// Opens every record in `wire`; returns the data and whether close_notify came.
-fn open_all(o: &mut records::Opener, mut wire: Vec<u8>) -> Result<(Vec<u8>, bool), RecordError> {
+fn open_all(o: &mut records::Opener, wire: Vec<u8>) -> Result<(Vec<u8>, bool), RecordError> {
+    open_all_updates(o, wire).map(|(data, closed, _)| (data, closed))
+}
+
+/// [`open_all`], and the `request_update` of every KeyUpdate on the way.
+fn open_all_updates(
+    o: &mut records::Opener,
+    mut wire: Vec<u8>,
+) -> Result<(Vec<u8>, bool, Vec<bool>), RecordError> {
     let mut data = Vec::new();
+    let mut updates = Vec::new();
     let mut at = 0;
     while at < wire.len() {
         match o.open(&mut wire[at..])? {
@@ -103,13 +125,17 @@ fn open_all(o: &mut records::Opener, mut wire: Vec<u8>) -> Result<(Vec<u8>, bool
                 data.extend_from_slice(&wire[at + r.start..at + r.end]);
                 at += len;
             }
+            Opened::KeyUpdate { len, requested } => {
+                updates.push(requested);
+                at += len;
+            }
             Opened::Closed { len } => {
                 assert_eq!(at + len, wire.len(), "bytes after close_notify");
-                return Ok((data, true));
+                return Ok((data, true, updates));
             }
         }
     }
-    Ok((data, false))
+    Ok((data, false, updates))
 }
 
 fn suites() -> Vec<rustls::SupportedCipherSuite> {
@@ -119,9 +145,9 @@ fn suites() -> Vec<rustls::SupportedCipherSuite> {
 #[test]
 fn the_client_side_layer_and_a_rustls_server_read_each_other() {
     for suite in suites() {
-        let (c, mut s) = handshake(suite);
+        let Pair { c, mut s, clog, .. } = handshake(suite);
         let (mut sealer, mut opener) =
-            records::from_secrets(&c.dangerous_extract_secrets().unwrap()).unwrap();
+            records::from_secrets(&c.dangerous_extract_secrets().unwrap(), &clog, true).unwrap();
 
         // Ours → rustls: a small record, a full one, an empty one, then close_notify.
         let big: Vec<u8> = (0..records::MAX_PLAINTEXT)
@@ -155,9 +181,9 @@ fn the_client_side_layer_and_a_rustls_server_read_each_other() {
 #[test]
 fn the_server_side_layer_and_a_rustls_client_read_each_other() {
     for suite in suites() {
-        let (mut c, s) = handshake(suite);
+        let Pair { mut c, s, slog, .. } = handshake(suite);
         let (mut sealer, mut opener) =
-            records::from_secrets(&s.dangerous_extract_secrets().unwrap()).unwrap();
+            records::from_secrets(&s.dangerous_extract_secrets().unwrap(), &slog, false).unwrap();
         c.writer().write_all(b"request").unwrap();
         let (data, closed) = open_all(&mut opener, drain(&mut *c)).unwrap();
         assert_eq!((data.as_slice(), closed), (&b"request"[..], false));
@@ -173,8 +199,9 @@ fn the_server_side_layer_and_a_rustls_client_read_each_other() {
 
 #[test]
 fn a_record_rustls_sealed_and_someone_altered_is_refused() {
-    let (c, mut s) = handshake(suites()[0]);
-    let (_, mut opener) = records::from_secrets(&c.dangerous_extract_secrets().unwrap()).unwrap();
+    let Pair { c, mut s, clog, .. } = handshake(suites()[0]);
+    let (_, mut opener) =
+        records::from_secrets(&c.dangerous_extract_secrets().unwrap(), &clog, true).unwrap();
     s.writer().write_all(b"integrity").unwrap();
     let mut wire = drain(&mut *s);
     let last = wire.len() - 1;
@@ -182,13 +209,74 @@ fn a_record_rustls_sealed_and_someone_altered_is_refused() {
     assert_eq!(open_all(&mut opener, wire), Err(RecordError::BadMac));
 }
 
+/// `data` from ours to rustls `s`, read back through its reader.
+fn to_rustls(s: &mut ServerConnection, wire: &[u8], len: usize) -> Vec<u8> {
+    let mut rd = wire;
+    while !rd.is_empty() {
+        s.read_tls(&mut rd).unwrap();
+        s.process_new_packets().unwrap();
+    }
+    let mut got = vec![0; len];
+    s.reader().read_exact(&mut got).unwrap();
+    got
+}
+
 #[test]
-fn a_rustls_key_update_is_named_not_followed() {
-    let (c, mut s) = handshake(suites()[0]);
-    let (_, mut opener) = records::from_secrets(&c.dangerous_extract_secrets().unwrap()).unwrap();
-    s.refresh_traffic_keys().unwrap();
+fn key_updates_both_ways_with_rustls_in_every_suite() {
+    for suite in suites() {
+        let Pair { c, mut s, clog, .. } = handshake(suite);
+        let (mut sealer, mut opener) =
+            records::from_secrets(&c.dangerous_extract_secrets().unwrap(), &clog, true).unwrap();
+        for round in 0..3u8 {
+            // rustls updates its key (and asks for ours): we follow and read what comes after.
+            s.refresh_traffic_keys().unwrap();
+            s.writer().write_all(&[round; 100]).unwrap();
+            let (data, _, updates) = open_all_updates(&mut opener, drain(&mut *s)).unwrap();
+            assert_eq!(data, [round; 100], "{suite:?}");
+            assert_eq!(updates, [true], "{suite:?}");
+
+            // We update ours (which answers rustls), asking rustls to update again (§4.6.3):
+            // rustls reads our data under the new key, and answers with a KeyUpdate before its
+            // next data.
+            let mut wire = sealer.key_update(true).unwrap();
+            wire.extend(seal(&mut sealer, &[round + 100; 50]));
+            assert_eq!(to_rustls(&mut s, &wire, 50), [round + 100; 50], "{suite:?}");
+            s.writer().write_all(b"after").unwrap();
+            let (data, _, updates) = open_all_updates(&mut opener, drain(&mut *s)).unwrap();
+            assert_eq!(data, b"after", "{suite:?}");
+            assert_eq!(
+                updates,
+                [false],
+                "rustls answered the request once: {suite:?}"
+            );
+
+            // And an update nobody asked to answer.
+            let mut wire = sealer.key_update(false).unwrap();
+            wire.extend(seal(&mut sealer, b"quiet"));
+            assert_eq!(to_rustls(&mut s, &wire, 5), b"quiet", "{suite:?}");
+        }
+    }
+}
+
+#[test]
+fn secrets_of_another_connection_or_none_are_refused() {
+    let one = handshake(suites()[0]);
+    let two = handshake(suites()[0]);
+    let secrets = one.c.dangerous_extract_secrets().unwrap();
+    // The second connection's secrets do not give the first one's keys.
     assert_eq!(
-        open_all(&mut opener, drain(&mut *s)),
-        Err(RecordError::PostHandshake(24))
+        records::from_secrets(&secrets, &two.clog, true).err(),
+        Some(RecordError::SecretMismatch)
+    );
+    // The right log, the wrong side: the server's secret is the other direction's.
+    let secrets = two.c.dangerous_extract_secrets().unwrap();
+    let empty = TrafficSecretLog::default();
+    assert_eq!(
+        records::from_secrets(&secrets, &empty, true).err(),
+        Some(RecordError::NoSecret)
+    );
+    assert_eq!(
+        records::from_secrets(&secrets, &two.slog, false).err(),
+        Some(RecordError::SecretMismatch)
     );
 }
