@@ -63,9 +63,11 @@ impl<S> ReadAhead<S> {
         self.secrets.take()
     }
 
-    /// Turns record-aligned reads off (for a connection whose keys stay with rustls).
+    /// Turns record-aligned reads off (for a connection whose keys stay with rustls), and drops
+    /// the traffic secrets kept for a hand-over that will not come.
     pub fn unaligned(&mut self) {
         self.aligned = false;
+        self.secrets = None;
     }
 
     /// The socket and the bytes read from it and not yet handed out, if every read so far ended
@@ -194,8 +196,10 @@ mod tests {
     #[tokio::test]
     async fn small_reads_see_every_byte_in_order_and_idle_frees_the_buffer() {
         let (mut w, r) = tokio::io::duplex(1 << 20);
-        let mut r = ReadAhead::new(r);
+        let mut r = ReadAhead::new(r).with_secrets(Arc::default());
         r.unaligned();
+        // Keys that stay with rustls: the secrets kept for a hand-over are gone.
+        assert!(r.take_secrets().is_none());
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
         w.write_all(&data).await.unwrap();
         let mut got = Vec::new();

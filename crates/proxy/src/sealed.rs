@@ -246,7 +246,9 @@ where
             // application data; §5.5: or this key has sealed as many records as it should.
             // Checked per group: a group is at most WRITE_RECORDS records, far below the margin
             // between the update point and the key's hard limit.
-            if update_requested.swap(false, Ordering::Relaxed) || sealer.needs_update() {
+            let requested = update_requested.load(Ordering::Relaxed)
+                && update_requested.swap(false, Ordering::Relaxed);
+            if requested || sealer.needs_update() {
                 let update = sealer.key_update(false).map_err(record_error)?;
                 w.write_all(&update).await?;
             }
@@ -556,25 +558,10 @@ mod tests {
         (client_app, server_app, client_side, server_side)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn both_sides_carry_every_byte_both_ways_with_half_close() {
-        let (mut client, mut server, client_side, server_side) =
-            tunnel(Middle::honest(), b"banner").await;
-        let mut banner = [0u8; 6];
-        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut banner))
-            .await
-            .expect("the banner behind the admission was lost in the hand-over")
-            .unwrap();
-        assert_eq!(
-            &banner, b"banner",
-            "bytes behind the admission survive the hand-over"
-        );
-        // More than a batch, and not a whole number of records, each way.
-        let up: Vec<u8> = (0..3 * MAX_BATCH + 12_345)
-            .map(|i| (i % 251) as u8)
-            .collect();
-        let down: Vec<u8> = (0..MAX_BATCH + 777).map(|i| (i % 241) as u8).collect();
-        let sent = up.clone();
+    /// `up` from the client application, then its half-close; then `down` back from the server
+    /// application. Checks every byte of both, in order.
+    async fn exchange(mut client: TcpStream, mut server: TcpStream, up: &[u8], down: &[u8]) {
+        let sent = up.to_vec();
         let writer = tokio::spawn(async move {
             client.write_all(&sent).await.unwrap();
             client.shutdown().await.unwrap();
@@ -591,7 +578,7 @@ mod tests {
             up.len()
         );
         // The server's direction still works after the client's ended.
-        server.write_all(&down).await.unwrap();
+        server.write_all(down).await.unwrap();
         server.shutdown().await.unwrap();
         let back = writer.await.unwrap();
         assert!(
@@ -600,6 +587,27 @@ mod tests {
             back.len(),
             down.len()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_sides_carry_every_byte_both_ways_with_half_close() {
+        let (mut client, server, client_side, server_side) =
+            tunnel(Middle::honest(), b"banner").await;
+        let mut banner = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut banner))
+            .await
+            .expect("the banner behind the admission was lost in the hand-over")
+            .unwrap();
+        assert_eq!(
+            &banner, b"banner",
+            "bytes behind the admission survive the hand-over"
+        );
+        // More than a batch, and not a whole number of records, each way.
+        let up: Vec<u8> = (0..3 * MAX_BATCH + 12_345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let down: Vec<u8> = (0..MAX_BATCH + 777).map(|i| (i % 241) as u8).collect();
+        exchange(client, server, &up, &down).await;
         assert_eq!(
             client_side.await.unwrap().result.unwrap(),
             (up.len() as u64, 6 + down.len() as u64)
@@ -615,30 +623,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn key_updates_in_both_directions_lose_nothing() {
         for (every, request) in [(u64::MAX, true), (3, false)] {
-            let (mut client, mut server, client_side, server_side) =
+            let (client, server, client_side, server_side) =
                 tunnel_with(Middle::honest(), b"", every, request).await;
             let up: Vec<u8> = (0..2 * MAX_BATCH + 999).map(|i| (i % 251) as u8).collect();
             let down: Vec<u8> = (0..MAX_BATCH + 5).map(|i| (i % 239) as u8).collect();
-            let sent = up.clone();
-            let writer = tokio::spawn(async move {
-                client.write_all(&sent).await.unwrap();
-                client.shutdown().await.unwrap();
-                let mut back = Vec::new();
-                client.read_to_end(&mut back).await.unwrap();
-                back
-            });
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).await.unwrap();
-            assert!(got == up, "client → server ({} of {})", got.len(), up.len());
-            server.write_all(&down).await.unwrap();
-            server.shutdown().await.unwrap();
-            let back = writer.await.unwrap();
-            assert!(
-                back == down,
-                "server → client ({} of {})",
-                back.len(),
-                down.len()
-            );
+            exchange(client, server, &up, &down).await;
             let (c, s) = (client_side.await.unwrap(), server_side.await.unwrap());
             assert_eq!(c.result.unwrap(), (up.len() as u64, down.len() as u64));
             assert_eq!(s.result.unwrap(), (down.len() as u64, up.len() as u64));
