@@ -17,6 +17,11 @@
 //! read was decrypted and consumed (checked here), and every byte after it is still in the
 //! read-ahead buffer.
 //!
+//! Keys move on with KeyUpdate (RFC 8446 §4.6.3): the connection's config logged its traffic
+//! secrets (`crate::tls::server_config_for`, carried in the [`ReadAhead`]), the seal side updates
+//! its key before the AES-GCM limit and answers a peer's request before its next data, and the
+//! open side follows every update. A long-lived connection has no end set by its key.
+//!
 //! Like [`crate::copy`], a direction holds no buffer while it waits for data, and a half-close
 //! is a `close_notify` (RFC 8446 §6.1), after which the other direction goes on.
 
