@@ -260,9 +260,10 @@ impl DirectionKey {
         {
             return Err(RecordError::SecretMismatch);
         }
-        Self::from_secret(aead, hash, secret, seq, limit)
+        Self::with_keys(aead, hash, secret, (&derived_key, derived_iv), seq, limit)
     }
 
+    #[cfg(test)]
     fn from_secret(
         aead: &'static aead::Algorithm,
         hash: hkdf::Algorithm,
@@ -271,9 +272,21 @@ impl DirectionKey {
         limit: u64,
     ) -> Result<Self, RecordError> {
         let (key, iv) = traffic_keys(aead, hash, &secret)?;
+        Self::with_keys(aead, hash, secret, (&key, iv), seq, limit)
+    }
+
+    /// A direction on `secret`, whose key and IV (§7.3) the caller derived.
+    fn with_keys(
+        aead: &'static aead::Algorithm,
+        hash: hkdf::Algorithm,
+        secret: Zeroizing<Vec<u8>>,
+        (key, iv): (&[u8], [u8; 12]),
+        seq: u64,
+        limit: u64,
+    ) -> Result<Self, RecordError> {
         Ok(Self {
             key: LessSafeKey::new(
-                UnboundKey::new(aead, &key).map_err(|_| RecordError::Unsupported)?,
+                UnboundKey::new(aead, key).map_err(|_| RecordError::Unsupported)?,
             ),
             iv,
             seq,
@@ -292,8 +305,9 @@ impl DirectionKey {
     fn update(&mut self) -> Result<(), RecordError> {
         let mut next = Zeroizing::new(vec![0; self.secret.len()]);
         expand_label(self.hash, &self.secret, b"traffic upd", &mut next)?;
+        let (key, iv) = traffic_keys(self.aead, self.hash, &next)?;
         let (update_at, generation) = (self.update_at, self.generation);
-        *self = Self::from_secret(self.aead, self.hash, next, 0, self.limit)?;
+        *self = Self::with_keys(self.aead, self.hash, next, (&key, iv), 0, self.limit)?;
         self.update_at = update_at;
         self.generation = generation + 1;
         Ok(())
@@ -386,16 +400,8 @@ impl Sealer {
     /// A KeyUpdate record (§4.6.3), sealed under the current key, after which this direction
     /// uses the next one (§7.2). `requested` asks the peer to update its own key in turn.
     pub fn key_update(&mut self, requested: bool) -> Result<Vec<u8>, RecordError> {
-        let mut rec = vec![0; OVERHEAD + KEY_UPDATE_LEN];
-        rec[HEADER..HEADER + KEY_UPDATE_LEN].copy_from_slice(&[
-            KEY_UPDATE,
-            0,
-            0,
-            1,
-            u8::from(requested),
-        ]);
-        let n = self.seal(&mut rec, KEY_UPDATE_LEN, CONTENT_HANDSHAKE)?;
-        rec.truncate(n);
+        let msg: [u8; KEY_UPDATE_LEN] = [KEY_UPDATE, 0, 0, 1, u8::from(requested)];
+        let rec = self.record(CONTENT_HANDSHAKE, &msg)?;
         self.0.update()?;
         Ok(rec)
     }
@@ -406,10 +412,14 @@ impl Sealer {
     }
 
     fn alert(&mut self, level: u8, description: u8) -> Result<Vec<u8>, RecordError> {
-        let mut rec = vec![0; OVERHEAD + 2];
-        rec[HEADER] = level;
-        rec[HEADER + 1] = description;
-        let n = self.seal(&mut rec, 2, CONTENT_ALERT)?;
+        self.record(CONTENT_ALERT, &[level, description])
+    }
+
+    /// One record of `content` type holding `body`, in a buffer of its own.
+    fn record(&mut self, content: u8, body: &[u8]) -> Result<Vec<u8>, RecordError> {
+        let mut rec = vec![0; OVERHEAD + body.len()];
+        rec[HEADER..HEADER + body.len()].copy_from_slice(body);
+        let n = self.seal(&mut rec, body.len(), content)?;
         rec.truncate(n);
         Ok(rec)
     }
@@ -666,13 +676,7 @@ mod tests {
 
     /// A handshake record with `content`, sealed under `s`'s current key.
     fn handshake_record(s: &mut Sealer, content: &[u8]) -> Vec<u8> {
-        let mut rec = vec![0; OVERHEAD + content.len()];
-        rec[HEADER..HEADER + content.len()].copy_from_slice(content);
-        let n = s
-            .seal(&mut rec, content.len(), CONTENT_HANDSHAKE)
-            .expect("seal");
-        rec.truncate(n);
-        rec
+        s.record(CONTENT_HANDSHAKE, content).expect("seal")
     }
 
     fn data_of(o: &mut Opener, rec: &mut [u8]) -> Vec<u8> {
