@@ -33,8 +33,9 @@ use std::task::Poll;
 
 use bytes::{BufMut, BytesMut};
 use tessera_tls::records::{self, Frame, MAX_PLAINTEXT, MAX_RECORD, Opened, Opener, Sealer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::net::tcp::WriteHalf;
 
 use crate::readahead::ReadAhead;
 
@@ -198,6 +199,39 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Sends the last bytes of a direction and then its FIN, in one TCP segment where they fit:
+/// `MSG_MORE` holds the bytes back, and the half-close that follows at once sets FIN on them
+/// (Linux `tcp_send_fin` marks the unsent tail of the write queue) and pushes. The peer then
+/// reads the end of the data and the end of the stream in one wake-up, and one segment and its
+/// ACK fewer cross the link on every close. A close that never comes (an error, a drop) still
+/// sends them: closing a socket pushes its queue.
+async fn send_last_and_half_close(
+    w: &mut WriteHalf<'_>,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendFlags, sendmsg};
+    let tcp: &TcpStream = w.as_ref();
+    while !slices.is_empty() {
+        tcp.writable().await?;
+        let sent = tcp.try_io(Interest::WRITABLE, || {
+            sendmsg(
+                tcp,
+                slices,
+                &mut SendAncillaryBuffer::default(),
+                SendFlags::MORE | SendFlags::NOSIGNAL,
+            )
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    w.shutdown().await
+}
+
 /// Writes the opened plaintext at `ranges` of `buf` (then forgets them); returns its length.
 async fn write_ranges<W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -217,16 +251,15 @@ async fn write_ranges<W: AsyncWrite + Unpin>(
 /// Workload → tunnel: reads plaintext, seals it in place (at most 2^14 bytes a record), writes
 /// header, ciphertext and trailer of every record in one `writev`. At the workload's end, a
 /// `close_notify` and a TCP half-close.
-async fn seal_loop<R, W>(
+async fn seal_loop<R>(
     mut r: R,
-    mut w: W,
+    mut w: WriteHalf<'_>,
     sealer: &mut Sealer,
     mid_write: &AtomicBool,
     update_requested: &AtomicBool,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
 {
     let mut size = MIN_BATCH;
     let mut total = 0u64;
@@ -236,8 +269,7 @@ where
         if n == 0 {
             crate::pool::give(buf);
             let close = sealer.close_notify().map_err(record_error)?;
-            w.write_all(&close).await?;
-            w.shutdown().await?;
+            send_last_and_half_close(&mut w, &mut [IoSlice::new(&close)]).await?;
             return Ok(total);
         }
         if n == size && size < MAX_BATCH {
@@ -285,9 +317,9 @@ where
 /// Tunnel → workload: reads records, opens every whole one in place, writes their plaintext in
 /// one `writev`. At `close_notify`, a TCP half-close towards the workload. The tunnel's end
 /// without `close_notify` is an error: the data may have been cut short (RFC 8446 §6.1).
-async fn open_loop<R, W>(
+async fn open_loop<R>(
     mut r: R,
-    mut w: W,
+    mut w: WriteHalf<'_>,
     opener: &mut Opener,
     pending: BytesMut,
     peer_closed: bool,
@@ -295,7 +327,6 @@ async fn open_loop<R, W>(
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
 {
     if peer_closed {
         w.shutdown().await?;
@@ -341,12 +372,18 @@ where
                 }
             }
         }
-        total += write_ranges(&mut w, &buf, &mut ranges).await?;
         if closed {
+            // The last plaintext and the half-close towards the workload in one segment.
+            let mut slices: Vec<IoSlice<'_>> = ranges
+                .iter()
+                .map(|r| IoSlice::new(&buf[r.clone()]))
+                .collect();
+            send_last_and_half_close(&mut w, &mut slices).await?;
+            total += ranges.iter().map(|r| r.len() as u64).sum::<u64>();
             crate::pool::give(buf);
-            w.shutdown().await?;
             return Ok(total);
         }
+        total += write_ranges(&mut w, &buf, &mut ranges).await?;
         if start == buf.len() {
             // Everything opened: no buffer while waiting for the next records.
             crate::pool::give(std::mem::take(&mut buf));
