@@ -100,6 +100,8 @@ impl Inbound {
         loop {
             let (tcp, peer) = crate::sockets::accept(&listener).await;
             let _ = tcp.set_nodelay(true);
+            // The client's next flight carries the ACK of ours (see `delay_acks`).
+            crate::sockets::delay_acks(&tcp);
             let this = self.clone();
             self.sockets
                 .spawn(async move { this.connection(tcp, peer).await });

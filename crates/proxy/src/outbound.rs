@@ -149,7 +149,7 @@ impl Outbound {
             .ok_or(TunnelError::NoIdentity)?;
         let tcp = self
             .sockets
-            .connect(tunnel, true)
+            .connect_speaking_first(tunnel, true)
             .await
             .map_err(|e| TunnelError::Connect(tunnel, e.to_string()))?;
         // The server name is not what is verified (the SPIFFE ID is); an IP address sends no SNI.

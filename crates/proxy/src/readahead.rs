@@ -8,10 +8,15 @@
 //! memory-per-idle-connection target). Writes pass straight through.
 //!
 //! Record-aligned mode (on from the start; the HTTP/2 tunnel turns it off after the handshake):
-//! no read hands rustls bytes past the end of the TLS record it is in. rustls decrypts every
-//! whole record it is given, so when the stream tunnel takes the connection's keys from rustls
-//! (`crate::sealed`), everything rustls has read is processed, and every later byte is still
-//! here, whole records and all, for [`ReadAhead::into_parts`].
+//! no read hands rustls bytes past the end of a protected record (outer type
+//! `application_data`, RFC 8446 §5.2). rustls decrypts every whole record it is given, so when
+//! the stream tunnel takes the connection's keys from rustls (`crate::sealed`), everything rustls
+//! has read is processed, and every later byte is still here, whole records and all, for
+//! [`ReadAhead::into_parts`]. Plaintext handshake and `change_cipher_spec` records (§5, §D.4)
+//! go out together with the record after them: they exist only at the start of a handshake,
+//! before any data, and a peer's ServerHello, CCS and encrypted flight handed over in one read
+//! let rustls answer with one write (given the ServerHello alone, rustls sends its CCS at once,
+//! in a segment of its own that wakes the peer for nothing).
 
 use std::io;
 use std::pin::Pin;
@@ -105,9 +110,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             let mut n = avail.min(out.remaining());
             if this.aligned {
                 if this.record_left == 0 && avail >= HEADER {
-                    // Every TLS record starts with type, version, then a big-endian length.
-                    let len = &this.buf[this.pos + 3..this.pos + HEADER];
-                    this.record_left = HEADER + usize::from(u16::from_be_bytes([len[0], len[1]]));
+                    this.record_left = group_len(&this.buf[this.pos..]);
                 }
                 n = n.min(this.record_left);
             } else if avail == 0 && out.remaining() >= READ_AHEAD {
@@ -154,6 +157,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             }
         }
     }
+}
+
+/// The bytes from the start of `buf` (a record boundary, at least one whole header) to the end
+/// of the first protected record: plaintext handshake and `change_cipher_spec` records whose
+/// next header is here too, then the record after them. Every TLS record starts with its type,
+/// the version, then a big-endian length (RFC 8446 §5.1).
+fn group_len(buf: &[u8]) -> usize {
+    const CHANGE_CIPHER_SPEC: u8 = 20;
+    const HANDSHAKE: u8 = 22;
+    let mut group = 0;
+    while let Some(h) = buf.get(group..group + HEADER) {
+        group += HEADER + usize::from(u16::from_be_bytes([h[3], h[4]]));
+        if !matches!(h[0], CHANGE_CIPHER_SPEC | HANDSHAKE) {
+            break;
+        }
+    }
+    group
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
@@ -263,6 +283,45 @@ mod tests {
         // Between records, the third is still in the reader, whole, for the caller.
         let (_, rest) = r.into_parts().map_err(|_| "not at a boundary").unwrap();
         assert_eq!(&rest[..], &record(3, 3)[..]);
+    }
+
+    fn typed(typ: u8, len: u16, fill: u8) -> Vec<u8> {
+        let mut r = record(len, fill);
+        r[0] = typ;
+        r
+    }
+
+    #[tokio::test]
+    async fn handshake_records_go_out_with_the_protected_record_after_them() {
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let mut r = ReadAhead::new(r);
+        // ServerHello, change_cipher_spec, the encrypted flight, then data after the handshake.
+        let mut wire = typed(22, 90, 1);
+        wire.extend(typed(20, 1, 1));
+        wire.extend(record(700, 2));
+        wire.extend(record(30, 3));
+        wire.extend(record(40, 4));
+        w.write_all(&wire).await.unwrap();
+        let mut chunk = vec![0u8; 64 * 1024];
+        assert_eq!(r.read(&mut chunk).await.unwrap(), 95 + 6 + 705);
+        // Protected records: one a read.
+        assert_eq!(r.read(&mut chunk).await.unwrap(), 35);
+        let (_, rest) = r.into_parts().map_err(|_| "not at a boundary").unwrap();
+        assert_eq!(&rest[..], &record(40, 4)[..]);
+    }
+
+    #[test]
+    fn a_group_ends_at_the_first_protected_record_or_a_header_not_yet_read() {
+        let mut wire = typed(22, 10, 1);
+        assert_eq!(group_len(&wire[..HEADER]), 15, "a partial plaintext record");
+        assert_eq!(group_len(&wire), 15, "no next header yet");
+        wire.extend(&typed(20, 1, 1)[..3]);
+        assert_eq!(group_len(&wire), 15, "half a header is not counted");
+        let mut wire = typed(22, 10, 1);
+        wire.extend(typed(21, 2, 1));
+        wire.extend(typed(22, 10, 1));
+        assert_eq!(group_len(&wire), 22, "an alert ends the group too");
+        assert_eq!(group_len(&record(5, 1)), 10);
     }
 
     #[tokio::test]

@@ -196,11 +196,41 @@ impl Sockets {
     /// A TCP connection; `marked`: it carries the proxy's mark (connections the interception
     /// rules must not redirect back into the proxy).
     pub async fn connect(&self, addr: SocketAddr, marked: bool) -> std::io::Result<TcpStream> {
+        self.connect_inner(addr, marked, false).await
+    }
+
+    /// A TCP connection to a tunnel port, on which this side speaks first at once (the TLS
+    /// ClientHello), with ACKs held back for the data this side sends next (see
+    /// [`delay_acks`]): the handshake's last ACK leaves with the ClientHello, so the peer's
+    /// kernel completes the connection and has the ClientHello in the same segment, and the
+    /// peer proxy is woken once for both. Only for a side that speaks first: a server that
+    /// speaks first (a greeting) would wait for the delayed ACK to see the connection at all.
+    pub async fn connect_speaking_first(
+        &self,
+        addr: SocketAddr,
+        marked: bool,
+    ) -> std::io::Result<TcpStream> {
+        let tcp = self.connect_inner(addr, marked, true).await?;
+        // Completing the handshake with a delayed ACK puts the socket back in quick-ACK mode
+        // (Linux `tcp_rcv_synsent_state_process`); leave it again for the TLS handshake.
+        delay_acks(&tcp);
+        Ok(tcp)
+    }
+
+    async fn connect_inner(
+        &self,
+        addr: SocketAddr,
+        marked: bool,
+        speaks_first: bool,
+    ) -> std::io::Result<TcpStream> {
         let sock = self.socket(addr.is_ipv4()).await?;
         if let (true, Some(m)) = (marked, self.mark) {
             crate::transparent::set_mark(&sock, m)?;
         }
         sock.set_nodelay(true)?;
+        if speaks_first {
+            delay_acks(&sock);
+        }
         tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
@@ -217,6 +247,17 @@ impl Sockets {
         };
         TcpListener::from_std(l)
     }
+}
+
+/// Holds ACKs back for the data this side sends next (`TCP_QUICKACK` off: Linux's "ping-pong"
+/// mode, which the kernel enters by itself once it sees replies follow requests). A TLS
+/// handshake is request and reply from its first byte, so each flight carries the ACK of the
+/// one before instead of a bare ACK segment that costs both kernels a packet and may wake the
+/// peer. Bulk data is still ACKed at once (more than one full segment received), and a delayed
+/// ACK that finds nothing to ride on turns the mode off again. A best-effort optimization: an
+/// error leaves the socket as it was.
+pub fn delay_acks(sock: &impl std::os::fd::AsFd) {
+    let _ = rustix::net::sockopt::set_tcp_quickack(sock, false);
 }
 
 /// The next connection on `listener`. Accept errors (out of file descriptors, out of memory, a
@@ -326,5 +367,23 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let c = s.connect(addr, true).await.unwrap();
         assert_eq!(c.peer_addr().unwrap(), addr);
+    }
+
+    #[tokio::test]
+    async fn only_a_side_that_speaks_first_holds_its_acks_back() {
+        use rustix::net::sockopt::tcp_quickack;
+        let s = Sockets::here(None);
+        let l = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        // A plain connection (to a workload that may greet first) keeps quick ACKs.
+        let plain = s.connect(addr, false).await.unwrap();
+        assert!(tcp_quickack(&plain).unwrap());
+        // A tunnel connection leaves quick-ACK mode, and is still out of it once connected
+        // (completing the handshake had put it back).
+        let tunnel = s.connect_speaking_first(addr, false).await.unwrap();
+        assert!(!tcp_quickack(&tunnel).unwrap());
+        let (accepted, _) = accept(&l).await;
+        delay_acks(&accepted);
+        assert!(!tcp_quickack(&accepted).unwrap());
     }
 }
