@@ -97,11 +97,13 @@ impl Inbound {
 
     /// Serves the tunnel port until the task is dropped.
     pub async fn serve_tunnel(self: Arc<Self>, listener: TcpListener) {
+        // Our flights carry the ACK of the client's (see `delay_acks`). Set on the listener:
+        // an accepted connection starts from its state, so even the ClientHello, which comes
+        // before `accept` returns, is not acknowledged on its own.
+        crate::sockets::delay_acks(&listener);
         loop {
             let (tcp, peer) = crate::sockets::accept(&listener).await;
             let _ = tcp.set_nodelay(true);
-            // The client's next flight carries the ACK of ours (see `delay_acks`).
-            crate::sockets::delay_acks(&tcp);
             let this = self.clone();
             self.sockets
                 .spawn(async move { this.connection(tcp, peer).await });

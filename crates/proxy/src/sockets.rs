@@ -375,6 +375,8 @@ mod tests {
         let s = Sockets::here(None);
         let l = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = l.local_addr().unwrap();
+        let tunnel_port = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        delay_acks(&tunnel_port);
         // A plain connection (to a workload that may greet first) keeps quick ACKs.
         let plain = s.connect(addr, false).await.unwrap();
         assert!(tcp_quickack(&plain).unwrap());
@@ -383,7 +385,13 @@ mod tests {
         let tunnel = s.connect_speaking_first(addr, false).await.unwrap();
         assert!(!tcp_quickack(&tunnel).unwrap());
         let (accepted, _) = accept(&l).await;
-        delay_acks(&accepted);
+        assert!(tcp_quickack(&accepted).unwrap());
+        // Connections accepted on a listener set so inherit it.
+        let _c = s
+            .connect(tunnel_port.local_addr().unwrap(), false)
+            .await
+            .unwrap();
+        let (accepted, _) = accept(&tunnel_port).await;
         assert!(!tcp_quickack(&accepted).unwrap());
     }
 }
