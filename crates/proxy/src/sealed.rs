@@ -233,16 +233,23 @@ async fn send_last_and_half_close(
 }
 
 /// Writes the opened plaintext at `ranges` of `buf` (then forgets them); returns its length.
-async fn write_ranges<W: AsyncWrite + Unpin>(
-    w: &mut W,
+/// `last`: the peer's `close_notify` came after it, so the half-close towards the workload
+/// follows, in the same segment.
+async fn write_ranges(
+    w: &mut WriteHalf<'_>,
     buf: &[u8],
     ranges: &mut Vec<std::ops::Range<usize>>,
+    last: bool,
 ) -> io::Result<u64> {
     let mut slices: Vec<IoSlice<'_>> = ranges
         .iter()
         .map(|r| IoSlice::new(&buf[r.clone()]))
         .collect();
-    write_all_vectored(w, &mut slices).await?;
+    if last {
+        send_last_and_half_close(w, &mut slices).await?;
+    } else {
+        write_all_vectored(w, &mut slices).await?;
+    }
     let n = ranges.iter().map(|r| r.len() as u64).sum();
     ranges.clear();
     Ok(n)
@@ -353,7 +360,7 @@ where
                     start += len;
                     if ranges.len() == WRITE_RECORDS_OUT {
                         // Written as soon as opened: the workload starts on them meanwhile.
-                        total += write_ranges(&mut w, &buf, &mut ranges).await?;
+                        total += write_ranges(&mut w, &buf, &mut ranges, false).await?;
                     }
                 }
                 Opened::KeyUpdate { len, requested } => {
@@ -372,18 +379,11 @@ where
                 }
             }
         }
+        total += write_ranges(&mut w, &buf, &mut ranges, closed).await?;
         if closed {
-            // The last plaintext and the half-close towards the workload in one segment.
-            let mut slices: Vec<IoSlice<'_>> = ranges
-                .iter()
-                .map(|r| IoSlice::new(&buf[r.clone()]))
-                .collect();
-            send_last_and_half_close(&mut w, &mut slices).await?;
-            total += ranges.iter().map(|r| r.len() as u64).sum::<u64>();
             crate::pool::give(buf);
             return Ok(total);
         }
-        total += write_ranges(&mut w, &buf, &mut ranges).await?;
         if start == buf.len() {
             // Everything opened: no buffer while waiting for the next records.
             crate::pool::give(std::mem::take(&mut buf));
