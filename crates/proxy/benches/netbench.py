@@ -176,9 +176,11 @@ def stunnel_conf(path, d, lines):
         f.write(lines)
 
 
-def envoy_conf(path, d, pairs, client):
+def envoy_conf(path, d, pairs, client, resume=()):
     """An Envoy TCP proxy with mutual TLS 1.3 and the same SVIDs: `pairs` is [(listen, port,
-    upstream, port)]; the client side originates TLS, the server side terminates it."""
+    upstream, port)]; the client side originates TLS, the server side terminates it. Client
+    clusters whose index is not in `resume` never resume a session (every connection is a full
+    handshake, as the handshake-rate comparison needs)."""
     tls = {"tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
            "tls_certificates": [{"certificate_chain": {"filename": f"{d}/svid.0.pem"},
                                  "private_key": {"filename": f"{d}/svid.0.key"}}],
@@ -201,7 +203,8 @@ def envoy_conf(path, d, pairs, client):
              "load_assignment": {"cluster_name": f"c{i}", "endpoints": [{"lb_endpoints": [
                  {"endpoint": {"address": {"socket_address": {"address": uhost, "port_value": uport}}}}]}]}}
         if client:
-            c["transport_socket"] = ts
+            c["transport_socket"] = ts if i in resume else {
+                "name": ts["name"], "typed_config": dict(ctx, max_session_keys=0)}
         clusters.append(c)
     with open(path, "w") as f:
         json.dump({"static_resources": {"listeners": listeners, "clusters": clusters}}, f)
@@ -306,16 +309,21 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
         run([TESSERA, "agent", "api", "fetch", "x509", "--socket", env_sock, "--write", f"{logs}/pem-{side}"], ns)
     stunnel_conf(f"{logs}/stunnel-s.conf", f"{logs}/pem-s",
                  f"[iperf]\naccept = {server_ip}:15443\nconnect = 127.0.0.1:5201\nverify = 2\n"
-                 f"[sockperf]\naccept = {server_ip}:15444\nconnect = 127.0.0.1:11111\nverify = 2\n")
+                 f"[sockperf]\naccept = {server_ip}:15444\nconnect = 127.0.0.1:11111\nverify = 2\n"
+                 f"[echo]\naccept = {server_ip}:15447\nconnect = 127.0.0.1:7777\nverify = 2\n")
     stunnel_conf(f"{logs}/stunnel-c.conf", f"{logs}/pem-c",
                  f"client = yes\n[iperf]\naccept = 127.0.0.1:9101\nconnect = {server_ip}:15443\nverify = 2\n"
-                 f"[sockperf]\naccept = 127.0.0.1:9102\nconnect = {server_ip}:15444\nverify = 2\n")
+                 f"[sockperf]\naccept = 127.0.0.1:9102\nconnect = {server_ip}:15444\nverify = 2\n"
+                 # Full handshakes for the handshake-rate comparison: no session resumption.
+                 f"[echo]\naccept = 127.0.0.1:9103\nconnect = {server_ip}:15447\nverify = 2\nsessionResume = no\n")
     stunnels = [bg(["stunnel4", f"{logs}/stunnel-s.conf"], server_ns, f"{logs}/stunnel-s.log"),
                 bg(["stunnel4", f"{logs}/stunnel-c.conf"], client_ns, f"{logs}/stunnel-c.log")]
     envoy_conf(f"{logs}/envoy-s.json", f"{logs}/pem-s",
-               [(server_ip, 15445, "127.0.0.1", 5201), (server_ip, 15446, "127.0.0.1", 11111)], False)
+               [(server_ip, 15445, "127.0.0.1", 5201), (server_ip, 15446, "127.0.0.1", 11111),
+                (server_ip, 15448, "127.0.0.1", 7777)], False)
     envoy_conf(f"{logs}/envoy-c.json", f"{logs}/pem-c",
-               [("127.0.0.1", 9201, server_ip, 15445), ("127.0.0.1", 9202, server_ip, 15446)], True)
+               [("127.0.0.1", 9201, server_ip, 15445), ("127.0.0.1", 9202, server_ip, 15446),
+                ("127.0.0.1", 9203, server_ip, 15448)], True, resume=(0, 1))
     envoys = []
     for side, ns, base in [("s", server_ns, 7101), ("c", client_ns, 7102)]:
         envoys.append(bg([ENVOY, "-c", f"{logs}/envoy-{side}.json", "--disable-hot-restart", "--base-id", str(base), "-l", "warn",
@@ -357,8 +365,12 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
     # Full handshakes per CPU-second of the two proxies: HTTP/2 with pooling off, and stream
     # (one handshake per connection by design).
     runs = [("h2", [srv, nopool], client_ns, 9004), ("stream", [srv, stream], client_ns, 9013)]
+    # The peers' pairs on the same echo server, session resumption off: the same-run baseline.
+    runs += [(k, pair[k], client_ns, port) for k, port in [("stunnel", 9103), ("envoy", 9203)] if k in paths]
     if nodes:
         runs.append(("node", nodes, "bnnc", 9023))
+    if os.environ.get("HANDSHAKE_RUNS"):  # e.g. HANDSHAKE_RUNS=stream to time (or profile) one
+        runs = [r for r in runs if r[0] in os.environ["HANDSHAKE_RUNS"].split(",")]
     for key, procs, cns, port in runs:
         before = sum(cpu_seconds(p.pid) for p in procs)
         o = subprocess.run(ns_cmd(cns, [sys.executable, __file__, "connect-loop", str(port), os.environ.get("HANDSHAKES", "2000"), "4"]),
@@ -466,9 +478,14 @@ def main():
     print("| topology | handshakes/CPU-s h2 no-pool | stream | KiB/idle conn h2 | stream | RSS KiB before→after h2 | stream |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['topology']} | {r['handshakes_per_cpu_s_h2']:.0f} | {r['handshakes_per_cpu_s_stream']:.0f} "
+        hs = lambda k: r.get(f"handshakes_per_cpu_s_{k}", float("nan"))  # nan: not run (HANDSHAKE_RUNS)
+        print(f"| {r['topology']} | {hs('h2'):.0f} | {hs('stream'):.0f} "
               f"| {r['kib_per_idle_conn_h2']:.1f} | {r['kib_per_idle_conn_stream']:.1f} "
               f"| {r['rss_kib_h2'][0]}→{r['rss_kib_h2'][1]} | {r['rss_kib_stream'][0]}→{r['rss_kib_stream'][1]} |")
+    for r in rows:
+        peers = [f"{k} {r[f'handshakes_per_cpu_s_{k}']:.0f}" for k in ("stunnel", "envoy") if f"handshakes_per_cpu_s_{k}" in r]
+        if peers:
+            print(f"full handshakes per CPU-s of the peers' pairs ({r['topology']}, same run, no resumption): " + ", ".join(peers))
     for r in rows:
         if "handshakes_per_cpu_s_node" in r:
             print(f"node mode ({r['topology']}): {r['handshakes_per_cpu_s_node']:.0f} handshakes/CPU-s of the two node proxies, "

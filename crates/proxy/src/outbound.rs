@@ -64,7 +64,8 @@ pub struct Outbound {
 #[derive(Debug)]
 pub enum TunnelStream {
     H2(TokioIo<Upgraded>),
-    Stream(Box<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>>),
+    /// Admitted, its keys out of rustls: carried with [`crate::sealed::bidirectional`].
+    Stream(Box<crate::sealed::Sealed>),
 }
 
 impl Outbound {
@@ -93,46 +94,53 @@ impl Outbound {
     }
 
     /// A tunnel stream of the configured protocol to `target` through the proxy at `tunnel`,
-    /// which must prove `dst_id` in the TLS handshake.
+    /// which must prove `dst_id` in the TLS handshake. `client`: the workload's connection, whose
+    /// bytes already there the stream tunnel sends with its handshake's last flight.
     pub async fn open_stream(
         &self,
         dst_id: &SpiffeId,
         tunnel: SocketAddr,
         target: SocketAddr,
+        client: Option<&TcpStream>,
     ) -> Result<TunnelStream, TunnelError> {
         match self.protocol {
             TunnelProtocol::H2 => Ok(TunnelStream::H2(TokioIo::new(
                 self.open(dst_id, tunnel, target).await?,
             ))),
             TunnelProtocol::Stream => Ok(TunnelStream::Stream(Box::new(
-                self.open_tls(dst_id, tunnel, target).await?,
+                self.open_sealed(dst_id, tunnel, target, client).await?,
             ))),
         }
     }
 
-    /// The stream tunnel: a new mutual-TLS connection for this one connection, the target, and
-    /// the peer's admission result.
-    async fn open_tls(
+    /// The stream tunnel: a new mutual-TLS connection for this one connection, the target (and
+    /// the workload's first bytes) with the client's Finished, and the peer's admission result.
+    async fn open_sealed(
         &self,
         dst_id: &SpiffeId,
         tunnel: SocketAddr,
         target: SocketAddr,
-    ) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, TunnelError> {
-        // The request leaves with the client's Finished (see `stream::request`).
-        let mut tls = self
+        client: Option<&TcpStream>,
+    ) -> Result<crate::sealed::Sealed, TunnelError> {
+        // The request is queued in rustls, sent only once the handshake is complete (see
+        // `stream::request`); the last flight is held for the workload's first bytes.
+        let tls = self
             .handshake(dst_id, tunnel, Some(crate::stream::request(target)))
             .await?;
         let proto = |e: std::io::Error| TunnelError::H2(tunnel, format!("stream tunnel: {e}"));
-        let (status, reason) =
-            tokio::time::timeout(CONNECT_TIMEOUT, crate::stream::read_response(&mut tls))
-                .await
-                .map_err(|_| TunnelError::H2(tunnel, "stream tunnel: no response".into()))?
-                .map_err(proto)?;
+        let mut sealed = crate::sealed::Sealed::from_client(tls).map_err(proto)?;
+        if let Some(client) = client {
+            sealed.send_early(client).await.map_err(proto)?;
+        }
+        let (status, reason) = tokio::time::timeout(CONNECT_TIMEOUT, sealed.read_admission())
+            .await
+            .map_err(|_| TunnelError::H2(tunnel, "stream tunnel: no response".into()))?
+            .map_err(proto)?;
         if status != 200 {
             tracing::debug!(%target, status, %reason, "peer refused the stream tunnel");
             return Err(TunnelError::Refused { target, status });
         }
-        Ok(tls)
+        Ok(sealed)
     }
 
     /// A verified mutual-TLS connection to the proxy at `tunnel`, which must prove `dst_id` and
@@ -160,23 +168,35 @@ impl Outbound {
             let log = Arc::default();
             (
                 crate::tls::client_config_for(&cfg, &log),
-                ReadAhead::new(tcp).with_secrets(log),
+                ReadAhead::new(tcp).with_secrets(log).hold_last_flight(),
             )
         } else {
             (cfg, ReadAhead::new(tcp))
         };
         let tls = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio_rustls::TlsConnector::from(cfg).connect_with(name, io, |c| {
-                if let Some(first) = first {
-                    // Buffered by rustls until the handshake is complete.
-                    let _ = std::io::Write::write_all(&mut c.writer(), &first);
-                }
-            }),
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect_with(name, io, |c| {
+                    if let Some(first) = first {
+                        // Buffered by rustls until the handshake is complete.
+                        let _ = std::io::Write::write_all(&mut c.writer(), &first);
+                    }
+                })
+                .into_fallible(),
         )
         .await
         .map_err(|_| TunnelError::Tls(tunnel, "timed out".into()))
-        .and_then(|r| r.map_err(|e| TunnelError::Tls(tunnel, e.to_string())));
+        .and_then(|r| {
+            r.map_err(|(e, mut io)| {
+                // A held alert (the server failed verification after its first protected
+                // record) still tells the peer why, best effort: the connection ends anyway.
+                let alert = io.take_held();
+                if !alert.is_empty() {
+                    let _ = io.get_ref().try_write(&alert);
+                }
+                TunnelError::Tls(tunnel, e.to_string())
+            })
+        });
         self.telemetry.handshake(false, tls.is_ok());
         let mut tls = tls?;
         let want = self.protocol.alpn();
@@ -301,7 +321,7 @@ impl Outbound {
         rec.dst_addr = Some(target);
         // Boxed: the connect and handshake state lives on the heap only while it runs, not in
         // this connection's task for its whole life (memory per idle connection).
-        match Box::pin(self.open_stream(dst_id, tunnel, target)).await {
+        match Box::pin(self.open_stream(dst_id, tunnel, target, Some(&client))).await {
             Err(e) => {
                 rec.reason = e.to_string();
             }
@@ -312,12 +332,9 @@ impl Outbound {
                         crate::copy::bidirectional(&mut client, &mut up).await
                     }
                     // The data phase on the handshake's keys, records sealed in place.
-                    TunnelStream::Stream(tls) => match crate::sealed::Sealed::from_client(*tls) {
-                        Ok(mut tunnel) => {
-                            crate::sealed::bidirectional(&mut client, &mut tunnel).await
-                        }
-                        Err(e) => Err(e),
-                    },
+                    TunnelStream::Stream(mut tunnel) => {
+                        crate::sealed::bidirectional(&mut client, &mut tunnel).await
+                    }
                 };
                 drop(active);
                 rec.decision = "allow";

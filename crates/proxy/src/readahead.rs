@@ -17,6 +17,14 @@
 //! before any data, and a peer's ServerHello, CCS and encrypted flight handed over in one read
 //! let rustls answer with one write (given the ServerHello alone, rustls sends its CCS at once,
 //! in a segment of its own that wakes the peer for nothing).
+//!
+//! Holding the client's last flight ([`ReadAhead::hold_last_flight`], the stream tunnel's
+//! outbound side): in TLS 1.3 a client writes nothing between the server's first protected
+//! record and its own Finished (RFC 8446 §2, §4.4), so every write after a protected record was
+//! read is that last flight (with any data queued behind it). It is kept here instead of sent,
+//! so that the workload's first bytes, sealed under the new keys, leave in the same write
+//! (`crate::sealed::Sealed::send_early`): one segment and one wake-up of the server proxy
+//! instead of two, and the first bytes reach the server without waiting for the admission.
 
 use std::io;
 use std::pin::Pin;
@@ -43,6 +51,11 @@ pub struct ReadAhead<S> {
     /// The application traffic secrets the handshake over this stream logged, for the stream
     /// tunnel's hand-over (`crate::sealed`); `None` where the keys stay with rustls.
     secrets: Option<Arc<TrafficSecretLog>>,
+    /// Writes after the first protected record are kept in `held` (see the module notes).
+    hold: bool,
+    /// A protected record has been handed out.
+    protected_seen: bool,
+    held: Vec<u8>,
 }
 
 impl<S> ReadAhead<S> {
@@ -54,7 +67,27 @@ impl<S> ReadAhead<S> {
             aligned: true,
             record_left: 0,
             secrets: None,
+            hold: false,
+            protected_seen: false,
+            held: Vec::new(),
         }
+    }
+
+    /// Keeps the client's last handshake flight instead of writing it, until
+    /// [`Self::take_held`]: for a TLS 1.3 client whose owner takes the keys after the handshake
+    /// and sends the flight itself, together with its first records.
+    pub fn hold_last_flight(mut self) -> Self {
+        self.hold = true;
+        self
+    }
+
+    /// The bytes written and kept so far (the last flight), for the caller to send.
+    pub fn take_held(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.held)
+    }
+
+    fn holding(&self) -> bool {
+        self.hold && self.protected_seen
     }
 
     /// Carries `log`, the `key_log` of this connection's TLS config, to the hand-over.
@@ -110,7 +143,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             let mut n = avail.min(out.remaining());
             if this.aligned {
                 if this.record_left == 0 && avail >= HEADER {
-                    this.record_left = group_len(&this.buf[this.pos..]);
+                    let (len, protected) = group_len(&this.buf[this.pos..]);
+                    this.record_left = len;
+                    this.protected_seen |= protected;
                 }
                 n = n.min(this.record_left);
             } else if avail == 0 && out.remaining() >= READ_AHEAD {
@@ -161,19 +196,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
 
 /// The bytes from the start of `buf` (a record boundary, at least one whole header) to the end
 /// of the first protected record: plaintext handshake and `change_cipher_spec` records whose
-/// next header is here too, then the record after them. Every TLS record starts with its type,
-/// the version, then a big-endian length (RFC 8446 §5.1).
-fn group_len(buf: &[u8]) -> usize {
+/// next header is here too, then the record after them; and whether that last record is
+/// protected (outer type `application_data`, RFC 8446 §5.2). Every TLS record starts with its
+/// type, the version, then a big-endian length (§5.1).
+fn group_len(buf: &[u8]) -> (usize, bool) {
     const CHANGE_CIPHER_SPEC: u8 = 20;
     const HANDSHAKE: u8 = 22;
+    const APPLICATION_DATA: u8 = 23;
     let mut group = 0;
     while let Some(h) = buf.get(group..group + HEADER) {
         group += HEADER + usize::from(u16::from_be_bytes([h[3], h[4]]));
         if !matches!(h[0], CHANGE_CIPHER_SPEC | HANDSHAKE) {
-            break;
+            return (group, h[0] == APPLICATION_DATA);
         }
     }
-    group
+    (group, false)
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
@@ -182,6 +219,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.holding() {
+            self.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -190,6 +231,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.holding() {
+            let before = self.held.len();
+            for b in bufs {
+                self.held.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(self.held.len() - before));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -202,6 +250,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // What was held goes out before the end (a caller that shuts down instead of taking it).
+        while !self.held.is_empty() {
+            let this = &mut *self;
+            let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &this.held))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            this.held.drain(..n);
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -313,15 +370,57 @@ mod tests {
     #[test]
     fn a_group_ends_at_the_first_protected_record_or_a_header_not_yet_read() {
         let mut wire = typed(22, 10, 1);
-        assert_eq!(group_len(&wire[..HEADER]), 15, "a partial plaintext record");
-        assert_eq!(group_len(&wire), 15, "no next header yet");
+        assert_eq!(
+            group_len(&wire[..HEADER]),
+            (15, false),
+            "a partial plaintext record"
+        );
+        assert_eq!(group_len(&wire), (15, false), "no next header yet");
         wire.extend(&typed(20, 1, 1)[..3]);
-        assert_eq!(group_len(&wire), 15, "half a header is not counted");
+        assert_eq!(
+            group_len(&wire),
+            (15, false),
+            "half a header is not counted"
+        );
         let mut wire = typed(22, 10, 1);
         wire.extend(typed(21, 2, 1));
         wire.extend(typed(22, 10, 1));
-        assert_eq!(group_len(&wire), 22, "an alert ends the group too");
-        assert_eq!(group_len(&record(5, 1)), 10);
+        assert_eq!(group_len(&wire), (22, false), "an alert ends the group too");
+        assert_eq!(group_len(&record(5, 1)), (10, true));
+    }
+
+    /// Holding: writes before the first protected record go out (a ClientHello); from then on
+    /// they are kept, in order, for the caller; a shutdown sends what is still kept.
+    #[tokio::test]
+    async fn the_last_flight_is_held_from_the_first_protected_record() {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let mut r = ReadAhead::new(near).hold_last_flight();
+        r.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            &got, b"hello",
+            "a write before any protected record goes out"
+        );
+        let mut wire = typed(22, 90, 1);
+        wire.extend(typed(20, 1, 1));
+        wire.extend(record(700, 2));
+        far.write_all(&wire).await.unwrap();
+        let mut chunk = vec![0u8; 4096];
+        assert_eq!(r.read(&mut chunk).await.unwrap(), 95 + 6 + 705);
+        r.write_all(b"fin").await.unwrap();
+        let n = r
+            .write_vectored(&[io::IoSlice::new(b"is"), io::IoSlice::new(b"hed")])
+            .await
+            .unwrap();
+        assert_eq!(n, 5, "a held vectored write takes every slice");
+        r.flush().await.unwrap();
+        assert_eq!(r.take_held(), b"finished", "kept in order, flush or not");
+        r.write_all(b"late").await.unwrap();
+        r.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        far.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"late", "only what was still held, then the end");
     }
 
     #[tokio::test]

@@ -69,6 +69,14 @@ pub struct Sealed {
     pending: BytesMut,
     /// The peer had sent `close_notify` before the hand-over.
     peer_closed: bool,
+    /// The client's last handshake flight, not sent yet ([`ReadAhead::hold_last_flight`]).
+    held: Vec<u8>,
+    /// Plaintext sent by [`Sealed::send_early`], before the data phase.
+    early: u64,
+    /// The workload had ended its direction by [`Sealed::send_early`].
+    plain_ended: bool,
+    /// A KeyUpdate before the data phase asked for one back (RFC 8446 §4.6.3).
+    update_requested: bool,
 }
 
 fn handover(why: impl std::fmt::Display) -> io::Error {
@@ -106,6 +114,7 @@ impl Sealed {
             )));
         }
         let peer_closed = state.peer_has_closed();
+        let held = io.take_held();
         let (tcp, pending) = io
             .into_parts()
             .map_err(|_| handover("rustls holds part of a record"))?;
@@ -118,28 +127,149 @@ impl Sealed {
             opener,
             pending,
             peer_closed,
+            held,
+            early: 0,
+            plain_ended: false,
+            update_requested: false,
         })
+    }
+
+    /// Outbound, right after the handshake: sends the held last flight (the client's Finished
+    /// and the request) and, in the same write, whatever the workload has already sent, sealed
+    /// under the new keys. For a client that speaks first (most protocols) its first bytes
+    /// then cross in the segment that completes the handshake, instead of one round trip
+    /// later, behind the admission.
+    ///
+    /// Why this is safe: rustls makes the Finished only after it verified the server's chain,
+    /// its CertificateVerify (RFC 8446 §4.4.3) and the expected SPIFFE ID, so these bytes go to
+    /// the proven peer only, under this handshake's keys. The peer proxy keeps them unread
+    /// until it has admitted the connection (`Inbound::stream_tunnel` reads the request,
+    /// decides, and only then relays), and drops them with the connection if it refuses.
+    pub async fn send_early(&mut self, plain: &TcpStream) -> io::Result<()> {
+        let mut buf = crate::pool::take(WRITE_RECORDS * MAX_PLAINTEXT);
+        // Only what is there now: this never waits for the workload.
+        let read = plain.try_read_buf(&mut (&mut buf).limit(WRITE_RECORDS * MAX_PLAINTEXT));
+        let n = match read {
+            Ok(0) => {
+                self.plain_ended = true;
+                0
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => {
+                crate::pool::give(buf);
+                return Err(e);
+            }
+        };
+        let frames = buf[..n]
+            .chunks_mut(MAX_PLAINTEXT)
+            .map(|chunk| self.sealer.seal_in_place(chunk))
+            .collect::<Result<Vec<Frame>, _>>()
+            .map_err(record_error)?;
+        let held = std::mem::take(&mut self.held);
+        let mut slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&held))
+            .chain(
+                buf[..n]
+                    .chunks(MAX_PLAINTEXT)
+                    .zip(&frames)
+                    .flat_map(|(chunk, frame)| {
+                        [
+                            IoSlice::new(&frame.header),
+                            IoSlice::new(chunk),
+                            IoSlice::new(&frame.trailer),
+                        ]
+                    }),
+            )
+            .collect();
+        write_all_vectored(&mut self.tcp, &mut slices).await?;
+        self.early = n as u64;
+        crate::pool::give(buf);
+        Ok(())
+    }
+
+    /// Sends the held last flight, if it is still held.
+    async fn release_held(&mut self) -> io::Result<()> {
+        if !self.held.is_empty() {
+            let held = std::mem::take(&mut self.held);
+            self.tcp.write_all(&held).await?;
+        }
+        Ok(())
+    }
+
+    /// Outbound: the peer's admission result, the first data record of its side
+    /// (`crate::stream::write_response` sends it in one record). What came behind it stays for
+    /// the data phase.
+    pub async fn read_admission(&mut self) -> io::Result<(u16, String)> {
+        use tokio::io::AsyncReadExt;
+        self.release_held().await?;
+        let ended = || {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the tunnel ended before the peer's admission",
+            )
+        };
+        if self.peer_closed {
+            return Err(ended());
+        }
+        let mut buf = std::mem::take(&mut self.pending);
+        let mut start = 0;
+        loop {
+            while start < buf.len() {
+                match self.opener.open(&mut buf[start..]).map_err(record_error)? {
+                    Opened::Need(_) => break,
+                    Opened::Data { len, data } if !data.is_empty() => {
+                        let plain = start + data.start..start + data.end;
+                        let admission = crate::stream::parse_response(&buf[plain]);
+                        self.pending = BytesMut::from(&buf[start + len..]);
+                        return admission;
+                    }
+                    Opened::Data { len, .. } => start += len,
+                    Opened::KeyUpdate { len, requested } => {
+                        start += len;
+                        self.update_requested |= requested;
+                    }
+                    Opened::Closed { .. } => return Err(ended()),
+                }
+            }
+            buf.reserve(MAX_RECORD);
+            if self.tcp.read_buf(&mut buf).await? == 0 {
+                return Err(ended());
+            }
+        }
     }
 }
 
 /// Carries `plain` ↔ `tunnel` until both directions have ended; returns the plaintext bytes
 /// each way (`plain` → `tunnel`, `tunnel` → `plain`).
 pub async fn bidirectional(plain: &mut TcpStream, tunnel: &mut Sealed) -> io::Result<(u64, u64)> {
+    tunnel.release_held().await?;
     let Sealed {
         tcp,
         sealer,
         opener,
         pending,
         peer_closed,
+        early,
+        plain_ended,
+        update_requested,
+        ..
     } = tunnel;
     let mid_write = AtomicBool::new(false);
     // Set by the open side when the peer's KeyUpdate asks for one back (RFC 8446 §4.6.3).
-    let update_requested = AtomicBool::new(false);
+    let update_requested = AtomicBool::new(*update_requested);
     let r = {
         let (plain_r, plain_w) = plain.split();
         let (tcp_r, tcp_w) = tcp.split();
+        let seal = async {
+            if *plain_ended {
+                let close = sealer.close_notify().map_err(record_error)?;
+                send_last_and_half_close(&mut { tcp_w }, &mut [IoSlice::new(&close)]).await?;
+                return Ok(0);
+            }
+            seal_loop(plain_r, tcp_w, sealer, &mid_write, &update_requested).await
+        };
         tokio::try_join!(
-            seal_loop(plain_r, tcp_w, sealer, &mid_write, &update_requested),
+            async { seal.await.map(|n| n + *early) },
             open_loop(
                 tcp_r,
                 plain_w,
@@ -527,18 +657,21 @@ mod tests {
     type Side = tokio::task::JoinHandle<Carried>;
 
     async fn tunnel(m: Arc<Middle>, banner: &[u8]) -> (TcpStream, TcpStream, Side, Side) {
-        tunnel_with(m, banner, u64::MAX, false).await
+        tunnel_with(m, banner, b"", u64::MAX, false).await
     }
 
     /// One stream-tunnel connection through `m`, carried by both sides: handshake, request,
     /// admission, and the server application's first bytes (`banner`) sent before the client
-    /// has read the admission, so they arrive behind it. Each side updates its key every
-    /// `update_every` records; with `request`, the client's first record is a KeyUpdate that
-    /// asks the server for one in return. Returns the client application's socket, the server
-    /// application's socket, and both sides' ends.
+    /// has read the admission, so they arrive behind it. As in the product, the client holds
+    /// its last flight and sends it with the client application's bytes already there
+    /// (`early`), which the server leaves unread until it has admitted the connection. Each side
+    /// updates its key every `update_every` records; with `request`, the client's first record
+    /// is a KeyUpdate that asks the server for one in return. Returns the client application's
+    /// socket, the server application's socket, and both sides' ends.
     async fn tunnel_with(
         m: Arc<Middle>,
         banner: &[u8],
+        early: &[u8],
         update_every: u64,
         request: bool,
     ) -> (TcpStream, TcpStream, Side, Side) {
@@ -559,6 +692,8 @@ mod tests {
                     .unwrap();
             let target = crate::stream::read_request(&mut tls).await.unwrap();
             assert_eq!(target, "127.0.0.1:9");
+            // The early bytes are there, still sealed, and must survive the hand-over.
+            tokio::time::sleep(Duration::from_millis(20)).await;
             crate::stream::write_response(&mut tls, 200, "")
                 .await
                 .unwrap();
@@ -574,28 +709,32 @@ mod tests {
         let tcp = TcpStream::connect(via).await.unwrap();
         let req = crate::stream::request("127.0.0.1:9".parse().unwrap());
         let log = Arc::default();
-        let mut tls = tokio_rustls::TlsConnector::from(crate::tls::client_config_for(&ccfg, &log))
+        let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config_for(&ccfg, &log))
             .connect_with(
                 ServerName::IpAddress(via.ip().into()),
-                ReadAhead::new(tcp).with_secrets(log),
+                ReadAhead::new(tcp).with_secrets(log).hold_last_flight(),
                 |c| {
                     std::io::Write::write_all(&mut c.writer(), &req).unwrap();
                 },
             )
             .await
             .unwrap();
+        let (mut client_app, plain) = loopback().await;
+        client_app.write_all(early).await.unwrap();
+        let mut sealed = Sealed::from_client(tls).unwrap();
+        sealed.sealer.update_every(update_every);
+        // Give the early bytes time to reach the client's plain socket.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sealed.send_early(&plain).await.unwrap();
         let (server_app, server_side) = server.await.unwrap();
         // The banner arrives behind the admission before the client reads the admission.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let (status, _) = crate::stream::read_response(&mut tls).await.unwrap();
+        let (status, _) = sealed.read_admission().await.unwrap();
         assert_eq!(status, 200);
-        let mut sealed = Sealed::from_client(tls).unwrap();
-        sealed.sealer.update_every(update_every);
         if request {
             let update = sealed.sealer.key_update(true).unwrap();
             sealed.tcp.write_all(&update).await.unwrap();
         }
-        let (client_app, plain) = loopback().await;
         let client_side = tokio::spawn(carry(plain, sealed));
         (client_app, server_app, client_side, server_side)
     }
@@ -660,13 +799,45 @@ mod tests {
         );
     }
 
+    /// The client application's first bytes, more than one record of them, leave with the
+    /// client's Finished, wait unread at the server until it has admitted the connection, and
+    /// come first, followed by the rest, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn early_bytes_ride_with_the_finished_and_arrive_first() {
+        let early: Vec<u8> = (0..MAX_PLAINTEXT + 3_000)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let (client, server, client_side, server_side) =
+            tunnel_with(Middle::honest(), b"", &early, u64::MAX, false).await;
+        let rest: Vec<u8> = (0..MAX_BATCH + 11).map(|i| (i % 247) as u8).collect();
+        let down = b"answer".to_vec();
+        let mut server = server;
+        let mut first = vec![0u8; early.len()];
+        tokio::time::timeout(Duration::from_secs(10), server.read_exact(&mut first))
+            .await
+            .expect("the early bytes were lost in the hand-over")
+            .unwrap();
+        assert!(first == early, "the early bytes arrive first, intact");
+        exchange(client, server, &rest, &down).await;
+        let total = (early.len() + rest.len()) as u64;
+        assert_eq!(
+            client_side.await.unwrap().result.unwrap(),
+            (total, down.len() as u64),
+            "the early bytes are counted as sent"
+        );
+        assert_eq!(
+            server_side.await.unwrap().result.unwrap(),
+            (down.len() as u64, total)
+        );
+    }
+
     /// Both directions move to new keys every few records, and the server answers the
     /// client's request for an update (RFC 8446 §4.6.3); every byte arrives, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn key_updates_in_both_directions_lose_nothing() {
         for (every, request) in [(u64::MAX, true), (3, false)] {
             let (client, server, client_side, server_side) =
-                tunnel_with(Middle::honest(), b"", every, request).await;
+                tunnel_with(Middle::honest(), b"", b"", every, request).await;
             let up: Vec<u8> = (0..2 * MAX_BATCH + 999).map(|i| (i % 251) as u8).collect();
             let down: Vec<u8> = (0..MAX_BATCH + 5).map(|i| (i % 239) as u8).collect();
             exchange(client, server, &up, &down).await;

@@ -71,18 +71,30 @@ pub async fn write_response<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
-/// Reads the admission result: (status, reason).
-pub async fn read_response<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u16, String)> {
-    let status = r.read_u16().await?;
-    let len = usize::from(r.read_u16().await?);
+/// The admission result, (status, reason), from the plaintext of the record that carried it
+/// ([`write_response`] sends it in one record, so the record is exactly the result).
+pub fn parse_response(msg: &[u8]) -> io::Result<(u16, String)> {
+    let (Some(status), Some(len)) = (msg.get(..2), msg.get(2..4)) else {
+        return Err(bad(format!(
+            "stream tunnel admission of {} bytes (at least 4)",
+            msg.len()
+        )));
+    };
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
     if len > MAX_REASON {
         return Err(bad(format!(
             "stream tunnel reason of {len} bytes (at most {MAX_REASON})"
         )));
     }
-    let mut t = vec![0; len];
-    r.read_exact(&mut t).await?;
-    Ok((status, String::from_utf8_lossy(&t).into_owned()))
+    if msg.len() != 4 + len {
+        return Err(bad(format!(
+            "stream tunnel admission record of {} bytes, expected {}",
+            msg.len(),
+            4 + len
+        )));
+    }
+    let status = u16::from_be_bytes([status[0], status[1]]);
+    Ok((status, String::from_utf8_lossy(&msg[4..]).into_owned()))
 }
 
 #[cfg(test)]
@@ -100,9 +112,29 @@ mod tests {
         write_response(&mut b, 403, "denied by policy")
             .await
             .unwrap();
+        drop(b);
+        let mut msg = Vec::new();
+        a.read_to_end(&mut msg).await.unwrap();
         assert_eq!(
-            read_response(&mut a).await.unwrap(),
+            parse_response(&msg).unwrap(),
             (403, "denied by policy".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_short_long_or_oversized_admission_is_refused() {
+        for (msg, what) in [
+            (&[0u8, 200, 0][..], "at least 4"),
+            (&[0, 200, 0, 2, b'o'][..], "expected 6"),
+            (&[0, 200, 0, 0, b'x'][..], "expected 4"),
+            (&[0, 200, 0xff, 0xff][..], "at most"),
+        ] {
+            let e = parse_response(msg).unwrap_err();
+            assert!(e.to_string().contains(what), "{what}: {e}");
+        }
+        assert_eq!(
+            parse_response(&[0, 200, 0, 0]).unwrap(),
+            (200, String::new())
         );
     }
 
@@ -121,7 +153,10 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(4096);
         let reason = "é".repeat(MAX_REASON);
         write_response(&mut b, 502, &reason).await.unwrap();
-        let (status, got) = read_response(&mut a).await.unwrap();
+        drop(b);
+        let mut msg = Vec::new();
+        a.read_to_end(&mut msg).await.unwrap();
+        let (status, got) = parse_response(&msg).unwrap();
         assert_eq!(status, 502);
         assert!(got.len() <= MAX_REASON && reason.starts_with(&got));
     }

@@ -106,6 +106,16 @@ async fn node_with(
 }
 
 /// An echo application on loopback; counts accepted connections.
+/// Both ends of a loopback TCP connection: (the workload's end, the proxy's end).
+async fn loopback_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (plain, _) = l.accept().await.unwrap();
+    (app, plain)
+}
+
 async fn echo_app() -> (u16, Arc<Mutex<usize>>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -222,20 +232,39 @@ async fn stream_tunnel_carries_and_refuses_like_h2() {
     )
     .await;
     let payload: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+    // The workload speaks first: its first bytes are there before the tunnel opens, and
+    // leave with the handshake's last flight.
+    let (mut app, plain) = loopback_pair().await;
+    app.write_all(&payload[..1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let stream = foo
         .proxy
         .outbound
-        .open_stream(&bar_id, bar.proxy.tunnel_addr, target)
+        .open_stream(&bar_id, bar.proxy.tunnel_addr, target, Some(&plain))
         .await
         .unwrap();
-    let TunnelStream::Stream(mut tls) = stream else {
+    let TunnelStream::Stream(mut sealed) = stream else {
         panic!("the stream protocol was configured");
     };
-    tls.write_all(&payload).await.unwrap();
-    tls.shutdown().await.unwrap();
+    let carried = tokio::spawn(async move {
+        let mut plain = plain;
+        tessera_proxy::sealed::bidirectional(&mut plain, &mut sealed).await
+    });
+    let (mut app_r, mut app_w) = app.into_split();
+    let rest = payload[1000..].to_vec();
+    let writer = tokio::spawn(async move {
+        app_w.write_all(&rest).await.unwrap();
+        app_w.shutdown().await.unwrap();
+    });
     let mut back = Vec::new();
-    tls.read_to_end(&mut back).await.unwrap();
-    assert_eq!(back, payload, "every byte echoed after the half-close");
+    app_r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert!(back == payload, "every byte echoed after the half-close");
+    assert_eq!(
+        carried.await.unwrap().unwrap(),
+        (700_000, 700_000),
+        "the early bytes are counted"
+    );
     let rec = bar
         .log
         .wait_for(|r| r["decision"] == "allow" && r["bytes_sent"] == 700_000)
@@ -265,10 +294,14 @@ async fn stream_tunnel_carries_and_refuses_like_h2() {
         ),
     ];
     for (client, to, reason) in cases {
+        // Early bytes of a refused connection never open a connection to the app.
+        let (mut app, plain) = loopback_pair().await;
+        app.write_all(b"refused early bytes").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let err = client
             .proxy
             .outbound
-            .open_stream(&bar_id, bar.proxy.tunnel_addr, to)
+            .open_stream(&bar_id, bar.proxy.tunnel_addr, to, Some(&plain))
             .await
             .unwrap_err();
         assert!(
@@ -289,6 +322,7 @@ async fn stream_tunnel_carries_and_refuses_like_h2() {
             &id("spiffe://example.org/not-bar"),
             bar.proxy.tunnel_addr,
             target,
+            None,
         )
         .await
         .unwrap_err();
