@@ -161,25 +161,10 @@ impl Sealed {
                 return Err(e);
             }
         };
-        let frames = buf[..n]
-            .chunks_mut(MAX_PLAINTEXT)
-            .map(|chunk| self.sealer.seal_in_place(chunk))
-            .collect::<Result<Vec<Frame>, _>>()
-            .map_err(record_error)?;
+        let frames = seal_records(&mut self.sealer, &mut buf[..n])?;
         let held = std::mem::take(&mut self.held);
         let mut slices: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&held))
-            .chain(
-                buf[..n]
-                    .chunks(MAX_PLAINTEXT)
-                    .zip(&frames)
-                    .flat_map(|(chunk, frame)| {
-                        [
-                            IoSlice::new(&frame.header),
-                            IoSlice::new(chunk),
-                            IoSlice::new(&frame.trailer),
-                        ]
-                    }),
-            )
+            .chain(record_slices(&buf[..n], &frames))
             .collect();
         write_all_vectored(&mut self.tcp, &mut slices).await?;
         self.early = n as u64;
@@ -427,28 +412,39 @@ where
                 w.write_all(&update).await?;
             }
             // On the heap, not in this future: an idle connection's task stays small.
-            let frames = group
-                .chunks_mut(MAX_PLAINTEXT)
-                .map(|chunk| sealer.seal_in_place(chunk))
-                .collect::<Result<Vec<Frame>, _>>()
-                .map_err(record_error)?;
-            let mut slices: Vec<IoSlice<'_>> = group
-                .chunks(MAX_PLAINTEXT)
-                .zip(&frames)
-                .flat_map(|(chunk, frame)| {
-                    [
-                        IoSlice::new(&frame.header),
-                        IoSlice::new(chunk),
-                        IoSlice::new(&frame.trailer),
-                    ]
-                })
-                .collect();
+            let frames = seal_records(sealer, group)?;
+            let mut slices: Vec<IoSlice<'_>> = record_slices(group, &frames).collect();
             write_all_vectored(&mut w, &mut slices).await?;
         }
         mid_write.store(false, Ordering::Relaxed);
         total += n as u64;
         crate::pool::give(buf);
     }
+}
+
+/// Seals `plain` in place as records of at most `MAX_PLAINTEXT` bytes each; returns each
+/// record's header and trailer.
+fn seal_records(sealer: &mut Sealer, plain: &mut [u8]) -> io::Result<Vec<Frame>> {
+    plain
+        .chunks_mut(MAX_PLAINTEXT)
+        .map(|chunk| sealer.seal_in_place(chunk))
+        .collect::<Result<Vec<Frame>, _>>()
+        .map_err(record_error)
+}
+
+/// The records [`seal_records`] made of `sealed`, as header / ciphertext / trailer slices in
+/// wire order, for one `writev`.
+fn record_slices<'a>(sealed: &'a [u8], frames: &'a [Frame]) -> impl Iterator<Item = IoSlice<'a>> {
+    sealed
+        .chunks(MAX_PLAINTEXT)
+        .zip(frames)
+        .flat_map(|(chunk, frame)| {
+            [
+                IoSlice::new(&frame.header),
+                IoSlice::new(chunk),
+                IoSlice::new(&frame.trailer),
+            ]
+        })
 }
 
 /// Tunnel → workload: reads records, opens every whole one in place, writes their plaintext in
