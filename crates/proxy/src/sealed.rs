@@ -73,8 +73,6 @@ pub struct Sealed {
     held: Vec<u8>,
     /// Plaintext sent by [`Sealed::send_early`], before the data phase.
     early: u64,
-    /// The workload had ended its direction by [`Sealed::send_early`].
-    plain_ended: bool,
     /// A KeyUpdate before the data phase asked for one back (RFC 8446 §4.6.3).
     update_requested: bool,
 }
@@ -129,7 +127,6 @@ impl Sealed {
             peer_closed,
             held,
             early: 0,
-            plain_ended: false,
             update_requested: false,
         })
     }
@@ -149,11 +146,9 @@ impl Sealed {
         let mut buf = crate::pool::take(WRITE_RECORDS * MAX_PLAINTEXT);
         // Only what is there now: this never waits for the workload.
         let read = plain.try_read_buf(&mut (&mut buf).limit(WRITE_RECORDS * MAX_PLAINTEXT));
+        // Ok(0), the workload's end, is left for the seal loop: a socket at its end reads 0
+        // again there, and the loop sends close_notify with the half-close as usual.
         let n = match read {
-            Ok(0) => {
-                self.plain_ended = true;
-                0
-            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => {
@@ -235,7 +230,6 @@ pub async fn bidirectional(plain: &mut TcpStream, tunnel: &mut Sealed) -> io::Re
         pending,
         peer_closed,
         early,
-        plain_ended,
         update_requested,
         ..
     } = tunnel;
@@ -245,14 +239,7 @@ pub async fn bidirectional(plain: &mut TcpStream, tunnel: &mut Sealed) -> io::Re
     let r = {
         let (plain_r, plain_w) = plain.split();
         let (tcp_r, tcp_w) = tcp.split();
-        let seal = async {
-            if *plain_ended {
-                let close = sealer.close_notify().map_err(record_error)?;
-                send_last_and_half_close(&mut { tcp_w }, &mut [IoSlice::new(&close)]).await?;
-                return Ok(0);
-            }
-            seal_loop(plain_r, tcp_w, sealer, &mid_write, &update_requested).await
-        };
+        let seal = seal_loop(plain_r, tcp_w, sealer, &mid_write, &update_requested);
         tokio::try_join!(
             async { seal.await.map(|n| n + *early) },
             open_loop(
@@ -653,7 +640,7 @@ mod tests {
     type Side = tokio::task::JoinHandle<Carried>;
 
     async fn tunnel(m: Arc<Middle>, banner: &[u8]) -> (TcpStream, TcpStream, Side, Side) {
-        tunnel_with(m, banner, b"", u64::MAX, false).await
+        tunnel_with(m, banner, b"", false, u64::MAX, false).await
     }
 
     /// One stream-tunnel connection through `m`, carried by both sides: handshake, request,
@@ -668,6 +655,7 @@ mod tests {
         m: Arc<Middle>,
         banner: &[u8],
         early: &[u8],
+        ended: bool,
         update_every: u64,
         request: bool,
     ) -> (TcpStream, TcpStream, Side, Side) {
@@ -717,6 +705,9 @@ mod tests {
             .unwrap();
         let (mut client_app, plain) = loopback().await;
         client_app.write_all(early).await.unwrap();
+        if ended {
+            client_app.shutdown().await.unwrap();
+        }
         let mut sealed = Sealed::from_client(tls).unwrap();
         sealed.sealer.update_every(update_every);
         // Give the early bytes time to reach the client's plain socket.
@@ -804,7 +795,7 @@ mod tests {
             .map(|i| (i % 253) as u8)
             .collect();
         let (client, server, client_side, server_side) =
-            tunnel_with(Middle::honest(), b"", &early, u64::MAX, false).await;
+            tunnel_with(Middle::honest(), b"", &early, false, u64::MAX, false).await;
         let rest: Vec<u8> = (0..MAX_BATCH + 11).map(|i| (i % 247) as u8).collect();
         let down = b"answer".to_vec();
         let mut server = server;
@@ -827,13 +818,34 @@ mod tests {
         );
     }
 
+    /// A workload that sent nothing and ended its direction before the hand-over: the server
+    /// application sees the end at once, and its answer still comes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_workload_that_ended_before_the_handover_half_closes_the_tunnel() {
+        let (mut client, mut server, client_side, server_side) =
+            tunnel_with(Middle::honest(), b"", b"", true, u64::MAX, false).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), server.read_to_end(&mut got))
+            .await
+            .expect("the workload's end did not reach the server application")
+            .unwrap();
+        assert!(got.is_empty());
+        server.write_all(b"still answered").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"still answered");
+        assert_eq!(client_side.await.unwrap().result.unwrap(), (0, 14));
+        assert_eq!(server_side.await.unwrap().result.unwrap(), (14, 0));
+    }
+
     /// Both directions move to new keys every few records, and the server answers the
     /// client's request for an update (RFC 8446 §4.6.3); every byte arrives, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn key_updates_in_both_directions_lose_nothing() {
         for (every, request) in [(u64::MAX, true), (3, false)] {
             let (client, server, client_side, server_side) =
-                tunnel_with(Middle::honest(), b"", b"", every, request).await;
+                tunnel_with(Middle::honest(), b"", b"", false, every, request).await;
             let up: Vec<u8> = (0..2 * MAX_BATCH + 999).map(|i| (i % 251) as u8).collect();
             let down: Vec<u8> = (0..MAX_BATCH + 5).map(|i| (i % 239) as u8).collect();
             exchange(client, server, &up, &down).await;
