@@ -309,6 +309,7 @@ impl Outbound {
     pub async fn proxy(
         &self,
         mut client: TcpStream,
+        peer: SocketAddr,
         dst_id: &SpiffeId,
         tunnel: SocketAddr,
         target: SocketAddr,
@@ -317,7 +318,7 @@ impl Outbound {
         let mut rec = AccessRecord::new(Direction::Outbound);
         rec.src_spiffe_id = self.identity.spiffe_id().map(|i| i.to_string());
         rec.dst_spiffe_id = Some(dst_id.to_string());
-        rec.src_addr = client.peer_addr().ok();
+        rec.src_addr = Some(peer);
         rec.dst_addr = Some(target);
         // Boxed: the connect and handshake state lives on the heap only while it runs, not in
         // this connection's task for its whole life (memory per idle connection).
@@ -354,9 +355,12 @@ impl Outbound {
     /// Serves an explicit listener (`--outbound`).
     pub async fn serve_explicit(self: Arc<Self>, listener: TcpListener, spec: OutboundListener) {
         let spec = Arc::new(spec);
+        let inherited = crate::sockets::nodelay_for_accepted(&listener);
         loop {
-            let (client, _) = crate::sockets::accept(&listener).await;
-            let _ = client.set_nodelay(true);
+            let (client, peer) = crate::sockets::accept(&listener).await;
+            if !inherited {
+                let _ = client.set_nodelay(true);
+            }
             let this = self.clone();
             let spec = spec.clone();
             self.sockets.spawn(async move {
@@ -367,13 +371,13 @@ impl Outbound {
                 let Some(target) = target else {
                     let mut rec = AccessRecord::new(Direction::Outbound);
                     rec.dst_spiffe_id = Some(spec.spiffe_id.to_string());
-                    rec.src_addr = client.peer_addr().ok();
+                    rec.src_addr = Some(peer);
                     rec.reason = format!("cannot resolve {}", spec.destination);
                     this.telemetry.record(rec, Duration::ZERO);
                     return;
                 };
                 let tunnel = SocketAddr::new(target.ip(), crate::config::TUNNEL_PORT);
-                this.proxy(client, &spec.spiffe_id, tunnel, target).await;
+                this.proxy(client, peer, &spec.spiffe_id, tunnel, target).await;
             });
         }
     }
@@ -386,9 +390,12 @@ impl Outbound {
         map: Arc<DestinationMap>,
         unmapped: Unmapped,
     ) {
+        let inherited = crate::sockets::nodelay_for_accepted(&listener);
         loop {
             let (client, peer) = crate::sockets::accept(&listener).await;
-            let _ = client.set_nodelay(true);
+            if !inherited {
+                let _ = client.set_nodelay(true);
+            }
             let this = self.clone();
             let map = map.clone();
             self.sockets.spawn(async move {
@@ -405,7 +412,7 @@ impl Outbound {
                 match map.lookup(target) {
                     Some(d) => {
                         let tunnel = SocketAddr::new(target.ip(), d.tunnel_port);
-                        this.proxy(client, &d.spiffe_id, tunnel, target).await;
+                        this.proxy(client, peer, &d.spiffe_id, tunnel, target).await;
                     }
                     None => this.unmapped(client, peer, target, unmapped).await,
                 }

@@ -260,6 +260,14 @@ pub fn delay_acks(sock: &impl std::os::fd::AsFd) {
     let _ = rustix::net::sockopt::set_tcp_quickack(sock, false);
 }
 
+/// Turns Nagle off for every connection `listener` accepts, with one system call for the
+/// listener instead of one per connection: Linux builds an accepted socket from a copy of the
+/// listener's (`sk_clone_lock`), `TCP_NODELAY` included. Returns false where it could not be set;
+/// the caller then sets it per connection.
+pub fn nodelay_for_accepted(listener: &TcpListener) -> bool {
+    rustix::net::sockopt::set_tcp_nodelay(listener, true).is_ok()
+}
+
 /// The next connection on `listener`. Accept errors (out of file descriptors, out of memory, a
 /// connection reset before it was accepted) are retried after a pause that grows to one second,
 /// with one log line per run of failures, instead of spinning on the error.
@@ -393,5 +401,21 @@ mod tests {
             .unwrap();
         let (accepted, _) = accept(&tunnel_port).await;
         assert!(!tcp_quickack(&accepted).unwrap());
+    }
+
+    #[tokio::test]
+    async fn connections_accepted_on_a_nodelay_listener_have_nagle_off() {
+        let s = Sockets::here(None);
+        let plain = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let nodelay = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        assert!(nodelay_for_accepted(&nodelay));
+        // Without it an accepted connection has Nagle on (so the check below can fail)...
+        let _a = s.connect(plain.local_addr().unwrap(), false).await.unwrap();
+        let (accepted, _) = accept(&plain).await;
+        assert!(!accepted.nodelay().unwrap());
+        // ...and with it, off from the start, no call per connection.
+        let _b = s.connect(nodelay.local_addr().unwrap(), false).await.unwrap();
+        let (accepted, _) = accept(&nodelay).await;
+        assert!(accepted.nodelay().unwrap());
     }
 }

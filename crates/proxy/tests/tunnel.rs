@@ -370,7 +370,7 @@ async fn the_stream_tunnel_carries_every_byte_through_both_proxies() {
     let mut client = tokio::net::TcpStream::connect(l.local_addr().unwrap())
         .await
         .unwrap();
-    let (accepted, _) = l.accept().await.unwrap();
+    let (accepted, peer) = l.accept().await.unwrap();
     let payload: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
     let workload = async {
         let mut hello = [0u8; 15];
@@ -395,7 +395,7 @@ async fn the_stream_tunnel_carries_every_byte_through_both_proxies() {
     tokio::join!(
         foo.proxy
             .outbound
-            .proxy(accepted, &bar_id, bar.proxy.tunnel_addr, target),
+            .proxy(accepted, peer, &bar_id, bar.proxy.tunnel_addr, target),
         workload
     );
     let out = foo.log.wait_for(|r| r["direction"] == "outbound").await;
