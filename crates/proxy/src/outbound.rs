@@ -377,7 +377,8 @@ impl Outbound {
                     return;
                 };
                 let tunnel = SocketAddr::new(target.ip(), crate::config::TUNNEL_PORT);
-                this.proxy(client, peer, &spec.spiffe_id, tunnel, target).await;
+                this.proxy(client, peer, &spec.spiffe_id, tunnel, target)
+                    .await;
             });
         }
     }

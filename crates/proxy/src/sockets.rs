@@ -414,7 +414,10 @@ mod tests {
         let (accepted, _) = accept(&plain).await;
         assert!(!accepted.nodelay().unwrap());
         // ...and with it, off from the start, no call per connection.
-        let _b = s.connect(nodelay.local_addr().unwrap(), false).await.unwrap();
+        let _b = s
+            .connect(nodelay.local_addr().unwrap(), false)
+            .await
+            .unwrap();
         let (accepted, _) = accept(&nodelay).await;
         assert!(accepted.nodelay().unwrap());
     }
