@@ -101,12 +101,9 @@ impl Inbound {
         // an accepted connection starts from its state, so even the ClientHello, which comes
         // before `accept` returns, is not acknowledged on its own.
         crate::sockets::delay_acks(&listener);
-        let inherited = crate::sockets::nodelay_for_accepted(&listener);
+        crate::sockets::nodelay_for_accepted(&listener);
         loop {
             let (tcp, peer) = crate::sockets::accept(&listener).await;
-            if !inherited {
-                let _ = tcp.set_nodelay(true);
-            }
             let this = self.clone();
             self.sockets
                 .spawn(async move { this.connection(tcp, peer).await });

@@ -355,12 +355,9 @@ impl Outbound {
     /// Serves an explicit listener (`--outbound`).
     pub async fn serve_explicit(self: Arc<Self>, listener: TcpListener, spec: OutboundListener) {
         let spec = Arc::new(spec);
-        let inherited = crate::sockets::nodelay_for_accepted(&listener);
+        crate::sockets::nodelay_for_accepted(&listener);
         loop {
             let (client, peer) = crate::sockets::accept(&listener).await;
-            if !inherited {
-                let _ = client.set_nodelay(true);
-            }
             let this = self.clone();
             let spec = spec.clone();
             self.sockets.spawn(async move {
@@ -391,12 +388,9 @@ impl Outbound {
         map: Arc<DestinationMap>,
         unmapped: Unmapped,
     ) {
-        let inherited = crate::sockets::nodelay_for_accepted(&listener);
+        crate::sockets::nodelay_for_accepted(&listener);
         loop {
             let (client, peer) = crate::sockets::accept(&listener).await;
-            if !inherited {
-                let _ = client.set_nodelay(true);
-            }
             let this = self.clone();
             let map = map.clone();
             self.sockets.spawn(async move {
