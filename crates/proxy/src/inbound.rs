@@ -101,7 +101,6 @@ impl Inbound {
         // an accepted connection starts from its state, so even the ClientHello, which comes
         // before `accept` returns, is not acknowledged on its own.
         crate::sockets::delay_acks(&listener);
-        crate::sockets::nodelay_for_accepted(&listener);
         loop {
             let (tcp, peer) = crate::sockets::accept(&listener).await;
             let this = self.clone();

@@ -355,7 +355,6 @@ impl Outbound {
     /// Serves an explicit listener (`--outbound`).
     pub async fn serve_explicit(self: Arc<Self>, listener: TcpListener, spec: OutboundListener) {
         let spec = Arc::new(spec);
-        crate::sockets::nodelay_for_accepted(&listener);
         loop {
             let (client, peer) = crate::sockets::accept(&listener).await;
             let this = self.clone();
@@ -388,7 +387,6 @@ impl Outbound {
         map: Arc<DestinationMap>,
         unmapped: Unmapped,
     ) {
-        crate::sockets::nodelay_for_accepted(&listener);
         loop {
             let (client, peer) = crate::sockets::accept(&listener).await;
             let this = self.clone();

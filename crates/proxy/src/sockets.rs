@@ -240,12 +240,16 @@ impl Sockets {
     /// new node proxy process can bind the same ports while the old one drains (an upgrade),
     /// and the namespace's `tcp_migrate_req` (set at attach) hands the old listener's pending
     /// connections to the new one when it closes.
+    /// Every connection it accepts has Nagle off (see `nodelay_for_accepted`): the proxy relays
+    /// what it reads as soon as it reads it, and Nagle would hold a small write back until the
+    /// previous one is acknowledged.
     pub async fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         let l = match &self.netns {
-            None => return TcpListener::bind(addr).await,
-            Some(ns) => ns.run(move || reuseport_listener(addr)).await??,
+            None => TcpListener::bind(addr).await?,
+            Some(ns) => TcpListener::from_std(ns.run(move || reuseport_listener(addr)).await??)?,
         };
-        TcpListener::from_std(l)
+        nodelay_for_accepted(&l);
+        Ok(l)
     }
 }
 
@@ -264,7 +268,7 @@ pub fn delay_acks(sock: &impl std::os::fd::AsFd) {
 /// listener instead of one per connection: Linux builds an accepted socket from a copy of the
 /// listener's (`sk_clone_lock`), `TCP_NODELAY` included. Best effort, as setting it per
 /// connection was: an error leaves Nagle on, which costs latency, never correctness.
-pub fn nodelay_for_accepted(listener: &TcpListener) {
+fn nodelay_for_accepted(listener: &TcpListener) {
     let _ = rustix::net::sockopt::set_tcp_nodelay(listener, true);
 }
 
@@ -404,21 +408,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_accepted_on_a_nodelay_listener_have_nagle_off() {
-        let s = Sockets::here(None);
-        let plain = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let nodelay = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        nodelay_for_accepted(&nodelay);
-        // Without it an accepted connection has Nagle on (so the check below can fail)...
-        let _a = s.connect(plain.local_addr().unwrap(), false).await.unwrap();
-        let (accepted, _) = accept(&plain).await;
-        assert!(!accepted.nodelay().unwrap());
-        // ...and with it, off from the start, no call per connection.
-        let _b = s
-            .connect(nodelay.local_addr().unwrap(), false)
+    async fn connections_accepted_on_a_proxy_listener_have_nagle_off() {
+        // A listener bound without `Sockets::listen` keeps the kernel's default, Nagle on, for
+        // what it accepts (so the check below can fail)...
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _a = TcpStream::connect(plain.local_addr().unwrap())
             .await
             .unwrap();
-        let (accepted, _) = accept(&nodelay).await;
+        let (accepted, _) = accept(&plain).await;
+        assert!(!accepted.nodelay().unwrap());
+        // ...every listener of the proxy has it off from the start, no call per connection.
+        let s = Sockets::here(None);
+        let l = s.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let _b = s.connect(l.local_addr().unwrap(), false).await.unwrap();
+        let (accepted, _) = accept(&l).await;
         assert!(accepted.nodelay().unwrap());
     }
 }
