@@ -281,8 +281,8 @@ impl UpstreamAuthority for DiskUpstream {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        // X509-SVID §3.2: the trust domain's SPIFFE ID. Tessera's verifiers require the issuer
-        // of a leaf to carry it, which is what keeps two trust domains under one enterprise root
+        // X509-SVID §3.2: the trust domain's SPIFFE ID. Tessera's verifiers require every CA
+        // of a leaf's path that names a trust domain to name the leaf's, which is what keeps two trust domains under one enterprise root
         // from minting each other's identities.
         p.subject_alt_names = vec![uri_san(td.id().as_str())?];
         // RFC 5280 §4.2.1.1: names the upstream key, for path building.

@@ -177,7 +177,7 @@ fn two_trust_domains_under_one_root_cannot_mint_each_others_ids() {
     );
     let err = tessera_verify(&chain, &bundle_b).unwrap_err();
     assert!(
-        err.contains("issuing CA is for spiffe://a.example"),
+        err.contains("CA of its chain is for spiffe://a.example"),
         "{err}"
     );
 }

@@ -76,8 +76,9 @@ impl PolicyDocument {
 }
 
 /// All fields present must match (AND); values inside one field are alternatives (OR). A missing
-/// field matches anything, except that a source of another trust domain matches only a rule that
-/// names its trust domain.
+/// field matches anything, except that a source of another trust domain matches an ALLOW rule
+/// only if the rule names its trust domain. A DENY, AUDIT or CUSTOM rule without principals and
+/// trust domains covers every trust domain (a restriction never fails open).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {

@@ -49,16 +49,18 @@ pub(crate) struct ActionIndex {
     rules: Vec<Compiled>,
     by_port: HashMap<u16, PortIndex>,
     any_port: PortIndex,
-    /// How a rule with HTTP fields answers for plain TCP (no request), and a condition whose
-    /// attribute is unknown: DENY, AUDIT and CUSTOM rules match (fail closed: a restriction written for HTTP still restricts TCP), ALLOW
-    /// rules do not (a permission written for some requests never opens the whole port).
-    http_on_tcp_matches: bool,
+    /// Whether a doubt makes a rule match: DENY, AUDIT and CUSTOM rules do (a restriction
+    /// restricts), ALLOW rules do not (a permission never opens more than it names). A doubt is
+    /// a rule with HTTP fields asked about plain TCP (no request), a condition whose attribute
+    /// is unknown, and a rule without principals or trust domains asked about a caller of
+    /// another trust domain.
+    fail_closed: bool,
 }
 
 impl ActionIndex {
-    pub(crate) fn new(http_on_tcp_matches: bool) -> Self {
+    pub(crate) fn new(fail_closed: bool) -> Self {
         Self {
-            http_on_tcp_matches,
+            fail_closed,
             ..Self::default()
         }
     }
@@ -211,14 +213,14 @@ impl ActionIndex {
         let http = match (&c.http, req) {
             (None, _) => true,
             (Some(h), Some(r)) => h.matches(r),
-            (Some(_), None) => self.http_on_tcp_matches,
+            (Some(_), None) => self.fail_closed,
         };
         // An attribute not known here (a header on TCP, an address not given) is answered as
         // an HTTP field on TCP is: a restriction still restricts, a permission does not open.
         http && c
             .when
             .iter()
-            .all(|w| w.eval(port, addrs, req).unwrap_or(self.http_on_tcp_matches))
+            .all(|w| w.eval(port, addrs, req).unwrap_or(self.fail_closed))
     }
 
     fn matches(&self, c: &Compiled, via: Via, source: &SpiffeId, local: bool) -> bool {
@@ -228,10 +230,13 @@ impl ActionIndex {
             Via::Named => c.trust_domains.is_empty() || td_listed,
             // `*` stands for the local trust domain only (ARCHITECTURE.md, "Policy model").
             Via::LocalAny => local && (c.trust_domains.is_empty() || td_listed),
-            // Without principals, a foreign caller must be admitted by name in trust_domains.
+            // Without principals, `trust_domains` decides. Without either, an ALLOW rule is for
+            // the local trust domain only (another trust domain is admitted only by name), but a
+            // DENY, AUDIT or CUSTOM rule is for every caller: a restriction written without a
+            // source (`to = { ports = [22] }`) must not let federated callers through.
             Via::NoPrincipals => {
                 if c.trust_domains.is_empty() {
-                    local
+                    local || self.fail_closed
                 } else {
                     td_listed
                 }

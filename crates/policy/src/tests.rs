@@ -291,6 +291,46 @@ fn http_routes_allow_get_public_and_deny_post_admin() {
 }
 
 #[test]
+fn a_restriction_without_a_source_covers_callers_of_every_trust_domain() {
+    // A partner trust domain is admitted on every port; `no-ssh` names no source. ALLOW without
+    // a source is local-only (a permission admits another trust domain only by name), but a
+    // DENY, AUDIT or CUSTOM rule without one must restrict federated callers too, or it fails
+    // open for exactly the callers the operator trusts least.
+    let s = set(concat!(
+        "[[policy]]\nname = \"partner\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "from = { trust_domains = [\"partner.org\"] }\n",
+        "[[policy]]\nname = \"no-ssh\"\naction = \"DENY\"\n[[policy.rules]]\n",
+        "to = { ports = [22] }\n",
+        "[[policy]]\nname = \"watch-ssh\"\naction = \"AUDIT\"\n[[policy.rules]]\n",
+        "to = { ports = [22] }\n",
+        "[[policy]]\nname = \"ext\"\naction = \"CUSTOM\"\nprovider = \"opa\"\n[[policy.rules]]\n",
+        "to = { ports = [22] }\n",
+    ));
+    let partner = id("spiffe://partner.org/x");
+    assert!(s.decide(&partner, 443).allowed);
+    let d = s.decide(&partner, 22);
+    assert!(!d.allowed);
+    assert_eq!(d.reason.policy(), Some("no-ssh"));
+    assert_eq!(s.custom_checks(&partner, 22, &Addresses::default(), None).len(), 1);
+    let d = s.decide(&id("spiffe://example.org/x"), 22);
+    assert_eq!((d.allowed, d.reason.policy()), (false, Some("no-ssh")));
+    // Only `not_principals`, with the default allow: "everyone but ops" is everyone.
+    let s = set(concat!(
+        "default = \"allow\"\n",
+        "[[policy]]\nname = \"ops-only\"\naction = \"DENY\"\n[[policy.rules]]\n",
+        "from = { not_principals = [\"spiffe://example.org/ops\"] }\n",
+    ));
+    assert!(!s.decide(&partner, 1).allowed);
+    assert!(s.decide(&id("spiffe://example.org/ops"), 1).allowed);
+    // The audit index follows the same rule.
+    let s = set(concat!(
+        "default = \"allow\"\n",
+        "[[policy]]\nname = \"watch\"\naction = \"AUDIT\"\n[[policy.rules]]\n",
+    ));
+    assert_eq!(s.decide(&partner, 1).audit.as_deref(), Some("watch"));
+}
+
+#[test]
 fn not_principals_exclude() {
     let s = set(concat!(
         "[[policy]]\nname = \"all-but-b\"\naction = \"ALLOW\"\n[[policy.rules]]\n",

@@ -139,37 +139,40 @@ pub fn verify_svid(
             None,
         )
         .map_err(|e| chain_err(describe(&e)))?;
-    // The leaf's issuer: the first intermediate of the verified path, else the anchor.
-    let first = path.intermediate_certificates().next().map(|c| c.der());
-    let issuer_der: &[u8] = match &first {
-        Some(der) => der.as_ref(),
-        None => anchors
-            .iter()
-            .position(|a| std::ptr::eq(a, path.anchor()))
-            .and_then(|i| anchor_ders.get(i))
-            .map_or(&[][..], |d| d.as_ref()),
-    };
-    check_issuer_names_trust_domain(issuer_der, &td).map_err(chain_err)?;
+    // Every CA of the verified path, not only the leaf's issuer: the key of each one vouches for
+    // everything below it, so a CA of trust domain A anywhere above a CA without an ID could
+    // otherwise mint B's identities through it (when A and B share a root).
+    for ca in path.intermediate_certificates() {
+        check_ca_names_trust_domain(ca.der().as_ref(), &td).map_err(chain_err)?;
+    }
+    let anchor_der = anchors
+        .iter()
+        .position(|a| std::ptr::eq(a, path.anchor()))
+        .and_then(|i| anchor_ders.get(i))
+        .map_or(&[][..], |d| d.as_ref());
+    check_ca_names_trust_domain(anchor_der, &td).map_err(chain_err)?;
     Ok(id)
 }
 
-/// A CA that signed an X509-SVID and carries a SPIFFE ID must carry exactly the ID of the leaf's
-/// trust domain (X509-SVID §3.2: a signing certificate's SPIFFE ID, if present, SHOULD reside in
-/// the trust domain of the leaves it issues; Tessera makes that a MUST).
+/// A CA in the path of an X509-SVID that carries a SPIFFE ID must carry exactly the ID of the
+/// leaf's trust domain (X509-SVID §3.2: a signing certificate's SPIFFE ID, if present, SHOULD
+/// reside in the trust domain of the leaves it issues; Tessera makes that a MUST, for every CA
+/// of the path, since each one's key can sign the CAs below it).
 ///
 /// Path validation alone only proves the chain reaches a root of the leaf's bundle. When several
 /// trust domains' CAs share one enterprise root (an upstream authority), the root is in each of
-/// their bundles, so without this rule trust domain A's CA could mint identities of B. Tessera's
-/// CAs and SPIRE's carry this SAN. A CA without any SPIFFE ID is accepted: §3.2 makes the ID
-/// optional, and other conforming PKIs (federation peers) issue from such CAs.
-fn check_issuer_names_trust_domain(
+/// their bundles, so without this rule trust domain A's CA could mint identities of B, directly or
+/// through a CA of its own that names no trust domain. Tessera's CAs and SPIRE's carry this SAN.
+/// A CA without any SPIFFE ID is accepted: §3.2 makes the ID optional, and other conforming PKIs
+/// (federation peers, enterprise roots) issue from such CAs.
+fn check_ca_names_trust_domain(
     issuer_der: &[u8],
     td: &tessera_spiffe::TrustDomain,
 ) -> Result<(), String> {
     use x509_parser::extensions::{GeneralName, ParsedExtension};
     use x509_parser::prelude::{FromDer as _, X509Certificate};
     let Ok((_, cert)) = X509Certificate::from_der(issuer_der) else {
-        return Err("its issuing CA certificate does not parse".into());
+        return Err("a CA certificate of its chain does not parse".into());
     };
     let mut spiffe_ids = Vec::new();
     for ext in cert.extensions() {
@@ -188,7 +191,7 @@ fn check_issuer_names_trust_domain(
         [one] if *one == want.as_str() => Ok(()),
         [] => Ok(()),
         ids => Err(format!(
-            "its issuing CA is for {}, not {want}: a CA signs only for its own trust domain (X509-SVID §3.2)",
+            "a CA of its chain is for {}, not {want}: a CA signs only for its own trust domain (X509-SVID §3.2)",
             ids.join(", ")
         )),
     }

@@ -211,7 +211,35 @@ fn an_issuing_ca_may_omit_a_spiffe_id_but_never_name_another_trust_domain() {
     let svid = other.issue("spiffe://example.org/web");
     let err = verify(&svid.chain, &set).unwrap_err().to_string();
     assert!(
-        err.contains("issuing CA is for spiffe://other.example"),
+        err.contains("CA of its chain is for spiffe://other.example"),
         "{err}"
+    );
+}
+
+#[test]
+fn no_ca_anywhere_in_the_path_may_name_another_trust_domain() {
+    // Trust domains sharing a root: other.example's CA (under example.org's root here, the shared
+    // root of an upstream authority) signs a sub-CA that names no trust domain, which signs a
+    // leaf of example.org. The leaf's own issuer names nothing, but a CA above it is another
+    // trust domain's: its key could mint any identity below it (X509-SVID §3.2, made a MUST).
+    let root = TestCa::new("example.org");
+    let set = bundles(&[&root]);
+    let foreign = root.intermediate_with(|p| {
+        p.subject_alt_names = vec![uri_san("spiffe://other.example")];
+    });
+    let unnamed = foreign.intermediate_with(|p| p.subject_alt_names.clear());
+    let svid = unnamed.issue("spiffe://example.org/payments");
+    let err = verify(&svid.chain, &set).unwrap_err().to_string();
+    assert!(
+        err.contains("CA of its chain is for spiffe://other.example"),
+        "{err}"
+    );
+    // The same depth with CAs that are example.org's or name nothing is accepted.
+    let own = root.intermediate();
+    let unnamed = own.intermediate_with(|p| p.subject_alt_names.clear());
+    let svid = unnamed.issue("spiffe://example.org/payments");
+    assert_eq!(
+        verify(&svid.chain, &set).unwrap(),
+        "spiffe://example.org/payments"
     );
 }
