@@ -311,7 +311,11 @@ fn a_restriction_without_a_source_covers_callers_of_every_trust_domain() {
     let d = s.decide(&partner, 22);
     assert!(!d.allowed);
     assert_eq!(d.reason.policy(), Some("no-ssh"));
-    assert_eq!(s.custom_checks(&partner, 22, &Addresses::default(), None).len(), 1);
+    assert_eq!(
+        s.custom_checks(&partner, 22, &Addresses::default(), None)
+            .len(),
+        1
+    );
     let d = s.decide(&id("spiffe://example.org/x"), 22);
     assert_eq!((d.allowed, d.reason.policy()), (false, Some("no-ssh")));
     // Only `not_principals`, with the default allow: "everyone but ops" is everyone.

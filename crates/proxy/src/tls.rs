@@ -50,15 +50,14 @@ impl std::str::FromStr for TunnelProtocol {
 }
 
 /// The tunnel's server side: TLS 1.3, client certificate mandatory and verified against the
-/// bundle of the client's own trust domain. Session resumption is off, so every connection runs
-/// the full verification against the bundles of that moment (a bundle that drops a CA takes
-/// effect for the next connection, and no ticket outlives it).
+/// bundle of the client's own trust domain. Session resumption is off (`tessera_tls`'s configs
+/// turn it off everywhere), so every connection runs the full verification against the bundles
+/// of that moment (a bundle that drops a CA takes effect for the next connection, and no ticket
+/// outlives it).
 pub fn server_config(identity: &Identity) -> Option<Arc<ServerConfig>> {
     let resolver = identity.resolver()?;
     let clients = Arc::new(SpiffeClientVerifier::new(identity.bundles(), true));
     let mut cfg = tessera_tls::server_config(resolver, clients, &[ALPN_H2, ALPN_STREAM]).ok()?;
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
     // The stream tunnel carries its data phase on this handshake's keys (`crate::sealed`).
     cfg.enable_secret_extraction = true;
     Some(Arc::new(cfg))
@@ -112,7 +111,6 @@ impl ClientConfigs {
         ));
         let mut cfg =
             tessera_tls::client_config(verifier, Some(resolver), &[self.protocol.alpn()]).ok()?;
-        cfg.resumption = rustls::client::Resumption::disabled();
         cfg.enable_secret_extraction = self.protocol == TunnelProtocol::Stream;
         let cfg = Arc::new(cfg);
         if let Ok(mut map) = self.by_peer.lock() {

@@ -141,6 +141,27 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     assert!(body.contains("no ALLOW policy matched"), "{body}");
     // The connection survives denied requests.
     assert_eq!(call("GET", "/public").await.0, 200);
+    // Other spellings of a path are decided, and forwarded, as the path they name: an app that
+    // decodes or normalizes must not see a resource the policy refused under its plain name.
+    for admin in [
+        "/%61dmin/users",
+        "/public/../admin/users",
+        "/public/%2e%2e/admin/users",
+    ] {
+        let (status, body) = call("POST", admin).await;
+        assert_eq!(status, 403, "{admin}: {body}");
+        assert!(body.contains("no-admin-writes"), "{admin}: {body}");
+    }
+    let (status, body) = call("GET", "/public/../private").await;
+    assert_eq!(status, 403);
+    assert!(body.contains("no ALLOW policy matched"), "{body}");
+    assert_eq!(
+        call("GET", "/%70ublic//a/./b").await,
+        (200, "ok GET /public/a/b".into())
+    );
+    let (status, body) = call("GET", "/public/%zz").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("malformed percent-encoding"), "{body}");
     // A `when` condition on a header (and the source address) denies one client's requests.
     let (status, body) = call_with("GET", "/public", "beta-7").await;
     assert_eq!(status, 403);

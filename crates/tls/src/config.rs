@@ -258,6 +258,13 @@ fn provider_arc() -> Arc<CryptoProvider> {
 }
 
 /// A TLS 1.3 server config presenting `svid` and verifying client SVIDs with `clients`.
+///
+/// Session resumption is off, on both sides (see [`client_config`]). A resumed TLS 1.3 handshake
+/// (RFC 8446 §2.2) skips certificate verification and carries over the peer's chain from the
+/// first one, so a ticket would keep an identity alive after its SVID expired or its CA left the
+/// bundle, against X509-SVID §5 (validate against the bundle as it is now). Every handshake
+/// verifies the chain against the bundles of that moment instead; the chain check is memoized
+/// per bundle snapshot, so what a resumption would save is the key exchange and the signatures.
 pub fn server_config(
     svid: Arc<SvidResolver>,
     clients: Arc<SpiffeClientVerifier>,
@@ -268,10 +275,13 @@ pub fn server_config(
         .with_client_cert_verifier(clients)
         .with_cert_resolver(svid);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
 /// A TLS 1.3 client config that verifies the server as `server` and presents `svid` if given.
+/// Resumption is off, for the reason given at [`server_config`].
 pub fn client_config(
     server: Arc<dyn ServerCertVerifier>,
     svid: Option<Arc<SvidResolver>>,
@@ -286,6 +296,7 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 

@@ -190,3 +190,112 @@ fn x509pop_verifies_chain_and_possession() {
         Err(NodeCertError::NoRoots)
     );
 }
+
+/// Runs `clients.len()` connections against one server config in sequence, each with its own
+/// client config; before connection `i`, `between(i)` may change the bundles. Returns each
+/// connection's outcome as the client saw it.
+fn sequence(
+    scfg: Arc<rustls::ServerConfig>,
+    clients: Vec<Arc<rustls::ClientConfig>>,
+    between: impl Fn(usize),
+) -> Vec<Result<rustls::HandshakeKind, String>> {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let n = clients.len();
+    let server = std::thread::spawn(move || {
+        for _ in 0..n {
+            let (tcp, _) = listener.accept().unwrap();
+            let conn = rustls::ServerConnection::new(scfg.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut buf = [0u8; 4];
+            if tls.read_exact(&mut buf).is_ok() {
+                let _ = tls.write_all(&buf);
+                let _ = tls.flush();
+            }
+        }
+    });
+    let mut out = Vec::new();
+    for (i, ccfg) in clients.into_iter().enumerate() {
+        between(i);
+        let conn =
+            rustls::ClientConnection::new(ccfg, ServerName::try_from("tessera.invalid").unwrap())
+                .unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, TcpStream::connect(addr).unwrap());
+        let r = (|| {
+            tls.write_all(b"ping").map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).map_err(|e| e.to_string())?;
+            // Read on until the server closes, so tickets it may send after the echo arrive.
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest);
+            tls.conn
+                .handshake_kind()
+                .ok_or_else(|| "no handshake".to_owned())
+        })();
+        out.push(r);
+    }
+    server.join().unwrap();
+    out
+}
+
+#[test]
+fn no_session_is_resumed_so_a_ca_removed_from_the_bundle_takes_effect_at_once() {
+    // X509-SVID §5: a peer is validated against the bundle as it is now. A resumed handshake
+    // (RFC 8446 §2.2) verifies no certificate, so neither side may offer one.
+    let ca = TestCa::new("example.org");
+    let other = TestCa::new("example.org");
+    let server = ca.issue("spiffe://example.org/server");
+    let client = ca.issue("spiffe://example.org/client");
+    let want = ExpectedPeer::Exact(SpiffeId::parse("spiffe://example.org/server").unwrap());
+    let (server_bundles, client_bundles) = (shared(&ca), shared(&ca));
+    let scfg = Arc::new(
+        server_config(
+            resolver(&server),
+            Arc::new(SpiffeClientVerifier::new(server_bundles.clone(), true)),
+            &[],
+        )
+        .unwrap(),
+    );
+    let ccfg = |resume: bool| {
+        let mut c = client_config(
+            Arc::new(SpiffeServerVerifier::new(
+                client_bundles.clone(),
+                want.clone(),
+            )),
+            Some(resolver(&client)),
+            &[],
+        )
+        .unwrap();
+        if resume {
+            // A client that asks to resume anyway (not one of ours): the server must not.
+            c.resumption = rustls::client::Resumption::in_memory_sessions(8);
+        }
+        Arc::new(c)
+    };
+    let without_ca = || {
+        let mut set = BundleSet::new();
+        set.insert(other.bundle()).unwrap();
+        Arc::new(set)
+    };
+
+    // Client side: our client config, reused; the server's CA leaves the client's bundle.
+    let ours = ccfg(false);
+    let results = sequence(scfg.clone(), vec![ours.clone(), ours], |i| {
+        if i == 1 {
+            client_bundles.store(without_ca());
+        }
+    });
+    assert_eq!(results[0], Ok(rustls::HandshakeKind::Full));
+    assert!(results[1].is_err(), "{:?}", results[1]);
+    client_bundles.store(shared(&ca).load_full());
+
+    // Server side: a client that would resume; the client's CA leaves the server's bundle.
+    let resuming = ccfg(true);
+    let results = sequence(scfg, vec![resuming.clone(), resuming], |i| {
+        if i == 1 {
+            server_bundles.store(without_ca());
+        }
+    });
+    assert_eq!(results[0], Ok(rustls::HandshakeKind::Full));
+    assert!(results[1].is_err(), "{:?}", results[1]);
+}
