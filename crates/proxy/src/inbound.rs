@@ -46,6 +46,8 @@ pub struct Inbound {
     authorizers: Arc<crate::authz::Authorizers>,
     /// Where connections to the application are made (this namespace or the workload's).
     sockets: crate::sockets::Sockets,
+    /// Peer chains verified again at admission, when the bundles changed since their handshake.
+    reverified: tessera_tls::memo::VerifiedChains,
 }
 
 impl Inbound {
@@ -67,6 +69,7 @@ impl Inbound {
             max_age: crate::live::MaxConnectionAge::Svid,
             authorizers: Arc::default(),
             sockets: crate::sockets::Sockets::default(),
+            reverified: tessera_tls::memo::VerifiedChains::default(),
         }
     }
 
@@ -129,6 +132,9 @@ impl Inbound {
             deny("the proxy has no identity yet".into());
             return;
         };
+        // The bundles as they are before the handshake: if they are the same at an admission,
+        // the handshake's verifier checked the chain against exactly them (see `admit`).
+        let verified_with = self.identity.bundles().load_full();
         // Boxed: the handshake's state lives on the heap only while it runs, instead of
         // enlarging this connection's task for its whole life (memory per idle connection).
         let tls = tokio::time::timeout(
@@ -161,13 +167,14 @@ impl Inbound {
             return deny("client presented no X509-SVID".into());
         };
         let src = Arc::new(src);
+        let not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(tessera_tls::leaf_not_after);
         let expires_at = match self.max_age {
-            crate::live::MaxConnectionAge::Svid => tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(tessera_tls::leaf_not_after),
+            crate::live::MaxConnectionAge::Svid => not_after,
             crate::live::MaxConnectionAge::Unlimited => None,
         };
         // Kept for re-verification when the bundles change (`crate::live`).
@@ -178,7 +185,12 @@ impl Inbound {
                 .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
                 .unwrap_or_default(),
         );
-        let peer_cert = PeerCert { expires_at, chain };
+        let peer_cert = PeerCert {
+            expires_at,
+            not_after,
+            chain,
+            verified_with,
+        };
         let Some(local) = local else {
             return deny("no local address".into());
         };
@@ -219,6 +231,36 @@ impl Inbound {
         if let Err(e) = r {
             tracing::debug!(error = %e, %peer, "tunnel connection ended");
         }
+    }
+
+    /// Whether the peer's chain still verifies now. One HTTP/2 tunnel carries requests for as
+    /// long as it stays open, long after its handshake: a CA removed from the bundle since then,
+    /// or a leaf that has expired, must refuse the next request as it would refuse a new
+    /// handshake (X509-SVID §5: validate against the bundle as it is). Open streams are closed
+    /// by `crate::live`; this covers the ones that come after. The common case costs nothing:
+    /// the same bundle snapshot as at the handshake and a leaf within its validity means the
+    /// handshake's own verification still holds.
+    fn still_verifies(&self, peer_cert: &PeerCert) -> Result<(), String> {
+        let now = tessera_tls::now();
+        let bundles = self.identity.bundles().load_full();
+        let expired = peer_cert
+            .not_after
+            .is_none_or(|t| i64::try_from(now.as_secs()).is_ok_and(|n| n > t));
+        if expired || !Arc::ptr_eq(&bundles, &peer_cert.verified_with) {
+            self.reverified
+                .verify(
+                    &peer_cert.chain,
+                    &bundles,
+                    now,
+                    tessera_tls::PeerRole::Client,
+                )
+                .map_err(|e| {
+                    format!(
+                        "the peer's X509-SVID no longer verifies against the current bundle: {e}"
+                    )
+                })?;
+        }
+        Ok(())
     }
 
     /// The admission of one tunnel request, the same for HTTP/2 CONNECT and the stream tunnel:
@@ -268,6 +310,9 @@ impl Inbound {
             peer_cert.expires_at,
             peer_cert.chain.clone(),
         );
+        // After registering, so a bundle change in between is caught by one or the other.
+        self.still_verifies(peer_cert)
+            .map_err(|e| (StatusCode::FORBIDDEN, e))?;
         let decision = if http {
             // Declared HTTP: every request is decided under the current policy (`crate::l7`);
             // a connection-level decision would apply TCP semantics to HTTP rules.
@@ -476,8 +521,13 @@ impl Inbound {
 /// `max_connection_age = "svid"`) and its chain (re-verified when the bundles change).
 #[derive(Debug)]
 struct PeerCert {
+    /// When live re-authorization closes the connection (`max_connection_age`).
     expires_at: Option<i64>,
+    /// The leaf's notAfter, whatever `max_connection_age` says.
+    not_after: Option<i64>,
     chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    /// The bundle snapshot of the handshake (taken just before it).
+    verified_with: Arc<tessera_spiffe::BundleSet>,
 }
 
 /// What [`Inbound::admit`] hands to the relay.

@@ -643,3 +643,62 @@ async fn rotation_during_a_transfer_and_a_bundle_without_the_peer_ca() {
         "only the first transfer reached the app"
     );
 }
+
+/// A pooled HTTP/2 tunnel outlives the bundle its handshake was verified against: once the
+/// source's CA leaves the destination's bundle, the next CONNECT on that same TLS connection is
+/// refused before the application is connected, as a new handshake would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_tunnel_admits_nothing_once_the_source_ca_left_the_bundle() {
+    let ca = TestCa::new("example.org");
+    let (app_port, count) = echo_app().await;
+    let bar = node(
+        identity(&ca, "spiffe://example.org/bar", &[&ca]),
+        &[app_port],
+        Some(ALLOW_FOO),
+    )
+    .await;
+    let foo = node(identity(&ca, "spiffe://example.org/foo", &[&ca]), &[], None).await;
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let bar_id = id("spiffe://example.org/bar");
+    let up = foo
+        .proxy
+        .outbound
+        .open(&bar_id, bar.proxy.tunnel_addr, target)
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(up, b"first").await, b"first");
+    assert_eq!(*count.lock().unwrap(), 1);
+    // The same bundle again, as a new snapshot: still admitted (verified again, and it holds).
+    bar.identity.set_bundles(bundle_set(&[&ca]));
+    let up = foo
+        .proxy
+        .outbound
+        .open(&bar_id, bar.proxy.tunnel_addr, target)
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(up, b"second").await, b"second");
+    assert_eq!(*count.lock().unwrap(), 2);
+    // foo's CA leaves bar's bundle; foo's pooled connection is still open.
+    let other = TestCa::new("example.org");
+    bar.identity.set_bundles(bundle_set(&[&other]));
+    let err = foo
+        .proxy
+        .outbound
+        .open(&bar_id, bar.proxy.tunnel_addr, target)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TunnelError::Refused { status: 403, .. }),
+        "{err}"
+    );
+    let rec = bar
+        .log
+        .wait_for(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("no longer verifies against the current bundle"))
+        })
+        .await;
+    assert_eq!(rec["src_spiffe_id"], "spiffe://example.org/foo");
+    assert_eq!(*count.lock().unwrap(), 2, "nothing more reached the app");
+}
