@@ -67,16 +67,25 @@ impl Admin {
         Ok(())
     }
 
-    /// The server signs and registers only IDs of its own trust domain.
+    /// The server signs and registers only IDs of its own trust domain, and never one of the
+    /// names it gives its own servers and agents (`tessera_store::model::is_reserved`).
     fn own_trust_domain(&self, field: &str, id: &tessera_spiffe::SpiffeId) -> Result<(), Status> {
-        if id.is_member_of(&self.state.td) {
-            Ok(())
-        } else {
-            Err(field_err(
+        if !id.is_member_of(&self.state.td) {
+            return Err(field_err(
                 field,
                 format!("{id} is not in trust domain {}", self.state.td),
-            ))
+            ));
         }
+        if tessera_store::model::is_reserved(id) {
+            return Err(field_err(
+                field,
+                format!(
+                    "{id} is under {}/, which is reserved for the trust domain's servers and agents",
+                    tessera_store::model::RESERVED_PATH
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

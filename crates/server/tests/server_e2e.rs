@@ -579,6 +579,23 @@ async fn bad_admin_requests_name_the_field_and_change_nothing() {
             ),
             "spiffe_id",
         ),
+        // The server's own ID, and a node alias named like an agent: reserved names.
+        (
+            entry(
+                "spiffe://example.org/tessera/server",
+                "spiffe://example.org/tessera/agent/x/y",
+                "unix:uid:0",
+            ),
+            "reserved",
+        ),
+        (
+            entry(
+                "spiffe://example.org/tessera/agent/x509pop/victim",
+                "spiffe://example.org/tessera/server",
+                "agent:join_token:n1",
+            ),
+            "reserved",
+        ),
     ];
     for (req, field) in cases {
         let err = adm.create_entry(req).await.unwrap_err();
@@ -602,6 +619,22 @@ async fn bad_admin_requests_name_the_field_and_change_nothing() {
         .await
         .unwrap_err();
     assert!(err.message().starts_with("csr:"), "{}", err.message());
+    for spiffe_id in [
+        "spiffe://example.org/tessera/server",
+        "spiffe://example.org/tessera",
+    ] {
+        let err = adm
+            .mint_x509_svid(pb::MintX509SvidRequest {
+                spiffe_id: spiffe_id.into(),
+                csr: vec![1, 2, 3],
+                ttl_secs: 60,
+                dns_names: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("reserved"), "{}", err.message());
+    }
     server.shutdown().await;
 }
 

@@ -114,6 +114,15 @@ impl NewEntry {
                 ),
             ));
         }
+        if is_reserved(&self.spiffe_id) {
+            return Err(StoreError::invalid(
+                "spiffe_id",
+                format!(
+                    "{} is under {RESERVED_PATH}/, which is reserved for the trust domain's servers and agents",
+                    self.spiffe_id
+                ),
+            ));
+        }
         let td = self.spiffe_id.trust_domain();
         if !self.parent_id.is_member_of(&td) {
             return Err(StoreError::invalid(
@@ -167,6 +176,23 @@ impl NewEntry {
         }
         Ok(())
     }
+}
+
+/// The path under which Tessera names its own components: `spiffe://<td>/tessera/server` and
+/// `spiffe://<td>/tessera/agent/<method>/<id>`.
+pub const RESERVED_PATH: &str = "/tessera";
+
+/// Whether `id` is in the reserved namespace ([`RESERVED_PATH`]), which no registration entry
+/// and no minted SVID may use. Agents trust the server by exactly its ID and the server
+/// authorizes agents by theirs, so an entry for `/tessera/server` would hand a workload the
+/// server's identity, and a node alias named like an agent would make other agents its
+/// parents. SPIRE reserves `/spire/` the same way.
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    let path = id.path();
+    path == RESERVED_PATH
+        || path
+            .strip_prefix(RESERVED_PATH)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 pub(crate) fn validate_selectors(
@@ -607,6 +633,21 @@ mod tests {
                 |e| e.parent_id = id("spiffe://other.org/agent"),
                 "parent_id",
                 "trust domain",
+            ),
+            (
+                |e| e.spiffe_id = id("spiffe://example.org/tessera/server"),
+                "spiffe_id",
+                "reserved",
+            ),
+            (
+                |e| e.spiffe_id = id("spiffe://example.org/tessera/agent/x509pop/abc"),
+                "spiffe_id",
+                "reserved",
+            ),
+            (
+                |e| e.spiffe_id = id("spiffe://example.org/tessera"),
+                "spiffe_id",
+                "reserved",
             ),
             (|e| e.x509_ttl_secs = 0, "x509_ttl_secs", "at least 1"),
             (|e| e.jwt_ttl_secs = 0, "jwt_ttl_secs", "at least 1"),
