@@ -392,7 +392,7 @@ impl Enrollments {
                     name: w.name.clone(),
                     netns: fd,
                     selectors: w.selectors.clone(),
-                    svids: w.svids.values().map(|h| h.identity.clone()).collect(),
+                    svids: in_api_order(w.svids.values().map(|h| h.identity.clone()).collect()),
                 })
             })
             .collect()
@@ -421,6 +421,36 @@ impl std::fmt::Debug for Delegation {
             .field("authorized", &self.authorized)
             .finish_non_exhaustive()
     }
+}
+
+/// `svids` in the Workload API's order (`cache::Snapshot::publish`): the first is the
+/// workload's default identity, the one its proxy presents and the one `policy_watch::build`
+/// picks policies for, so both must agree.
+fn in_api_order(mut svids: Vec<Arc<Identity>>) -> Vec<Arc<Identity>> {
+    svids.sort_by(|a, b| {
+        (a.spiffe_id.as_str(), a.entry_id.as_str())
+            .cmp(&(b.spiffe_id.as_str(), b.entry_id.as_str()))
+    });
+    svids
+}
+
+/// The bundles a workload holding `svids` may have, as the Workload API scopes them (§4.6): its
+/// own trust domains and those its entries federate with. A federated trust domain's CA is
+/// trusted by a workload's proxy only where an entry of that workload says so.
+fn bundles_json(snapshot: &crate::cache::Snapshot, svids: &[Arc<Identity>]) -> serde_json::Value {
+    let tds = crate::workload_api::view::trust_domains_for(snapshot, svids);
+    snapshot
+        .bundles
+        .iter()
+        .filter(|b| tds.contains(b.trust_domain()))
+        .map(|b| {
+            (
+                b.trust_domain().to_string(),
+                serde_json::Value::String(b.to_json()),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn b64(b: &[u8]) -> String {
@@ -516,20 +546,10 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
         enr.borrow_and_update();
         let snapshot = snaps.borrow_and_update().clone();
         let policies = pols.borrow_and_update().clone();
-        let bundles: serde_json::Value = snapshot
-            .bundles
-            .iter()
-            .map(|b| {
-                (
-                    b.trust_domain().to_string(),
-                    serde_json::Value::String(b.to_json()),
-                )
-            })
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-        let bundles_text = bundles.to_string();
         let view = enrollments.view();
         for w in &view {
+            let bundles = bundles_json(&snapshot, &w.svids);
+            let bundles_text = bundles.to_string();
             let fps: Vec<String> = w
                 .svids
                 .iter()
@@ -551,6 +571,18 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
             let io = |e: std::io::Error| format!("the delegate went away: {e}");
             match sent.get(&w.id) {
                 None if w.svids.is_empty() => continue, // sent once it has an identity
+                Some(_) if w.svids.is_empty() => {
+                    // Its last entry is gone (deleted, or no longer matching): nothing may be
+                    // served in its name any more, so the delegate stops serving it as it does
+                    // on a detach, closing its connections. A later match attaches it again.
+                    write_frame(
+                        s,
+                        &serde_json::json!({"event": "detached", "workload": w.id}),
+                    )
+                    .map_err(io)?;
+                    sent.remove(&w.id);
+                    continue;
+                }
                 None => {
                     write_frame_with_fd(
                         s,
@@ -582,7 +614,7 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
                     }
                 }
             }
-            sent.insert(w.id.clone(), (fps, bundles_text.clone(), pol_text));
+            sent.insert(w.id.clone(), (fps, bundles_text, pol_text));
         }
         let gone: Vec<String> = sent
             .keys()
@@ -780,6 +812,57 @@ pub fn serve(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn identity(entry: &str, id: &str, federates: &[&str]) -> Arc<Identity> {
+        Arc::new(Identity {
+            entry_id: entry.to_owned(),
+            spiffe_id: tessera_spiffe::SpiffeId::parse(id).unwrap(),
+            selectors: [Selector::parse("attach:app:x").unwrap()].into(),
+            hint: String::new(),
+            federates_with: federates
+                .iter()
+                .map(|f| tessera_spiffe::TrustDomain::new(f).unwrap())
+                .collect(),
+            chain: vec![b"leaf".to_vec()],
+            key_pkcs8: zeroize::Zeroizing::new(b"key".to_vec()),
+            not_after: 0,
+        })
+    }
+
+    #[test]
+    fn a_workload_gets_only_its_own_and_its_federated_bundles() {
+        let mut set = tessera_spiffe::BundleSet::new();
+        for td in ["example.org", "fed.org", "other.org"] {
+            set.insert(tessera_test_util::TestCa::new(td).bundle())
+                .unwrap();
+        }
+        let snapshot = crate::cache::Snapshot {
+            version: 1,
+            trust_domain: Some(tessera_spiffe::TrustDomain::new("example.org").unwrap()),
+            identities: Vec::new(),
+            bundles: set,
+        };
+        let keys = |v: serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        let plain = [identity("e1", "spiffe://example.org/a", &[])];
+        assert_eq!(keys(bundles_json(&snapshot, &plain)), ["example.org"]);
+        let federating = [identity("e2", "spiffe://example.org/b", &["fed.org"])];
+        assert_eq!(
+            keys(bundles_json(&snapshot, &federating)),
+            ["example.org", "fed.org"]
+        );
+    }
+
+    #[test]
+    fn the_default_identity_is_the_workload_apis_first() {
+        // Entry ids order one way, SPIFFE IDs the other: the Workload API's order wins.
+        let v = in_api_order(vec![
+            identity("a", "spiffe://example.org/z", &[]),
+            identity("b", "spiffe://example.org/a", &[]),
+        ]);
+        assert_eq!(v[0].spiffe_id.as_str(), "spiffe://example.org/a");
+    }
 
     #[test]
     fn callers_may_add_attach_selectors_only() {

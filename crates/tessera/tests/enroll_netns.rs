@@ -313,19 +313,28 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
     cp.entry("foo", &foo, &[]);
     cp.entry("baz", &baz, &[]);
     cp.entry("baz", &reuse, &[]);
-    support::netns::cli(
-        &cp.admin,
-        &[
-            "entry",
-            "create",
-            "--spiffe-id",
-            "spiffe://example.org/bar",
-            "--parent-id",
-            &node_b.agent_id,
-            "--selector",
-            &format!("netns:name:{bar}"),
-        ],
-    );
+    let create_bar = || {
+        let o = support::netns::cli(
+            &cp.admin,
+            &[
+                "entry",
+                "create",
+                "--spiffe-id",
+                "spiffe://example.org/bar",
+                "--parent-id",
+                &node_b.agent_id,
+                "--selector",
+                &format!("netns:name:{bar}"),
+            ],
+        );
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("Entry ID      : "))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let bar_entry = create_bar();
     node_proxy_entry(&cp, &cp.agent_id);
     node_proxy_entry(&cp, &node_b.agent_id);
     allow_foo_to_bar(&cp);
@@ -419,6 +428,27 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
         exchange(&foo, b"again").as_deref() == Some(&b"again"[..])
     });
     assert!(app.connections() > before);
+
+    // Deleting bar's only entry takes its identity away on its node at once: the node proxy
+    // stops serving it (live connections close, nothing more is admitted), as on a detach.
+    // Recreating the entry serves it again, with no new attach.
+    let mut live =
+        tessera_test_util::netns::in_netns(&foo, || TcpStream::connect(bar_app).unwrap());
+    live.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    live.write_all(b"live").unwrap();
+    live.read_exact(&mut b).unwrap();
+    support::netns::cli(&cp.admin, &["entry", "delete", "--id", &bar_entry]);
+    assert_eq!(
+        live.read(&mut b).unwrap_or(0),
+        0,
+        "a live connection outlived the deletion of bar's entry"
+    );
+    assert_eq!(exchange(&foo, b"gone"), None);
+    create_bar();
+    wait_until("bar served again once its entry is back", 30, || {
+        exchange(&foo, b"back").as_deref() == Some(&b"back"[..])
+    });
 
     // The IP-reuse attack: foo detached and gone, a new workload at foo's address, the
     // server stopped. It is baz (its own entry), never foo.
