@@ -177,13 +177,14 @@ pub struct Destination {
 /// The transparent mode's destination map: original destination → expected identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DestinationMap {
-    /// Longest prefix first, so the most specific entry wins.
+    /// Most specific first: the longest prefix, and among equal prefixes the entries that
+    /// name ports before those for every port. The first match wins.
     entries: Vec<Destination>,
 }
 
 impl DestinationMap {
     pub fn new(mut entries: Vec<Destination>) -> Self {
-        entries.sort_by_key(|d| std::cmp::Reverse(d.cidr.prefix));
+        entries.sort_by_key(|d| (std::cmp::Reverse(d.cidr.prefix), d.ports.is_empty()));
         Self { entries }
     }
 
@@ -268,7 +269,7 @@ pub struct FileConfig {
 /// Parses the proxy config file; `name` is the file's path for error messages.
 pub fn parse_file(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
     let f: File = toml::from_str(text).map_err(|e| err(name, e.to_string()))?;
-    let mut entries = Vec::with_capacity(f.destination.len());
+    let mut entries: Vec<Destination> = Vec::with_capacity(f.destination.len());
     for (i, d) in f.destination.into_iter().enumerate() {
         let at = |field: &str| format!("{name}: destination[{i}].{field}");
         let cidr = d.cidr.parse().map_err(|e| err(at("cidr"), e))?;
@@ -285,6 +286,30 @@ pub fn parse_file(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
             Some(p) => p,
             None => TUNNEL_PORT,
         };
+        // Two entries for the same network and a port in common (or both for every port)
+        // would make the expected identity depend on their order in the file: refused.
+        for (j, e) in entries.iter().enumerate() {
+            if e.cidr != cidr {
+                continue;
+            }
+            let common = if e.ports.is_empty() && d.ports.is_empty() {
+                Some("every port".to_owned())
+            } else {
+                d.ports
+                    .iter()
+                    .find(|p| e.ports.contains(p))
+                    .map(|p| format!("port {p}"))
+            };
+            if let Some(what) = common {
+                return Err(err(
+                    at("cidr"),
+                    format!(
+                        "{} for {what} is already mapped by destination[{j}]; one address and port has one expected identity",
+                        d.cidr
+                    ),
+                ));
+            }
+        }
         entries.push(Destination {
             cidr,
             ports: d.ports,
@@ -394,5 +419,44 @@ spiffe_id = "spiffe://example.org/bar"
         .unwrap_err();
         assert_eq!(e.what, "p.toml: destination[0].spiffe_id");
         assert!(parse_file("p.toml", "destinations = []").is_err());
+    }
+
+    #[test]
+    fn a_port_specific_entry_wins_over_the_same_network_for_every_port() {
+        // Listed after the every-port entry, with the same prefix: still the more specific.
+        let f = parse_file(
+            "p.toml",
+            r#"
+[[destination]]
+cidr = "10.0.0.0/24"
+spiffe_id = "spiffe://example.org/tier"
+[[destination]]
+cidr = "10.0.0.0/24"
+ports = [5432]
+spiffe_id = "spiffe://example.org/db"
+"#,
+        )
+        .unwrap();
+        let m = &f.destinations;
+        let db = m.lookup("10.0.0.7:5432".parse().unwrap()).unwrap();
+        assert_eq!(db.spiffe_id.as_str(), "spiffe://example.org/db");
+        let tier = m.lookup("10.0.0.7:80".parse().unwrap()).unwrap();
+        assert_eq!(tier.spiffe_id.as_str(), "spiffe://example.org/tier");
+        // The same network and port twice is ambiguous, whatever the order.
+        for (ports_a, ports_b, what) in [
+            ("", "", "every port"),
+            ("ports = [80, 5432]\n", "ports = [5432]\n", "port 5432"),
+        ] {
+            let e = parse_file(
+                "p.toml",
+                &format!(
+                    "[[destination]]\ncidr = \"10.0.0.0/24\"\n{ports_a}spiffe_id = \"spiffe://example.org/a\"\n[[destination]]\ncidr = \"10.0.0.0/24\"\n{ports_b}spiffe_id = \"spiffe://example.org/b\"\n"
+                ),
+            )
+            .unwrap_err();
+            assert_eq!(e.what, "p.toml: destination[1].cidr");
+            assert!(e.to_string().contains(what), "{e}");
+            assert!(e.to_string().contains("destination[0]"), "{e}");
+        }
     }
 }

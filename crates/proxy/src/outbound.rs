@@ -402,6 +402,20 @@ impl Outbound {
                         return;
                     }
                 };
+                // Loopback is never intercepted (the rules exempt it), so a loopback original
+                // destination means a process connected to this capture port directly: there
+                // is no destination to reach, and passing it through would connect the proxy
+                // to itself, again and again.
+                if target.ip().is_loopback() {
+                    let mut rec = AccessRecord::new(Direction::Outbound);
+                    rec.src_addr = Some(peer);
+                    rec.dst_addr = Some(target);
+                    rec.reason = format!(
+                        "connected to the capture port directly (original destination {target} is loopback, which is never intercepted)"
+                    );
+                    this.telemetry.record(rec, Duration::ZERO);
+                    return;
+                }
                 match map.lookup(target) {
                     Some(d) => {
                         let tunnel = SocketAddr::new(target.ip(), d.tunnel_port);

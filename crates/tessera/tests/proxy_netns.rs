@@ -497,6 +497,30 @@ fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
         r["direction"] == "inbound_plaintext" && r["decision"] == "allow"
     });
     assert_eq!(inb["src_spiffe_id"], serde_json::Value::Null);
+    // A process that connects to the capture port itself (loopback is never intercepted) is
+    // refused once; passthrough must not connect the proxy to itself over and over.
+    let capture = SocketAddr::from((Ipv4Addr::LOCALHOST, 15001));
+    let r = exchange(&foo, capture, b"LOOP");
+    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    let direct = |r: &serde_json::Value| {
+        r["reason"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("connected to the capture port directly"))
+    };
+    foo_proxy.wait_record("foo's refusal of a direct connection to 15001", direct);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let passthroughs = |p: &Proxy| {
+        p.records()
+            .iter()
+            .filter(|r| r["direction"] == "passthrough")
+            .count()
+    };
+    assert_eq!(foo_proxy.records().iter().filter(|r| direct(r)).count(), 1);
+    assert_eq!(
+        passthroughs(&foo_proxy),
+        1,
+        "only the PLAIN-OK connection passed through"
+    );
     // PERMISSIVE admits only declared ports.
     let r = exchange(&foo, SocketAddr::from((BAR_IP, 8081)), b"UNDECLARED");
     assert!(r.map(|b| b.is_empty()).unwrap_or(true));
