@@ -480,6 +480,29 @@ impl AgentApiTrait for AgentApi {
 }
 
 impl AgentApi {
+    /// Whether the agent of a sync stream may keep it, asked after every snapshot. A snapshot
+    /// is read at the store's current revision, which may be past events of the batch this loop
+    /// was in (or past the revision it started from), so a ban or an eviction among them would
+    /// never be looked at as an event: the agent record is read again instead.
+    async fn still_admitted(&self, agent: &Agent) -> Result<(), Status> {
+        let id = &agent.spiffe_id;
+        let now = match self.state.store.get_agent(id).await {
+            Ok(a) => a,
+            Err(StoreError::Unavailable(_)) => self.state.memory.agent(id),
+            Err(e) => return Err(store_status(e)),
+        };
+        match now {
+            Some(a) if a.banned => Err(Status::permission_denied(format!("agent {id} was banned"))),
+            Some(a) if a.serial == agent.serial => Ok(()),
+            // Renewed, or evicted and attested again: the stream belongs to an SVID that is no
+            // longer the agent's; reconnecting with the current one resumes it.
+            Some(_) => Err(Status::unavailable(format!(
+                "agent {id}'s SVID changed since this stream began: reconnect with the current one"
+            ))),
+            None => Err(Status::permission_denied(format!("agent {id} was evicted"))),
+        }
+    }
+
     /// Sends a snapshot (or a delta, when resuming and the feed still has it), then every change
     /// as it commits, until the agent goes away or is banned/evicted.
     async fn sync_loop(
@@ -514,8 +537,11 @@ impl AgentApi {
             after
         } else {
             tainted.borrow_and_update();
-            self.send_snapshot(&parents, &mut sent, &mut needs, tx)
-                .await?
+            let rev = self
+                .send_snapshot(&parents, &mut sent, &mut needs, tx)
+                .await?;
+            self.still_admitted(&agent).await?;
+            rev
         };
         loop {
             let from_memory = self.state.applied.events_after(last, 1000);
@@ -529,6 +555,7 @@ impl AgentApi {
                     last = self
                         .send_snapshot(&parents, &mut sent, &mut needs, tx)
                         .await?;
+                    self.still_admitted(&agent).await?;
                     continue;
                 }
                 Err(e) => return Err(store_status(e)),
@@ -571,6 +598,7 @@ impl AgentApi {
                                 last = self
                                     .send_snapshot(&parents, &mut sent, &mut needs, tx)
                                     .await?;
+                                self.still_admitted(&agent).await?;
                                 break;
                             }
                             Some(e) if parents.contains(&e.parent_id) => {
