@@ -102,6 +102,12 @@ impl Identity {
         self.changes.subscribe()
     }
 
+    /// How many SVID or bundle changes there have been: what a connection set up under one
+    /// value was verified and authenticated with may be stale under the next.
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     /// This proxy's SPIFFE ID, once it has one.
     pub fn spiffe_id(&self) -> Option<Arc<SpiffeId>> {
         self.id.load_full()

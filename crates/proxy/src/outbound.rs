@@ -47,12 +47,35 @@ struct PoolKey {
     tunnel: SocketAddr,
 }
 
+/// A pooled tunnel connection, and what decides when it is too old to carry new streams.
+#[derive(Debug)]
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    /// [`Identity::generation`] when it was dialed: after this proxy's SVID rotated it still
+    /// presents the old one, and after a bundle change its peer was verified against the old
+    /// bundle. New streams then go over a new connection; open ones finish on this one.
+    generation: u64,
+    /// The peer's leaf notAfter (Unix seconds): past it, the peer's identity is no longer proven.
+    peer_not_after: Option<i64>,
+}
+
+impl Pooled {
+    fn usable(&self, generation: u64) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        !self.sender.is_closed()
+            && self.generation == generation
+            && self.peer_not_after.is_some_and(|t| now < t)
+    }
+}
+
 /// Opens tunnel streams.
 #[derive(Debug)]
 pub struct Outbound {
     identity: Arc<Identity>,
     configs: ClientConfigs,
-    pool: Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    pool: Mutex<HashMap<PoolKey, Pooled>>,
     pooling: bool,
     protocol: TunnelProtocol,
     /// Where connections are made (this namespace or a workload's) and their mark.
@@ -228,8 +251,9 @@ impl Outbound {
             tunnel,
         };
         let pooled = if self.pooling {
+            let generation = self.identity.generation();
             self.pool.lock().ok().and_then(|mut p| match p.get(&key) {
-                Some(s) if !s.is_closed() => Some(s.clone()),
+                Some(s) if s.usable(generation) => Some(s.sender.clone()),
                 Some(_) => {
                     p.remove(&key);
                     None
@@ -281,7 +305,15 @@ impl Outbound {
 
     async fn dial(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
         let tunnel = key.tunnel;
+        // Read before the handshake: a change during it makes the connection stale at once.
+        let generation = self.identity.generation();
         let tls = self.handshake(&key.dst, tunnel, None).await?;
+        let peer_not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(tessera_tls::leaf_not_after);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
@@ -300,7 +332,14 @@ impl Outbound {
         if self.pooling
             && let Ok(mut p) = self.pool.lock()
         {
-            p.insert(key.clone(), sender.clone());
+            p.insert(
+                key.clone(),
+                Pooled {
+                    sender: sender.clone(),
+                    generation,
+                    peer_not_after,
+                },
+            );
         }
         Ok(sender)
     }

@@ -702,3 +702,54 @@ async fn a_pooled_tunnel_admits_nothing_once_the_source_ca_left_the_bundle() {
     assert_eq!(rec["src_spiffe_id"], "spiffe://example.org/foo");
     assert_eq!(*count.lock().unwrap(), 2, "nothing more reached the app");
 }
+
+/// A pooled tunnel connection is not used for new streams once this proxy's SVID rotated: it
+/// still presents the old SVID, which may expire (and be refused by the destination) while the
+/// pool holds it. New streams go over a new connection with the current SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rotation_new_streams_use_a_connection_with_the_new_svid() {
+    let ca = TestCa::new("example.org");
+    let (app_port, count) = echo_app().await;
+    let bar = node(
+        identity(&ca, "spiffe://example.org/bar", &[&ca]),
+        &[app_port],
+        Some(ALLOW_FOO),
+    )
+    .await;
+    // foo's first SVID expires in two seconds.
+    let short = ca.issue_expiring("spiffe://example.org/foo", 2);
+    let foo_identity = Identity::with_svid(
+        short.chain,
+        PrivateKeyDer::Pkcs8(short.key),
+        bundle_set(&[&ca]),
+    )
+    .unwrap();
+    let foo = node(foo_identity, &[], None).await;
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let bar_id = id("spiffe://example.org/bar");
+    let up = foo
+        .proxy
+        .outbound
+        .open(&bar_id, bar.proxy.tunnel_addr, target)
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(up, b"before").await, b"before");
+    // Rotated well before expiry, as the agent does; the old SVID then expires.
+    let long = ca.issue("spiffe://example.org/foo");
+    foo.identity
+        .update(
+            long.chain,
+            PrivateKeyDer::Pkcs8(long.key),
+            bundle_set(&[&ca]),
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let up = foo
+        .proxy
+        .outbound
+        .open(&bar_id, bar.proxy.tunnel_addr, target)
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(up, b"after").await, b"after");
+    assert_eq!(*count.lock().unwrap(), 2);
+}

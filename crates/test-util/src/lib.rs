@@ -184,6 +184,13 @@ impl TestCa {
         self.issue_with(spiffe_id, |_| {})
     }
 
+    /// An X509-SVID that expires `secs` seconds from now.
+    pub fn issue_expiring(&self, spiffe_id: &str, secs: i64) -> Issued {
+        self.issue_with(spiffe_id, |p| {
+            p.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
+        })
+    }
+
     /// An X509-SVID whose parameters `edit` may break.
     pub fn issue_with(&self, spiffe_id: &str, edit: impl FnOnce(&mut CertificateParams)) -> Issued {
         let key = KeyPair::generate().expect("keygen");
