@@ -773,6 +773,22 @@ fn handle(
     }
 }
 
+/// Whether the peer of an admin-socket connection is root or the user the agent runs as
+/// (`SO_PEERCRED`, read by the kernel when the peer connected).
+fn admitted_caller(s: &UnixStream) -> Result<(), String> {
+    let cred = rustix::net::sockopt::socket_peercred(s)
+        .map_err(|e| format!("cannot read the caller's credentials (SO_PEERCRED): {e}"))?;
+    let own = nix::unistd::geteuid().as_raw();
+    let uid = cred.uid.as_raw();
+    if uid == 0 || uid == own {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {uid} is neither root nor the agent's user ({own})"
+        ))
+    }
+}
+
 /// Serves the admin socket at `path` (created mode 0600, replacing a stale one) on threads of
 /// its own: requests are rare and short, and a blocking socket carries descriptors simply.
 pub fn serve(
@@ -792,6 +808,12 @@ pub fn serve(
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut s) = conn else { continue };
+                // The mode above is set after `bind`, so for a moment the socket had the
+                // umask's; the caller is checked too. Root or the agent's own user only.
+                if let Err(e) = admitted_caller(&s) {
+                    tracing::warn!(error = %e, "agent admin socket: caller refused");
+                    continue;
+                }
                 let enrollments = enrollments.clone();
                 let delegation = delegation.clone();
                 let _ = std::thread::Builder::new()
@@ -862,6 +884,37 @@ mod tests {
             identity("b", "spiffe://example.org/a", &[]),
         ]);
         assert_eq!(v[0].spiffe_id.as_str(), "spiffe://example.org/a");
+    }
+
+    #[test]
+    fn the_admin_socket_admits_root_and_the_agents_user_only() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        admitted_caller(&a).unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping the other-user half: it needs root to connect as another user");
+            return;
+        }
+        // A caller of another user (nobody): a thread whose own credentials (the raw
+        // per-thread `setresuid`, not libc's process-wide one) are nobody's connects.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("admin.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let p = path.clone();
+        let caller = std::thread::spawn(move || {
+            let nobody = rustix::thread::Uid::from_raw(65534);
+            rustix::thread::set_thread_res_uid(nobody, nobody, nobody).unwrap();
+            UnixStream::connect(&p)
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        // Queued in the backlog: accepted now, with the credentials it connected with.
+        let (s, _) = l.accept().unwrap();
+        let e = admitted_caller(&s).unwrap_err();
+        assert!(e.contains("uid 65534"), "{e}");
+        drop(caller);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! into signed identities (keys made here, CSRs signed by the server) and publishes cache
 //! snapshots, which the Workload API streams to workloads.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -895,11 +895,10 @@ async fn sign_batch<'a>(
         let Ok(spiffe_id) = SpiffeId::parse(&entry.spiffe_id) else {
             continue;
         };
-        let selectors = entry
-            .selectors
-            .iter()
-            .filter_map(|s| Selector::parse(s).ok())
-            .collect();
+        let Some(selectors) = entry_selectors(&entry.selectors) else {
+            tracing::warn!(entry = %entry.id, selectors = ?entry.selectors, "entry left out: a selector does not parse here");
+            continue;
+        };
         let federates_with = entry
             .federates_with
             .iter()
@@ -1020,6 +1019,13 @@ impl JwtMinter for ServerMinter {
     }
 }
 
+/// An entry's selectors, or `None` when one of them does not parse here (a newer server's):
+/// then the whole entry is refused, since leaving the selector out would make the entry match
+/// more workloads than it names (an entry matches when all its selectors are the caller's).
+fn entry_selectors(raw: &[String]) -> Option<BTreeSet<Selector>> {
+    raw.iter().map(|s| Selector::parse(s).ok()).collect()
+}
+
 #[cfg(test)]
 mod federation_tests {
     use super::*;
@@ -1103,5 +1109,17 @@ mod federation_tests {
         assert!(state.federated.is_empty());
         assert_eq!(state.bundle_set().unwrap().len(), 1);
         assert_eq!(state.revision, 7);
+    }
+}
+
+#[cfg(test)]
+mod selector_tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_with_a_selector_this_agent_cannot_parse_is_refused_whole() {
+        let ok = entry_selectors(&["unix:uid:1000".into(), "netns:name:a".into()]);
+        assert_eq!(ok.map(|s| s.len()), Some(2));
+        assert!(entry_selectors(&["unix:uid:1000".into(), "no-colon".into()]).is_none());
     }
 }
