@@ -662,6 +662,12 @@ fn apply(
 struct Held {
     identity: Arc<Identity>,
     entry_revision: u64,
+    /// The entry revision whose selectors, hint and federations `identity` carries: ahead of
+    /// `entry_revision` when the entry changed and its new SVID is not signed yet.
+    view_revision: u64,
+    /// The entry now names another SPIFFE ID (or a selector this agent cannot parse): the held
+    /// SVID is not served until the new one arrives.
+    withheld: bool,
     rotate_at: u64,
     bundle_seq: Option<u64>,
     /// The signing CA's subject key identifier (the leaf's authority key identifier).
@@ -737,6 +743,8 @@ async fn svid_task(
                                 Held {
                                     identity: Arc::new(identity),
                                     entry_revision: entry.updated_revision,
+                                    view_revision: entry.updated_revision,
+                                    withheld: false,
                                     rotate_at: rotate_at(received, na),
                                     bundle_seq: seq,
                                     authority_id,
@@ -752,11 +760,29 @@ async fn svid_task(
                 }
             }
         }
+        // An entry that changed but is not signed again yet (signing failed, or the server
+        // refused it): who gets its SVID is decided by the entry as it is now, at once.
+        for (id, h) in &mut held {
+            let Some(e) = state.entries.get(id) else {
+                continue;
+            };
+            if h.view_revision == e.updated_revision {
+                continue;
+            }
+            h.view_revision = e.updated_revision;
+            match under_current_entry(&h.identity, e) {
+                Some(i) => {
+                    h.identity = Arc::new(i);
+                    h.withheld = false;
+                }
+                None => h.withheld = true,
+            }
+        }
         shared.cache.set_tainted_jwt(&state.tainted_jwt);
         if let Some(set) = state.bundle_set() {
             let live: Vec<Arc<Identity>> = held
                 .values()
-                .filter(|h| h.identity.not_after > now)
+                .filter(|h| h.identity.not_after > now && !h.withheld)
                 .map(|h| h.identity.clone())
                 .collect();
             let current = shared.cache.current();
@@ -1019,6 +1045,31 @@ impl JwtMinter for ServerMinter {
     }
 }
 
+/// A held SVID as served once its entry changed, before the new SVID is signed: the same
+/// certificate and key, matched by the entry's current selectors, hint and federations (who
+/// may have an identity is the entry's to say, at once, as in SPIRE). `None` when the entry
+/// now names another SPIFFE ID (the certificate no longer matches it) or has a selector this
+/// agent cannot parse: then nothing is served for it until the new SVID arrives.
+fn under_current_entry(held: &Identity, entry: &pb::Entry) -> Option<Identity> {
+    if held.spiffe_id.as_str() != entry.spiffe_id {
+        return None;
+    }
+    Some(Identity {
+        entry_id: held.entry_id.clone(),
+        spiffe_id: held.spiffe_id.clone(),
+        selectors: entry_selectors(&entry.selectors)?,
+        hint: entry.hint.clone(),
+        federates_with: entry
+            .federates_with
+            .iter()
+            .filter_map(|t| TrustDomain::new(t).ok())
+            .collect(),
+        chain: held.chain.clone(),
+        key_pkcs8: zeroize::Zeroizing::new(held.key_pkcs8.to_vec()),
+        not_after: held.not_after,
+    })
+}
+
 /// An entry's selectors, or `None` when one of them does not parse here (a newer server's):
 /// then the whole entry is refused, since leaving the selector out would make the entry match
 /// more workloads than it names (an entry matches when all its selectors are the caller's).
@@ -1115,6 +1166,36 @@ mod federation_tests {
 #[cfg(test)]
 mod selector_tests {
     use super::*;
+
+    #[test]
+    fn a_changed_entry_decides_who_gets_its_held_svid_before_it_is_signed_again() {
+        let held = Identity {
+            entry_id: "e1".into(),
+            spiffe_id: tessera_spiffe::SpiffeId::parse("spiffe://example.org/web").unwrap(),
+            selectors: [Selector::parse("unix:uid:1000").unwrap()].into(),
+            hint: String::new(),
+            federates_with: BTreeSet::new(),
+            chain: vec![b"leaf".to_vec()],
+            key_pkcs8: zeroize::Zeroizing::new(b"key".to_vec()),
+            not_after: 9,
+        };
+        let mut entry = pb::Entry {
+            id: "e1".into(),
+            spiffe_id: "spiffe://example.org/web".into(),
+            selectors: vec!["unix:uid:1001".into()],
+            hint: "internal".into(),
+            ..Default::default()
+        };
+        let now = under_current_entry(&held, &entry).unwrap();
+        let uid = |u: &str| Selector::parse(&format!("unix:uid:{u}")).unwrap();
+        assert!(now.selectors.contains(&uid("1001")) && !now.selectors.contains(&uid("1000")));
+        assert_eq!(
+            (now.hint.as_str(), now.chain.clone()),
+            ("internal", held.chain.clone())
+        );
+        entry.spiffe_id = "spiffe://example.org/api".into();
+        assert!(under_current_entry(&held, &entry).is_none());
+    }
 
     #[test]
     fn an_entry_with_a_selector_this_agent_cannot_parse_is_refused_whole() {
