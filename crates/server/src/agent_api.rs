@@ -364,9 +364,17 @@ impl AgentApiTrait for AgentApi {
         let stored = self
             .state
             .store
-            .update_agent_svid(&agent.spiffe_id, &signed.serial_hex, expires)
+            .update_agent_svid(&agent.spiffe_id, &agent.serial, &signed.serial_hex, expires)
             .await
-            .map_err(store_status)?;
+            .map_err(|e| match e {
+                // Renewed or re-attested since this request was authenticated: the SVID it
+                // came with is no longer the agent's, exactly as `authenticate` would now say.
+                StoreError::NotFound { .. } => Status::unauthenticated(format!(
+                    "the certificate presented is no longer agent {}'s current SVID: {e}",
+                    agent.spiffe_id
+                )),
+                e => store_status(e),
+            })?;
         self.state.feed.notify(stored.updated_revision);
         Ok(Response::new(pb::RenewAgentResponse {
             svid_chain: signed.chain(),

@@ -105,10 +105,14 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
 
     async fn list_agents(&self, query: &AgentQuery) -> Result<Vec<Agent>, StoreError>;
 
-    /// Records the agent's renewed SVID. `Banned` if it is banned.
+    /// Records the agent's renewed SVID, replacing the one of serial `from_serial` (the SVID
+    /// the renewal was authenticated with). `Banned` if it is banned; `NotFound` if it is gone
+    /// or its current SVID is no longer `from_serial` (renewed, or evicted and attested again,
+    /// since the request was authenticated: a stale SVID must not take the slot back).
     async fn update_agent_svid(
         &self,
         id: &SpiffeId,
+        from_serial: &str,
         serial: &str,
         expires_at: i64,
     ) -> Result<Agent, StoreError>;

@@ -970,6 +970,7 @@ impl Datastore for SqlStore {
     async fn update_agent_svid(
         &self,
         id: &SpiffeId,
+        from_serial: &str,
         serial: &str,
         expires_at: i64,
     ) -> Result<Agent, StoreError> {
@@ -997,8 +998,15 @@ impl Datastore for SqlStore {
             .bind(rev_param(revision))
             .push(" WHERE spiffe_id = ")
             .bind(text(id.as_str()))
+            .push(" AND serial = ")
+            .bind(text(from_serial))
             .push(&format!(" RETURNING {AGENT_COLUMNS}"));
-        let row = w.fetch_one(sql, "updating the agent").await?;
+        let Some(row) = w.fetch_optional(sql).await? else {
+            w.rollback().await?;
+            return Err(StoreError::not_found(format!(
+                "agent {id} with SVID serial {from_serial} (its SVID changed since)"
+            )));
+        };
         let agent = agent_from_row(&row)?;
         w.event(revision, EventKind::AgentUpdated, id.as_str())
             .await?;

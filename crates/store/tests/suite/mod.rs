@@ -595,26 +595,33 @@ pub(crate) async fn agents_attest_renew_get_banned_and_evicted(s: Arc<dyn Datast
     assert_eq!(s.get_agent(&agent_id(1)).await.unwrap().unwrap(), a2);
 
     let renewed = s
-        .update_agent_svid(&agent_id(1), "0c", 3_000)
+        .update_agent_svid(&agent_id(1), "0b", "0c", 3_000)
         .await
         .unwrap();
     assert_eq!((renewed.serial.as_str(), renewed.expires_at), ("0c", 3_000));
     assert_eq!(renewed.updated_revision, 3);
     assert_eq!(
-        invalid_field(s.update_agent_svid(&agent_id(1), "xyz", 1).await),
+        invalid_field(s.update_agent_svid(&agent_id(1), "0c", "xyz", 1).await),
         "serial"
     );
     assert!(matches!(
-        s.update_agent_svid(&agent_id(9), "01", 1).await,
+        s.update_agent_svid(&agent_id(9), "00", "01", 1).await,
         Err(StoreError::NotFound { .. })
     ));
+    // A renewal authenticated with an SVID that is no longer the agent's (renewed or
+    // re-attested since) changes nothing.
+    assert!(matches!(
+        s.update_agent_svid(&agent_id(1), "0b", "0f", 9_000).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(s.get_agent(&agent_id(1)).await.unwrap().unwrap(), renewed);
 
     s.create_or_replace_agent(new_agent(2, "02")).await.unwrap();
     let banned = s.set_agent_banned(&agent_id(1), true).await.unwrap();
     assert!(banned.banned);
     // A banned agent can neither renew nor attest again until evicted.
     assert!(matches!(
-        s.update_agent_svid(&agent_id(1), "0d", 4_000).await,
+        s.update_agent_svid(&agent_id(1), "0c", "0d", 4_000).await,
         Err(StoreError::Banned { .. })
     ));
     assert!(matches!(
