@@ -542,6 +542,7 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
     let mut pols = cache.subscribe_policies();
     // What was sent, by workload: (SVID key fingerprints, bundles JSON, policies JSON).
     let mut sent: BTreeMap<String, (Vec<String>, String, String)> = BTreeMap::new();
+    let mut synced = false;
     loop {
         enr.borrow_and_update();
         let snapshot = snaps.borrow_and_update().clone();
@@ -625,6 +626,13 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
             write_frame(s, &serde_json::json!({"event": "detached", "workload": id}))
                 .map_err(|e| format!("the delegate went away: {e}"))?;
             sent.remove(&id);
+        }
+        if !synced {
+            // Everything this stream will announce now has been: a delegate that served
+            // workloads before (a reconnect) drains those it did not hear of again.
+            write_frame(s, &serde_json::json!({"event": "synced"}))
+                .map_err(|e| format!("the delegate went away: {e}"))?;
+            synced = true;
         }
         // `None`: nothing changed for 30 s; a keepalive then finds a delegate that went away,
         // so its thread ends.

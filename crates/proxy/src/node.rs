@@ -48,6 +48,12 @@ pub enum WorkloadEvent {
     },
     /// It was detached (or is gone): drain it.
     Detached { id: String },
+    /// The agent's stream (re)started: what it announces until [`WorkloadEvent::Synced`] is
+    /// every workload it still has.
+    Resync,
+    /// The agent has announced every workload it has: any other workload served here was
+    /// detached or lost its identity while the stream was down, and is drained.
+    Synced,
 }
 
 struct Instance {
@@ -65,6 +71,9 @@ pub struct NodeProxy {
     rules: Option<crate::transparent::RuleParams>,
     telemetry: Arc<Telemetry>,
     workloads: HashMap<String, Instance>,
+    /// Between [`WorkloadEvent::Resync`] and [`WorkloadEvent::Synced`]: the workloads the
+    /// agent announced again.
+    announced: Option<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -91,6 +100,7 @@ impl NodeProxy {
             rules,
             telemetry,
             workloads: HashMap::new(),
+            announced: None,
         }
     }
 
@@ -118,6 +128,11 @@ impl NodeProxy {
 
     /// Applies one event. An error concerns that workload only (it is not served).
     pub async fn apply(&mut self, event: WorkloadEvent) -> Result<(), String> {
+        if let (Some(seen), WorkloadEvent::Attached { id, .. } | WorkloadEvent::Svid { id, .. }) =
+            (&mut self.announced, &event)
+        {
+            seen.insert(id.clone());
+        }
         match event {
             WorkloadEvent::Attached {
                 id,
@@ -141,6 +156,29 @@ impl NodeProxy {
                 let set = crate::live::compile_snapshot(&own, &snapshot)
                     .map_err(|e| format!("workload {}: policy snapshot refused: {e}", w.name))?;
                 crate::live::install(&w.proxy.policy, &w.proxy.connections, set);
+                Ok(())
+            }
+            WorkloadEvent::Resync => {
+                self.announced = Some(std::collections::HashSet::new());
+                Ok(())
+            }
+            WorkloadEvent::Synced => {
+                let Some(seen) = self.announced.take() else {
+                    return Ok(());
+                };
+                // Not announced again: detached, or its last entry deleted, while the stream
+                // was down (the agent sends no `detached` for what it never sent this stream).
+                let gone: Vec<String> = self
+                    .workloads
+                    .keys()
+                    .filter(|id| !seen.contains(*id))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    if let Some(w) = self.workloads.remove(&id) {
+                        tracing::info!(workload = %w.name, id, "workload not announced again after the agent's stream restarted: listeners and connections closed");
+                    }
+                }
                 Ok(())
             }
             WorkloadEvent::Detached { id } => {
@@ -348,6 +386,7 @@ fn event_of(
         }
         Some("policies") => None,
         Some("detached") => Some(WorkloadEvent::Detached { id }),
+        Some("synced") => Some(WorkloadEvent::Synced),
         Some("keepalive") => None,
         other => return Err(format!("unknown event {other:?}")),
     })
@@ -382,6 +421,9 @@ pub fn follow_agent(socket: std::path::PathBuf, tx: tokio::sync::mpsc::Sender<Wo
                 ));
             }
             tracing::info!(socket = %socket.display(), "following the agent's delegated identity stream");
+            if tx.blocking_send(WorkloadEvent::Resync).is_err() {
+                return Ok(());
+            }
             loop {
                 let v = reader.next(&s)?;
                 match event_of(&v, &mut reader.fds) {

@@ -306,6 +306,26 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
     assert_eq!(node.len(), 2);
     // bar's interception rules stay: nothing reaches bar's application now (fails closed).
     assert_eq!(exchange(&foo, bar_app, b"after"), None);
+
+    // The agent's stream restarts and announces only w4 again (w3 was detached, or lost its
+    // last entry, while it was down): w3 is drained once the agent says it has sent all.
+    assert!(node.instance("w3").is_some() && node.instance("w4").is_some());
+    rt.block_on(node.apply(WorkloadEvent::Resync)).unwrap();
+    rt.block_on(node.apply(WorkloadEvent::Svid {
+        id: "w4".into(),
+        svid: svid(&ca, "spiffe://example.org/baz"),
+    }))
+    .unwrap();
+    assert!(
+        node.instance("w3").is_some(),
+        "nothing is drained before the end of the resync"
+    );
+    rt.block_on(node.apply(WorkloadEvent::Synced)).unwrap();
+    assert!(
+        node.instance("w3").is_none(),
+        "w3 outlived a resync that did not announce it"
+    );
+    assert!(node.instance("w4").is_some());
     drop(node);
     drop(rt);
 }
