@@ -147,6 +147,35 @@ action = "ALLOW"
 from = { principals = ["spiffe://example.org/foo"] }
 "#;
 
+/// bar (serving an echo app, allowing foo) and foo (with `foo_identity`), both of `ca`.
+struct Pair {
+    bar: Node,
+    foo: Node,
+    /// bar's application, as foo's CONNECT names it.
+    target: SocketAddr,
+    bar_id: SpiffeId,
+    /// Connections bar's application accepted.
+    count: Arc<Mutex<usize>>,
+}
+
+async fn pair(ca: &TestCa, foo_identity: Arc<Identity>) -> Pair {
+    let (app_port, count) = echo_app().await;
+    let bar = node(
+        identity(ca, "spiffe://example.org/bar", &[ca]),
+        &[app_port],
+        Some(ALLOW_FOO),
+    )
+    .await;
+    let client = node(foo_identity, &[], None).await;
+    Pair {
+        bar,
+        foo: client,
+        target: format!("127.0.0.1:{app_port}").parse().unwrap(),
+        bar_id: id("spiffe://example.org/bar"),
+        count,
+    }
+}
+
 async fn roundtrip(up: hyper::upgrade::Upgraded, payload: &[u8]) -> Vec<u8> {
     let mut io = hyper_util::rt::TokioIo::new(up);
     io.write_all(payload).await.unwrap();
@@ -160,16 +189,13 @@ async fn roundtrip(up: hyper::upgrade::Upgraded, payload: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_source_reaches_the_app_with_half_close_and_is_logged() {
     let ca = TestCa::new("example.org");
-    let (app_port, count) = echo_app().await;
-    let bar = node(
-        identity(&ca, "spiffe://example.org/bar", &[&ca]),
-        &[app_port],
-        Some(ALLOW_FOO),
-    )
-    .await;
-    let foo = node(identity(&ca, "spiffe://example.org/foo", &[&ca]), &[], None).await;
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let bar_id = id("spiffe://example.org/bar");
+    let Pair {
+        bar,
+        foo,
+        target,
+        bar_id,
+        count,
+    } = pair(&ca, identity(&ca, "spiffe://example.org/foo", &[&ca])).await;
     let payload = vec![7u8; 300_000];
     // Two streams on the pooled connection.
     for _ in 0..2 {
@@ -563,16 +589,13 @@ async fn stale_mapping_no_client_cert_and_plaintext_fail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_during_a_transfer_and_a_bundle_without_the_peer_ca() {
     let ca = TestCa::new("example.org");
-    let (app_port, count) = echo_app().await;
-    let bar = node(
-        identity(&ca, "spiffe://example.org/bar", &[&ca]),
-        &[app_port],
-        Some(ALLOW_FOO),
-    )
-    .await;
-    let foo = node(identity(&ca, "spiffe://example.org/foo", &[&ca]), &[], None).await;
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let bar_id = id("spiffe://example.org/bar");
+    let Pair {
+        bar,
+        foo,
+        target,
+        bar_id,
+        count,
+    } = pair(&ca, identity(&ca, "spiffe://example.org/foo", &[&ca])).await;
     let up = foo
         .proxy
         .outbound
@@ -650,16 +673,13 @@ async fn rotation_during_a_transfer_and_a_bundle_without_the_peer_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_tunnel_admits_nothing_once_the_source_ca_left_the_bundle() {
     let ca = TestCa::new("example.org");
-    let (app_port, count) = echo_app().await;
-    let bar = node(
-        identity(&ca, "spiffe://example.org/bar", &[&ca]),
-        &[app_port],
-        Some(ALLOW_FOO),
-    )
-    .await;
-    let foo = node(identity(&ca, "spiffe://example.org/foo", &[&ca]), &[], None).await;
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let bar_id = id("spiffe://example.org/bar");
+    let Pair {
+        bar,
+        foo,
+        target,
+        bar_id,
+        count,
+    } = pair(&ca, identity(&ca, "spiffe://example.org/foo", &[&ca])).await;
     let up = foo
         .proxy
         .outbound
@@ -709,13 +729,6 @@ async fn a_pooled_tunnel_admits_nothing_once_the_source_ca_left_the_bundle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rotation_new_streams_use_a_connection_with_the_new_svid() {
     let ca = TestCa::new("example.org");
-    let (app_port, count) = echo_app().await;
-    let bar = node(
-        identity(&ca, "spiffe://example.org/bar", &[&ca]),
-        &[app_port],
-        Some(ALLOW_FOO),
-    )
-    .await;
     // foo's first SVID expires in two seconds.
     let short = ca.issue_expiring("spiffe://example.org/foo", 2);
     let foo_identity = Identity::with_svid(
@@ -724,9 +737,13 @@ async fn after_a_rotation_new_streams_use_a_connection_with_the_new_svid() {
         bundle_set(&[&ca]),
     )
     .unwrap();
-    let foo = node(foo_identity, &[], None).await;
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let bar_id = id("spiffe://example.org/bar");
+    let Pair {
+        bar,
+        foo,
+        target,
+        bar_id,
+        count,
+    } = pair(&ca, foo_identity).await;
     let up = foo
         .proxy
         .outbound
