@@ -189,7 +189,7 @@ impl Inbound {
             expires_at,
             not_after,
             chain,
-            verified_with,
+            verified_with: ArcSwap::new(verified_with),
         };
         let Some(local) = local else {
             return deny("no local address".into());
@@ -246,7 +246,7 @@ impl Inbound {
         let expired = peer_cert
             .not_after
             .is_none_or(|t| i64::try_from(now.as_secs()).is_ok_and(|n| n > t));
-        if expired || !Arc::ptr_eq(&bundles, &peer_cert.verified_with) {
+        if expired || !Arc::ptr_eq(&bundles, &peer_cert.verified_with.load()) {
             self.reverified
                 .verify(
                     &peer_cert.chain,
@@ -259,6 +259,8 @@ impl Inbound {
                         "the peer's X509-SVID no longer verifies against the current bundle: {e}"
                     )
                 })?;
+            // The next admission on this connection under the same bundles costs nothing.
+            peer_cert.verified_with.store(bundles);
         }
         Ok(())
     }
@@ -526,8 +528,9 @@ struct PeerCert {
     /// The leaf's notAfter, whatever `max_connection_age` says.
     not_after: Option<i64>,
     chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
-    /// The bundle snapshot of the handshake (taken just before it).
-    verified_with: Arc<tessera_spiffe::BundleSet>,
+    /// The bundle snapshot the chain was last verified against: the handshake's (taken just
+    /// before it), then the one of the latest re-verification at an admission.
+    verified_with: ArcSwap<tessera_spiffe::BundleSet>,
 }
 
 /// What [`Inbound::admit`] hands to the relay.
