@@ -335,13 +335,7 @@ async fn node(
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
-                // After a reconnect the agent sends every workload again.
-                let ev = match ev {
-                    WorkloadEvent::Attached { id, svid, .. } if node.instance(&id).is_some() => {
-                        WorkloadEvent::Svid { id, svid }
-                    }
-                    ev => ev,
-                };
+                let ev = as_update(&node, ev);
                 if let Err(e) = node.apply(ev).await {
                     tracing::error!(error = %e, "node proxy");
                 }
@@ -360,6 +354,7 @@ async fn node(
             // detach closes them, a policy change re-authorizes them, a rotated SVID is
             // installed. It serves no new workload (the new process does).
             Some(ev) = rx.recv() => {
+                let ev = as_update(&node, ev);
                 if matches!(ev, WorkloadEvent::Attached { .. }) {
                     continue;
                 }
@@ -372,4 +367,20 @@ async fn node(
     }
     tracing::info!(open = telemetry.active_connections(), "drained: exiting");
     Ok(ExitCode::SUCCESS)
+}
+
+/// After a reconnect the agent sends every workload again as `attached`: for a workload served
+/// here that is an SVID update, which also counts it as announced for the resync (a draining
+/// process must not let the end of a resync close what it still serves).
+fn as_update(
+    node: &tessera_proxy::node::NodeProxy,
+    ev: tessera_proxy::node::WorkloadEvent,
+) -> tessera_proxy::node::WorkloadEvent {
+    use tessera_proxy::node::WorkloadEvent;
+    match ev {
+        WorkloadEvent::Attached { id, svid, .. } if node.instance(&id).is_some() => {
+            WorkloadEvent::Svid { id, svid }
+        }
+        ev => ev,
+    }
 }
