@@ -63,6 +63,15 @@ impl Snapshot {
     }
 }
 
+/// The Workload API's order of a caller's identities: by SPIFFE ID, then entry ID. The first
+/// is the caller's default identity (§5.2.1); node mode presents and picks policies by it too.
+pub(crate) fn sort_in_api_order(identities: &mut [Arc<Identity>]) {
+    identities.sort_by(|a, b| {
+        (a.spiffe_id.as_str(), a.entry_id.as_str())
+            .cmp(&(b.spiffe_id.as_str(), b.entry_id.as_str()))
+    });
+}
+
 /// The authorization policies the server pushed (every policy; each caller of `PolicyWatch`
 /// gets those targeting its identity).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -156,10 +165,7 @@ impl Cache {
         mut identities: Vec<Arc<Identity>>,
         bundles: BundleSet,
     ) {
-        identities.sort_by(|a, b| {
-            (a.spiffe_id.as_str(), a.entry_id.as_str())
-                .cmp(&(b.spiffe_id.as_str(), b.entry_id.as_str()))
-        });
+        sort_in_api_order(&mut identities);
         self.tx.send_modify(|cur| {
             *cur = Arc::new(Snapshot {
                 version: cur.version + 1,

@@ -423,14 +423,11 @@ impl std::fmt::Debug for Delegation {
     }
 }
 
-/// `svids` in the Workload API's order (`cache::Snapshot::publish`): the first is the
+/// `svids` in the Workload API's order (`cache::sort_in_api_order`): the first is the
 /// workload's default identity, the one its proxy presents and the one `policy_watch::build`
 /// picks policies for, so both must agree.
 fn in_api_order(mut svids: Vec<Arc<Identity>>) -> Vec<Arc<Identity>> {
-    svids.sort_by(|a, b| {
-        (a.spiffe_id.as_str(), a.entry_id.as_str())
-            .cmp(&(b.spiffe_id.as_str(), b.entry_id.as_str()))
-    });
+    crate::cache::sort_in_api_order(&mut svids);
     svids
 }
 

@@ -925,11 +925,7 @@ async fn sign_batch<'a>(
             tracing::warn!(entry = %entry.id, selectors = ?entry.selectors, "entry left out: a selector does not parse here");
             continue;
         };
-        let federates_with = entry
-            .federates_with
-            .iter()
-            .filter_map(|t| TrustDomain::new(t).ok())
-            .collect();
+        let federates_with = entry_federations(&entry.federates_with);
         let not_after = result
             .svid_chain
             .first()
@@ -1059,11 +1055,7 @@ fn under_current_entry(held: &Identity, entry: &pb::Entry) -> Option<Identity> {
         spiffe_id: held.spiffe_id.clone(),
         selectors: entry_selectors(&entry.selectors)?,
         hint: entry.hint.clone(),
-        federates_with: entry
-            .federates_with
-            .iter()
-            .filter_map(|t| TrustDomain::new(t).ok())
-            .collect(),
+        federates_with: entry_federations(&entry.federates_with),
         chain: held.chain.clone(),
         key_pkcs8: zeroize::Zeroizing::new(held.key_pkcs8.to_vec()),
         not_after: held.not_after,
@@ -1075,6 +1067,14 @@ fn under_current_entry(held: &Identity, entry: &pb::Entry) -> Option<Identity> {
 /// more workloads than it names (an entry matches when all its selectors are the caller's).
 fn entry_selectors(raw: &[String]) -> Option<BTreeSet<Selector>> {
     raw.iter().map(|s| Selector::parse(s).ok()).collect()
+}
+
+/// The trust domains an entry federates with (the server validated them when it stored the
+/// entry; one this agent cannot parse only narrows which bundles are sent).
+fn entry_federations(raw: &[String]) -> BTreeSet<TrustDomain> {
+    raw.iter()
+        .filter_map(|t| TrustDomain::new(t).ok())
+        .collect()
 }
 
 #[cfg(test)]
