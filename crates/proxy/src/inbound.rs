@@ -344,32 +344,39 @@ impl Inbound {
             return Err((StatusCode::FORBIDDEN, decision.reason.to_string()));
         }
         let app_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.port());
-        let app = match self.sockets.connect(app_addr, false).await {
-            Ok(app) => app,
-            Err(e) => {
-                return Err((
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "{} allowed, but the application at {app_addr} refused: {e}",
-                        decision.reason
-                    ),
-                ));
+        let app = if http {
+            // Declared HTTP: the application is connected on the first request policy allows
+            // (`crate::l7`), never for a source no request of which may pass — a denied peer
+            // must not be able to hold the application's connections open.
+            App::Http(crate::l7::L7Context {
+                authorizers: self.authorizers.clone(),
+                own: self.identity.spiffe_id(),
+                peer,
+                local: target,
+                policy: self.policy.clone(),
+                src: src.clone(),
+                port: target.port(),
+                app: app_addr,
+                sockets: self.sockets.clone(),
+            })
+        } else {
+            match self.sockets.connect(app_addr, false).await {
+                Ok(app) => App::Tcp(app),
+                Err(e) => {
+                    return Err((
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "{} allowed, but the application at {app_addr} refused: {e}",
+                            decision.reason
+                        ),
+                    ));
+                }
             }
         };
-        let l7 = http.then(|| crate::l7::L7Context {
-            authorizers: self.authorizers.clone(),
-            own: self.identity.spiffe_id(),
-            peer,
-            local: target,
-            policy: self.policy.clone(),
-            src: src.clone(),
-            port: target.port(),
-        });
         Ok(Admitted {
             app,
             reason: decision.reason.to_string(),
             live,
-            l7,
         })
     }
 
@@ -535,13 +542,20 @@ struct PeerCert {
 
 /// What [`Inbound::admit`] hands to the relay.
 struct Admitted {
-    app: TcpStream,
+    app: App,
     /// The deciding reason (policy and rule), for the access log.
     reason: String,
     /// Fires when current policy, bundles or the peer certificate's expiry end the connection.
     live: crate::live::Registration,
-    /// Set for a port declared HTTP: each request is decided (`crate::l7`).
-    l7: Option<crate::l7::L7Context>,
+}
+
+/// Where an admitted stream goes.
+enum App {
+    /// A TCP port: the application, connected at admission.
+    Tcp(TcpStream),
+    /// A port declared HTTP: each request is decided, and the application connected on the
+    /// first allowed one (`crate::l7`).
+    Http(crate::l7::L7Context),
 }
 
 /// A tunnel stream as [`relay`] carries it.
@@ -570,18 +584,17 @@ async fn relay<T: Tunnel>(
     admitted: Admitted,
 ) {
     let Admitted {
-        mut app,
+        app,
         reason,
         mut live,
-        l7,
     } = admitted;
     let active = telemetry.active_guard();
     let r = tokio::select! {
         r = async {
-            match l7 {
+            match app {
                 // Boxed: an HTTP server's state only where the port is declared `:http`.
-                Some(ctx) => Box::pin(crate::l7::serve(tunnel, app, ctx)).await.map(|()| (0, 0)),
-                None => match tunnel.into_sealed() {
+                App::Http(ctx) => Box::pin(crate::l7::serve(tunnel, ctx)).await.map(|()| (0, 0)),
+                App::Tcp(mut app) => match tunnel.into_sealed() {
                     // The stream tunnel's data phase on its handshake's keys.
                     Ok(Ok(mut sealed)) => crate::sealed::bidirectional(&mut app, &mut sealed)
                         .await

@@ -1,7 +1,9 @@
 //! HTTP authorization for ports declared `--inbound PORT:http`: the CONNECT stream carries
 //! HTTP/1.1 or HTTP/2 (detected by the preface), every request is decided under the current
 //! policy set with its method, path and host, denied requests get 403 and a log line, and
-//! allowed ones are forwarded to the application over one HTTP/1.1 connection.
+//! allowed ones are forwarded to the application over one HTTP/1.1 connection. That connection
+//! is opened on the first allowed request (and again if the application closed it), so a source
+//! whose every request is denied never costs the application a connection.
 
 use std::sync::Arc;
 
@@ -14,7 +16,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tessera_policy::{HttpRequest, PolicySet};
 use tessera_spiffe::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -29,7 +30,12 @@ pub struct L7Context {
     pub policy: Arc<ArcSwap<PolicySet>>,
     pub src: Arc<SpiffeId>,
     pub port: u16,
+    /// The application (127.0.0.1:port) and the sockets to reach it with.
+    pub app: std::net::SocketAddr,
+    pub sockets: crate::sockets::Sockets,
 }
+
+type AppSender = hyper::client::conn::http1::SendRequest<Incoming>;
 
 fn text(status: StatusCode, msg: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|n| match n {}).boxed());
@@ -116,20 +122,13 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
     Ok(format!("/{}", out.join("/")))
 }
 
-/// Serves HTTP on `io` (the CONNECT stream) until it ends, forwarding allowed requests to `app`.
-pub async fn serve<IO>(io: IO, app: TcpStream, ctx: L7Context) -> std::io::Result<()>
+/// Serves HTTP on `io` (the CONNECT stream) until it ends, forwarding allowed requests to the
+/// application.
+pub async fn serve<IO>(io: IO, ctx: L7Context) -> std::io::Result<()>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(app))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "application HTTP connection ended");
-        }
-    });
-    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let sender = Arc::new(tokio::sync::Mutex::new(None));
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         let sender = sender.clone();
@@ -141,10 +140,35 @@ where
         .map_err(std::io::Error::other)
 }
 
+/// The application's HTTP/1.1 connection, opened now if there is none or the application
+/// closed the last one.
+async fn app_sender<'a>(
+    ctx: &L7Context,
+    slot: &'a mut Option<AppSender>,
+) -> Result<&'a mut AppSender, String> {
+    if let Some(s) = slot.take().filter(|s| !s.is_closed()) {
+        return Ok(slot.insert(s));
+    }
+    let tcp = ctx
+        .sockets
+        .connect(ctx.app, false)
+        .await
+        .map_err(|e| format!("the application at {} refused: {e}", ctx.app))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("the application at {}: {e}", ctx.app))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "application HTTP connection ended");
+        }
+    });
+    Ok(slot.insert(sender))
+}
+
 async fn handle(
     mut req: Request<Incoming>,
     ctx: &L7Context,
-    sender: &tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Incoming>>,
+    sender: &tokio::sync::Mutex<Option<AppSender>>,
 ) -> Response<Body> {
     let host = host_of(&req);
     let method = req.method().as_str().to_owned();
@@ -200,14 +224,21 @@ async fn handle(
     // The path that was authorized is the path the application gets.
     let pq = match req.uri().query() {
         Some(q) => format!("{path}?{q}"),
-        None => path,
+        None => path.clone(),
     };
     if let Ok(u) = pq.parse() {
         *req.uri_mut() = u;
     }
     *req.version_mut() = http::Version::HTTP_11;
     let fut = {
-        let mut s = sender.lock().await;
+        let mut slot = sender.lock().await;
+        let s = match app_sender(ctx, &mut slot).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, error = %e, "HTTP request allowed, application unreachable: 502");
+                return text(StatusCode::BAD_GATEWAY, format!("application: {e}\n"));
+            }
+        };
         if let Err(e) = s.ready().await {
             return text(StatusCode::BAD_GATEWAY, format!("application: {e}\n"));
         }

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
@@ -46,11 +47,19 @@ async fn proxy(identity: Arc<Identity>, inbound: Option<u16>, policy: &str) -> R
 
 /// An HTTP/1.1 application answering "ok <METHOD> <PATH>".
 async fn app() -> u16 {
+    counted_app().await.0
+}
+
+/// [`app`], with the number of connections it has accepted.
+async fn counted_app() -> (u16, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         loop {
             let (s, _) = l.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let svc =
                     hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
@@ -65,7 +74,7 @@ async fn app() -> u16 {
             });
         }
     });
-    port
+    (port, accepted)
 }
 
 const POLICY: &str = r#"
@@ -192,4 +201,107 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
         .body(Empty::<Bytes>::new())
         .unwrap();
     assert_eq!(h2.send_request(post).await.unwrap().status(), 403);
+}
+
+/// Sends `GET path` on an HTTP/1.1 connection through the tunnel; the status and body.
+async fn get(
+    h1: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> (u16, String) {
+    let req = Request::builder()
+        .uri(path)
+        .header("host", "bar.example")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    h1.ready().await.unwrap();
+    let resp = h1.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_is_connected_only_for_an_allowed_request() {
+    let ca = TestCa::new("example.org");
+    let (app_port, accepted) = counted_app().await;
+    let bar = proxy(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        POLICY,
+    )
+    .await;
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let open = async |who: &RunningProxy| {
+        let up = who
+            .outbound
+            .open(&bar_id, bar.tunnel_addr, target)
+            .await
+            .unwrap();
+        let (h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
+        tokio::spawn(conn);
+        h1
+    };
+
+    // baz may send no request at all: its tunnels, however many, hold no application
+    // connection open.
+    let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, "").await;
+    let mut denied = Vec::new();
+    for _ in 0..5 {
+        let mut h1 = open(&baz).await;
+        let (status, body) = get(&mut h1, "/public/x").await;
+        assert_eq!(status, 403, "{body}");
+        denied.push(h1);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a denied source reached the app"
+    );
+
+    // foo's first allowed request opens one connection; later ones on the stream reuse it.
+    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let mut h1 = open(&foo).await;
+    assert_eq!(get(&mut h1, "/private").await.0, 403);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        get(&mut h1, "/public/a").await,
+        (200, "ok GET /public/a".into())
+    );
+    assert_eq!(
+        get(&mut h1, "/public/b").await,
+        (200, "ok GET /public/b".into())
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    drop(denied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_request_to_an_application_that_is_down_gets_502() {
+    let ca = TestCa::new("example.org");
+    // A port with nothing listening: bound, then closed.
+    let down = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = down.local_addr().unwrap().port();
+    drop(down);
+    let bar = proxy(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(port),
+        POLICY,
+    )
+    .await;
+    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = foo
+        .outbound
+        .open(&bar_id, bar.tunnel_addr, target)
+        .await
+        .unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
+    tokio::spawn(conn);
+    // Denied before the application is tried; allowed, then refused by the kernel.
+    assert_eq!(get(&mut h1, "/private").await.0, 403);
+    let (status, body) = get(&mut h1, "/public/x").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("refused"), "{body}");
 }
