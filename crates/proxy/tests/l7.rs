@@ -116,27 +116,9 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
 
     // HTTP/1.1 through the tunnel.
-    let up = foo
-        .outbound
-        .open(&bar_id, bar.tunnel_addr, target)
-        .await
-        .unwrap();
-    let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
-    tokio::spawn(conn);
-    let mut call_with = async |method: &str, path: &str, client: &str| {
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "bar.example")
-            .header("x-client", client)
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        h1.ready().await.unwrap();
-        let resp = h1.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
-    };
+    let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
+    let mut call_with =
+        async |method: &str, path: &str, client: &str| send(&mut h1, method, path, client).await;
     let mut call = async |method: &str, path: &str| call_with(method, path, "stable").await;
     assert_eq!(
         call("GET", "/public/x").await,
@@ -203,14 +185,37 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     assert_eq!(h2.send_request(post).await.unwrap().status(), 403);
 }
 
-/// Sends `GET path` on an HTTP/1.1 connection through the tunnel; the status and body.
-async fn get(
+/// An HTTP/1.1 client on a tunnel stream from `from` to bar (`to`) for the app on `app_port`.
+async fn h1_to_bar(
+    from: &RunningProxy,
+    to: &RunningProxy,
+    app_port: u16,
+) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let up = from
+        .outbound
+        .open(&bar_id, to.tunnel_addr, target)
+        .await
+        .unwrap();
+    let (h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
+    tokio::spawn(conn);
+    h1
+}
+
+/// Sends `method path` (with an `X-Client` header) on an HTTP/1.1 connection through the
+/// tunnel; the status and body.
+async fn send(
     h1: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    method: &str,
     path: &str,
+    client: &str,
 ) -> (u16, String) {
     let req = Request::builder()
+        .method(method)
         .uri(path)
         .header("host", "bar.example")
+        .header("x-client", client)
         .body(Empty::<Bytes>::new())
         .unwrap();
     h1.ready().await.unwrap();
@@ -218,6 +223,13 @@ async fn get(
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn get(
+    h1: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> (u16, String) {
+    send(h1, "GET", path, "stable").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,25 +242,12 @@ async fn the_application_is_connected_only_for_an_allowed_request() {
         POLICY,
     )
     .await;
-    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let open = async |who: &RunningProxy| {
-        let up = who
-            .outbound
-            .open(&bar_id, bar.tunnel_addr, target)
-            .await
-            .unwrap();
-        let (h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
-        tokio::spawn(conn);
-        h1
-    };
-
     // baz may send no request at all: its tunnels, however many, hold no application
     // connection open.
     let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, "").await;
     let mut denied = Vec::new();
     for _ in 0..5 {
-        let mut h1 = open(&baz).await;
+        let mut h1 = h1_to_bar(&baz, &bar, app_port).await;
         let (status, body) = get(&mut h1, "/public/x").await;
         assert_eq!(status, 403, "{body}");
         denied.push(h1);
@@ -261,7 +260,7 @@ async fn the_application_is_connected_only_for_an_allowed_request() {
 
     // foo's first allowed request opens one connection; later ones on the stream reuse it.
     let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
-    let mut h1 = open(&foo).await;
+    let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
     assert_eq!(get(&mut h1, "/private").await.0, 403);
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
     assert_eq!(
@@ -290,15 +289,7 @@ async fn an_allowed_request_to_an_application_that_is_down_gets_502() {
     )
     .await;
     let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
-    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let up = foo
-        .outbound
-        .open(&bar_id, bar.tunnel_addr, target)
-        .await
-        .unwrap();
-    let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
-    tokio::spawn(conn);
+    let mut h1 = h1_to_bar(&foo, &bar, port).await;
     // Denied before the application is tried; allowed, then refused by the kernel.
     assert_eq!(get(&mut h1, "/private").await.0, 403);
     let (status, body) = get(&mut h1, "/public/x").await;
