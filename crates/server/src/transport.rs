@@ -89,6 +89,13 @@ pub(crate) fn tls_incoming(
             if tx.is_closed() {
                 break;
             }
+            // Agents' Sync streams carry many small HTTP/2 frames (window updates, single
+            // changes). With Nagle on, each small write waits for the peer's delayed ACK (~40 ms),
+            // so a stream whose window is small drains at one window per 40 ms. The agent side
+            // already turns Nagle off (`client::agent_api`).
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(peer = %addr, error = %e, "TCP_NODELAY not set");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -148,4 +155,57 @@ pub(crate) fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("chmod {}", path.display())))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test fixtures
+
+    use super::*;
+    use arc_swap::ArcSwap;
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use tessera_tls::{ExpectedPeer, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver};
+    use tokio_stream::StreamExt as _;
+
+    /// Accepted agent-API connections have Nagle off (see `tls_incoming`).
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let ca = tessera_test_util::TestCa::new("example.org");
+        let bundles: tessera_tls::SharedBundles =
+            Arc::new(ArcSwap::from_pointee(tessera_test_util::bundle_set(&[&ca])));
+        let svid = ca.issue("spiffe://example.org/tessera/server");
+        let resolver = SvidResolver::new(
+            tessera_tls::certified_key(svid.chain.clone(), PrivateKeyDer::Pkcs8(svid.key)).unwrap(),
+        );
+        let server = tessera_tls::server_config(
+            resolver,
+            Arc::new(SpiffeClientVerifier::new(bundles.clone(), false)),
+            &[b"h2"],
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = tls_incoming(listener, Arc::new(server));
+
+        let client = tessera_tls::client_config(
+            Arc::new(SpiffeServerVerifier::new(
+                bundles,
+                ExpectedPeer::Exact(
+                    SpiffeId::parse("spiffe://example.org/tessera/server").unwrap(),
+                ),
+            )),
+            None,
+            &[b"h2"],
+        )
+        .unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        // The client's own setting must not be what the test reads.
+        tcp.set_nodelay(false).unwrap();
+        let _client = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(ServerName::try_from("tessera-server").unwrap(), tcp)
+            .await
+            .unwrap();
+        let conn = incoming.next().await.unwrap().unwrap();
+        assert!(conn.0.get_ref().0.nodelay().unwrap(), "Nagle is on");
+    }
 }

@@ -25,9 +25,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// The agent's HTTP/2 receive window for each stream: small, so that a Sync stream the test does
 /// not read stops the server's sync loop (hyper stops pulling the response body, tonic's channel
 /// of 16 fills, the loop waits in `tx.send`). With the default window (megabytes) the loop would
-/// never wait, and would see each event in a batch of its own. Not smaller: each window's worth
-/// costs ~40 ms to read back here (Nagle on the server's socket against delayed ACKs, measured),
-/// so a 1 KiB window needs over 10 s to drain what a 16 KiB one drains in under 1 s.
+/// never wait, and would see each event in a batch of its own. Not smaller: every window's worth
+/// costs a round trip of WINDOW_UPDATE to read back, and the test reads ~220 KiB.
 const STREAM_WINDOW: u32 = 16 * 1024;
 
 /// Entries created while the loop is held, each one change message of about 1.1 KiB (a 1 KiB
