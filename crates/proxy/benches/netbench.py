@@ -19,7 +19,9 @@ Measures: iperf3 bulk throughput of one TCP stream (and the CPU-seconds the path
 spend per GB of it); sockperf 1 KiB ping-pong latency (p50 one-way,
 as sockperf reports it; "added" is the median over rounds of proxied p50 minus direct p50 of the
 same round); full handshakes per CPU-second of the two proxies (HTTP/2 with pooling off, and
-stream); RSS growth of the two proxies per idle proxied connection with IDLE connections held.
+stream); RSS growth of the two proxies per idle proxied connection with IDLE connections held
+(each side's share, and the client proxy's mTLS connections to port 15008 then, in the JSON line
+`{"idle": ...}`).
 
 IDLE_POLL=1 holds a PM QoS request of 0 µs on /dev/cpu_dma_latency for the whole run (what the
 `latency-performance` profile of tuned does): idle CPUs poll instead of halting, for every path
@@ -391,18 +393,28 @@ def topology(name, tmp, sock, server_ns, client_ns, server_ip, nodes=None):
         # host caps descriptors per process below that, hold as many as fit and say so.
         idle = IDLE if key == "h2" else min(IDLE, (fd_limit - 200) // 2)
         row[f"idle_conns_{key}"] = idle
-        r0 = rss_kib(srv.pid) + rss_kib(proc.pid)
+        s0, c0 = rss_kib(srv.pid), rss_kib(proc.pid)
+        r0 = s0 + c0
         holder = subprocess.Popen(ns_cmd(client_ns, [sys.executable, __file__, "hold", str(port), str(idle), "60"]),
                                   stdout=subprocess.PIPE, text=True)
         PROCS.append(holder)
         assert holder.stdout.readline().strip() == "ready"
         time.sleep(1)
-        r1 = rss_kib(srv.pid) + rss_kib(proc.pid)
+        s1, c1 = rss_kib(srv.pid), rss_kib(proc.pid)
+        r1 = s1 + c1
+        # Which side it is: KiB per idle connection of the server proxy and of the client proxy.
+        row[f"kib_per_idle_conn_server_client_{key}"] = ((s1 - s0) / idle, (c1 - c0) / idle)
+        # How many mutual-TLS connections the client proxy holds to the tunnel port: one per
+        # idle connection for the stream tunnel; for the pooled HTTP/2 tunnel, few (a pool
+        # that dials more than it should shows here before it shows as memory).
+        ss = run(["ss", "-Htnp", "state", "established", "dport", "=", ":15008"], client_ns, check=False).stdout
+        row[f"tunnel_conns_{key}"] = sum(f"pid={proc.pid}," in line for line in ss.splitlines())
         holder.kill()
         holder.wait()
         row[f"kib_per_idle_conn_{key}"] = (r1 - r0) / idle
         row[f"rss_kib_{key}"] = (r0, r1)
         time.sleep(2)
+    print(json.dumps({"idle": {k: v for k, v in row.items() if "idle" in k or "tunnel_conns" in k}}), flush=True)
     return row
 
 
@@ -477,13 +489,15 @@ def main():
             print(f"| {r['topology']} | {k} | {r['gbps_' + k]:.2f} | {r['gbps_' + k] / r['gbps_direct']:.2f} "
                   f"| {r['p50_us_' + k]:.1f} | {r['added_us_' + k]:.1f} | {'' if cpu is None else f'{cpu:.3f}'} |")
     print()
-    print("| topology | handshakes/CPU-s h2 no-pool | stream | KiB/idle conn h2 | stream | RSS KiB before→after h2 | stream |")
-    print("|---|---|---|---|---|---|---|")
+    print("| topology | handshakes/CPU-s h2 no-pool | stream | KiB/idle conn h2 | stream | RSS KiB before→after h2 | stream "
+          "| mTLS conns to :15008 held idle h2 | stream |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         hs = lambda k: r.get(f"handshakes_per_cpu_s_{k}", float("nan"))  # nan: not run (HANDSHAKE_RUNS)
         print(f"| {r['topology']} | {hs('h2'):.0f} | {hs('stream'):.0f} "
               f"| {r['kib_per_idle_conn_h2']:.1f} | {r['kib_per_idle_conn_stream']:.1f} "
-              f"| {r['rss_kib_h2'][0]}→{r['rss_kib_h2'][1]} | {r['rss_kib_stream'][0]}→{r['rss_kib_stream'][1]} |")
+              f"| {r['rss_kib_h2'][0]}→{r['rss_kib_h2'][1]} | {r['rss_kib_stream'][0]}→{r['rss_kib_stream'][1]} "
+              f"| {r.get('tunnel_conns_h2', '')} | {r.get('tunnel_conns_stream', '')} |")
     for r in rows:
         peers = [f"{k} {r[f'handshakes_per_cpu_s_{k}']:.0f}" for k in ("stunnel", "envoy") if f"handshakes_per_cpu_s_{k}" in r]
         if peers:
