@@ -11,15 +11,14 @@
 //! `TESSERA_BENCH_POSTGRES_URL` to a fresh database to use PostgreSQL instead).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-use std::sync::Arc;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use prost::Message as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tessera_proto::v1 as pb;
 use tessera_server::ServerConfig;
-use tessera_spiffe::{Bundle, BundleSet, TrustDomain};
 use tokio_stream::StreamExt as _;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -68,47 +67,8 @@ async fn main() {
     let mut admin = tessera_server::client::admin(&server.admin_socket)
         .await
         .unwrap();
-    let td = TrustDomain::new("example.org").unwrap();
-    let mut set = BundleSet::new();
-    set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
-        .unwrap();
-    let bundles = Arc::new(ArcSwap::from_pointee(set));
-    let server_id = tessera_server::server_id(&td);
-
-    let tok = admin
-        .generate_join_token(pb::GenerateJoinTokenRequest { ttl_secs: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    let trust = tessera_server::client::ServerTrust::Bundles(bundles);
-    let mut anon = tessera_server::client::agent_api(
-        server.agent_addr,
-        trust.clone(),
-        server_id.clone(),
-        None,
-    )
-    .unwrap();
-    let att = tessera_server::client::attest_join_token(&mut anon, &tok.token, csr.der().to_vec())
-        .await
-        .unwrap();
-    let chain = att
-        .svid_chain
-        .iter()
-        .map(|c| CertificateDer::from(c.clone()))
-        .collect();
-    let ck = tessera_tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-        .unwrap();
-    let mut agent = tessera_server::client::agent_api(
-        server.agent_addr,
-        trust,
-        server_id,
-        Some(tessera_tls::SvidResolver::new(ck)),
-    )
-    .unwrap();
+    let attested = support::attest(&server).await;
+    let mut agent = attested.client(&server);
     let mut stream = agent
         .sync(pb::SyncRequest { after_revision: 0 })
         .await
@@ -131,7 +91,7 @@ async fn main() {
         admin
             .create_entry(entry(
                 format!("spiffe://example.org/bench/{i}"),
-                &tok.agent_spiffe_id,
+                &attested.id,
             ))
             .await
             .unwrap();
@@ -167,7 +127,7 @@ async fn main() {
             admin
                 .create_entry(entry(
                     format!("spiffe://example.org/bulk/{chunk}/{i}"),
-                    &tok.agent_spiffe_id,
+                    &attested.id,
                 ))
                 .await
                 .unwrap();

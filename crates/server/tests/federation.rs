@@ -4,19 +4,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::federation_api_client::FederationApiClient;
 use tessera_server::{RunningServer, ServerConfig};
-use tessera_spiffe::{Bundle, BundleSet, TrustDomain};
+use tessera_spiffe::{Bundle, TrustDomain};
 use tessera_test_util::TestCa;
 use tessera_test_util::rcgen::SanType;
-use tessera_tls::SvidResolver;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_stream::StreamExt as _;
 use tonic::Code;
@@ -238,50 +238,12 @@ async fn sync_carries_exactly_the_federated_bundles_the_agents_entries_need() {
     }
 
     // An attested agent with an mTLS client.
-    let t = admin
-        .generate_join_token(pb::GenerateJoinTokenRequest { ttl_secs: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let td = TrustDomain::new("example.org").unwrap();
-    let mut set = BundleSet::new();
-    set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
-        .unwrap();
-    let trust = tessera_server::client::ServerTrust::Bundles(Arc::new(ArcSwap::from_pointee(set)));
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    let mut anon = tessera_server::client::agent_api(
-        server.agent_addr,
-        trust.clone(),
-        tessera_server::server_id(&td),
-        None,
-    )
-    .unwrap();
-    let res = tessera_server::client::attest_join_token(&mut anon, &t.token, csr.der().to_vec())
-        .await
-        .unwrap();
-    let chain = res
-        .svid_chain
-        .iter()
-        .map(|c| CertificateDer::from(c.clone()))
-        .collect();
-    let resolver = SvidResolver::new(
-        tessera_tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-            .unwrap(),
-    );
-    let mut agent = tessera_server::client::agent_api(
-        server.agent_addr,
-        trust,
-        tessera_server::server_id(&td),
-        Some(resolver),
-    )
-    .unwrap();
+    let attested = support::attest(&server).await;
+    let mut agent = attested.client(&server);
 
     let mut e = pb::Entry {
         spiffe_id: "spiffe://example.org/web".into(),
-        parent_id: t.agent_spiffe_id.clone(),
+        parent_id: attested.id.clone(),
         selectors: vec!["unix:uid:1000".into()],
         federates_with: vec!["c.test".into()],
         ..Default::default()

@@ -5,17 +5,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::policy_api_client::PolicyApiClient;
 use tessera_server::{RunningServer, ServerConfig};
-use tessera_spiffe::{Bundle, BundleSet, TrustDomain};
-use tessera_tls::SvidResolver;
 use tokio_stream::StreamExt as _;
 
 fn config_with(dir: &Path, datastore_url: String) -> ServerConfig {
@@ -32,50 +29,9 @@ fn config_with(dir: &Path, datastore_url: String) -> ServerConfig {
 }
 
 async fn sync_stream(server: &RunningServer) -> tonic::Streaming<pb::SyncResponse> {
-    let mut admin = tessera_server::client::admin(&server.admin_socket)
+    support::attest(server)
         .await
-        .unwrap();
-    let t = admin
-        .generate_join_token(pb::GenerateJoinTokenRequest { ttl_secs: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    let td = TrustDomain::new("example.org").unwrap();
-    let mut set = BundleSet::new();
-    set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
-        .unwrap();
-    let trust = tessera_server::client::ServerTrust::Bundles(Arc::new(ArcSwap::from_pointee(set)));
-    let mut anon = tessera_server::client::agent_api(
-        server.agent_addr,
-        trust.clone(),
-        tessera_server::server_id(&td),
-        None,
-    )
-    .unwrap();
-    let res = tessera_server::client::attest_join_token(&mut anon, &t.token, csr.der().to_vec())
-        .await
-        .unwrap();
-    let chain = res
-        .svid_chain
-        .iter()
-        .map(|c| CertificateDer::from(c.clone()))
-        .collect();
-    let resolver = SvidResolver::new(
-        tessera_tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-            .unwrap(),
-    );
-    let mut agent = tessera_server::client::agent_api(
-        server.agent_addr,
-        trust,
-        tessera_server::server_id(&td),
-        Some(resolver),
-    )
-    .unwrap();
-    agent
+        .client(server)
         .sync(pb::SyncRequest { after_revision: 0 })
         .await
         .unwrap()

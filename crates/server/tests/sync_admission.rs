@@ -8,17 +8,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::agent_api_client::AgentApiClient;
 use tessera_server::{RunningServer, ServerConfig};
-use tessera_spiffe::{Bundle, BundleSet, TrustDomain};
-use tessera_tls::{ExpectedPeer, SpiffeServerVerifier, SvidResolver};
+use tessera_tls::{ExpectedPeer, SpiffeServerVerifier};
 use tokio_stream::StreamExt as _;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -35,30 +35,15 @@ const STREAM_WINDOW: u32 = 16 * 1024;
 /// in the feed, so the loop is certainly waiting when the alias and the ban commit behind them.
 const HELD_ENTRIES: usize = 200;
 
-/// An agent API client presenting `svid`, whose streams have a receive window of
+/// An agent API client presenting `agent`'s SVID, whose streams have a receive window of
 /// [`STREAM_WINDOW`] bytes (`tessera_server::client::agent_api` with that one setting changed).
-fn small_window_agent(
-    server: &RunningServer,
-    svid: &[Vec<u8>],
-    key: &rcgen::KeyPair,
-) -> AgentApiClient<Channel> {
-    let td = TrustDomain::new("example.org").unwrap();
-    let mut set = BundleSet::new();
-    set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
-        .unwrap();
-    let chain = svid
-        .iter()
-        .map(|c| CertificateDer::from(c.clone()))
-        .collect();
-    let identity = SvidResolver::new(
-        tessera_tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-            .unwrap(),
-    );
+fn small_window_agent(server: &RunningServer, agent: &support::Agent) -> AgentApiClient<Channel> {
     let verifier = Arc::new(SpiffeServerVerifier::new(
-        Arc::new(ArcSwap::from_pointee(set)),
-        ExpectedPeer::Exact(tessera_server::server_id(&td)),
+        agent.bundles.clone(),
+        ExpectedPeer::Exact(support::server_id()),
     ));
-    let tls = Arc::new(tessera_tls::client_config(verifier, Some(identity), &[b"h2"]).unwrap());
+    let tls =
+        Arc::new(tessera_tls::client_config(verifier, Some(agent.resolver()), &[b"h2"]).unwrap());
     let addr = server.agent_addr;
     let channel = Endpoint::from_static("http://tessera-server")
         // The connection window cannot be made smaller than HTTP/2's initial 64 KiB, and need
@@ -109,35 +94,12 @@ async fn a_ban_behind_a_node_alias_change_in_one_batch_still_closes_the_sync_str
         .unwrap();
 
     // An agent attested with a join token.
-    let t = admin
-        .generate_join_token(pb::GenerateJoinTokenRequest { ttl_secs: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    let td = TrustDomain::new("example.org").unwrap();
-    let mut set = BundleSet::new();
-    set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
-        .unwrap();
-    let mut anon = tessera_server::client::agent_api(
-        server.agent_addr,
-        tessera_server::client::ServerTrust::Bundles(Arc::new(ArcSwap::from_pointee(set))),
-        tessera_server::server_id(&td),
-        None,
-    )
-    .unwrap();
-    let attested =
-        tessera_server::client::attest_join_token(&mut anon, &t.token, csr.der().to_vec())
-            .await
-            .unwrap();
-    let agent_id = t.agent_spiffe_id.clone();
+    let attested = support::attest(&server).await;
+    let agent_id = attested.id.clone();
 
     // Its Sync stream, opened and then not read: the server's loop stalls once the window and
     // the buffers behind it are full.
-    let mut agent = small_window_agent(&server, &attested.svid_chain, &key);
+    let mut agent = small_window_agent(&server, &attested);
     let mut sync = agent
         .sync(pb::SyncRequest { after_revision: 0 })
         .await
@@ -161,7 +123,7 @@ async fn a_ban_behind_a_node_alias_change_in_one_batch_still_closes_the_sync_str
     let alias = admin
         .create_entry(entry(
             "spiffe://example.org/nodes/held",
-            tessera_server::server_id(&td).as_str(),
+            support::server_id().as_str(),
             &token_sel,
             String::new(),
         ))
