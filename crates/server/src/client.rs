@@ -52,8 +52,20 @@ pub fn agent_api(
     server_id: SpiffeId,
     identity: Option<Arc<SvidResolver>>,
 ) -> Result<AgentApiClient<Channel>, rustls::Error> {
+    agent_api_on(endpoint(), addr, trust, server_id, identity)
+}
+
+/// [`agent_api`] over `endpoint`, which is [`endpoint`] with settings of the caller's on top
+/// (tests give a stream a small HTTP/2 window to hold the server's Sync loop).
+pub fn agent_api_on(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    trust: ServerTrust,
+    server_id: SpiffeId,
+    identity: Option<Arc<SvidResolver>>,
+) -> Result<AgentApiClient<Channel>, rustls::Error> {
     Ok(AgentApiClient::new(tls_channel(
-        addr, trust, server_id, identity,
+        endpoint, addr, trust, server_id, identity,
     )?))
 }
 
@@ -66,6 +78,7 @@ pub fn admin_tls(
     identity: Arc<SvidResolver>,
 ) -> Result<AdminApiClient<Channel>, rustls::Error> {
     Ok(AdminApiClient::new(tls_channel(
+        endpoint(),
         addr,
         trust,
         server_id,
@@ -73,8 +86,21 @@ pub fn admin_tls(
     )?))
 }
 
-/// An HTTP/2 channel over TLS 1.3 to a Tessera server, connected on first use.
+/// The HTTP/2 settings of every client of a Tessera server's TCP APIs.
+pub fn endpoint() -> Endpoint {
+    Endpoint::from_static("http://tessera-server")
+        .connect_timeout(std::time::Duration::from_secs(5))
+        // HTTP/2 pings: a server that hangs or drops off the network without closing the
+        // connection fails the agent's Sync stream within ~15 s, so the agent moves to another
+        // server (`server_addresses`) instead of waiting on a dead one forever.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+        .keep_alive_timeout(std::time::Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+}
+
+/// A channel on `endpoint` over TLS 1.3 to a Tessera server, connected on first use.
 fn tls_channel(
+    endpoint: Endpoint,
     addr: SocketAddr,
     trust: ServerTrust,
     server_id: SpiffeId,
@@ -87,27 +113,19 @@ fn tls_channel(
         ServerTrust::InsecureBootstrap => Arc::new(InsecureBootstrapVerifier::new(server_id)),
     };
     let tls = Arc::new(tessera_tls::client_config(verifier, identity, &[b"h2"])?);
-    let channel = Endpoint::from_static("http://tessera-server")
-        .connect_timeout(std::time::Duration::from_secs(5))
-        // HTTP/2 pings: a server that hangs or drops off the network without closing the
-        // connection fails the agent's Sync stream within ~15 s, so the agent moves to another
-        // server (`server_addresses`) instead of waiting on a dead one forever.
-        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
-        .keep_alive_timeout(std::time::Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let tls = tls.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                // The name is not checked (the verifier checks the SPIFFE ID); it only fills SNI.
-                let name = ServerName::try_from("tessera-server").map_err(std::io::Error::other)?;
-                let conn = tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(TokioIo::new(conn))
-            }
-        }));
+    let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+        let tls = tls.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            // The name is not checked (the verifier checks the SPIFFE ID); it only fills SNI.
+            let name = ServerName::try_from("tessera-server").map_err(std::io::Error::other)?;
+            let conn = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(conn))
+        }
+    }));
     Ok(channel)
 }
 

@@ -10,17 +10,13 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::agent_api_client::AgentApiClient;
 use tessera_server::{RunningServer, ServerConfig};
-use tessera_tls::{ExpectedPeer, SpiffeServerVerifier};
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// The agent's HTTP/2 receive window for each stream: small, so that a Sync stream the test does
 /// not read stops the server's sync loop (hyper stops pulling the response body, tonic's channel
@@ -36,32 +32,18 @@ const STREAM_WINDOW: u32 = 16 * 1024;
 const HELD_ENTRIES: usize = 200;
 
 /// An agent API client presenting `agent`'s SVID, whose streams have a receive window of
-/// [`STREAM_WINDOW`] bytes (`tessera_server::client::agent_api` with that one setting changed).
+/// [`STREAM_WINDOW`] bytes (`client::agent_api` with that one setting changed).
 fn small_window_agent(server: &RunningServer, agent: &support::Agent) -> AgentApiClient<Channel> {
-    let verifier = Arc::new(SpiffeServerVerifier::new(
-        agent.bundles.clone(),
-        ExpectedPeer::Exact(support::server_id()),
-    ));
-    let tls =
-        Arc::new(tessera_tls::client_config(verifier, Some(agent.resolver()), &[b"h2"]).unwrap());
-    let addr = server.agent_addr;
-    let channel = Endpoint::from_static("http://tessera-server")
+    tessera_server::client::agent_api_on(
         // The connection window cannot be made smaller than HTTP/2's initial 64 KiB, and need
         // not be: the stream's own window is what holds the server back.
-        .initial_stream_window_size(STREAM_WINDOW)
-        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-            let tls = tls.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?; // as `client::agent_api` does
-                let name = ServerName::try_from("tessera-server").map_err(std::io::Error::other)?;
-                let conn = tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(TokioIo::new(conn))
-            }
-        }));
-    AgentApiClient::new(channel)
+        tessera_server::client::endpoint().initial_stream_window_size(STREAM_WINDOW),
+        server.agent_addr,
+        tessera_server::client::ServerTrust::Bundles(agent.bundles.clone()),
+        support::server_id(),
+        Some(agent.resolver()),
+    )
+    .unwrap()
 }
 
 fn entry(spiffe_id: &str, parent: &str, selector: &str, hint: String) -> pb::CreateEntryRequest {
