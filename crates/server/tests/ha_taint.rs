@@ -4,17 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed fixture should panic
 
+mod support;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::authority_api_client::AuthorityApiClient;
 use tessera_server::{RunningServer, ServerConfig};
-use tessera_spiffe::{Bundle, BundleSet, TrustDomain};
-use tessera_tls::SvidResolver;
+use tessera_spiffe::{Bundle, TrustDomain};
 use tokio_stream::StreamExt as _;
 
 fn config(dir: &Path, name: &str, url: &str) -> ServerConfig {
@@ -28,56 +26,11 @@ fn config(dir: &Path, name: &str, url: &str) -> ServerConfig {
     }
 }
 
-fn trust(bundle_json: &str) -> tessera_server::client::ServerTrust {
-    let td = TrustDomain::new("example.org").unwrap();
-    let mut set = BundleSet::new();
-    set.insert(Bundle::parse(td, bundle_json.as_bytes()).unwrap())
-        .unwrap();
-    tessera_server::client::ServerTrust::Bundles(Arc::new(ArcSwap::from_pointee(set)))
-}
-
 /// Attests at `server` with a join token from it and opens a Sync stream there.
 async fn agent_stream(server: &RunningServer) -> tonic::Streaming<pb::SyncResponse> {
-    let td = TrustDomain::new("example.org").unwrap();
-    let token = tessera_server::client::admin(&server.admin_socket)
+    support::attest(server)
         .await
-        .unwrap()
-        .generate_join_token(pb::GenerateJoinTokenRequest { ttl_secs: 60 })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let key = rcgen::KeyPair::generate().unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key)
-        .unwrap();
-    let mut client = tessera_server::client::agent_api(
-        server.agent_addr,
-        trust(&server.bundle_json),
-        tessera_server::server_id(&td),
-        None,
-    )
-    .unwrap();
-    let res = tessera_server::client::attest_join_token(&mut client, &token, csr.der().to_vec())
-        .await
-        .unwrap();
-    let chain = res
-        .svid_chain
-        .iter()
-        .map(|c| CertificateDer::from(c.clone()))
-        .collect();
-    let resolver = SvidResolver::new(
-        tessera_tls::certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()))
-            .unwrap(),
-    );
-    let mut agent = tessera_server::client::agent_api(
-        server.agent_addr,
-        trust(&server.bundle_json),
-        tessera_server::server_id(&td),
-        Some(resolver),
-    )
-    .unwrap();
-    agent
+        .client(server)
         .sync(pb::SyncRequest { after_revision: 0 })
         .await
         .unwrap()
