@@ -1,10 +1,11 @@
 //! HTTP authorization for ports declared `--inbound PORT:http`: the CONNECT stream carries
 //! HTTP/1.1 or HTTP/2 (detected by the preface), every request is decided under the current
-//! policy set with its method, path and host, denied requests get 403 and a log line, and
-//! allowed ones are forwarded to the application over one HTTP/1.1 connection. That connection
-//! is opened on the first allowed request (and again if the application closed it), so a source
-//! whose every request is denied never costs the application a connection.
-
+//! policy set with its method, path and host, denied requests get 403 (gRPC requests a gRPC
+//! PERMISSION_DENIED) and a log line, and allowed ones are forwarded to the application in the
+//! client's own protocol: HTTP/1.1 requests over one HTTP/1.1 connection, HTTP/2 requests (gRPC
+//! among them) multiplexed over one HTTP/2 connection. That connection is opened on the first
+//! allowed request (and again if the application closed it), so a source whose every request
+//! is denied never costs the application a connection.
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -35,12 +36,84 @@ pub struct L7Context {
     pub sockets: crate::sockets::Sockets,
 }
 
-type AppSender = hyper::client::conn::http1::SendRequest<Incoming>;
+/// The application's connection for one tunnel stream, in the protocol of the stream's client.
+/// The outbound side tunnels TCP as it is, so the client speaks what the application speaks:
+/// keeping that protocol is what lets HTTP/2 requests (gRPC) reach an HTTP/2-only application,
+/// multiplexed, with their trailers.
+enum AppSender {
+    Http1(hyper::client::conn::http1::SendRequest<Incoming>),
+    Http2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
 
-fn text(status: StatusCode, msg: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|n| match n {}).boxed());
-    *r.status_mut() = status;
+impl AppSender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Http1(s) => s.is_closed(),
+            Self::Http2(s) => s.is_closed(),
+        }
+    }
+
+    fn speaks(&self, version: http::Version) -> bool {
+        matches!(
+            (self, version == http::Version::HTTP_2),
+            (Self::Http1(_), false) | (Self::Http2(_), true)
+        )
+    }
+}
+
+/// Whether a request is gRPC (gRPC over HTTP/2 §Requests: `application/grpc` with an optional
+/// `+format` or parameters; `application/grpc-web` is a different protocol and is not).
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.strip_prefix("application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+        })
+}
+
+/// A reply made by the proxy itself. To a gRPC client it is a gRPC status in a trailers-only
+/// response (HTTP 200, `grpc-status`, `grpc-message`), which is how a gRPC client learns why:
+/// an HTTP 403 would reach the application's caller only as a generic transport error. The
+/// codes follow gRPC's HTTP-to-gRPC status mapping (doc/http-grpc-status-mapping.md): 403 →
+/// PERMISSION_DENIED (7), 502 → UNAVAILABLE (14), 400 → INTERNAL (13).
+fn reply(grpc: bool, status: StatusCode, msg: String) -> Response<Body> {
+    if !grpc {
+        let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|n| match n {}).boxed());
+        *r.status_mut() = status;
+        return r;
+    }
+    let code = match status {
+        StatusCode::FORBIDDEN => 7,
+        StatusCode::BAD_GATEWAY => 14,
+        _ => 13,
+    };
+    let mut r = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", http::HeaderValue::from(code));
+    if let Ok(m) = http::HeaderValue::from_str(&grpc_message(msg.trim_end())) {
+        h.insert("grpc-message", m);
+    }
     r
+}
+
+/// `grpc-message` is percent-encoded: every byte outside visible ASCII and space, and `%`
+/// itself (gRPC over HTTP/2, §Responses, "Status-Message").
+fn grpc_message(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for b in msg.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The host a request names: the URI authority (HTTP/2 `:authority`) or the `Host` header,
@@ -140,13 +213,14 @@ where
         .map_err(std::io::Error::other)
 }
 
-/// The application's HTTP/1.1 connection, opened now if there is none or the application
-/// closed the last one.
+/// A sender to the application in the request's protocol: the stream's connection, or a new
+/// one if there is none yet or the application closed the last one.
 async fn app_sender<'a>(
     ctx: &L7Context,
     slot: &'a mut Option<AppSender>,
+    version: http::Version,
 ) -> Result<&'a mut AppSender, String> {
-    if let Some(s) = slot.take().filter(|s| !s.is_closed()) {
+    if let Some(s) = slot.take().filter(|s| !s.is_closed() && s.speaks(version)) {
         return Ok(slot.insert(s));
     }
     let tcp = ctx
@@ -154,15 +228,28 @@ async fn app_sender<'a>(
         .connect(ctx.app, false)
         .await
         .map_err(|e| format!("the application at {} refused: {e}", ctx.app))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("the application at {}: {e}", ctx.app))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "application HTTP connection ended");
-        }
-    });
+    let failed = |e: hyper::Error| format!("the application at {}: {e}", ctx.app);
+    let sender = if version == http::Version::HTTP_2 {
+        let (s, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .map_err(failed)?;
+        tokio::spawn(log_end(conn));
+        AppSender::Http2(s)
+    } else {
+        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(failed)?;
+        tokio::spawn(log_end(conn));
+        AppSender::Http1(s)
+    };
     Ok(slot.insert(sender))
+}
+
+async fn log_end(conn: impl std::future::Future<Output = hyper::Result<()>>) {
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "application HTTP connection ended");
+    }
 }
 
 async fn handle(
@@ -171,12 +258,13 @@ async fn handle(
     sender: &tokio::sync::Mutex<Option<AppSender>>,
 ) -> Response<Body> {
     let host = host_of(&req);
+    let grpc = is_grpc(&req);
     let method = req.method().as_str().to_owned();
     let path = match normalize_path(req.uri().path()) {
         Ok(p) => p,
         Err(e) => {
             tracing::info!(src = %ctx.src, port = ctx.port, %method, path = req.uri().path(), error = %e, "HTTP request refused: 400");
-            return text(StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
+            return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
         }
     };
     let d = {
@@ -213,40 +301,79 @@ async fn handle(
     crate::live::log_decision(&d, &ctx.src, ctx.port, "http request");
     if !d.allowed {
         tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, %host, reason = %d.reason, "HTTP request denied: 403");
-        return text(StatusCode::FORBIDDEN, format!("forbidden: {}\n", d.reason));
-    }
-    // To the application as HTTP/1.1 origin-form with a Host header.
-    if !req.headers().contains_key(http::header::HOST)
-        && let Ok(h) = http::HeaderValue::from_str(&host)
-    {
-        req.headers_mut().insert(http::header::HOST, h);
+        return reply(
+            grpc,
+            StatusCode::FORBIDDEN,
+            format!("forbidden: {}\n", d.reason),
+        );
     }
     // The path that was authorized is the path the application gets.
     let pq = match req.uri().query() {
         Some(q) => format!("{path}?{q}"),
         None => path.clone(),
     };
-    if let Ok(u) = pq.parse() {
-        *req.uri_mut() = u;
+    let version = req.version();
+    let uri = if version == http::Version::HTTP_2 {
+        // HTTP/2 carries `:scheme` and `:authority` (RFC 9113 §8.3.1): the absolute form keeps
+        // the client's, or names the host policy saw.
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| host.clone());
+        let scheme = req.uri().scheme_str().unwrap_or("http").to_owned();
+        format!("{scheme}://{authority}{pq}").parse()
+    } else {
+        // HTTP/1.1: origin-form with a Host header.
+        if !req.headers().contains_key(http::header::HOST)
+            && let Ok(h) = http::HeaderValue::from_str(&host)
+        {
+            req.headers_mut().insert(http::header::HOST, h);
+        }
+        pq.parse()
+    };
+    match uri {
+        Ok(u) => *req.uri_mut() = u,
+        Err(e) => {
+            tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, error = %e, "HTTP request refused: 400");
+            return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
+        }
     }
-    *req.version_mut() = http::Version::HTTP_11;
-    let fut = {
+    let version = req.version();
+    let sent = {
         let mut slot = sender.lock().await;
-        let s = match app_sender(ctx, &mut slot).await {
+        let s = match app_sender(ctx, &mut slot, version).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, error = %e, "HTTP request allowed, application unreachable: 502");
-                return text(StatusCode::BAD_GATEWAY, format!("application: {e}\n"));
+                return reply(grpc, StatusCode::BAD_GATEWAY, format!("application: {e}\n"));
             }
         };
-        if let Err(e) = s.ready().await {
-            return text(StatusCode::BAD_GATEWAY, format!("application: {e}\n"));
+        match s {
+            // One request at a time on HTTP/1.1: the stream's lock is held until the
+            // connection can take this one (the client's HTTP/1.1 sends one at a time too).
+            AppSender::Http1(s) => match s.ready().await {
+                Ok(()) => {
+                    let fut = s.send_request(req);
+                    drop(slot);
+                    fut.await
+                }
+                Err(e) => Err(e),
+            },
+            // HTTP/2 multiplexes: each request takes its own handle and the lock is let go.
+            AppSender::Http2(s) => {
+                let mut s = s.clone();
+                drop(slot);
+                match s.ready().await {
+                    Ok(()) => s.send_request(req).await,
+                    Err(e) => Err(e),
+                }
+            }
         }
-        s.send_request(req)
     };
-    match fut.await {
+    match sent {
         Ok(resp) => resp.map(|b| b.boxed()),
-        Err(e) => text(StatusCode::BAD_GATEWAY, format!("application: {e}\n")),
+        Err(e) => reply(grpc, StatusCode::BAD_GATEWAY, format!("application: {e}\n")),
     }
 }
 
@@ -254,7 +381,40 @@ async fn handle(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::normalize_path;
+    use super::{grpc_message, is_grpc, normalize_path};
+
+    #[test]
+    fn grpc_is_told_by_its_content_type_and_grpc_web_is_not() {
+        let with = |ct: &str| {
+            http::Request::builder()
+                .header("content-type", ct)
+                .body(())
+                .unwrap()
+        };
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc;charset=utf-8",
+        ] {
+            assert!(is_grpc(&with(ct)), "{ct}");
+        }
+        for ct in [
+            "application/grpc-web",
+            "application/json",
+            "application/grpcx",
+        ] {
+            assert!(!is_grpc(&with(ct)), "{ct}");
+        }
+        assert!(!is_grpc(&http::Request::new(())));
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(
+            grpc_message("forbidden: 100% «no»\n"),
+            "forbidden: 100%25 %C2%ABno%C2%BB%0A"
+        );
+    }
 
     #[test]
     fn one_resource_has_one_path() {

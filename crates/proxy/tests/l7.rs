@@ -1,5 +1,6 @@
 //! `--inbound PORT:http`: each request through the tunnel is decided with its method, path and
-//! host (HTTP/1.1 and HTTP/2); denied requests get 403, allowed ones reach the application.
+//! host (HTTP/1.1 and HTTP/2); denied requests get 403 (gRPC ones PERMISSION_DENIED), allowed
+//! ones reach the application in the client's protocol (gRPC included).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,6 +13,7 @@ use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::PrivateKeyDer;
+use tessera_proto::xds::envoy::service::auth::v3 as auth;
 use tessera_proxy::config::{InboundPort, Protocol};
 use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
 use tessera_spiffe::SpiffeId;
@@ -45,7 +47,8 @@ async fn proxy(identity: Arc<Identity>, inbound: Option<u16>, policy: &str) -> R
         .unwrap()
 }
 
-/// An HTTP/1.1 application answering "ok <METHOD> <PATH>".
+/// An HTTP/1.1 and HTTP/2 application answering "ok <METHOD> <PATH>", with the protocol it was
+/// asked in as `x-app-version`.
 async fn app() -> u16 {
     counted_app().await.0
 }
@@ -64,11 +67,14 @@ async fn counted_app() -> (u16, Arc<AtomicUsize>) {
                 let svc =
                     hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
                         let body = format!("ok {} {}", req.method(), req.uri().path());
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(body),
-                        )))
+                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                        resp.headers_mut().insert(
+                            "x-app-version",
+                            format!("{:?}", req.version()).parse().unwrap(),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
                     });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
             });
@@ -175,6 +181,8 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     h2.ready().await.unwrap();
     let resp = h2.send_request(get).await.unwrap();
     assert_eq!(resp.status(), 200);
+    // The client's protocol is kept to the application.
+    assert_eq!(resp.headers()["x-app-version"], "HTTP/2.0");
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"ok GET /public/h2");
     let post = Request::builder()
@@ -221,6 +229,10 @@ async fn send(
     h1.ready().await.unwrap();
     let resp = h1.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
+    if status == 200 {
+        // The client's protocol is kept to the application.
+        assert_eq!(resp.headers()["x-app-version"], "HTTP/1.1");
+    }
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
@@ -295,4 +307,132 @@ async fn an_allowed_request_to_an_application_that_is_down_gets_502() {
     let (status, body) = get(&mut h1, "/public/x").await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("refused"), "{body}");
+}
+
+/// A gRPC application (Envoy's `Authorization/Check`, from this crate's protos) that answers
+/// only once two calls are in it at the same time: it proves both that gRPC (HTTP/2 with
+/// trailers) reaches the application and that one stream's calls reach it multiplexed.
+#[derive(Clone)]
+struct PairedCheck {
+    both_in: Arc<tokio::sync::Barrier>,
+    calls: Arc<AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl auth::authorization_server::Authorization for PairedCheck {
+    async fn check(
+        &self,
+        req: tonic::Request<auth::CheckRequest>,
+    ) -> Result<tonic::Response<auth::CheckResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.both_in.wait().await;
+        let principal = req
+            .into_inner()
+            .attributes
+            .and_then(|a| a.source)
+            .map(|s| s.principal)
+            .unwrap_or_default();
+        Ok(tonic::Response::new(auth::CheckResponse {
+            status: Some(tessera_proto::xds::google::rpc::Status {
+                code: 0,
+                message: format!("checked {principal}"),
+                ..Default::default()
+            }),
+        }))
+    }
+}
+
+/// A gRPC client whose one connection is a tunnel stream from `from` to bar's port `port`.
+async fn grpc_to_bar(
+    from: &RunningProxy,
+    to: &RunningProxy,
+    port: u16,
+) -> auth::authorization_client::AuthorizationClient<tonic::transport::Channel> {
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (outbound, tunnel) = (from.outbound.clone(), to.tunnel_addr);
+    let channel = tonic::transport::Endpoint::from_static("http://bar.example")
+        .connect_with_connector(tower::service_fn(move |_: hyper::Uri| {
+            let (outbound, bar_id) = (outbound.clone(), bar_id.clone());
+            async move { outbound.open(&bar_id, tunnel, target).await }
+        }))
+        .await
+        .unwrap();
+    auth::authorization_client::AuthorizationClient::new(channel)
+}
+
+fn check_request(principal: &str) -> auth::CheckRequest {
+    auth::CheckRequest {
+        attributes: Some(auth::AttributeContext {
+            source: Some(auth::attribute_context::Peer {
+                principal: principal.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_reaches_the_application_multiplexed_and_a_denied_call_is_permission_denied() {
+    let ca = TestCa::new("example.org");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = l.local_addr().unwrap().port();
+    let app = PairedCheck {
+        both_in: Arc::new(tokio::sync::Barrier::new(2)),
+        calls: Arc::new(AtomicUsize::new(0)),
+    };
+    let calls = app.calls.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(auth::authorization_server::AuthorizationServer::new(app))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    let policy = r#"
+[[policy]]
+name = "checks-from-foo"
+action = "ALLOW"
+[[policy.rules]]
+from = { principals = ["spiffe://example.org/foo"] }
+to = { methods = ["POST"], paths = ["/envoy.service.auth.v3.Authorization/*"] }
+"#;
+    let bar = proxy(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        policy,
+    )
+    .await;
+
+    // Two calls on one tunnel stream, in flight together: the application answers neither
+    // until both are in it, so calls forwarded one at a time would never finish.
+    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let client = grpc_to_bar(&foo, &bar, app_port).await;
+    let (mut a, mut b) = (client.clone(), client);
+    let both = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        tokio::join!(
+            a.check(check_request("spiffe://example.org/a")),
+            b.check(check_request("spiffe://example.org/b")),
+        )
+    })
+    .await
+    .expect("two calls on one stream did not reach the application together");
+    for (r, who) in [(both.0, "a"), (both.1, "b")] {
+        let r = r.unwrap().into_inner();
+        assert_eq!(
+            r.status.unwrap().message,
+            format!("checked spiffe://example.org/{who}")
+        );
+    }
+
+    // baz is allowed no call: a gRPC status its client can read, and the application never
+    // sees the call.
+    let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, "").await;
+    let mut denied = grpc_to_bar(&baz, &bar, app_port).await;
+    let e = denied
+        .check(check_request("spiffe://example.org/c"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("no ALLOW policy matched"), "{e:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
