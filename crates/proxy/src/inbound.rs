@@ -315,10 +315,10 @@ impl Inbound {
         // After registering, so a bundle change in between is caught by one or the other.
         self.still_verifies(peer_cert)
             .map_err(|e| (StatusCode::FORBIDDEN, e))?;
+        let requests = http.then(|| live.set_http());
         let decision = if http {
             // Declared HTTP: every request is decided under the current policy (`crate::l7`);
             // a connection-level decision would apply TCP semantics to HTTP rules.
-            live.set_http();
             tessera_policy::Decision::http_per_request()
         } else if self.authorizers.is_empty() {
             crate::live::decide(&self.policy.load(), src, target.port(), &addrs, None)
@@ -344,7 +344,7 @@ impl Inbound {
             return Err((StatusCode::FORBIDDEN, decision.reason.to_string()));
         }
         let app_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.port());
-        let app = if http {
+        let app = if let Some(requests) = requests {
             // Declared HTTP: the application is connected on the first request policy allows
             // (`crate::l7`), never for a source no request of which may pass — a denied peer
             // must not be able to hold the application's connections open.
@@ -358,6 +358,7 @@ impl Inbound {
                 port: target.port(),
                 app: app_addr,
                 sockets: self.sockets.clone(),
+                requests,
             })
         } else {
             match self.sockets.connect(app_addr, false).await {

@@ -6,11 +6,12 @@
 //! among them) multiplexed over one HTTP/2 connection. That connection is opened on the first
 //! allowed request (and again if the application closed it), so a source whose every request
 //! is denied never costs the application a connection.
+use std::future::Future;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -18,7 +19,8 @@ use tessera_policy::{HttpRequest, PolicySet};
 use tessera_spiffe::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Who is asking, on which port.
 #[derive(Debug, Clone)]
@@ -34,6 +36,8 @@ pub struct L7Context {
     /// The application (127.0.0.1:port) and the sockets to reach it with.
     pub app: std::net::SocketAddr,
     pub sockets: crate::sockets::Sockets,
+    /// This connection's requests in flight, decided again on every policy change.
+    pub requests: Arc<crate::live::HttpRequests>,
 }
 
 /// The application's connection for one tunnel stream, in the protocol of the stream's client.
@@ -80,7 +84,11 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 /// PERMISSION_DENIED (7), 502 → UNAVAILABLE (14), 400 → INTERNAL (13).
 fn reply(grpc: bool, status: StatusCode, msg: String) -> Response<Body> {
     if !grpc {
-        let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|n| match n {}).boxed());
+        let mut r = Response::new(
+            Full::new(Bytes::from(msg))
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+        );
         *r.status_mut() = status;
         return r;
     }
@@ -89,17 +97,75 @@ fn reply(grpc: bool, status: StatusCode, msg: String) -> Response<Body> {
         StatusCode::BAD_GATEWAY => 14,
         _ => 13,
     };
-    let mut r = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed());
-    let h = r.headers_mut();
-    h.insert(
+    let mut r = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|n| match n {})
+            .boxed_unsync(),
+    );
+    *r.headers_mut() = grpc_status(code, &msg);
+    r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
+    r
+}
+
+/// `grpc-status` and `grpc-message` headers (or trailers).
+fn grpc_status(code: u16, msg: &str) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
     h.insert("grpc-status", http::HeaderValue::from(code));
     if let Ok(m) = http::HeaderValue::from_str(&grpc_message(msg.trim_end())) {
         h.insert("grpc-message", m);
     }
-    r
+    h
+}
+
+/// The application's response body, ended as soon as policy denies its request (a
+/// re-authorization while it streams): a gRPC response ends with PERMISSION_DENIED trailers,
+/// which its caller reads as the call's status; any other ends in an error, which resets the
+/// HTTP/2 stream or closes the HTTP/1.1 connection, so the client cannot take it for complete.
+struct Guarded {
+    inner: Incoming,
+    denied: std::pin::Pin<Box<dyn Future<Output = String> + Send>>,
+    grpc: bool,
+    ended: bool,
+    /// Tracks the request while its response streams.
+    _guard: crate::live::RequestGuard,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(why) = this.denied.as_mut().poll(cx) {
+            this.ended = true;
+            return Poll::Ready(Some(if this.grpc {
+                Ok(hyper::body::Frame::trailers(grpc_status(7, &why)))
+            } else {
+                Err(why.into())
+            }));
+        }
+        std::pin::Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// `grpc-message` is percent-encoded: every byte outside visible ASCII and space, and `%`
@@ -267,7 +333,7 @@ async fn handle(
             return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
         }
     };
-    let d = {
+    let (d, guard) = {
         // Header values that are not visible ASCII are left out: no condition can name them.
         let headers: Vec<(&str, &str)> = req
             .headers()
@@ -284,7 +350,10 @@ async fn handle(
             source: Some(ctx.peer.ip()),
             destination: Some(ctx.local.ip()),
         };
-        if ctx.authorizers.is_empty() {
+        // Tracked before it is decided: a policy installed after this point re-decides it,
+        // one installed before is the one read below, so no change slips between the two.
+        let guard = ctx.requests.track(&r);
+        let d = if ctx.authorizers.is_empty() {
             crate::live::decide(&ctx.policy.load(), &ctx.src, ctx.port, &addrs, Some(&r))
         } else {
             let input = crate::authz::CheckInput {
@@ -296,7 +365,8 @@ async fn handle(
             };
             crate::authz::authorize(&ctx.policy.load_full(), &ctx.authorizers, &input, ctx.port)
                 .await
-        }
+        };
+        (d, guard)
     };
     crate::live::log_decision(&d, &ctx.src, ctx.port, "http request");
     if !d.allowed {
@@ -340,16 +410,16 @@ async fn handle(
         }
     }
     let version = req.version();
-    let sent = {
+    let send = async {
         let mut slot = sender.lock().await;
         let s = match app_sender(ctx, &mut slot, version).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, error = %e, "HTTP request allowed, application unreachable: 502");
-                return reply(grpc, StatusCode::BAD_GATEWAY, format!("application: {e}\n"));
+                return Err(format!("application: {e}\n"));
             }
         };
-        match s {
+        let sent = match s {
             // One request at a time on HTTP/1.1: the stream's lock is held until the
             // connection can take this one (the client's HTTP/1.1 sends one at a time too).
             AppSender::Http1(s) => match s.ready().await {
@@ -369,11 +439,33 @@ async fn handle(
                     Err(e) => Err(e),
                 }
             }
+        };
+        sent.map_err(|e| format!("application: {e}\n"))
+    };
+    // A policy change while the application has not answered yet ends the request here.
+    let denied = guard.denied();
+    let sent = tokio::select! {
+        sent = send => sent,
+        why = denied => {
+            tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, reason = %why, "HTTP request denied while in flight: 403");
+            return reply(grpc, StatusCode::FORBIDDEN, format!("forbidden: {why}\n"));
         }
     };
     match sent {
-        Ok(resp) => resp.map(|b| b.boxed()),
-        Err(e) => reply(grpc, StatusCode::BAD_GATEWAY, format!("application: {e}\n")),
+        Ok(resp) => {
+            let denied = Box::pin(guard.denied());
+            resp.map(|inner| {
+                Guarded {
+                    inner,
+                    denied,
+                    grpc,
+                    ended: false,
+                    _guard: guard,
+                }
+                .boxed_unsync()
+            })
+        }
+        Err(e) => reply(grpc, StatusCode::BAD_GATEWAY, e),
     }
 }
 

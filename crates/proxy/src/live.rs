@@ -4,7 +4,9 @@
 //! `tessera.v1.PolicyWatch` service (pushed, never polled), compiles each snapshot and swaps it
 //! in. Every open inbound connection is registered in a [`Registry`]; after each swap, every
 //! registered connection is decided again under the new set, and those now denied are closed
-//! with a log line naming the policy (or the reason) that closed them. Until the first snapshot
+//! with a log line naming the policy (or the reason) that closed them. On a port declared
+//! `:http` the unit is the request: every request in flight (a gRPC stream, a slow download) is
+//! decided again with its method, path, host and headers, and those now denied are ended. Until the first snapshot
 //! arrives the proxy denies everything (fails closed): no window where a stale or missing
 //! policy lets traffic through.
 
@@ -32,9 +34,104 @@ struct Conn {
     /// The peer's certificate chain as verified at the handshake (re-verified on bundle change).
     chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
     /// An HTTP port: each request is decided under the current set, so a policy change is not
-    /// re-decided with TCP semantics here (bundle re-verification still applies).
-    http: bool,
+    /// re-decided with TCP semantics here: the requests in flight are decided again instead
+    /// (bundle re-verification still applies to the connection).
+    http: Option<Arc<HttpRequests>>,
     close: watch::Sender<Option<String>>,
+}
+
+/// The requests in flight on one HTTP connection. A request is authorized when it starts, but
+/// may last far longer than any policy (a gRPC stream, a large download): like a connection, it
+/// is decided again on every policy change and ended once denied.
+#[derive(Debug, Default)]
+pub struct HttpRequests {
+    next: AtomicU64,
+    inflight: Mutex<HashMap<u64, InFlight>>,
+}
+
+/// What a request was authorized with, kept to decide it again.
+#[derive(Debug)]
+struct InFlight {
+    method: String,
+    path: String,
+    host: String,
+    headers: Vec<(String, String)>,
+    close: watch::Sender<Option<String>>,
+}
+
+impl HttpRequests {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, InFlight>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tracks an allowed request until the returned guard is dropped (its response ended).
+    pub fn track(self: &Arc<Self>, req: &tessera_policy::HttpRequest<'_>) -> RequestGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = watch::channel(None);
+        self.lock().insert(
+            id,
+            InFlight {
+                method: req.method.to_owned(),
+                path: req.path.to_owned(),
+                host: req.host.to_owned(),
+                headers: req
+                    .headers
+                    .iter()
+                    .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                    .collect(),
+                close,
+            },
+        );
+        RequestGuard {
+            requests: self.clone(),
+            id,
+            closed,
+        }
+    }
+
+    /// How many requests are in flight.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One tracked request; untracks it when dropped.
+#[derive(Debug)]
+pub struct RequestGuard {
+    requests: Arc<HttpRequests>,
+    id: u64,
+    closed: watch::Receiver<Option<String>>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.requests.lock().remove(&self.id);
+    }
+}
+
+impl RequestGuard {
+    /// Resolves with the reason once policy denies the request (never, otherwise); owns what
+    /// it waits on, so a response body can hold it.
+    pub fn denied(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut closed = self.closed.clone();
+        async move { wait_for_reason(&mut closed).await }
+    }
+}
+
+/// Resolves with the reason once `closed` holds one; never if its sender is gone.
+async fn wait_for_reason(closed: &mut watch::Receiver<Option<String>>) -> String {
+    match closed
+        .wait_for(|c| c.is_some())
+        .await
+        .map(|r| r.clone().unwrap_or_default())
+    {
+        Ok(r) => r,
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// The open inbound connections, for re-authorization.
@@ -66,11 +163,14 @@ impl Drop for Registration {
 }
 
 impl Registration {
-    /// Marks the connection as HTTP (see `Conn::http`).
-    pub fn set_http(&self) {
+    /// Marks the connection as HTTP (see `Conn::http`); its requests are tracked in the
+    /// returned set.
+    pub fn set_http(&self) -> Arc<HttpRequests> {
+        let requests = Arc::new(HttpRequests::default());
         if let Some(c) = self.registry.lock().get_mut(&self.id) {
-            c.http = true;
+            c.http = Some(requests.clone());
         }
+        requests
     }
 
     /// Resolves with the reason once the connection must close (never, otherwise).
@@ -94,15 +194,7 @@ impl Registration {
     }
 
     async fn wait_closed(&mut self) -> String {
-        let reason = self
-            .closed
-            .wait_for(|c| c.is_some())
-            .await
-            .map(|r| r.clone().unwrap_or_default());
-        match reason {
-            Ok(r) => r,
-            Err(_) => std::future::pending().await,
-        }
+        wait_for_reason(&mut self.closed).await
     }
 }
 
@@ -128,7 +220,7 @@ impl Registry {
                 port,
                 addrs,
                 chain,
-                http: false,
+                http: None,
                 close,
             },
         );
@@ -152,31 +244,73 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Decides every open connection again under `set`; closes the denied ones. Returns how
-    /// many were closed.
+    /// Decides every open connection again under `set`; closes the denied ones. On HTTP
+    /// connections each request in flight is decided instead, and the denied ones are ended.
+    /// Returns how many connections and requests were closed.
     pub fn reevaluate(&self, set: &PolicySet) -> usize {
         let mut closed = 0;
         let authorizers = self.authorizers.load(Ordering::Relaxed);
+        // With external authorizers, CUSTOM was asked at admission (or at the request);
+        // the rest of the order is decided again here.
+        let redecide = |conn: &Conn, req: Option<&tessera_policy::HttpRequest<'_>>| {
+            if authorizers {
+                set.decide_request(&conn.src, conn.port, &conn.addrs, req)
+            } else {
+                decide(set, &conn.src, conn.port, &conn.addrs, req)
+            }
+        };
         for conn in self.lock().values() {
-            if conn.close.borrow().is_some() || conn.http {
+            if conn.close.borrow().is_some() {
                 continue;
             }
-            let d = if authorizers {
-                set.decide_request(&conn.src, conn.port, &conn.addrs, None)
-            } else {
-                decide(set, &conn.src, conn.port, &conn.addrs, None)
+            let Some(requests) = &conn.http else {
+                let d = redecide(conn, None);
+                if !d.allowed {
+                    tracing::warn!(
+                        src = %conn.src,
+                        port = conn.port,
+                        policy = d.reason.policy().unwrap_or(""),
+                        reason = %d.reason,
+                        "closing a live connection that policy now denies"
+                    );
+                    let _ = conn
+                        .close
+                        .send(Some(format!("re-authorization: {}", d.reason)));
+                    closed += 1;
+                }
+                continue;
             };
-            if !d.allowed {
-                let reason = format!("re-authorization: {}", d.reason);
-                tracing::warn!(
-                    src = %conn.src,
-                    port = conn.port,
-                    policy = d.reason.policy().unwrap_or(""),
-                    reason = %d.reason,
-                    "closing a live connection that policy now denies"
-                );
-                let _ = conn.close.send(Some(reason));
-                closed += 1;
+            for r in requests.lock().values() {
+                if r.close.borrow().is_some() {
+                    continue;
+                }
+                let headers: Vec<(&str, &str)> = r
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                let req = tessera_policy::HttpRequest {
+                    method: &r.method,
+                    path: &r.path,
+                    host: &r.host,
+                    headers: &headers,
+                };
+                let d = redecide(conn, Some(&req));
+                if !d.allowed {
+                    tracing::warn!(
+                        src = %conn.src,
+                        port = conn.port,
+                        method = %r.method,
+                        path = %r.path,
+                        policy = d.reason.policy().unwrap_or(""),
+                        reason = %d.reason,
+                        "ending an HTTP request in flight that policy now denies"
+                    );
+                    let _ = r
+                        .close
+                        .send(Some(format!("re-authorization: {}", d.reason)));
+                    closed += 1;
+                }
             }
         }
         closed

@@ -436,3 +436,145 @@ to = { methods = ["POST"], paths = ["/envoy.service.auth.v3.Authorization/*"] }
     assert!(e.message().contains("no ALLOW policy matched"), "{e:?}");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+/// An HTTP/1.1 and HTTP/2 application whose responses never end: `…/hang` never answers,
+/// anything else answers 200 with one chunk ("first") and then holds the body open.
+async fn streaming_app() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        if req.uri().path().ends_with("/hang") {
+                            std::future::pending::<()>().await;
+                        }
+                        let first = tokio_stream::iter([Ok::<_, std::convert::Infallible>(
+                            hyper::body::Frame::data(Bytes::from_static(b"first")),
+                        )]);
+                        let body = http_body_util::StreamBody::new(tokio_stream::StreamExt::chain(
+                            first,
+                            tokio_stream::pending(),
+                        ));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// The next frame of `body`, or `None` if none comes within `wait`.
+async fn next_frame(
+    body: &mut hyper::body::Incoming,
+    wait: std::time::Duration,
+) -> Option<Result<hyper::body::Frame<Bytes>, hyper::Error>> {
+    tokio::time::timeout(wait, body.frame())
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_decided_again_when_policy_changes() {
+    let ca = TestCa::new("example.org");
+    let app_port = streaming_app().await;
+    let bar = proxy(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        POLICY,
+    )
+    .await;
+    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let quick = std::time::Duration::from_millis(300);
+    let long = std::time::Duration::from_secs(10);
+
+    // On one HTTP/2 stream: a gRPC response streaming, a plain one streaming, one the
+    // application has not answered yet, and one that the new policy still allows.
+    let up = foo
+        .outbound
+        .open(&bar_id, bar.tunnel_addr, target)
+        .await
+        .unwrap();
+    let (h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), up)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let start = |path: &str, grpc: bool| {
+        let mut h2 = h2.clone();
+        let mut req = Request::builder().uri(format!("http://bar.example{path}"));
+        if grpc {
+            req = req.header("content-type", "application/grpc");
+        }
+        let req = req.body(Empty::<Bytes>::new()).unwrap();
+        async move {
+            h2.ready().await.unwrap();
+            h2.send_request(req).await.unwrap()
+        }
+    };
+    let mut grpc = start("/public/grpc", true).await.into_body();
+    let mut plain = start("/public/plain", false).await.into_body();
+    let mut kept = start("/public/keep/stream", false).await.into_body();
+    let hanging = tokio::spawn(start("/public/hang", false));
+    // And one over HTTP/1.1, on its own stream.
+    let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
+    let h1_req = Request::builder()
+        .uri("/public/h1")
+        .header("host", "bar.example")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    h1.ready().await.unwrap();
+    let mut h1_body = h1.send_request(h1_req).await.unwrap().into_body();
+    for body in [&mut grpc, &mut plain, &mut kept, &mut h1_body] {
+        let f = next_frame(body, long).await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), "first");
+        assert!(
+            next_frame(body, quick).await.is_none(),
+            "the app ended early"
+        );
+    }
+
+    // foo may now read only under /public/keep.
+    let narrower = r#"
+[[policy]]
+name = "keep-only"
+action = "ALLOW"
+[[policy.rules]]
+from = { principals = ["spiffe://example.org/foo"] }
+to = { methods = ["GET"], paths = ["/public/keep*"] }
+"#;
+    let set = tessera_policy::PolicySet::from_toml(
+        tessera_spiffe::TrustDomain::new("example.org").unwrap(),
+        narrower,
+    )
+    .unwrap();
+    assert_eq!(bar.connections.reevaluate(&set), 4, "four requests end");
+    bar.policy.store(Arc::new(set));
+
+    // gRPC: the call ends with PERMISSION_DENIED trailers naming why.
+    let t = next_frame(&mut grpc, long).await.unwrap().unwrap();
+    let t = t.into_trailers().unwrap();
+    assert_eq!(t["grpc-status"], "7");
+    let msg = t["grpc-message"].to_str().unwrap();
+    assert!(msg.contains("re-authorization"), "{msg}");
+    // Plain HTTP/2 and HTTP/1.1: the body fails, so it cannot be taken for complete.
+    assert!(next_frame(&mut plain, long).await.unwrap().is_err());
+    assert!(next_frame(&mut h1_body, long).await.unwrap().is_err());
+    // Not answered yet: 403 naming the policy change.
+    let r = tokio::time::timeout(long, hanging).await.unwrap().unwrap();
+    assert_eq!(r.status(), 403);
+    let b = r.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&b).contains("re-authorization"));
+    // Still allowed: still streaming.
+    assert!(next_frame(&mut kept, quick).await.is_none());
+    // A new request is decided under the new set.
+    let r = start("/public/plain", false).await;
+    assert_eq!(r.status(), 403);
+}
