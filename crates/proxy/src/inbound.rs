@@ -359,6 +359,7 @@ impl Inbound {
                 app: app_addr,
                 sockets: self.sockets.clone(),
                 requests,
+                bytes: Arc::default(),
             })
         } else {
             match self.sockets.connect(app_addr, false).await {
@@ -590,11 +591,16 @@ async fn relay<T: Tunnel>(
         mut live,
     } = admitted;
     let active = telemetry.active_guard();
+    // An HTTP port's byte counts outlive its server, for a connection that ends in an error.
+    let http_bytes = match &app {
+        App::Http(ctx) => Some(ctx.bytes.clone()),
+        App::Tcp(_) => None,
+    };
     let r = tokio::select! {
         r = async {
             match app {
                 // Boxed: an HTTP server's state only where the port is declared `:http`.
-                App::Http(ctx) => Box::pin(crate::l7::serve(tunnel, ctx)).await.map(|()| (0, 0)),
+                App::Http(ctx) => Box::pin(crate::l7::serve(tunnel, ctx)).await,
                 App::Tcp(mut app) => match tunnel.into_sealed() {
                     // The stream tunnel's data phase on its handshake's keys.
                     Ok(Ok(mut sealed)) => crate::sealed::bidirectional(&mut app, &mut sealed)
@@ -617,7 +623,12 @@ async fn relay<T: Tunnel>(
             rec.bytes_received = received;
             rec.reason = reason;
         }
-        Err(e) => rec.reason = format!("{reason}; copy: {e}"),
+        Err(e) => {
+            if let Some(b) = http_bytes {
+                (rec.bytes_sent, rec.bytes_received) = b.get();
+            }
+            rec.reason = format!("{reason}; copy: {e}");
+        }
     }
 }
 

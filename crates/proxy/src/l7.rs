@@ -8,6 +8,7 @@
 //! is denied never costs the application a connection.
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -38,6 +39,8 @@ pub struct L7Context {
     pub sockets: crate::sockets::Sockets,
     /// This connection's requests in flight, decided again on every policy change.
     pub requests: Arc<crate::live::HttpRequests>,
+    /// The bytes through the tunnel stream, readable however the connection ends.
+    pub bytes: Arc<ByteCounts>,
 }
 
 /// The application's connection for one tunnel stream, in the protocol of the stream's client.
@@ -262,11 +265,17 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
 }
 
 /// Serves HTTP on `io` (the CONNECT stream) until it ends, forwarding allowed requests to the
-/// application.
-pub async fn serve<IO>(io: IO, ctx: L7Context) -> std::io::Result<()>
+/// application. Returns the bytes read from the stream and written to it (the access log's
+/// bytes each way; `ctx.bytes` has them too if this ends in an error or is cancelled).
+pub async fn serve<IO>(io: IO, ctx: L7Context) -> std::io::Result<(u64, u64)>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let counts = ctx.bytes.clone();
+    let io = Counted {
+        io,
+        counts: counts.clone(),
+    };
     let sender = Arc::new(tokio::sync::Mutex::new(None));
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
@@ -276,7 +285,89 @@ where
     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(io), svc)
         .await
-        .map_err(std::io::Error::other)
+        .map_err(std::io::Error::other)?;
+    Ok(counts.get())
+}
+
+/// Bytes read from a tunnel stream and written to it.
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl ByteCounts {
+    /// (read from the stream, written to it): from the source, and back to it.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.read.load(Ordering::Relaxed),
+            self.written.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The tunnel stream, counting the bytes through it.
+struct Counted<IO> {
+    io: IO,
+    counts: Arc<ByteCounts>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.counts.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.counts.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.counts.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// A sender to the application in the request's protocol: the stream's connection, or a new

@@ -17,6 +17,7 @@ use tessera_proto::xds::envoy::service::auth::v3 as auth;
 use tessera_proxy::config::{InboundPort, Protocol};
 use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
 use tessera_spiffe::SpiffeId;
+use tessera_test_util::access_log::AccessLog;
 use tessera_test_util::{TestCa, bundle_set};
 use tokio::net::TcpListener;
 
@@ -31,8 +32,18 @@ fn identity(ca: &TestCa, id: &str) -> Arc<Identity> {
 }
 
 async fn proxy(identity: Arc<Identity>, inbound: Option<u16>, policy: &str) -> RunningProxy {
+    proxy_logged(identity, inbound, policy).await.0
+}
+
+/// [`proxy`], with its access log.
+async fn proxy_logged(
+    identity: Arc<Identity>,
+    inbound: Option<u16>,
+    policy: &str,
+) -> (RunningProxy, AccessLog) {
+    let log = AccessLog::default();
     let mut reg = prometheus_client::registry::Registry::default();
-    let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(std::io::sink())));
+    let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
     let mut opts = ProxyOptions::new("127.0.0.1:0".parse().unwrap());
     opts.inbound = inbound
         .map(|port| InboundPort {
@@ -42,9 +53,10 @@ async fn proxy(identity: Arc<Identity>, inbound: Option<u16>, policy: &str) -> R
         .into_iter()
         .collect();
     opts.policy = Some(("test.toml".into(), policy.into()));
-    tessera_proxy::start(opts, identity, telemetry)
+    let proxy = tessera_proxy::start(opts, identity, telemetry)
         .await
-        .unwrap()
+        .unwrap();
+    (proxy, log)
 }
 
 /// An HTTP/1.1 and HTTP/2 application answering "ok <METHOD> <PATH>", with the protocol it was
@@ -577,4 +589,32 @@ to = { methods = ["GET"], paths = ["/public/keep*"] }
     // A new request is decided under the new set.
     let r = start("/public/plain", false).await;
     assert_eq!(r.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_record_of_an_http_connection_counts_its_bytes() {
+    let ca = TestCa::new("example.org");
+    let app_port = app().await;
+    let (bar, log) = proxy_logged(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        POLICY,
+    )
+    .await;
+    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
+    let body = "ok GET /public/counted";
+    assert_eq!(get(&mut h1, "/public/counted").await, (200, body.into()));
+    drop(h1);
+    let r = log
+        .wait_for(|r| r["direction"] == "inbound" && r["decision"] == "allow")
+        .await;
+    // The request line alone, and the response body alone, are lower bounds.
+    let sent = r["bytes_sent"].as_u64().unwrap();
+    let received = r["bytes_received"].as_u64().unwrap();
+    assert!(
+        sent > "GET /public/counted HTTP/1.1\r\n".len() as u64,
+        "{r}"
+    );
+    assert!(received > body.len() as u64, "{r}");
 }

@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,44 +16,10 @@ use tessera_proxy::outbound::{TunnelError, TunnelStream};
 use tessera_proxy::tls::TunnelProtocol;
 use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
 use tessera_spiffe::SpiffeId;
+use tessera_test_util::access_log::AccessLog as Log;
 use tessera_test_util::{TestCa, bundle_set};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
-
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Log {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Log {
-    fn records(&self) -> Vec<serde_json::Value> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-        // Only whole lines: the proxy may be writing the last one while we read.
-        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-        complete
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    async fn wait_for(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        for _ in 0..200 {
-            if let Some(r) = self.records().into_iter().find(&pred) {
-                return r;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("no matching access record in {:#?}", self.records());
-    }
-}
 
 fn identity(ca: &TestCa, id: &str, trust: &[&TestCa]) -> Arc<Identity> {
     let svid = ca.issue(id);

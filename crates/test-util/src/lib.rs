@@ -4,6 +4,7 @@
 //! Test-only (`publish = false`): `expect` here is on values the fixture itself made.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod access_log;
 pub mod netns;
 pub mod pg_cluster;
 
