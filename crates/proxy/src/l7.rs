@@ -5,7 +5,9 @@
 //! client's own protocol: HTTP/1.1 requests over one HTTP/1.1 connection, HTTP/2 requests (gRPC
 //! among them) multiplexed over one HTTP/2 connection. That connection is opened on the first
 //! allowed request (and again if the application closed it), so a source whose every request
-//! is denied never costs the application a connection.
+//! is denied never costs the application a connection. An HTTP/1.1 upgrade (WebSocket) the
+//! application accepts turns the stream into bytes both ways. Every request in flight, and
+//! every upgraded stream, is decided again on a policy change (`crate::live`).
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -276,17 +278,56 @@ where
         io,
         counts: counts.clone(),
     };
-    let sender = Arc::new(tokio::sync::Mutex::new(None));
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let ctx = ctx.clone();
-        let sender = sender.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(req, &ctx, &sender).await) }
+    let stream = Arc::new(StreamState::default());
+    let svc = hyper::service::service_fn({
+        let stream = stream.clone();
+        move |req: Request<Incoming>| {
+            let ctx = ctx.clone();
+            let stream = stream.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(req, &ctx, &stream).await) }
+        }
     });
     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(io), svc)
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await
         .map_err(std::io::Error::other)?;
+    // An upgraded request (WebSocket) goes on as bytes, in this task: live re-authorization
+    // and the drain switch, which end this future, end it too.
+    let upgrade = stream
+        .upgrade
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(u) = upgrade {
+        let denied = u.guard.denied();
+        let copy = async {
+            let down = u.down.await.map_err(std::io::Error::other)?;
+            let up = u.up.await.map_err(std::io::Error::other)?;
+            crate::copy::bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await
+        };
+        tokio::select! {
+            r = copy => { r?; }
+            why = denied => return Err(std::io::Error::other(why)),
+        }
+    }
     Ok(counts.get())
+}
+
+/// What the requests of one tunnel stream share.
+#[derive(Default)]
+struct StreamState {
+    /// The application's connection.
+    sender: tokio::sync::Mutex<Option<AppSender>>,
+    /// A request the application switched to another protocol (101), once the HTTP server
+    /// hands the stream over.
+    upgrade: std::sync::Mutex<Option<Upgrade>>,
+}
+
+/// Both halves of an upgraded request, and its tracking for re-authorization.
+struct Upgrade {
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    guard: crate::live::RequestGuard,
 }
 
 /// Bytes read from a tunnel stream and written to it.
@@ -397,7 +438,7 @@ async fn app_sender<'a>(
         let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(failed)?;
-        tokio::spawn(log_end(conn));
+        tokio::spawn(log_end(conn.with_upgrades()));
         AppSender::Http1(s)
     };
     Ok(slot.insert(sender))
@@ -412,7 +453,7 @@ async fn log_end(conn: impl std::future::Future<Output = hyper::Result<()>>) {
 async fn handle(
     mut req: Request<Incoming>,
     ctx: &L7Context,
-    sender: &tokio::sync::Mutex<Option<AppSender>>,
+    stream: &StreamState,
 ) -> Response<Body> {
     let host = host_of(&req);
     let grpc = is_grpc(&req);
@@ -474,6 +515,12 @@ async fn handle(
         None => path.clone(),
     };
     let version = req.version();
+    // HTTP/1.1 `Upgrade` (RFC 9110 §7.8, WebSocket's handshake, RFC 6455 §4): the request is
+    // decided like any other; if the application switches protocols, the stream is handed
+    // over to it as bytes.
+    let upgrade = (version == http::Version::HTTP_11
+        && req.headers().contains_key(http::header::UPGRADE))
+    .then(|| hyper::upgrade::on(&mut req));
     let uri = if version == http::Version::HTTP_2 {
         // HTTP/2 carries `:scheme` and `:authority` (RFC 9113 §8.3.1): the absolute form keeps
         // the client's, or names the host policy saw.
@@ -502,7 +549,7 @@ async fn handle(
     }
     let version = req.version();
     let send = async {
-        let mut slot = sender.lock().await;
+        let mut slot = stream.sender.lock().await;
         let s = match app_sender(ctx, &mut slot, version).await {
             Ok(s) => s,
             Err(e) => {
@@ -543,7 +590,17 @@ async fn handle(
         }
     };
     match sent {
-        Ok(resp) => {
+        Ok(mut resp) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(down) = upgrade
+            {
+                // The request was allowed as an upgrade and the application took it: the
+                // stream becomes bytes both ways, still tracked by its request.
+                let up = hyper::upgrade::on(&mut resp);
+                *stream.upgrade.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Upgrade { down, up, guard });
+                return resp.map(|b| b.map_err(Into::into).boxed_unsync());
+            }
             let denied = Box::pin(guard.denied());
             resp.map(|inner| {
                 Guarded {

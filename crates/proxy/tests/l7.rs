@@ -618,3 +618,132 @@ async fn the_access_record_of_an_http_connection_counts_its_bytes() {
     );
     assert!(received > body.len() as u64, "{r}");
 }
+
+/// An HTTP/1.1 application that switches a request with `Upgrade: echo` to an echo of bytes
+/// (as a WebSocket server switches to frames).
+async fn upgrading_app() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |mut req: Request<hyper::body::Incoming>| async move {
+                        let mut resp = hyper::Response::new(Empty::<Bytes>::new());
+                        if req.headers().get("upgrade").is_some_and(|u| u == "echo") {
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let mut io = TokioIo::new(on.await.unwrap());
+                                let (mut r, mut w) = tokio::io::split(&mut io);
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            });
+                            *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                            resp.headers_mut()
+                                .insert("connection", "upgrade".parse().unwrap());
+                            resp.headers_mut()
+                                .insert("upgrade", "echo".parse().unwrap());
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// Asks `to`'s application on `port` to switch `path` to the echo protocol, through `from`:
+/// the response status, and the upgraded stream if it switched.
+async fn upgrade_through(
+    from: &RunningProxy,
+    to: &RunningProxy,
+    port: u16,
+    path: &str,
+) -> (u16, Option<TokioIo<hyper::upgrade::Upgraded>>) {
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = from
+        .outbound
+        .open(&bar_id, to.tunnel_addr, target)
+        .await
+        .unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::builder()
+        .uri(path)
+        .header("host", "bar.example")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut resp = h1.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    if status != 101 {
+        return (status, None);
+    }
+    let io = hyper::upgrade::on(&mut resp).await.unwrap();
+    (status, Some(TokioIo::new(io)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_upgrade_carries_bytes_until_policy_denies_it() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ca = TestCa::new("example.org");
+    let app_port = upgrading_app().await;
+    let (bar, log) = proxy_logged(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        POLICY,
+    )
+    .await;
+    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, "").await;
+
+    // baz may not: 403, and no switch.
+    let (status, io) = upgrade_through(&baz, &bar, app_port, "/public/ws").await;
+    assert_eq!(status, 403);
+    assert!(io.is_none());
+
+    // foo may: the stream becomes the application's echo.
+    let (status, io) = upgrade_through(&foo, &bar, app_port, "/public/ws").await;
+    assert_eq!(status, 101);
+    let mut io = io.unwrap();
+    let mut buf = [0u8; 5];
+    for word in [b"hello", b"again"] {
+        io.write_all(word).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), io.read_exact(&mut buf))
+            .await
+            .expect("no echo through the upgraded stream")
+            .unwrap();
+        assert_eq!(&buf, word);
+    }
+
+    // A policy that no longer allows the upgrade's request ends the upgraded stream.
+    let set = tessera_policy::PolicySet::from_toml(
+        tessera_spiffe::TrustDomain::new("example.org").unwrap(),
+        "",
+    )
+    .unwrap();
+    assert_eq!(bar.connections.reevaluate(&set), 1);
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), io.read(&mut buf))
+        .await
+        .expect("the upgraded stream stayed open after policy denied it");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let r = log
+        .wait_for(|r| {
+            r["src_spiffe_id"] == "spiffe://example.org/foo"
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("re-authorization")
+        })
+        .await;
+    // Both words went each way through the upgraded stream, besides the HTTP exchange.
+    assert!(r["bytes_sent"].as_u64().unwrap() > 10, "{r}");
+    assert!(r["bytes_received"].as_u64().unwrap() > 10, "{r}");
+}
