@@ -187,23 +187,35 @@ fn grpc_message(msg: &str) -> String {
     out
 }
 
-/// The host a request names: the URI authority (HTTP/2 `:authority`) or the `Host` header,
-/// without a port.
-fn host_of(req: &Request<Incoming>) -> String {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    match raw.parse::<http::uri::Authority>() {
+/// The authority a request names, `host[:port]`: the request target's (HTTP/2 `:authority`,
+/// or an HTTP/1.1 absolute-form target, which overrides `Host`: RFC 9112 §3.2.2), else the
+/// `Host` header. Policy decides on this host, and it is the one authority the application
+/// receives, so a request cannot be decided on one host and served as another. More than one
+/// `Host` header is refused (RFC 9112 §3.2: 400): which one the application reads is unknown.
+fn authority_of<B>(req: &Request<B>) -> Result<String, String> {
+    if let Some(a) = req.uri().authority() {
+        // Without userinfo (RFC 9110 §4.2.4: not to be sent).
+        return Ok(match a.port() {
+            Some(p) => format!("{}:{p}", a.host()),
+            None => a.host().to_owned(),
+        });
+    }
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header (RFC 9112 §3.2)".into());
+    }
+    Ok(first
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The host of an authority, without a port, as policy matches it.
+fn host_of(authority: &str) -> String {
+    match authority.parse::<http::uri::Authority>() {
         Ok(a) => a.host().to_owned(),
-        Err(_) => raw,
+        Err(_) => authority.to_owned(),
     }
 }
 
@@ -455,9 +467,16 @@ async fn handle(
     ctx: &L7Context,
     stream: &StreamState,
 ) -> Response<Body> {
-    let host = host_of(&req);
     let grpc = is_grpc(&req);
     let method = req.method().as_str().to_owned();
+    let authority = match authority_of(&req) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(src = %ctx.src, port = ctx.port, %method, error = %e, "HTTP request refused: 400");
+            return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
+        }
+    };
+    let host = host_of(&authority);
     let path = match normalize_path(req.uri().path()) {
         Ok(p) => p,
         Err(e) => {
@@ -522,21 +541,20 @@ async fn handle(
         && req.headers().contains_key(http::header::UPGRADE))
     .then(|| hyper::upgrade::on(&mut req));
     let uri = if version == http::Version::HTTP_2 {
-        // HTTP/2 carries `:scheme` and `:authority` (RFC 9113 §8.3.1): the absolute form keeps
-        // the client's, or names the host policy saw.
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_else(|| host.clone());
+        // HTTP/2 carries `:scheme` and `:authority` (RFC 9113 §8.3.1): the absolute form, with
+        // the authority policy saw and no `Host` header beside it.
+        req.headers_mut().remove(http::header::HOST);
         let scheme = req.uri().scheme_str().unwrap_or("http").to_owned();
         format!("{scheme}://{authority}{pq}").parse()
     } else {
-        // HTTP/1.1: origin-form with a Host header.
-        if !req.headers().contains_key(http::header::HOST)
-            && let Ok(h) = http::HeaderValue::from_str(&host)
-        {
-            req.headers_mut().insert(http::header::HOST, h);
+        // HTTP/1.1: origin-form, with the authority policy saw as the only Host header.
+        match http::HeaderValue::from_str(&authority) {
+            Ok(h) => {
+                req.headers_mut().insert(http::header::HOST, h);
+            }
+            Err(_) => {
+                req.headers_mut().remove(http::header::HOST);
+            }
         }
         pq.parse()
     };

@@ -60,7 +60,8 @@ async fn proxy_logged(
 }
 
 /// An HTTP/1.1 and HTTP/2 application answering "ok <METHOD> <PATH>", with the protocol it was
-/// asked in as `x-app-version`.
+/// asked in as `x-app-version`, its Host headers as `x-app-host` and the target's authority as
+/// `x-app-authority`.
 async fn app() -> u16 {
     counted_app().await.0
 }
@@ -84,6 +85,19 @@ async fn counted_app() -> (u16, Arc<AtomicUsize>) {
                             "x-app-version",
                             format!("{:?}", req.version()).parse().unwrap(),
                         );
+                        // Every Host header it got, and the request target's authority.
+                        let hosts: Vec<_> = req
+                            .headers()
+                            .get_all("host")
+                            .iter()
+                            .map(|h| h.to_str().unwrap().to_owned())
+                            .collect();
+                        resp.headers_mut()
+                            .insert("x-app-host", hosts.join(",").parse().unwrap());
+                        if let Some(a) = req.uri().authority() {
+                            resp.headers_mut()
+                                .insert("x-app-authority", a.as_str().parse().unwrap());
+                        }
                         Ok::<_, std::convert::Infallible>(resp)
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -746,4 +760,90 @@ async fn an_allowed_upgrade_carries_bytes_until_policy_denies_it() {
     // Both words went each way through the upgraded stream, besides the HTTP exchange.
     assert!(r["bytes_sent"].as_u64().unwrap() > 10, "{r}");
     assert!(r["bytes_received"].as_u64().unwrap() > 10, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_policy_decides_on_is_the_only_host_the_application_gets() {
+    let ca = TestCa::new("example.org");
+    let app_port = app().await;
+    let policy = r#"
+[[policy]]
+name = "reads"
+action = "ALLOW"
+[[policy.rules]]
+from = { principals = ["spiffe://example.org/foo"] }
+
+[[policy]]
+name = "no-admin-host"
+action = "DENY"
+[[policy.rules]]
+to = { hosts = ["admin.example"] }
+"#;
+    let bar = proxy(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        policy,
+    )
+    .await;
+    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
+    let mut send = async |uri: &str, hosts: &[&str]| {
+        let mut req = Request::builder().uri(uri);
+        for h in hosts {
+            req = req.header("host", *h);
+        }
+        h1.ready().await.unwrap();
+        let resp = h1
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        let seen = resp
+            .headers()
+            .get("x-app-host")
+            .map(|h| h.to_str().unwrap().to_owned());
+        (resp.status().as_u16(), seen)
+    };
+    // An absolute-form target names the host (RFC 9112 §3.2.2), whatever Host says: decided
+    // on it, and the application gets it as its one Host.
+    assert_eq!(
+        send("http://admin.example/x", &["bar.example"]).await,
+        (403, None)
+    );
+    assert_eq!(
+        send("http://bar.example:8080/x", &["admin.example"]).await,
+        (200, Some("bar.example:8080".into()))
+    );
+    assert_eq!(
+        send("/x", &["admin.example"]).await.0,
+        403,
+        "Host decides for an origin-form target"
+    );
+    // Two Host headers: which one the application reads is unknown, so neither is guessed.
+    assert_eq!(
+        send("/x", &["bar.example", "admin.example"]).await,
+        (400, None)
+    );
+
+    // HTTP/2: `:authority` decides, and a Host header beside it does not reach the application.
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let up = foo
+        .outbound
+        .open(&bar_id, bar.tunnel_addr, target)
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), up)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("http://bar.example/x")
+        .header("host", "admin.example")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    h2.ready().await.unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-app-authority"], "bar.example");
+    assert_eq!(resp.headers()["x-app-host"], "");
 }
