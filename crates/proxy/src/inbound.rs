@@ -360,6 +360,7 @@ impl Inbound {
                 sockets: self.sockets.clone(),
                 requests,
                 bytes: Arc::default(),
+                telemetry: self.telemetry.clone(),
             })
         } else {
             match self.sockets.connect(app_addr, false).await {

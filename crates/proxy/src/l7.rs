@@ -43,7 +43,14 @@ pub struct L7Context {
     pub requests: Arc<crate::live::HttpRequests>,
     /// The bytes through the tunnel stream, readable however the connection ends.
     pub bytes: Arc<ByteCounts>,
+    /// Per-request metrics.
+    pub telemetry: Arc<crate::Telemetry>,
 }
+
+/// Marks a response the proxy made itself, with the status it stands for (a gRPC reply is
+/// HTTP 200 whatever it refuses), for the request metrics.
+#[derive(Debug, Clone, Copy)]
+struct LocalReply(StatusCode);
 
 /// The application's connection for one tunnel stream, in the protocol of the stream's client.
 /// The outbound side tunnels TCP as it is, so the client speaks what the application speaks:
@@ -88,6 +95,12 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 /// codes follow gRPC's HTTP-to-gRPC status mapping (doc/http-grpc-status-mapping.md): 403 →
 /// PERMISSION_DENIED (7), 502 → UNAVAILABLE (14), 400 → INTERNAL (13).
 fn reply(grpc: bool, status: StatusCode, msg: String) -> Response<Body> {
+    let mut r = reply_body(grpc, status, msg);
+    r.extensions_mut().insert(LocalReply(status));
+    r
+}
+
+fn reply_body(grpc: bool, status: StatusCode, msg: String) -> Response<Body> {
     if !grpc {
         let mut r = Response::new(
             Full::new(Bytes::from(msg))
@@ -296,7 +309,18 @@ where
         move |req: Request<Incoming>| {
             let ctx = ctx.clone();
             let stream = stream.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(req, &ctx, &stream).await) }
+            async move {
+                let start = std::time::Instant::now();
+                let resp = handle(req, &ctx, &stream).await;
+                let decision = match resp.extensions().get::<LocalReply>() {
+                    Some(LocalReply(StatusCode::FORBIDDEN)) => "deny",
+                    Some(LocalReply(StatusCode::BAD_REQUEST)) => "invalid",
+                    _ => "allow",
+                };
+                ctx.telemetry
+                    .http_request(decision, resp.status().as_u16(), start.elapsed());
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         }
     });
     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

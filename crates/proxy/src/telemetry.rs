@@ -86,6 +86,14 @@ struct BytesLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    /// `allow` (forwarded; the application answered, or 502 if it could not be reached),
+    /// `deny` (policy, 403 or gRPC PERMISSION_DENIED), `invalid` (400).
+    decision: &'static str,
+    response_code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
     side: &'static str,
     result: &'static str,
@@ -98,6 +106,8 @@ pub struct Telemetry {
     bytes: Family<BytesLabels, Counter>,
     duration: Family<ConnLabels, Histogram>,
     handshakes: Family<HandshakeLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: Family<HttpLabels, Histogram>,
     pub(crate) active: Gauge,
     pub(crate) pooled: Gauge,
     sink: Sink,
@@ -142,6 +152,11 @@ impl Telemetry {
                 Histogram::new(exponential_buckets(0.001, 4.0, 12))
             }),
             handshakes: Family::default(),
+            http_requests: Family::default(),
+            // 100 µs to ~26 s.
+            http_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 4.0, 10))
+            }),
             active: Gauge::default(),
             pooled: Gauge::default(),
             sink: Sink(Mutex::new(sink)),
@@ -164,6 +179,16 @@ impl Telemetry {
             t.handshakes.clone(),
         );
         r.register(
+            "http_requests",
+            "Requests on ports declared :http, by decision and response code",
+            t.http_requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Request start to response head on ports declared :http",
+            t.http_duration.clone(),
+        );
+        r.register(
             "active_connections",
             "Connections being proxied now",
             t.active.clone(),
@@ -183,6 +208,18 @@ impl Telemetry {
                 result: if ok { "ok" } else { "error" },
             })
             .inc();
+    }
+
+    /// Records one request on an `:http` port: `took` is from its start to its response head.
+    pub fn http_request(&self, decision: &'static str, response_code: u16, took: Duration) {
+        let labels = HttpLabels {
+            decision,
+            response_code,
+        };
+        self.http_requests.get_or_create(&labels).inc();
+        self.http_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 
     /// Records a finished (or refused) connection: metrics, the access log line, and a tracing

@@ -41,6 +41,20 @@ async fn proxy_logged(
     inbound: Option<u16>,
     policy: &str,
 ) -> (RunningProxy, AccessLog) {
+    let (proxy, log, _) = proxy_observed(identity, inbound, policy).await;
+    (proxy, log)
+}
+
+/// [`proxy`], with its access log and metrics.
+async fn proxy_observed(
+    identity: Arc<Identity>,
+    inbound: Option<u16>,
+    policy: &str,
+) -> (
+    RunningProxy,
+    AccessLog,
+    prometheus_client::registry::Registry,
+) {
     let log = AccessLog::default();
     let mut reg = prometheus_client::registry::Registry::default();
     let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
@@ -56,7 +70,7 @@ async fn proxy_logged(
     let proxy = tessera_proxy::start(opts, identity, telemetry)
         .await
         .unwrap();
-    (proxy, log)
+    (proxy, log, reg)
 }
 
 /// An HTTP/1.1 and HTTP/2 application answering "ok <METHOD> <PATH>", with the protocol it was
@@ -606,10 +620,10 @@ to = { methods = ["GET"], paths = ["/public/keep*"] }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_access_record_of_an_http_connection_counts_its_bytes() {
+async fn an_http_connection_is_logged_with_its_bytes_and_its_requests_counted() {
     let ca = TestCa::new("example.org");
     let app_port = app().await;
-    let (bar, log) = proxy_logged(
+    let (bar, log, metrics) = proxy_observed(
         identity(&ca, "spiffe://example.org/bar"),
         Some(app_port),
         POLICY,
@@ -619,7 +633,20 @@ async fn the_access_record_of_an_http_connection_counts_its_bytes() {
     let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
     let body = "ok GET /public/counted";
     assert_eq!(get(&mut h1, "/public/counted").await, (200, body.into()));
+    assert_eq!(get(&mut h1, "/private").await.0, 403);
+    assert_eq!(get(&mut h1, "/public/%zz").await.0, 400);
+    assert_eq!(get(&mut h1, "/public/again").await.0, 200);
     drop(h1);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    for line in [
+        r#"tessera_proxy_http_requests_total{decision="allow",response_code="200"} 2"#,
+        r#"tessera_proxy_http_requests_total{decision="deny",response_code="403"} 1"#,
+        r#"tessera_proxy_http_requests_total{decision="invalid",response_code="400"} 1"#,
+        r#"tessera_proxy_http_request_duration_seconds_count{decision="allow",response_code="200"} 2"#,
+    ] {
+        assert!(text.contains(line), "{line} not in\n{text}");
+    }
     let r = log
         .wait_for(|r| r["direction"] == "inbound" && r["decision"] == "allow")
         .await;
