@@ -73,6 +73,33 @@ async fn proxy_observed(
     (proxy, log, reg)
 }
 
+/// bar, serving the app on `app_port` as `:http` under `policy`.
+async fn bar(ca: &TestCa, app_port: u16, policy: &str) -> RunningProxy {
+    proxy(
+        identity(ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        policy,
+    )
+    .await
+}
+
+/// A compiled policy set for example.org, to install on a running proxy.
+fn policy_set(toml: &str) -> tessera_policy::PolicySet {
+    let td = tessera_spiffe::TrustDomain::new("example.org").unwrap();
+    tessera_policy::PolicySet::from_toml(td, toml).unwrap()
+}
+
+/// A client proxy for `spiffe://example.org/<name>`.
+async fn client(ca: &TestCa, name: &str) -> RunningProxy {
+    let id = format!("spiffe://example.org/{name}");
+    proxy(identity(ca, &id), None, "").await
+}
+
+/// [`bar`], and foo's client proxy.
+async fn bar_and_foo(ca: &TestCa, app_port: u16, policy: &str) -> (RunningProxy, RunningProxy) {
+    (bar(ca, app_port, policy).await, client(ca, "foo").await)
+}
+
 /// An HTTP/1.1 and HTTP/2 application answering "ok <METHOD> <PATH>", with the protocol it was
 /// asked in as `x-app-version`, its Host headers as `x-app-host` and the target's authority as
 /// `x-app-authority`.
@@ -151,15 +178,7 @@ when = [
 async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     let ca = TestCa::new("example.org");
     let app_port = app().await;
-    let bar = proxy(
-        identity(&ca, "spiffe://example.org/bar"),
-        Some(app_port),
-        POLICY,
-    )
-    .await;
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
-    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let (bar, foo) = bar_and_foo(&ca, app_port, POLICY).await;
 
     // HTTP/1.1 through the tunnel.
     let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
@@ -205,15 +224,7 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     assert!(body.contains("no-beta-clients"), "{body}");
 
     // HTTP/2 through the tunnel.
-    let up = foo
-        .outbound
-        .open(&bar_id, bar.tunnel_addr, target)
-        .await
-        .unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), up)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = h2_to_bar(&foo, &bar, app_port).await;
     let get = Request::builder()
         .uri("http://bar.example/public/h2")
         .body(Empty::<Bytes>::new())
@@ -233,22 +244,44 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     assert_eq!(h2.send_request(post).await.unwrap().status(), 403);
 }
 
+/// A tunnel stream from `from` to bar (`to`) for the app on `port`.
+async fn stream_to_bar(
+    from: &RunningProxy,
+    to: &RunningProxy,
+    port: u16,
+) -> hyper::upgrade::Upgraded {
+    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    from.outbound
+        .open(&bar_id, to.tunnel_addr, target)
+        .await
+        .unwrap()
+}
+
 /// An HTTP/1.1 client on a tunnel stream from `from` to bar (`to`) for the app on `app_port`.
 async fn h1_to_bar(
     from: &RunningProxy,
     to: &RunningProxy,
     app_port: u16,
 ) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
-    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let up = from
-        .outbound
-        .open(&bar_id, to.tunnel_addr, target)
-        .await
-        .unwrap();
+    let up = stream_to_bar(from, to, app_port).await;
     let (h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
     tokio::spawn(conn);
     h1
+}
+
+/// An HTTP/2 (prior knowledge) client on a tunnel stream from `from` to bar (`to`).
+async fn h2_to_bar(
+    from: &RunningProxy,
+    to: &RunningProxy,
+    app_port: u16,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+    let up = stream_to_bar(from, to, app_port).await;
+    let (h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), up)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    h2
 }
 
 /// Sends `method path` (with an `X-Client` header) on an HTTP/1.1 connection through the
@@ -288,15 +321,10 @@ async fn get(
 async fn the_application_is_connected_only_for_an_allowed_request() {
     let ca = TestCa::new("example.org");
     let (app_port, accepted) = counted_app().await;
-    let bar = proxy(
-        identity(&ca, "spiffe://example.org/bar"),
-        Some(app_port),
-        POLICY,
-    )
-    .await;
+    let bar = bar(&ca, app_port, POLICY).await;
     // baz may send no request at all: its tunnels, however many, hold no application
     // connection open.
-    let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, "").await;
+    let baz = client(&ca, "baz").await;
     let mut denied = Vec::new();
     for _ in 0..5 {
         let mut h1 = h1_to_bar(&baz, &bar, app_port).await;
@@ -311,7 +339,7 @@ async fn the_application_is_connected_only_for_an_allowed_request() {
     );
 
     // foo's first allowed request opens one connection; later ones on the stream reuse it.
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let foo = client(&ca, "foo").await;
     let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
     assert_eq!(get(&mut h1, "/private").await.0, 403);
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
@@ -334,13 +362,8 @@ async fn an_allowed_request_to_an_application_that_is_down_gets_502() {
     let down = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = down.local_addr().unwrap().port();
     drop(down);
-    let bar = proxy(
-        identity(&ca, "spiffe://example.org/bar"),
-        Some(port),
-        POLICY,
-    )
-    .await;
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let bar = bar(&ca, port, POLICY).await;
+    let foo = client(&ca, "foo").await;
     let mut h1 = h1_to_bar(&foo, &bar, port).await;
     // Denied before the application is tried; allowed, then refused by the kernel.
     assert_eq!(get(&mut h1, "/private").await.0, 403);
@@ -436,18 +459,13 @@ action = "ALLOW"
 from = { principals = ["spiffe://example.org/foo"] }
 to = { methods = ["POST"], paths = ["/envoy.service.auth.v3.Authorization/*"] }
 "#;
-    let bar = proxy(
-        identity(&ca, "spiffe://example.org/bar"),
-        Some(app_port),
-        policy,
-    )
-    .await;
+    let bar = bar(&ca, app_port, policy).await;
 
     // Two calls on one tunnel stream, in flight together: the application answers neither
     // until both are in it, so calls forwarded one at a time would never finish.
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
-    let client = grpc_to_bar(&foo, &bar, app_port).await;
-    let (mut a, mut b) = (client.clone(), client);
+    let foo = client(&ca, "foo").await;
+    let grpc = grpc_to_bar(&foo, &bar, app_port).await;
+    let (mut a, mut b) = (grpc.clone(), grpc);
     let both = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         tokio::join!(
             a.check(check_request("spiffe://example.org/a")),
@@ -466,7 +484,7 @@ to = { methods = ["POST"], paths = ["/envoy.service.auth.v3.Authorization/*"] }
 
     // baz is allowed no call: a gRPC status its client can read, and the application never
     // sees the call.
-    let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, "").await;
+    let baz = client(&ca, "baz").await;
     let mut denied = grpc_to_bar(&baz, &bar, app_port).await;
     let e = denied
         .check(check_request("spiffe://example.org/c"))
@@ -524,29 +542,13 @@ async fn next_frame(
 async fn requests_in_flight_are_decided_again_when_policy_changes() {
     let ca = TestCa::new("example.org");
     let app_port = streaming_app().await;
-    let bar = proxy(
-        identity(&ca, "spiffe://example.org/bar"),
-        Some(app_port),
-        POLICY,
-    )
-    .await;
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
-    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let (bar, foo) = bar_and_foo(&ca, app_port, POLICY).await;
     let quick = std::time::Duration::from_millis(300);
     let long = std::time::Duration::from_secs(10);
 
     // On one HTTP/2 stream: a gRPC response streaming, a plain one streaming, one the
     // application has not answered yet, and one that the new policy still allows.
-    let up = foo
-        .outbound
-        .open(&bar_id, bar.tunnel_addr, target)
-        .await
-        .unwrap();
-    let (h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), up)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let h2 = h2_to_bar(&foo, &bar, app_port).await;
     let start = |path: &str, grpc: bool| {
         let mut h2 = h2.clone();
         let mut req = Request::builder().uri(format!("http://bar.example{path}"));
@@ -590,11 +592,7 @@ action = "ALLOW"
 from = { principals = ["spiffe://example.org/foo"] }
 to = { methods = ["GET"], paths = ["/public/keep*"] }
 "#;
-    let set = tessera_policy::PolicySet::from_toml(
-        tessera_spiffe::TrustDomain::new("example.org").unwrap(),
-        narrower,
-    )
-    .unwrap();
+    let set = policy_set(narrower);
     assert_eq!(bar.connections.reevaluate(&set), 4, "four requests end");
     bar.policy.store(Arc::new(set));
 
@@ -629,7 +627,7 @@ async fn an_http_connection_is_logged_with_its_bytes_and_its_requests_counted() 
         POLICY,
     )
     .await;
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let foo = client(&ca, "foo").await;
     let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
     let body = "ok GET /public/counted";
     assert_eq!(get(&mut h1, "/public/counted").await, (200, body.into()));
@@ -706,13 +704,7 @@ async fn upgrade_through(
     port: u16,
     path: &str,
 ) -> (u16, Option<TokioIo<hyper::upgrade::Upgraded>>) {
-    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let up = from
-        .outbound
-        .open(&bar_id, to.tunnel_addr, target)
-        .await
-        .unwrap();
+    let up = stream_to_bar(from, to, port).await;
     let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
     tokio::spawn(conn.with_upgrades());
     let req = Request::builder()
@@ -742,8 +734,8 @@ async fn an_allowed_upgrade_carries_bytes_until_policy_denies_it() {
         POLICY,
     )
     .await;
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
-    let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, "").await;
+    let foo = client(&ca, "foo").await;
+    let baz = client(&ca, "baz").await;
 
     // baz may not: 403, and no switch.
     let (status, io) = upgrade_through(&baz, &bar, app_port, "/public/ws").await;
@@ -765,11 +757,7 @@ async fn an_allowed_upgrade_carries_bytes_until_policy_denies_it() {
     }
 
     // A policy that no longer allows the upgrade's request ends the upgraded stream.
-    let set = tessera_policy::PolicySet::from_toml(
-        tessera_spiffe::TrustDomain::new("example.org").unwrap(),
-        "",
-    )
-    .unwrap();
+    let set = policy_set("");
     assert_eq!(bar.connections.reevaluate(&set), 1);
     let n = tokio::time::timeout(std::time::Duration::from_secs(10), io.read(&mut buf))
         .await
@@ -806,13 +794,7 @@ action = "DENY"
 [[policy.rules]]
 to = { hosts = ["admin.example"] }
 "#;
-    let bar = proxy(
-        identity(&ca, "spiffe://example.org/bar"),
-        Some(app_port),
-        policy,
-    )
-    .await;
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, "").await;
+    let (bar, foo) = bar_and_foo(&ca, app_port, policy).await;
     let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
     let mut send = async |uri: &str, hosts: &[&str]| {
         let mut req = Request::builder().uri(uri);
@@ -852,17 +834,7 @@ to = { hosts = ["admin.example"] }
     );
 
     // HTTP/2: `:authority` decides, and a Host header beside it does not reach the application.
-    let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let up = foo
-        .outbound
-        .open(&bar_id, bar.tunnel_addr, target)
-        .await
-        .unwrap();
-    let (mut h2, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), up)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut h2 = h2_to_bar(&foo, &bar, app_port).await;
     let req = Request::builder()
         .uri("http://bar.example/x")
         .header("host", "admin.example")
