@@ -47,10 +47,14 @@ pub struct L7Context {
     pub telemetry: Arc<crate::Telemetry>,
 }
 
-/// Marks a response the proxy made itself, with the status it stands for (a gRPC reply is
-/// HTTP 200 whatever it refuses), for the request metrics.
-#[derive(Debug, Clone, Copy)]
-struct LocalReply(StatusCode);
+/// What became of a request, carried on its response to the request's access record and
+/// metrics: `allow` (forwarded; the application answered, or could not be reached), `deny`
+/// (policy) or `invalid` (refused as malformed), and why.
+#[derive(Debug, Clone)]
+struct Outcome {
+    decision: &'static str,
+    reason: String,
+}
 
 /// The application's connection for one tunnel stream, in the protocol of the stream's client.
 /// The outbound side tunnels TCP as it is, so the client speaks what the application speaks:
@@ -95,8 +99,14 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 /// codes follow gRPC's HTTP-to-gRPC status mapping (doc/http-grpc-status-mapping.md): 403 →
 /// PERMISSION_DENIED (7), 502 → UNAVAILABLE (14), 400 → INTERNAL (13).
 fn reply(grpc: bool, status: StatusCode, msg: String) -> Response<Body> {
+    let decision = match status {
+        StatusCode::FORBIDDEN => "deny",
+        StatusCode::BAD_REQUEST => "invalid",
+        _ => "allow",
+    };
+    let reason = msg.trim_end().to_owned();
     let mut r = reply_body(grpc, status, msg);
-    r.extensions_mut().insert(LocalReply(status));
+    r.extensions_mut().insert(Outcome { decision, reason });
     r
 }
 
@@ -311,14 +321,24 @@ where
             let stream = stream.clone();
             async move {
                 let start = std::time::Instant::now();
-                let resp = handle(req, &ctx, &stream).await;
-                let decision = match resp.extensions().get::<LocalReply>() {
-                    Some(LocalReply(StatusCode::FORBIDDEN)) => "deny",
-                    Some(LocalReply(StatusCode::BAD_REQUEST)) => "invalid",
-                    _ => "allow",
+                // As the client sent them: the record shows `/%61dmin`, not what it became.
+                let mut rec = crate::telemetry::HttpRecord {
+                    src_spiffe_id: ctx.src.to_string(),
+                    dst_spiffe_id: ctx.own.as_deref().map(ToString::to_string),
+                    src_addr: ctx.peer,
+                    dst_addr: ctx.local,
+                    method: req.method().as_str().to_owned(),
+                    path: req.uri().path().to_owned(),
+                    host: authority_of(&req).unwrap_or_default(),
+                    ..Default::default()
                 };
-                ctx.telemetry
-                    .http_request(decision, resp.status().as_u16(), start.elapsed());
+                let resp = handle(req, &ctx, &stream).await;
+                if let Some(o) = resp.extensions().get::<Outcome>() {
+                    rec.decision = o.decision;
+                    rec.reason.clone_from(&o.reason);
+                }
+                rec.response_code = resp.status().as_u16();
+                ctx.telemetry.http_request(rec, start.elapsed());
                 Ok::<_, std::convert::Infallible>(resp)
             }
         }
@@ -633,6 +653,10 @@ async fn handle(
     };
     match sent {
         Ok(mut resp) => {
+            resp.extensions_mut().insert(Outcome {
+                decision: "allow",
+                reason: d.reason.to_string(),
+            });
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = upgrade
             {

@@ -1,4 +1,5 @@
-//! The access log (one JSON line per connection) and the proxy's Prometheus metrics.
+//! The access log (one JSON line per connection, `"kind": "connection"`, and one per request on
+//! ports declared `:http`, `"kind": "http_request"`) and the proxy's Prometheus metrics.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -41,6 +42,8 @@ impl Direction {
 /// One connection's record.
 #[derive(Debug, Clone, Serialize)]
 pub struct AccessRecord {
+    /// `connection`.
+    kind: &'static str,
     pub direction: Direction,
     pub src_spiffe_id: Option<String>,
     pub dst_spiffe_id: Option<String>,
@@ -59,6 +62,7 @@ pub struct AccessRecord {
 impl AccessRecord {
     pub fn new(direction: Direction) -> Self {
         Self {
+            kind: "connection",
             direction,
             src_spiffe_id: None,
             dst_spiffe_id: None,
@@ -68,6 +72,47 @@ impl AccessRecord {
             reason: String::new(),
             bytes_sent: 0,
             bytes_received: 0,
+            duration_ms: 0,
+        }
+    }
+}
+
+/// One request's record on a port declared `:http` (inbound).
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRecord {
+    /// `http_request`.
+    pub(crate) kind: &'static str,
+    pub src_spiffe_id: String,
+    pub dst_spiffe_id: Option<String>,
+    pub src_addr: SocketAddr,
+    pub dst_addr: SocketAddr,
+    /// As the client sent them (before the path is normalized).
+    pub method: String,
+    pub path: String,
+    pub host: String,
+    /// `allow` (forwarded), `deny` (policy), `invalid` (refused as malformed).
+    pub decision: &'static str,
+    pub reason: String,
+    pub response_code: u16,
+    /// From the request's start to its response head.
+    pub duration_ms: u64,
+}
+
+impl Default for HttpRecord {
+    fn default() -> Self {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        Self {
+            kind: "http_request",
+            src_spiffe_id: String::new(),
+            dst_spiffe_id: None,
+            src_addr: unspecified,
+            dst_addr: unspecified,
+            method: String::new(),
+            path: String::new(),
+            host: String::new(),
+            decision: "deny",
+            reason: String::new(),
+            response_code: 0,
             duration_ms: 0,
         }
     }
@@ -210,16 +255,19 @@ impl Telemetry {
             .inc();
     }
 
-    /// Records one request on an `:http` port: `took` is from its start to its response head.
-    pub fn http_request(&self, decision: &'static str, response_code: u16, took: Duration) {
+    /// Records one request on an `:http` port (`took`: from its start to its response head):
+    /// metrics and the access log line.
+    pub fn http_request(&self, mut rec: HttpRecord, took: Duration) {
+        rec.duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         let labels = HttpLabels {
-            decision,
-            response_code,
+            decision: rec.decision,
+            response_code: rec.response_code,
         };
         self.http_requests.get_or_create(&labels).inc();
         self.http_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+        self.write_line(&rec, rec.decision == "deny");
     }
 
     /// Records a finished (or refused) connection: metrics, the access log line, and a tracing
@@ -242,6 +290,11 @@ impl Telemetry {
                 })
                 .inc_by(n);
         }
+        self.write_line(&rec, rec.decision == "deny");
+    }
+
+    /// Writes one access-log line (and a tracing event: denials at warn).
+    fn write_line(&self, rec: &impl Serialize, warn: bool) {
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -249,18 +302,15 @@ impl Telemetry {
         // One line, serialized once and written with one `write` (an unbuffered file would
         // otherwise see a system call per JSON token, and lines of other writers between them).
         #[derive(serde::Serialize)]
-        struct Line<'a> {
+        struct Line<'a, R> {
             ts_ms: u128,
             #[serde(flatten)]
-            rec: &'a AccessRecord,
+            rec: &'a R,
         }
-        let Ok(mut line) = serde_json::to_vec(&Line {
-            ts_ms: ts,
-            rec: &rec,
-        }) else {
+        let Ok(mut line) = serde_json::to_vec(&Line { ts_ms: ts, rec }) else {
             return;
         };
-        if rec.decision == "deny" {
+        if warn {
             tracing::warn!(target: "tessera_proxy::access", "{}", String::from_utf8_lossy(&line));
         } else {
             tracing::debug!(target: "tessera_proxy::access", "{}", String::from_utf8_lossy(&line));

@@ -618,7 +618,7 @@ to = { methods = ["GET"], paths = ["/public/keep*"] }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_connection_is_logged_with_its_bytes_and_its_requests_counted() {
+async fn an_http_connection_is_logged_with_its_bytes_and_each_request_logged_and_counted() {
     let ca = TestCa::new("example.org");
     let app_port = app().await;
     let (bar, log, metrics) = proxy_observed(
@@ -645,9 +645,64 @@ async fn an_http_connection_is_logged_with_its_bytes_and_its_requests_counted() 
     ] {
         assert!(text.contains(line), "{line} not in\n{text}");
     }
+    // One record per request, with what the client sent and what became of it.
+    let requests: Vec<_> = log
+        .records()
+        .into_iter()
+        .filter(|r| r["kind"] == "http_request")
+        .collect();
+    let seen: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap(),
+                r["decision"].as_str().unwrap(),
+                r["response_code"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/public/counted", "allow", 200),
+            ("/private", "deny", 403),
+            ("/public/%zz", "invalid", 400),
+            ("/public/again", "allow", 200),
+        ]
+    );
+    for r in &requests {
+        assert_eq!(r["src_spiffe_id"], "spiffe://example.org/foo", "{r}");
+        assert_eq!(r["dst_spiffe_id"], "spiffe://example.org/bar", "{r}");
+        assert_eq!(
+            (&r["method"], &r["host"]),
+            (&"GET".into(), &"bar.example".into())
+        );
+    }
+    assert!(
+        requests[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("public-reads"),
+        "{}",
+        requests[0]
+    );
+    assert!(
+        requests[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no ALLOW policy matched")
+    );
+    assert!(
+        requests[2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("malformed percent-encoding")
+    );
+
     let r = log
-        .wait_for(|r| r["direction"] == "inbound" && r["decision"] == "allow")
+        .wait_for(|r| r["kind"] == "connection" && r["decision"] == "allow")
         .await;
+    assert_eq!(r["direction"], "inbound");
     // The request line alone, and the response body alone, are lower bounds.
     let sent = r["bytes_sent"].as_u64().unwrap();
     let received = r["bytes_received"].as_u64().unwrap();
