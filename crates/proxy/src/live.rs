@@ -6,9 +6,9 @@
 //! registered connection is decided again under the new set, and those now denied are closed
 //! with a log line naming the policy (or the reason) that closed them. On a port declared
 //! `:http` the unit is the request: every request in flight (a gRPC stream, a slow download) is
-//! decided again with its method, path, host and headers, and those now denied are ended. Until the first snapshot
-//! arrives the proxy denies everything (fails closed): no window where a stale or missing
-//! policy lets traffic through.
+//! decided again with its method, path, host and headers, and those now denied are ended.
+//! Until the first snapshot arrives the proxy denies everything (fails closed): no window
+//! where a stale or missing policy lets traffic through.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -64,7 +64,8 @@ impl HttpRequests {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Tracks an allowed request until the returned guard is dropped (its response ended).
+    /// Tracks a request until the returned guard is dropped (its response ended, or it was
+    /// refused). Tracked from before it is decided, so that no policy change is missed.
     pub fn track(self: &Arc<Self>, req: &tessera_policy::HttpRequest<'_>) -> RequestGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
@@ -87,15 +88,6 @@ impl HttpRequests {
             id,
             closed,
         }
-    }
-
-    /// How many requests are in flight.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
