@@ -529,12 +529,15 @@ async fn handle(
         }
     };
     let (d, guard) = {
-        // Header values that are not visible ASCII are left out: no condition can name them.
-        let headers: Vec<(&str, &str)> = req
+        // Every header is seen by policy, as text: bytes that are not UTF-8 (obs-text, RFC 9110
+        // §5.5) become U+FFFD. Leaving such a value out would let it past a DENY on the
+        // header's presence or on a prefix of it, while the application still receives it.
+        let values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
             .headers()
             .iter()
-            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
+            .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes())))
             .collect();
+        let headers: Vec<(&str, &str)> = values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
         let r = HttpRequest {
             method: &method,
             path: &path,

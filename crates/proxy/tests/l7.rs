@@ -222,6 +222,20 @@ async fn http_routes_allow_get_public_and_deny_post_admin_over_h1_and_h2() {
     let (status, body) = call_with("GET", "/public", "beta-7").await;
     assert_eq!(status, 403);
     assert!(body.contains("no-beta-clients"), "{body}");
+    // Also with bytes that are not text after the prefix (obs-text): the value still names a
+    // beta client to the application.
+    let req = Request::builder()
+        .uri("/public")
+        .header("host", "bar.example")
+        .header(
+            "x-client",
+            hyper::header::HeaderValue::from_bytes(b"beta-\xff").unwrap(),
+        )
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    h1.ready().await.unwrap();
+    let resp = h1.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 403);
 
     // HTTP/2 through the tunnel.
     let mut h2 = h2_to_bar(&foo, &bar, app_port).await;
