@@ -647,6 +647,15 @@ pub(crate) fn compile_http(
                         format!("{h:?}: a host name, not a URL"),
                     ));
                 }
+                // The proxy matches hosts without a trailing dot (`bar.example.` names
+                // `bar.example`, RFC 1034 §3.1), so a pattern with one could never match.
+                if h.ends_with('.') {
+                    return Err(PolicyError::new(
+                        policy,
+                        field,
+                        format!("{h:?}: a host name without its trailing dot (hosts are matched without it)"),
+                    ));
+                }
                 parse_str_match(policy, &field, h).map(StrMatch::lower)
             })
             .collect()

@@ -473,6 +473,10 @@ fn new_fields_are_validated_by_name() {
             r#"{"action":"ALLOW","rules":[{"to":{"hosts":["http://x/"]}}]}"#,
             "rules[0].to.hosts[0]",
         ),
+        (
+            r#"{"action":"ALLOW","rules":[{"to":{"hosts":["a.example","b.example."]}}]}"#,
+            "rules[0].to.hosts[1]",
+        ),
     ];
     for (doc, field) in cases {
         let e = NamedPolicy::from_json("p1", doc).unwrap_err();

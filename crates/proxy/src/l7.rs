@@ -214,24 +214,34 @@ fn grpc_message(msg: &str) -> String {
 /// or an HTTP/1.1 absolute-form target, which overrides `Host`: RFC 9112 §3.2.2), else the
 /// `Host` header. Policy decides on this host, and it is the one authority the application
 /// receives, so a request cannot be decided on one host and served as another. More than one
-/// `Host` header is refused (RFC 9112 §3.2: 400): which one the application reads is unknown.
+/// `Host` header, or one that is not an authority, is refused (RFC 9112 §3.2: 400).
 fn authority_of<B>(req: &Request<B>) -> Result<String, String> {
     if let Some(a) = req.uri().authority() {
-        // Without userinfo (RFC 9110 §4.2.4: not to be sent).
-        return Ok(match a.port() {
-            Some(p) => format!("{}:{p}", a.host()),
-            None => a.host().to_owned(),
-        });
+        return Ok(canonical_authority(a));
     }
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
         return Err("the request has more than one Host header (RFC 9112 §3.2)".into());
     }
-    Ok(first
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_owned())
+    match first.map(http::HeaderValue::as_bytes) {
+        None | Some(b"") => Ok(String::new()),
+        Some(raw) => http::uri::Authority::try_from(raw)
+            .map(|a| canonical_authority(&a))
+            .map_err(|e| format!("the Host header is not a host[:port] (RFC 9112 §3.2): {e}")),
+    }
+}
+
+/// `host[:port]`: without userinfo (RFC 9110 §4.2.4: not to be sent), and without a trailing
+/// dot on the host, which names the same host (RFC 1034 §3.1; Envoy's
+/// `strip_trailing_host_dot`) and would otherwise pass a rule on the host's usual spelling.
+fn canonical_authority(a: &http::uri::Authority) -> String {
+    let host = a.host();
+    let host = host.strip_suffix('.').unwrap_or(host);
+    match a.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    }
 }
 
 /// The host of an authority, without a port, as policy matches it.

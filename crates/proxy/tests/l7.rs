@@ -896,6 +896,14 @@ to = { hosts = ["admin.example"] }
         403,
         "Host decides for an origin-form target"
     );
+    // A trailing dot names the same host.
+    assert_eq!(send("/x", &["admin.example."]).await, (403, None));
+    assert_eq!(
+        send("http://bar.example./x", &[]).await,
+        (200, Some("bar.example".into()))
+    );
+    // A Host that is not host[:port] is refused rather than matched as text.
+    assert_eq!(send("/x", &["admin.example/x"]).await, (400, None));
     // Two Host headers: which one the application reads is unknown, so neither is guessed.
     assert_eq!(
         send("/x", &["bar.example", "admin.example"]).await,
