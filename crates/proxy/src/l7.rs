@@ -196,6 +196,15 @@ impl hyper::body::Body for Guarded {
     }
 }
 
+/// Whether a request asks for exactly a WebSocket upgrade (`Upgrade: websocket`, any case).
+fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
+    let mut values = req.headers().get_all(http::header::UPGRADE).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) => v.as_bytes().eq_ignore_ascii_case(b"websocket"),
+        _ => false,
+    }
+}
+
 /// `grpc-message` is percent-encoded: every byte outside visible ASCII and space, and `%`
 /// itself (gRPC over HTTP/2, §Responses, "Status-Message").
 fn grpc_message(msg: &str) -> String {
@@ -591,12 +600,20 @@ async fn handle(
         None => path.clone(),
     };
     let version = req.version();
-    // HTTP/1.1 `Upgrade` (RFC 9110 §7.8, WebSocket's handshake, RFC 6455 §4): the request is
-    // decided like any other; if the application switches protocols, the stream is handed
-    // over to it as bytes.
-    let upgrade = (version == http::Version::HTTP_11
-        && req.headers().contains_key(http::header::UPGRADE))
-    .then(|| hyper::upgrade::on(&mut req));
+    // HTTP/1.1 `Upgrade` (RFC 9110 §7.8): a WebSocket handshake (RFC 6455 §4) is decided like
+    // any other request; if the application switches protocols, the stream is handed over to
+    // it as bytes. Only WebSocket: after a switch no request is decided any more, so an upgrade
+    // to HTTP/2 (`h2c`) would carry requests past policy ("h2c smuggling"). Any other upgrade
+    // is taken out of the request, which the application then answers in HTTP/1.1 (a server
+    // may always ignore `Upgrade`, RFC 9110 §7.8).
+    let upgrade = if version == http::Version::HTTP_11 && is_websocket_upgrade(&req) {
+        Some(hyper::upgrade::on(&mut req))
+    } else {
+        let h = req.headers_mut();
+        h.remove(http::header::UPGRADE);
+        h.remove("http2-settings");
+        None
+    };
     let uri = if version == http::Version::HTTP_2 {
         // HTTP/2 carries `:scheme` and `:authority` (RFC 9113 §8.3.1): the absolute form, with
         // the authority policy saw and no `Host` header beside it.
@@ -670,9 +687,16 @@ async fn handle(
                 decision: "allow",
                 reason: d.reason.to_string(),
             });
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(down) = upgrade
-            {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let Some(down) = upgrade else {
+                    // Passed on, a switch the proxy does not carry would leave the client
+                    // speaking a protocol nobody reads.
+                    return reply(
+                        grpc,
+                        StatusCode::BAD_GATEWAY,
+                        "application: switched protocols without a WebSocket upgrade\n".into(),
+                    );
+                };
                 // The request was allowed as an upgrade and the application took it: the
                 // stream becomes bytes both ways, still tracked by its request.
                 let up = hyper::upgrade::on(&mut resp);

@@ -727,8 +727,9 @@ async fn an_http_connection_is_logged_with_its_bytes_and_each_request_logged_and
     assert!(received > body.len() as u64, "{r}");
 }
 
-/// An HTTP/1.1 application that switches a request with `Upgrade: echo` to an echo of bytes
-/// (as a WebSocket server switches to frames).
+/// An HTTP/1.1 application that switches any request with an `Upgrade` header to an echo of
+/// bytes (as a WebSocket server switches to frames, or an h2c server to HTTP/2), and answers
+/// the others 200.
 async fn upgrading_app() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -739,7 +740,7 @@ async fn upgrading_app() -> u16 {
                 let svc = hyper::service::service_fn(
                     |mut req: Request<hyper::body::Incoming>| async move {
                         let mut resp = hyper::Response::new(Empty::<Bytes>::new());
-                        if req.headers().get("upgrade").is_some_and(|u| u == "echo") {
+                        if let Some(proto) = req.headers().get("upgrade").cloned() {
                             let on = hyper::upgrade::on(&mut req);
                             tokio::spawn(async move {
                                 let mut io = TokioIo::new(on.await.unwrap());
@@ -749,8 +750,7 @@ async fn upgrading_app() -> u16 {
                             *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
                             resp.headers_mut()
                                 .insert("connection", "upgrade".parse().unwrap());
-                            resp.headers_mut()
-                                .insert("upgrade", "echo".parse().unwrap());
+                            resp.headers_mut().insert("upgrade", proto);
                         }
                         Ok::<_, std::convert::Infallible>(resp)
                     },
@@ -765,13 +765,14 @@ async fn upgrading_app() -> u16 {
     port
 }
 
-/// Asks `to`'s application on `port` to switch `path` to the echo protocol, through `from`:
+/// Asks `to`'s application on `port` to switch `path` to protocol `proto`, through `from`:
 /// the response status, and the upgraded stream if it switched.
 async fn upgrade_through(
     from: &RunningProxy,
     to: &RunningProxy,
     port: u16,
     path: &str,
+    proto: &str,
 ) -> (u16, Option<TokioIo<hyper::upgrade::Upgraded>>) {
     let up = stream_to_bar(from, to, port).await;
     let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
@@ -780,7 +781,7 @@ async fn upgrade_through(
         .uri(path)
         .header("host", "bar.example")
         .header("connection", "upgrade")
-        .header("upgrade", "echo")
+        .header("upgrade", proto)
         .body(Empty::<Bytes>::new())
         .unwrap();
     let mut resp = h1.send_request(req).await.unwrap();
@@ -807,12 +808,19 @@ async fn an_allowed_upgrade_carries_bytes_until_policy_denies_it() {
     let baz = client(&ca, "baz").await;
 
     // baz may not: 403, and no switch.
-    let (status, io) = upgrade_through(&baz, &bar, app_port, "/public/ws").await;
+    let (status, io) = upgrade_through(&baz, &bar, app_port, "/public/ws", "websocket").await;
     assert_eq!(status, 403);
     assert!(io.is_none());
 
+    // An upgrade to anything but WebSocket is taken out of the request: after a switch to
+    // HTTP/2 (h2c), requests would reach the application undecided. The application answers
+    // the request as HTTP/1.1.
+    let (status, io) = upgrade_through(&foo, &bar, app_port, "/public/h2c", "h2c").await;
+    assert_eq!(status, 200);
+    assert!(io.is_none());
+
     // foo may: the stream becomes the application's echo.
-    let (status, io) = upgrade_through(&foo, &bar, app_port, "/public/ws").await;
+    let (status, io) = upgrade_through(&foo, &bar, app_port, "/public/ws", "WebSocket").await;
     assert_eq!(status, 101);
     let mut io = io.unwrap();
     let mut buf = [0u8; 5];
