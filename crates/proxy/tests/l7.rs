@@ -386,6 +386,38 @@ async fn an_allowed_request_to_an_application_that_is_down_gets_502() {
     assert!(body.contains("refused"), "{body}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_that_switches_protocols_unasked_gets_502() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ca = TestCa::new("example.org");
+    // Answers every request with a switch to HTTP/2, asked for or not.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
+                    .await;
+                let _ = s.read(&mut b).await;
+            });
+        }
+    });
+    let (bar, foo) = bar_and_foo(&ca, app_port, POLICY).await;
+    let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
+    let (status, body) = get(&mut h1, "/public/x").await;
+    assert_eq!(status, 502, "{body}");
+}
+
 /// A gRPC application (Envoy's `Authorization/Check`, from this crate's protos) that answers
 /// only once two calls are in it at the same time: it proves both that gRPC (HTTP/2 with
 /// trailers) reaches the application and that one stream's calls reach it multiplexed.
