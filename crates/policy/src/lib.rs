@@ -17,6 +17,7 @@
 
 mod document;
 mod index;
+mod path;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use document::{
     Source, Target,
 };
 use index::ActionIndex;
+pub use path::normalize_path;
 
 /// A policy with its name, as stored (`Policy { id, document }` in the datastore) or written in a
 /// policy file.
