@@ -4,8 +4,12 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(raw) = std::str::from_utf8(data) else { return };
-    let Ok(path) = tessera_policy::normalize_path(raw) else { return };
+    let Ok(raw) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(path) = tessera_policy::normalize_path(raw) else {
+        return;
+    };
     if path == "*" {
         return;
     }

@@ -8,8 +8,12 @@ use tessera_policy::{NamedPolicy, PolicySet};
 use tessera_spiffe::TrustDomain;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(td) = TrustDomain::new("example.org") else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(td) = TrustDomain::new("example.org") else {
+        return;
+    };
     let _ = PolicySet::from_toml(td, text);
     if let Ok(p) = NamedPolicy::from_json("fuzz", text) {
         // A document that was accepted round-trips through its JSON form.
