@@ -8,6 +8,11 @@
 //! is denied never costs the application a connection. An HTTP/1.1 upgrade (WebSocket) the
 //! application accepts turns the stream into bytes both ways. Every request in flight, and
 //! every upgraded stream, is decided again on a policy change (`crate::live`).
+//!
+//! What policy decides on is what the application gets: the normalized path
+//! ([`tessera_policy::normalize_path`]) and one authority ([`authority_of`]). Each request
+//! writes an access-log line and is counted in the metrics.
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
