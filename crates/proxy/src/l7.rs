@@ -10,7 +10,7 @@
 //! every upgraded stream, is decided again on a policy change (`crate::live`).
 //!
 //! What policy decides on is what the application gets: the normalized path
-//! ([`tessera_policy::normalize_path`]) and one authority ([`authority_of`]). Each request
+//! ([`tessera_policy::normalize_path`]) and one authority (`authority_of`). Each request
 //! writes an access-log line and is counted in the metrics.
 
 use std::future::Future;
