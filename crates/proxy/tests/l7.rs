@@ -963,3 +963,78 @@ to = { hosts = ["admin.example"] }
     assert_eq!(resp.headers()["x-app-authority"], "bar.example");
     assert_eq!(resp.headers()["x-app-host"], "");
 }
+
+/// Counts a hanging handler's end.
+struct OnDrop(Arc<AtomicUsize>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// HTTP/2 requests run in tasks of their own; when their connection is closed (here by a
+/// bundle change), their calls to the application must end too, not wait on it for an answer
+/// that can go nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_running_ends_with_its_connection() {
+    let ca = TestCa::new("example.org");
+    // An HTTP/2 application that never answers; it counts the calls it got and those that
+    // ended (the proxy gave up on them).
+    let (entered, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_port = l.local_addr().unwrap().port();
+    let (e, d) = (entered.clone(), ended.clone());
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let (e, d) = (e.clone(), d.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_: Request<hyper::body::Incoming>| {
+                    let (e, d) = (e.clone(), d.clone());
+                    async move {
+                        e.fetch_add(1, Ordering::SeqCst);
+                        let _ended = OnDrop(d);
+                        std::future::pending::<()>().await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            Empty::<Bytes>::new(),
+                        ))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let (bar, foo) = bar_and_foo(&ca, app_port, POLICY).await;
+    let mut h2 = h2_to_bar(&foo, &bar, app_port).await;
+    let req = Request::builder()
+        .uri("http://bar.example/public/hang")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    h2.ready().await.unwrap();
+    let call = tokio::spawn(h2.send_request(req));
+    let wait = |n: &Arc<AtomicUsize>, what: &str| {
+        let (n, what) = (n.clone(), what.to_owned());
+        async move {
+            for _ in 0..200 {
+                if n.load(Ordering::SeqCst) == 1 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            panic!("{what}");
+        }
+    };
+    wait(&entered, "the call did not reach the application").await;
+    // The bundle loses the CA foo's certificate chains to: bar closes the connection.
+    let other = TestCa::new("example.org");
+    assert_eq!(bar.connections.reverify(&bundle_set(&[&other])), 1);
+    wait(
+        &ended,
+        "the call to the application outlived its connection",
+    )
+    .await;
+    assert!(call.await.unwrap().is_err());
+}
