@@ -286,6 +286,8 @@ where
             let stream = stream.clone();
             async move {
                 let start = std::time::Instant::now();
+                // Read once: the record and the decision see the same authority.
+                let authority = authority_of(&req);
                 // As the client sent them: the record shows `/%61dmin`, not what it became.
                 let mut rec = crate::telemetry::HttpRecord {
                     src_spiffe_id: ctx.src.to_string(),
@@ -294,10 +296,10 @@ where
                     dst_addr: ctx.local,
                     method: req.method().as_str().to_owned(),
                     path: req.uri().path().to_owned(),
-                    host: authority_of(&req).unwrap_or_default(),
+                    host: authority.clone().unwrap_or_default(),
                     ..Default::default()
                 };
-                let resp = handle(req, &ctx, &stream).await;
+                let resp = handle(req, authority, &ctx, &stream).await;
                 if let Some(o) = resp.extensions().get::<Outcome>() {
                     rec.decision = o.decision;
                     rec.reason.clone_from(&o.reason);
@@ -471,14 +473,16 @@ async fn log_end(conn: impl std::future::Future<Output = hyper::Result<()>>) {
     }
 }
 
+/// Decides one request (`authority`: [`authority_of`] it) and forwards it if allowed.
 async fn handle(
     mut req: Request<Incoming>,
+    authority: Result<String, String>,
     ctx: &L7Context,
     stream: &StreamState,
 ) -> Response<Body> {
     let grpc = is_grpc(&req);
     let method = req.method().as_str().to_owned();
-    let authority = match authority_of(&req) {
+    let authority = match authority {
         Ok(a) => a,
         Err(e) => {
             tracing::info!(src = %ctx.src, port = ctx.port, %method, error = %e, "HTTP request refused: 400");
@@ -585,7 +589,6 @@ async fn handle(
             return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
         }
     }
-    let version = req.version();
     let send = async {
         let mut slot = stream.sender.lock().await;
         let s = match app_sender(ctx, &mut slot, version).await {
