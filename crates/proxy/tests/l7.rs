@@ -109,6 +109,49 @@ async fn app() -> u16 {
 
 /// [`app`], with the number of connections it has accepted.
 async fn counted_app() -> (u16, Arc<AtomicUsize>) {
+    serve_app(hyper::service::service_fn(
+        |req: Request<hyper::body::Incoming>| async move {
+            let body = format!("ok {} {}", req.method(), req.uri().path());
+            let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut().insert(
+                "x-app-version",
+                format!("{:?}", req.version()).parse().unwrap(),
+            );
+            // Every Host header it got, and the request target's authority.
+            let hosts: Vec<_> = req
+                .headers()
+                .get_all("host")
+                .iter()
+                .map(|h| h.to_str().unwrap().to_owned())
+                .collect();
+            resp.headers_mut()
+                .insert("x-app-host", hosts.join(",").parse().unwrap());
+            if let Some(a) = req.uri().authority() {
+                resp.headers_mut()
+                    .insert("x-app-authority", a.as_str().parse().unwrap());
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        },
+    ))
+    .await
+}
+
+/// Serves `svc` in HTTP/1.1 and HTTP/2 on a new loopback port: the port, and the number of
+/// connections accepted.
+async fn serve_app<S, B>(svc: S) -> (u16, Arc<AtomicUsize>)
+where
+    S: hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().unwrap().port();
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -117,30 +160,8 @@ async fn counted_app() -> (u16, Arc<AtomicUsize>) {
         loop {
             let (s, _) = l.accept().await.unwrap();
             count.fetch_add(1, Ordering::SeqCst);
+            let svc = svc.clone();
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let body = format!("ok {} {}", req.method(), req.uri().path());
-                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
-                        resp.headers_mut().insert(
-                            "x-app-version",
-                            format!("{:?}", req.version()).parse().unwrap(),
-                        );
-                        // Every Host header it got, and the request target's authority.
-                        let hosts: Vec<_> = req
-                            .headers()
-                            .get_all("host")
-                            .iter()
-                            .map(|h| h.to_str().unwrap().to_owned())
-                            .collect();
-                        resp.headers_mut()
-                            .insert("x-app-host", hosts.join(",").parse().unwrap());
-                        if let Some(a) = req.uri().authority() {
-                            resp.headers_mut()
-                                .insert("x-app-authority", a.as_str().parse().unwrap());
-                        }
-                        Ok::<_, std::convert::Infallible>(resp)
-                    });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
@@ -544,33 +565,20 @@ to = { methods = ["POST"], paths = ["/envoy.service.auth.v3.Authorization/*"] }
 /// An HTTP/1.1 and HTTP/2 application whose responses never end: `…/hang` never answers,
 /// anything else answers 200 with one chunk ("first") and then holds the body open.
 async fn streaming_app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        if req.uri().path().ends_with("/hang") {
-                            std::future::pending::<()>().await;
-                        }
-                        let first = tokio_stream::iter([Ok::<_, std::convert::Infallible>(
-                            hyper::body::Frame::data(Bytes::from_static(b"first")),
-                        )]);
-                        let body = http_body_util::StreamBody::new(tokio_stream::StreamExt::chain(
-                            first,
-                            tokio_stream::pending(),
-                        ));
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
+    let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+        if req.uri().path().ends_with("/hang") {
+            std::future::pending::<()>().await;
         }
+        let first = tokio_stream::iter([Ok::<_, std::convert::Infallible>(
+            hyper::body::Frame::data(Bytes::from_static(b"first")),
+        )]);
+        let body = http_body_util::StreamBody::new(tokio_stream::StreamExt::chain(
+            first,
+            tokio_stream::pending(),
+        ));
+        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
     });
-    port
+    serve_app(svc).await.0
 }
 
 /// The next frame of `body`, or `None` if none comes within `wait`.
@@ -982,31 +990,17 @@ async fn a_request_still_running_ends_with_its_connection() {
     // An HTTP/2 application that never answers; it counts the calls it got and those that
     // ended (the proxy gave up on them).
     let (entered, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_port = l.local_addr().unwrap().port();
     let (e, d) = (entered.clone(), ended.clone());
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = l.accept().await.unwrap();
-            let (e, d) = (e.clone(), d.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_: Request<hyper::body::Incoming>| {
-                    let (e, d) = (e.clone(), d.clone());
-                    async move {
-                        e.fetch_add(1, Ordering::SeqCst);
-                        let _ended = OnDrop(d);
-                        std::future::pending::<()>().await;
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            Empty::<Bytes>::new(),
-                        ))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
+    let svc = hyper::service::service_fn(move |_: Request<hyper::body::Incoming>| {
+        let (e, d) = (e.clone(), d.clone());
+        async move {
+            e.fetch_add(1, Ordering::SeqCst);
+            let _ended = OnDrop(d);
+            std::future::pending::<()>().await;
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(Empty::<Bytes>::new()))
         }
     });
+    let (app_port, _) = serve_app(svc).await;
     let (bar, foo) = bar_and_foo(&ca, app_port, POLICY).await;
     let mut h2 = h2_to_bar(&foo, &bar, app_port).await;
     let req = Request::builder()
