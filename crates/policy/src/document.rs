@@ -77,8 +77,10 @@ impl PolicyDocument {
 
 /// All fields present must match (AND); values inside one field are alternatives (OR). A missing
 /// field matches anything, except that a source of another trust domain matches an ALLOW rule
-/// only if the rule names its trust domain. A DENY, AUDIT or CUSTOM rule without principals and
-/// trust domains covers every trust domain (a restriction never fails open).
+/// only if the rule names its trust domain, and a source without identity only if the rule says
+/// `unauthenticated`. A DENY, AUDIT or CUSTOM rule without principals and trust domains covers
+/// every trust domain, and every such rule covers callers without identity (a restriction never
+/// fails open).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
@@ -102,7 +104,8 @@ pub struct Rule {
 /// `values`: one must match; `not_values`: none may. An attribute the proxy does not have (a
 /// header on plain TCP) is treated like an HTTP field on TCP: a DENY (AUDIT, CUSTOM) rule
 /// matches, an ALLOW rule does not. An address condition only ever narrows a rule that the
-/// proven SPIFFE ID already matched: it is never a source of identity.
+/// proven SPIFFE ID (or, for a caller without one, the rule's `unauthenticated`) already
+/// matched: it is never a source of identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
@@ -113,7 +116,8 @@ pub struct Condition {
     pub not_values: Vec<String>,
 }
 
-/// Who connects: the SPIFFE ID proven in the TLS session.
+/// Who connects: the SPIFFE ID proven in the TLS session, or (`unauthenticated`) a caller that
+/// proved none.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
@@ -127,6 +131,14 @@ pub struct Source {
     /// Sources excluded, same syntax as `principals` (a match here makes the rule not match).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<String>,
+    /// Callers with no identity: plaintext that a destination in PERMISSIVE mode hands to
+    /// policy (Linkerd's `unauthenticated` client). With `principals` or `trust_domains` the
+    /// rule matches those callers *or* unauthenticated ones; alone, unauthenticated ones only.
+    /// An ALLOW rule admits a caller without identity only when it says so here; a DENY
+    /// (AUDIT, CUSTOM) rule covers such callers whatever its principals, since a caller that
+    /// proved nothing may be any of them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unauthenticated: bool,
 }
 
 /// What is connected to on this workload. The HTTP fields apply to requests on ports declared

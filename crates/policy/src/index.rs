@@ -24,6 +24,10 @@ struct Compiled {
     when: Vec<Cond>,
 }
 
+/// Who asks: the SPIFFE ID proven in the session, or `None` for a caller that proved none
+/// (plaintext admitted to policy in PERMISSIVE mode).
+pub(crate) type Caller<'a> = Option<&'a SpiffeId>;
+
 /// How a rule was reached, which decides what still has to be checked.
 #[derive(Debug, Clone, Copy)]
 enum Via {
@@ -33,6 +37,8 @@ enum Via {
     LocalAny,
     /// The rule has no principals: only `trust_domains` (or, without them, local) decides.
     NoPrincipals,
+    /// A caller without identity reached the rule (see [`lookup`]).
+    Unauthenticated,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -41,7 +47,11 @@ struct PortIndex {
     under: HashMap<String, Vec<u32>>,
     trust_domain: HashMap<String, Vec<u32>>,
     local_any: Vec<u32>,
+    /// Rules with neither principals nor trust domains that are not for unauthenticated
+    /// callers alone.
     no_principals: Vec<u32>,
+    /// Rules with `from.unauthenticated`.
+    unauthenticated: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -52,8 +62,8 @@ pub(crate) struct ActionIndex {
     /// Whether a doubt makes a rule match: DENY, AUDIT and CUSTOM rules do (a restriction
     /// restricts), ALLOW rules do not (a permission never opens more than it names). A doubt is
     /// a rule with HTTP fields asked about plain TCP (no request), a condition whose attribute
-    /// is unknown, and a rule without principals or trust domains asked about a caller of
-    /// another trust domain.
+    /// is unknown, a rule without principals or trust domains asked about a caller of another
+    /// trust domain, and any rule asked about a caller without identity.
     fail_closed: bool,
 }
 
@@ -116,12 +126,21 @@ impl ActionIndex {
             http,
             when,
         });
+        let keys = Keys {
+            principals: &principals,
+            // `from = { unauthenticated = true }` alone is for callers without identity only;
+            // it must not also become a rule for every local caller.
+            authenticated: !(from.unauthenticated
+                && from.principals.is_empty()
+                && from.trust_domains.is_empty()),
+            unauthenticated: from.unauthenticated,
+        };
         let ports = rule.to.as_ref().map(|t| t.ports.as_slice()).unwrap_or(&[]);
         if ports.is_empty() {
-            add(&mut self.any_port, id, &principals);
+            add(&mut self.any_port, id, &keys);
         } else {
             for port in ports {
-                add(self.by_port.entry(*port).or_default(), id, &principals);
+                add(self.by_port.entry(*port).or_default(), id, &keys);
             }
         }
         Ok(())
@@ -130,7 +149,7 @@ impl ActionIndex {
     /// The first matching rule (lowest policy, then rule index) for `source` on `port`.
     pub(crate) fn find(
         &self,
-        source: &SpiffeId,
+        source: Caller<'_>,
         local: bool,
         port: u16,
         addrs: &Addresses,
@@ -156,7 +175,7 @@ impl ActionIndex {
             .into_iter()
             .flatten()
         {
-            lookup(idx, source, &mut consider);
+            lookup(idx, source, self.fail_closed, &mut consider);
         }
         best
     }
@@ -165,7 +184,7 @@ impl ActionIndex {
     /// Every matching policy (sorted, once each).
     pub(crate) fn find_all(
         &self,
-        source: &SpiffeId,
+        source: Caller<'_>,
         local: bool,
         port: u16,
         addrs: &Addresses,
@@ -188,7 +207,7 @@ impl ActionIndex {
             .into_iter()
             .flatten()
         {
-            lookup(idx, source, &mut consider);
+            lookup(idx, source, self.fail_closed, &mut consider);
         }
         out.sort_unstable();
         out.dedup();
@@ -198,15 +217,17 @@ impl ActionIndex {
     fn matches_rest(
         &self,
         c: &Compiled,
-        source: &SpiffeId,
+        source: Caller<'_>,
         local: bool,
         port: u16,
         addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> bool {
-        if c.not_principals
-            .iter()
-            .any(|p| document::principal_matches(p, source, local))
+        // A caller without identity is none of the excluded principals.
+        if let Some(source) = source
+            && c.not_principals
+                .iter()
+                .any(|p| document::principal_matches(p, source, local))
         {
             return false;
         }
@@ -223,7 +244,11 @@ impl ActionIndex {
             .all(|w| w.eval(port, addrs, req).unwrap_or(self.fail_closed))
     }
 
-    fn matches(&self, c: &Compiled, via: Via, source: &SpiffeId, local: bool) -> bool {
+    fn matches(&self, c: &Compiled, via: Via, source: Caller<'_>, local: bool) -> bool {
+        let Some(source) = source else {
+            // Reached only through `lookup`'s rules for callers without identity.
+            return matches!(via, Via::Unauthenticated);
+        };
         let td = source.trust_domain_str();
         let td_listed = c.trust_domains.iter().any(|t| t == td);
         match via {
@@ -241,16 +266,32 @@ impl ActionIndex {
                     td_listed
                 }
             }
+            // An authenticated caller never reaches a rule this way.
+            Via::Unauthenticated => false,
         }
     }
 }
 
-fn add(idx: &mut PortIndex, id: u32, principals: &[Principal]) {
-    if principals.is_empty() {
+/// What a rule is keyed on.
+struct Keys<'a> {
+    principals: &'a [Principal],
+    /// The rule is for authenticated callers (always, unless it names only unauthenticated ones).
+    authenticated: bool,
+    unauthenticated: bool,
+}
+
+fn add(idx: &mut PortIndex, id: u32, keys: &Keys<'_>) {
+    if keys.unauthenticated {
+        idx.unauthenticated.push(id);
+    }
+    if !keys.authenticated {
+        return;
+    }
+    if keys.principals.is_empty() {
         idx.no_principals.push(id);
         return;
     }
-    for p in principals {
+    for p in keys.principals {
         let list = match p {
             Principal::Exact(s) => idx.exact.entry(s.as_str().to_owned()).or_default(),
             Principal::Under(prefix) => idx.under.entry(prefix.clone()).or_default(),
@@ -264,7 +305,34 @@ fn add(idx: &mut PortIndex, id: u32, principals: &[Principal]) {
     }
 }
 
-fn lookup(idx: &PortIndex, source: &SpiffeId, consider: &mut impl FnMut(&[u32], Via)) {
+/// Hands `consider` the rules of `idx` that may match `source`.
+fn lookup(
+    idx: &PortIndex,
+    source: Caller<'_>,
+    fail_closed: bool,
+    consider: &mut impl FnMut(&[u32], Via),
+) {
+    let Some(source) = source else {
+        // A caller that proved no identity (PERMISSIVE plaintext). A permission opens only
+        // what it names: an ALLOW rule admits such a caller only with `unauthenticated`. A
+        // restriction restricts: a DENY (AUDIT, CUSTOM) rule covers it whatever its
+        // principals, since nothing shows the caller is not one of them — otherwise a
+        // workload denied by name could send plaintext to get past its DENY.
+        consider(&idx.unauthenticated, Via::Unauthenticated);
+        if fail_closed {
+            for ids in idx
+                .exact
+                .values()
+                .chain(idx.under.values())
+                .chain(idx.trust_domain.values())
+            {
+                consider(ids, Via::Unauthenticated);
+            }
+            consider(&idx.local_any, Via::Unauthenticated);
+            consider(&idx.no_principals, Via::Unauthenticated);
+        }
+        return;
+    };
     let s = source.as_str();
     if let Some(ids) = idx.exact.get(s) {
         consider(ids, Via::Named);

@@ -43,8 +43,18 @@ pub struct NamedPolicy {
 impl NamedPolicy {
     /// A policy from its JSON document (the datastore's `Policy.document`).
     pub fn from_json(name: &str, json: &str) -> Result<Self, PolicyError> {
-        let document: PolicyDocument = serde_json::from_str(json)
-            .map_err(|e| PolicyError::new(name, "document", e.to_string()))?;
+        let document: PolicyDocument =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json))
+                .map_err(|e| {
+                    // The field the error is in, so a wrong type names it (`rules[0].from`).
+                    let at = e.path().to_string();
+                    let field = if at == "." { "document".to_owned() } else { at };
+                    // The position is in JSON this crate may have made from YAML: the path
+                    // says where, the position would mislead.
+                    let msg = e.into_inner().to_string();
+                    let msg = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
+                    PolicyError::new(name, field, msg)
+                })?;
         document::validate(name, &document)?;
         Ok(Self {
             name: name.to_owned(),
@@ -496,15 +506,18 @@ impl PolicySet {
     /// Decides a connection from `source` (the peer's verified SPIFFE ID) to `port` (plain TCP,
     /// or the connection-level check before any HTTP request is read).
     pub fn decide(&self, source: &SpiffeId, port: u16) -> Decision {
-        self.decide_request(source, port, &Addresses::default(), None)
+        self.decide_request(Some(source), port, &Addresses::default(), None)
     }
 
     /// Decides one HTTP request (`req`) or, with `None`, a TCP connection; `addrs` are the
-    /// connection's addresses where known (for `when` conditions). CUSTOM policies are not
-    /// consulted here: ask [`Self::custom_checks`]' authorizers first.
+    /// connection's addresses where known (for `when` conditions). `source` is the SPIFFE ID
+    /// the peer proved, or `None` for a caller that proved none (plaintext that PERMISSIVE mode
+    /// admits to policy): only rules that say `unauthenticated` allow it, and every DENY rule
+    /// of its port covers it. CUSTOM policies are not consulted here: ask
+    /// [`Self::custom_checks`]' authorizers first.
     pub fn decide_request(
         &self,
-        source: &SpiffeId,
+        source: Option<&SpiffeId>,
         port: u16,
         addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
@@ -525,12 +538,12 @@ impl PolicySet {
 
     fn enforce(
         &self,
-        source: &SpiffeId,
+        source: Option<&SpiffeId>,
         port: u16,
         addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> Decision {
-        let local = source.is_member_of(&self.local);
+        let local = source.is_some_and(|s| s.is_member_of(&self.local));
         let mut d = self.decide_enforced(source, local, port, addrs, req);
         if !self.audit.is_empty() {
             d.audit = self
@@ -543,7 +556,7 @@ impl PolicySet {
 
     fn decide_enforced(
         &self,
-        source: &SpiffeId,
+        source: Option<&SpiffeId>,
         local: bool,
         port: u16,
         addrs: &Addresses,
@@ -581,7 +594,7 @@ impl PolicySet {
     /// One per provider: the first matching policy names it.
     pub fn custom_checks(
         &self,
-        source: &SpiffeId,
+        source: Option<&SpiffeId>,
         port: u16,
         addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
@@ -589,7 +602,7 @@ impl PolicySet {
         if self.custom.is_empty() {
             return Vec::new();
         }
-        let local = source.is_member_of(&self.local);
+        let local = source.is_some_and(|s| s.is_member_of(&self.local));
         let mut out: Vec<CustomCheck> = Vec::new();
         for p in self.custom.find_all(source, local, port, addrs, req) {
             let Some(Some(provider)) = self.providers.get(p as usize) else {

@@ -263,7 +263,7 @@ fn http_routes_allow_get_public_and_deny_post_admin() {
         "to = { methods = [\"POST\"], paths = [\"/admin*\"], not_hosts = [\"*.internal\"] }\n",
     ));
     let foo = id("spiffe://example.org/foo");
-    let r = |m, p, h| s.decide_request(&foo, 80, &Addresses::default(), Some(&req(m, p, h)));
+    let r = |m, p, h| s.decide_request(Some(&foo), 80, &Addresses::default(), Some(&req(m, p, h)));
     assert!(r("GET", "/public", "a.example").allowed);
     assert!(r("GET", "/static/x.css", "a.example").allowed);
     assert!(!r("GET", "/private", "a.example").allowed);
@@ -285,7 +285,12 @@ fn http_routes_allow_get_public_and_deny_post_admin() {
     assert_eq!(only_allow.decide(&foo, 80).reason, Reason::NoAllowMatch);
     assert!(
         only_allow
-            .decide_request(&foo, 80, &Addresses::default(), Some(&req("GET", "/", "h")))
+            .decide_request(
+                Some(&foo),
+                80,
+                &Addresses::default(),
+                Some(&req("GET", "/", "h"))
+            )
             .allowed
     );
 }
@@ -312,7 +317,7 @@ fn a_restriction_without_a_source_covers_callers_of_every_trust_domain() {
     assert!(!d.allowed);
     assert_eq!(d.reason.policy(), Some("no-ssh"));
     assert_eq!(
-        s.custom_checks(&partner, 22, &Addresses::default(), None)
+        s.custom_checks(Some(&partner), 22, &Addresses::default(), None)
             .len(),
         1
     );
@@ -391,7 +396,7 @@ fn custom_policies_are_listed_for_the_caller_once_per_provider() {
     ));
     assert!(s.has_custom());
     let foo = id("spiffe://example.org/foo");
-    let c = s.custom_checks(&foo, 8080, &Addresses::default(), None);
+    let c = s.custom_checks(Some(&foo), 8080, &Addresses::default(), None);
     assert_eq!(
         c,
         vec![CustomCheck {
@@ -400,7 +405,7 @@ fn custom_policies_are_listed_for_the_caller_once_per_provider() {
         }]
     );
     assert_eq!(
-        s.custom_checks(&foo, 9, &Addresses::default(), None)[0]
+        s.custom_checks(Some(&foo), 9, &Addresses::default(), None)[0]
             .policy
             .as_ref(),
         "ext2"
@@ -522,7 +527,8 @@ fn when_conditions_narrow_rules() {
         headers: Box::leak(Box::new([("x-tenant", v)])),
     };
     let at = addrs("198.18.0.1", "198.18.0.2");
-    let d = |port, a: &Addresses, r: Option<&HttpRequest<'_>>| s.decide_request(&foo, port, a, r);
+    let d =
+        |port, a: &Addresses, r: Option<&HttpRequest<'_>>| s.decide_request(Some(&foo), port, a, r);
     assert!(d(80, &at, Some(&hdr("a"))).allowed);
     assert!(d(80, &at, Some(&hdr("team-blue"))).allowed);
     assert!(
@@ -683,7 +689,13 @@ fn documents_parse_from_yaml_and_json_and_name_what_is_wrong() {
             "name",
         ),
         ("- action: ALLOW\n", "#0", "name"),
-        ("- name: x\n  action: MAYBE\n", "x", "document"),
+        ("- name: x\n  action: MAYBE\n", "x", "action"),
+        (
+            "- name: t\n  action: ALLOW\n  rules: [{from: {principals: 5}}]\n",
+            "t",
+            "rules[0].from.principals",
+        ),
+        ("- name: u\n  action: ALLOW\n  colour: red\n", "u", "colour"),
         (
             "- name: y\n  action: DENY\n  rules: [{to: {ports: [0]}}]\n",
             "y",
@@ -700,4 +712,104 @@ fn documents_parse_from_yaml_and_json_and_name_what_is_wrong() {
             "{text}: {e}"
         );
     }
+}
+
+#[test]
+fn a_caller_without_identity_is_allowed_only_by_name_and_covered_by_every_restriction() {
+    // PERMISSIVE mode hands plaintext to policy as a caller without identity (`None`).
+    let s = set(concat!(
+        "[[policy]]\nname = \"legacy\"\naction = \"ALLOW\"\n",
+        "[[policy.rules]]\nfrom = { unauthenticated = true }\nto = { ports = [8080] }\n",
+        "[[policy.rules]]\nfrom = { unauthenticated = true }\n",
+        "to = { ports = [8081], methods = [\"GET\"], paths = [\"/public/*\"] }\n",
+        "when = [{ key = \"source.ip\", values = [\"198.18.0.0/15\"] }]\n",
+        "[[policy]]\nname = \"foo\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "from = { principals = [\"spiffe://example.org/foo\"], unauthenticated = true }\n",
+        "to = { ports = [9000] }\n",
+        "[[policy]]\nname = \"local\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "from = { principals = [\"*\"], not_principals = [\"spiffe://example.org/bad\"] }\n",
+        "to = { ports = [7000, 7001, 7002] }\n",
+        "[[policy]]\nname = \"no-bad\"\naction = \"DENY\"\n[[policy.rules]]\n",
+        "from = { principals = [\"spiffe://example.org/bad\"] }\nto = { ports = [9000, 7001] }\n",
+        "[[policy]]\nname = \"no-plaintext\"\naction = \"DENY\"\n[[policy.rules]]\n",
+        "from = { unauthenticated = true }\nto = { ports = [7002] }\n",
+    ));
+    let none = Addresses::default();
+    let at = addrs("198.18.0.1", "198.18.0.2");
+    let anon =
+        |port, a: &Addresses, r: Option<&HttpRequest<'_>>| s.decide_request(None, port, a, r);
+    let foo = id("spiffe://example.org/foo");
+
+    // Named by `unauthenticated`: admitted, and the HTTP fields and conditions still narrow it.
+    assert_eq!(
+        anon(8080, &at, None).reason,
+        Reason::AllowedBy {
+            policy: Arc::from("legacy"),
+            rule: 0
+        }
+    );
+    assert!(anon(8081, &at, Some(&req("GET", "/public/a", "h"))).allowed);
+    assert!(!anon(8081, &at, Some(&req("POST", "/public/a", "h"))).allowed);
+    assert!(!anon(8081, &at, Some(&req("GET", "/admin", "h"))).allowed);
+    assert!(
+        !anon(
+            8081,
+            &addrs("203.0.113.1", "198.18.0.2"),
+            Some(&req("GET", "/public/a", "h"))
+        )
+        .allowed
+    );
+    // `unauthenticated` alone is for callers without identity only: it opens nothing to an
+    // authenticated caller, local or not.
+    assert_eq!(s.decide(&foo, 8080).reason, Reason::NoAllowMatch);
+    // `*`, `not_principals` and rules for identities never admit a caller without one.
+    assert_eq!(anon(7000, &at, None).reason, Reason::NoAllowMatch);
+    // With principals too, the rule admits those principals or callers without identity.
+    assert!(s.decide(&foo, 9000).allowed);
+    // Every DENY rule of the port covers a caller without identity: it may be `bad`, sending
+    // plaintext to get past the DENY that names it.
+    assert_eq!(anon(9000, &at, None).reason.policy(), Some("no-bad"));
+    assert_eq!(anon(7001, &none, None).reason.policy(), Some("no-bad"));
+    // A DENY of unauthenticated callers only: plaintext refused, identities untouched.
+    assert_eq!(anon(7002, &at, None).reason.policy(), Some("no-plaintext"));
+    assert!(s.decide(&foo, 7002).allowed);
+    assert_eq!(
+        s.decide(&id("spiffe://example.org/bad"), 7000).reason,
+        Reason::NoAllowMatch
+    );
+
+    // Without ALLOW policies the default decides, for callers without identity too.
+    let open = set("default = \"allow\"\n");
+    assert!(open.decide_request(None, 1, &none, None).allowed);
+    let closed = PolicySet::empty(td("example.org"), DefaultAction::Deny);
+    assert_eq!(
+        closed.decide_request(None, 1, &none, None).reason,
+        Reason::Default(DefaultAction::Deny)
+    );
+    // CUSTOM and AUDIT are restrictions too: they cover a caller without identity.
+    let ext = set(concat!(
+        "default = \"allow\"\n",
+        "[[policy]]\nname = \"ext\"\naction = \"CUSTOM\"\nprovider = \"opa\"\n[[policy.rules]]\n",
+        "from = { principals = [\"spiffe://example.org/foo\"] }\n",
+        "[[policy]]\nname = \"watch\"\naction = \"AUDIT\"\n[[policy.rules]]\n",
+        "from = { trust_domains = [\"example.org\"] }\n",
+    ));
+    assert_eq!(ext.custom_checks(None, 1, &none, None).len(), 1);
+    assert_eq!(
+        ext.decide_request(None, 1, &none, None).audit.as_deref(),
+        Some("watch")
+    );
+    // Round trip: the field is written only when set, so existing documents keep their JSON.
+    let p = parse_documents("name: x\naction: ALLOW\nrules: [{from: {unauthenticated: true}}]\n")
+        .unwrap();
+    assert!(p[0].to_json().contains("\"unauthenticated\":true"));
+    let q = parse_documents("name: y\naction: ALLOW\nrules: [{from: {principals: [\"*\"]}}]\n")
+        .unwrap();
+    assert!(!q[0].to_json().contains("unauthenticated"));
+    let e =
+        parse_documents("name: z\naction: ALLOW\nrules: [{from: {unauthenticated: yes-please}}]\n")
+            .unwrap_err();
+    assert_eq!(e.field, "rules[0].from.unauthenticated", "{e}");
+    assert!(e.message.contains("expected a boolean"), "{e}");
+    assert!(!e.message.contains("line"), "{e}");
 }

@@ -47,7 +47,9 @@ pub struct Authorizers {
 /// What one Check describes.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckInput<'a> {
-    pub src: &'a SpiffeId,
+    /// `None`: a caller without identity (PERMISSIVE plaintext); the authorizer sees no
+    /// principal, as Envoy sends none for a plaintext peer.
+    pub src: Option<&'a SpiffeId>,
     pub src_addr: Option<SocketAddr>,
     pub dst: Option<&'a SpiffeId>,
     pub dst_addr: Option<SocketAddr>,
@@ -112,7 +114,7 @@ impl Authorizers {
             };
             let req = auth::CheckRequest {
                 attributes: Some(auth::AttributeContext {
-                    source: Some(peer(Some(input.src), input.src_addr)),
+                    source: Some(peer(input.src, input.src_addr)),
                     destination: Some(peer(input.dst, input.dst_addr)),
                     request: input.http.map(|h| auth::attribute_context::Request {
                         http: Some(auth::attribute_context::HttpRequest {

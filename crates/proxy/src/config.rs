@@ -224,7 +224,8 @@ pub enum InboundMode {
     /// Only mutual TLS through the tunnel port.
     #[default]
     Strict,
-    /// Also plaintext to declared ports, without identity (migration only; logged loudly).
+    /// Also plaintext to declared ports, without identity, where policy allows unauthenticated
+    /// callers (`from.unauthenticated`; migration only; logged loudly).
     Permissive,
 }
 

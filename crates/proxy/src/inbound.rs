@@ -268,8 +268,7 @@ impl Inbound {
     /// The admission of one tunnel request, the same for HTTP/2 CONNECT and the stream tunnel:
     /// the target must be this workload's address and a declared port, the policy (and any
     /// external authorizer) must allow `src` (proven in this TLS session) on that port, and only
-    /// then is the application connected. The connection is registered for live
-    /// re-authorization *before* it is decided, so a policy swapped in between cannot be missed.
+    /// then is the application connected.
     async fn admit(
         &self,
         src: &Arc<SpiffeId>,
@@ -294,38 +293,57 @@ impl Inbound {
                 format!("CONNECT target {target} is not this workload's address"),
             ));
         }
+        self.authorize(Some((src, peer_cert)), target, peer).await
+    }
+
+    /// The policy half of an admission, shared by the tunnel and PERMISSIVE plaintext: the
+    /// port must be declared, and the policy (and any external authorizer) must allow the
+    /// caller — `Some`: the identity proven in the TLS session and its certificate; `None`: a
+    /// plaintext caller without identity, which only rules naming `unauthenticated` admit.
+    /// The connection is registered for live re-authorization *before* it is decided, so a
+    /// policy swapped in between cannot be missed.
+    async fn authorize(
+        &self,
+        caller: Option<(&Arc<SpiffeId>, &PeerCert)>,
+        target: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<Admitted, (StatusCode, String)> {
         if !self.ports.contains_key(&target.port()) {
             return Err((
                 StatusCode::FORBIDDEN,
                 format!("port {} is not declared with --inbound", target.port()),
             ));
         }
+        let src = caller.map(|(s, _)| s);
         let http = self.ports.get(&target.port()) == Some(&Protocol::Http);
         let addrs = tessera_policy::Addresses {
             source: Some(peer.ip()),
             destination: Some(target.ip()),
         };
         let live = self.registry.register(
-            src.clone(),
+            src.cloned(),
             target.port(),
             addrs,
-            peer_cert.expires_at,
-            peer_cert.chain.clone(),
+            caller.and_then(|(_, c)| c.expires_at),
+            caller.map_or_else(Arc::default, |(_, c)| c.chain.clone()),
         );
-        // After registering, so a bundle change in between is caught by one or the other.
-        self.still_verifies(peer_cert)
-            .map_err(|e| (StatusCode::FORBIDDEN, e))?;
+        if let Some((_, peer_cert)) = caller {
+            // After registering, so a bundle change in between is caught by one or the other.
+            self.still_verifies(peer_cert)
+                .map_err(|e| (StatusCode::FORBIDDEN, e))?;
+        }
+        let src_id = src.map(|s| &**s);
         let requests = http.then(|| live.set_http());
         let decision = if http {
             // Declared HTTP: every request is decided under the current policy (`crate::l7`);
             // a connection-level decision would apply TCP semantics to HTTP rules.
             tessera_policy::Decision::http_per_request()
         } else if self.authorizers.is_empty() {
-            crate::live::decide(&self.policy.load(), src, target.port(), &addrs, None)
+            crate::live::decide(&self.policy.load(), src_id, target.port(), &addrs, None)
         } else {
             let own = self.identity.spiffe_id();
             let input = crate::authz::CheckInput {
-                src,
+                src: src_id,
                 src_addr: Some(peer),
                 dst: own.as_deref(),
                 dst_addr: Some(target),
@@ -339,7 +357,7 @@ impl Inbound {
             )
             .await
         };
-        crate::live::log_decision(&decision, src, target.port(), "connection");
+        crate::live::log_decision(&decision, src_id, target.port(), "connection");
         if !decision.allowed {
             return Err((StatusCode::FORBIDDEN, decision.reason.to_string()));
         }
@@ -354,7 +372,7 @@ impl Inbound {
                 peer,
                 local: target,
                 policy: self.policy.clone(),
-                src: src.clone(),
+                src: src.cloned(),
                 port: target.port(),
                 app: app_addr,
                 sockets: self.sockets.clone(),
@@ -482,10 +500,13 @@ impl Inbound {
     }
 
     /// Serves the transparent inbound plaintext port: STRICT refuses every connection (and logs
-    /// it); PERMISSIVE passes plaintext to a declared port without any identity, logged at warn.
+    /// it); PERMISSIVE hands plaintext to a declared port to policy as a caller without
+    /// identity — only rules naming `unauthenticated` admit it, every DENY of the port covers
+    /// it, a port declared `:http` decides each request, and a policy change decides the
+    /// connection again — logged at warn when admitted.
     pub async fn serve_plaintext(self: Arc<Self>, listener: TcpListener, mode: InboundMode) {
         loop {
-            let (mut tcp, peer) = crate::sockets::accept(&listener).await;
+            let (tcp, peer) = crate::sockets::accept(&listener).await;
             let this = self.clone();
             self.sockets.spawn(async move {
                 let start = Instant::now();
@@ -502,24 +523,15 @@ impl Inbound {
                     (InboundMode::Permissive, None) => {
                         rec.reason = "no original destination".into();
                     }
-                    (InboundMode::Permissive, Some(t)) if !this.ports.contains_key(&t.port()) => {
-                        rec.reason = format!("port {} is not declared with --inbound", t.port());
-                    }
                     (InboundMode::Permissive, Some(t)) => {
-                        tracing::warn!(%peer, port = t.port(), "PERMISSIVE: plaintext connection without identity admitted");
-                        let app = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), t.port());
-                        match this.sockets.connect(app, false).await {
-                            Ok(mut a) => {
-                                rec.decision = "allow";
-                                rec.reason = "PERMISSIVE plaintext, no identity".into();
-                                if let Ok((s, r)) =
-                                    crate::copy::bidirectional(&mut tcp, &mut a).await
-                                {
-                                    rec.bytes_sent = s;
-                                    rec.bytes_received = r;
-                                }
+                        match Box::pin(this.authorize(None, t, peer)).await {
+                            Err((_, reason)) => rec.reason = reason,
+                            Ok(mut admitted) => {
+                                tracing::warn!(%peer, port = t.port(), reason = %admitted.reason, "PERMISSIVE: plaintext connection without identity admitted");
+                                admitted.reason =
+                                    format!("PERMISSIVE plaintext, no identity: {}", admitted.reason);
+                                relay(&this.telemetry, &mut rec, tcp, admitted).await;
                             }
-                            Err(e) => rec.reason = format!("application refused: {e}"),
                         }
                     }
                 }
@@ -571,6 +583,9 @@ trait Tunnel: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Size
 }
 
 impl Tunnel for TokioIo<hyper::upgrade::Upgraded> {}
+
+/// PERMISSIVE plaintext: the connection itself, no tunnel.
+impl Tunnel for TcpStream {}
 
 impl Tunnel for Box<tokio_rustls::server::TlsStream<crate::readahead::ReadAhead<TcpStream>>> {
     fn into_sealed(self) -> Result<std::io::Result<crate::sealed::Sealed>, Self> {

@@ -39,7 +39,8 @@ pub struct L7Context {
     pub peer: std::net::SocketAddr,
     pub local: std::net::SocketAddr,
     pub policy: Arc<ArcSwap<PolicySet>>,
-    pub src: Arc<SpiffeId>,
+    /// The peer's proven identity; `None` for plaintext that PERMISSIVE mode admits to policy.
+    pub src: Option<Arc<SpiffeId>>,
     pub port: u16,
     /// The application (127.0.0.1:port) and the sockets to reach it with.
     pub app: std::net::SocketAddr,
@@ -290,7 +291,7 @@ where
                 let authority = authority_of(&req);
                 // As the client sent them: the record shows `/%61dmin`, not what it became.
                 let mut rec = crate::telemetry::HttpRecord {
-                    src_spiffe_id: ctx.src.to_string(),
+                    src_spiffe_id: ctx.src.as_deref().map(ToString::to_string),
                     dst_spiffe_id: ctx.own.as_deref().map(ToString::to_string),
                     src_addr: ctx.peer,
                     dst_addr: ctx.local,
@@ -485,7 +486,7 @@ async fn handle(
     let authority = match authority {
         Ok(a) => a,
         Err(e) => {
-            tracing::info!(src = %ctx.src, port = ctx.port, %method, error = %e, "HTTP request refused: 400");
+            tracing::info!(src = crate::live::caller(ctx.src.as_deref()), port = ctx.port, %method, error = %e, "HTTP request refused: 400");
             return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
         }
     };
@@ -493,7 +494,7 @@ async fn handle(
     let path = match tessera_policy::normalize_path(req.uri().path()) {
         Ok(p) => p,
         Err(e) => {
-            tracing::info!(src = %ctx.src, port = ctx.port, %method, path = req.uri().path(), error = %e, "HTTP request refused: 400");
+            tracing::info!(src = crate::live::caller(ctx.src.as_deref()), port = ctx.port, %method, path = req.uri().path(), error = %e, "HTTP request refused: 400");
             return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
         }
     };
@@ -521,10 +522,16 @@ async fn handle(
         // one installed before is the one read below, so no change slips between the two.
         let guard = ctx.requests.track(&r);
         let d = if ctx.authorizers.is_empty() {
-            crate::live::decide(&ctx.policy.load(), &ctx.src, ctx.port, &addrs, Some(&r))
+            crate::live::decide(
+                &ctx.policy.load(),
+                ctx.src.as_deref(),
+                ctx.port,
+                &addrs,
+                Some(&r),
+            )
         } else {
             let input = crate::authz::CheckInput {
-                src: &ctx.src,
+                src: ctx.src.as_deref(),
                 src_addr: Some(ctx.peer),
                 dst: ctx.own.as_deref(),
                 dst_addr: Some(ctx.local),
@@ -535,9 +542,9 @@ async fn handle(
         };
         (d, guard)
     };
-    crate::live::log_decision(&d, &ctx.src, ctx.port, "http request");
+    crate::live::log_decision(&d, ctx.src.as_deref(), ctx.port, "http request");
     if !d.allowed {
-        tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, %host, reason = %d.reason, "HTTP request denied: 403");
+        tracing::info!(src = crate::live::caller(ctx.src.as_deref()), port = ctx.port, %method, %path, %host, reason = %d.reason, "HTTP request denied: 403");
         return reply(
             grpc,
             StatusCode::FORBIDDEN,
@@ -585,7 +592,7 @@ async fn handle(
     match uri {
         Ok(u) => *req.uri_mut() = u,
         Err(e) => {
-            tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, error = %e, "HTTP request refused: 400");
+            tracing::info!(src = crate::live::caller(ctx.src.as_deref()), port = ctx.port, %method, %path, error = %e, "HTTP request refused: 400");
             return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
         }
     }
@@ -594,7 +601,7 @@ async fn handle(
         let s = match app_sender(ctx, &mut slot, version).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, error = %e, "HTTP request allowed, application unreachable: 502");
+                tracing::info!(src = crate::live::caller(ctx.src.as_deref()), port = ctx.port, %method, %path, error = %e, "HTTP request allowed, application unreachable: 502");
                 return Err(format!("application: {e}\n"));
             }
         };
@@ -626,7 +633,7 @@ async fn handle(
     let sent = tokio::select! {
         sent = send => sent,
         why = denied => {
-            tracing::info!(src = %ctx.src, port = ctx.port, %method, %path, reason = %why, "HTTP request denied while in flight: 403");
+            tracing::info!(src = crate::live::caller(ctx.src.as_deref()), port = ctx.port, %method, %path, reason = %why, "HTTP request denied while in flight: 403");
             return reply(grpc, StatusCode::FORBIDDEN, format!("forbidden: {why}\n"));
         }
     };

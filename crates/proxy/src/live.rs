@@ -27,7 +27,8 @@ use crate::identity::Identity;
 /// One open connection: who, to which port, and how to close it.
 #[derive(Debug)]
 struct Conn {
-    src: Arc<SpiffeId>,
+    /// `None`: plaintext admitted to policy in PERMISSIVE mode (no identity).
+    src: Option<Arc<SpiffeId>>,
     port: u16,
     /// The two ends' addresses (for `when` conditions).
     addrs: Addresses,
@@ -197,7 +198,7 @@ impl Registry {
 
     pub fn register(
         self: &Arc<Self>,
-        src: Arc<SpiffeId>,
+        src: Option<Arc<SpiffeId>>,
         port: u16,
         addrs: Addresses,
         expires_at: Option<i64>,
@@ -246,9 +247,9 @@ impl Registry {
         // the rest of the order is decided again here.
         let redecide = |conn: &Conn, req: Option<&tessera_policy::HttpRequest<'_>>| {
             if authorizers {
-                set.decide_request(&conn.src, conn.port, &conn.addrs, req)
+                set.decide_request(conn.src.as_deref(), conn.port, &conn.addrs, req)
             } else {
-                decide(set, &conn.src, conn.port, &conn.addrs, req)
+                decide(set, conn.src.as_deref(), conn.port, &conn.addrs, req)
             }
         };
         for conn in self.lock().values() {
@@ -259,7 +260,7 @@ impl Registry {
                 let d = redecide(conn, None);
                 if !d.allowed {
                     tracing::warn!(
-                        src = %conn.src,
+                        src = caller(conn.src.as_deref()),
                         port = conn.port,
                         policy = d.reason.policy().unwrap_or(""),
                         reason = %d.reason,
@@ -290,7 +291,7 @@ impl Registry {
                 let d = redecide(conn, Some(&req));
                 if !d.allowed {
                     tracing::warn!(
-                        src = %conn.src,
+                        src = caller(conn.src.as_deref()),
                         port = conn.port,
                         method = %r.method,
                         path = %r.path,
@@ -320,7 +321,7 @@ impl Registry {
             if let Err(e) =
                 tessera_tls::verify_svid(&conn.chain, bundles, now, tessera_tls::PeerRole::Client)
             {
-                tracing::warn!(src = %conn.src, port = conn.port, error = %e, "closing a live connection: its peer certificate no longer verifies against the current bundle");
+                tracing::warn!(src = caller(conn.src.as_deref()), port = conn.port, error = %e, "closing a live connection: its peer certificate no longer verifies against the current bundle");
                 let _ = conn
                     .close
                     .send(Some(format!("re-verification after a bundle change: {e}")));
@@ -378,7 +379,7 @@ pub fn compile_snapshot(own: &SpiffeId, snap: &pb::PolicySnapshot) -> Result<Pol
 /// silently admitted past the authorizer it names.
 pub fn decide(
     set: &PolicySet,
-    src: &SpiffeId,
+    src: Option<&SpiffeId>,
     port: u16,
     addrs: &Addresses,
     req: Option<&tessera_policy::HttpRequest<'_>>,
@@ -397,6 +398,12 @@ pub fn decide(
     set.decide_request(src, port, addrs, req)
 }
 
+/// The caller as logs name it: its SPIFFE ID, or `unauthenticated` for plaintext admitted to
+/// policy in PERMISSIVE mode.
+pub fn caller(src: Option<&SpiffeId>) -> &str {
+    src.map_or("unauthenticated", SpiffeId::as_str)
+}
+
 /// How long an authorized connection may live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MaxConnectionAge {
@@ -409,8 +416,9 @@ pub enum MaxConnectionAge {
 
 /// One structured decision-log line per decision (allow, deny, audit, dry-run), naming the
 /// deciding policy.
-pub fn log_decision(d: &tessera_policy::Decision, src: &SpiffeId, port: u16, what: &str) {
+pub fn log_decision(d: &tessera_policy::Decision, src: Option<&SpiffeId>, port: u16, what: &str) {
     let policy = d.reason.policy().unwrap_or("");
+    let src = caller(src);
     match d.kind() {
         "deny" => {
             tracing::info!(target: "tessera::decision", decision = "deny", %src, port, policy, reason = %d.reason, what)
@@ -531,8 +539,10 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
         let bar = Arc::new(SpiffeId::parse("spiffe://example.org/bar").unwrap());
-        let mut f = registry.register(foo, 5432, Addresses::default(), None, Arc::default());
-        let b = registry.register(bar, 5432, Addresses::default(), None, Arc::default());
+        let mut f = registry.register(Some(foo), 5432, Addresses::default(), None, Arc::default());
+        let b = registry.register(Some(bar), 5432, Addresses::default(), None, Arc::default());
+        // PERMISSIVE plaintext: no identity, so nothing shows it is not foo (fail closed).
+        let mut anon = registry.register(None, 5432, Addresses::default(), None, Arc::default());
         let set = compile_snapshot(
             &own,
             &snap(
@@ -549,8 +559,13 @@ mod tests {
             .await
             .unwrap();
         assert!(reason.contains("no-foo"), "{reason}");
+        let reason = tokio::time::timeout(Duration::from_secs(1), anon.wait())
+            .await
+            .unwrap();
+        assert!(reason.contains("no-foo"), "{reason}");
         assert!(b.closed.borrow().is_none());
         drop(f);
+        drop(anon);
         assert_eq!(registry.len(), 1);
     }
 
@@ -566,7 +581,7 @@ mod tests {
         )
         .unwrap();
         let mut expired = registry.register(
-            foo.clone(),
+            Some(foo.clone()),
             1,
             Addresses::default(),
             Some(now - 1),
@@ -577,7 +592,7 @@ mod tests {
             .unwrap();
         assert!(why.contains("expired"), "{why}");
         let mut later = registry.register(
-            foo,
+            Some(foo),
             1,
             Addresses::default(),
             Some(now + 3600),
@@ -598,7 +613,7 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
         let conn = registry.register(
-            foo,
+            Some(foo),
             1,
             Addresses::default(),
             None,
@@ -636,10 +651,10 @@ mod tests {
         )
         .unwrap();
         let src = SpiffeId::parse("spiffe://example.org/web").unwrap();
-        let d = decide(&set, &src, 80, &Addresses::default(), None);
+        let d = decide(&set, Some(&src), 80, &Addresses::default(), None);
         assert!(!d.allowed);
         assert_eq!(d.reason.policy(), Some("ext"));
-        assert!(decide(&set, &src, 81, &Addresses::default(), None).allowed);
+        assert!(decide(&set, Some(&src), 81, &Addresses::default(), None).allowed);
     }
 
     #[test]

@@ -249,7 +249,7 @@ pub async fn start(
         let p = bind(&sockets, t.inbound_plaintext_addr, "transparent inbound").await?;
         if t.inbound_mode == InboundMode::Permissive {
             tracing::warn!(
-                "inbound mode PERMISSIVE: plaintext connections WITHOUT identity are admitted to declared ports"
+                "inbound mode PERMISSIVE: plaintext connections WITHOUT identity reach declared ports where policy allows them (rules with `from.unauthenticated`)"
             );
         }
         listeners.push(tokio::spawn(inbound.serve_plaintext(p, t.inbound_mode)));

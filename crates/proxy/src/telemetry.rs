@@ -82,7 +82,8 @@ impl AccessRecord {
 pub struct HttpRecord {
     /// `http_request`.
     pub(crate) kind: &'static str,
-    pub src_spiffe_id: String,
+    /// `None`: plaintext admitted to policy in PERMISSIVE mode (no identity).
+    pub src_spiffe_id: Option<String>,
     pub dst_spiffe_id: Option<String>,
     pub src_addr: SocketAddr,
     pub dst_addr: SocketAddr,
@@ -103,7 +104,7 @@ impl Default for HttpRecord {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
         Self {
             kind: "http_request",
-            src_spiffe_id: String::new(),
+            src_spiffe_id: None,
             dst_spiffe_id: None,
             src_addr: unspecified,
             dst_addr: unspecified,

@@ -53,7 +53,8 @@ enum UnmappedArg {
 enum InboundModeArg {
     /// Mutual TLS only.
     Strict,
-    /// Also plaintext to declared ports, without identity (logged loudly).
+    /// Also plaintext to declared ports, without identity, where policy allows unauthenticated
+    /// callers (`from.unauthenticated`); logged loudly.
     Permissive,
 }
 

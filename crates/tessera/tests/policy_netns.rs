@@ -20,12 +20,12 @@
 mod support;
 
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::netns::{App, ControlPlane, Proxy, cli, exchange, s, wait_until};
+use support::netns::{App, ControlPlane, Proxy, cli, exchange, http, http_app, s, wait_until};
 use tessera_proto::xds::envoy::service::auth::v3 as auth;
 use tessera_proto::xds::google::rpc::Status;
 use tessera_test_util::netns::{Net, in_netns, usable};
@@ -35,61 +35,6 @@ const BAR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const TCP_PORT: u16 = 8080;
 const HTTP_PORT: u16 = 8081;
 const AUTHZ_PORT: u16 = 9191;
-
-/// An HTTP/1.1 application inside `ns`: answers every request with 200 and "app saw METHOD PATH",
-/// one request per connection; remembers the request lines it saw.
-fn http_app(ns: &str, port: u16) -> Arc<std::sync::Mutex<Vec<String>>> {
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let l = in_netns(ns, || {
-        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap()
-    });
-    let s2 = seen.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            let seen = s2.clone();
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut b) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&b[..n]),
-                    }
-                }
-                let text = String::from_utf8_lossy(&buf);
-                let line = text.lines().next().unwrap_or_default().to_owned();
-                let body = format!("app saw {line}");
-                seen.lock().unwrap().push(line);
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
-        }
-    });
-    seen
-}
-
-/// One HTTP/1.1 request from inside `ns` to `to`; the response's status line and body.
-fn http(ns: &str, to: SocketAddr, method: &str, path: &str) -> Option<(u16, String)> {
-    in_netns(ns, || {
-        let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5)).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(
-            c,
-            "{method} {path} HTTP/1.1\r\nhost: bar.example\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = Vec::new();
-        let _ = c.read_to_end(&mut out);
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-        Some((status, body))
-    })
-}
 
 /// An external authorizer (Envoy's `Authorization/Check`) whose answer a switch decides; it
 /// records the principals it was shown.

@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::netns::{
-    App, Capture, ControlPlane, Proxy, contains, exchange, s, wait_until, write_policy,
+    App, Capture, ControlPlane, Proxy, cli, contains, exchange, http, http_app, s, wait_until,
+    write_policy,
 };
 use tessera_test_util::netns::{Net, in_netns, usable};
 
@@ -447,8 +448,8 @@ fn transparent_mode_intercepts_and_fails_closed() {
 }
 
 #[test]
-fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
-    if !usable("permissive_inbound_and_passthrough_are_opt_in_and_logged") {
+fn permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy() {
+    if !usable("permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy") {
         return;
     }
     let cp = ControlPlane::start();
@@ -458,6 +459,9 @@ fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
     cp.entry("foo", &foo, &[]);
     cp.entry("bar", &bar, &[]);
     let app = App::start(&bar, Ipv4Addr::UNSPECIFIED, APP_PORT);
+    let http_seen = http_app(&bar, 8081);
+    let unlisted = App::start(&bar, Ipv4Addr::UNSPECIFIED, 8082);
+    // No `--policy`: bar's policies come from the server, through the agent.
     let bar_proxy = Proxy::start(
         &cp,
         &bar,
@@ -466,6 +470,10 @@ fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
             "--transparent",
             "--inbound",
             "8080",
+            "--inbound",
+            "8081:http",
+            "--inbound",
+            "8082",
             "--inbound-mode",
             "permissive",
         ]),
@@ -473,8 +481,8 @@ fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
     wait_until("the PERMISSIVE warning", 10, || {
         bar_proxy.stderr().contains("PERMISSIVE")
     });
-    // foo has no destination map: with passthrough, its connection leaves in plaintext, and
-    // bar (PERMISSIVE) admits it without identity. Both say so in their logs.
+    // foo has no destination map: with passthrough, its connections leave in plaintext, and
+    // bar (PERMISSIVE) hands them to policy as callers without identity.
     let foo_proxy = Proxy::start(
         &cp,
         &foo,
@@ -486,8 +494,41 @@ fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
         "{}",
         foo_proxy.stderr()
     );
-    let back = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"PLAIN-OK").unwrap();
-    assert_eq!(back, b"PLAIN-OK");
+    let refused = |r: Result<Vec<u8>, std::io::Error>| r.map(|b| b.is_empty()).unwrap_or(true);
+    let plain = |port: u16| SocketAddr::from((BAR_IP, port));
+
+    // 1. PERMISSIVE is not a way around policy: with no rule naming unauthenticated callers
+    //    (here, none at all: the trust domain's default is deny), plaintext is refused.
+    assert!(refused(exchange(&foo, plain(APP_PORT), b"PLAIN-EARLY")));
+    let early = bar_proxy.wait_record("bar's refusal of plaintext under default deny", |r| {
+        r["direction"] == "inbound_plaintext" && r["decision"] == "deny"
+    });
+    assert_eq!(early["reason"], "no policy: default deny");
+    assert_eq!(early["src_spiffe_id"], serde_json::Value::Null);
+    assert!(!app.saw(b"PLAIN-EARLY"));
+
+    // 2. A rule naming unauthenticated callers admits them, on its port and routes only.
+    let legacy = cp.path("legacy.yaml");
+    std::fs::write(
+        &legacy,
+        r#"
+- name: legacy-plaintext
+  action: ALLOW
+  rules:
+    - from: {unauthenticated: true}
+      to: {ports: [8080]}
+    - from: {unauthenticated: true}
+      to: {ports: [8081], methods: [GET], paths: ["/public/*"]}
+"#,
+    )
+    .unwrap();
+    cli(
+        &cp.admin,
+        &["policy", "apply", "-f", legacy.to_str().unwrap()],
+    );
+    wait_until("the policy to admit plaintext", 15, || {
+        exchange(&foo, plain(APP_PORT), b"PLAIN-OK").is_ok_and(|b| b == b"PLAIN-OK")
+    });
     assert!(app.saw(b"PLAIN-OK"));
     let out = foo_proxy.wait_record("foo's passthrough record", |r| {
         r["direction"] == "passthrough" && r["decision"] == "allow"
@@ -497,11 +538,77 @@ fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
         r["direction"] == "inbound_plaintext" && r["decision"] == "allow"
     });
     assert_eq!(inb["src_spiffe_id"], serde_json::Value::Null);
+    assert_eq!(
+        inb["reason"],
+        "PERMISSIVE plaintext, no identity: allowed by policy legacy-plaintext rule 0"
+    );
+    // A port declared `:http` decides each plaintext request.
+    let (status, body) = http(&foo, plain(8081), "GET", "/public/index.html").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "app saw GET /public/index.html HTTP/1.1");
+    let (status, body) = http(&foo, plain(8081), "POST", "/admin").unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        !http_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("/admin")),
+        "the application saw the denied request"
+    );
+    let denied = bar_proxy.wait_record("bar's 403 record for plaintext", |r| {
+        r["kind"] == "http_request" && r["decision"] == "deny"
+    });
+    assert_eq!(denied["src_spiffe_id"], serde_json::Value::Null);
+    // A declared port no rule opens to unauthenticated callers stays closed to them.
+    assert!(refused(exchange(&foo, plain(8082), b"UNLISTED")));
+    bar_proxy.wait_record("bar's refusal of plaintext to 8082", |r| {
+        r["direction"] == "inbound_plaintext"
+            && r["dst_addr"] == "198.18.0.2:8082"
+            && r["reason"] == "no ALLOW policy matched"
+    });
+    assert_eq!(unlisted.connections(), 0);
+
+    // 3. Live re-authorization covers plaintext: the rule's deletion closes an open connection.
+    let mut live = in_netns(&foo, || TcpStream::connect(plain(APP_PORT)).unwrap());
+    live.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    live.write_all(b"live").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"live");
+    let t0 = std::time::Instant::now();
+    cli(&cp.admin, &["policy", "delete", "legacy-plaintext"]);
+    let r = live.read(&mut b);
+    // Closed (EOF or reset), not timed out: the read timeout is 15 s.
+    assert!(
+        t0.elapsed() < Duration::from_secs(10) && r.as_ref().map_or(true, |n| *n == 0),
+        "the live plaintext connection was not closed: {r:?} after {:?}",
+        t0.elapsed()
+    );
+    wait_until(
+        "bar's log line for the closed plaintext connection",
+        10,
+        || {
+            let e = bar_proxy.stderr();
+            e.contains("closing a live connection that policy now denies")
+                && e.contains("unauthenticated")
+        },
+    );
+    assert!(refused(exchange(&foo, plain(APP_PORT), b"PLAIN-LATE")));
+    assert!(!app.saw(b"PLAIN-LATE"));
+
     // A process that connects to the capture port itself (loopback is never intercepted) is
     // refused once; passthrough must not connect the proxy to itself over and over.
+    let passthroughs = |p: &Proxy| {
+        p.records()
+            .iter()
+            .filter(|r| r["direction"] == "passthrough")
+            .count()
+    };
+    let before = passthroughs(&foo_proxy);
     let capture = SocketAddr::from((Ipv4Addr::LOCALHOST, 15001));
-    let r = exchange(&foo, capture, b"LOOP");
-    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    assert!(refused(exchange(&foo, capture, b"LOOP")));
     let direct = |r: &serde_json::Value| {
         r["reason"]
             .as_str()
@@ -509,22 +616,15 @@ fn permissive_inbound_and_passthrough_are_opt_in_and_logged() {
     };
     foo_proxy.wait_record("foo's refusal of a direct connection to 15001", direct);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let passthroughs = |p: &Proxy| {
-        p.records()
-            .iter()
-            .filter(|r| r["direction"] == "passthrough")
-            .count()
-    };
     assert_eq!(foo_proxy.records().iter().filter(|r| direct(r)).count(), 1);
     assert_eq!(
         passthroughs(&foo_proxy),
-        1,
-        "only the PLAIN-OK connection passed through"
+        before,
+        "the direct connection to 15001 passed through"
     );
     // PERMISSIVE admits only declared ports.
-    let r = exchange(&foo, SocketAddr::from((BAR_IP, 8081)), b"UNDECLARED");
-    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    assert!(refused(exchange(&foo, plain(8083), b"UNDECLARED")));
     bar_proxy.wait_record("bar's refusal of an undeclared port", |r| {
-        r["reason"] == "port 8081 is not declared with --inbound"
+        r["reason"] == "port 8083 is not declared with --inbound"
     });
 }
