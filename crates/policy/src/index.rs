@@ -233,7 +233,7 @@ impl ActionIndex {
         }
         let http = match (&c.http, req) {
             (None, _) => true,
-            (Some(h), Some(r)) => h.matches(r),
+            (Some(h), Some(r)) => self.http_matches(h, r),
             (Some(_), None) => self.fail_closed,
         };
         // An attribute not known here (a header on TCP, an address not given) is answered as
@@ -242,6 +242,24 @@ impl ActionIndex {
             .when
             .iter()
             .all(|w| w.eval(port, addrs, req).unwrap_or(self.fail_closed))
+    }
+
+    /// A path with segment parameters (`/admin;x/users`) has two readings: as it is, and as
+    /// an application that drops them reads it (`/admin/users`, `crate::path::without_params`).
+    /// Both are possible, so a restriction applies when either matches and a permission only
+    /// when both do: a DENY on `/admin/*` is not passed with `;x`, and an ALLOW of `/public/*`
+    /// does not open `/public/..;/admin`.
+    fn http_matches(&self, h: &HttpMatch, r: &HttpRequest<'_>) -> bool {
+        let as_sent = h.matches(r);
+        let Some(path) = crate::path::without_params(r.path) else {
+            return as_sent;
+        };
+        let stripped = h.matches(&HttpRequest { path: &path, ..*r });
+        if self.fail_closed {
+            as_sent || stripped
+        } else {
+            as_sent && stripped
+        }
     }
 
     fn matches(&self, c: &Compiled, via: Via, source: Caller<'_>, local: bool) -> bool {

@@ -59,9 +59,41 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
     Ok(format!("/{}", out.join("/")))
 }
 
+/// The path as an application that drops segment parameters reads it, or `None` when it has
+/// none. Servlet containers and the frameworks on them (Tomcat, Jetty, Spring) remove
+/// `;params` from each segment before routing (RFC 3986 §3.3 leaves `;` to the scheme), so
+/// `/admin;x/users` reaches their `/admin/users` handler, and `/public/..;/admin` their
+/// `/admin`: rules must see that spelling too (see `index`). `path` is normalized; the result
+/// is normalized again, since a stripped `..;` becomes a dot-segment.
+pub(crate) fn without_params(path: &str) -> Option<String> {
+    if !path.contains(';') {
+        return None;
+    }
+    let stripped: Vec<&str> = path
+        .split('/')
+        .map(|seg| seg.split_once(';').map_or(seg, |(s, _)| s))
+        .collect();
+    normalize_path(&stripped.join("/")).ok()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::normalize_path;
+    use super::{normalize_path, without_params};
+
+    #[test]
+    fn segment_parameters_are_dropped_as_servlet_containers_drop_them() {
+        for (path, want) in [
+            ("/admin;x/users", Some("/admin/users")),
+            ("/public/..;/admin", Some("/admin")),
+            ("/a;b=c;d/e;f", Some("/a/e")),
+            ("/;x/admin", Some("/admin")),
+            ("/x/;y", Some("/x/")),
+            ("/a%3Bb/c", None),
+            ("/plain/path", None),
+        ] {
+            assert_eq!(without_params(path).as_deref(), want, "{path}");
+        }
+    }
 
     #[test]
     fn one_resource_has_one_path() {

@@ -813,3 +813,42 @@ fn a_caller_without_identity_is_allowed_only_by_name_and_covered_by_every_restri
     assert!(e.message.contains("expected a boolean"), "{e}");
     assert!(!e.message.contains("line"), "{e}");
 }
+
+#[test]
+fn segment_parameters_do_not_pass_a_restriction_nor_widen_a_permission() {
+    let s = set(concat!(
+        "[[policy]]\nname = \"public\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "to = { paths = [\"/public/*\", \"/admin/*\"], not_paths = [\"/admin/keys*\"] }\n",
+        "[[policy]]\nname = \"no-admin-users\"\naction = \"DENY\"\n[[policy.rules]]\n",
+        "to = { paths = [\"/admin/users*\"] }\n",
+    ));
+    let foo = id("spiffe://example.org/foo");
+    let r = |p| {
+        s.decide_request(
+            Some(&foo),
+            80,
+            &Addresses::default(),
+            Some(&req("GET", p, "h")),
+        )
+    };
+    // A servlet container routes `/admin;x/users` to `/admin/users`: the DENY still applies.
+    assert!(!r("/admin/users").allowed);
+    assert_eq!(r("/admin;x/users").reason.policy(), Some("no-admin-users"));
+    assert_eq!(
+        r("/admin/users;jsessionid=1").reason.policy(),
+        Some("no-admin-users")
+    );
+    // A not_paths exclusion in an ALLOW is a restriction too.
+    assert!(!r("/admin/keys").allowed);
+    assert_eq!(r("/admin/keys;v=1").reason, Reason::NoAllowMatch);
+    // `..;` is a dot-segment once the parameter is dropped: `/public/..;/admin/users` is
+    // `/admin/users`, and the ALLOW of `/public/*` does not open it.
+    assert_eq!(
+        r("/public/..;/admin/users").reason.policy(),
+        Some("no-admin-users")
+    );
+    assert_eq!(r("/public/..;/private").reason, Reason::NoAllowMatch);
+    // Parameters that change neither reading's match are fine.
+    assert!(r("/public/a;v=1").allowed);
+    assert!(r("/admin/settings;v=2").allowed);
+}
