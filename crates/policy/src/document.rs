@@ -355,14 +355,34 @@ pub struct Addresses {
     pub destination: Option<IpAddr>,
 }
 
-/// An IPv4 or IPv6 network.
+/// An IPv4 or IPv6 network (`198.18.0.0/15`, `2001:2::/48`, or one address): `when`
+/// conditions here, and the proxy's destination map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct IpNet {
+pub struct IpNet {
     addr: IpAddr,
     prefix: u8,
 }
 
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 impl IpNet {
+    /// The prefix length (32 or 128 for one address).
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     fn parse(s: &str) -> Result<Self, String> {
         let (a, p) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
@@ -402,7 +422,8 @@ impl IpNet {
         ones >> (128 - width)
     }
 
-    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is in the network; an IPv4-mapped IPv6 address counts as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
         // An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
         let ip = match ip {
             IpAddr::V6(v) => v.to_ipv4_mapped().map_or(ip, IpAddr::V4),

@@ -26,8 +26,8 @@ use serde::Deserialize;
 use tessera_spiffe::{Selector, SpiffeId, TrustDomain};
 
 pub use document::{
-    Action, Addresses, Condition, DefaultAction, HttpRequest, PolicyDocument, PolicyError, Rule,
-    Source, Target,
+    Action, Addresses, Condition, DefaultAction, HttpRequest, IpNet, PolicyDocument, PolicyError,
+    Rule, Source, Target,
 };
 use index::ActionIndex;
 pub use path::normalize_path;

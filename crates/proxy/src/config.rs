@@ -1,7 +1,7 @@
 //! Proxy configuration: flags (`--inbound`, `--outbound`) and the proxy config file (TOML) with the
 //! destination map used in transparent mode. Pure parsing; every error names the input.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -114,54 +114,9 @@ impl std::str::FromStr for OutboundListener {
     }
 }
 
-/// An IPv4 network (`198.18.0.0/15`, or one address).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0);
-        u32::from(ip) & mask == u32::from(self.addr) & mask
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (a, p) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = a
-            .parse()
-            .map_err(|_| format!("{s:?}: expected an IPv4 address or network (a.b.c.d/len)"))?;
-        let prefix: u8 = p
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("{s:?}: prefix length must be 0..=32"))?;
-        let c = Self { addr, prefix };
-        if c.masked() != addr {
-            return Err(format!(
-                "{s:?}: host bits are set (did you mean {}/{prefix}?)",
-                c.masked()
-            ));
-        }
-        Ok(c)
-    }
-}
-
-impl Cidr {
-    fn masked(&self) -> Ipv4Addr {
-        let mask = u32::MAX
-            .checked_shl(32 - u32::from(self.prefix))
-            .unwrap_or(0);
-        Ipv4Addr::from(u32::from(self.addr) & mask)
-    }
-}
+/// An IPv4 or IPv6 network (`198.18.0.0/15`, `2001:2::/48`, or one address): the same type
+/// as policy's address conditions.
+pub use tessera_policy::IpNet as Cidr;
 
 /// One `[[destination]]` of the proxy config file: who must answer at these addresses and ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,14 +139,13 @@ pub struct DestinationMap {
 
 impl DestinationMap {
     pub fn new(mut entries: Vec<Destination>) -> Self {
-        entries.sort_by_key(|d| (std::cmp::Reverse(d.cidr.prefix), d.ports.is_empty()));
+        // Prefixes of the two families never compete: `contains` matches one family only.
+        entries.sort_by_key(|d| (std::cmp::Reverse(d.cidr.prefix()), d.ports.is_empty()));
         Self { entries }
     }
 
     pub fn lookup(&self, dst: SocketAddr) -> Option<&Destination> {
-        let IpAddr::V4(ip) = dst.ip() else {
-            return None;
-        };
+        let ip = dst.ip();
         self.entries
             .iter()
             .find(|d| d.cidr.contains(ip) && (d.ports.is_empty() || d.ports.contains(&dst.port())))
@@ -380,7 +334,17 @@ mod tests {
         assert!(all.contains("1.2.3.4".parse().unwrap()));
         assert!("198.18.0.1/15".parse::<Cidr>().is_err());
         assert!("198.18.0.0/33".parse::<Cidr>().is_err());
-        assert!("::1/128".parse::<Cidr>().is_err());
+        let v6: Cidr = "2001:2::/48".parse().unwrap();
+        assert!(v6.contains("2001:2:0:ff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:3::1".parse().unwrap()));
+        assert!(
+            !v6.contains("198.18.0.1".parse().unwrap()),
+            "one family only"
+        );
+        assert!(!all.contains("::1".parse().unwrap()));
+        assert_eq!(v6.to_string(), "2001:2::/48");
+        assert!("2001:2::1/48".parse::<Cidr>().is_err());
+        assert!("2001:2::/129".parse::<Cidr>().is_err());
     }
 
     #[test]

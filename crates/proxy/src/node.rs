@@ -225,10 +225,12 @@ impl NodeProxy {
             // Interception inside the workload's namespace, from its namespace thread (the
             // iptables process inherits that thread's namespace). The rules stay if this
             // process dies: the workload's traffic then fails closed.
-            ns.run(move || crate::transparent::install(&rules))
+            let v6 = ns
+                .run(move || crate::transparent::install(&rules))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("workload {name}: {e}"))?;
+            tracing::debug!(workload = %name, ipv6 = ?v6, "interception rules installed");
         }
         let identity = Identity::with_svid(svid.chain, svid.key, svid.bundles)
             .map_err(|e| format!("workload {name}: {e}"))?;

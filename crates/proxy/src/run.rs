@@ -1,6 +1,6 @@
 //! Wiring: wait for an identity, compile the policy, bind the listeners.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -160,6 +160,44 @@ async fn bind(
         .map_err(|e| format!("{what}: cannot listen on {addr}{ns}: {e}"))
 }
 
+/// The IPv6 address that goes with an IPv4 listener's: `::` with `0.0.0.0`, `::1` with
+/// `127.0.0.1`. Others have none: an operator who names an address gets that address.
+fn v6_twin(addr: SocketAddr) -> Option<SocketAddr> {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            Some(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), addr.port()))
+        }
+        IpAddr::V4(ip) if ip == Ipv4Addr::LOCALHOST => {
+            Some(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()))
+        }
+        _ => None,
+    }
+}
+
+/// Binds `addr` and, for the IPv4 unspecified or loopback address, the same port on its IPv6
+/// twin ([`v6_twin`], `IPV6_V6ONLY`), so the tunnel port and transparent interception serve
+/// both families (IPv6 REDIRECT delivers to `::1` or the interface's IPv6 address). Where
+/// IPv6 cannot be bound (no IPv6 in this namespace), the IPv4 listener serves alone: IPv6
+/// traffic the rules redirect then meets a closed port, so it fails closed.
+async fn bind_with_v6(
+    sockets: &crate::sockets::Sockets,
+    addr: SocketAddr,
+    what: &str,
+) -> Result<Vec<TcpListener>, String> {
+    let first = bind(sockets, addr, what).await?;
+    let twin = first.local_addr().ok().and_then(v6_twin);
+    let mut out = vec![first];
+    if let Some(twin) = twin {
+        match sockets.listen_v6_only(twin).await {
+            Ok(l) => out.push(l),
+            Err(e) => {
+                tracing::info!(%twin, error = %e, "{what}: no IPv6 listener (IPv4 only)");
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Waits for the first SVID, then serves. Listeners are bound only once the proxy has an
 /// identity: before that it refuses to serve.
 pub async fn start(
@@ -220,9 +258,15 @@ pub async fn start(
             "max_connection_age = \"unlimited\": connections may outlive the peer certificate they were authorized with"
         );
     }
-    let tunnel = bind(&sockets, opts.tunnel_addr, "tunnel").await?;
-    let tunnel_addr = tunnel.local_addr().map_err(|e| e.to_string())?;
-    let mut listeners = vec![tokio::spawn(inbound.clone().serve_tunnel(tunnel))];
+    let tunnel = bind_with_v6(&sockets, opts.tunnel_addr, "tunnel").await?;
+    let tunnel_addr = tunnel
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .ok_or_else(|| "tunnel: no listener".to_owned())?;
+    let mut listeners: Vec<JoinHandle<()>> = tunnel
+        .into_iter()
+        .map(|l| tokio::spawn(inbound.clone().serve_tunnel(l)))
+        .collect();
 
     let outbound = Arc::new(
         Outbound::new(
@@ -240,19 +284,24 @@ pub async fn start(
         listeners.push(tokio::spawn(outbound.clone().serve_explicit(l, spec)));
     }
     if let Some(t) = opts.transparent {
-        let l = bind(&sockets, t.outbound_addr, "transparent outbound").await?;
-        listeners.push(tokio::spawn(outbound.clone().serve_transparent(
-            l,
-            Arc::new(t.destinations),
-            t.unmapped,
-        )));
-        let p = bind(&sockets, t.inbound_plaintext_addr, "transparent inbound").await?;
+        let destinations = Arc::new(t.destinations);
+        for l in bind_with_v6(&sockets, t.outbound_addr, "transparent outbound").await? {
+            listeners.push(tokio::spawn(outbound.clone().serve_transparent(
+                l,
+                destinations.clone(),
+                t.unmapped,
+            )));
+        }
         if t.inbound_mode == InboundMode::Permissive {
             tracing::warn!(
                 "inbound mode PERMISSIVE: plaintext connections WITHOUT identity reach declared ports where policy allows them (rules with `from.unauthenticated`)"
             );
         }
-        listeners.push(tokio::spawn(inbound.serve_plaintext(p, t.inbound_mode)));
+        for p in bind_with_v6(&sockets, t.inbound_plaintext_addr, "transparent inbound").await? {
+            listeners.push(tokio::spawn(
+                inbound.clone().serve_plaintext(p, t.inbound_mode),
+            ));
+        }
     }
     tracing::info!(spiffe_id = %own, %tunnel_addr, "proxy serving");
     Ok(RunningProxy {

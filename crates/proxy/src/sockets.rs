@@ -246,8 +246,22 @@ impl Sockets {
     pub async fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         let l = match &self.netns {
             None => TcpListener::bind(addr).await?,
-            Some(ns) => TcpListener::from_std(ns.run(move || reuseport_listener(addr)).await??)?,
+            Some(ns) => {
+                TcpListener::from_std(ns.run(move || raw_listener(addr, true, false)).await??)?
+            }
         };
+        nodelay_for_accepted(&l);
+        Ok(l)
+    }
+
+    /// As [`Self::listen`], for an IPv6 address that must not also take IPv4 connections
+    /// (`IPV6_V6ONLY`): the IPv6 twin of an IPv4 listener on the same port.
+    pub async fn listen_v6_only(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let l = match &self.netns {
+            None => raw_listener(addr, false, true)?,
+            Some(ns) => ns.run(move || raw_listener(addr, true, true)).await??,
+        };
+        let l = TcpListener::from_std(l)?;
         nodelay_for_accepted(&l);
         Ok(l)
     }
@@ -299,9 +313,15 @@ pub async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
     }
 }
 
-/// A non-blocking listener with `SO_REUSEADDR` and `SO_REUSEPORT`. The kernel lets only sockets
-/// of the same effective user join a reuseport group, so another user cannot steal connections.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A non-blocking listener with `SO_REUSEADDR`, with `reuseport` also `SO_REUSEPORT` (in a
+/// workload's namespace, see [`Sockets::listen`]), and with `v6_only` an IPv6 socket that takes
+/// no IPv4 connections. The kernel lets only sockets of the same effective user join a
+/// reuseport group, so another user cannot steal connections.
+fn raw_listener(
+    addr: SocketAddr,
+    reuseport: bool,
+    v6_only: bool,
+) -> std::io::Result<std::net::TcpListener> {
     use nix::sys::socket::{
         AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, listen,
         setsockopt, socket, sockopt,
@@ -319,7 +339,12 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
         None,
     )?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    if reuseport {
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    if v6_only && addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
     match addr {
         SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
         SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,

@@ -1,21 +1,24 @@
-//! Transparent interception inside the workload's network namespace: iptables `nat` rules
-//! redirect the workload's outbound TCP to the proxy's capture port and every inbound TCP except
-//! the tunnel port to the proxy's plaintext port; the proxy's own connections carry a socket mark
-//! the rules exempt. The rules are a pure list ([`rules`]) applied with the `iptables` binary.
-//! They stay after the proxy exits or crashes, so traffic fails closed (redirected to a port
-//! nobody listens on) until `tessera proxy uninstall-rules`.
+//! Transparent interception inside the workload's network namespace: `nat` rules redirect the
+//! workload's outbound TCP to the proxy's capture port and every inbound TCP except the tunnel
+//! port to the proxy's plaintext port; the proxy's own connections carry a socket mark the rules
+//! exempt. The rules are a pure list ([`rules`]), the same for both families, applied with
+//! `iptables` and `ip6tables`. Where the kernel has no IPv6 `nat` table, IPv6 TCP other than
+//! loopback is rejected instead ([`rules_v6_reject`]): closed, never a way around the proxy.
+//! The rules stay after the proxy exits or crashes, so traffic fails closed (redirected to a
+//! port nobody listens on) until `tessera proxy uninstall-rules`.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsFd;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd as _};
 use std::process::Command;
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 
-/// Our chains in the `nat` table.
+/// Our chains in the `nat` table (of each family).
 pub const CHAIN_OUTPUT: &str = "TESSERA_OUTPUT";
 pub const CHAIN_INBOUND: &str = "TESSERA_INBOUND";
-/// Our chains in the IPv6 `filter` table: the proxy handles IPv4 only, so IPv6 TCP (other than
-/// loopback) is rejected rather than left as a way around the proxy.
+/// Our chains in the IPv6 `filter` table, used only where IPv6 cannot be intercepted (no IPv6
+/// `nat` table): IPv6 TCP (other than loopback) is rejected rather than left as a way around
+/// the proxy.
 pub const CHAIN_V6_OUTPUT: &str = "TESSERA_V6_OUTPUT";
 pub const CHAIN_V6_INPUT: &str = "TESSERA_V6_INPUT";
 
@@ -28,8 +31,10 @@ pub struct RuleParams {
     pub mark: u32,
 }
 
-/// The `iptables -t nat` argument lists that install interception, in order (after our chains
-/// were created or flushed).
+/// The `iptables -t nat` (and `ip6tables -t nat`) argument lists that install interception, in
+/// order (after our chains were created or flushed). Nothing in them names an address, so one
+/// list serves both families: IPv6 REDIRECT sends outbound connections to `::1` and inbound ones
+/// to the receiving interface's address, where the proxy's IPv6 listeners are.
 pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
     let mark = format!("{:#x}", p.mark);
     let v = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
@@ -86,8 +91,9 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
     ]
 }
 
-/// The `ip6tables -t filter` argument lists that close IPv6 TCP except on loopback.
-pub fn rules_v6() -> Vec<Vec<String>> {
+/// The `ip6tables -t filter` argument lists that close IPv6 TCP except on loopback, where IPv6
+/// cannot be intercepted.
+pub fn rules_v6_reject() -> Vec<Vec<String>> {
     let v = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     vec![
         v(&["-A", CHAIN_V6_OUTPUT, "-o", "lo", "-j", "RETURN"]),
@@ -120,6 +126,7 @@ pub fn rules_v6() -> Vec<Vec<String>> {
 #[derive(Clone, Copy)]
 enum Table {
     Nat4,
+    Nat6,
     Filter6,
 }
 
@@ -127,6 +134,7 @@ impl Table {
     fn cmd(self) -> (&'static str, &'static str) {
         match self {
             Self::Nat4 => ("iptables", "nat"),
+            Self::Nat6 => ("ip6tables", "nat"),
             Self::Filter6 => ("ip6tables", "filter"),
         }
     }
@@ -140,10 +148,6 @@ fn iptables_in(t: Table, args: &[String]) -> Result<std::process::Output, String
         .args(args)
         .output()
         .map_err(|e| format!("cannot run {bin}: {e} (is the iptables package installed?)"))
-}
-
-fn iptables(args: &[String]) -> Result<std::process::Output, String> {
-    iptables_in(Table::Nat4, args)
 }
 
 fn must_in(t: Table, args: &[String]) -> Result<(), String> {
@@ -169,37 +173,52 @@ fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
 }
 
-/// Whether exactly these rules are in place already (each one present, checked with `-C`).
-fn installed(p: &RuleParams) -> Result<bool, String> {
-    let check = |t: Table, r: &[String]| -> Result<bool, String> {
-        let mut c = r.to_vec();
-        if let Some(first) = c.first_mut() {
-            *first = "-C".to_owned();
-        }
-        Ok(iptables_in(t, &c)?.status.success())
-    };
-    for r in rules(p) {
-        if !check(Table::Nat4, &r)? {
-            return Ok(false);
-        }
-    }
-    if ipv6_enabled() {
-        for r in rules_v6() {
-            if !check(Table::Filter6, &r)? {
+/// How IPv6 TCP is handled in a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum V6 {
+    /// The kernel has no IPv6: nothing to intercept or close.
+    Absent,
+    /// Intercepted like IPv4 (`ip6tables -t nat`).
+    Intercepted,
+    /// Rejected (no IPv6 `nat` table here): closed, not proxied.
+    Rejected,
+}
+
+/// Whether exactly these rules are in place already (each one present, checked with `-C`);
+/// `Some` with how IPv6 is handled when they are.
+fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
+    let all = |t: Table, rules: &[Vec<String>]| -> Result<bool, String> {
+        for r in rules {
+            let mut c = r.clone();
+            if let Some(first) = c.first_mut() {
+                *first = "-C".to_owned();
+            }
+            if !iptables_in(t, &c)?.status.success() {
                 return Ok(false);
             }
         }
+        Ok(true)
+    };
+    let v4 = rules(p);
+    if !all(Table::Nat4, &v4)? {
+        return Ok(None);
     }
-    Ok(true)
+    if !ipv6_enabled() {
+        return Ok(Some(V6::Absent));
+    }
+    if all(Table::Nat6, &v4)? {
+        return Ok(Some(V6::Intercepted));
+    }
+    Ok(all(Table::Filter6, &rules_v6_reject())?.then_some(V6::Rejected))
 }
 
-/// Installs the rules in the current network namespace, replacing ours if present. When the
-/// same rules are in place already (a restarted or upgraded proxy), they are left untouched:
-/// removing and re-adding them would open a window in which the workload's traffic is not
-/// intercepted.
-pub fn install(p: &RuleParams) -> Result<(), String> {
-    if installed(p)? {
-        return Ok(());
+/// Installs the rules in the current network namespace, replacing ours if present, and says how
+/// IPv6 is handled. When the same rules are in place already (a restarted or upgraded proxy),
+/// they are left untouched: removing and re-adding them would open a window in which the
+/// workload's traffic is not intercepted.
+pub fn install(p: &RuleParams) -> Result<V6, String> {
+    if let Some(v6) = installed(p)? {
+        return Ok(v6);
     }
     uninstall()?;
     for chain in [CHAIN_OUTPUT, CHAIN_INBOUND] {
@@ -208,53 +227,89 @@ pub fn install(p: &RuleParams) -> Result<(), String> {
     for r in rules(p) {
         must(&r)?;
     }
-    if ipv6_enabled() {
+    if !ipv6_enabled() {
+        return Ok(V6::Absent);
+    }
+    let intercept = || -> Result<(), String> {
+        for chain in [CHAIN_OUTPUT, CHAIN_INBOUND] {
+            must_in(Table::Nat6, &["-N".to_owned(), chain.to_owned()])?;
+        }
+        for r in rules(p) {
+            must_in(Table::Nat6, &r)?;
+        }
+        Ok(())
+    };
+    if let Err(e) = intercept() {
+        // No IPv6 NAT here (an old kernel, or a module that cannot load in a container): close
+        // IPv6 TCP instead of leaving it as a way around the proxy.
+        tracing::warn!(error = %e, "IPv6 cannot be intercepted here: IPv6 TCP is rejected instead");
+        remove_chains(
+            Table::Nat6,
+            &[("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_INBOUND)],
+        )?;
         for chain in [CHAIN_V6_OUTPUT, CHAIN_V6_INPUT] {
             must_in(Table::Filter6, &["-N".to_owned(), chain.to_owned()])?;
         }
-        for r in rules_v6() {
+        for r in rules_v6_reject() {
             must_in(Table::Filter6, &r)?;
         }
+        return Ok(V6::Rejected);
     }
-    Ok(())
+    Ok(V6::Intercepted)
 }
 
-/// Removes our jumps and chains from the current network namespace (nothing to do when absent).
-pub fn uninstall() -> Result<(), String> {
+/// Deletes every jump from `(builtin, chain)` (there may be several after a failed install),
+/// then the chains themselves.
+fn remove_chains(t: Table, jumps: &[(&str, &str)]) -> Result<(), String> {
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
-    // Delete every jump into our chains (there may be several after a failed install).
-    for (builtin, chain) in [("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_INBOUND)] {
-        while iptables(&s(&["-D", builtin, "-p", "tcp", "-j", chain]))?
+    for (builtin, chain) in jumps {
+        while iptables_in(t, &s(&["-D", builtin, "-p", "tcp", "-j", chain]))?
             .status
             .success()
         {}
     }
-    for chain in [CHAIN_OUTPUT, CHAIN_INBOUND] {
-        if iptables(&s(&["-n", "-L", chain]))?.status.success() {
-            must(&s(&["-F", chain]))?;
-            must(&s(&["-X", chain]))?;
-        }
-    }
-    if ipv6_enabled() {
-        let t = Table::Filter6;
-        for (builtin, chain) in [("OUTPUT", CHAIN_V6_OUTPUT), ("INPUT", CHAIN_V6_INPUT)] {
-            while iptables_in(t, &s(&["-D", builtin, "-p", "tcp", "-j", chain]))?
-                .status
-                .success()
-            {}
-        }
-        for chain in [CHAIN_V6_OUTPUT, CHAIN_V6_INPUT] {
-            if iptables_in(t, &s(&["-n", "-L", chain]))?.status.success() {
-                must_in(t, &s(&["-F", chain]))?;
-                must_in(t, &s(&["-X", chain]))?;
-            }
+    for (_, chain) in jumps {
+        if iptables_in(t, &s(&["-n", "-L", chain]))?.status.success() {
+            must_in(t, &s(&["-F", chain]))?;
+            must_in(t, &s(&["-X", chain]))?;
         }
     }
     Ok(())
 }
 
-/// The destination a redirected connection was originally addressed to (`SO_ORIGINAL_DST`).
+/// Removes our jumps and chains from the current network namespace, both families (nothing to
+/// do when absent).
+pub fn uninstall() -> Result<(), String> {
+    let nat = [("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_INBOUND)];
+    remove_chains(Table::Nat4, &nat)?;
+    if ipv6_enabled() {
+        // A kernel without IPv6 NAT cannot list that table: nothing of ours can be in it.
+        if iptables_in(Table::Nat6, &["-n".to_owned(), "-L".to_owned()])?
+            .status
+            .success()
+        {
+            remove_chains(Table::Nat6, &nat)?;
+        }
+        remove_chains(
+            Table::Filter6,
+            &[("OUTPUT", CHAIN_V6_OUTPUT), ("INPUT", CHAIN_V6_INPUT)],
+        )?;
+    }
+    Ok(())
+}
+
+/// The destination a redirected connection was originally addressed to (`SO_ORIGINAL_DST`, or
+/// `IP6T_SO_ORIGINAL_DST` on an IPv6 socket).
 pub fn original_dst(sock: &impl AsFd) -> std::io::Result<SocketAddr> {
+    let local: nix::sys::socket::SockaddrStorage =
+        nix::sys::socket::getsockname(sock.as_fd().as_raw_fd()).map_err(std::io::Error::from)?;
+    if local.as_sockaddr_in6().is_some() {
+        let sin6 = getsockopt(sock, sockopt::Ip6tOriginalDst).map_err(std::io::Error::from)?;
+        // sockaddr_in6: the port in network byte order, the address as bytes.
+        let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        let port = u16::from_be(sin6.sin6_port);
+        return Ok(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)));
+    }
     let sin = getsockopt(sock, sockopt::OriginalDst).map_err(std::io::Error::from)?;
     // sockaddr_in fields are in network byte order.
     let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
@@ -292,7 +347,7 @@ mod tests {
         assert!(text.contains(&"-A PREROUTING -p tcp -j TESSERA_INBOUND".to_owned()));
         // The jumps come last, so no packet meets a half-built chain.
         assert!(text.last().is_some_and(|l| l.starts_with("-A PREROUTING")));
-        let v6: Vec<String> = rules_v6().iter().map(|a| a.join(" ")).collect();
+        let v6: Vec<String> = rules_v6_reject().iter().map(|a| a.join(" ")).collect();
         assert!(
             v6.iter()
                 .any(|l| l.contains("TESSERA_V6_OUTPUT -p tcp -j REJECT"))

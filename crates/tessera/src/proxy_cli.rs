@@ -85,7 +85,8 @@ struct ProxyRunArgs {
     /// An explicit outbound listener: `LISTEN=HOST:PORT,SPIFFE_ID`. Repeatable.
     #[arg(long = "outbound", value_name = "LISTEN=HOST:PORT,SPIFFE_ID")]
     outbound: Vec<OutboundListener>,
-    /// Where the mTLS tunnel listens.
+    /// Where the mTLS tunnel listens (`0.0.0.0` also listens on `::`, same port, where the
+    /// namespace has IPv6).
     #[arg(long, default_value = "0.0.0.0:15008")]
     tunnel_address: SocketAddr,
     /// Extra addresses a CONNECT may name as this workload (besides the one it arrived on).
@@ -240,8 +241,9 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         } else {
             // Rules first: until the proxy has an identity, intercepted traffic meets closed
             // ports (fails closed) instead of leaving in plaintext.
-            transparent::install(&params).map_err(anyhow::Error::msg)?;
+            let v6 = transparent::install(&params).map_err(anyhow::Error::msg)?;
             tracing::info!(
+                ipv6 = ?v6,
                 "interception rules installed (they stay after exit; `tessera proxy uninstall-rules` removes them)"
             );
         }

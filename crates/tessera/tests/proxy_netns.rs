@@ -17,7 +17,7 @@
 mod support;
 
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -30,6 +30,9 @@ use tessera_test_util::netns::{Net, in_netns, usable};
 
 const FOO_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const BAR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const FOO_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+const BAR_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
+const OTHER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 3);
 const APP_PORT: u16 = 8080;
 
 const BAR_POLICY: &str = r#"
@@ -342,6 +345,10 @@ fn transparent_mode_intercepts_and_fails_closed() {
     let foo = net.node("foo", FOO_IP);
     let bar = net.node("bar", BAR_IP);
     let other = net.node("other", Ipv4Addr::new(198, 18, 0, 3));
+    // Dual stack: IPv6 is intercepted and tunnelled like IPv4, never a way around the proxy.
+    for (ns, ip) in [(&foo, FOO_IP6), (&bar, BAR_IP6), (&other, OTHER_IP6)] {
+        net.add_v6(ns, ip);
+    }
     cp.entry("foo", &foo, &[]);
     cp.entry("bar", &bar, &[]);
     // bar's application listens on every address: only interception protects it.
@@ -351,7 +358,8 @@ fn transparent_mode_intercepts_and_fails_closed() {
     let config = cp.path("foo-proxy.toml");
     std::fs::write(
         &config,
-        "[[destination]]\ncidr = \"198.18.0.2/32\"\nports = [8080]\nspiffe_id = \"spiffe://example.org/bar\"\n",
+        "[[destination]]\ncidr = \"198.18.0.2/32\"\nports = [8080]\nspiffe_id = \"spiffe://example.org/bar\"\n\
+         [[destination]]\ncidr = \"2001:2::2/128\"\nports = [8080]\nspiffe_id = \"spiffe://example.org/bar\"\n",
     )
     .unwrap();
     let bar_proxy = Proxy::start(
@@ -374,6 +382,11 @@ fn transparent_mode_intercepts_and_fails_closed() {
         exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), &secret).unwrap(),
         secret
     );
+    let secret6 = b"TRANSPARENT-SECRET-PAYLOAD-V6".repeat(50);
+    assert_eq!(
+        exchange(&foo, SocketAddr::from((BAR_IP6, APP_PORT)), &secret6).unwrap(),
+        secret6
+    );
     let pcap = cap.stop();
     assert!(
         pcap.len() > 2000,
@@ -391,6 +404,21 @@ fn transparent_mode_intercepts_and_fails_closed() {
         out["dst_addr"], "198.18.0.2:8080",
         "original destination recovered"
     );
+    // The IPv6 connection: its original destination recovered (IP6T_SO_ORIGINAL_DST), its
+    // tunnel to bar's IPv6 address, and foo's identity proven there.
+    foo_proxy.wait_record("foo's IPv6 outbound record", |r| {
+        r["direction"] == "outbound"
+            && r["dst_addr"] == "[2001:2::2]:8080"
+            && r["decision"] == "allow"
+    });
+    let rec6 = bar_proxy.wait_record("bar's IPv6 allow record", |r| {
+        r["decision"] == "allow"
+            && r["src_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("[2001:2::1]:"))
+    });
+    assert_eq!(rec6["src_spiffe_id"], "spiffe://example.org/foo");
+    assert_eq!(rec6["dst_addr"], "[2001:2::2]:8080");
 
     // An unmapped destination is refused (--unmapped deny is the default).
     let r = exchange(
@@ -402,6 +430,13 @@ fn transparent_mode_intercepts_and_fails_closed() {
     foo_proxy.wait_record("foo's unmapped denial", |r| {
         r["direction"] == "passthrough" && r["decision"] == "deny"
     });
+    let r = exchange(&foo, SocketAddr::from((OTHER_IP6, 9999)), b"x");
+    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    foo_proxy.wait_record("foo's unmapped IPv6 denial", |r| {
+        r["direction"] == "passthrough"
+            && r["decision"] == "deny"
+            && r["dst_addr"] == "[2001:2::3]:9999"
+    });
     assert_eq!(other_app.connections(), 0);
 
     // Plaintext to bar's application from a namespace without a proxy: STRICT refuses.
@@ -411,23 +446,34 @@ fn transparent_mode_intercepts_and_fails_closed() {
     bar_proxy.wait_record("bar's STRICT refusal", |r| {
         r["direction"] == "inbound_plaintext" && r["decision"] == "deny"
     });
+    let r = exchange(&other, SocketAddr::from((BAR_IP6, APP_PORT)), b"PLAIN6");
+    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    bar_proxy.wait_record("bar's STRICT refusal over IPv6", |r| {
+        r["direction"] == "inbound_plaintext"
+            && r["decision"] == "deny"
+            && r["dst_addr"] == "[2001:2::2]:8080"
+    });
     assert_eq!(app.connections(), connections);
+    assert!(!app.saw(b"PLAIN6"));
 
     // The rules stay after the proxy dies: traffic fails closed instead of leaving in plaintext.
     foo_proxy.stop();
     let r = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"AFTER-EXIT");
     assert!(r.is_err() || r.unwrap().is_empty());
     assert!(!app.saw(b"AFTER-EXIT"));
+    let r = exchange(&foo, SocketAddr::from((BAR_IP6, APP_PORT)), b"AFTER-EXIT-6");
+    assert!(r.is_err() || r.unwrap().is_empty());
+    assert!(!app.saw(b"AFTER-EXIT-6"));
     let rules = Net::exec(&foo, "iptables")
         .args(["-t", "nat", "-S"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&rules.stdout).contains("TESSERA_OUTPUT"));
-    // IPv6 is not proxied, so its TCP is closed rather than left as a way around the proxy.
-    let rules = Net::exec(&foo, "ip6tables").arg("-S").output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&rules.stdout).contains("-A TESSERA_V6_OUTPUT -p tcp -j REJECT")
-    );
+    let rules = Net::exec(&foo, "ip6tables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rules.stdout).contains("-A OUTPUT -p tcp -j TESSERA_OUTPUT"));
     // uninstall-rules removes them; then plaintext flows again (no proxy in the way).
     let o = Net::exec(&foo, env!("CARGO_BIN_EXE_tessera"))
         .args(["proxy", "uninstall-rules"])
@@ -439,8 +485,13 @@ fn transparent_mode_intercepts_and_fails_closed() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&rules.stdout).contains("TESSERA"));
-    let rules = Net::exec(&foo, "ip6tables").arg("-S").output().unwrap();
-    assert!(!String::from_utf8_lossy(&rules.stdout).contains("TESSERA"));
+    for table in ["nat", "filter"] {
+        let rules = Net::exec(&foo, "ip6tables")
+            .args(["-t", table, "-S"])
+            .output()
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&rules.stdout).contains("TESSERA"));
+    }
     // bar is still STRICT: plaintext from foo is now refused there.
     let r = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"PLAIN-AFTER");
     assert!(r.map(|b| b.is_empty()).unwrap_or(true));

@@ -5,7 +5,7 @@
 //!
 //! Names are unique per test process and call, so tests can run in parallel.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -105,6 +105,19 @@ impl Net {
             run("ip", &full);
         }
         ns
+    }
+
+    /// Adds `ip/64` to a node's `eth0` (from 2001:2::/48, RFC 5180's benchmarking range, the
+    /// IPv6 counterpart of 198.18.0.0/15), usable at once (`nodad`: no duplicate address
+    /// detection delay); no route beyond the link.
+    pub fn add_v6(&self, ns: &str, ip: Ipv6Addr) {
+        let cidr = format!("{ip}/64");
+        run(
+            "ip",
+            &[
+                "netns", "exec", ns, "ip", "-6", "addr", "add", &cidr, "dev", "eth0", "nodad",
+            ],
+        );
     }
 
     /// The root-namespace side of a node's veth (for a capture).
