@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::netns::{
-    App, Capture, ControlPlane, Proxy, cli, contains, exchange, http, http_app, s, wait_until,
-    write_policy,
+    App, Capture, ControlPlane, Proxy, cli, contains, exchange, http_app,
+    public_get_passes_admin_post_does_not, s, wait_until, write_policy,
 };
 use tessera_test_util::netns::{Net, in_netns, usable};
 
@@ -594,19 +594,7 @@ fn permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy() 
         "PERMISSIVE plaintext, no identity: allowed by policy legacy-plaintext rule 0"
     );
     // A port declared `:http` decides each plaintext request.
-    let (status, body) = http(&foo, plain(8081), "GET", "/public/index.html").unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body, "app saw GET /public/index.html HTTP/1.1");
-    let (status, body) = http(&foo, plain(8081), "POST", "/admin").unwrap();
-    assert_eq!(status, 403, "{body}");
-    assert!(
-        !http_seen
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("/admin")),
-        "the application saw the denied request"
-    );
+    public_get_passes_admin_post_does_not(&foo, plain(8081), &http_seen);
     let denied = bar_proxy.wait_record("bar's 403 record for plaintext", |r| {
         r["kind"] == "http_request" && r["decision"] == "deny"
     });

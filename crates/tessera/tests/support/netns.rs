@@ -448,6 +448,25 @@ pub(crate) fn http(ns: &str, to: SocketAddr, method: &str, path: &str) -> Option
     })
 }
 
+/// Through `to`, an `:http` port whose policy allows `GET /public/*` and not `POST /admin`:
+/// the GET reaches the application (`seen`, from [`http_app`]), the POST gets 403 and never
+/// reaches it.
+pub(crate) fn public_get_passes_admin_post_does_not(
+    ns: &str,
+    to: SocketAddr,
+    seen: &Mutex<Vec<String>>,
+) {
+    let (status, body) = http(ns, to, "GET", "/public/index.html").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "app saw GET /public/index.html HTTP/1.1");
+    let (status, body) = http(ns, to, "POST", "/admin").unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        !seen.lock().unwrap().iter().any(|l| l.contains("/admin")),
+        "the application saw the denied request"
+    );
+}
+
 /// From inside `ns`: connect, send `payload`, half-close, read the echo.
 pub(crate) fn exchange(ns: &str, to: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     in_netns(ns, || {
