@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use support::netns::{
-    App, ControlPlane, Proxy, cli, exchange, http, http_app, public_get_passes_admin_post_does_not,
-    s, wait_until,
+    App, ControlPlane, Proxy, cli, exchange, http, http_app, live_echo,
+    public_get_passes_admin_post_does_not, s, wait_until,
 };
 use tessera_proto::xds::envoy::service::auth::v3 as auth;
 use tessera_proto::xds::google::rpc::Status;
@@ -187,13 +187,8 @@ fn policy_changes_reach_live_connections_through_restarts() {
 
     // 3. Through a server restart: a new DENY closes a live connection.
     cp.restart_server();
-    let mut live = in_netns(&foo, || TcpStream::connect("127.0.0.1:9000").unwrap());
-    live.set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    live.write_all(b"live").unwrap();
+    let mut live = live_echo(&foo, "127.0.0.1:9000".parse().unwrap());
     let mut b = [0u8; 4];
-    live.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"live");
     let t0 = Instant::now();
     apply(
         &cp,

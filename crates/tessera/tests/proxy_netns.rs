@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::netns::{
-    App, Capture, ControlPlane, Proxy, cli, contains, exchange, http_app,
+    App, Capture, ControlPlane, Proxy, cli, contains, exchange, http_app, live_echo,
     public_get_passes_admin_post_does_not, s, wait_until, write_policy,
 };
 use tessera_test_util::netns::{Net, in_netns, usable};
@@ -609,13 +609,8 @@ fn permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy() 
     assert_eq!(unlisted.connections(), 0);
 
     // 3. Live re-authorization covers plaintext: the rule's deletion closes an open connection.
-    let mut live = in_netns(&foo, || TcpStream::connect(plain(APP_PORT)).unwrap());
-    live.set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    live.write_all(b"live").unwrap();
+    let mut live = live_echo(&foo, plain(APP_PORT));
     let mut b = [0u8; 4];
-    live.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"live");
     let t0 = std::time::Instant::now();
     cli(&cp.admin, &["policy", "delete", "legacy-plaintext"]);
     let r = live.read(&mut b);

@@ -467,6 +467,19 @@ pub(crate) fn public_get_passes_admin_post_does_not(
     );
 }
 
+/// From inside `ns`: a connection to `to` that has echoed one message, kept open (with a 15 s
+/// read timeout) to see whether something closes it.
+pub(crate) fn live_echo(ns: &str, to: SocketAddr) -> TcpStream {
+    let mut live = in_netns(ns, || TcpStream::connect(to).unwrap());
+    live.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    live.write_all(b"live").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"live");
+    live
+}
+
 /// From inside `ns`: connect, send `payload`, half-close, read the echo.
 pub(crate) fn exchange(ns: &str, to: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     in_netns(ns, || {
