@@ -173,26 +173,33 @@ fn header_map(headers: &[(&str, &str)]) -> HashMap<String, String> {
     m
 }
 
-/// CUSTOM first (asking the authorizers), then the rest of the order.
+/// CUSTOM first (asking the authorizers), then the rest of the order. Also returns the
+/// providers that were asked and admitted: kept with the connection or request, so that a
+/// policy change asks only authorizers that were never asked about it (`crate::live`).
 pub async fn authorize(
     set: &PolicySet,
     authorizers: &Authorizers,
     input: &CheckInput<'_>,
     port: u16,
-) -> Decision {
+) -> (Decision, Vec<Arc<str>>) {
     let addrs = Addresses {
         source: input.src_addr.map(|a| a.ip()),
         destination: input.dst_addr.map(|a| a.ip()),
     };
+    let mut asked = Vec::new();
     if set.has_custom() {
         let checks = set.custom_checks(input.src, port, &addrs, input.http.as_ref());
-        if !checks.is_empty()
-            && let Some(deny) = authorizers.check(&checks, input).await
-        {
-            return deny;
+        if !checks.is_empty() {
+            if let Some(deny) = authorizers.check(&checks, input).await {
+                return (deny, asked);
+            }
+            asked = checks.into_iter().map(|c| c.provider).collect();
         }
     }
-    set.decide_request(input.src, port, &addrs, input.http.as_ref())
+    (
+        set.decide_request(input.src, port, &addrs, input.http.as_ref()),
+        asked,
+    )
 }
 
 /// Shared handle.

@@ -334,12 +334,21 @@ impl Inbound {
         }
         let src_id = src.map(|s| &**s);
         let requests = http.then(|| live.set_http());
-        let decision = if http {
+        // What a policy change shows an external authorizer that was not asked at admission.
+        live.set_ends(crate::live::Ends {
+            peer,
+            target,
+            own: self.identity.spiffe_id(),
+        });
+        let (decision, asked) = if http {
             // Declared HTTP: every request is decided under the current policy (`crate::l7`);
             // a connection-level decision would apply TCP semantics to HTTP rules.
-            tessera_policy::Decision::http_per_request()
+            (tessera_policy::Decision::http_per_request(), Vec::new())
         } else if self.authorizers.is_empty() {
-            crate::live::decide(&self.policy.load(), src_id, target.port(), &addrs, None)
+            (
+                crate::live::decide(&self.policy.load(), src_id, target.port(), &addrs, None),
+                Vec::new(),
+            )
         } else {
             let own = self.identity.spiffe_id();
             let input = crate::authz::CheckInput {
@@ -361,6 +370,7 @@ impl Inbound {
         if !decision.allowed {
             return Err((StatusCode::FORBIDDEN, decision.reason.to_string()));
         }
+        live.set_asked(asked);
         let app_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), target.port());
         let app = if let Some(requests) = requests {
             // Declared HTTP: the application is connected on the first request policy allows

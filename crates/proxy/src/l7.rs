@@ -521,14 +521,15 @@ async fn handle(
         // Tracked before it is decided: a policy installed after this point re-decides it,
         // one installed before is the one read below, so no change slips between the two.
         let guard = ctx.requests.track(&r);
-        let d = if ctx.authorizers.is_empty() {
-            crate::live::decide(
+        let (d, asked) = if ctx.authorizers.is_empty() {
+            let d = crate::live::decide(
                 &ctx.policy.load(),
                 ctx.src.as_deref(),
                 ctx.port,
                 &addrs,
                 Some(&r),
-            )
+            );
+            (d, Vec::new())
         } else {
             let input = crate::authz::CheckInput {
                 src: ctx.src.as_deref(),
@@ -540,6 +541,7 @@ async fn handle(
             crate::authz::authorize(&ctx.policy.load_full(), &ctx.authorizers, &input, ctx.port)
                 .await
         };
+        guard.set_asked(asked);
         (d, guard)
     };
     crate::live::log_decision(&d, ctx.src.as_deref(), ctx.port, "http request");

@@ -4,13 +4,17 @@
 //! `tessera.v1.PolicyWatch` service (pushed, never polled), compiles each snapshot and swaps it
 //! in. Every open inbound connection is registered in a [`Registry`]; after each swap, every
 //! registered connection is decided again under the new set, and those now denied are closed
-//! with a log line naming the policy (or the reason) that closed them. On a port declared
+//! with a log line naming the policy (or the reason) that closed them. A change that puts a
+//! connection or request under a CUSTOM policy whose external authorizer was never asked about
+//! it asks that authorizer (in the background) and closes what it denies; authorizers asked
+//! before are not asked again. On a port declared
 //! `:http` the unit is the request: every request in flight (a gRPC stream, a slow download) is
 //! decided again with its method, path, host and headers, and those now denied are ended.
 //! Until the first snapshot arrives the proxy denies everything (fails closed): no window
 //! where a stale or missing policy lets traffic through.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +42,28 @@ struct Conn {
     /// re-decided with TCP semantics here: the requests in flight are decided again instead
     /// (bundle re-verification still applies to the connection).
     http: Option<Arc<HttpRequests>>,
+    /// What an external authorizer is shown about the connection; `None` until admission.
+    ends: Option<Ends>,
+    /// The CUSTOM providers whose authorizers admitted the connection.
+    asked: Asked,
     close: watch::Sender<Option<String>>,
+}
+
+/// The two ends of an inbound connection, as an external authorizer sees them
+/// (`crate::authz::CheckInput`).
+#[derive(Debug, Clone)]
+pub struct Ends {
+    pub peer: SocketAddr,
+    pub target: SocketAddr,
+    /// This workload's ID.
+    pub own: Option<Arc<SpiffeId>>,
+}
+
+/// The providers (by name) whose authorizers admitted a connection or request.
+type Asked = Arc<Mutex<Vec<Arc<str>>>>;
+
+fn lock_asked(a: &Asked) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
+    a.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The requests in flight on one HTTP connection. A request is authorized when it starts, but
@@ -57,6 +82,8 @@ struct InFlight {
     path: String,
     host: String,
     headers: Vec<(String, String)>,
+    /// The CUSTOM providers whose authorizers admitted the request.
+    asked: Asked,
     close: watch::Sender<Option<String>>,
 }
 
@@ -81,6 +108,7 @@ impl HttpRequests {
                     .iter()
                     .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
                     .collect(),
+                asked: Asked::default(),
                 close,
             },
         );
@@ -107,6 +135,13 @@ impl Drop for RequestGuard {
 }
 
 impl RequestGuard {
+    /// Records the providers whose authorizers admitted the request.
+    pub fn set_asked(&self, providers: Vec<Arc<str>>) {
+        if let Some(r) = self.requests.lock().get(&self.id) {
+            lock_asked(&r.asked).extend(providers);
+        }
+    }
+
     /// Resolves with the reason once policy denies the request (never, otherwise); owns what
     /// it waits on, so a response body can hold it.
     pub fn denied(&self) -> impl std::future::Future<Output = String> + Send + 'static {
@@ -130,9 +165,9 @@ async fn wait_for_reason(closed: &mut watch::Receiver<Option<String>>) -> String
 /// The open inbound connections, for re-authorization.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// With external authorizers, CUSTOM was asked when the connection was admitted; a policy
-    /// change re-decides the rest of the order only.
-    authorizers: std::sync::atomic::AtomicBool,
+    /// The external authorizers, when any are configured: CUSTOM was asked at admission, so a
+    /// policy change decides the rest of the order and asks only authorizers not asked yet.
+    authorizers: std::sync::OnceLock<Arc<crate::authz::Authorizers>>,
     next: AtomicU64,
     conns: Mutex<HashMap<u64, Conn>>,
 }
@@ -164,6 +199,20 @@ impl Registration {
             c.http = Some(requests.clone());
         }
         requests
+    }
+
+    /// Records what an external authorizer is shown about the connection.
+    pub fn set_ends(&self, ends: Ends) {
+        if let Some(c) = self.registry.lock().get_mut(&self.id) {
+            c.ends = Some(ends);
+        }
+    }
+
+    /// Records the providers whose authorizers admitted the connection.
+    pub fn set_asked(&self, providers: Vec<Arc<str>>) {
+        if let Some(c) = self.registry.lock().get(&self.id) {
+            lock_asked(&c.asked).extend(providers);
+        }
     }
 
     /// Resolves with the reason once the connection must close (never, otherwise).
@@ -214,6 +263,8 @@ impl Registry {
                 addrs,
                 chain,
                 http: None,
+                ends: None,
+                asked: Asked::default(),
                 close,
             },
         );
@@ -225,8 +276,11 @@ impl Registry {
         }
     }
 
-    pub fn set_authorizers_configured(&self, yes: bool) {
-        self.authorizers.store(yes, Ordering::Relaxed);
+    /// The external authorizers for CUSTOM policies (none configured: nothing to keep).
+    pub fn set_authorizers(&self, authorizers: Arc<crate::authz::Authorizers>) {
+        if !authorizers.is_empty() {
+            let _ = self.authorizers.set(authorizers);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -242,11 +296,12 @@ impl Registry {
     /// Returns how many connections and requests were closed.
     pub fn reevaluate(&self, set: &PolicySet) -> usize {
         let mut closed = 0;
-        let authorizers = self.authorizers.load(Ordering::Relaxed);
+        let authorizers = self.authorizers.get();
         // With external authorizers, CUSTOM was asked at admission (or at the request);
-        // the rest of the order is decided again here.
+        // the rest of the order is decided again here, and authorizers not asked yet are
+        // asked (`ask_new_authorizers`).
         let redecide = |conn: &Conn, req: Option<&tessera_policy::HttpRequest<'_>>| {
-            if authorizers {
+            if authorizers.is_some() {
                 set.decide_request(conn.src.as_deref(), conn.port, &conn.addrs, req)
             } else {
                 decide(set, conn.src.as_deref(), conn.port, &conn.addrs, req)
@@ -270,6 +325,8 @@ impl Registry {
                         .close
                         .send(Some(format!("re-authorization: {}", d.reason)));
                     closed += 1;
+                } else if let Some(a) = authorizers {
+                    ask_new_authorizers(a, set, conn, None, &conn.asked, &conn.close);
                 }
                 continue;
             };
@@ -303,6 +360,8 @@ impl Registry {
                         .close
                         .send(Some(format!("re-authorization: {}", d.reason)));
                     closed += 1;
+                } else if let Some(a) = authorizers {
+                    ask_new_authorizers(a, set, conn, Some((&req, r)), &r.asked, &r.close);
                 }
             }
         }
@@ -330,6 +389,93 @@ impl Registry {
         }
         closed
     }
+}
+
+/// A policy change can put a live connection or request under a CUSTOM policy whose external
+/// authorizer was never asked about it (CUSTOM comes first in the order, and its deny is
+/// final): that authorizer is asked now, in the background, and what it denies is closed. An
+/// authorizer asked before is not asked again (its answer was about this same connection), so
+/// unrelated changes cost the authorizers nothing. Providers are marked asked before the call,
+/// so two quick changes ask once; a deny or an unreachable authorizer closes the connection
+/// anyway (unless the provider is `fail_open`), which makes the mark moot.
+fn ask_new_authorizers(
+    authorizers: &Arc<crate::authz::Authorizers>,
+    set: &PolicySet,
+    conn: &Conn,
+    req: Option<(&tessera_policy::HttpRequest<'_>, &InFlight)>,
+    asked: &Asked,
+    close: &watch::Sender<Option<String>>,
+) {
+    let checks: Vec<tessera_policy::CustomCheck> = {
+        let mut done = lock_asked(asked);
+        let new: Vec<_> = set
+            .custom_checks(
+                conn.src.as_deref(),
+                conn.port,
+                &conn.addrs,
+                req.map(|(r, _)| r),
+            )
+            .into_iter()
+            .filter(|c| !done.contains(&c.provider))
+            .collect();
+        done.extend(new.iter().map(|c| c.provider.clone()));
+        new
+    };
+    let Some(first) = checks.first() else {
+        return;
+    };
+    let handle = tokio::runtime::Handle::try_current();
+    let (Some(ends), Ok(handle)) = (conn.ends.clone(), handle) else {
+        // Fail closed: a CUSTOM policy covers it and its authorizer cannot be asked.
+        let _ = close.send(Some(format!(
+            "re-authorization: CUSTOM policy {} now covers it and its authorizer cannot be asked (fail closed)",
+            first.policy
+        )));
+        return;
+    };
+    let owned = req.map(|(_, f)| {
+        (
+            f.method.clone(),
+            f.path.clone(),
+            f.host.clone(),
+            f.headers.clone(),
+        )
+    });
+    let (authorizers, src, port, close) = (
+        authorizers.clone(),
+        conn.src.clone(),
+        conn.port,
+        close.clone(),
+    );
+    handle.spawn(async move {
+        let headers: Vec<(&str, &str)> = owned
+            .as_ref()
+            .map(|o| o.3.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect())
+            .unwrap_or_default();
+        let http = owned.as_ref().map(|o| tessera_policy::HttpRequest {
+            method: &o.0,
+            path: &o.1,
+            host: &o.2,
+            headers: &headers,
+        });
+        let input = crate::authz::CheckInput {
+            src: src.as_deref(),
+            src_addr: Some(ends.peer),
+            dst: ends.own.as_deref(),
+            dst_addr: Some(ends.target),
+            http,
+        };
+        if let Some(deny) = authorizers.check(&checks, &input).await {
+            tracing::warn!(
+                src = caller(src.as_deref()),
+                port,
+                policy = deny.reason.policy().unwrap_or(""),
+                reason = %deny.reason,
+                "closing a live connection or request that a CUSTOM policy's authorizer now denies"
+            );
+            let _ = close.send(Some(format!("re-authorization: {}", deny.reason)));
+        }
+    });
 }
 
 /// Re-verifies open connections on every bundle or SVID change of this proxy, and decides them

@@ -219,7 +219,7 @@ pub async fn start(
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let authorizers = Arc::new(crate::authz::Authorizers::new(&opts.authz_providers)?);
     let connections = Arc::new(crate::live::Registry::default());
-    connections.set_authorizers_configured(!authorizers.is_empty());
+    connections.set_authorizers(authorizers.clone());
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(crate::live::watch_identity(
         identity.clone(),
