@@ -122,7 +122,8 @@ fn exchange(ns: &str, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// A node proxy in transparent mode: inbound port 8080, bar at 198.18.0.2 (STRICT inbound).
+/// A node proxy in transparent mode: inbound port 8080, bar at 198.18.0.2 and 2001:2::2 (STRICT
+/// inbound).
 fn node_proxy(log: &Log) -> NodeProxy {
     let mut reg = prometheus_client::registry::Registry::default();
     let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
@@ -136,12 +137,17 @@ fn node_proxy(log: &Log) -> NodeProxy {
     t.transparent = Some(TransparentOptions {
         outbound_addr,
         inbound_plaintext_addr,
-        destinations: DestinationMap::new(vec![Destination {
-            cidr: "198.18.0.2/32".parse().unwrap(),
-            ports: vec![],
-            spiffe_id: SpiffeId::parse("spiffe://example.org/bar").unwrap(),
-            tunnel_port: config::TUNNEL_PORT,
-        }]),
+        destinations: DestinationMap::new(
+            ["198.18.0.2/32", "2001:2::2/128"]
+                .into_iter()
+                .map(|cidr| Destination {
+                    cidr: cidr.parse().unwrap(),
+                    ports: vec![],
+                    spiffe_id: SpiffeId::parse("spiffe://example.org/bar").unwrap(),
+                    tunnel_port: config::TUNNEL_PORT,
+                })
+                .collect(),
+        ),
         unmapped: Unmapped::Deny,
         inbound_mode: InboundMode::Strict,
     });
@@ -178,6 +184,8 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
     let foo = net.node("foo", FOO_IP);
     let bar = net.node("bar", BAR_IP);
     let baz = net.node("baz", BAZ_IP);
+    net.add_v6(&foo, "2001:2::1".parse().unwrap());
+    net.add_v6(&bar, "2001:2::2".parse().unwrap());
     echo_app(&bar, 8080);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -237,6 +245,20 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
         rec["src_addr"].as_str().unwrap().starts_with("198.18.0.1:"),
         "{rec}"
     );
+    // The same over IPv6: intercepted in foo's namespace (ip6tables), tunnelled to bar's IPv6
+    // address, where the node proxy's IPv6 listener in bar's namespace takes it.
+    assert_eq!(
+        exchange(&foo, "[2001:2::2]:8080".parse().unwrap(), b"node-mode-v6").as_deref(),
+        Some(&b"node-mode-v6"[..])
+    );
+    let rec = log.wait_for("bar's IPv6 allow record", |r| {
+        r["direction"] == "inbound"
+            && r["decision"] == "allow"
+            && r["src_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("[2001:2::1]:"))
+    });
+    assert_eq!(rec["src_spiffe_id"], "spiffe://example.org/foo");
     // baz, a workload of the same node proxy, proves baz and is denied.
     assert_eq!(exchange(&baz, bar_app, b"baz"), None);
     log.wait_for("bar's denial of baz", |r| {
