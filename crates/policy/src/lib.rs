@@ -30,7 +30,7 @@ pub use document::{
     Rule, Source, Target,
 };
 use index::ActionIndex;
-pub use path::normalize_path;
+pub use path::{normalize_path, without_params as path_without_params};
 
 /// A policy with its name, as stored (`Policy { id, document }` in the datastore) or written in a
 /// policy file.

@@ -65,7 +65,7 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
 /// `/admin;x/users` reaches their `/admin/users` handler, and `/public/..;/admin` their
 /// `/admin`: rules must see that spelling too (see `index`). `path` is normalized; the result
 /// is normalized again, since a stripped `..;` becomes a dot-segment.
-pub(crate) fn without_params(path: &str) -> Option<String> {
+pub fn without_params(path: &str) -> Option<String> {
     if !path.contains(';') {
         return None;
     }

@@ -101,7 +101,13 @@ impl Authorizers {
     }
 
     /// Asks each check's provider; the first deny decides (`None`: every provider allowed).
+    /// A path with segment parameters is asked about in both readings, as sent and as a
+    /// servlet container routes it (`tessera_policy::path_without_params`): CUSTOM is a
+    /// restriction, so a deny of either reading denies, as it does for policy's own rules.
     pub async fn check(&self, checks: &[CustomCheck], input: &CheckInput<'_>) -> Option<Decision> {
+        let stripped = input
+            .http
+            .and_then(|h| tessera_policy::path_without_params(h.path));
         for c in checks {
             let Some(p) = self.providers.get(c.provider.as_ref()) else {
                 return Some(Decision::custom_denied(
@@ -112,49 +118,66 @@ impl Authorizers {
                     ),
                 ));
             };
-            let req = auth::CheckRequest {
-                attributes: Some(auth::AttributeContext {
-                    source: Some(peer(input.src, input.src_addr)),
-                    destination: Some(peer(input.dst, input.dst_addr)),
-                    request: input.http.map(|h| auth::attribute_context::Request {
-                        http: Some(auth::attribute_context::HttpRequest {
-                            method: h.method.to_owned(),
-                            path: h.path.to_owned(),
-                            host: h.host.to_owned(),
-                            headers: header_map(h.headers),
-                            ..Default::default()
-                        }),
-                    }),
-                    context_extensions: HashMap::new(),
-                }),
-            };
-            let timeout = Duration::from_millis(p.cfg.timeout_ms.unwrap_or(200));
-            let mut client = p.client.clone();
-            let outcome = match tokio::time::timeout(timeout, client.check(req)).await {
-                Err(_) => Err(format!("no answer within {timeout:?}")),
-                Ok(Err(s)) => Err(format!("{}: {}", s.code(), s.message())),
-                Ok(Ok(r)) => Ok(r.into_inner().status.map_or(0, |s| s.code)),
-            };
-            match outcome {
-                Ok(0) => {}
-                Ok(code) => {
-                    return Some(Decision::custom_denied(
-                        c.policy.clone(),
-                        format!("authorizer {:?} denied (status {code})", p.cfg.name),
-                    ));
-                }
-                Err(e) if p.cfg.fail_open => {
-                    tracing::warn!(provider = %p.cfg.name, error = %e, "external authorizer unavailable; fail_open admits");
-                }
-                Err(e) => {
-                    return Some(Decision::custom_denied(
-                        c.policy.clone(),
-                        format!("authorizer {:?} unavailable: {e} (fail closed)", p.cfg.name),
-                    ));
+            let readings = std::iter::once(None).chain(stripped.as_deref().map(Some));
+            for path in readings {
+                if let Some(deny) = p.ask(c, input, path).await {
+                    return Some(deny);
                 }
             }
         }
         None
+    }
+}
+
+impl Provider {
+    /// One Check (with `path` in place of the request's, when given); `Some` when it denies.
+    async fn ask(
+        &self,
+        c: &CustomCheck,
+        input: &CheckInput<'_>,
+        path: Option<&str>,
+    ) -> Option<Decision> {
+        let req = auth::CheckRequest {
+            attributes: Some(auth::AttributeContext {
+                source: Some(peer(input.src, input.src_addr)),
+                destination: Some(peer(input.dst, input.dst_addr)),
+                request: input.http.map(|h| auth::attribute_context::Request {
+                    http: Some(auth::attribute_context::HttpRequest {
+                        method: h.method.to_owned(),
+                        path: path.unwrap_or(h.path).to_owned(),
+                        host: h.host.to_owned(),
+                        headers: header_map(h.headers),
+                        ..Default::default()
+                    }),
+                }),
+                context_extensions: HashMap::new(),
+            }),
+        };
+        let timeout = Duration::from_millis(self.cfg.timeout_ms.unwrap_or(200));
+        let mut client = self.client.clone();
+        let outcome = match tokio::time::timeout(timeout, client.check(req)).await {
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Ok(Err(s)) => Err(format!("{}: {}", s.code(), s.message())),
+            Ok(Ok(r)) => Ok(r.into_inner().status.map_or(0, |s| s.code)),
+        };
+        match outcome {
+            Ok(0) => None,
+            Ok(code) => Some(Decision::custom_denied(
+                c.policy.clone(),
+                format!("authorizer {:?} denied (status {code})", self.cfg.name),
+            )),
+            Err(e) if self.cfg.fail_open => {
+                tracing::warn!(provider = %self.cfg.name, error = %e, "external authorizer unavailable; fail_open admits");
+                None
+            }
+            Err(e) => Some(Decision::custom_denied(
+                c.policy.clone(),
+                format!(
+                    "authorizer {:?} unavailable: {e} (fail closed)",
+                    self.cfg.name
+                ),
+            )),
+        }
     }
 }
 

@@ -326,6 +326,12 @@ impl Inbound {
             addrs,
             caller.and_then(|(_, c)| c.expires_at),
             caller.map_or_else(Arc::default, |(_, c)| c.chain.clone()),
+            // What a policy change shows an external authorizer that was not asked here.
+            Some(crate::live::Ends {
+                peer,
+                target,
+                own: self.identity.spiffe_id(),
+            }),
         );
         if let Some((_, peer_cert)) = caller {
             // After registering, so a bundle change in between is caught by one or the other.
@@ -334,12 +340,6 @@ impl Inbound {
         }
         let src_id = src.map(|s| &**s);
         let requests = http.then(|| live.set_http());
-        // What a policy change shows an external authorizer that was not asked at admission.
-        live.set_ends(crate::live::Ends {
-            peer,
-            target,
-            own: self.identity.spiffe_id(),
-        });
         let (decision, asked) = if http {
             // Declared HTTP: every request is decided under the current policy (`crate::l7`);
             // a connection-level decision would apply TCP semantics to HTTP rules.

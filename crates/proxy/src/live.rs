@@ -201,13 +201,6 @@ impl Registration {
         requests
     }
 
-    /// Records what an external authorizer is shown about the connection.
-    pub fn set_ends(&self, ends: Ends) {
-        if let Some(c) = self.registry.lock().get_mut(&self.id) {
-            c.ends = Some(ends);
-        }
-    }
-
     /// Records the providers whose authorizers admitted the connection.
     pub fn set_asked(&self, providers: Vec<Arc<str>>) {
         if let Some(c) = self.registry.lock().get(&self.id) {
@@ -245,6 +238,9 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Registers an open connection: who (`None`: no identity), to which port, its addresses,
+    /// when its peer certificate expires, its chain, and what an external authorizer would be
+    /// shown about it (`ends`, so a policy change can ask one from the first moment).
     pub fn register(
         self: &Arc<Self>,
         src: Option<Arc<SpiffeId>>,
@@ -252,6 +248,7 @@ impl Registry {
         addrs: Addresses,
         expires_at: Option<i64>,
         chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+        ends: Option<Ends>,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
@@ -263,7 +260,7 @@ impl Registry {
                 addrs,
                 chain,
                 http: None,
-                ends: None,
+                ends,
                 asked: Asked::default(),
                 close,
             },
@@ -685,10 +682,25 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
         let bar = Arc::new(SpiffeId::parse("spiffe://example.org/bar").unwrap());
-        let mut f = registry.register(Some(foo), 5432, Addresses::default(), None, Arc::default());
-        let b = registry.register(Some(bar), 5432, Addresses::default(), None, Arc::default());
+        let mut f = registry.register(
+            Some(foo),
+            5432,
+            Addresses::default(),
+            None,
+            Arc::default(),
+            None,
+        );
+        let b = registry.register(
+            Some(bar),
+            5432,
+            Addresses::default(),
+            None,
+            Arc::default(),
+            None,
+        );
         // PERMISSIVE plaintext: no identity, so nothing shows it is not foo (fail closed).
-        let mut anon = registry.register(None, 5432, Addresses::default(), None, Arc::default());
+        let mut anon =
+            registry.register(None, 5432, Addresses::default(), None, Arc::default(), None);
         let set = compile_snapshot(
             &own,
             &snap(
@@ -732,6 +744,7 @@ mod tests {
             Addresses::default(),
             Some(now - 1),
             Arc::default(),
+            None,
         );
         let why = tokio::time::timeout(Duration::from_secs(1), expired.wait())
             .await
@@ -743,6 +756,7 @@ mod tests {
             Addresses::default(),
             Some(now + 3600),
             Arc::default(),
+            None,
         );
         assert!(
             tokio::time::timeout(Duration::from_millis(50), later.wait())
@@ -764,6 +778,7 @@ mod tests {
             Addresses::default(),
             None,
             Arc::new(svid.chain.clone()),
+            None,
         );
         let mut set = tessera_spiffe::BundleSet::new();
         set.upsert(ca.bundle());

@@ -177,8 +177,11 @@ fn v6_twin(addr: SocketAddr) -> Option<SocketAddr> {
 /// Binds `addr` and, for the IPv4 unspecified or loopback address, the same port on its IPv6
 /// twin ([`v6_twin`], `IPV6_V6ONLY`), so the tunnel port and transparent interception serve
 /// both families (IPv6 REDIRECT delivers to `::1` or the interface's IPv6 address). Where
-/// IPv6 cannot be bound (no IPv6 in this namespace), the IPv4 listener serves alone: IPv6
-/// traffic the rules redirect then meets a closed port, so it fails closed.
+/// this namespace has no IPv6 (`EAFNOSUPPORT`, `EADDRNOTAVAIL`), the IPv4 listener serves
+/// alone: IPv6 traffic the rules redirect then meets a closed port, so it fails closed. Any
+/// other failure on a fixed port is fatal, as it is for IPv4: a port taken by another process
+/// (`EADDRINUSE`) would receive the IPv6 traffic the rules redirect there, past STRICT mode
+/// and policy. An ephemeral port (`:0`, tests) only gets a twin where the same number is free.
 async fn bind_with_v6(
     sockets: &crate::sockets::Sockets,
     addr: SocketAddr,
@@ -190,9 +193,16 @@ async fn bind_with_v6(
     if let Some(twin) = twin {
         match sockets.listen_v6_only(twin).await {
             Ok(l) => out.push(l),
-            Err(e) => {
+            Err(e)
+                if addr.port() == 0
+                    || matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::EAFNOSUPPORT | nix::libc::EADDRNOTAVAIL)
+                    ) =>
+            {
                 tracing::info!(%twin, error = %e, "{what}: no IPv6 listener (IPv4 only)");
             }
+            Err(e) => return Err(format!("{what}: cannot listen on {twin}: {e}")),
         }
     }
     Ok(out)

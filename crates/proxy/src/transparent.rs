@@ -91,33 +91,37 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
     ]
 }
 
+/// How IPv6 TCP is closed where it cannot be intercepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// `REJECT --reject-with tcp-reset`: the workload sees a reset at once.
+    Reject,
+    /// `DROP`, where the `REJECT` extension is missing: the workload times out.
+    Drop,
+}
+
 /// The `ip6tables -t filter` argument lists that close IPv6 TCP except on loopback, where IPv6
 /// cannot be intercepted.
-pub fn rules_v6_reject() -> Vec<Vec<String>> {
+pub fn rules_v6_reject(how: Close) -> Vec<Vec<String>> {
     let v = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let closed = |chain: &str| match how {
+        Close::Reject => v(&[
+            "-A",
+            chain,
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ]),
+        Close::Drop => v(&["-A", chain, "-p", "tcp", "-j", "DROP"]),
+    };
     vec![
         v(&["-A", CHAIN_V6_OUTPUT, "-o", "lo", "-j", "RETURN"]),
-        v(&[
-            "-A",
-            CHAIN_V6_OUTPUT,
-            "-p",
-            "tcp",
-            "-j",
-            "REJECT",
-            "--reject-with",
-            "tcp-reset",
-        ]),
+        closed(CHAIN_V6_OUTPUT),
         v(&["-A", CHAIN_V6_INPUT, "-i", "lo", "-j", "RETURN"]),
-        v(&[
-            "-A",
-            CHAIN_V6_INPUT,
-            "-p",
-            "tcp",
-            "-j",
-            "REJECT",
-            "--reject-with",
-            "tcp-reset",
-        ]),
+        closed(CHAIN_V6_INPUT),
         v(&["-A", "OUTPUT", "-p", "tcp", "-j", CHAIN_V6_OUTPUT]),
         v(&["-A", "INPUT", "-p", "tcp", "-j", CHAIN_V6_INPUT]),
     ]
@@ -209,7 +213,23 @@ fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
     if all(Table::Nat6, &v4)? {
         return Ok(Some(V6::Intercepted));
     }
-    Ok(all(Table::Filter6, &rules_v6_reject())?.then_some(V6::Rejected))
+    // Rejecting is the fallback only where IPv6 NAT is unavailable: rules an older release
+    // left (IPv6 rejected) are replaced where IPv6 can now be intercepted.
+    if nat6_available()? {
+        return Ok(None);
+    }
+    let closed = all(Table::Filter6, &rules_v6_reject(Close::Reject))?
+        || all(Table::Filter6, &rules_v6_reject(Close::Drop))?;
+    Ok(closed.then_some(V6::Rejected))
+}
+
+/// Whether this namespace has an IPv6 `nat` table (`ip6table_nat`, or nftables' equivalent).
+fn nat6_available() -> Result<bool, String> {
+    Ok(
+        iptables_in(Table::Nat6, &["-n".to_owned(), "-L".to_owned()])?
+            .status
+            .success(),
+    )
 }
 
 /// Installs the rules in the current network namespace, replacing ours if present, and says how
@@ -247,11 +267,23 @@ pub fn install(p: &RuleParams) -> Result<V6, String> {
             Table::Nat6,
             &[("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_INBOUND)],
         )?;
-        for chain in [CHAIN_V6_OUTPUT, CHAIN_V6_INPUT] {
-            must_in(Table::Filter6, &["-N".to_owned(), chain.to_owned()])?;
-        }
-        for r in rules_v6_reject() {
-            must_in(Table::Filter6, &r)?;
+        let close = |how: Close| -> Result<(), String> {
+            remove_chains(
+                Table::Filter6,
+                &[("OUTPUT", CHAIN_V6_OUTPUT), ("INPUT", CHAIN_V6_INPUT)],
+            )?;
+            for chain in [CHAIN_V6_OUTPUT, CHAIN_V6_INPUT] {
+                must_in(Table::Filter6, &["-N".to_owned(), chain.to_owned()])?;
+            }
+            for r in rules_v6_reject(how) {
+                must_in(Table::Filter6, &r)?;
+            }
+            Ok(())
+        };
+        // REJECT needs its extension; DROP needs none, so IPv6 is closed either way.
+        if let Err(e) = close(Close::Reject) {
+            tracing::warn!(error = %e, "IPv6 TCP cannot be rejected here: it is dropped instead");
+            close(Close::Drop)?;
         }
         return Ok(V6::Rejected);
     }
@@ -284,10 +316,7 @@ pub fn uninstall() -> Result<(), String> {
     remove_chains(Table::Nat4, &nat)?;
     if ipv6_enabled() {
         // A kernel without IPv6 NAT cannot list that table: nothing of ours can be in it.
-        if iptables_in(Table::Nat6, &["-n".to_owned(), "-L".to_owned()])?
-            .status
-            .success()
-        {
+        if nat6_available()? {
             remove_chains(Table::Nat6, &nat)?;
         }
         remove_chains(
@@ -303,7 +332,12 @@ pub fn uninstall() -> Result<(), String> {
 pub fn original_dst(sock: &impl AsFd) -> std::io::Result<SocketAddr> {
     let local: nix::sys::socket::SockaddrStorage =
         nix::sys::socket::getsockname(sock.as_fd().as_raw_fd()).map_err(std::io::Error::from)?;
-    if local.as_sockaddr_in6().is_some() {
+    // An IPv4 connection on a dual-stack IPv6 socket (an operator's `[::]` listener) was
+    // redirected by the IPv4 rules: its original destination is the IPv4 one.
+    let v6 = local
+        .as_sockaddr_in6()
+        .is_some_and(|a| a.ip().to_ipv4_mapped().is_none());
+    if v6 {
         let sin6 = getsockopt(sock, sockopt::Ip6tOriginalDst).map_err(std::io::Error::from)?;
         // sockaddr_in6: the port in network byte order, the address as bytes.
         let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
@@ -347,11 +381,13 @@ mod tests {
         assert!(text.contains(&"-A PREROUTING -p tcp -j TESSERA_INBOUND".to_owned()));
         // The jumps come last, so no packet meets a half-built chain.
         assert!(text.last().is_some_and(|l| l.starts_with("-A PREROUTING")));
-        let v6: Vec<String> = rules_v6_reject().iter().map(|a| a.join(" ")).collect();
-        assert!(
-            v6.iter()
-                .any(|l| l.contains("TESSERA_V6_OUTPUT -p tcp -j REJECT"))
-        );
-        assert!(v6.last().is_some_and(|l| l.starts_with("-A INPUT")));
+        for (how, target) in [(Close::Reject, "-j REJECT"), (Close::Drop, "-j DROP")] {
+            let v6: Vec<String> = rules_v6_reject(how).iter().map(|a| a.join(" ")).collect();
+            assert!(
+                v6.iter()
+                    .any(|l| l.contains(&format!("TESSERA_V6_OUTPUT -p tcp {target}")))
+            );
+            assert!(v6.last().is_some_and(|l| l.starts_with("-A INPUT")));
+        }
     }
 }

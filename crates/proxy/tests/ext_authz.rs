@@ -20,7 +20,8 @@ use tessera_test_util::{TestCa, bundle_set};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
-/// Allows every source except `spiffe://example.org/baz`; records the principals it saw.
+/// Allows every source except `spiffe://example.org/baz`, and every HTTP path except those
+/// under `/admin/`; records the principals it saw.
 #[derive(Debug, Clone, Default)]
 struct TestAuthorizer {
     seen: Arc<Mutex<Vec<(String, String)>>>,
@@ -33,11 +34,16 @@ impl auth::authorization_server::Authorization for TestAuthorizer {
         req: tonic::Request<auth::CheckRequest>,
     ) -> Result<tonic::Response<auth::CheckResponse>, tonic::Status> {
         let a = req.into_inner().attributes.unwrap_or_default();
+        let path = a
+            .request
+            .and_then(|r| r.http)
+            .map(|h| h.path)
+            .unwrap_or_default();
         let src = a.source.unwrap_or_default().principal;
         let dst = a.destination.unwrap_or_default().principal;
         self.seen.lock().unwrap().push((src.clone(), dst));
         // google.rpc.Code: 0 OK, 7 PERMISSION_DENIED.
-        let code = if src == "spiffe://example.org/baz" {
+        let code = if src == "spiffe://example.org/baz" || path.starts_with("/admin/") {
             7
         } else {
             0
@@ -217,9 +223,9 @@ fn install(bar: &RunningProxy, toml: &str) {
     tessera_proxy::live::install(&bar.policy, &bar.connections, set);
 }
 
-/// Waits (up to 5 s) until the authorizer has answered `n` Checks; how many it answered.
-async fn checks_reach(authorizer: &TestAuthorizer, n: usize) -> usize {
-    for _ in 0..50 {
+/// Waits (up to `secs` s) until the authorizer has answered `n` Checks; how many it answered.
+async fn checks_reach(authorizer: &TestAuthorizer, n: usize, secs: u64) -> usize {
+    for _ in 0..secs * 10 {
         if authorizer.seen.lock().unwrap().len() >= n {
             break;
         }
@@ -305,7 +311,7 @@ async fn a_policy_change_asks_an_authorizer_not_asked_yet_and_closes_what_it_den
     // and the one it denies (baz) is closed; foo's goes on.
     install(&bar, CUSTOM_EVERYTHING);
     assert!(closes(&mut from_baz).await, "baz's connection stayed open");
-    let asked = checks_reach(&authorizer, 2).await;
+    let asked = checks_reach(&authorizer, 2, 5).await;
     assert_eq!(asked, 2, "one Check per live connection");
     assert!(
         still_echoes(&mut from_foo).await,
@@ -321,7 +327,23 @@ async fn a_policy_change_asks_an_authorizer_not_asked_yet_and_closes_what_it_den
         ),
     );
     assert!(still_echoes(&mut from_foo).await);
-    assert_eq!(authorizer.seen.lock().unwrap().len(), asked);
+    assert_eq!(
+        checks_reach(&authorizer, asked + 1, 1).await,
+        asked,
+        "foo was asked again"
+    );
+
+    // A connection made while the CUSTOM policy is in force is asked at admission, and that
+    // answer is kept too: the next unrelated change does not ask about it again.
+    let mut later = open_echo(&foo, &bar, target).await;
+    assert_eq!(checks_reach(&authorizer, asked + 1, 5).await, asked + 1);
+    install(&bar, CUSTOM_EVERYTHING);
+    assert!(still_echoes(&mut later).await);
+    assert_eq!(
+        checks_reach(&authorizer, asked + 2, 1).await,
+        asked + 1,
+        "a connection asked at admission was asked again"
+    );
 }
 
 /// An HTTP application whose every response sends "first" and then holds the body open.
@@ -412,10 +434,34 @@ async fn a_policy_change_asks_about_http_requests_in_flight_too() {
         "baz's request was not ended: {ended:?}"
     );
     assert_eq!(
-        checks_reach(&authorizer, 2).await,
+        checks_reach(&authorizer, 2, 5).await,
         2,
         "one Check per request"
     );
     let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), from_foo.frame()).await;
     assert!(quiet.is_err(), "foo's response ended: {quiet:?}");
+
+    // The authorizer denies `/admin/*`; a servlet container routes `/admin;x/users` there, so
+    // it is asked about that reading too, and its deny holds.
+    for (path, status) in [
+        ("/admin;x/users", 403),
+        ("/public;v=1", 200),
+        ("/admin/users", 403),
+    ] {
+        let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+        let up = foo
+            .outbound
+            .open(&bar_id, bar.tunnel_addr, target)
+            .await
+            .unwrap();
+        let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .uri(path)
+            .header("host", "bar.example")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = h1.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), status, "{path}");
+    }
 }

@@ -549,7 +549,11 @@ fn permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy() 
     let plain = |port: u16| SocketAddr::from((BAR_IP, port));
 
     // 1. PERMISSIVE is not a way around policy: with no rule naming unauthenticated callers
-    //    (here, none at all: the trust domain's default is deny), plaintext is refused.
+    //    (here, none at all: the trust domain's default is deny), plaintext is refused. Once
+    //    the agent's first snapshot is in: before it, the proxy denies everything anyway.
+    wait_until("bar's first policy snapshot", 15, || {
+        bar_proxy.stderr().contains("authorization policy updated")
+    });
     assert!(refused(exchange(&foo, plain(APP_PORT), b"PLAIN-EARLY")));
     let early = bar_proxy.wait_record("bar's refusal of plaintext under default deny", |r| {
         r["direction"] == "inbound_plaintext" && r["decision"] == "deny"
@@ -624,9 +628,10 @@ fn permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy() 
         "bar's log line for the closed plaintext connection",
         10,
         || {
-            let e = bar_proxy.stderr();
-            e.contains("closing a live connection that policy now denies")
-                && e.contains("unauthenticated")
+            bar_proxy.stderr().lines().any(|l| {
+                l.contains("closing a live connection that policy now denies")
+                    && l.contains("unauthenticated")
+            })
         },
     );
     assert!(refused(exchange(&foo, plain(APP_PORT), b"PLAIN-LATE")));
