@@ -512,6 +512,8 @@ fn permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy() 
     let app = App::start(&bar, Ipv4Addr::UNSPECIFIED, APP_PORT);
     let http_seen = http_app(&bar, 8081);
     let unlisted = App::start(&bar, Ipv4Addr::UNSPECIFIED, 8082);
+    net.add_v6(&foo, FOO_IP6);
+    net.add_v6(&bar, BAR_IP6);
     // No `--policy`: bar's policies come from the server, through the agent.
     let bar_proxy = Proxy::start(
         &cp,
@@ -585,6 +587,16 @@ fn permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy() 
         exchange(&foo, plain(APP_PORT), b"PLAIN-OK").is_ok_and(|b| b == b"PLAIN-OK")
     });
     assert!(app.saw(b"PLAIN-OK"));
+    // The same over IPv6: passed through by foo, decided by bar's IPv6 plaintext listener.
+    assert_eq!(
+        exchange(&foo, SocketAddr::from((BAR_IP6, APP_PORT)), b"PLAIN-OK-6").unwrap(),
+        b"PLAIN-OK-6"
+    );
+    bar_proxy.wait_record("bar's permissive IPv6 record", |r| {
+        r["direction"] == "inbound_plaintext"
+            && r["decision"] == "allow"
+            && r["dst_addr"] == "[2001:2::2]:8080"
+    });
     let out = foo_proxy.wait_record("foo's passthrough record", |r| {
         r["direction"] == "passthrough" && r["decision"] == "allow"
     });
