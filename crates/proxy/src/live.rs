@@ -59,8 +59,9 @@ pub struct Ends {
     pub own: Option<Arc<SpiffeId>>,
 }
 
-/// The providers (by name) whose authorizers admitted a connection or request.
-type Asked = Arc<Mutex<Vec<Arc<str>>>>;
+/// The providers (by name) whose authorizers admitted a connection or request (empty, and
+/// unallocated, where no CUSTOM policy applies).
+type Asked = Mutex<Vec<Arc<str>>>;
 
 fn lock_asked(a: &Asked) -> std::sync::MutexGuard<'_, Vec<Arc<str>>> {
     a.lock().unwrap_or_else(|p| p.into_inner())
