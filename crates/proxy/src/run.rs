@@ -37,6 +37,9 @@ pub struct ProxyOptions {
     /// A policy file's (name, TOML text); `None`: the policies come from the agent at
     /// `policy_socket`, or, without one, `default_action` decides.
     pub policy: Option<(String, String)>,
+    /// Where `policy` was read from: read again when it changes, or on SIGHUP
+    /// (`crate::live::watch_policy_file`).
+    pub policy_path: Option<std::path::PathBuf>,
     /// The agent socket serving `tessera.v1.PolicyWatch` (used when `policy` is `None`).
     pub policy_socket: Option<std::path::PathBuf>,
     /// External authorizers for CUSTOM policies (`[[authz_provider]]`).
@@ -63,6 +66,7 @@ impl ProxyOptions {
             outbound: Vec::new(),
             transparent: None,
             policy: None,
+            policy_path: None,
             policy_socket: None,
             authz_providers: Vec::new(),
             max_connection_age: crate::live::MaxConnectionAge::Svid,
@@ -236,6 +240,19 @@ pub async fn start(
         policy.clone(),
         connections.clone(),
     )));
+    if let (Some(path), Some((name, text))) = (opts.policy_path.clone(), opts.policy.as_ref()) {
+        tasks.push(tokio::spawn(crate::live::watch_policy_file(
+            crate::live::PolicyFile {
+                path,
+                name: name.clone(),
+                loaded: text.clone(),
+                default: opts.default_action,
+            },
+            identity.clone(),
+            policy.clone(),
+            connections.clone(),
+        )));
+    }
     if let (true, Some(socket)) = (from_agent, opts.policy_socket.clone()) {
         tracing::info!(socket = %socket.display(), "authorization policy from the agent (PolicyWatch)");
         tasks.push(tokio::spawn(crate::live::watch_policies(

@@ -47,6 +47,16 @@ async fn node_with(
     policy: Option<&str>,
     protocol: TunnelProtocol,
 ) -> Node {
+    node_configured(identity, inbound, policy, |o| o.protocol = protocol).await
+}
+
+/// A proxy with `configure` applied to its options last.
+async fn node_configured(
+    identity: Arc<Identity>,
+    inbound: &[u16],
+    policy: Option<&str>,
+    configure: impl FnOnce(&mut ProxyOptions),
+) -> Node {
     let log = Log::default();
     let mut reg = prometheus_client::registry::Registry::default();
     let telemetry = Arc::new(Telemetry::new(&mut reg, Box::new(log.clone())));
@@ -59,7 +69,7 @@ async fn node_with(
         })
         .collect();
     opts.policy = policy.map(|p| ("test.toml".to_owned(), p.to_owned()));
-    opts.protocol = protocol;
+    configure(&mut opts);
     let proxy = tessera_proxy::start(opts, identity.clone(), telemetry)
         .await
         .unwrap();
@@ -734,4 +744,76 @@ async fn after_a_rotation_new_streams_use_a_connection_with_the_new_svid() {
         .unwrap();
     assert_eq!(roundtrip(up, b"after").await, b"after");
     assert_eq!(*count.lock().unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_policy_file_is_read_again_when_it_changes() {
+    let ca = TestCa::new("example.org");
+    let (app_port, _) = echo_app().await;
+    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, ALLOW_FOO).unwrap();
+    let path = file.clone();
+    let bar = node_configured(
+        identity(&ca, "spiffe://example.org/bar", &[&ca]),
+        &[app_port],
+        Some(ALLOW_FOO),
+        |o| o.policy_path = Some(path),
+    )
+    .await;
+    let foo = node(identity(&ca, "spiffe://example.org/foo", &[&ca]), &[], None).await;
+    let bar_id = id("spiffe://example.org/bar");
+    let open = || {
+        foo.proxy
+            .outbound
+            .open(&bar_id, bar.proxy.tunnel_addr, target)
+    };
+    let echoes = async |up: hyper::upgrade::Upgraded| {
+        let mut io = hyper_util::rt::TokioIo::new(up);
+        io.write_all(b"hi").await.is_ok() && {
+            let mut b = [0u8; 2];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut b)).await,
+                Ok(Ok(_))
+            ) && &b == b"hi"
+        }
+    };
+    let mut live = hyper_util::rt::TokioIo::new(open().await.unwrap());
+    live.write_all(b"hi").await.unwrap();
+    let mut b = [0u8; 2];
+    live.read_exact(&mut b).await.unwrap();
+
+    // An edit that allows nothing closes the live connection, as a pushed change would.
+    std::fs::write(
+        &file,
+        "[[policy]]\nname = \"allow-nothing\"\naction = \"ALLOW\"\n",
+    )
+    .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), live.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the live connection was not closed: {closed:?}"
+    );
+    // Back to allowing foo: new connections pass again.
+    std::fs::write(&file, ALLOW_FOO).unwrap();
+    let mut passed = false;
+    for _ in 0..50 {
+        if let Ok(up) = open().await
+            && echoes(up).await
+        {
+            passed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(passed, "the restored policy file was not read");
+    // A bad edit is refused whole and the policy in force stays (foo still passes); without
+    // that, the file's empty set would fall back to the default, deny.
+    std::fs::write(&file, "[[policy]]\nname = \"x\"\naction = \"MAYBE\"\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        echoes(open().await.unwrap()).await,
+        "a bad edit replaced the policy"
+    );
 }

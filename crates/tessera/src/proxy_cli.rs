@@ -67,7 +67,9 @@ struct ProxyRunArgs {
     /// `inbound_mode`, `policy_file`.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Local authorization policy file (TOML). Without one (and without `--default-policy`),
+    /// Local authorization policy file (TOML), read again when it changes or on SIGHUP (live
+    /// connections are then decided again; a bad edit is logged and the policy in force
+    /// stays). Without one (and without `--default-policy`),
     /// the policies come from the agent (`tessera.v1.PolicyWatch` on the Workload API socket),
     /// pushed as they change, with the trust domain's default.
     #[arg(long)]
@@ -217,6 +219,8 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         opts.policy_socket = Some(socket.clone());
     }
     opts.authz_providers = file.authz_providers.clone();
+    // Read again when it changes (or on SIGHUP); a bad edit keeps the policy in force.
+    opts.policy_path = policy.as_ref().and(policy_path);
     opts.policy = policy;
     opts.default_action = default_action;
     opts.max_connection_age = match a.max_connection_age {
