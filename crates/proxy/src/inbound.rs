@@ -383,6 +383,10 @@ impl Inbound {
                 local: target,
                 policy: self.policy.clone(),
                 src: src.cloned(),
+                xfcc: caller.and_then(|(s, c)| {
+                    let own = self.identity.spiffe_id();
+                    crate::l7::xfcc(own.as_deref(), s, c.chain.first()?)
+                }),
                 port: target.port(),
                 app: app_addr,
                 sockets: self.sockets.clone(),

@@ -41,6 +41,9 @@ pub struct L7Context {
     pub policy: Arc<ArcSwap<PolicySet>>,
     /// The peer's proven identity; `None` for plaintext that PERMISSIVE mode admits to policy.
     pub src: Option<Arc<SpiffeId>>,
+    /// The `x-forwarded-client-cert` value every request carries to the application
+    /// ([`xfcc`]); `None` (no identity): the header is only removed.
+    pub xfcc: Option<http::HeaderValue>,
     pub port: u16,
     /// The application (127.0.0.1:port) and the sockets to reach it with.
     pub app: std::net::SocketAddr,
@@ -51,6 +54,28 @@ pub struct L7Context {
     pub bytes: Arc<ByteCounts>,
     /// Per-request metrics.
     pub telemetry: Arc<crate::Telemetry>,
+}
+
+/// Envoy's header for the client certificate a request's connection proved.
+const XFCC: &str = "x-forwarded-client-cert";
+
+/// The `x-forwarded-client-cert` value for a caller that proved `src` with `leaf` to this
+/// workload (`own`), in Envoy's format: `By` (this workload's URI SAN), `Hash` (SHA-256 of the
+/// client's leaf, hex) and `URI` (the client's SPIFFE ID). SPIFFE IDs hold no `,`, `;`, `=` or
+/// `"` (SPIFFE ID §2), so no value needs quoting.
+pub fn xfcc(own: Option<&SpiffeId>, src: &SpiffeId, leaf: &[u8]) -> Option<http::HeaderValue> {
+    let by = own.map(|o| format!("By={o};")).unwrap_or_default();
+    let hash = tessera_tls::cert_sha256_hex(leaf);
+    http::HeaderValue::from_str(&format!("{by}Hash={hash};URI={src}")).ok()
+}
+
+/// Envoy's `SANITIZE_SET` for [`XFCC`]: every value the client sent is dropped, and `proven`
+/// set when the caller proved an identity.
+fn sanitize_set_xfcc(headers: &mut http::HeaderMap, proven: Option<&http::HeaderValue>) {
+    headers.remove(XFCC);
+    if let Some(v) = proven {
+        headers.insert(XFCC, v.clone());
+    }
 }
 
 /// What became of a request, carried on its response to the request's access record and
@@ -498,6 +523,12 @@ async fn handle(
             return reply(grpc, StatusCode::BAD_REQUEST, format!("bad request: {e}\n"));
         }
     };
+    // The caller's proven identity for the application, as Envoy's `x-forwarded-client-cert`
+    // with `SANITIZE_SET` (what Istio's sidecars send): whatever the client sent under that
+    // name is removed — it is the client's claim, and an application trusting it could be
+    // told any identity — and the proxy's own value is set when the caller proved one (none
+    // for PERMISSIVE plaintext). Before the decision, so policy sees what the application gets.
+    sanitize_set_xfcc(req.headers_mut(), ctx.xfcc.as_ref());
     let (d, guard) = {
         // Every header is seen by policy, as text: bytes that are not UTF-8 (obs-text, RFC 9110
         // §5.5) become U+FFFD. Leaving such a value out would let it past a DENY on the
@@ -682,7 +713,26 @@ async fn handle(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::{grpc_message, is_grpc};
+    use super::{XFCC, grpc_message, is_grpc, sanitize_set_xfcc};
+
+    #[test]
+    fn a_claimed_client_certificate_never_reaches_the_application() {
+        let claimed = |h: &mut http::HeaderMap| {
+            h.append(XFCC, "URI=spiffe://example.org/admin".parse().unwrap());
+            h.append(XFCC, "URI=spiffe://example.org/root".parse().unwrap());
+        };
+        // No identity (PERMISSIVE plaintext): removed, nothing in its place.
+        let mut h = http::HeaderMap::new();
+        claimed(&mut h);
+        sanitize_set_xfcc(&mut h, None);
+        assert!(h.get_all(XFCC).iter().next().is_none());
+        // A proven identity: exactly the proxy's value.
+        let proven: http::HeaderValue = "Hash=00;URI=spiffe://example.org/foo".parse().unwrap();
+        let mut h = http::HeaderMap::new();
+        claimed(&mut h);
+        sanitize_set_xfcc(&mut h, Some(&proven));
+        assert_eq!(h.get_all(XFCC).iter().collect::<Vec<_>>(), [&proven]);
+    }
 
     #[test]
     fn grpc_is_told_by_its_content_type_and_grpc_web_is_not() {

@@ -101,8 +101,8 @@ async fn bar_and_foo(ca: &TestCa, app_port: u16, policy: &str) -> (RunningProxy,
 }
 
 /// An HTTP/1.1 and HTTP/2 application answering "ok <METHOD> <PATH>", with the protocol it was
-/// asked in as `x-app-version`, its Host headers as `x-app-host` and the target's authority as
-/// `x-app-authority`.
+/// asked in as `x-app-version`, its Host headers as `x-app-host`, the target's authority as
+/// `x-app-authority` and its `x-forwarded-client-cert` headers as `x-app-xfcc`.
 async fn app() -> u16 {
     counted_app().await.0
 }
@@ -130,6 +130,15 @@ async fn counted_app() -> (u16, Arc<AtomicUsize>) {
                 resp.headers_mut()
                     .insert("x-app-authority", a.as_str().parse().unwrap());
             }
+            // Every client-certificate header it got, as one value.
+            let xfcc: Vec<_> = req
+                .headers()
+                .get_all("x-forwarded-client-cert")
+                .iter()
+                .map(|h| h.to_str().unwrap().to_owned())
+                .collect();
+            resp.headers_mut()
+                .insert("x-app-xfcc", xfcc.join(" | ").parse().unwrap());
             Ok::<_, std::convert::Infallible>(resp)
         },
     ))
@@ -1034,4 +1043,55 @@ async fn a_request_still_running_ends_with_its_connection() {
     )
     .await;
     assert!(call.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_learns_the_proven_caller_and_never_a_claimed_one() {
+    let ca = TestCa::new("example.org");
+    let app_port = app().await;
+    let bar = bar(&ca, app_port, POLICY).await;
+    // foo's SVID is kept here, to know the hash of the certificate foo proves.
+    let svid = ca.issue("spiffe://example.org/foo");
+    let hash = tessera_tls::cert_sha256_hex(&svid.chain[0]);
+    let foo = proxy(
+        Identity::with_svid(
+            svid.chain,
+            PrivateKeyDer::Pkcs8(svid.key),
+            bundle_set(&[&ca]),
+        )
+        .unwrap(),
+        None,
+        "",
+    )
+    .await;
+    let want = format!("By=spiffe://example.org/bar;Hash={hash};URI=spiffe://example.org/foo");
+    let forged = "By=spiffe://example.org/bar;URI=spiffe://example.org/admin";
+    let request = |version| {
+        Request::builder()
+            .version(version)
+            .uri("http://bar.example/public/x")
+            .header("x-forwarded-client-cert", forged)
+            .header("x-forwarded-client-cert", "URI=spiffe://example.org/root")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    // HTTP/1.1: the claimed identities are gone, the proven one is set.
+    let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
+    h1.ready().await.unwrap();
+    let resp = h1
+        .send_request(request(http::Version::HTTP_11))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-app-xfcc"], want.as_str());
+    // HTTP/2 the same.
+    let mut h2 = h2_to_bar(&foo, &bar, app_port).await;
+    h2.ready().await.unwrap();
+    let resp = h2
+        .send_request(request(http::Version::HTTP_2))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-app-version"], "HTTP/2.0");
+    assert_eq!(resp.headers()["x-app-xfcc"], want.as_str());
 }

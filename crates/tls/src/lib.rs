@@ -217,6 +217,13 @@ fn describe(e: &webpki::Error) -> String {
     }
 }
 
+/// The SHA-256 of a certificate's DER, lower-case hex: the `Hash` of Envoy's
+/// `x-forwarded-client-cert` header, which names the certificate a client proved.
+pub fn cert_sha256_hex(der: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The current time as webpki wants it.
 pub fn now() -> UnixTime {
     UnixTime::now()
