@@ -24,6 +24,7 @@ pub mod node;
 pub mod outbound;
 pub mod pool;
 pub mod readahead;
+pub mod reload;
 pub mod run;
 pub mod sealed;
 pub mod sockets;

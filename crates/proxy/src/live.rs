@@ -596,74 +596,28 @@ pub fn install(policy: &ArcSwap<PolicySet>, registry: &Registry, set: PolicySet)
     tracing::info!(policies = set.len(), closed, "authorization policy updated");
 }
 
-/// A local policy file, as the proxy was started with it.
-#[derive(Debug, Clone)]
-pub struct PolicyFile {
-    pub path: PathBuf,
-    /// How errors name it.
-    pub name: String,
-    /// The text in force.
-    pub loaded: String,
-    /// The default when the file sets none.
-    pub default: DefaultAction,
-}
-
-/// Reads the local policy file again when it changes (its text, checked every second) or on
-/// SIGHUP, compiles it for this proxy's current identity and installs it, so that every live
-/// connection and request is decided again, as after a pushed change. A file that cannot be
-/// read or compiled leaves the last good set in force, with an error naming the file and the
-/// field: dropping the whole set, or one policy of it, could drop a DENY.
+/// Reads the local policy file again when it changes or on SIGHUP (`crate::reload`), compiles
+/// it for this proxy's current identity (`default` when the file sets none) and installs it, so
+/// that every live connection and request is decided again, as after a pushed change. A file
+/// that cannot be read or compiled leaves the set in force, with an error naming the file and
+/// the field: dropping the whole set, or one policy of it, could drop a DENY.
 pub async fn watch_policy_file(
-    file: PolicyFile,
+    file: crate::reload::WatchedFile,
+    default: DefaultAction,
     identity: Arc<Identity>,
     policy: Arc<ArcSwap<PolicySet>>,
     registry: Arc<Registry>,
 ) {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| tracing::warn!(error = %e, "no SIGHUP reload of the policy file"))
-        .ok();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    // The text last tried, good or bad (`None`: unreadable): an unchanged bad file is
-    // reported once.
-    let mut tried = Some(file.loaded.clone());
-    loop {
-        let forced = tokio::select! {
-            _ = tick.tick() => false,
-            Some(()) = async {
-                match hup.as_mut() {
-                    Some(h) => h.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => true,
-        };
-        let text = match std::fs::read_to_string(&file.path) {
-            Ok(t) => t,
-            Err(e) => {
-                if forced || tried.is_some() {
-                    tracing::error!(file = %file.name, error = %e, "policy file not readable; the policy in force stays");
-                }
-                tried = None;
-                continue;
-            }
-        };
-        if tried.as_ref() == Some(&text) && !forced {
-            continue;
-        }
-        tried = Some(text.clone());
-        let Some(own) = identity.spiffe_id() else {
-            continue;
-        };
-        match PolicySet::from_toml_for_workload(&own, &text, file.default) {
-            Ok(set) => {
-                tracing::info!(file = %file.name, "policy file reloaded");
-                install(&policy, &registry, set);
-            }
-            Err(e) => {
-                tracing::error!(file = %file.name, error = %e, "policy file not reloaded; the policy in force stays");
-            }
-        }
-    }
+    crate::reload::watch(file, |text| {
+        let own = identity
+            .spiffe_id()
+            .ok_or_else(|| "the proxy has no identity".to_owned())?;
+        let set =
+            PolicySet::from_toml_for_workload(&own, text, default).map_err(|e| e.to_string())?;
+        install(&policy, &registry, set);
+        Ok(())
+    })
+    .await;
 }
 
 /// Streams policies from the agent at `socket` forever (reconnecting with backoff).

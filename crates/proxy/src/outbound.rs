@@ -419,11 +419,12 @@ impl Outbound {
     }
 
     /// Serves the transparent capture port: the original destination comes from
-    /// `SO_ORIGINAL_DST`, the identity to expect from the destination map.
+    /// `SO_ORIGINAL_DST`, the identity to expect from the destination map (as it is when the
+    /// connection arrives: the config file may replace it, `crate::reload`).
     pub async fn serve_transparent(
         self: Arc<Self>,
         listener: TcpListener,
-        map: Arc<DestinationMap>,
+        map: Arc<arc_swap::ArcSwap<DestinationMap>>,
         unmapped: Unmapped,
     ) {
         loop {
@@ -455,10 +456,14 @@ impl Outbound {
                     this.telemetry.record(rec, Duration::ZERO);
                     return;
                 }
-                match map.lookup(target) {
-                    Some(d) => {
-                        let tunnel = SocketAddr::new(target.ip(), d.tunnel_port);
-                        this.proxy(client, peer, &d.spiffe_id, tunnel, target).await;
+                let expected = map
+                    .load()
+                    .lookup(target)
+                    .map(|d| (d.spiffe_id.clone(), d.tunnel_port));
+                match expected {
+                    Some((spiffe_id, tunnel_port)) => {
+                        let tunnel = SocketAddr::new(target.ip(), tunnel_port);
+                        this.proxy(client, peer, &spiffe_id, tunnel, target).await;
                     }
                     None => this.unmapped(client, peer, target, unmapped).await,
                 }

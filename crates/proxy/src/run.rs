@@ -23,6 +23,9 @@ pub struct TransparentOptions {
     pub destinations: DestinationMap,
     pub unmapped: Unmapped,
     pub inbound_mode: InboundMode,
+    /// The config file `destinations` came from: its `[[destination]]` entries are read again
+    /// when it changes or on SIGHUP (`crate::reload`); other settings take effect at restart.
+    pub config: Option<crate::reload::WatchedFile>,
 }
 
 /// Everything `start` needs besides the identity.
@@ -242,12 +245,12 @@ pub async fn start(
     )));
     if let (Some(path), Some((name, text))) = (opts.policy_path.clone(), opts.policy.as_ref()) {
         tasks.push(tokio::spawn(crate::live::watch_policy_file(
-            crate::live::PolicyFile {
+            crate::reload::WatchedFile {
                 path,
                 name: name.clone(),
                 loaded: text.clone(),
-                default: opts.default_action,
             },
+            opts.default_action,
             identity.clone(),
             policy.clone(),
             connections.clone(),
@@ -311,7 +314,22 @@ pub async fn start(
         listeners.push(tokio::spawn(outbound.clone().serve_explicit(l, spec)));
     }
     if let Some(t) = opts.transparent {
-        let destinations = Arc::new(t.destinations);
+        let destinations = Arc::new(ArcSwap::from_pointee(t.destinations));
+        if let Some(file) = t.config {
+            let map = destinations.clone();
+            tasks.push(tokio::spawn(crate::reload::watch(file.clone(), move |text| {
+                // Only the destination map changes while running; a file that does not parse
+                // leaves the map in force (a dropped entry would turn a mapped destination
+                // into an unmapped one).
+                let f = crate::config::parse_file(&file.name, text).map_err(|e| e.to_string())?;
+                tracing::info!(
+                    entries = f.destinations.len(),
+                    "destination map replaced (the file's other settings take effect at restart)"
+                );
+                map.store(Arc::new(f.destinations));
+                Ok(())
+            })));
+        }
         for l in bind_with_v6(&sockets, t.outbound_addr, "transparent outbound").await? {
             listeners.push(tokio::spawn(outbound.clone().serve_transparent(
                 l,

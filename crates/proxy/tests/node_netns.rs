@@ -150,6 +150,7 @@ fn node_proxy(log: &Log) -> NodeProxy {
         ),
         unmapped: Unmapped::Deny,
         inbound_mode: InboundMode::Strict,
+        config: None,
     });
     let rules = RuleParams {
         tunnel_port: config::TUNNEL_PORT,

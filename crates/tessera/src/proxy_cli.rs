@@ -175,9 +175,13 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             "--node: each workload's policies come from the agent; --policy and --default-policy do not apply"
         );
     }
-    let file = match &a.config {
-        Some(p) => config::parse_file(&p.display().to_string(), &read(p, "--config")?)?,
-        None => config::FileConfig::default(),
+    let config_text = match &a.config {
+        Some(p) => Some(read(p, "--config")?),
+        None => None,
+    };
+    let file = match (&a.config, &config_text) {
+        (Some(p), Some(text)) => config::parse_file(&p.display().to_string(), text)?,
+        _ => config::FileConfig::default(),
     };
     let policy_path = a.policy.clone().or(file.policy_file.clone());
     let default_action = match a.default_policy {
@@ -252,13 +256,23 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             );
         }
         opts.mark = Some(a.mark);
-        opts.transparent = Some(TransparentOptions {
-            outbound_addr,
-            inbound_plaintext_addr,
-            destinations: file.destinations,
-            unmapped,
-            inbound_mode,
-        });
+        opts.transparent =
+            Some(TransparentOptions {
+                outbound_addr,
+                inbound_plaintext_addr,
+                destinations: file.destinations,
+                unmapped,
+                inbound_mode,
+                // Sidecar mode reads the destination map again when the file changes; a node
+                // proxy reads it once (each workload's proxy would watch the same file).
+                config: a.config.clone().zip(config_text).filter(|_| !a.node).map(
+                    |(path, loaded)| tessera_proxy::reload::WatchedFile {
+                        name: path.display().to_string(),
+                        path,
+                        loaded,
+                    },
+                ),
+            });
         if unmapped == Unmapped::Passthrough {
             tracing::warn!(
                 "--unmapped passthrough: destinations without an identity leave in PLAINTEXT"

@@ -456,6 +456,31 @@ fn transparent_mode_intercepts_and_fails_closed() {
     assert_eq!(app.connections(), connections);
     assert!(!app.saw(b"PLAIN6"));
 
+    // The destination map is read again when foo's config file changes: without bar's IPv4
+    // entry, bar's IPv4 address is an unmapped destination (denied); its IPv6 entry still holds.
+    std::fs::write(
+        &config,
+        "[[destination]]\ncidr = \"2001:2::2/128\"\nports = [8080]\nspiffe_id = \"spiffe://example.org/bar\"\n",
+    )
+    .unwrap();
+    wait_until("foo's reloaded destination map", 10, || {
+        foo_proxy.records().iter().any(|r| {
+            r["direction"] == "passthrough"
+                && r["decision"] == "deny"
+                && r["dst_addr"] == "198.18.0.2:8080"
+        }) || {
+            let _ = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"probe");
+            false
+        }
+    });
+    let r = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"UNMAPPED-NOW");
+    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    assert!(!app.saw(b"UNMAPPED-NOW"));
+    assert_eq!(
+        exchange(&foo, SocketAddr::from((BAR_IP6, APP_PORT)), b"still-v6").unwrap(),
+        b"still-v6"
+    );
+
     // The rules stay after the proxy dies: traffic fails closed instead of leaving in plaintext.
     foo_proxy.stop();
     let r = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"AFTER-EXIT");
