@@ -64,7 +64,8 @@ struct ProxyRunArgs {
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
     workload_socket: Option<String>,
     /// Proxy config file (TOML): `[[destination]]` cidr/ports/spiffe_id, `unmapped`,
-    /// `inbound_mode`, `policy_file`.
+    /// `inbound_mode`, `policy_file`, `[[authz_provider]]`. A sidecar reads its destination map
+    /// again when the file changes or on SIGHUP; the other settings take effect at restart.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Local authorization policy file (TOML), read again when it changes or on SIGHUP (live
