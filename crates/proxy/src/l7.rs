@@ -10,8 +10,9 @@
 //! every upgraded stream, is decided again on a policy change (`crate::live`).
 //!
 //! What policy decides on is what the application gets: the normalized path
-//! ([`tessera_policy::normalize_path`]) and one authority (`authority_of`). Each request
-//! writes an access-log line and is counted in the metrics.
+//! ([`tessera_policy::normalize_path`]), one authority (`authority_of`), and the caller's
+//! proven identity as `x-forwarded-client-cert` ([`xfcc`]), never one the client claimed. Each
+//! request writes an access-log line and is counted in the metrics.
 
 use std::future::Future;
 use std::sync::Arc;
