@@ -42,7 +42,7 @@ struct Conn {
     /// re-decided with TCP semantics here: the requests in flight are decided again instead
     /// (bundle re-verification still applies to the connection).
     http: Option<Arc<HttpRequests>>,
-    /// What an external authorizer is shown about the connection; `None` until admission.
+    /// What an external authorizer is shown about the connection (given at registration).
     ends: Option<Ends>,
     /// The CUSTOM providers whose authorizers admitted the connection.
     asked: Asked,
@@ -138,6 +138,9 @@ impl Drop for RequestGuard {
 impl RequestGuard {
     /// Records the providers whose authorizers admitted the request.
     pub fn set_asked(&self, providers: Vec<Arc<str>>) {
+        if providers.is_empty() {
+            return;
+        }
         if let Some(r) = self.requests.lock().get(&self.id) {
             lock_asked(&r.asked).extend(providers);
         }
@@ -204,6 +207,11 @@ impl Registration {
 
     /// Records the providers whose authorizers admitted the connection.
     pub fn set_asked(&self, providers: Vec<Arc<str>>) {
+        if providers.is_empty() {
+            // No CUSTOM policy applied: nothing to record, and no second registry lock per
+            // connection.
+            return;
+        }
         if let Some(c) = self.registry.lock().get(&self.id) {
             lock_asked(&c.asked).extend(providers);
         }
