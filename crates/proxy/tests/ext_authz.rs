@@ -80,6 +80,16 @@ async fn start_authorizer(a: TestAuthorizer) -> SocketAddr {
     addr
 }
 
+/// The `opa` provider at `address`.
+fn opa(address: SocketAddr, fail_open: bool) -> ProviderConfig {
+    ProviderConfig {
+        name: "opa".into(),
+        address,
+        timeout_ms: Some(500),
+        fail_open,
+    }
+}
+
 fn identity(ca: &TestCa, id: &str) -> Arc<Identity> {
     let svid = ca.issue(id);
     Identity::with_svid(
@@ -148,16 +158,10 @@ async fn the_external_authorizer_decides_and_its_outage_fails_closed() {
     let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
     let authorizer = TestAuthorizer::default();
     let addr = start_authorizer(authorizer.clone()).await;
-    let provider = |address, fail_open| ProviderConfig {
-        name: "opa".into(),
-        address,
-        timeout_ms: Some(500),
-        fail_open,
-    };
     let bar = proxy(
         identity(&ca, "spiffe://example.org/bar"),
         Some(app_port),
-        vec![provider(addr, false)],
+        vec![opa(addr, false)],
     )
     .await;
     let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, vec![]).await;
@@ -178,14 +182,14 @@ async fn the_external_authorizer_decides_and_its_outage_fails_closed() {
     let closed = proxy(
         identity(&ca, "spiffe://example.org/bar"),
         Some(app_port),
-        vec![provider(down, false)],
+        vec![opa(down, false)],
     )
     .await;
     assert!(!works(&foo, &closed, target).await, "fails closed");
     let open = proxy(
         identity(&ca, "spiffe://example.org/bar"),
         Some(app_port),
-        vec![provider(down, true)],
+        vec![opa(down, true)],
     )
     .await;
     assert!(works(&foo, &open, target).await, "fail_open admits");
@@ -206,6 +210,38 @@ async fn proxy_with(
     tessera_proxy::start(opts, identity, telemetry)
         .await
         .unwrap()
+}
+
+/// bar with the `opa` authorizer configured but no CUSTOM policy yet (default allow), serving
+/// the application on `app_port` as `protocol`; foo's and baz's client proxies.
+struct Custom {
+    authorizer: TestAuthorizer,
+    bar: RunningProxy,
+    foo: RunningProxy,
+    baz: RunningProxy,
+    target: SocketAddr,
+}
+
+async fn custom(ca: &TestCa, app_port: u16, protocol: Protocol) -> Custom {
+    let authorizer = TestAuthorizer::default();
+    let addr = start_authorizer(authorizer.clone()).await;
+    let bar = proxy_with(
+        identity(ca, "spiffe://example.org/bar"),
+        InboundPort {
+            port: app_port,
+            protocol,
+        },
+        vec![opa(addr, false)],
+        "default = \"allow\"\n",
+    )
+    .await;
+    Custom {
+        authorizer,
+        bar,
+        foo: proxy(identity(ca, "spiffe://example.org/foo"), None, vec![]).await,
+        baz: proxy(identity(ca, "spiffe://example.org/baz"), None, vec![]).await,
+        target: format!("127.0.0.1:{app_port}").parse().unwrap(),
+    }
 }
 
 /// Every connection and request goes to the `opa` authorizer first.
@@ -280,29 +316,14 @@ async fn still_echoes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_asks_an_authorizer_not_asked_yet_and_closes_what_it_denies() {
     let ca = TestCa::new("example.org");
-    let app_port = echo_app().await;
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let authorizer = TestAuthorizer::default();
-    let addr = start_authorizer(authorizer.clone()).await;
-    let provider = ProviderConfig {
-        name: "opa".into(),
-        address: addr,
-        timeout_ms: Some(500),
-        fail_open: false,
-    };
     // No CUSTOM policy yet: the authorizer is configured but not asked.
-    let bar = proxy_with(
-        identity(&ca, "spiffe://example.org/bar"),
-        InboundPort {
-            port: app_port,
-            protocol: Protocol::Tcp,
-        },
-        vec![provider],
-        "default = \"allow\"\n",
-    )
-    .await;
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, vec![]).await;
-    let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, vec![]).await;
+    let Custom {
+        authorizer,
+        bar,
+        foo,
+        baz,
+        target,
+    } = custom(&ca, echo_app().await, Protocol::Tcp).await;
     let mut from_foo = open_echo(&foo, &bar, target).await;
     let mut from_baz = open_echo(&baz, &bar, target).await;
     assert!(authorizer.seen.lock().unwrap().is_empty());
@@ -400,27 +421,13 @@ async fn streaming_get(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_asks_about_http_requests_in_flight_too() {
     let ca = TestCa::new("example.org");
-    let app_port = streaming_app().await;
-    let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-    let authorizer = TestAuthorizer::default();
-    let addr = start_authorizer(authorizer.clone()).await;
-    let bar = proxy_with(
-        identity(&ca, "spiffe://example.org/bar"),
-        InboundPort {
-            port: app_port,
-            protocol: Protocol::Http,
-        },
-        vec![ProviderConfig {
-            name: "opa".into(),
-            address: addr,
-            timeout_ms: Some(500),
-            fail_open: false,
-        }],
-        "default = \"allow\"\n",
-    )
-    .await;
-    let foo = proxy(identity(&ca, "spiffe://example.org/foo"), None, vec![]).await;
-    let baz = proxy(identity(&ca, "spiffe://example.org/baz"), None, vec![]).await;
+    let Custom {
+        authorizer,
+        bar,
+        foo,
+        baz,
+        target,
+    } = custom(&ca, streaming_app().await, Protocol::Http).await;
     let mut from_foo = streaming_get(&foo, &bar, target).await;
     let mut from_baz = streaming_get(&baz, &bar, target).await;
     assert!(authorizer.seen.lock().unwrap().is_empty());
