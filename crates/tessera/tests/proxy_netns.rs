@@ -7,8 +7,10 @@
 //! - the IP-reuse attack: foo's namespace is deleted and `baz` takes foo's IP with the control
 //!   plane down; every attempt of baz to reach bar is denied and logged, while an IP-based allow
 //!   rule (a forwarder here, in the test) is fooled;
-//! - transparent mode: iptables interception, SO_ORIGINAL_DST, destination map, STRICT inbound,
-//!   unmapped destinations denied, rules kept after exit and removed by `uninstall-rules`.
+//! - transparent mode: iptables interception, SO_ORIGINAL_DST, destination map (reloaded when
+//!   its file changes), STRICT inbound, unmapped destinations denied, rules kept after exit and
+//!   removed by `uninstall-rules`, over IPv4 and IPv6; IPv6 closed where it cannot be
+//!   intercepted; PERMISSIVE plaintext decided by policy.
 //!
 //! Needs root (CI runs as root); skipped with a reason otherwise, failing instead under CI=true.
 
@@ -703,4 +705,84 @@ fn permissive_inbound_and_passthrough_are_opt_in_logged_and_decided_by_policy() 
     bar_proxy.wait_record("bar's refusal of an undeclared port", |r| {
         r["reason"] == "port 8083 is not declared with --inbound"
     });
+}
+
+#[test]
+fn ipv6_is_closed_where_it_cannot_be_intercepted() {
+    if !usable("ipv6_is_closed_where_it_cannot_be_intercepted") {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let mut net = Net::new();
+    let foo = net.node("foo", FOO_IP);
+    let bar = net.node("bar", BAR_IP);
+    net.add_v6(&foo, FOO_IP6);
+    net.add_v6(&bar, BAR_IP6);
+    cp.entry("foo", &foo, &[]);
+    // bar: a plain IPv6 application, no proxy; reachable from foo before foo's rules.
+    let l = in_netns(&bar, || {
+        TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, APP_PORT))).unwrap()
+    });
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 64];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let to_bar = SocketAddr::from((BAR_IP6, APP_PORT));
+    assert_eq!(exchange(&foo, to_bar, b"before").unwrap(), b"before");
+    // An `ip6tables` without the `nat` table, as on a kernel without IPv6 NAT: the proxy
+    // must close IPv6 TCP instead (REJECT), not leave it as a way around itself.
+    let tools = tempfile::tempdir().unwrap();
+    let real = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v ip6tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let wrapper = tools.path().join("ip6tables");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = nat ] && {{ echo 'no IPv6 NAT here' >&2; exit 3; }}; done\nexec {} \"$@\"\n",
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", wrapper.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let foo_proxy = Proxy::start_with_path(
+        &cp,
+        &foo,
+        "foo",
+        &s(&["--transparent", "--unmapped", "passthrough"]),
+        Some(tools.path()),
+    );
+    assert!(
+        foo_proxy
+            .stderr()
+            .contains("IPv6 cannot be intercepted here"),
+        "{}",
+        foo_proxy.stderr()
+    );
+    // Even passthrough does not apply: IPv6 never reaches the proxy, and never leaves.
+    let r = exchange(&foo, to_bar, b"AFTER-RULES");
+    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    let rules = Net::exec(&foo, "ip6tables").arg("-S").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&rules.stdout).contains("-A TESSERA_V6_OUTPUT -p tcp -j REJECT"),
+        "{}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
 }

@@ -288,9 +288,25 @@ pub(crate) struct Proxy {
 
 impl Proxy {
     pub(crate) fn start(cp: &ControlPlane, ns: &str, name: &str, args: &[String]) -> Self {
+        Self::start_with_path(cp, ns, name, args, None)
+    }
+
+    /// As [`Self::start`], with `path` first in the proxy's `PATH` (to stand in for a tool).
+    pub(crate) fn start_with_path(
+        cp: &ControlPlane,
+        ns: &str,
+        name: &str,
+        args: &[String],
+        path: Option<&Path>,
+    ) -> Self {
         let access = cp.path(&format!("{name}.access.log"));
         let stderr = cp.path(&format!("{name}.stderr"));
-        let child = Net::exec(ns, env!("CARGO_BIN_EXE_tessera"))
+        let mut cmd = Net::exec(ns, env!("CARGO_BIN_EXE_tessera"));
+        if let Some(dir) = path {
+            let rest = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{rest}", dir.display()));
+        }
+        let child = cmd
             .arg("proxy")
             .arg("--workload-socket")
             .arg(&cp.socket)
