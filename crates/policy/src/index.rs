@@ -28,6 +28,24 @@ struct Compiled {
 /// (plaintext admitted to policy in PERMISSIVE mode).
 pub(crate) type Caller<'a> = Option<&'a SpiffeId>;
 
+/// An HTTP request as the index matches it: as sent, and (when its path has segment
+/// parameters) as an application that drops them reads it. The second reading is made once per
+/// decision, not once per candidate rule.
+pub(crate) struct Request<'a> {
+    http: &'a HttpRequest<'a>,
+    /// The path without `;params` (`crate::path::without_params`), where it differs.
+    stripped: Option<String>,
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn new(http: &'a HttpRequest<'a>) -> Self {
+        Self {
+            http,
+            stripped: crate::path::without_params(http.path),
+        }
+    }
+}
+
 /// How a rule was reached, which decides what still has to be checked.
 #[derive(Debug, Clone, Copy)]
 enum Via {
@@ -153,7 +171,7 @@ impl ActionIndex {
         local: bool,
         port: u16,
         addrs: &Addresses,
-        req: Option<&HttpRequest<'_>>,
+        req: Option<&Request<'_>>,
     ) -> Option<(u32, usize)> {
         let mut best: Option<(u32, usize)> = None;
         let mut consider = |ids: &[u32], via: Via| {
@@ -188,7 +206,7 @@ impl ActionIndex {
         local: bool,
         port: u16,
         addrs: &Addresses,
-        req: Option<&HttpRequest<'_>>,
+        req: Option<&Request<'_>>,
     ) -> Vec<u32> {
         let mut out = Vec::new();
         let mut consider = |ids: &[u32], via: Via| {
@@ -221,7 +239,7 @@ impl ActionIndex {
         local: bool,
         port: u16,
         addrs: &Addresses,
-        req: Option<&HttpRequest<'_>>,
+        req: Option<&Request<'_>>,
     ) -> bool {
         // A caller without identity is none of the excluded principals.
         if let Some(source) = source
@@ -238,10 +256,10 @@ impl ActionIndex {
         };
         // An attribute not known here (a header on TCP, an address not given) is answered as
         // an HTTP field on TCP is: a restriction still restricts, a permission does not open.
-        http && c
-            .when
-            .iter()
-            .all(|w| w.eval(port, addrs, req).unwrap_or(self.fail_closed))
+        http && c.when.iter().all(|w| {
+            w.eval(port, addrs, req.map(|r| r.http))
+                .unwrap_or(self.fail_closed)
+        })
     }
 
     /// A path with segment parameters (`/admin;x/users`) has two readings: as it is, and as
@@ -249,12 +267,12 @@ impl ActionIndex {
     /// Both are possible, so a restriction applies when either matches and a permission only
     /// when both do: a DENY on `/admin/*` is not passed with `;x`, and an ALLOW of `/public/*`
     /// does not open `/public/..;/admin`.
-    fn http_matches(&self, h: &HttpMatch, r: &HttpRequest<'_>) -> bool {
-        let as_sent = h.matches(r);
-        let Some(path) = crate::path::without_params(r.path) else {
+    fn http_matches(&self, h: &HttpMatch, r: &Request<'_>) -> bool {
+        let as_sent = h.matches(r.http);
+        let Some(path) = &r.stripped else {
             return as_sent;
         };
-        let stripped = h.matches(&HttpRequest { path: &path, ..*r });
+        let stripped = h.matches(&HttpRequest { path, ..*r.http });
         if self.fail_closed {
             as_sent || stripped
         } else {

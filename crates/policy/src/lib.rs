@@ -29,7 +29,7 @@ pub use document::{
     Action, Addresses, Condition, DefaultAction, HttpRequest, IpNet, PolicyDocument, PolicyError,
     Rule, Source, Target,
 };
-use index::ActionIndex;
+use index::{ActionIndex, Request};
 pub use path::{normalize_path, without_params as path_without_params};
 
 /// A policy with its name, as stored (`Policy { id, document }` in the datastore) or written in a
@@ -522,6 +522,8 @@ impl PolicySet {
         addrs: &Addresses,
         req: Option<&HttpRequest<'_>>,
     ) -> Decision {
+        let req = req.map(Request::new);
+        let req = req.as_ref();
         let mut d = self.enforce(source, port, addrs, req);
         if let Some(shadow) = &self.shadow {
             let s = shadow.enforce(source, port, addrs, req);
@@ -541,7 +543,7 @@ impl PolicySet {
         source: Option<&SpiffeId>,
         port: u16,
         addrs: &Addresses,
-        req: Option<&HttpRequest<'_>>,
+        req: Option<&Request<'_>>,
     ) -> Decision {
         let local = source.is_some_and(|s| s.is_member_of(&self.local));
         let mut d = self.decide_enforced(source, local, port, addrs, req);
@@ -560,7 +562,7 @@ impl PolicySet {
         local: bool,
         port: u16,
         addrs: &Addresses,
-        req: Option<&HttpRequest<'_>>,
+        req: Option<&Request<'_>>,
     ) -> Decision {
         if let Some((p, rule)) = self.deny.find(source, local, port, addrs, req) {
             return Decision::new(
@@ -603,8 +605,12 @@ impl PolicySet {
             return Vec::new();
         }
         let local = source.is_some_and(|s| s.is_member_of(&self.local));
+        let req = req.map(Request::new);
         let mut out: Vec<CustomCheck> = Vec::new();
-        for p in self.custom.find_all(source, local, port, addrs, req) {
+        for p in self
+            .custom
+            .find_all(source, local, port, addrs, req.as_ref())
+        {
             let Some(Some(provider)) = self.providers.get(p as usize) else {
                 continue;
             };
