@@ -355,6 +355,16 @@ pub struct Addresses {
     pub destination: Option<IpAddr>,
 }
 
+impl Addresses {
+    /// Both ends known: the connection from `source` to `destination`.
+    pub fn between(source: std::net::SocketAddr, destination: std::net::SocketAddr) -> Self {
+        Self {
+            source: Some(source.ip()),
+            destination: Some(destination.ip()),
+        }
+    }
+}
+
 /// An IPv4 or IPv6 network (`198.18.0.0/15`, `2001:2::/48`, or one address): `when`
 /// conditions here, and the proxy's destination map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

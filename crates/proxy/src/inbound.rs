@@ -316,22 +316,20 @@ impl Inbound {
         }
         let src = caller.map(|(s, _)| s);
         let http = self.ports.get(&target.port()) == Some(&Protocol::Http);
-        let addrs = tessera_policy::Addresses {
-            source: Some(peer.ip()),
-            destination: Some(target.ip()),
+        let own = self.identity.spiffe_id();
+        let ends = crate::live::Ends {
+            peer,
+            target,
+            own: own.clone(),
         };
+        let addrs = ends.addresses();
         let live = self.registry.register(
             src.cloned(),
             target.port(),
-            addrs,
             caller.and_then(|(_, c)| c.expires_at),
             caller.map_or_else(Arc::default, |(_, c)| c.chain.clone()),
-            // What a policy change shows an external authorizer that was not asked here.
-            Some(crate::live::Ends {
-                peer,
-                target,
-                own: self.identity.spiffe_id(),
-            }),
+            // Also what a policy change shows an external authorizer not asked here.
+            Some(ends),
         );
         if let Some((_, peer_cert)) = caller {
             // After registering, so a bundle change in between is caught by one or the other.
@@ -350,7 +348,6 @@ impl Inbound {
                 Vec::new(),
             )
         } else {
-            let own = self.identity.spiffe_id();
             let input = crate::authz::CheckInput {
                 src: src_id,
                 src_addr: Some(peer),
@@ -378,15 +375,13 @@ impl Inbound {
             // must not be able to hold the application's connections open.
             App::Http(crate::l7::L7Context {
                 authorizers: self.authorizers.clone(),
-                own: self.identity.spiffe_id(),
+                own: own.clone(),
                 peer,
                 local: target,
                 policy: self.policy.clone(),
                 src: src.cloned(),
-                xfcc: caller.and_then(|(s, c)| {
-                    let own = self.identity.spiffe_id();
-                    crate::l7::xfcc(own.as_deref(), s, c.chain.first()?)
-                }),
+                xfcc: caller
+                    .and_then(|(s, c)| crate::l7::xfcc(own.as_deref(), s, c.chain.first()?)),
                 port: target.port(),
                 app: app_addr,
                 sockets: self.sockets.clone(),

@@ -546,10 +546,7 @@ async fn handle(
             host: &host,
             headers: &headers,
         };
-        let addrs = tessera_policy::Addresses {
-            source: Some(ctx.peer.ip()),
-            destination: Some(ctx.local.ip()),
-        };
+        let addrs = tessera_policy::Addresses::between(ctx.peer, ctx.local);
         // Tracked before it is decided: a policy installed after this point re-decides it,
         // one installed before is the one read below, so no change slips between the two.
         let guard = ctx.requests.track(&r);

@@ -34,29 +34,84 @@ struct Conn {
     /// `None`: plaintext admitted to policy in PERMISSIVE mode (no identity).
     src: Option<Arc<SpiffeId>>,
     port: u16,
-    /// The two ends' addresses (for `when` conditions).
-    addrs: Addresses,
     /// The peer's certificate chain as verified at the handshake (re-verified on bundle change).
     chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
     /// An HTTP port: each request is decided under the current set, so a policy change is not
     /// re-decided with TCP semantics here: the requests in flight are decided again instead
     /// (bundle re-verification still applies to the connection).
     http: Option<Arc<HttpRequests>>,
-    /// What an external authorizer is shown about the connection (given at registration).
+    /// The connection's two ends: its addresses for `when` conditions, and what an external
+    /// authorizer is shown about it. `None`: not known (then no address condition holds).
     ends: Option<Ends>,
     /// The CUSTOM providers whose authorizers admitted the connection.
     asked: Asked,
     close: watch::Sender<Option<String>>,
 }
 
-/// The two ends of an inbound connection, as an external authorizer sees them
-/// (`crate::authz::CheckInput`).
+/// The two ends of an inbound connection, as policy's `when` conditions and an external
+/// authorizer (`crate::authz::CheckInput`) see them.
 #[derive(Debug, Clone)]
 pub struct Ends {
     pub peer: SocketAddr,
     pub target: SocketAddr,
     /// This workload's ID.
     pub own: Option<Arc<SpiffeId>>,
+}
+
+impl Ends {
+    /// The addresses `when` conditions look at.
+    pub fn addresses(&self) -> Addresses {
+        Addresses::between(self.peer, self.target)
+    }
+}
+
+impl Conn {
+    fn addrs(&self) -> Addresses {
+        self.ends.as_ref().map(Ends::addresses).unwrap_or_default()
+    }
+}
+
+/// An HTTP request's attributes, owned: kept with a request in flight to decide it again, and
+/// handed to an authorizer asked in the background.
+#[derive(Debug, Clone)]
+struct OwnedRequest {
+    method: String,
+    path: String,
+    host: String,
+    headers: Vec<(String, String)>,
+}
+
+impl OwnedRequest {
+    fn new(req: &tessera_policy::HttpRequest<'_>) -> Self {
+        Self {
+            method: req.method.to_owned(),
+            path: req.path.to_owned(),
+            host: req.host.to_owned(),
+            headers: req
+                .headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    /// The headers borrowed, for [`Self::request`].
+    fn headers(&self) -> Vec<(&str, &str)> {
+        self.headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect()
+    }
+
+    /// The request as policy takes it, with `headers` from [`Self::headers`].
+    fn request<'a>(&'a self, headers: &'a [(&'a str, &'a str)]) -> tessera_policy::HttpRequest<'a> {
+        tessera_policy::HttpRequest {
+            method: &self.method,
+            path: &self.path,
+            host: &self.host,
+            headers,
+        }
+    }
 }
 
 /// The providers (by name) whose authorizers admitted a connection or request (empty, and
@@ -79,10 +134,7 @@ pub struct HttpRequests {
 /// What a request was authorized with, kept to decide it again.
 #[derive(Debug)]
 struct InFlight {
-    method: String,
-    path: String,
-    host: String,
-    headers: Vec<(String, String)>,
+    req: OwnedRequest,
     /// The CUSTOM providers whose authorizers admitted the request.
     asked: Asked,
     close: watch::Sender<Option<String>>,
@@ -101,14 +153,7 @@ impl HttpRequests {
         self.lock().insert(
             id,
             InFlight {
-                method: req.method.to_owned(),
-                path: req.path.to_owned(),
-                host: req.host.to_owned(),
-                headers: req
-                    .headers
-                    .iter()
-                    .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-                    .collect(),
+                req: OwnedRequest::new(req),
                 asked: Asked::default(),
                 close,
             },
@@ -247,14 +292,14 @@ impl Registry {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers an open connection: who (`None`: no identity), to which port, its addresses,
-    /// when its peer certificate expires, its chain, and what an external authorizer would be
-    /// shown about it (`ends`, so a policy change can ask one from the first moment).
+    /// Registers an open connection: who (`None`: no identity), to which port, when its peer
+    /// certificate expires, its chain, and its two ends (`ends`: its addresses, and what an
+    /// external authorizer would be shown, so a policy change can ask one from the first
+    /// moment).
     pub fn register(
         self: &Arc<Self>,
         src: Option<Arc<SpiffeId>>,
         port: u16,
-        addrs: Addresses,
         expires_at: Option<i64>,
         chain: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
         ends: Option<Ends>,
@@ -266,7 +311,6 @@ impl Registry {
             Conn {
                 src,
                 port,
-                addrs,
                 chain,
                 http: None,
                 ends,
@@ -308,9 +352,9 @@ impl Registry {
         // asked (`ask_new_authorizers`).
         let redecide = |conn: &Conn, req: Option<&tessera_policy::HttpRequest<'_>>| {
             if authorizers.is_some() {
-                set.decide_request(conn.src.as_deref(), conn.port, &conn.addrs, req)
+                set.decide_request(conn.src.as_deref(), conn.port, &conn.addrs(), req)
             } else {
-                decide(set, conn.src.as_deref(), conn.port, &conn.addrs, req)
+                decide(set, conn.src.as_deref(), conn.port, &conn.addrs(), req)
             }
         };
         for conn in self.lock().values() {
@@ -340,24 +384,15 @@ impl Registry {
                 if r.close.borrow().is_some() {
                     continue;
                 }
-                let headers: Vec<(&str, &str)> = r
-                    .headers
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
-                let req = tessera_policy::HttpRequest {
-                    method: &r.method,
-                    path: &r.path,
-                    host: &r.host,
-                    headers: &headers,
-                };
+                let headers = r.req.headers();
+                let req = r.req.request(&headers);
                 let d = redecide(conn, Some(&req));
                 if !d.allowed {
                     tracing::warn!(
                         src = caller(conn.src.as_deref()),
                         port = conn.port,
-                        method = %r.method,
-                        path = %r.path,
+                        method = %r.req.method,
+                        path = %r.req.path,
                         policy = d.reason.policy().unwrap_or(""),
                         reason = %d.reason,
                         "ending an HTTP request in flight that policy now denies"
@@ -367,7 +402,7 @@ impl Registry {
                         .send(Some(format!("re-authorization: {}", d.reason)));
                     closed += 1;
                 } else if let Some(a) = authorizers {
-                    ask_new_authorizers(a, set, conn, Some((&req, r)), &r.asked, &r.close);
+                    ask_new_authorizers(a, set, conn, Some((&req, &r.req)), &r.asked, &r.close);
                 }
             }
         }
@@ -408,7 +443,7 @@ fn ask_new_authorizers(
     authorizers: &Arc<crate::authz::Authorizers>,
     set: &PolicySet,
     conn: &Conn,
-    req: Option<(&tessera_policy::HttpRequest<'_>, &InFlight)>,
+    req: Option<(&tessera_policy::HttpRequest<'_>, &OwnedRequest)>,
     asked: &Asked,
     close: &watch::Sender<Option<String>>,
 ) {
@@ -418,7 +453,7 @@ fn ask_new_authorizers(
             .custom_checks(
                 conn.src.as_deref(),
                 conn.port,
-                &conn.addrs,
+                &conn.addrs(),
                 req.map(|(r, _)| r),
             )
             .into_iter()
@@ -439,14 +474,7 @@ fn ask_new_authorizers(
         )));
         return;
     };
-    let owned = req.map(|(_, f)| {
-        (
-            f.method.clone(),
-            f.path.clone(),
-            f.host.clone(),
-            f.headers.clone(),
-        )
-    });
+    let owned = req.map(|(_, o)| o.clone());
     let (authorizers, src, port, close) = (
         authorizers.clone(),
         conn.src.clone(),
@@ -454,24 +482,23 @@ fn ask_new_authorizers(
         close.clone(),
     );
     handle.spawn(async move {
-        let headers: Vec<(&str, &str)> = owned
-            .as_ref()
-            .map(|o| o.3.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect())
-            .unwrap_or_default();
-        let http = owned.as_ref().map(|o| tessera_policy::HttpRequest {
-            method: &o.0,
-            path: &o.1,
-            host: &o.2,
-            headers: &headers,
-        });
-        let input = crate::authz::CheckInput {
+        let input = |http| crate::authz::CheckInput {
             src: src.as_deref(),
             src_addr: Some(ends.peer),
             dst: ends.own.as_deref(),
             dst_addr: Some(ends.target),
             http,
         };
-        if let Some(deny) = authorizers.check(&checks, &input).await {
+        let denied = match &owned {
+            None => authorizers.check(&checks, &input(None)).await,
+            Some(o) => {
+                let headers = o.headers();
+                authorizers
+                    .check(&checks, &input(Some(o.request(&headers))))
+                    .await
+            }
+        };
+        if let Some(deny) = denied {
             tracing::warn!(
                 src = caller(src.as_deref()),
                 port,
@@ -715,25 +742,10 @@ mod tests {
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
         let bar = Arc::new(SpiffeId::parse("spiffe://example.org/bar").unwrap());
-        let mut f = registry.register(
-            Some(foo),
-            5432,
-            Addresses::default(),
-            None,
-            Arc::default(),
-            None,
-        );
-        let b = registry.register(
-            Some(bar),
-            5432,
-            Addresses::default(),
-            None,
-            Arc::default(),
-            None,
-        );
+        let mut f = registry.register(Some(foo), 5432, None, Arc::default(), None);
+        let b = registry.register(Some(bar), 5432, None, Arc::default(), None);
         // PERMISSIVE plaintext: no identity, so nothing shows it is not foo (fail closed).
-        let mut anon =
-            registry.register(None, 5432, Addresses::default(), None, Arc::default(), None);
+        let mut anon = registry.register(None, 5432, None, Arc::default(), None);
         let set = compile_snapshot(
             &own,
             &snap(
@@ -771,26 +783,13 @@ mod tests {
                 .as_secs(),
         )
         .unwrap();
-        let mut expired = registry.register(
-            Some(foo.clone()),
-            1,
-            Addresses::default(),
-            Some(now - 1),
-            Arc::default(),
-            None,
-        );
+        let mut expired =
+            registry.register(Some(foo.clone()), 1, Some(now - 1), Arc::default(), None);
         let why = tokio::time::timeout(Duration::from_secs(1), expired.wait())
             .await
             .unwrap();
         assert!(why.contains("expired"), "{why}");
-        let mut later = registry.register(
-            Some(foo),
-            1,
-            Addresses::default(),
-            Some(now + 3600),
-            Arc::default(),
-            None,
-        );
+        let mut later = registry.register(Some(foo), 1, Some(now + 3600), Arc::default(), None);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), later.wait())
                 .await
@@ -805,14 +804,7 @@ mod tests {
         let svid = ca.issue("spiffe://example.org/foo");
         let registry = Arc::new(Registry::default());
         let foo = Arc::new(SpiffeId::parse("spiffe://example.org/foo").unwrap());
-        let conn = registry.register(
-            Some(foo),
-            1,
-            Addresses::default(),
-            None,
-            Arc::new(svid.chain.clone()),
-            None,
-        );
+        let conn = registry.register(Some(foo), 1, None, Arc::new(svid.chain.clone()), None);
         let mut set = tessera_spiffe::BundleSet::new();
         set.upsert(ca.bundle());
         assert_eq!(registry.reverify(&set), 0);
