@@ -168,10 +168,6 @@ fn must_in(t: Table, args: &[String]) -> Result<(), String> {
     }
 }
 
-fn must(args: &[String]) -> Result<(), String> {
-    must_in(Table::Nat4, args)
-}
-
 /// Whether this kernel has IPv6 at all (without it there is no IPv6 path to close).
 fn ipv6_enabled() -> bool {
     std::path::Path::new("/proc/net/if_inet6").exists()
@@ -241,53 +237,49 @@ pub fn install(p: &RuleParams) -> Result<V6, String> {
         return Ok(v6);
     }
     uninstall()?;
-    for chain in [CHAIN_OUTPUT, CHAIN_INBOUND] {
-        must(&["-N".to_owned(), chain.to_owned()])?;
-    }
-    for r in rules(p) {
-        must(&r)?;
-    }
+    let nat = rules(p);
+    create(Table::Nat4, NAT_JUMPS, &nat)?;
     if !ipv6_enabled() {
         return Ok(V6::Absent);
     }
-    let intercept = || -> Result<(), String> {
-        for chain in [CHAIN_OUTPUT, CHAIN_INBOUND] {
-            must_in(Table::Nat6, &["-N".to_owned(), chain.to_owned()])?;
-        }
-        for r in rules(p) {
-            must_in(Table::Nat6, &r)?;
-        }
-        Ok(())
-    };
-    if let Err(e) = intercept() {
+    if let Err(e) = create(Table::Nat6, NAT_JUMPS, &nat) {
         // No IPv6 NAT here (an old kernel, or a module that cannot load in a container): close
         // IPv6 TCP instead of leaving it as a way around the proxy.
         tracing::warn!(error = %e, "IPv6 cannot be intercepted here: IPv6 TCP is rejected instead");
-        remove_chains(
-            Table::Nat6,
-            &[("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_INBOUND)],
-        )?;
-        let close = |how: Close| -> Result<(), String> {
-            remove_chains(
-                Table::Filter6,
-                &[("OUTPUT", CHAIN_V6_OUTPUT), ("INPUT", CHAIN_V6_INPUT)],
-            )?;
-            for chain in [CHAIN_V6_OUTPUT, CHAIN_V6_INPUT] {
-                must_in(Table::Filter6, &["-N".to_owned(), chain.to_owned()])?;
-            }
-            for r in rules_v6_reject(how) {
-                must_in(Table::Filter6, &r)?;
-            }
-            Ok(())
-        };
+        remove_chains(Table::Nat6, NAT_JUMPS)?;
         // REJECT needs its extension; DROP needs none, so IPv6 is closed either way.
-        if let Err(e) = close(Close::Reject) {
+        if let Err(e) = create(
+            Table::Filter6,
+            V6_CLOSED_JUMPS,
+            &rules_v6_reject(Close::Reject),
+        ) {
             tracing::warn!(error = %e, "IPv6 TCP cannot be rejected here: it is dropped instead");
-            close(Close::Drop)?;
+            remove_chains(Table::Filter6, V6_CLOSED_JUMPS)?;
+            create(
+                Table::Filter6,
+                V6_CLOSED_JUMPS,
+                &rules_v6_reject(Close::Drop),
+            )?;
         }
         return Ok(V6::Rejected);
     }
     Ok(V6::Intercepted)
+}
+
+/// The built-in chain each of our `nat` chains is jumped to from.
+const NAT_JUMPS: &[(&str, &str)] = &[("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_INBOUND)];
+/// The same for the `filter` chains that close IPv6.
+const V6_CLOSED_JUMPS: &[(&str, &str)] = &[("OUTPUT", CHAIN_V6_OUTPUT), ("INPUT", CHAIN_V6_INPUT)];
+
+/// Creates our chains of `jumps` in `t`, then appends `rules` (which end with the jumps).
+fn create(t: Table, jumps: &[(&str, &str)], rules: &[Vec<String>]) -> Result<(), String> {
+    for (_, chain) in jumps {
+        must_in(t, &["-N".to_owned(), (*chain).to_owned()])?;
+    }
+    for r in rules {
+        must_in(t, r)?;
+    }
+    Ok(())
 }
 
 /// Deletes every jump from `(builtin, chain)` (there may be several after a failed install),
@@ -312,17 +304,13 @@ fn remove_chains(t: Table, jumps: &[(&str, &str)]) -> Result<(), String> {
 /// Removes our jumps and chains from the current network namespace, both families (nothing to
 /// do when absent).
 pub fn uninstall() -> Result<(), String> {
-    let nat = [("OUTPUT", CHAIN_OUTPUT), ("PREROUTING", CHAIN_INBOUND)];
-    remove_chains(Table::Nat4, &nat)?;
+    remove_chains(Table::Nat4, NAT_JUMPS)?;
     if ipv6_enabled() {
         // A kernel without IPv6 NAT cannot list that table: nothing of ours can be in it.
         if nat6_available()? {
-            remove_chains(Table::Nat6, &nat)?;
+            remove_chains(Table::Nat6, NAT_JUMPS)?;
         }
-        remove_chains(
-            Table::Filter6,
-            &[("OUTPUT", CHAIN_V6_OUTPUT), ("INPUT", CHAIN_V6_INPUT)],
-        )?;
+        remove_chains(Table::Filter6, V6_CLOSED_JUMPS)?;
     }
     Ok(())
 }
