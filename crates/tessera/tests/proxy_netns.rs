@@ -720,22 +720,7 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
     net.add_v6(&bar, BAR_IP6);
     cp.entry("foo", &foo, &[]);
     // bar: a plain IPv6 application, no proxy; reachable from foo before foo's rules.
-    let l = in_netns(&bar, || {
-        TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, APP_PORT))).unwrap()
-    });
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut b = [0u8; 64];
-                while let Ok(n) = c.read(&mut b) {
-                    if n == 0 || c.write_all(&b[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let app = App::start(&bar, Ipv6Addr::UNSPECIFIED, APP_PORT);
     let to_bar = SocketAddr::from((BAR_IP6, APP_PORT));
     assert_eq!(exchange(&foo, to_bar, b"before").unwrap(), b"before");
     // An `ip6tables` without the `nat` table, as on a kernel without IPv6 NAT: the proxy
@@ -779,6 +764,7 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
     // Even passthrough does not apply: IPv6 never reaches the proxy, and never leaves.
     let r = exchange(&foo, to_bar, b"AFTER-RULES");
     assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    assert!(!app.saw(b"AFTER-RULES"));
     let rules = Net::exec(&foo, "ip6tables").arg("-S").output().unwrap();
     assert!(
         String::from_utf8_lossy(&rules.stdout).contains("-A TESSERA_V6_OUTPUT -p tcp -j REJECT"),

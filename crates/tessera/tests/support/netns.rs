@@ -370,7 +370,8 @@ pub(crate) struct App {
 }
 
 impl App {
-    pub(crate) fn start(ns: &str, bind: Ipv4Addr, port: u16) -> Self {
+    pub(crate) fn start(ns: &str, bind: impl Into<std::net::IpAddr>, port: u16) -> Self {
+        let bind = bind.into();
         let l = in_netns(ns, || TcpListener::bind((bind, port)).unwrap());
         let app = Self::default();
         let a = app.clone();
