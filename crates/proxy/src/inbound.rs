@@ -635,18 +635,27 @@ async fn relay<T: Tunnel>(
                     Err(mut tunnel) => crate::copy::bidirectional(&mut tunnel, &mut app).await,
                 },
             }
-        } => r,
+        } => r.map(Ok),
         // Live re-authorization (`crate::live`): policy now denies it, or its peer
         // certificate expired.
-        why = live.wait() => Err(std::io::Error::other(why)),
+        why = live.wait() => Ok(Err(why)),
     };
     drop(active);
     rec.decision = "allow";
     match r {
-        Ok((sent, received)) => {
+        Ok(Ok((sent, received))) => {
             rec.bytes_sent = sent;
             rec.bytes_received = received;
             rec.reason = reason;
+        }
+        Ok(Err(why)) => {
+            if let Some(b) = http_bytes {
+                (rec.bytes_sent, rec.bytes_received) = b.get();
+            }
+            // The last word on this connection was a deny: an audit that looks for what policy
+            // refused finds it, with the decision that had admitted it.
+            rec.decision = "deny";
+            rec.reason = format!("closed by {why} (admitted: {reason})");
         }
         Err(e) => {
             if let Some(b) = http_bytes {

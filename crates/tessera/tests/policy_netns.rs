@@ -215,6 +215,15 @@ rules:
         let e = bar_proxy.stderr();
         e.contains("closing a live connection that policy now denies") && e.contains("no-foo-tcp")
     });
+    // Its access record ends in the deny that closed it, naming what had admitted it.
+    bar_proxy.wait_record("bar's record of the closed connection", |r| {
+        r["decision"] == "deny"
+            && r["reason"].as_str().is_some_and(|s| {
+                s.starts_with("closed by re-authorization")
+                    && s.contains("no-foo-tcp")
+                    && s.contains("(admitted: allowed by policy foo-to-bar")
+            })
+    });
     assert!(!foo_reaches_bar(&foo), "a new connection passed the DENY");
     // The HTTP port is not covered by the DENY.
     assert_eq!(http(&foo, http_to, "GET", "/public").unwrap().0, 200);
