@@ -574,23 +574,30 @@ to = { methods = ["POST"], paths = ["/envoy.service.auth.v3.Authorization/*"] }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
-/// An HTTP/1.1 and HTTP/2 application whose responses never end: `…/hang` never answers,
-/// anything else answers 200 with one chunk ("first") and then holds the body open.
-async fn streaming_app() -> u16 {
-    let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-        if req.uri().path().ends_with("/hang") {
-            std::future::pending::<()>().await;
+/// An HTTP/1.1 and HTTP/2 application whose responses never end: `…/hang` never answers (the
+/// count says how many arrived), anything else answers 200 with one chunk ("first") and then
+/// holds the body open.
+async fn streaming_app() -> (u16, Arc<AtomicUsize>) {
+    let hangs = Arc::new(AtomicUsize::new(0));
+    let seen = hangs.clone();
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            if req.uri().path().ends_with("/hang") {
+                seen.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+            let first = tokio_stream::iter([Ok::<_, std::convert::Infallible>(
+                hyper::body::Frame::data(Bytes::from_static(b"first")),
+            )]);
+            let body = http_body_util::StreamBody::new(tokio_stream::StreamExt::chain(
+                first,
+                tokio_stream::pending(),
+            ));
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
         }
-        let first = tokio_stream::iter([Ok::<_, std::convert::Infallible>(
-            hyper::body::Frame::data(Bytes::from_static(b"first")),
-        )]);
-        let body = http_body_util::StreamBody::new(tokio_stream::StreamExt::chain(
-            first,
-            tokio_stream::pending(),
-        ));
-        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
     });
-    serve_app(svc).await.0
+    (serve_app(svc).await.0, hangs)
 }
 
 /// The next frame of `body`, or `None` if none comes within `wait`.
@@ -607,7 +614,7 @@ async fn next_frame(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_are_decided_again_when_policy_changes() {
     let ca = TestCa::new("example.org");
-    let app_port = streaming_app().await;
+    let (app_port, hangs) = streaming_app().await;
     let (bar, foo) = bar_and_foo(&ca, app_port, POLICY).await;
     let quick = std::time::Duration::from_millis(300);
     let long = std::time::Duration::from_secs(10);
@@ -659,6 +666,15 @@ from = { principals = ["spiffe://example.org/foo"] }
 to = { methods = ["GET"], paths = ["/public/keep*"] }
 "#;
     let set = policy_set(narrower);
+    // The unanswered request is in flight once the application holds it.
+    let deadline = tokio::time::Instant::now() + long;
+    while hangs.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the /hang request never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(bar.connections.reevaluate(&set), 4, "four requests end");
     bar.policy.store(Arc::new(set));
 

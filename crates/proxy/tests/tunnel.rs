@@ -704,8 +704,10 @@ async fn a_pooled_tunnel_admits_nothing_once_the_source_ca_left_the_bundle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rotation_new_streams_use_a_connection_with_the_new_svid() {
     let ca = TestCa::new("example.org");
-    // foo's first SVID expires in two seconds.
-    let short = ca.issue_expiring("spiffe://example.org/foo", 2);
+    // foo's first SVID expires in six seconds (whole seconds: the certificate drops the
+    // fraction), time for two proxies to start and a first handshake on a busy CI machine.
+    let short = ca.issue_expiring("spiffe://example.org/foo", 6);
+    let expired = tokio::time::Instant::now() + Duration::from_millis(7100);
     let foo_identity = Identity::with_svid(
         short.chain,
         PrivateKeyDer::Pkcs8(short.key),
@@ -735,7 +737,7 @@ async fn after_a_rotation_new_streams_use_a_connection_with_the_new_svid() {
             bundle_set(&[&ca]),
         )
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    tokio::time::sleep_until(expired).await;
     let up = foo
         .proxy
         .outbound

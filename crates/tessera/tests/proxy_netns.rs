@@ -482,6 +482,30 @@ fn transparent_mode_intercepts_and_fails_closed() {
         exchange(&foo, SocketAddr::from((BAR_IP6, APP_PORT)), b"still-v6").unwrap(),
         b"still-v6"
     );
+    // A bad edit is refused with an error naming what is wrong, and the map in force stays:
+    // bar's IPv6 entry still holds, and its IPv4 address is still unmapped.
+    std::fs::write(
+        &config,
+        "[[destination]]\ncidr = \"2001:2::2/200\"\nports = [8080]\nspiffe_id = \"spiffe://example.org/bar\"\n",
+    )
+    .unwrap();
+    wait_until("foo's refusal of the bad config edit", 10, || {
+        foo_proxy
+            .stderr()
+            .lines()
+            .any(|l| l.contains("not reloaded") && l.contains("2001:2::2/200"))
+    });
+    assert_eq!(
+        exchange(&foo, SocketAddr::from((BAR_IP6, APP_PORT)), b"kept-v6").unwrap(),
+        b"kept-v6"
+    );
+    let r = exchange(
+        &foo,
+        SocketAddr::from((BAR_IP, APP_PORT)),
+        b"STILL-UNMAPPED",
+    );
+    assert!(r.map(|b| b.is_empty()).unwrap_or(true));
+    assert!(!app.saw(b"STILL-UNMAPPED"));
 
     // The rules stay after the proxy dies: traffic fails closed instead of leaving in plaintext.
     foo_proxy.stop();

@@ -70,10 +70,19 @@ fn operator_workflow_through_the_cli() {
     let health = free_port();
     let server = start(dir.path(), health);
 
-    let o = cli(
-        dir.path(),
-        &["healthcheck", "--address", &format!("127.0.0.1:{health}")],
-    );
+    // The health endpoint is bound after the admin socket the start waited for.
+    let healthcheck = || {
+        cli(
+            dir.path(),
+            &["healthcheck", "--address", &format!("127.0.0.1:{health}")],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut o = healthcheck();
+    while !o.status.success() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        o = healthcheck();
+    }
     assert!(o.status.success(), "{}", err(&o));
 
     // A join token names the agent ID it will give.

@@ -178,3 +178,18 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     })
 }
+
+/// Whether the peer closed `live` (end of stream or a reset) on the next read. A read that
+/// times out, or data, is not a close: a test that treated a timeout as a close would pass
+/// when nothing was closed at all.
+pub fn closed_by_peer(live: &mut std::net::TcpStream) -> bool {
+    use std::io::{ErrorKind, Read as _};
+    let mut b = [0u8; 64];
+    match live.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => matches!(
+            e.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+        ),
+    }
+}

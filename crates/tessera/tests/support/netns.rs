@@ -327,6 +327,13 @@ impl Proxy {
         wait_until(&format!("{name}'s proxy to have an identity"), 30, || {
             in_netns(ns, || TcpStream::connect(("127.0.0.1", 15008)).is_ok())
         });
+        // The outbound and transparent listeners are bound after the tunnel's; the proxy logs
+        // this line once every listener is.
+        wait_until(
+            &format!("{name}'s proxy to bind every listener"),
+            30,
+            || p.stderr().contains("proxy serving"),
+        );
         p
     }
 
