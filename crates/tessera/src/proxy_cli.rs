@@ -323,16 +323,55 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("--health-bind-address {addr}"))?;
         }
-        let running = tessera_proxy::start(opts, identity, telemetry)
+        let mut running = tessera_proxy::start(opts, identity, telemetry.clone())
             .await
             .map_err(anyhow::Error::msg)?;
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
-        tracing::info!("shutting down");
+        // SIGTERM is how a supervisor (Kubernetes, systemd, a container runtime) stops a
+        // sidecar: like Ctrl-C, it drains instead of cutting the workload's connections.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+        // Live re-authorization, rotation and policy updates go on for what is still open.
+        let drain = Drain::start();
+        running.stop_accepting();
+        while drain.pending(&telemetry) {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        drain.done(&telemetry);
         running.shutdown();
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// A stopping proxy's drain: its listeners are closed (in transparent mode the interception
+/// rules stay, so new connections fail closed; in node mode another process's listeners take
+/// them) and the open connections may finish, for at most [`Drain::LIMIT`].
+struct Drain {
+    deadline: tokio::time::Instant,
+}
+
+impl Drain {
+    /// Kubernetes' default termination grace period.
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+    fn start() -> Self {
+        tracing::info!("draining: listeners closed, open connections finish (at most 30 s)");
+        Self {
+            deadline: tokio::time::Instant::now() + Self::LIMIT,
+        }
+    }
+
+    /// Whether connections are still open and the limit is not reached.
+    fn pending(&self, telemetry: &Telemetry) -> bool {
+        telemetry.active_connections() > 0 && tokio::time::Instant::now() < self.deadline
+    }
+
+    fn done(self, telemetry: &Telemetry) {
+        tracing::info!(open = telemetry.active_connections(), "drained: exiting");
+    }
 }
 
 /// Node mode: one instance per enrolled workload, driven by the agent's delegated stream. On
@@ -366,11 +405,10 @@ async fn node(
             _ = term.recv() => break,
         }
     }
-    tracing::info!("draining: listeners closed, open connections finish (at most 30 s)");
+    let drain = Drain::start();
     node.stop_accepting();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-    while telemetry.active_connections() > 0 && tokio::time::Instant::now() < deadline {
+    while drain.pending(&telemetry) {
         tokio::select! {
             // A draining process still obeys the agent for the connections it holds: a
             // detach closes them, a policy change re-authorizes them, a rotated SVID is
@@ -387,7 +425,7 @@ async fn node(
             _ = tick.tick() => {}
         }
     }
-    tracing::info!(open = telemetry.active_connections(), "drained: exiting");
+    drain.done(&telemetry);
     Ok(ExitCode::SUCCESS)
 }
 

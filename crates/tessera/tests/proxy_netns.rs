@@ -139,6 +139,30 @@ fn explicit_mode_encrypts_and_survives_rotation() {
         exchange(&foo, "127.0.0.1:9000".parse().unwrap(), b"after").unwrap(),
         b"after"
     );
+
+    // SIGTERM (how a supervisor stops a sidecar) drains: bar's proxy takes no new connection,
+    // one open before it goes on, and the process exits, successfully, once that one ends.
+    let mut bar_proxy = bar_proxy;
+    let mut live = live_echo(&foo, "127.0.0.1:9000".parse().unwrap());
+    bar_proxy.signal("TERM");
+    wait_until("bar's proxy to drain", 10, || {
+        bar_proxy.stderr().contains("draining")
+    });
+    assert!(
+        exchange(&foo, "127.0.0.1:9000".parse().unwrap(), b"NEW").map_or(true, |b| b.is_empty()),
+        "a draining proxy took a new connection"
+    );
+    live.write_all(b"more").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"more", "the drain cut an open connection");
+    assert_eq!(bar_proxy.exited(), None, "exited with a connection open");
+    drop(live);
+    wait_until("bar's proxy to exit once drained", 10, || {
+        bar_proxy.exited().is_some()
+    });
+    assert_eq!(bar_proxy.exited(), Some(true));
+    assert!(bar_proxy.stderr().contains("drained: exiting"));
 }
 
 /// A forwarder that admits connections by source IP only, as an IP-based allow rule would, to

@@ -367,6 +367,22 @@ impl Proxy {
     pub(crate) fn stop(&mut self) {
         self.proc.take();
     }
+
+    /// Sends `signal` (`TERM`, `INT`, …) to the proxy process (`ip netns exec` execs it, so
+    /// the child is the proxy itself).
+    pub(crate) fn signal(&self, signal: &str) {
+        if let Some(p) = &self.proc {
+            let _ = Command::new("kill")
+                .args([format!("-{signal}"), p.0.id().to_string()])
+                .status();
+        }
+    }
+
+    /// `Some(success)` once the process has exited; `None` while it runs.
+    pub(crate) fn exited(&mut self) -> Option<bool> {
+        let p = self.proc.as_mut()?;
+        p.0.try_wait().ok().flatten().map(|s| s.success())
+    }
 }
 
 /// An echo application bound inside `ns`; counts connections and keeps what it received.
