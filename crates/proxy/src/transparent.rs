@@ -91,6 +91,39 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
     ]
 }
 
+/// What the rules assume of the proxy's own listeners, checked before anything is installed.
+/// - The tunnel port is let through to *whoever* listens on it (the rules name no address), so
+///   the tunnel must hold that port on every address (`0.0.0.0`, with its `::` twin): bound
+///   to one address only, another socket on the same port (IPv6, or another local address)
+///   could be bound by the workload and would receive peers' plaintext past STRICT mode.
+/// - No port declared `--inbound` may be one of the proxy's own: the proxy would connect to
+///   itself (the plaintext port admitting its own connection again, without end).
+pub fn check_own_ports(
+    p: &RuleParams,
+    tunnel: SocketAddr,
+    inbound: impl IntoIterator<Item = u16>,
+) -> Result<(), String> {
+    if !tunnel.ip().is_unspecified() {
+        return Err(format!(
+            "--tunnel-address {tunnel}: with --transparent the tunnel listens on every address (0.0.0.0:PORT or [::]:PORT); the rules let port {} through to whatever listens on it",
+            tunnel.port()
+        ));
+    }
+    let own = [
+        (p.tunnel_port, "the tunnel port"),
+        (p.outbound_port, "the outbound capture port"),
+        (p.inbound_plaintext_port, "the inbound plaintext port"),
+    ];
+    for port in inbound {
+        if let Some((_, what)) = own.iter().find(|(o, _)| *o == port) {
+            return Err(format!(
+                "--inbound {port}: port {port} is {what} of the proxy in transparent mode, not a port of the workload"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// How IPv6 TCP is closed where it cannot be intercepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Close {
@@ -347,7 +380,37 @@ pub fn set_mark(sock: &impl AsFd, mark: u32) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_tunnel_holds_its_port_on_every_address_and_no_inbound_port_is_the_proxys() {
+        let p = RuleParams {
+            tunnel_port: 15008,
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            mark: 0x5e55,
+        };
+        let any: SocketAddr = "0.0.0.0:15008".parse().unwrap();
+        assert_eq!(check_own_ports(&p, any, [8080, 9090]), Ok(()));
+        assert_eq!(
+            check_own_ports(&p, "[::]:15008".parse().unwrap(), [8080]),
+            Ok(())
+        );
+        let e = check_own_ports(&p, "198.18.0.2:15008".parse().unwrap(), [8080]).unwrap_err();
+        assert!(e.contains("--tunnel-address 198.18.0.2:15008"), "{e}");
+        for (port, what) in [
+            (15006, "inbound plaintext"),
+            (15001, "outbound capture"),
+            (15008, "tunnel"),
+        ] {
+            let e = check_own_ports(&p, any, [8080, port]).unwrap_err();
+            assert!(
+                e.contains(&format!("--inbound {port}")) && e.contains(what),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn rules_exempt_the_mark_and_the_tunnel_port_before_redirecting() {

@@ -419,9 +419,7 @@ pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(async move {
         let agent = tessera_agent::start(cfg).await?;
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
+        crate::cli::until_stopped().await?;
         agent.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
@@ -542,9 +540,7 @@ pub(crate) fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         );
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
+        crate::cli::until_stopped().await?;
         tracing::info!("shutting down");
         agent.shutdown().await;
         server.shutdown().await;

@@ -327,11 +327,23 @@ fn server_run(a: ServerRunArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(async move {
         let server = tessera_server::start(cfg).await?;
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
+        until_stopped().await?;
         tracing::info!("shutting down");
         server.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Resolves on Ctrl-C or SIGTERM: how a person and how a supervisor (Kubernetes, systemd, a
+/// container runtime) stop a process. Either way it shuts down cleanly (a SIGTERM left to its
+/// default would end it at once: no drain, `dev`'s temporary directory left behind).
+pub(crate) async fn until_stopped() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
 }

@@ -244,6 +244,12 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             inbound_plaintext_port: inbound_plaintext_addr.port(),
             mark: a.mark,
         };
+        transparent::check_own_ports(
+            &params,
+            a.tunnel_address,
+            opts.inbound.iter().map(|i| i.port),
+        )
+        .map_err(anyhow::Error::msg)?;
         if a.node {
             // Installed in each workload's namespace when it is attached.
             node_rules = Some(params);
@@ -326,14 +332,8 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         let mut running = tessera_proxy::start(opts, identity, telemetry.clone())
             .await
             .map_err(anyhow::Error::msg)?;
-        // SIGTERM is how a supervisor (Kubernetes, systemd, a container runtime) stops a
-        // sidecar: like Ctrl-C, it drains instead of cutting the workload's connections.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-            _ = term.recv() => {}
-        }
+        // Like Ctrl-C, SIGTERM drains instead of cutting the workload's connections.
+        crate::cli::until_stopped().await?;
         // Live re-authorization, rotation and policy updates go on for what is still open.
         let drain = Drain::start();
         running.stop_accepting();
