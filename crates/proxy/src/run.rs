@@ -215,14 +215,39 @@ async fn bind_with_v6(
     Ok(out)
 }
 
-/// Waits for the first SVID, then serves. Listeners are bound only once the proxy has an
-/// identity: before that it refuses to serve.
+/// Binds every listener, then waits for the first SVID, then serves. Until the proxy has an
+/// identity it refuses to serve: each connection is accepted and closed at once. The ports
+/// are held from the start because in transparent mode the rules are already in place: a port
+/// left free while the proxy waits could be bound by the workload, which would then receive
+/// redirected traffic (peers' plaintext on the plaintext or tunnel port) past STRICT mode.
 pub async fn start(
     opts: ProxyOptions,
     identity: Arc<Identity>,
     telemetry: Arc<Telemetry>,
 ) -> Result<RunningProxy, String> {
-    identity.wait_ready().await;
+    let sockets = match &opts.netns {
+        Some(ns) => crate::sockets::Sockets::in_netns(ns.clone(), opts.mark),
+        None => crate::sockets::Sockets::here(opts.mark),
+    };
+    let mut bound: Vec<(Bound, TcpListener)> = Vec::new();
+    for l in bind_with_v6(&sockets, opts.tunnel_addr, "tunnel").await? {
+        bound.push((Bound::Tunnel, l));
+    }
+    for spec in &opts.outbound {
+        bound.push((
+            Bound::Outbound(spec.clone()),
+            bind(&sockets, spec.listen, "--outbound").await?,
+        ));
+    }
+    if let Some(t) = &opts.transparent {
+        for l in bind_with_v6(&sockets, t.outbound_addr, "transparent outbound").await? {
+            bound.push((Bound::TransparentOutbound, l));
+        }
+        for l in bind_with_v6(&sockets, t.inbound_plaintext_addr, "transparent inbound").await? {
+            bound.push((Bound::TransparentInbound, l));
+        }
+    }
+    let bound = refuse_until_ready(bound, &identity).await?;
     let own = identity
         .spiffe_id()
         .ok_or_else(|| "the proxy has no identity".to_owned())?;
@@ -266,10 +291,6 @@ pub async fn start(
         )));
     }
 
-    let sockets = match &opts.netns {
-        Some(ns) => crate::sockets::Sockets::in_netns(ns.clone(), opts.mark),
-        None => crate::sockets::Sockets::here(opts.mark),
-    };
     let inbound = Arc::new(
         Inbound::new(
             identity.clone(),
@@ -288,15 +309,11 @@ pub async fn start(
             "max_connection_age = \"unlimited\": connections may outlive the peer certificate they were authorized with"
         );
     }
-    let tunnel = bind_with_v6(&sockets, opts.tunnel_addr, "tunnel").await?;
-    let tunnel_addr = tunnel
-        .first()
-        .and_then(|l| l.local_addr().ok())
+    let tunnel_addr = bound
+        .iter()
+        .find(|(b, _)| matches!(b, Bound::Tunnel))
+        .and_then(|(_, l)| l.local_addr().ok())
         .ok_or_else(|| "tunnel: no listener".to_owned())?;
-    let mut listeners: Vec<JoinHandle<()>> = tunnel
-        .into_iter()
-        .map(|l| tokio::spawn(inbound.clone().serve_tunnel(l)))
-        .collect();
 
     let outbound = Arc::new(
         Outbound::new(
@@ -308,11 +325,8 @@ pub async fn start(
         .with_protocol(opts.protocol),
     );
     let mut outbound_addrs = Vec::new();
-    for spec in opts.outbound {
-        let l = bind(&sockets, spec.listen, "--outbound").await?;
-        outbound_addrs.push(l.local_addr().map_err(|e| e.to_string())?);
-        listeners.push(tokio::spawn(outbound.clone().serve_explicit(l, spec)));
-    }
+    let mut listeners: Vec<JoinHandle<()>> = Vec::new();
+    let mut transparent = None;
     if let Some(t) = opts.transparent {
         let destinations = Arc::new(ArcSwap::from_pointee(t.destinations));
         if let Some(file) = t.config {
@@ -330,23 +344,32 @@ pub async fn start(
                 Ok(())
             })));
         }
-        for l in bind_with_v6(&sockets, t.outbound_addr, "transparent outbound").await? {
-            listeners.push(tokio::spawn(outbound.clone().serve_transparent(
-                l,
-                destinations.clone(),
-                t.unmapped,
-            )));
-        }
         if t.inbound_mode == InboundMode::Permissive {
             tracing::warn!(
                 "inbound mode PERMISSIVE: plaintext connections WITHOUT identity reach declared ports where policy allows them (rules with `from.unauthenticated`)"
             );
         }
-        for p in bind_with_v6(&sockets, t.inbound_plaintext_addr, "transparent inbound").await? {
-            listeners.push(tokio::spawn(
-                inbound.clone().serve_plaintext(p, t.inbound_mode),
-            ));
-        }
+        transparent = Some((destinations, t.unmapped, t.inbound_mode));
+    }
+    for (what, l) in bound {
+        let task = match (what, &transparent) {
+            (Bound::Tunnel, _) => tokio::spawn(inbound.clone().serve_tunnel(l)),
+            (Bound::Outbound(spec), _) => {
+                outbound_addrs.push(l.local_addr().map_err(|e| e.to_string())?);
+                tokio::spawn(outbound.clone().serve_explicit(l, spec))
+            }
+            (Bound::TransparentOutbound, Some((destinations, unmapped, _))) => tokio::spawn(
+                outbound
+                    .clone()
+                    .serve_transparent(l, destinations.clone(), *unmapped),
+            ),
+            (Bound::TransparentInbound, Some((_, _, mode))) => {
+                tokio::spawn(inbound.clone().serve_plaintext(l, *mode))
+            }
+            // Bound only with transparent options.
+            (Bound::TransparentOutbound | Bound::TransparentInbound, None) => continue,
+        };
+        listeners.push(task);
     }
     tracing::info!(spiffe_id = %own, %tunnel_addr, "proxy serving");
     Ok(RunningProxy {
@@ -359,6 +382,54 @@ pub async fn start(
         listeners,
         sockets,
     })
+}
+
+/// What a listener bound at start is for.
+enum Bound {
+    Tunnel,
+    Outbound(OutboundListener),
+    TransparentOutbound,
+    TransparentInbound,
+}
+
+/// Until `identity` is ready, accepts on every listener and closes what arrives (the proxy
+/// refuses to serve without an identity, but holds its ports); then hands the listeners back.
+async fn refuse_until_ready(
+    bound: Vec<(Bound, TcpListener)>,
+    identity: &Identity,
+) -> Result<Vec<(Bound, TcpListener)>, String> {
+    if identity.is_ready() {
+        return Ok(bound);
+    }
+    let (what, shared): (Vec<Bound>, Vec<Arc<TcpListener>>) =
+        bound.into_iter().map(|(b, l)| (b, Arc::new(l))).unzip();
+    let mut refusers = tokio::task::JoinSet::new();
+    for l in &shared {
+        let l = l.clone();
+        refusers.spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((conn, peer)) => {
+                        tracing::debug!(%peer, "no identity yet: connection closed");
+                        drop(conn);
+                    }
+                    // Out of descriptors or the like: try again shortly, as the serve loops do.
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            }
+        });
+    }
+    identity.wait_ready().await;
+    // Aborted and awaited: their handles on the listeners are gone after this.
+    refusers.shutdown().await;
+    what.into_iter()
+        .zip(shared)
+        .map(|(b, l)| {
+            Arc::try_unwrap(l)
+                .map(|l| (b, l))
+                .map_err(|_| "a listener is still shared after the wait for an identity".to_owned())
+        })
+        .collect()
 }
 
 /// The default transparent listeners: capture on loopback, plaintext on every address.

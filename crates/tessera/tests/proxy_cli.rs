@@ -159,8 +159,19 @@ fn not_ready_and_not_serving_until_it_has_an_identity() {
     let (status, body) = get(health, "/ready").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no X509-SVID"), "{body}");
+    // It holds its ports (in transparent mode a free port could be bound by the workload and
+    // receive redirected traffic) but serves nothing: a connection is closed at once.
+    wait_for("the tunnel port to be held", || {
+        TcpStream::connect(tunnel).is_ok()
+    });
     assert!(
-        TcpStream::connect(tunnel).is_err(),
+        TcpListener::bind(tunnel).is_err(),
+        "another process could take the tunnel port"
+    );
+    let mut c = TcpStream::connect(tunnel).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(
+        tessera_test_util::netns::closed_by_peer(&mut c),
         "serving without an identity"
     );
 
