@@ -29,6 +29,8 @@ pub struct RuleParams {
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
     pub mark: u32,
+    /// The proxy's user ID: its own connections carry the mark *and* belong to it.
+    pub uid: u32,
 }
 
 /// The `iptables -t nat` (and `ip6tables -t nat`) argument lists that install interception, in
@@ -37,9 +39,14 @@ pub struct RuleParams {
 /// to the receiving interface's address, where the proxy's IPv6 listeners are.
 pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
     let mark = format!("{:#x}", p.mark);
+    let uid = p.uid.to_string();
     let v = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     vec![
-        // Outbound: the proxy's own connections (marked) leave untouched, or they would loop.
+        // Outbound: the proxy's own connections leave untouched, or they would loop. They are
+        // told by the mark *and* the socket's owner: since Linux 5.17 `SO_MARK` needs only
+        // CAP_NET_RAW, which container runtimes grant by default, so a mark alone could be
+        // set by the workload to send its traffic past the proxy. With the owner too, that
+        // takes the proxy's uid as well (Istio's sidecar rules exempt by uid for this reason).
         v(&[
             "-A",
             CHAIN_OUTPUT,
@@ -47,6 +54,10 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
             "mark",
             "--mark",
             &mark,
+            "-m",
+            "owner",
+            "--uid-owner",
+            &uid,
             "-j",
             "RETURN",
         ]),
@@ -89,6 +100,11 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
         v(&["-A", "OUTPUT", "-p", "tcp", "-j", CHAIN_OUTPUT]),
         v(&["-A", "PREROUTING", "-p", "tcp", "-j", CHAIN_INBOUND]),
     ]
+}
+
+/// This process's effective user ID, the owner of the proxy's sockets ([`RuleParams::uid`]).
+pub fn own_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
 }
 
 /// What the rules assume of the proxy's own listeners, checked before anything is installed.
@@ -390,6 +406,7 @@ mod tests {
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             mark: 0x5e55,
+            uid: 1337,
         };
         let any: SocketAddr = "0.0.0.0:15008".parse().unwrap();
         assert_eq!(check_own_ports(&p, any, [8080, 9090]), Ok(()));
@@ -419,6 +436,7 @@ mod tests {
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             mark: 0x5e55,
+            uid: 1337,
         });
         let text: Vec<String> = r.iter().map(|a| a.join(" ")).collect();
         let pos = |needle: &str| {
@@ -426,7 +444,10 @@ mod tests {
                 .position(|l| l.contains(needle))
                 .unwrap_or(usize::MAX)
         };
-        assert!(pos("--mark 0x5e55 -j RETURN") < pos("--to-ports 15001"));
+        // The exemption needs the mark and the proxy's uid: the mark alone can be set with
+        // CAP_NET_RAW.
+        assert!(pos("--mark 0x5e55 -m owner --uid-owner 1337 -j RETURN") < pos("--to-ports 15001"));
+        assert!(!text.iter().any(|l| l.ends_with("--mark 0x5e55 -j RETURN")));
         assert!(pos("--dport 15008 -j RETURN") < pos("--to-ports 15006"));
         assert!(text.contains(&"-A OUTPUT -p tcp -j TESSERA_OUTPUT".to_owned()));
         assert!(text.contains(&"-A PREROUTING -p tcp -j TESSERA_INBOUND".to_owned()));

@@ -243,6 +243,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             outbound_port: outbound_addr.port(),
             inbound_plaintext_port: inbound_plaintext_addr.port(),
             mark: a.mark,
+            uid: transparent::own_uid(),
         };
         transparent::check_own_ports(
             &params,

@@ -465,6 +465,47 @@ fn transparent_mode_intercepts_and_fails_closed() {
     });
     assert_eq!(other_app.connections(), 0);
 
+    // The proxy's mark alone exempts nothing: since Linux 5.17 a workload with CAP_NET_RAW
+    // (granted by container runtimes by default) may set it. Marked by another user, a
+    // connection is still intercepted (and, unmapped, denied); marked by the proxy's user (root
+    // here, as the proxy runs), it leaves directly — which shows the mark is the one exempted.
+    let marked = |uid: &str, payload: &str| {
+        let script = format!(
+            "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, {})\n\
+             print('mark set', flush=True)\ns.settimeout(5)\ns.connect(('198.18.0.3', 9999))\ns.sendall(b'{payload}')\n\
+             s.shutdown(socket.SHUT_WR)\nprint(s.recv(100).decode())\n",
+            tessera_proxy::config::DEFAULT_MARK
+        );
+        let o = Net::exec(&foo, "setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "--inh-caps=+net_raw",
+                "--ambient-caps=+net_raw",
+                // The system interpreter: another user cannot run root's (pyenv) shims.
+                "/usr/bin/python3",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let (sent, out) = marked("65534", "MARKED-BY-A-WORKLOAD");
+    // The workload could set the mark (CAP_NET_RAW): what follows is not vacuous.
+    assert!(out.contains("mark set"), "{out}");
+    assert!(
+        !other_app.saw(b"MARKED-BY-A-WORKLOAD") && !out.contains("MARKED-BY-A-WORKLOAD"),
+        "a workload's marked connection left without the proxy (sent: {sent}): {out}"
+    );
+    let (sent, out) = marked("0", "MARKED-BY-ROOT");
+    assert!(sent && other_app.saw(b"MARKED-BY-ROOT"), "{out}");
+    assert_eq!(other_app.connections(), 1);
+
     // Plaintext to bar's application from a namespace without a proxy: STRICT refuses.
     let connections = app.connections();
     let r = exchange(&other, SocketAddr::from((BAR_IP, APP_PORT)), b"PLAIN");
