@@ -258,9 +258,9 @@ fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
     if all(Table::Nat6, &v4)? {
         return Ok(Some(V6::Intercepted));
     }
-    // Rejecting is the fallback only where IPv6 NAT is unavailable: rules an older release
+    // Rejecting is the fallback only where IPv6 cannot be redirected: rules an older release
     // left (IPv6 rejected) are replaced where IPv6 can now be intercepted.
-    if nat6_available()? {
+    if nat6_redirects()? {
         return Ok(None);
     }
     let closed = all(Table::Filter6, &rules_v6_reject(Close::Reject))?
@@ -275,6 +275,49 @@ fn nat6_available() -> Result<bool, String> {
             .status
             .success(),
     )
+}
+
+/// Whether IPv6 connections can be redirected here, tried with a scratch chain that is removed
+/// again. That the IPv6 `nat` table can be listed is not enough: where it lists but cannot
+/// `REDIRECT`, the fallback (IPv6 rejected) is what [`install`] leaves, and taking it for
+/// stale would make every start remove and re-add the rules — a window without interception.
+fn nat6_redirects() -> Result<bool, String> {
+    const PROBE: &str = "TESSERA_PROBE";
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
+    let clear = || -> Result<(), String> {
+        if iptables_in(Table::Nat6, &s(&["-n", "-L", PROBE]))?
+            .status
+            .success()
+        {
+            must_in(Table::Nat6, &s(&["-F", PROBE]))?;
+            must_in(Table::Nat6, &s(&["-X", PROBE]))?;
+        }
+        Ok(())
+    };
+    clear()?;
+    if !iptables_in(Table::Nat6, &s(&["-N", PROBE]))?
+        .status
+        .success()
+    {
+        return Ok(false);
+    }
+    let redirects = iptables_in(
+        Table::Nat6,
+        &s(&[
+            "-A",
+            PROBE,
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "1",
+        ]),
+    )?
+    .status
+    .success();
+    clear()?;
+    Ok(redirects)
 }
 
 /// Installs the rules in the current network namespace, replacing ours if present, and says how

@@ -812,8 +812,9 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
     let app = App::start(&bar, Ipv6Addr::UNSPECIFIED, APP_PORT);
     let to_bar = SocketAddr::from((BAR_IP6, APP_PORT));
     assert_eq!(exchange(&foo, to_bar, b"before").unwrap(), b"before");
-    // An `ip6tables` without the `nat` table, as on a kernel without IPv6 NAT: the proxy
-    // must close IPv6 TCP instead (REJECT), not leave it as a way around itself.
+    // An `ip6tables` whose `nat` table lists but cannot REDIRECT, as on a kernel without IPv6
+    // NAT: the proxy must close IPv6 TCP instead (REJECT), not leave it as a way around
+    // itself. Every call is logged, to see what a restart does.
     let tools = tempfile::tempdir().unwrap();
     let real = String::from_utf8(
         std::process::Command::new("sh")
@@ -824,10 +825,12 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
     )
     .unwrap();
     let wrapper = tools.path().join("ip6tables");
+    let calls = tools.path().join("calls.log");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = nat ] && {{ echo 'no IPv6 NAT here' >&2; exit 3; }}; done\nexec {} \"$@\"\n",
+            "#!/bin/sh\necho \"$*\" >> {}\nfor a in \"$@\"; do [ \"$a\" = REDIRECT ] && {{ echo 'no IPv6 NAT here' >&2; exit 3; }}; done\nexec {} \"$@\"\n",
+            calls.display(),
             real.trim()
         ),
     )
@@ -836,19 +839,34 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
         .args(["+x", wrapper.to_str().unwrap()])
         .status()
         .unwrap();
-    let foo_proxy = Proxy::start_with_path(
-        &cp,
-        &foo,
-        "foo",
-        &s(&["--transparent", "--unmapped", "passthrough"]),
-        Some(tools.path()),
-    );
+    let start = || {
+        Proxy::start_with_path(
+            &cp,
+            &foo,
+            "foo",
+            &s(&["--transparent", "--unmapped", "passthrough"]),
+            Some(tools.path()),
+        )
+    };
+    let mut foo_proxy = start();
     assert!(
         foo_proxy
             .stderr()
             .contains("IPv6 cannot be intercepted here"),
         "{}",
         foo_proxy.stderr()
+    );
+    // A restart finds the fallback in place and leaves it (and the IPv4 rules) untouched:
+    // taking it for stale would remove and re-add every rule, a window without interception.
+    foo_proxy.stop();
+    std::fs::write(&calls, "").unwrap();
+    let foo_proxy = start();
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert!(
+        !log.lines().any(|l| ["-N ", "-X ", "-F ", "-A ", "-D "]
+            .iter()
+            .any(|op| l.contains(op) && !l.contains("TESSERA_PROBE"))),
+        "the restart rebuilt the rules:\n{log}"
     );
     // Even passthrough does not apply: IPv6 never reaches the proxy, and never leaves.
     let r = exchange(&foo, to_bar, b"AFTER-RULES");
