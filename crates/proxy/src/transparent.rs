@@ -97,8 +97,10 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
             "--to-ports",
             &p.inbound_plaintext_port.to_string(),
         ]),
-        v(&["-A", "OUTPUT", "-p", "tcp", "-j", CHAIN_OUTPUT]),
-        v(&["-A", "PREROUTING", "-p", "tcp", "-j", CHAIN_INBOUND]),
+        // First in the built-in chains (`-I … 1`): a rule already there that accepts (a
+        // `nat` ACCEPT means "no NAT") would otherwise let traffic past the proxy.
+        v(&["-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN_OUTPUT]),
+        v(&["-I", "PREROUTING", "1", "-p", "tcp", "-j", CHAIN_INBOUND]),
     ]
 }
 
@@ -171,8 +173,8 @@ pub fn rules_v6_reject(how: Close) -> Vec<Vec<String>> {
         closed(CHAIN_V6_OUTPUT),
         v(&["-A", CHAIN_V6_INPUT, "-i", "lo", "-j", "RETURN"]),
         closed(CHAIN_V6_INPUT),
-        v(&["-A", "OUTPUT", "-p", "tcp", "-j", CHAIN_V6_OUTPUT]),
-        v(&["-A", "INPUT", "-p", "tcp", "-j", CHAIN_V6_INPUT]),
+        v(&["-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN_V6_OUTPUT]),
+        v(&["-I", "INPUT", "1", "-p", "tcp", "-j", CHAIN_V6_INPUT]),
     ]
 }
 
@@ -233,16 +235,32 @@ pub enum V6 {
     Rejected,
 }
 
-/// Whether exactly these rules are in place already (each one present, checked with `-C`);
-/// `Some` with how IPv6 is handled when they are.
+/// Whether exactly these rules are in place already (each one present, checked with `-C`, and
+/// each jump still the first rule of its built-in chain); `Some` with how IPv6 is handled
+/// when they are.
 fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
     let all = |t: Table, rules: &[Vec<String>]| -> Result<bool, String> {
         for r in rules {
-            let mut c = r.clone();
-            if let Some(first) = c.first_mut() {
-                *first = "-C".to_owned();
-            }
-            if !iptables_in(t, &c)?.status.success() {
+            let present = match r.as_slice() {
+                // A jump: `-I BUILTIN 1 REST…` is in place if `-A BUILTIN REST…` is the
+                // chain's first rule (`-S` lists the policy, then the rules in order).
+                [op, builtin, _, rest @ ..] if op == "-I" => {
+                    let o = iptables_in(t, &["-S".to_owned(), builtin.clone()])?;
+                    let want = format!("-A {builtin} {}", rest.join(" "));
+                    o.status.success()
+                        && String::from_utf8_lossy(&o.stdout)
+                            .lines()
+                            .find(|l| l.starts_with("-A "))
+                            .is_some_and(|l| l.trim() == want)
+                }
+                [_, rest @ ..] => {
+                    let mut c = vec!["-C".to_owned()];
+                    c.extend_from_slice(rest);
+                    iptables_in(t, &c)?.status.success()
+                }
+                [] => true,
+            };
+            if !present {
                 return Ok(false);
             }
         }
@@ -492,17 +510,21 @@ mod tests {
         assert!(pos("--mark 0x5e55 -m owner --uid-owner 1337 -j RETURN") < pos("--to-ports 15001"));
         assert!(!text.iter().any(|l| l.ends_with("--mark 0x5e55 -j RETURN")));
         assert!(pos("--dport 15008 -j RETURN") < pos("--to-ports 15006"));
-        assert!(text.contains(&"-A OUTPUT -p tcp -j TESSERA_OUTPUT".to_owned()));
-        assert!(text.contains(&"-A PREROUTING -p tcp -j TESSERA_INBOUND".to_owned()));
+        // First in the built-in chains, so an earlier ACCEPT cannot let traffic past.
+        assert!(text.contains(&"-I OUTPUT 1 -p tcp -j TESSERA_OUTPUT".to_owned()));
+        assert!(text.contains(&"-I PREROUTING 1 -p tcp -j TESSERA_INBOUND".to_owned()));
         // The jumps come last, so no packet meets a half-built chain.
-        assert!(text.last().is_some_and(|l| l.starts_with("-A PREROUTING")));
+        assert!(
+            text.last()
+                .is_some_and(|l| l.starts_with("-I PREROUTING 1"))
+        );
         for (how, target) in [(Close::Reject, "-j REJECT"), (Close::Drop, "-j DROP")] {
             let v6: Vec<String> = rules_v6_reject(how).iter().map(|a| a.join(" ")).collect();
             assert!(
                 v6.iter()
                     .any(|l| l.contains(&format!("TESSERA_V6_OUTPUT -p tcp {target}")))
             );
-            assert!(v6.last().is_some_and(|l| l.starts_with("-A INPUT")));
+            assert!(v6.last().is_some_and(|l| l.starts_with("-I INPUT 1")));
         }
     }
 }

@@ -394,6 +394,17 @@ fn transparent_mode_intercepts_and_fails_closed() {
         "bar",
         &s(&["--transparent", "--inbound", "8080", "--policy", &policy]),
     );
+    // Rules already in foo's namespace that accept (in `nat`: leave un-NATed) traffic to
+    // `other`: the proxy's jumps must come first, or that traffic would pass it by.
+    for (bin, dst) in [("iptables", "198.18.0.3"), ("ip6tables", "2001:2::3")] {
+        let o = Net::exec(&foo, bin)
+            .args([
+                "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", dst, "-j", "ACCEPT",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     let mut foo_proxy = Proxy::start(
         &cp,
         &foo,
