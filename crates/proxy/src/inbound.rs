@@ -648,14 +648,20 @@ async fn relay<T: Tunnel>(
             rec.bytes_received = received;
             rec.reason = reason;
         }
-        Ok(Err(why)) => {
+        Ok(Err(closed)) => {
             if let Some(b) = http_bytes {
                 (rec.bytes_sent, rec.bytes_received) = b.get();
             }
-            // The last word on this connection was a deny: an audit that looks for what policy
-            // refused finds it, with the decision that had admitted it.
-            rec.decision = "deny";
-            rec.reason = format!("closed by {why} (admitted: {reason})");
+            rec.reason = match closed {
+                // The last word on this connection was a deny: an audit that looks for what
+                // policy refused finds it, with the decision that had admitted it.
+                crate::live::Closed::Denied(why) => {
+                    rec.decision = "deny";
+                    format!("closed by {why} (admitted: {reason})")
+                }
+                // An end of life, not a refusal: allowed, with why it ended.
+                expired @ crate::live::Closed::Expired => format!("{reason}; closed: {expired}"),
+            };
         }
         Err(e) => {
             if let Some(b) = http_bytes {

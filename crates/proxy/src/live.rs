@@ -199,6 +199,27 @@ impl RequestGuard {
     }
 }
 
+/// Why a live connection must close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// Policy now denies it, or its peer's certificate no longer verifies (the reason).
+    Denied(String),
+    /// The peer certificate it was authorized with expired (`max_connection_age = "svid"`): an
+    /// end of life, not a refusal.
+    Expired,
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Denied(why) => f.write_str(why),
+            Self::Expired => f.write_str(
+                "the peer certificate it was authorized with expired (max_connection_age = \"svid\")",
+            ),
+        }
+    }
+}
+
 /// Resolves with the reason once `closed` holds one; never if its sender is gone.
 async fn wait_for_reason(closed: &mut watch::Receiver<Option<String>>) -> String {
     match closed
@@ -263,21 +284,21 @@ impl Registration {
     }
 
     /// Resolves with the reason once the connection must close (never, otherwise).
-    pub async fn wait(&mut self) -> String {
+    pub async fn wait(&mut self) -> Closed {
         let Some(at) = self.expires_at else {
-            return self.wait_closed().await;
+            return Closed::Denied(self.wait_closed().await);
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let left = Duration::from_secs(u64::try_from(at).unwrap_or(0).saturating_sub(now));
         tokio::select! {
-            r = self.wait_closed() => r,
+            r = self.wait_closed() => Closed::Denied(r),
             () = tokio::time::sleep(left) => {
                 // No connection outlives the identity it was authorized with (a deleted entry,
                 // a banned agent): ARCHITECTURE.md "Policy model".
                 tracing::info!("closing a connection: the peer certificate it was authorized with expired (max_connection_age = \"svid\")");
-                "the peer certificate expired (max_connection_age = \"svid\")".to_owned()
+                Closed::Expired
             }
         }
     }
@@ -761,11 +782,17 @@ mod tests {
         let reason = tokio::time::timeout(Duration::from_secs(1), f.wait())
             .await
             .unwrap();
-        assert!(reason.contains("no-foo"), "{reason}");
+        assert!(
+            matches!(&reason, Closed::Denied(r) if r.contains("no-foo")),
+            "{reason}"
+        );
         let reason = tokio::time::timeout(Duration::from_secs(1), anon.wait())
             .await
             .unwrap();
-        assert!(reason.contains("no-foo"), "{reason}");
+        assert!(
+            matches!(&reason, Closed::Denied(r) if r.contains("no-foo")),
+            "{reason}"
+        );
         assert!(b.closed.borrow().is_none());
         drop(f);
         drop(anon);
@@ -788,7 +815,8 @@ mod tests {
         let why = tokio::time::timeout(Duration::from_secs(1), expired.wait())
             .await
             .unwrap();
-        assert!(why.contains("expired"), "{why}");
+        assert_eq!(why, Closed::Expired, "{why}");
+        assert!(why.to_string().contains("expired"), "{why}");
         let mut later = registry.register(Some(foo), 1, Some(now + 3600), Arc::default(), None);
         assert!(
             tokio::time::timeout(Duration::from_millis(50), later.wait())

@@ -1,4 +1,5 @@
-//! Wiring: wait for an identity, compile the policy, bind the listeners.
+//! Wiring: bind the listeners, wait for an identity (refusing connections until then), compile
+//! the policy, serve.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;

@@ -29,8 +29,9 @@ pub struct RuleParams {
     pub outbound_port: u16,
     pub inbound_plaintext_port: u16,
     pub mark: u32,
-    /// The proxy's user ID: its own connections carry the mark *and* belong to it.
-    pub uid: u32,
+    /// The proxy's user ID: its own connections carry the mark *and* belong to it. `None`
+    /// (or a namespace where the owner match cannot be used, see [`install`]): the mark alone.
+    pub uid: Option<u32>,
 }
 
 /// The `iptables -t nat` (and `ip6tables -t nat`) argument lists that install interception, in
@@ -39,28 +40,19 @@ pub struct RuleParams {
 /// to the receiving interface's address, where the proxy's IPv6 listeners are.
 pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
     let mark = format!("{:#x}", p.mark);
-    let uid = p.uid.to_string();
     let v = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let mut exempt = v(&["-A", CHAIN_OUTPUT, "-m", "mark", "--mark", &mark]);
+    if let Some(uid) = p.uid {
+        exempt.extend(v(&["-m", "owner", "--uid-owner", &uid.to_string()]));
+    }
+    exempt.extend(v(&["-j", "RETURN"]));
     vec![
         // Outbound: the proxy's own connections leave untouched, or they would loop. They are
         // told by the mark *and* the socket's owner: since Linux 5.17 `SO_MARK` needs only
         // CAP_NET_RAW, which container runtimes grant by default, so a mark alone could be
         // set by the workload to send its traffic past the proxy. With the owner too, that
         // takes the proxy's uid as well (Istio's sidecar rules exempt by uid for this reason).
-        v(&[
-            "-A",
-            CHAIN_OUTPUT,
-            "-m",
-            "mark",
-            "--mark",
-            &mark,
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid,
-            "-j",
-            "RETURN",
-        ]),
+        exempt,
         // Loopback stays local: the proxy reaching the application at 127.0.0.1, and the
         // workload reaching an explicit listener.
         v(&["-A", CHAIN_OUTPUT, "-o", "lo", "-j", "RETURN"]),
@@ -111,9 +103,10 @@ pub fn own_uid() -> u32 {
 
 /// What the rules assume of the proxy's own listeners, checked before anything is installed.
 /// - The tunnel port is let through to *whoever* listens on it (the rules name no address), so
-///   the tunnel must hold that port on every address (`0.0.0.0`, with its `::` twin): bound
-///   to one address only, another socket on the same port (IPv6, or another local address)
-///   could be bound by the workload and would receive peers' plaintext past STRICT mode.
+///   the tunnel must hold that port on every address: `0.0.0.0`, which the proxy binds with
+///   its `::` twin. Bound to one address only, another socket on the same port (IPv6, or
+///   another local address) could be bound by the workload and would receive peers' plaintext
+///   past STRICT mode; `[::]` alone leaves `0.0.0.0` free where `net.ipv6.bindv6only = 1`.
 /// - No port declared `--inbound` may be one of the proxy's own: the proxy would connect to
 ///   itself (the plaintext port admitting its own connection again, without end).
 pub fn check_own_ports(
@@ -121,9 +114,9 @@ pub fn check_own_ports(
     tunnel: SocketAddr,
     inbound: impl IntoIterator<Item = u16>,
 ) -> Result<(), String> {
-    if !tunnel.ip().is_unspecified() {
+    if tunnel.ip() != std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
         return Err(format!(
-            "--tunnel-address {tunnel}: with --transparent the tunnel listens on every address (0.0.0.0:PORT or [::]:PORT); the rules let port {} through to whatever listens on it",
+            "--tunnel-address {tunnel}: with --transparent the tunnel listens on every address (0.0.0.0:PORT, which also takes [::]:PORT); the rules let port {} through to whatever listens on it",
             tunnel.port()
         ));
     }
@@ -300,42 +293,61 @@ fn nat6_available() -> Result<bool, String> {
 /// `REDIRECT`, the fallback (IPv6 rejected) is what [`install`] leaves, and taking it for
 /// stale would make every start remove and re-add the rules — a window without interception.
 fn nat6_redirects() -> Result<bool, String> {
+    probe(
+        Table::Nat6,
+        &["-p", "tcp", "-j", "REDIRECT", "--to-ports", "1"],
+    )
+}
+
+/// Whether `rule` can be added in `t` here, tried in a scratch chain that is removed again.
+fn probe(t: Table, rule: &[&str]) -> Result<bool, String> {
     const PROBE: &str = "TESSERA_PROBE";
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
     let clear = || -> Result<(), String> {
-        if iptables_in(Table::Nat6, &s(&["-n", "-L", PROBE]))?
-            .status
-            .success()
-        {
-            must_in(Table::Nat6, &s(&["-F", PROBE]))?;
-            must_in(Table::Nat6, &s(&["-X", PROBE]))?;
+        if iptables_in(t, &s(&["-n", "-L", PROBE]))?.status.success() {
+            must_in(t, &s(&["-F", PROBE]))?;
+            must_in(t, &s(&["-X", PROBE]))?;
         }
         Ok(())
     };
     clear()?;
-    if !iptables_in(Table::Nat6, &s(&["-N", PROBE]))?
-        .status
-        .success()
-    {
+    if !iptables_in(t, &s(&["-N", PROBE]))?.status.success() {
         return Ok(false);
     }
-    let redirects = iptables_in(
-        Table::Nat6,
-        &s(&[
-            "-A",
-            PROBE,
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "1",
-        ]),
-    )?
-    .status
-    .success();
+    let mut add = s(&["-A", PROBE]);
+    add.extend(s(rule));
+    let added = iptables_in(t, &add)?.status.success();
     clear()?;
-    Ok(redirects)
+    Ok(added)
+}
+
+/// `p`, without the owner match where this namespace cannot have it: the kernel refuses
+/// `--uid-owner` to a writer outside the user namespace that owns the network namespace (a
+/// user-namespaced pod attached by a node proxy). The rules then exempt by mark alone, as
+/// before the owner match existed, and say so: refusing would leave the namespace without
+/// interception at all.
+fn owner_where_possible(p: &RuleParams) -> Result<RuleParams, String> {
+    let Some(uid) = p.uid else {
+        return Ok(*p);
+    };
+    if probe(
+        Table::Nat4,
+        &[
+            "-m",
+            "owner",
+            "--uid-owner",
+            &uid.to_string(),
+            "-j",
+            "RETURN",
+        ],
+    )? {
+        return Ok(*p);
+    }
+    tracing::warn!(
+        uid,
+        "the owner match cannot be used in this network namespace: the proxy's connections are exempted by mark alone, which a workload with CAP_NET_RAW can set"
+    );
+    Ok(RuleParams { uid: None, ..*p })
 }
 
 /// Installs the rules in the current network namespace, replacing ours if present, and says how
@@ -343,6 +355,7 @@ fn nat6_redirects() -> Result<bool, String> {
 /// they are left untouched: removing and re-adding them would open a window in which the
 /// workload's traffic is not intercepted.
 pub fn install(p: &RuleParams) -> Result<V6, String> {
+    let p = &owner_where_possible(p)?;
     if let Some(v6) = installed(p)? {
         return Ok(v6);
     }
@@ -467,16 +480,14 @@ mod tests {
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             mark: 0x5e55,
-            uid: 1337,
+            uid: Some(1337),
         };
         let any: SocketAddr = "0.0.0.0:15008".parse().unwrap();
         assert_eq!(check_own_ports(&p, any, [8080, 9090]), Ok(()));
-        assert_eq!(
-            check_own_ports(&p, "[::]:15008".parse().unwrap(), [8080]),
-            Ok(())
-        );
-        let e = check_own_ports(&p, "198.18.0.2:15008".parse().unwrap(), [8080]).unwrap_err();
-        assert!(e.contains("--tunnel-address 198.18.0.2:15008"), "{e}");
+        for named in ["198.18.0.2:15008", "[::]:15008", "127.0.0.1:15008"] {
+            let e = check_own_ports(&p, named.parse().unwrap(), [8080]).unwrap_err();
+            assert!(e.contains(&format!("--tunnel-address {named}")), "{e}");
+        }
         for (port, what) in [
             (15006, "inbound plaintext"),
             (15001, "outbound capture"),
@@ -497,7 +508,7 @@ mod tests {
             outbound_port: 15001,
             inbound_plaintext_port: 15006,
             mark: 0x5e55,
-            uid: 1337,
+            uid: Some(1337),
         });
         let text: Vec<String> = r.iter().map(|a| a.join(" ")).collect();
         let pos = |needle: &str| {

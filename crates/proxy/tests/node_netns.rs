@@ -157,7 +157,7 @@ fn node_proxy(log: &Log) -> NodeProxy {
         outbound_port: outbound_addr.port(),
         inbound_plaintext_port: inbound_plaintext_addr.port(),
         mark: config::DEFAULT_MARK,
-        uid: tessera_proxy::transparent::own_uid(),
+        uid: Some(tessera_proxy::transparent::own_uid()),
     };
     NodeProxy::new(t, Some(rules), telemetry)
 }

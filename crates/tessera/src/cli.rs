@@ -338,12 +338,21 @@ fn server_run(a: ServerRunArgs) -> anyhow::Result<ExitCode> {
 /// container runtime) stop a process. Either way it shuts down cleanly (a SIGTERM left to its
 /// default would end it at once: no drain, `dev`'s temporary directory left behind).
 pub(crate) async fn until_stopped() -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
-    }
+    stop_signals()?.await;
     Ok(())
+}
+
+/// The next Ctrl-C or SIGTERM, listened for from now on (a signal that arrives before the
+/// returned future is polled still counts).
+pub(crate) fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use anyhow::Context as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the Ctrl-C handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

@@ -243,7 +243,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             outbound_port: outbound_addr.port(),
             inbound_plaintext_port: inbound_plaintext_addr.port(),
             mark: a.mark,
-            uid: transparent::own_uid(),
+            uid: Some(transparent::own_uid()),
         };
         transparent::check_own_ports(
             &params,
@@ -255,8 +255,8 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             // Installed in each workload's namespace when it is attached.
             node_rules = Some(params);
         } else {
-            // Rules first: until the proxy has an identity, intercepted traffic meets closed
-            // ports (fails closed) instead of leaving in plaintext.
+            // Rules first: until the proxy has an identity, intercepted traffic is accepted and
+            // closed at once (fails closed) instead of leaving in plaintext.
             let v6 = transparent::install(&params).map_err(anyhow::Error::msg)?;
             tracing::info!(
                 ipv6 = ?v6,
@@ -349,9 +349,12 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
 
 /// A stopping proxy's drain: its listeners are closed (in transparent mode the interception
 /// rules stay, so new connections fail closed; in node mode another process's listeners take
-/// them) and the open connections may finish, for at most [`Drain::LIMIT`].
+/// them) and the open connections may finish, for at most [`Drain::LIMIT`]; a second Ctrl-C
+/// or SIGTERM ends it at once.
 struct Drain {
     deadline: tokio::time::Instant,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    second_signal: tokio::task::JoinHandle<()>,
 }
 
 impl Drain {
@@ -359,18 +362,37 @@ impl Drain {
     const LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
     fn start() -> Self {
+        // Listened for before the drain is announced, so a signal right after counts.
+        let second = crate::cli::stop_signals();
         tracing::info!("draining: listeners closed, open connections finish (at most 30 s)");
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = cut.clone();
+        let second_signal = tokio::spawn(async move {
+            match second {
+                Ok(signal) => {
+                    signal.await;
+                    tracing::info!("stopped again: the open connections are not waited for");
+                    c.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                Err(e) => tracing::warn!(error = %e, "a second signal cannot end the drain"),
+            }
+        });
         Self {
             deadline: tokio::time::Instant::now() + Self::LIMIT,
+            cut,
+            second_signal,
         }
     }
 
-    /// Whether connections are still open and the limit is not reached.
+    /// Whether connections are still open, the limit is not reached and no second signal came.
     fn pending(&self, telemetry: &Telemetry) -> bool {
-        telemetry.active_connections() > 0 && tokio::time::Instant::now() < self.deadline
+        !self.cut.load(std::sync::atomic::Ordering::SeqCst)
+            && telemetry.active_connections() > 0
+            && tokio::time::Instant::now() < self.deadline
     }
 
     fn done(self, telemetry: &Telemetry) {
+        self.second_signal.abort();
         tracing::info!(open = telemetry.active_connections(), "drained: exiting");
     }
 }

@@ -179,7 +179,17 @@ fn not_ready_and_not_serving_until_it_has_an_identity() {
     wait_for("/ready", || {
         get(health, "/ready").is_some_and(|(s, _)| s == 200)
     });
-    wait_for("the tunnel port", || TcpStream::connect(tunnel).is_ok());
+    // Now it serves: a connection stays open, waiting for a TLS ClientHello, instead of being
+    // closed at once.
+    wait_for("the tunnel to serve", || {
+        TcpStream::connect(tunnel).is_ok_and(|mut c| {
+            c.set_read_timeout(Some(Duration::from_millis(500))).is_ok()
+                && matches!(
+                    c.read(&mut [0u8; 1]),
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+                )
+        })
+    });
     let (_, metrics) = get(health, "/metrics").unwrap();
     assert!(
         metrics.contains("tessera_proxy_active_connections"),

@@ -163,6 +163,35 @@ fn explicit_mode_encrypts_and_survives_rotation() {
     });
     assert_eq!(bar_proxy.exited(), Some(true));
     assert!(bar_proxy.stderr().contains("drained: exiting"));
+
+    // A second signal ends a drain at once, with connections still open (here foo's).
+    let _bar_again = Proxy::start(
+        &cp,
+        &bar,
+        "bar-again",
+        &s(&[
+            "--inbound",
+            "8080",
+            "--policy",
+            &policy,
+            "--max-connection-age",
+            "unlimited",
+        ]),
+    );
+    let mut foo_proxy = foo_proxy;
+    let live = live_echo(&foo, "127.0.0.1:9000".parse().unwrap());
+    foo_proxy.signal("TERM");
+    wait_until("foo's proxy to drain", 10, || {
+        foo_proxy.stderr().contains("draining")
+    });
+    assert_eq!(foo_proxy.exited(), None, "exited with a connection open");
+    foo_proxy.signal("TERM");
+    wait_until("foo's proxy to exit on the second signal", 10, || {
+        foo_proxy.exited().is_some()
+    });
+    assert_eq!(foo_proxy.exited(), Some(true));
+    assert!(foo_proxy.stderr().contains("stopped again"));
+    drop(live);
 }
 
 /// A forwarder that admits connections by source IP only, as an IP-based allow rule would, to
@@ -507,12 +536,19 @@ fn transparent_mode_intercepts_and_fails_closed() {
         )
     };
     let (sent, out) = marked("65534", "MARKED-BY-A-WORKLOAD");
-    // The workload could set the mark (CAP_NET_RAW): what follows is not vacuous.
-    assert!(out.contains("mark set"), "{out}");
-    assert!(
-        !other_app.saw(b"MARKED-BY-A-WORKLOAD") && !out.contains("MARKED-BY-A-WORKLOAD"),
-        "a workload's marked connection left without the proxy (sent: {sent}): {out}"
-    );
+    if out.contains("PermissionError") && !out.contains("mark set") {
+        // Before Linux 5.17 SO_MARK needs CAP_NET_ADMIN: the workload cannot set it at all.
+        eprintln!(
+            "skipped the marked-by-a-workload step: this kernel refuses SO_MARK without CAP_NET_ADMIN (before 5.17)"
+        );
+    } else {
+        // The workload could set the mark (CAP_NET_RAW): what follows is not vacuous.
+        assert!(out.contains("mark set"), "{out}");
+        assert!(
+            !other_app.saw(b"MARKED-BY-A-WORKLOAD") && !out.contains("MARKED-BY-A-WORKLOAD"),
+            "a workload's marked connection left without the proxy (sent: {sent}): {out}"
+        );
+    }
     let (sent, out) = marked("0", "MARKED-BY-ROOT");
     assert!(sent && other_app.saw(b"MARKED-BY-ROOT"), "{out}");
     assert_eq!(other_app.connections(), 1);
@@ -871,7 +907,7 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
     // taking it for stale would remove and re-add every rule, a window without interception.
     foo_proxy.stop();
     std::fs::write(&calls, "").unwrap();
-    let foo_proxy = start();
+    let _foo_proxy = start();
     let log = std::fs::read_to_string(&calls).unwrap();
     assert!(
         !log.lines().any(|l| ["-N ", "-X ", "-F ", "-A ", "-D "]

@@ -323,12 +323,8 @@ impl Proxy {
             access,
             stderr,
         };
-        // Ready once the tunnel port accepts (it is bound only after the SVID arrived).
-        wait_until(&format!("{name}'s proxy to have an identity"), 30, || {
-            in_netns(ns, || TcpStream::connect(("127.0.0.1", 15008)).is_ok())
-        });
-        // The outbound and transparent listeners are bound after the tunnel's; the proxy logs
-        // this line once every listener is.
+        // The proxy binds its ports at start and serves once it has an identity, then logs
+        // this line.
         wait_until(
             &format!("{name}'s proxy to bind every listener"),
             30,
