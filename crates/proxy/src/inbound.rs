@@ -105,7 +105,7 @@ impl Inbound {
         // before `accept` returns, is not acknowledged on its own.
         crate::sockets::delay_acks(&listener);
         loop {
-            let (tcp, peer) = crate::sockets::accept(&listener).await;
+            let (tcp, peer) = self.sockets.accept(&listener).await;
             let this = self.clone();
             self.sockets
                 .spawn(async move { this.connection(tcp, peer).await });
@@ -515,7 +515,7 @@ impl Inbound {
     /// connection again — logged at warn when admitted.
     pub async fn serve_plaintext(self: Arc<Self>, listener: TcpListener, mode: InboundMode) {
         loop {
-            let (tcp, peer) = crate::sockets::accept(&listener).await;
+            let (tcp, peer) = self.sockets.accept(&listener).await;
             let this = self.clone();
             self.sockets.spawn(async move {
                 let start = Instant::now();

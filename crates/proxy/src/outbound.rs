@@ -395,7 +395,7 @@ impl Outbound {
     pub async fn serve_explicit(self: Arc<Self>, listener: TcpListener, spec: OutboundListener) {
         let spec = Arc::new(spec);
         loop {
-            let (client, peer) = crate::sockets::accept(&listener).await;
+            let (client, peer) = self.sockets.accept(&listener).await;
             let this = self.clone();
             let spec = spec.clone();
             self.sockets.spawn(async move {
@@ -428,7 +428,7 @@ impl Outbound {
         unmapped: Unmapped,
     ) {
         loop {
-            let (client, peer) = crate::sockets::accept(&listener).await;
+            let (client, peer) = self.sockets.accept(&listener).await;
             let this = self.clone();
             let map = map.clone();
             self.sockets.spawn(async move {

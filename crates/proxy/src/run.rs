@@ -114,6 +114,12 @@ impl RunningProxy {
         }
         self.sockets.stop_accepting();
     }
+
+    /// A graceful drain that keeps the ports (no successor takes them: a sidecar): new
+    /// connections are accepted and closed at once, open ones are served.
+    pub fn refuse_new(&self) {
+        self.sockets.refuse_new();
+    }
 }
 
 impl Drop for RunningProxy {

@@ -124,6 +124,8 @@ pub struct Sockets {
     drain: tokio_util::sync::CancellationToken,
     /// A graceful drain began: serve what is open, invite peers elsewhere (HTTP/2 GOAWAY).
     stopping: tokio_util::sync::CancellationToken,
+    /// A drain that keeps the listeners: new connections are accepted and closed at once.
+    refusing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Sockets {
@@ -162,6 +164,29 @@ impl Sockets {
     /// streams on new connections (to another process's listener), while open streams finish.
     pub fn stop_accepting(&self) {
         self.stopping.cancel();
+    }
+
+    /// Begins a graceful drain that keeps the ports: as [`Self::stop_accepting`], but the
+    /// listeners stay open and [`Self::accept`] closes each new connection at once. For a
+    /// proxy with no successor taking its ports (a sidecar): a port let go while the workload
+    /// still runs could be bound by the workload, and in transparent mode it would then
+    /// receive redirected traffic.
+    pub fn refuse_new(&self) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopping.cancel();
+    }
+
+    /// The next connection on `listener` to serve: none once [`Self::refuse_new`] was called
+    /// (those are closed as they arrive).
+    pub async fn accept(&self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
+        loop {
+            let (conn, peer) = accept(listener).await;
+            if !self.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                return (conn, peer);
+            }
+            tracing::debug!(%peer, "draining: new connection closed");
+        }
     }
 
     /// Resolves once [`Self::stop_accepting`] was called.

@@ -330,14 +330,16 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .with_context(|| format!("--health-bind-address {addr}"))?;
         }
-        let mut running = tessera_proxy::start(opts, identity, telemetry.clone())
+        let running = tessera_proxy::start(opts, identity, telemetry.clone())
             .await
             .map_err(anyhow::Error::msg)?;
         // Like Ctrl-C, SIGTERM drains instead of cutting the workload's connections.
         crate::cli::until_stopped().await?;
         // Live re-authorization, rotation and policy updates go on for what is still open.
         let drain = Drain::start();
-        running.stop_accepting();
+        // The ports stay held (nothing succeeds a sidecar on them while it drains): let go,
+        // they could be bound by the workload, which the rules would then deliver to.
+        running.refuse_new();
         while drain.pending(&telemetry) {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }

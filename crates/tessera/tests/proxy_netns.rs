@@ -152,6 +152,12 @@ fn explicit_mode_encrypts_and_survives_rotation() {
         exchange(&foo, "127.0.0.1:9000".parse().unwrap(), b"NEW").map_or(true, |b| b.is_empty()),
         "a draining proxy took a new connection"
     );
+    // Its ports stay held while it drains: nothing succeeds a sidecar on them, and the
+    // workload, still running, must not take them.
+    assert!(
+        in_netns(&bar, || TcpListener::bind(("0.0.0.0", 15008)).is_err()),
+        "a draining proxy let its tunnel port go"
+    );
     live.write_all(b"more").unwrap();
     let mut b = [0u8; 4];
     live.read_exact(&mut b).unwrap();
