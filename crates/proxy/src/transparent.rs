@@ -359,6 +359,13 @@ pub fn install(p: &RuleParams) -> Result<V6, String> {
     if let Some(v6) = installed(p)? {
         return Ok(v6);
     }
+    match replace(p) {
+        Ok(Some(v6)) => return Ok(v6),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "interception rules cannot be replaced in one transaction; rebuilding them")
+        }
+    }
     uninstall()?;
     let nat = rules(p);
     create(Table::Nat4, NAT_JUMPS, &nat)?;
@@ -387,6 +394,119 @@ pub fn install(p: &RuleParams) -> Result<V6, String> {
         return Ok(V6::Rejected);
     }
     Ok(V6::Intercepted)
+}
+
+/// Replaces our `nat` rules where they are in place but differ (an older release, another port
+/// or mark, a jump no longer first), in one `iptables-restore --noflush` transaction per
+/// family: our chains are flushed and refilled and the jumps moved to the front at once, so no
+/// connection meets the namespace without interception, as one would between removing and
+/// re-adding them. `None` where this does not apply (ours are not all there, or IPv6 is
+/// handled otherwise): the caller rebuilds.
+fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
+    let has_ours = |t: Table| -> Result<bool, String> {
+        for (_, chain) in NAT_JUMPS {
+            if !iptables_in(t, &["-n".to_owned(), "-L".to_owned(), (*chain).to_owned()])?
+                .status
+                .success()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    let mut tables = vec![Table::Nat4];
+    let v6 = if !ipv6_enabled() {
+        V6::Absent
+    } else if nat6_redirects()? && has_ours(Table::Nat6)? {
+        tables.push(Table::Nat6);
+        V6::Intercepted
+    } else {
+        return Ok(None);
+    };
+    if !has_ours(Table::Nat4)? {
+        return Ok(None);
+    }
+    let nat = rules(p);
+    for t in tables {
+        let mut jumps = Vec::new();
+        for (builtin, chain) in NAT_JUMPS {
+            let o = iptables_in(t, &["-S".to_owned(), (*builtin).to_owned()])?;
+            let ours = format!("-A {builtin} -p tcp -j {chain}");
+            let n = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.trim() == ours)
+                .count();
+            jumps.push((*builtin, *chain, n));
+        }
+        restore(t, &restore_text(&nat, &jumps))?;
+    }
+    if installed(p)? != Some(v6) {
+        return Err("after the transaction the rules are not the expected ones".into());
+    }
+    tracing::info!("interception rules replaced in one transaction");
+    Ok(Some(v6))
+}
+
+/// The `iptables-restore --noflush` input that makes our `nat` chains hold `rules` and puts
+/// each jump first, deleting the `existing` copies of it (`(builtin, chain, count)`).
+fn restore_text(rules: &[Vec<String>], existing: &[(&str, &str, usize)]) -> String {
+    let mut out = String::from("*nat\n");
+    for (_, chain) in NAT_JUMPS {
+        // Declaring an existing chain under --noflush flushes it.
+        out.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    for r in rules {
+        if r.first().is_some_and(|op| op == "-I") {
+            continue;
+        }
+        out.push_str(&r.join(" "));
+        out.push('\n');
+    }
+    for (builtin, chain, n) in existing {
+        for _ in 0..*n {
+            out.push_str(&format!("-D {builtin} -p tcp -j {chain}\n"));
+        }
+    }
+    for r in rules
+        .iter()
+        .filter(|r| r.first().is_some_and(|op| op == "-I"))
+    {
+        out.push_str(&r.join(" "));
+        out.push('\n');
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+fn restore(t: Table, text: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let bin = match t {
+        Table::Nat4 => "iptables-restore",
+        Table::Nat6 | Table::Filter6 => "ip6tables-restore",
+    };
+    let mut child = Command::new(bin)
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {bin}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("{bin}: {e}"))?;
+    }
+    let o = child
+        .wait_with_output()
+        .map_err(|e| format!("{bin}: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{bin} --noflush: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
 }
 
 /// The built-in chain each of our `nat` chains is jumped to from.
@@ -499,6 +619,48 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_replacement_refills_our_chains_and_moves_each_jump_first_in_one_transaction() {
+        let r = rules(&RuleParams {
+            tunnel_port: 15008,
+            outbound_port: 15001,
+            inbound_plaintext_port: 15006,
+            mark: 0x5e55,
+            uid: Some(1337),
+        });
+        let text = restore_text(
+            &r,
+            &[
+                ("OUTPUT", CHAIN_OUTPUT, 2),
+                ("PREROUTING", CHAIN_INBOUND, 0),
+            ],
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.first(), Some(&"*nat"));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+        let at = |l: &str| lines.iter().position(|x| *x == l).unwrap();
+        // Flushed by being declared, then refilled.
+        assert!(at(":TESSERA_OUTPUT - [0:0]") < at("-A TESSERA_OUTPUT -o lo -j RETURN"));
+        assert!(lines.contains(&":TESSERA_INBOUND - [0:0]"));
+        // Both old copies of a jump go, and each jump is inserted first, after the chains
+        // are full.
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| **l == "-D OUTPUT -p tcp -j TESSERA_OUTPUT")
+                .count(),
+            2
+        );
+        assert!(!lines.iter().any(|l| l.starts_with("-D PREROUTING")));
+        assert!(
+            at("-A TESSERA_INBOUND -i lo -j RETURN") < at("-I OUTPUT 1 -p tcp -j TESSERA_OUTPUT")
+        );
+        assert!(
+            at("-D OUTPUT -p tcp -j TESSERA_OUTPUT") < at("-I OUTPUT 1 -p tcp -j TESSERA_OUTPUT")
+        );
+        assert!(lines.contains(&"-I PREROUTING 1 -p tcp -j TESSERA_INBOUND"));
     }
 
     #[test]

@@ -932,3 +932,151 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
         String::from_utf8_lossy(&rules.stdout)
     );
 }
+
+/// Rules an older release installed (the mark alone exempts, jumps appended) are replaced on
+/// the first start of this one in one `iptables-restore` transaction per family: never removed
+/// and re-added, which would leave the namespace without interception in between.
+#[test]
+fn an_older_releases_rules_are_replaced_without_a_gap() {
+    if !usable("an_older_releases_rules_are_replaced_without_a_gap") {
+        return;
+    }
+    let mut net = Net::new();
+    let foo = net.node("foo", FOO_IP);
+    net.add_v6(&foo, FOO_IP6);
+    let old: &[&[&str]] = &[
+        &["-N", "TESSERA_OUTPUT"],
+        &["-N", "TESSERA_INBOUND"],
+        &[
+            "-A",
+            "TESSERA_OUTPUT",
+            "-m",
+            "mark",
+            "--mark",
+            "0x5e55",
+            "-j",
+            "RETURN",
+        ],
+        &["-A", "TESSERA_OUTPUT", "-o", "lo", "-j", "RETURN"],
+        &[
+            "-A",
+            "TESSERA_OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+        &[
+            "-A",
+            "TESSERA_INBOUND",
+            "-p",
+            "tcp",
+            "--dport",
+            "15008",
+            "-j",
+            "RETURN",
+        ],
+        &["-A", "TESSERA_INBOUND", "-i", "lo", "-j", "RETURN"],
+        &[
+            "-A",
+            "TESSERA_INBOUND",
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15006",
+        ],
+        &["-A", "OUTPUT", "-p", "tcp", "-j", "TESSERA_OUTPUT"],
+        &["-A", "PREROUTING", "-p", "tcp", "-j", "TESSERA_INBOUND"],
+    ];
+    for bin in ["iptables", "ip6tables"] {
+        for r in old {
+            let o = Net::exec(&foo, bin)
+                .args(["-w", "-t", "nat"])
+                .args(*r)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{bin} {r:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+    // Every iptables and ip6tables call of the proxy is logged.
+    let tools = tempfile::tempdir().unwrap();
+    let calls = tools.path().join("calls.log");
+    for bin in ["iptables", "ip6tables"] {
+        let real = String::from_utf8(
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let wrapper = tools.path().join(bin);
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\necho \"{bin} $*\" >> {}\nexec {} \"$@\"\n",
+                calls.display(),
+                real.trim()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .args(["+x", wrapper.to_str().unwrap()])
+            .status()
+            .unwrap();
+    }
+    let stderr = tools.path().join("proxy.stderr");
+    let rest = std::env::var("PATH").unwrap_or_default();
+    // No Workload API here: only the rules are of interest, installed before the identity.
+    let _proxy = support::netns::Proc(
+        Net::exec(&foo, env!("CARGO_BIN_EXE_tessera"))
+            .env("PATH", format!("{}:{rest}", tools.path().display()))
+            .args(["proxy", "--transparent", "--log-level", "info"])
+            .arg("--workload-socket")
+            .arg(tools.path().join("no-agent.sock"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the proxy to install its rules", 30, || {
+        std::fs::read_to_string(&stderr).is_ok_and(|e| e.contains("interception rules"))
+    });
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    assert!(err.contains("replaced in one transaction"), "{err}");
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert!(
+        !log.lines()
+            .any(|l| ["-N ", "-X ", "-F ", "-A ", "-D ", "-I "]
+                .iter()
+                .any(|op| l.contains(op) && !l.contains("TESSERA_PROBE"))),
+        "rules were removed or added one by one:\n{log}"
+    );
+    for bin in ["iptables", "ip6tables"] {
+        let o = Net::exec(&foo, bin)
+            .args(["-t", "nat", "-S"])
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&o.stdout);
+        assert!(rules.contains("-m owner --uid-owner"), "{bin}: {rules}");
+        let first = rules.lines().find(|l| l.starts_with("-A OUTPUT"));
+        assert_eq!(
+            first,
+            Some("-A OUTPUT -p tcp -j TESSERA_OUTPUT"),
+            "{bin}: {rules}"
+        );
+        assert_eq!(
+            rules.matches("-j TESSERA_OUTPUT").count(),
+            1,
+            "{bin}: one jump: {rules}"
+        );
+    }
+}
