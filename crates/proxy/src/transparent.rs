@@ -228,37 +228,48 @@ pub enum V6 {
     Rejected,
 }
 
-/// Whether exactly these rules are in place already (each one present, checked with `-C`, and
-/// each jump still the first rule of its built-in chain); `Some` with how IPv6 is handled
-/// when they are.
-fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
-    let all = |t: Table, rules: &[Vec<String>]| -> Result<bool, String> {
-        for r in rules {
-            let present = match r.as_slice() {
-                // A jump: `-I BUILTIN 1 REST…` is in place if `-A BUILTIN REST…` is the
-                // chain's first rule (`-S` lists the policy, then the rules in order).
-                [op, builtin, _, rest @ ..] if op == "-I" => {
-                    let o = iptables_in(t, &["-S".to_owned(), builtin.clone()])?;
-                    let want = format!("-A {builtin} {}", rest.join(" "));
-                    o.status.success()
-                        && String::from_utf8_lossy(&o.stdout)
-                            .lines()
-                            .find(|l| l.starts_with("-A "))
-                            .is_some_and(|l| l.trim() == want)
-                }
-                [_, rest @ ..] => {
-                    let mut c = vec!["-C".to_owned()];
-                    c.extend_from_slice(rest);
-                    iptables_in(t, &c)?.status.success()
-                }
-                [] => true,
-            };
-            if !present {
-                return Ok(false);
+/// Whether every rule of `rules` is in place in `t` (checked with `-C`; a jump `-I BUILTIN 1
+/// REST…` only if `-A BUILTIN REST…` is the chain's first rule: `-S` lists the policy, then the
+/// rules in order).
+fn all_present(t: Table, rules: &[Vec<String>]) -> Result<bool, String> {
+    for r in rules {
+        let present = match r.as_slice() {
+            [op, builtin, _, rest @ ..] if op == "-I" => {
+                let o = iptables_in(t, &["-S".to_owned(), builtin.clone()])?;
+                let want = format!("-A {builtin} {}", rest.join(" "));
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .find(|l| l.starts_with("-A "))
+                        .is_some_and(|l| l.trim() == want)
             }
+            [_, rest @ ..] => {
+                let mut c = vec!["-C".to_owned()];
+                c.extend_from_slice(rest);
+                iptables_in(t, &c)?.status.success()
+            }
+            [] => true,
+        };
+        if !present {
+            return Ok(false);
         }
-        Ok(true)
-    };
+    }
+    Ok(true)
+}
+
+/// Whether IPv6 TCP is closed by our `filter` rules (the fallback where it cannot be
+/// redirected), with `REJECT` or `DROP`.
+fn v6_closed() -> Result<bool, String> {
+    Ok(
+        all_present(Table::Filter6, &rules_v6_reject(Close::Reject))?
+            || all_present(Table::Filter6, &rules_v6_reject(Close::Drop))?,
+    )
+}
+
+/// Whether exactly these rules are in place already (each one present, and each jump still the
+/// first rule of its built-in chain); `Some` with how IPv6 is handled when they are.
+fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
+    let all = all_present;
     let v4 = rules(p);
     if !all(Table::Nat4, &v4)? {
         return Ok(None);
@@ -274,9 +285,7 @@ fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
     if nat6_redirects()? {
         return Ok(None);
     }
-    let closed = all(Table::Filter6, &rules_v6_reject(Close::Reject))?
-        || all(Table::Filter6, &rules_v6_reject(Close::Drop))?;
-    Ok(closed.then_some(V6::Rejected))
+    Ok(v6_closed()?.then_some(V6::Rejected))
 }
 
 /// Whether this namespace has an IPv6 `nat` table (`ip6table_nat`, or nftables' equivalent).
@@ -293,32 +302,38 @@ fn nat6_available() -> Result<bool, String> {
 /// `REDIRECT`, the fallback (IPv6 rejected) is what [`install`] leaves, and taking it for
 /// stale would make every start remove and re-add the rules — a window without interception.
 fn nat6_redirects() -> Result<bool, String> {
-    probe(
-        Table::Nat6,
-        &["-p", "tcp", "-j", "REDIRECT", "--to-ports", "1"],
-    )
+    let redirect = ["-p", "tcp", "-j", "REDIRECT", "--to-ports", "1"];
+    Ok(probe(Table::Nat6, &redirect)?.is_ok())
 }
 
-/// Whether `rule` can be added in `t` here, tried in a scratch chain that is removed again.
-fn probe(t: Table, rule: &[&str]) -> Result<bool, String> {
-    const PROBE: &str = "TESSERA_PROBE";
+/// Whether `rule` can be added in `t` here, tried in a scratch chain that is removed again;
+/// `Err(why)` from iptables when it cannot. The chain is named after this process, so two
+/// proxies probing one namespace at once do not meet in it.
+fn probe(t: Table, rule: &[&str]) -> Result<Result<(), String>, String> {
+    let chain = format!("TESSERA_PROBE_{}", std::process::id());
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
     let clear = || -> Result<(), String> {
-        if iptables_in(t, &s(&["-n", "-L", PROBE]))?.status.success() {
-            must_in(t, &s(&["-F", PROBE]))?;
-            must_in(t, &s(&["-X", PROBE]))?;
+        if iptables_in(t, &s(&["-n", "-L", &chain]))?.status.success() {
+            must_in(t, &s(&["-F", &chain]))?;
+            must_in(t, &s(&["-X", &chain]))?;
         }
         Ok(())
     };
+    let why = |o: std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_owned();
     clear()?;
-    if !iptables_in(t, &s(&["-N", PROBE]))?.status.success() {
-        return Ok(false);
+    let o = iptables_in(t, &s(&["-N", &chain]))?;
+    if !o.status.success() {
+        return Ok(Err(why(o)));
     }
-    let mut add = s(&["-A", PROBE]);
+    let mut add = s(&["-A", &chain]);
     add.extend(s(rule));
-    let added = iptables_in(t, &add)?.status.success();
+    let o = iptables_in(t, &add)?;
     clear()?;
-    Ok(added)
+    Ok(if o.status.success() {
+        Ok(())
+    } else {
+        Err(why(o))
+    })
 }
 
 /// `p`, without the owner match where this namespace cannot have it: the kernel refuses
@@ -330,22 +345,15 @@ fn owner_where_possible(p: &RuleParams) -> Result<RuleParams, String> {
     let Some(uid) = p.uid else {
         return Ok(*p);
     };
-    if probe(
-        Table::Nat4,
-        &[
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid.to_string(),
-            "-j",
-            "RETURN",
-        ],
-    )? {
+    let uid_text = uid.to_string();
+    let owner = ["-m", "owner", "--uid-owner", &uid_text, "-j", "RETURN"];
+    let Err(why) = probe(Table::Nat4, &owner)? else {
         return Ok(*p);
-    }
+    };
     tracing::warn!(
         uid,
-        "the owner match cannot be used in this network namespace: the proxy's connections are exempted by mark alone, which a workload with CAP_NET_RAW can set"
+        error = %why,
+        "the owner match cannot be used here (a network namespace of another user namespace, or no xt_owner): the proxy's connections are exempted by mark alone, which a workload with CAP_NET_RAW can set"
     );
     Ok(RuleParams { uid: None, ..*p })
 }
@@ -359,12 +367,8 @@ pub fn install(p: &RuleParams) -> Result<V6, String> {
     if let Some(v6) = installed(p)? {
         return Ok(v6);
     }
-    match replace(p) {
-        Ok(Some(v6)) => return Ok(v6),
-        Ok(None) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "interception rules cannot be replaced in one transaction; rebuilding them")
-        }
+    if let Some(v6) = replace(p)? {
+        return Ok(v6);
     }
     uninstall()?;
     let nat = rules(p);
@@ -400,8 +404,11 @@ pub fn install(p: &RuleParams) -> Result<V6, String> {
 /// or mark, a jump no longer first), in one `iptables-restore --noflush` transaction per
 /// family: our chains are flushed and refilled and the jumps moved to the front at once, so no
 /// connection meets the namespace without interception, as one would between removing and
-/// re-adding them. `None` where this does not apply (ours are not all there, or IPv6 is
-/// handled otherwise): the caller rebuilds.
+/// re-adding them. Where IPv6 is closed instead (no IPv6 NAT), the IPv4 rules are replaced and
+/// the closing `filter` rules stay. `None` where this does not apply (ours are not all there)
+/// or nothing could be changed (logged): the caller rebuilds. `Err` once a transaction went
+/// through and a later step failed: rebuilding then would open the window this avoids, and
+/// what is in place intercepts (the old rules or the new), so the caller stops with the error.
 fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
     let has_ours = |t: Table| -> Result<bool, String> {
         for (_, chain) in NAT_JUMPS {
@@ -417,9 +424,14 @@ fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
     let mut tables = vec![Table::Nat4];
     let v6 = if !ipv6_enabled() {
         V6::Absent
-    } else if nat6_redirects()? && has_ours(Table::Nat6)? {
+    } else if nat6_redirects()? {
+        if !has_ours(Table::Nat6)? {
+            return Ok(None);
+        }
         tables.push(Table::Nat6);
         V6::Intercepted
+    } else if v6_closed()? {
+        V6::Rejected
     } else {
         return Ok(None);
     };
@@ -427,7 +439,7 @@ fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
         return Ok(None);
     }
     let nat = rules(p);
-    for t in tables {
+    for (i, t) in tables.into_iter().enumerate() {
         let mut jumps = Vec::new();
         for (builtin, chain) in NAT_JUMPS {
             let o = iptables_in(t, &["-S".to_owned(), (*builtin).to_owned()])?;
@@ -438,10 +450,19 @@ fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
                 .count();
             jumps.push((*builtin, *chain, n));
         }
-        restore(t, &restore_text(&nat, &jumps))?;
+        if let Err(e) = restore(t, &restore_text(&nat, &jumps)) {
+            if i == 0 {
+                tracing::warn!(error = %e, "interception rules cannot be replaced in one transaction; rebuilding them");
+                return Ok(None);
+            }
+            return Err(e);
+        }
     }
     if installed(p)? != Some(v6) {
-        return Err("after the transaction the rules are not the expected ones".into());
+        return Err(
+            "interception rules: after the replacing transaction they are not the expected ones"
+                .into(),
+        );
     }
     tracing::info!("interception rules replaced in one transaction");
     Ok(Some(v6))

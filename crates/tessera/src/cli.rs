@@ -338,21 +338,33 @@ fn server_run(a: ServerRunArgs) -> anyhow::Result<ExitCode> {
 /// container runtime) stop a process. Either way it shuts down cleanly (a SIGTERM left to its
 /// default would end it at once: no drain, `dev`'s temporary directory left behind).
 pub(crate) async fn until_stopped() -> anyhow::Result<()> {
-    stop_signals()?.await;
+    StopSignals::new()?.next().await;
     Ok(())
 }
 
-/// The next Ctrl-C or SIGTERM, listened for from now on (a signal that arrives before the
-/// returned future is polled still counts).
-pub(crate) fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use anyhow::Context as _;
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the Ctrl-C handler")?;
-    Ok(async move {
+/// Ctrl-C and SIGTERM, listened for from creation on: a signal that arrives while nobody
+/// awaits [`Self::next`] is kept for the next call (dropping the streams and making new ones
+/// would lose it, and tokio's handler stays installed, so nothing else would act on it).
+pub(crate) struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub(crate) fn new() -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the Ctrl-C handler")?,
+        })
+    }
+
+    /// The next Ctrl-C or SIGTERM.
+    pub(crate) async fn next(&mut self) {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    })
+    }
 }

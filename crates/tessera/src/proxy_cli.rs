@@ -334,9 +334,11 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             .await
             .map_err(anyhow::Error::msg)?;
         // Like Ctrl-C, SIGTERM drains instead of cutting the workload's connections.
-        crate::cli::until_stopped().await?;
+        // From here on a signal is never lost: the first starts the drain, a second ends it.
+        let mut signals = crate::cli::StopSignals::new()?;
+        signals.next().await;
         // Live re-authorization, rotation and policy updates go on for what is still open.
-        let drain = Drain::start();
+        let drain = Drain::start(signals);
         // The ports stay held (nothing succeeds a sidecar on them while it drains): let go,
         // they could be bound by the workload, which the rules would then deliver to.
         running.refuse_new();
@@ -349,10 +351,10 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// A stopping proxy's drain: its listeners are closed (in transparent mode the interception
-/// rules stay, so new connections fail closed; in node mode another process's listeners take
-/// them) and the open connections may finish, for at most [`Drain::LIMIT`]; a second Ctrl-C
-/// or SIGTERM ends it at once.
+/// A stopping proxy's drain: it takes no new connection (a sidecar holds its ports and closes
+/// what arrives; a node proxy closes its listeners, and its successor's take the connections;
+/// in transparent mode the rules stay, so nothing leaves uninspected) and the open connections
+/// may finish, for at most [`Drain::LIMIT`]; a second Ctrl-C or SIGTERM ends it at once.
 struct Drain {
     deadline: tokio::time::Instant,
     cut: Arc<std::sync::atomic::AtomicBool>,
@@ -363,21 +365,16 @@ impl Drain {
     /// Kubernetes' default termination grace period.
     const LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-    fn start() -> Self {
-        // Listened for before the drain is announced, so a signal right after counts.
-        let second = crate::cli::stop_signals();
-        tracing::info!("draining: listeners closed, open connections finish (at most 30 s)");
+    /// `signals`: the ones that started the drain, still listening, so a second signal that
+    /// came meanwhile counts.
+    fn start(mut signals: crate::cli::StopSignals) -> Self {
+        tracing::info!("draining: no new connections, open ones finish (at most 30 s)");
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let c = cut.clone();
         let second_signal = tokio::spawn(async move {
-            match second {
-                Ok(signal) => {
-                    signal.await;
-                    tracing::info!("stopped again: the open connections are not waited for");
-                    c.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                Err(e) => tracing::warn!(error = %e, "a second signal cannot end the drain"),
-            }
+            signals.next().await;
+            tracing::info!("stopped again: the open connections are not waited for");
+            c.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         Self {
             deadline: tokio::time::Instant::now() + Self::LIMIT,
@@ -416,7 +413,7 @@ async fn node(
     std::thread::Builder::new()
         .name("delegated-stream".into())
         .spawn(move || tessera_proxy::node::follow_agent(admin, tx))?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut signals = crate::cli::StopSignals::new()?;
     loop {
         tokio::select! {
             ev = rx.recv() => {
@@ -426,11 +423,10 @@ async fn node(
                     tracing::error!(error = %e, "node proxy");
                 }
             }
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            () = signals.next() => break,
         }
     }
-    let drain = Drain::start();
+    let drain = Drain::start(signals);
     node.stop_accepting();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     while drain.pending(&telemetry) {

@@ -911,15 +911,37 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
     );
     // A restart finds the fallback in place and leaves it (and the IPv4 rules) untouched:
     // taking it for stale would remove and re-add every rule, a window without interception.
+    // Here the IPv4 rules are also an older release's (the mark alone exempts): they are
+    // replaced in one transaction, and IPv6 stays closed throughout.
     foo_proxy.stop();
+    let o = Net::exec(&foo, "iptables")
+        .args(["-w", "-t", "nat", "-R", "TESSERA_OUTPUT", "1"])
+        .args(["-m", "mark", "--mark", "0x5e55", "-j", "RETURN"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::write(&calls, "").unwrap();
-    let _foo_proxy = start();
+    let foo_proxy = start();
     let log = std::fs::read_to_string(&calls).unwrap();
     assert!(
         !log.lines().any(|l| ["-N ", "-X ", "-F ", "-A ", "-D "]
             .iter()
             .any(|op| l.contains(op) && !l.contains("TESSERA_PROBE"))),
         "the restart rebuilt the rules:\n{log}"
+    );
+    assert!(
+        foo_proxy.stderr().contains("replaced in one transaction"),
+        "{}",
+        foo_proxy.stderr()
+    );
+    let v4 = Net::exec(&foo, "iptables")
+        .args(["-t", "nat", "-S"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&v4.stdout).contains("--uid-owner"),
+        "{}",
+        String::from_utf8_lossy(&v4.stdout)
     );
     // Even passthrough does not apply: IPv6 never reaches the proxy, and never leaves.
     let r = exchange(&foo, to_bar, b"AFTER-RULES");
