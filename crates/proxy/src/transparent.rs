@@ -614,15 +614,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    const PARAMS: RuleParams = RuleParams {
+        tunnel_port: 15008,
+        outbound_port: 15001,
+        inbound_plaintext_port: 15006,
+        mark: 0x5e55,
+        uid: Some(1337),
+    };
+
     #[test]
     fn the_tunnel_holds_its_port_on_every_address_and_no_inbound_port_is_the_proxys() {
-        let p = RuleParams {
-            tunnel_port: 15008,
-            outbound_port: 15001,
-            inbound_plaintext_port: 15006,
-            mark: 0x5e55,
-            uid: Some(1337),
-        };
+        let p = PARAMS;
         let any: SocketAddr = "0.0.0.0:15008".parse().unwrap();
         assert_eq!(check_own_ports(&p, any, [8080, 9090]), Ok(()));
         for named in ["198.18.0.2:15008", "[::]:15008", "127.0.0.1:15008"] {
@@ -644,13 +646,7 @@ mod tests {
 
     #[test]
     fn a_replacement_refills_our_chains_and_moves_each_jump_first_in_one_transaction() {
-        let r = rules(&RuleParams {
-            tunnel_port: 15008,
-            outbound_port: 15001,
-            inbound_plaintext_port: 15006,
-            mark: 0x5e55,
-            uid: Some(1337),
-        });
+        let r = rules(&PARAMS);
         let text = restore_text(
             &r,
             &[
@@ -686,13 +682,7 @@ mod tests {
 
     #[test]
     fn rules_exempt_the_mark_and_the_tunnel_port_before_redirecting() {
-        let r = rules(&RuleParams {
-            tunnel_port: 15008,
-            outbound_port: 15001,
-            inbound_plaintext_port: 15006,
-            mark: 0x5e55,
-            uid: Some(1337),
-        });
+        let r = rules(&PARAMS);
         let text: Vec<String> = r.iter().map(|a| a.join(" ")).collect();
         let pos = |needle: &str| {
             text.iter()

@@ -64,19 +64,15 @@ fn explicit_mode_encrypts_and_survives_rotation() {
     // connection). With the default `--max-connection-age svid` bar would close it when the
     // certificate it was authorized with expires (issue 7; tested in crates/proxy/src/live.rs),
     // so here it is lifted to test rotation alone.
-    let bar_proxy = Proxy::start(
-        &cp,
-        &bar,
-        "bar",
-        &s(&[
-            "--inbound",
-            "8080",
-            "--policy",
-            &policy,
-            "--max-connection-age",
-            "unlimited",
-        ]),
-    );
+    let bar_args = s(&[
+        "--inbound",
+        "8080",
+        "--policy",
+        &policy,
+        "--max-connection-age",
+        "unlimited",
+    ]);
+    let bar_proxy = Proxy::start(&cp, &bar, "bar", &bar_args);
     let foo_proxy = Proxy::start(
         &cp,
         &foo,
@@ -171,19 +167,7 @@ fn explicit_mode_encrypts_and_survives_rotation() {
     assert!(bar_proxy.stderr().contains("drained: exiting"));
 
     // A second signal ends a drain at once, with connections still open (here foo's).
-    let _bar_again = Proxy::start(
-        &cp,
-        &bar,
-        "bar-again",
-        &s(&[
-            "--inbound",
-            "8080",
-            "--policy",
-            &policy,
-            "--max-connection-age",
-            "unlimited",
-        ]),
-    );
+    let _bar_again = Proxy::start(&cp, &bar, "bar-again", &bar_args);
     let mut foo_proxy = foo_proxy;
     let live = live_echo(&foo, "127.0.0.1:9000".parse().unwrap());
     foo_proxy.signal("TERM");
@@ -869,29 +853,13 @@ fn ipv6_is_closed_where_it_cannot_be_intercepted() {
     // NAT: the proxy must close IPv6 TCP instead (REJECT), not leave it as a way around
     // itself. Every call is logged, to see what a restart does.
     let tools = tempfile::tempdir().unwrap();
-    let real = String::from_utf8(
-        std::process::Command::new("sh")
-            .args(["-c", "command -v ip6tables"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let wrapper = tools.path().join("ip6tables");
     let calls = tools.path().join("calls.log");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> {}\nfor a in \"$@\"; do [ \"$a\" = REDIRECT ] && {{ echo 'no IPv6 NAT here' >&2; exit 3; }}; done\nexec {} \"$@\"\n",
-            calls.display(),
-            real.trim()
-        ),
-    )
-    .unwrap();
-    std::process::Command::new("chmod")
-        .args(["+x", wrapper.to_str().unwrap()])
-        .status()
-        .unwrap();
+    logging_wrapper(
+        tools.path(),
+        "ip6tables",
+        &calls,
+        "for a in \"$@\"; do [ \"$a\" = REDIRECT ] && { echo 'no IPv6 NAT here' >&2; exit 3; }; done\n",
+    );
     let start = || {
         Proxy::start_with_path(
             &cp,
@@ -1032,28 +1000,7 @@ fn an_older_releases_rules_are_replaced_without_a_gap() {
     let tools = tempfile::tempdir().unwrap();
     let calls = tools.path().join("calls.log");
     for bin in ["iptables", "ip6tables"] {
-        let real = String::from_utf8(
-            std::process::Command::new("sh")
-                .args(["-c", &format!("command -v {bin}")])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap();
-        let wrapper = tools.path().join(bin);
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\necho \"{bin} $*\" >> {}\nexec {} \"$@\"\n",
-                calls.display(),
-                real.trim()
-            ),
-        )
-        .unwrap();
-        std::process::Command::new("chmod")
-            .args(["+x", wrapper.to_str().unwrap()])
-            .status()
-            .unwrap();
+        logging_wrapper(tools.path(), bin, &calls, "");
     }
     let stderr = tools.path().join("proxy.stderr");
     let rest = std::env::var("PATH").unwrap_or_default();
@@ -1101,4 +1048,32 @@ fn an_older_releases_rules_are_replaced_without_a_gap() {
             "{bin}: one jump: {rules}"
         );
     }
+}
+
+/// Puts `bin` in `dir`: a script that appends `bin ARGS…` to `calls`, runs `before` (shell
+/// lines that may refuse the call), then execs the real `bin`. For a proxy started with `dir`
+/// first on its PATH.
+fn logging_wrapper(dir: &std::path::Path, bin: &str, calls: &std::path::Path, before: &str) {
+    let real = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let wrapper = dir.join(bin);
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"{bin} $*\" >> {}\n{before}exec {} \"$@\"\n",
+            calls.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", wrapper.to_str().unwrap()])
+        .status()
+        .unwrap();
 }
