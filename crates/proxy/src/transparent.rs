@@ -40,12 +40,11 @@ pub struct RuleParams {
 /// to the receiving interface's address, where the proxy's IPv6 listeners are.
 pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
     let mark = format!("{:#x}", p.mark);
-    let v = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-    let mut exempt = v(&["-A", CHAIN_OUTPUT, "-m", "mark", "--mark", &mark]);
+    let mut exempt = args(&["-A", CHAIN_OUTPUT, "-m", "mark", "--mark", &mark]);
     if let Some(uid) = p.uid {
-        exempt.extend(v(&["-m", "owner", "--uid-owner", &uid.to_string()]));
+        exempt.extend(args(&["-m", "owner", "--uid-owner", &uid.to_string()]));
     }
-    exempt.extend(v(&["-j", "RETURN"]));
+    exempt.extend(args(&["-j", "RETURN"]));
     vec![
         // Outbound: the proxy's own connections leave untouched, or they would loop. They are
         // told by the mark *and* the socket's owner: since Linux 5.17 `SO_MARK` needs only
@@ -55,8 +54,8 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
         exempt,
         // Loopback stays local: the proxy reaching the application at 127.0.0.1, and the
         // workload reaching an explicit listener.
-        v(&["-A", CHAIN_OUTPUT, "-o", "lo", "-j", "RETURN"]),
-        v(&[
+        args(&["-A", CHAIN_OUTPUT, "-o", "lo", "-j", "RETURN"]),
+        args(&[
             "-A",
             CHAIN_OUTPUT,
             "-p",
@@ -68,7 +67,7 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
         ]),
         // Inbound: the tunnel port is the way in; everything else meets the plaintext port,
         // which refuses in STRICT mode.
-        v(&[
+        args(&[
             "-A",
             CHAIN_INBOUND,
             "-p",
@@ -78,8 +77,8 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
             "-j",
             "RETURN",
         ]),
-        v(&["-A", CHAIN_INBOUND, "-i", "lo", "-j", "RETURN"]),
-        v(&[
+        args(&["-A", CHAIN_INBOUND, "-i", "lo", "-j", "RETURN"]),
+        args(&[
             "-A",
             CHAIN_INBOUND,
             "-p",
@@ -91,8 +90,8 @@ pub fn rules(p: &RuleParams) -> Vec<Vec<String>> {
         ]),
         // First in the built-in chains (`-I … 1`): a rule already there that accepts (a
         // `nat` ACCEPT means "no NAT") would otherwise let traffic past the proxy.
-        v(&["-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN_OUTPUT]),
-        v(&["-I", "PREROUTING", "1", "-p", "tcp", "-j", CHAIN_INBOUND]),
+        args(&["-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN_OUTPUT]),
+        args(&["-I", "PREROUTING", "1", "-p", "tcp", "-j", CHAIN_INBOUND]),
     ]
 }
 
@@ -147,9 +146,8 @@ pub enum Close {
 /// The `ip6tables -t filter` argument lists that close IPv6 TCP except on loopback, where IPv6
 /// cannot be intercepted.
 pub fn rules_v6_reject(how: Close) -> Vec<Vec<String>> {
-    let v = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     let closed = |chain: &str| match how {
-        Close::Reject => v(&[
+        Close::Reject => args(&[
             "-A",
             chain,
             "-p",
@@ -159,15 +157,15 @@ pub fn rules_v6_reject(how: Close) -> Vec<Vec<String>> {
             "--reject-with",
             "tcp-reset",
         ]),
-        Close::Drop => v(&["-A", chain, "-p", "tcp", "-j", "DROP"]),
+        Close::Drop => args(&["-A", chain, "-p", "tcp", "-j", "DROP"]),
     };
     vec![
-        v(&["-A", CHAIN_V6_OUTPUT, "-o", "lo", "-j", "RETURN"]),
+        args(&["-A", CHAIN_V6_OUTPUT, "-o", "lo", "-j", "RETURN"]),
         closed(CHAIN_V6_OUTPUT),
-        v(&["-A", CHAIN_V6_INPUT, "-i", "lo", "-j", "RETURN"]),
+        args(&["-A", CHAIN_V6_INPUT, "-i", "lo", "-j", "RETURN"]),
         closed(CHAIN_V6_INPUT),
-        v(&["-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN_V6_OUTPUT]),
-        v(&["-I", "INPUT", "1", "-p", "tcp", "-j", CHAIN_V6_INPUT]),
+        args(&["-I", "OUTPUT", "1", "-p", "tcp", "-j", CHAIN_V6_OUTPUT]),
+        args(&["-I", "INPUT", "1", "-p", "tcp", "-j", CHAIN_V6_INPUT]),
     ]
 }
 
@@ -186,6 +184,11 @@ impl Table {
             Self::Filter6 => ("ip6tables", "filter"),
         }
     }
+}
+
+/// An argument list as `iptables_in` takes it.
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_owned()).collect()
 }
 
 fn iptables_in(t: Table, args: &[String]) -> Result<std::process::Output, String> {
@@ -235,13 +238,8 @@ fn all_present(t: Table, rules: &[Vec<String>]) -> Result<bool, String> {
     for r in rules {
         let present = match r.as_slice() {
             [op, builtin, _, rest @ ..] if op == "-I" => {
-                let o = iptables_in(t, &["-S".to_owned(), builtin.clone()])?;
                 let want = format!("-A {builtin} {}", rest.join(" "));
-                o.status.success()
-                    && String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .find(|l| l.starts_with("-A "))
-                        .is_some_and(|l| l.trim() == want)
+                listed_rules(t, builtin)?.first() == Some(&want)
             }
             [_, rest @ ..] => {
                 let mut c = vec!["-C".to_owned()];
@@ -269,15 +267,14 @@ fn v6_closed() -> Result<bool, String> {
 /// Whether exactly these rules are in place already (each one present, and each jump still the
 /// first rule of its built-in chain); `Some` with how IPv6 is handled when they are.
 fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
-    let all = all_present;
     let v4 = rules(p);
-    if !all(Table::Nat4, &v4)? {
+    if !all_present(Table::Nat4, &v4)? {
         return Ok(None);
     }
     if !ipv6_enabled() {
         return Ok(Some(V6::Absent));
     }
-    if all(Table::Nat6, &v4)? {
+    if all_present(Table::Nat6, &v4)? {
         return Ok(Some(V6::Intercepted));
     }
     // Rejecting is the fallback only where IPv6 cannot be redirected: rules an older release
@@ -290,11 +287,9 @@ fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
 
 /// Whether this namespace has an IPv6 `nat` table (`ip6table_nat`, or nftables' equivalent).
 fn nat6_available() -> Result<bool, String> {
-    Ok(
-        iptables_in(Table::Nat6, &["-n".to_owned(), "-L".to_owned()])?
-            .status
-            .success(),
-    )
+    Ok(iptables_in(Table::Nat6, &args(&["-n", "-L"]))?
+        .status
+        .success())
 }
 
 /// Whether IPv6 connections can be redirected here, tried with a scratch chain that is removed
@@ -311,24 +306,16 @@ fn nat6_redirects() -> Result<bool, String> {
 /// proxies probing one namespace at once do not meet in it.
 fn probe(t: Table, rule: &[&str]) -> Result<Result<(), String>, String> {
     let chain = format!("TESSERA_PROBE_{}", std::process::id());
-    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
-    let clear = || -> Result<(), String> {
-        if iptables_in(t, &s(&["-n", "-L", &chain]))?.status.success() {
-            must_in(t, &s(&["-F", &chain]))?;
-            must_in(t, &s(&["-X", &chain]))?;
-        }
-        Ok(())
-    };
     let why = |o: std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_owned();
-    clear()?;
-    let o = iptables_in(t, &s(&["-N", &chain]))?;
+    remove_chain(t, &chain)?;
+    let o = iptables_in(t, &args(&["-N", &chain]))?;
     if !o.status.success() {
         return Ok(Err(why(o)));
     }
-    let mut add = s(&["-A", &chain]);
-    add.extend(s(rule));
+    let mut add = args(&["-A", &chain]);
+    add.extend(args(rule));
     let o = iptables_in(t, &add)?;
-    clear()?;
+    remove_chain(t, &chain)?;
     Ok(if o.status.success() {
         Ok(())
     } else {
@@ -412,10 +399,7 @@ pub fn install(p: &RuleParams) -> Result<V6, String> {
 fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
     let has_ours = |t: Table| -> Result<bool, String> {
         for (_, chain) in NAT_JUMPS {
-            if !iptables_in(t, &["-n".to_owned(), "-L".to_owned(), (*chain).to_owned()])?
-                .status
-                .success()
-            {
+            if !chain_exists(t, chain)? {
                 return Ok(false);
             }
         }
@@ -442,11 +426,10 @@ fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
     for (i, t) in tables.into_iter().enumerate() {
         let mut jumps = Vec::new();
         for (builtin, chain) in NAT_JUMPS {
-            let o = iptables_in(t, &["-S".to_owned(), (*builtin).to_owned()])?;
             let ours = format!("-A {builtin} -p tcp -j {chain}");
-            let n = String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| l.trim() == ours)
+            let n = listed_rules(t, builtin)?
+                .iter()
+                .filter(|l| **l == ours)
                 .count();
             jumps.push((*builtin, *chain, n));
         }
@@ -549,20 +532,47 @@ fn create(t: Table, jumps: &[(&str, &str)], rules: &[Vec<String>]) -> Result<(),
 /// Deletes every jump from `(builtin, chain)` (there may be several after a failed install),
 /// then the chains themselves.
 fn remove_chains(t: Table, jumps: &[(&str, &str)]) -> Result<(), String> {
-    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
     for (builtin, chain) in jumps {
-        while iptables_in(t, &s(&["-D", builtin, "-p", "tcp", "-j", chain]))?
+        while iptables_in(t, &args(&["-D", builtin, "-p", "tcp", "-j", chain]))?
             .status
             .success()
         {}
     }
     for (_, chain) in jumps {
-        if iptables_in(t, &s(&["-n", "-L", chain]))?.status.success() {
-            must_in(t, &s(&["-F", chain]))?;
-            must_in(t, &s(&["-X", chain]))?;
-        }
+        remove_chain(t, chain)?;
     }
     Ok(())
+}
+
+/// Whether `chain` exists in `t`.
+fn chain_exists(t: Table, chain: &str) -> Result<bool, String> {
+    Ok(iptables_in(t, &args(&["-n", "-L", chain]))?
+        .status
+        .success())
+}
+
+/// Flushes and deletes `chain` in `t`, if it exists (nothing may jump to it).
+fn remove_chain(t: Table, chain: &str) -> Result<(), String> {
+    if chain_exists(t, chain)? {
+        must_in(t, &args(&["-F", chain]))?;
+        must_in(t, &args(&["-X", chain]))?;
+    }
+    Ok(())
+}
+
+/// The rules of the built-in chain `builtin` in `t`, in order, as `-S` lists them
+/// (`-A BUILTIN …`).
+fn listed_rules(t: Table, builtin: &str) -> Result<Vec<String>, String> {
+    let o = iptables_in(t, &args(&["-S", builtin]))?;
+    Ok(if o.status.success() {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .map(|l| l.trim().to_owned())
+            .collect()
+    } else {
+        Vec::new()
+    })
 }
 
 /// Removes our jumps and chains from the current network namespace, both families (nothing to
