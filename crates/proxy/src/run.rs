@@ -228,7 +228,7 @@ async fn bind_with_v6(
 /// left free while the proxy waits could be bound by the workload, which would then receive
 /// redirected traffic (peers' plaintext on the plaintext or tunnel port) past STRICT mode.
 pub async fn start(
-    opts: ProxyOptions,
+    mut opts: ProxyOptions,
     identity: Arc<Identity>,
     telemetry: Arc<Telemetry>,
 ) -> Result<RunningProxy, String> {
@@ -246,15 +246,20 @@ pub async fn start(
             bind(&sockets, spec.listen, "--outbound").await?,
         ));
     }
-    if let Some(t) = &opts.transparent {
+    // The destination map the capture port reads, which the config file's watcher may replace.
+    let destinations = opts
+        .transparent
+        .as_mut()
+        .map(|t| Arc::new(ArcSwap::from_pointee(std::mem::take(&mut t.destinations))));
+    if let (Some(t), Some(map)) = (&opts.transparent, &destinations) {
         for l in bind_with_v6(&sockets, t.outbound_addr, "transparent outbound").await? {
-            bound.push((Bound::TransparentOutbound, l));
+            bound.push((Bound::TransparentOutbound(map.clone(), t.unmapped), l));
         }
         for l in bind_with_v6(&sockets, t.inbound_plaintext_addr, "transparent inbound").await? {
-            bound.push((Bound::TransparentInbound, l));
+            bound.push((Bound::TransparentInbound(t.inbound_mode), l));
         }
     }
-    let bound = refuse_until_ready(bound, &identity).await?;
+    refuse_until_ready(&bound, &identity).await;
     let own = identity
         .spiffe_id()
         .ok_or_else(|| "the proxy has no identity".to_owned())?;
@@ -333,11 +338,8 @@ pub async fn start(
     );
     let mut outbound_addrs = Vec::new();
     let mut listeners: Vec<JoinHandle<()>> = Vec::new();
-    let mut transparent = None;
-    if let Some(t) = opts.transparent {
-        let destinations = Arc::new(ArcSwap::from_pointee(t.destinations));
+    if let (Some(t), Some(map)) = (opts.transparent, destinations) {
         if let Some(file) = t.config {
-            let map = destinations.clone();
             tasks.push(tokio::spawn(crate::reload::watch(file.clone(), move |text| {
                 // Only the destination map changes while running; a file that does not parse
                 // leaves the map in force (a dropped entry would turn a mapped destination
@@ -356,27 +358,21 @@ pub async fn start(
                 "inbound mode PERMISSIVE: plaintext connections WITHOUT identity reach declared ports where policy allows them (rules with `from.unauthenticated`)"
             );
         }
-        transparent = Some((destinations, t.unmapped, t.inbound_mode));
     }
     for (what, l) in bound {
-        let task = match (what, &transparent) {
-            (Bound::Tunnel, _) => tokio::spawn(inbound.clone().serve_tunnel(l)),
-            (Bound::Outbound(spec), _) => {
+        listeners.push(match what {
+            Bound::Tunnel => tokio::spawn(inbound.clone().serve_tunnel(l)),
+            Bound::Outbound(spec) => {
                 outbound_addrs.push(l.local_addr().map_err(|e| e.to_string())?);
                 tokio::spawn(outbound.clone().serve_explicit(l, spec))
             }
-            (Bound::TransparentOutbound, Some((destinations, unmapped, _))) => tokio::spawn(
-                outbound
-                    .clone()
-                    .serve_transparent(l, destinations.clone(), *unmapped),
-            ),
-            (Bound::TransparentInbound, Some((_, _, mode))) => {
-                tokio::spawn(inbound.clone().serve_plaintext(l, *mode))
+            Bound::TransparentOutbound(map, unmapped) => {
+                tokio::spawn(outbound.clone().serve_transparent(l, map, unmapped))
             }
-            // Bound only with transparent options.
-            (Bound::TransparentOutbound | Bound::TransparentInbound, None) => continue,
-        };
-        listeners.push(task);
+            Bound::TransparentInbound(mode) => {
+                tokio::spawn(inbound.clone().serve_plaintext(l, mode))
+            }
+        });
     }
     tracing::info!(spiffe_id = %own, %tunnel_addr, "proxy serving");
     Ok(RunningProxy {
@@ -391,52 +387,43 @@ pub async fn start(
     })
 }
 
-/// What a listener bound at start is for.
+/// What a listener bound at start is for, with what its serve loop needs.
 enum Bound {
     Tunnel,
     Outbound(OutboundListener),
-    TransparentOutbound,
-    TransparentInbound,
+    TransparentOutbound(Arc<ArcSwap<DestinationMap>>, Unmapped),
+    TransparentInbound(InboundMode),
 }
 
-/// Until `identity` is ready, accepts on every listener and closes what arrives (the proxy
-/// refuses to serve without an identity, but holds its ports); then hands the listeners back.
-async fn refuse_until_ready(
-    bound: Vec<(Bound, TcpListener)>,
-    identity: &Identity,
-) -> Result<Vec<(Bound, TcpListener)>, String> {
+/// Until `identity` is ready, accepts on every listener and closes what arrives: the proxy
+/// refuses to serve without an identity, but holds its ports.
+async fn refuse_until_ready(bound: &[(Bound, TcpListener)], identity: &Identity) {
     if identity.is_ready() {
-        return Ok(bound);
+        return;
     }
-    let (what, shared): (Vec<Bound>, Vec<Arc<TcpListener>>) =
-        bound.into_iter().map(|(b, l)| (b, Arc::new(l))).unzip();
-    let mut refusers = tokio::task::JoinSet::new();
-    for l in &shared {
-        let l = l.clone();
-        refusers.spawn(async move {
-            loop {
-                match l.accept().await {
-                    Ok((conn, peer)) => {
-                        tracing::debug!(%peer, "no identity yet: connection closed");
-                        drop(conn);
-                    }
-                    // Out of descriptors or the like: try again shortly, as the serve loops do.
-                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+    let mut refusers: Vec<_> = bound
+        .iter()
+        .map(|(_, l)| {
+            Box::pin(async move {
+                loop {
+                    let (conn, peer) = crate::sockets::accept(l).await;
+                    tracing::debug!(%peer, "no identity yet: connection closed");
+                    drop(conn);
                 }
-            }
-        });
-    }
-    identity.wait_ready().await;
-    // Aborted and awaited: their handles on the listeners are gone after this.
-    refusers.shutdown().await;
-    what.into_iter()
-        .zip(shared)
-        .map(|(b, l)| {
-            Arc::try_unwrap(l)
-                .map(|l| (b, l))
-                .map_err(|_| "a listener is still shared after the wait for an identity".to_owned())
+            })
         })
-        .collect()
+        .collect();
+    // Every refuser is polled on each wake-up: a handful of listeners, none of them busy.
+    let refuse = std::future::poll_fn(|cx| {
+        for r in &mut refusers {
+            let _ = r.as_mut().poll(cx);
+        }
+        std::task::Poll::<()>::Pending
+    });
+    tokio::select! {
+        () = identity.wait_ready() => {}
+        () = refuse => {}
+    }
 }
 
 /// The default transparent listeners: capture on loopback, plaintext on every address.
