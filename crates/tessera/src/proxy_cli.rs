@@ -338,12 +338,15 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         let mut signals = crate::cli::StopSignals::new()?;
         signals.next().await;
         // Live re-authorization, rotation and policy updates go on for what is still open.
-        let drain = Drain::start(signals);
+        let mut drain = Drain::start(signals);
         // The ports stay held (nothing succeeds a sidecar on them while it drains): let go,
         // they could be bound by the workload, which the rules would then deliver to.
         running.refuse_new();
         while drain.pending(&telemetry) {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                () = drain.stopped_again() => break,
+            }
         }
         drain.done(&telemetry);
         running.shutdown();
@@ -357,8 +360,8 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
 /// may finish, for at most [`Drain::LIMIT`]; a second Ctrl-C or SIGTERM ends it at once.
 struct Drain {
     deadline: tokio::time::Instant,
-    cut: Arc<std::sync::atomic::AtomicBool>,
-    second_signal: tokio::task::JoinHandle<()>,
+    /// The signals that started the drain, still listened to.
+    signals: crate::cli::StopSignals,
 }
 
 impl Drain {
@@ -367,31 +370,27 @@ impl Drain {
 
     /// `signals`: the ones that started the drain, still listening, so a second signal that
     /// came meanwhile counts.
-    fn start(mut signals: crate::cli::StopSignals) -> Self {
+    fn start(signals: crate::cli::StopSignals) -> Self {
         tracing::info!("draining: no new connections, open ones finish (at most 30 s)");
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let c = cut.clone();
-        let second_signal = tokio::spawn(async move {
-            signals.next().await;
-            tracing::info!("stopped again: the open connections are not waited for");
-            c.store(true, std::sync::atomic::Ordering::SeqCst);
-        });
         Self {
             deadline: tokio::time::Instant::now() + Self::LIMIT,
-            cut,
-            second_signal,
+            signals,
         }
     }
 
-    /// Whether connections are still open, the limit is not reached and no second signal came.
+    /// Whether connections are still open and the limit is not reached.
     fn pending(&self, telemetry: &Telemetry) -> bool {
-        !self.cut.load(std::sync::atomic::Ordering::SeqCst)
-            && telemetry.active_connections() > 0
-            && tokio::time::Instant::now() < self.deadline
+        telemetry.active_connections() > 0 && tokio::time::Instant::now() < self.deadline
+    }
+
+    /// Resolves on a second Ctrl-C or SIGTERM, which ends the drain at once (cancel-safe: a
+    /// signal that comes while this is not awaited is kept).
+    async fn stopped_again(&mut self) {
+        self.signals.next().await;
+        tracing::info!("stopped again: the open connections are not waited for");
     }
 
     fn done(self, telemetry: &Telemetry) {
-        self.second_signal.abort();
         tracing::info!(open = telemetry.active_connections(), "drained: exiting");
     }
 }
@@ -426,7 +425,7 @@ async fn node(
             () = signals.next() => break,
         }
     }
-    let drain = Drain::start(signals);
+    let mut drain = Drain::start(signals);
     node.stop_accepting();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     while drain.pending(&telemetry) {
@@ -444,6 +443,7 @@ async fn node(
                 }
             }
             _ = tick.tick() => {}
+            () = drain.stopped_again() => break,
         }
     }
     drain.done(&telemetry);
