@@ -394,12 +394,13 @@ async fn streaming_app() -> u16 {
     port
 }
 
-/// A GET through `from` to bar's HTTP port whose response has begun (its first chunk read).
-async fn streaming_get(
+/// A GET of `path` through `from` to bar's HTTP port, on a connection of its own.
+async fn get(
     from: &RunningProxy,
     to: &RunningProxy,
     target: SocketAddr,
-) -> hyper::body::Incoming {
+    path: &str,
+) -> hyper::Response<hyper::body::Incoming> {
     let bar = SpiffeId::parse("spiffe://example.org/bar").unwrap();
     let up = from
         .outbound
@@ -409,11 +410,20 @@ async fn streaming_get(
     let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
     tokio::spawn(conn);
     let req = hyper::Request::builder()
-        .uri("/stream")
+        .uri(path)
         .header("host", "bar.example")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
-    let mut body = h1.send_request(req).await.unwrap().into_body();
+    h1.send_request(req).await.unwrap()
+}
+
+/// A GET through `from` to bar's HTTP port whose response has begun (its first chunk read).
+async fn streaming_get(
+    from: &RunningProxy,
+    to: &RunningProxy,
+    target: SocketAddr,
+) -> hyper::body::Incoming {
+    let mut body = get(from, to, target, "/stream").await.into_body();
     let first = body.frame().await.unwrap().unwrap();
     assert_eq!(first.into_data().unwrap(), "first");
     body
@@ -456,20 +466,7 @@ async fn a_policy_change_asks_about_http_requests_in_flight_too() {
         ("/public;v=1", 200),
         ("/admin/users", 403),
     ] {
-        let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
-        let up = foo
-            .outbound
-            .open(&bar_id, bar.tunnel_addr, target)
-            .await
-            .unwrap();
-        let (mut h1, conn) = hyper::client::conn::http1::handshake(up).await.unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .uri(path)
-            .header("host", "bar.example")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = h1.send_request(req).await.unwrap();
+        let resp = get(&foo, &bar, target, path).await;
         assert_eq!(resp.status(), status, "{path}");
     }
 }
