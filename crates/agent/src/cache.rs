@@ -84,11 +84,22 @@ pub struct Policies {
     pub documents: std::collections::BTreeMap<String, String>,
 }
 
+/// The destination map the server pushed (the trust domain's; every caller of
+/// `DestinationWatch` gets all of it).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Destinations {
+    /// The sync revision this reflects (0: not synced yet).
+    pub revision: u64,
+    /// Name → JSON document.
+    pub documents: std::collections::BTreeMap<String, String>,
+}
+
 /// The agent's cache: one writer (the SVID manager) publishes snapshots; readers subscribe.
 #[derive(Debug)]
 pub struct Cache {
     tx: watch::Sender<Arc<Snapshot>>,
     policies: watch::Sender<Arc<Policies>>,
+    destinations: watch::Sender<Arc<Destinations>>,
     /// kids of JWT keys an operator tainted: cached JWT-SVIDs they signed are minted again.
     tainted_jwt: std::sync::RwLock<BTreeSet<String>>,
 }
@@ -104,6 +115,7 @@ impl Cache {
         Self {
             tx: watch::Sender::new(Arc::new(Snapshot::default())),
             policies: watch::Sender::new(Arc::new(Policies::default())),
+            destinations: watch::Sender::new(Arc::new(Destinations::default())),
             tainted_jwt: std::sync::RwLock::new(BTreeSet::new()),
         }
     }
@@ -147,6 +159,22 @@ impl Cache {
 
     pub fn subscribe_policies(&self) -> watch::Receiver<Arc<Policies>> {
         self.policies.subscribe()
+    }
+
+    /// Replaces the destination map; subscribers wake when the documents change, or at the
+    /// first sync (a proxy learns that the server's map, maybe empty, is known).
+    pub fn set_destinations(&self, d: Destinations) {
+        self.destinations.send_if_modified(|cur| {
+            if cur.documents == d.documents && (cur.revision != 0 || d.revision == 0) {
+                return false;
+            }
+            *cur = Arc::new(d);
+            true
+        });
+    }
+
+    pub fn subscribe_destinations(&self) -> watch::Receiver<Arc<Destinations>> {
+        self.destinations.subscribe()
     }
 
     pub fn current(&self) -> Arc<Snapshot> {

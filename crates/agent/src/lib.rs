@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod destination_watch;
 pub mod enroll;
 pub mod metrics;
 mod node;

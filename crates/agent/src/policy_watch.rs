@@ -78,63 +78,86 @@ impl PolicyWatch for PolicyWatchService {
         &self,
         req: Request<pb::WatchPoliciesRequest>,
     ) -> Result<Response<Self::WatchPoliciesStream>, Status> {
-        let peer = self.api.policy_caller(&req)?;
-        let attestation = Arc::new(self.api.attest(peer).await.map_err(to_status)?);
-        let cache = self.api.cache().clone();
-        let mut snapshots = cache.subscribe();
-        let mut policies = cache.subscribe_policies();
-        let mut stop = self.api.stop_signal();
-        let first = {
+        let peer = self.api.policy_caller(&req, "WatchPolicies")?;
+        let policies = self.api.cache().subscribe_policies();
+        stream_for_caller(&self.api, peer, policies, |snap, selectors, pol| {
+            build(snap, selectors, pol)
+        })
+        .await
+    }
+}
+
+/// A stream for an attested caller of the agent socket (`PolicyWatch`, `DestinationWatch`):
+/// `build` makes a message from the agent's identities, the caller's selectors and `data`
+/// (`None`: the caller has no identity, refused); a new message goes out whenever the
+/// identities or `data` change and the message differs from the last one sent, after checking
+/// that the caller is still the attested process (PID reuse).
+pub(crate) async fn stream_for_caller<T, M>(
+    api: &WorkloadApi,
+    peer: tessera_workload_attest::PeerProcess,
+    mut data: tokio::sync::watch::Receiver<Arc<T>>,
+    build: impl Fn(
+        &Snapshot,
+        &std::collections::BTreeSet<tessera_spiffe::Selector>,
+        &T,
+    ) -> Option<M>
+    + Send
+    + 'static,
+) -> Result<Response<ReceiverStream<Result<M, Status>>>, Status>
+where
+    T: Send + Sync + 'static,
+    M: Clone + PartialEq + Send + 'static,
+{
+    let attestation = Arc::new(api.attest(peer).await.map_err(to_status)?);
+    let mut snapshots = api.cache().subscribe();
+    let mut stop = api.stop_signal();
+    let first = {
+        let snap = snapshots.borrow_and_update().clone();
+        let d = data.borrow_and_update().clone();
+        build(&snap, attestation.selectors(), &d)
+    };
+    let Some(first) = first else {
+        return Err(Status::permission_denied(
+            "no identity for this caller: this stream serves workloads with an SVID",
+        ));
+    };
+    let (tx, rx) = mpsc::channel(1);
+    let api = api.clone();
+    tokio::spawn(async move {
+        let mut last = first.clone();
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                _ = stop.wait_for(|s| *s) => return,
+                r = snapshots.changed() => if r.is_err() { return },
+                r = data.changed() => if r.is_err() { return },
+            }
             let snap = snapshots.borrow_and_update().clone();
-            let pol = policies.borrow_and_update().clone();
-            build(&snap, attestation.selectors(), &pol)
-        };
-        let Some(first) = first else {
-            return Err(Status::permission_denied(
-                "no identity for this caller: policies are served to workloads with an SVID",
-            ));
-        };
-        let (tx, rx) = mpsc::channel(1);
-        let api = self.api.clone();
-        tokio::spawn(async move {
-            let mut last = first.clone();
-            if tx.send(Ok(first)).await.is_err() {
+            let d = data.borrow_and_update().clone();
+            let Some(next) = build(&snap, attestation.selectors(), &d) else {
+                let _ = tx
+                    .send(Err(Status::permission_denied(
+                        "this caller no longer has an identity",
+                    )))
+                    .await;
+                return;
+            };
+            if next == last {
+                continue;
+            }
+            // PID reuse: the process must still be the one attested.
+            if let Err(e) = api.recheck(attestation.clone()).await {
+                let _ = tx.send(Err(to_status(e))).await;
                 return;
             }
-            loop {
-                tokio::select! {
-                    () = tx.closed() => return,
-                    _ = stop.wait_for(|s| *s) => return,
-                    r = snapshots.changed() => if r.is_err() { return },
-                    r = policies.changed() => if r.is_err() { return },
-                }
-                let snap = snapshots.borrow_and_update().clone();
-                let pol = policies.borrow_and_update().clone();
-                let Some(next) = build(&snap, attestation.selectors(), &pol) else {
-                    let _ = tx
-                        .send(Err(Status::permission_denied(
-                            "this caller no longer has an identity",
-                        )))
-                        .await;
-                    return;
-                };
-                if next.policies == last.policies
-                    && next.spiffe_id == last.spiffe_id
-                    && next.default_action == last.default_action
-                {
-                    continue;
-                }
-                // PID reuse: the process must still be the one attested.
-                if let Err(e) = api.recheck(attestation.clone()).await {
-                    let _ = tx.send(Err(to_status(e))).await;
-                    return;
-                }
-                last = next.clone();
-                if tx.send(Ok(next)).await.is_err() {
-                    return;
-                }
+            last = next.clone();
+            if tx.send(Ok(next)).await.is_err() {
+                return;
             }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
+        }
+    });
+    Ok(Response::new(ReceiverStream::new(rx)))
 }

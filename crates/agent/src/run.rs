@@ -51,6 +51,8 @@ pub(crate) struct SyncState {
     /// Authorization policies (name → JSON document) and the trust domain's default.
     pub(crate) policies: BTreeMap<String, String>,
     pub(crate) policy_default: String,
+    /// The destination map (name → JSON document).
+    pub(crate) destinations: BTreeMap<String, String>,
 }
 
 impl SyncState {
@@ -481,6 +483,10 @@ async fn sync_task(
                                     default_action: state.policy_default.clone(),
                                     documents: state.policies.clone(),
                                 });
+                                shared.cache.set_destinations(crate::cache::Destinations {
+                                    revision: state.revision,
+                                    documents: state.destinations.clone(),
+                                });
                                 let _ = state_tx.send(Arc::new(state.clone()));
                             }
                         }
@@ -588,6 +594,9 @@ fn apply(
             for pol in page.policies {
                 p.policies.insert(pol.name, pol.document_json);
             }
+            for d in page.destinations {
+                p.destinations.insert(d.name, d.document_json);
+            }
             if let Some(t) = page.tainted {
                 p.set_tainted(t);
             }
@@ -642,6 +651,12 @@ fn apply(
                 }
                 Some(pb::change::Change::PolicyDeleted(name)) => {
                     state.policies.remove(&name);
+                }
+                Some(pb::change::Change::DestinationUpdated(d)) => {
+                    state.destinations.insert(d.name, d.document_json);
+                }
+                Some(pb::change::Change::DestinationDeleted(name)) => {
+                    state.destinations.remove(&name);
                 }
                 Some(pb::change::Change::BundleDeleted(name)) => {
                     // Our own bundle is never dropped: the agent would trust nothing.

@@ -133,10 +133,14 @@ impl WorkloadApi {
         Ok(peer)
     }
 
-    /// `PolicyWatch` (`crate::policy_watch`) checks its callers as the Workload API does: the
-    /// security header, then the pinned process.
-    pub(crate) fn policy_caller<T>(&self, req: &Request<T>) -> Result<PeerProcess, Status> {
-        self.caller(req, "WatchPolicies")
+    /// `PolicyWatch` and `DestinationWatch` (`crate::policy_watch`) check their callers as the
+    /// Workload API does: the security header, then the pinned process.
+    pub(crate) fn policy_caller<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+    ) -> Result<PeerProcess, Status> {
+        self.caller(req, method)
     }
 
     /// Attests `peer` exactly as Workload API calls do (bounded blocking threads). The caller
@@ -560,10 +564,12 @@ pub async fn serve_listener(
     };
     let sds = crate::sds::SecretDiscovery::new(api.clone()).into_service();
     let policies = crate::policy_watch::PolicyWatchService::new(api.clone()).into_service();
+    let destinations = crate::destination_watch::DestinationWatchService::new(api.clone()).into_service();
     let server = tonic::transport::Server::builder()
         .add_service(api.into_service())
         .add_service(sds)
         .add_service(policies)
+        .add_service(destinations)
         .serve_with_incoming_shutdown(incoming(listener), signal);
     tokio::pin!(server);
     tokio::select! {

@@ -367,7 +367,7 @@ impl Addresses {
 
 /// An IPv4 or IPv6 network (`198.18.0.0/15`, `2001:2::/48`, or one address): `when`
 /// conditions here, and the proxy's destination map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IpNet {
     addr: IpAddr,
     prefix: u8,

@@ -15,6 +15,7 @@
 //! A set is compiled for one destination workload ([`PolicySet::for_workload`] keeps the
 //! policies whose `targets` cover it, and the mesh-wide ones).
 
+pub mod destination;
 mod document;
 mod index;
 mod path;

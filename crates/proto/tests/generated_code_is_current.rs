@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 const PROTOS: &[&str] = &[
     "tessera/v1/types.proto",
     "tessera/v1/policy.proto",
+    "tessera/v1/destination.proto",
     "tessera/v1/agent.proto",
     "tessera/v1/admin.proto",
     "tessera/v1/authority.proto",

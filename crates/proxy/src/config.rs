@@ -8,7 +8,7 @@ use serde::Deserialize;
 use tessera_spiffe::SpiffeId;
 
 /// The HBONE convention: the peer proxy's mTLS tunnel port.
-pub const TUNNEL_PORT: u16 = 15008;
+pub const TUNNEL_PORT: u16 = tessera_policy::destination::TUNNEL_PORT;
 /// Transparent mode: where redirected outbound TCP lands.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 /// Transparent mode: where redirected inbound plaintext TCP lands (refused in STRICT mode).
@@ -118,47 +118,9 @@ impl std::str::FromStr for OutboundListener {
 /// as policy's address conditions.
 pub use tessera_policy::IpNet as Cidr;
 
-/// One `[[destination]]` of the proxy config file: who must answer at these addresses and ports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Destination {
-    pub cidr: Cidr,
-    /// Empty: every port.
-    pub ports: Vec<u16>,
-    pub spiffe_id: SpiffeId,
-    /// The peer proxy's tunnel port (default 15008).
-    pub tunnel_port: u16,
-}
-
-/// The transparent mode's destination map: original destination → expected identity.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DestinationMap {
-    /// Most specific first: the longest prefix, and among equal prefixes the entries that
-    /// name ports before those for every port. The first match wins.
-    entries: Vec<Destination>,
-}
-
-impl DestinationMap {
-    pub fn new(mut entries: Vec<Destination>) -> Self {
-        // Prefixes of the two families never compete: `contains` matches one family only.
-        entries.sort_by_key(|d| (std::cmp::Reverse(d.cidr.prefix()), d.ports.is_empty()));
-        Self { entries }
-    }
-
-    pub fn lookup(&self, dst: SocketAddr) -> Option<&Destination> {
-        let ip = dst.ip();
-        self.entries
-            .iter()
-            .find(|d| d.cidr.contains(ip) && (d.ports.is_empty() || d.ports.contains(&dst.port())))
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
+/// The destination map and its entries: one module (in `tessera-policy`) parses and checks
+/// them for the config file and for the server, which pushes them.
+pub use tessera_policy::destination::{Destination, DestinationDoc, DestinationMap};
 
 /// What transparent mode does with a destination that has no `[[destination]]` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -183,23 +145,12 @@ pub enum InboundMode {
     Permissive,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDestination {
-    cidr: String,
-    #[serde(default)]
-    ports: Vec<u16>,
-    spiffe_id: String,
-    #[serde(default)]
-    tunnel_port: Option<u16>,
-}
-
 /// The proxy config file (TOML).
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
-    destination: Vec<FileDestination>,
+    destination: Vec<DestinationDoc>,
     #[serde(default)]
     unmapped: Option<Unmapped>,
     #[serde(default)]
@@ -224,56 +175,19 @@ pub struct FileConfig {
 /// Parses the proxy config file; `name` is the file's path for error messages.
 pub fn parse_file(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
     let f: File = toml::from_str(text).map_err(|e| err(name, e.to_string()))?;
-    let mut entries: Vec<Destination> = Vec::with_capacity(f.destination.len());
-    for (i, d) in f.destination.into_iter().enumerate() {
-        let at = |field: &str| format!("{name}: destination[{i}].{field}");
-        let cidr = d.cidr.parse().map_err(|e| err(at("cidr"), e))?;
-        if d.ports.contains(&0) {
-            return Err(err(at("ports"), "port 0 is not a port"));
-        }
-        let spiffe_id = SpiffeId::parse(&d.spiffe_id)
-            .map_err(|e| err(at("spiffe_id"), format!("{:?}: {e}", d.spiffe_id)))?;
-        if spiffe_id.is_root() {
-            return Err(err(at("spiffe_id"), "a trust domain is not a workload ID"));
-        }
-        let tunnel_port = match d.tunnel_port {
-            Some(0) => return Err(err(at("tunnel_port"), "port 0 is not a port")),
-            Some(p) => p,
-            None => TUNNEL_PORT,
-        };
-        // Two entries for the same network and a port in common (or both for every port)
-        // would make the expected identity depend on their order in the file: refused.
-        for (j, e) in entries.iter().enumerate() {
-            if e.cidr != cidr {
-                continue;
-            }
-            let common = if e.ports.is_empty() && d.ports.is_empty() {
-                Some("every port".to_owned())
-            } else {
-                d.ports
-                    .iter()
-                    .find(|p| e.ports.contains(p))
-                    .map(|p| format!("port {p}"))
-            };
-            if let Some(what) = common {
-                return Err(err(
-                    at("cidr"),
-                    format!(
-                        "{} for {what} is already mapped by destination[{j}]; one address and port has one expected identity",
-                        d.cidr
-                    ),
-                ));
-            }
-        }
-        entries.push(Destination {
-            cidr,
-            ports: d.ports,
-            spiffe_id,
-            tunnel_port,
-        });
+    let mut entries = Vec::with_capacity(f.destination.len());
+    for (i, d) in f.destination.iter().enumerate() {
+        let d = d
+            .check()
+            .map_err(|e| err(format!("{name}: destination[{i}].{}", e.field), e.message))?;
+        entries.push((format!("destination[{i}]"), d));
     }
+    // Two entries for the same network and a port in common would make the expected identity
+    // depend on their order in the file: refused.
+    let destinations = DestinationMap::build(entries)
+        .map_err(|e| err(format!("{name}: {}.cidr", e.second), e.to_string()))?;
     Ok(FileConfig {
-        destinations: DestinationMap::new(entries),
+        destinations,
         unmapped: f.unmapped,
         inbound_mode: f.inbound_mode,
         policy_file: f.policy_file,

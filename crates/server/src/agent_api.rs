@@ -653,6 +653,10 @@ impl AgentApi {
                     EventKind::PolicyUpdated | EventKind::PolicyDeleted => {
                         changes.push(crate::policy_api::change(&self.state, &ev.key).await?);
                     }
+                    // The destination map is the trust domain's: every agent gets all of it.
+                    EventKind::DestinationUpdated | EventKind::DestinationDeleted => {
+                        changes.push(crate::destination_api::change(&self.state, &ev.key).await?);
+                    }
                     EventKind::AgentBanned | EventKind::AgentDeleted
                         if ev.key == agent.spiffe_id.as_str() =>
                     {
@@ -750,6 +754,7 @@ impl AgentApi {
             }
         }
         let policies = crate::policy_api::all_pb(&self.state).await?;
+        let destinations = crate::destination_api::all_pb(&self.state).await?;
         *sent = Some(entries.iter().map(|e| e.id.clone()).collect());
         let pages: Vec<&[Entry]> = if entries.is_empty() {
             vec![&[]]
@@ -767,6 +772,11 @@ impl AgentApi {
                     tainted: (i == 0).then(|| tainted.clone()),
                     policies: if i == 0 { policies.clone() } else { Vec::new() },
                     policy_default: crate::policy_api::default_str(&self.state).to_owned(),
+                    destinations: if i == 0 {
+                        destinations.clone()
+                    } else {
+                        Vec::new()
+                    },
                 })),
             };
             tx.send(Ok(msg))

@@ -20,6 +20,7 @@ mod federation;
 mod follow;
 mod memory;
 mod metrics;
+mod destination_api;
 mod policy_api;
 mod policy_sync;
 mod run;

@@ -242,6 +242,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         applied: crate::state::Applied::new(revision),
         datastore_up: std::sync::atomic::AtomicBool::new(true),
         policies_seen: arc_swap::ArcSwapOption::empty(),
+        destinations_seen: arc_swap::ArcSwapOption::empty(),
         policy_sync: crate::policy_sync::SyncStatuses::default(),
         metrics,
     });
@@ -377,6 +378,13 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         tessera_proto::v1::policy_api_server::PolicyApiServer::new(crate::policy_api::Policies {
             state: state.clone(),
         });
+    // The destination map of transparent interception (`tessera destination ...`).
+    let destination_svc =
+        tessera_proto::v1::destination_api_server::DestinationApiServer::new(
+            crate::destination_api::Destinations {
+                state: state.clone(),
+            },
+        );
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
@@ -384,6 +392,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             .add_service(authority_svc)
             .add_service(fed_svc)
             .add_service(policy_svc)
+            .add_service(destination_svc)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(uds),
                 shutdown,

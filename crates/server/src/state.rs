@@ -153,6 +153,9 @@ pub(crate) struct State {
     /// (writes are refused then, so no newer policy can have been accepted by this server).
     /// `None` until the first read: never-read is not the same as no policies.
     pub(crate) policies_seen: arc_swap::ArcSwapOption<Vec<tessera_proto::v1::StoredPolicy>>,
+    /// The destination map last read, for the same reason.
+    pub(crate) destinations_seen:
+        arc_swap::ArcSwapOption<Vec<tessera_proto::v1::StoredDestination>>,
     /// The state of every `[[policy.sync]]` source (this server's polls).
     pub(crate) policy_sync: crate::policy_sync::SyncStatuses,
     pub(crate) metrics: Metrics,

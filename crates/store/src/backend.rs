@@ -28,6 +28,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/sqlite/0002_federation.sql"),
     ),
     (3, "ha", include_str!("../migrations/sqlite/0003_ha.sql")),
+    (
+        4,
+        "destinations",
+        include_str!("../migrations/sqlite/0004_destinations.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -41,6 +46,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/postgres/0002_federation.sql"),
     ),
     (3, "ha", include_str!("../migrations/postgres/0003_ha.sql")),
+    (
+        4,
+        "destinations",
+        include_str!("../migrations/postgres/0004_destinations.sql"),
+    ),
 ];
 
 /// Opens the store named by `url`: `sqlite:///path/to/store.db` (relative paths allowed:

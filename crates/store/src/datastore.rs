@@ -7,8 +7,8 @@ use tessera_spiffe::{Selector, SpiffeId, TrustDomain};
 
 use crate::StoreError;
 use crate::model::{
-    Agent, Entry, Event, FederationRelationship, FederationStatus, JoinToken, NewAgent, NewEntry,
-    Policy, StoredBundle,
+    Agent, Destination, Entry, Event, FederationRelationship, FederationStatus, JoinToken, NewAgent,
+    NewEntry, Policy, StoredBundle,
 };
 
 /// What [`Datastore::listen_revisions`] gives.
@@ -222,6 +222,17 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     async fn list_policies(&self) -> Result<Vec<Policy>, StoreError>;
 
     async fn delete_policy(&self, id: &str) -> Result<Policy, StoreError>;
+
+    // --- the destination map ---
+
+    /// Creates or replaces destination `d.id`; returns the revision.
+    async fn set_destination(&self, d: &Destination) -> Result<u64, StoreError>;
+
+    async fn get_destination(&self, id: &str) -> Result<Option<Destination>, StoreError>;
+
+    async fn list_destinations(&self) -> Result<Vec<Destination>, StoreError>;
+
+    async fn delete_destination(&self, id: &str) -> Result<Destination, StoreError>;
 
     // --- the revision feed ---
 

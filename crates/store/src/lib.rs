@@ -40,6 +40,6 @@ pub use backend::{PostgresOptions, open, open_postgres, open_postgres_with, open
 pub use datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener};
 pub use error::StoreError;
 pub use model::{
-    Agent, Entry, Event, EventKind, FederationRelationship, FederationStatus, JoinToken, NewAgent,
-    NewEntry, Policy, StoredBundle,
+    Agent, Destination, Entry, Event, EventKind, FederationRelationship, FederationStatus,
+    JoinToken, NewAgent, NewEntry, Policy, StoredBundle,
 };

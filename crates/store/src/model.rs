@@ -474,17 +474,40 @@ pub struct Policy {
 
 impl Policy {
     pub fn validate(&self) -> Result<(), StoreError> {
-        validate_policy_id(&self.id)?;
-        if self.document.len() > MAX_POLICY_LEN {
-            return Err(StoreError::invalid(
-                "document",
-                format!("at most {MAX_POLICY_LEN} bytes are allowed"),
-            ));
-        }
-        serde_json::from_str::<serde::de::IgnoredAny>(&self.document)
-            .map(|_| ())
-            .map_err(|e| StoreError::invalid("document", format!("not JSON: {e}")))
+        validate_document(&self.id, &self.document, MAX_POLICY_LEN)
     }
+}
+
+/// A destination of the transparent mode's destination map, kept as its JSON document (the
+/// policy crate's `destination` module owns its meaning).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    pub id: String,
+    pub document: String,
+}
+
+/// Longest destination document, in bytes.
+pub const MAX_DESTINATION_LEN: usize = 64 * 1024;
+
+impl Destination {
+    pub fn validate(&self) -> Result<(), StoreError> {
+        validate_document(&self.id, &self.document, MAX_DESTINATION_LEN)
+    }
+}
+
+/// A named JSON document (a policy, a destination): the name's characters, the size, and
+/// that it is JSON. Its meaning is checked by whoever writes it (the server's APIs).
+fn validate_document(id: &str, document: &str, max: usize) -> Result<(), StoreError> {
+    validate_policy_id(id)?;
+    if document.len() > max {
+        return Err(StoreError::invalid(
+            "document",
+            format!("at most {max} bytes are allowed"),
+        ));
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(document)
+        .map(|_| ())
+        .map_err(|e| StoreError::invalid("document", format!("not JSON: {e}")))
 }
 
 pub(crate) fn validate_policy_id(id: &str) -> Result<(), StoreError> {
@@ -514,7 +537,8 @@ pub(crate) fn validate_server_id(id: &str) -> Result<(), StoreError> {
 }
 
 /// One change, as the revision feed reports it. `key` says which object changed: an entry's
-/// id, an agent's SPIFFE ID, a trust domain, a policy id, or a join token's SHA-256 (hex).
+/// id, an agent's SPIFFE ID, a trust domain, a policy or destination id, or a join token's SHA-256
+/// (hex).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub revision: u64,
@@ -544,10 +568,12 @@ pub enum EventKind {
     FederationDeleted,
     PolicyUpdated,
     PolicyDeleted,
+    DestinationUpdated,
+    DestinationDeleted,
 }
 
 impl EventKind {
-    const ALL: [EventKind; 16] = [
+    const ALL: [EventKind; 18] = [
         Self::EntryCreated,
         Self::EntryUpdated,
         Self::EntryDeleted,
@@ -564,6 +590,8 @@ impl EventKind {
         Self::FederationDeleted,
         Self::PolicyUpdated,
         Self::PolicyDeleted,
+        Self::DestinationUpdated,
+        Self::DestinationDeleted,
     ];
 
     /// The name stored in the `events.kind` column (and used by serde).
@@ -585,6 +613,8 @@ impl EventKind {
             Self::FederationDeleted => "federation_deleted",
             Self::PolicyUpdated => "policy_updated",
             Self::PolicyDeleted => "policy_deleted",
+            Self::DestinationUpdated => "destination_updated",
+            Self::DestinationDeleted => "destination_deleted",
         }
     }
 

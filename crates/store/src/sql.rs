@@ -22,8 +22,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use crate::StoreError;
 use crate::datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener};
 use crate::model::{
-    self, Agent, Entry, Event, EventKind, FederationRelationship, FederationStatus, JoinToken,
-    NewAgent, NewEntry, Policy, StoredBundle,
+    self, Agent, Destination, Entry, Event, EventKind, FederationRelationship, FederationStatus,
+    JoinToken, NewAgent, NewEntry, Policy, StoredBundle,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,11 +315,34 @@ fn federation_status_from_row(row: &AnyRow) -> Result<FederationStatus, StoreErr
     })
 }
 
-fn policy_from_row(row: &AnyRow) -> Result<Policy, StoreError> {
-    Ok(Policy {
-        id: get_str(row, "policies", "id")?,
-        document: get_str(row, "policies", "document")?,
-    })
+/// A table of named JSON documents (policies, destinations): one id column, one document
+/// column, the revision of the last change, and an event kind for each kind of change.
+#[derive(Debug, Clone, Copy)]
+struct Documents {
+    table: &'static str,
+    /// What a "not found" error calls one.
+    what: &'static str,
+    updated: EventKind,
+    deleted: EventKind,
+}
+
+const POLICIES: Documents = Documents {
+    table: "policies",
+    what: "policy",
+    updated: EventKind::PolicyUpdated,
+    deleted: EventKind::PolicyDeleted,
+};
+
+const DESTINATIONS: Documents = Documents {
+    table: "destinations",
+    what: "destination",
+    updated: EventKind::DestinationUpdated,
+    deleted: EventKind::DestinationDeleted,
+};
+
+/// (id, document) of a row of a [`Documents`] table.
+fn document_from_row(t: Documents, row: &AnyRow) -> Result<(String, String), StoreError> {
+    Ok((get_str(row, t.table, "id")?, get_str(row, t.table, "document")?))
 }
 
 fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
@@ -702,6 +725,65 @@ impl SqlStore {
             Some(row) => Ok(Some(get_bool(&row, "agents", "banned")?)),
             None => Ok(None),
         }
+    }
+}
+
+impl SqlStore {
+    /// Creates or replaces a named document; returns the revision.
+    async fn set_document(&self, t: Documents, id: &str, document: &str) -> Result<u64, StoreError> {
+        let mut w = self.begin_write().await?;
+        let revision = w.next_revision().await?;
+        let mut sql = Sql::new(&format!(
+            "INSERT INTO {} (id, document, updated_revision) VALUES ",
+            t.table
+        ));
+        sql.bind_list([text(id), text(document), rev_param(revision)])
+            .push(
+                " ON CONFLICT (id) DO UPDATE SET document = excluded.document, \
+                 updated_revision = excluded.updated_revision",
+            );
+        w.execute(sql).await?;
+        w.event(revision, t.updated, id).await?;
+        w.commit().await?;
+        Ok(revision)
+    }
+
+    async fn get_document(
+        &self,
+        t: Documents,
+        id: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let mut sql = Sql::new(&format!("SELECT id, document FROM {} WHERE id = ", t.table));
+        sql.bind(text(id));
+        self.fetch_optional(sql)
+            .await?
+            .as_ref()
+            .map(|row| document_from_row(t, row))
+            .transpose()
+    }
+
+    async fn list_documents(&self, t: Documents) -> Result<Vec<(String, String)>, StoreError> {
+        let sql = Sql::new(&format!("SELECT id, document FROM {} ORDER BY id", t.table));
+        self.fetch_all(sql)
+            .await?
+            .iter()
+            .map(|row| document_from_row(t, row))
+            .collect()
+    }
+
+    async fn delete_document(&self, t: Documents, id: &str) -> Result<(String, String), StoreError> {
+        let mut w = self.begin_write().await?;
+        let revision = w.next_revision().await?;
+        let mut sql = Sql::new(&format!("DELETE FROM {} WHERE id = ", t.table));
+        sql.bind(text(id)).push(" RETURNING id, document");
+        let Some(row) = w.fetch_optional(sql).await? else {
+            w.rollback().await?;
+            return Err(StoreError::not_found(format!("{} {id}", t.what)));
+        };
+        let doc = document_from_row(t, &row)?;
+        w.event(revision, t.deleted, id).await?;
+        w.commit().await?;
+        Ok(doc)
     }
 }
 
@@ -1451,57 +1533,55 @@ impl Datastore for SqlStore {
 
     async fn set_policy(&self, policy: &Policy) -> Result<u64, StoreError> {
         policy.validate()?;
-        let mut w = self.begin_write().await?;
-        let revision = w.next_revision().await?;
-        let mut sql = Sql::new("INSERT INTO policies (id, document, updated_revision) VALUES ");
-        sql.bind_list([
-            text(&policy.id),
-            text(&policy.document),
-            rev_param(revision),
-        ])
-        .push(
-            " ON CONFLICT (id) DO UPDATE SET document = excluded.document, \
-                 updated_revision = excluded.updated_revision",
-        );
-        w.execute(sql).await?;
-        w.event(revision, EventKind::PolicyUpdated, &policy.id)
-            .await?;
-        w.commit().await?;
-        Ok(revision)
+        self.set_document(POLICIES, &policy.id, &policy.document)
+            .await
     }
 
     async fn get_policy(&self, id: &str) -> Result<Option<Policy>, StoreError> {
-        let mut sql = Sql::new("SELECT id, document FROM policies WHERE id = ");
-        sql.bind(text(id));
-        self.fetch_optional(sql)
+        Ok(self
+            .get_document(POLICIES, id)
             .await?
-            .as_ref()
-            .map(policy_from_row)
-            .transpose()
+            .map(|(id, document)| Policy { id, document }))
     }
 
     async fn list_policies(&self) -> Result<Vec<Policy>, StoreError> {
-        let sql = Sql::new("SELECT id, document FROM policies ORDER BY id");
-        self.fetch_all(sql)
+        Ok(self
+            .list_documents(POLICIES)
             .await?
-            .iter()
-            .map(policy_from_row)
-            .collect()
+            .into_iter()
+            .map(|(id, document)| Policy { id, document })
+            .collect())
     }
 
     async fn delete_policy(&self, id: &str) -> Result<Policy, StoreError> {
-        let mut w = self.begin_write().await?;
-        let revision = w.next_revision().await?;
-        let mut sql = Sql::new("DELETE FROM policies WHERE id = ");
-        sql.bind(text(id)).push(" RETURNING id, document");
-        let Some(row) = w.fetch_optional(sql).await? else {
-            w.rollback().await?;
-            return Err(StoreError::not_found(format!("policy {id}")));
-        };
-        let policy = policy_from_row(&row)?;
-        w.event(revision, EventKind::PolicyDeleted, id).await?;
-        w.commit().await?;
-        Ok(policy)
+        let (id, document) = self.delete_document(POLICIES, id).await?;
+        Ok(Policy { id, document })
+    }
+
+    async fn set_destination(&self, d: &Destination) -> Result<u64, StoreError> {
+        d.validate()?;
+        self.set_document(DESTINATIONS, &d.id, &d.document).await
+    }
+
+    async fn get_destination(&self, id: &str) -> Result<Option<Destination>, StoreError> {
+        Ok(self
+            .get_document(DESTINATIONS, id)
+            .await?
+            .map(|(id, document)| Destination { id, document }))
+    }
+
+    async fn list_destinations(&self) -> Result<Vec<Destination>, StoreError> {
+        Ok(self
+            .list_documents(DESTINATIONS)
+            .await?
+            .into_iter()
+            .map(|(id, document)| Destination { id, document })
+            .collect())
+    }
+
+    async fn delete_destination(&self, id: &str) -> Result<Destination, StoreError> {
+        let (id, document) = self.delete_document(DESTINATIONS, id).await?;
+        Ok(Destination { id, document })
     }
 
     async fn current_revision(&self) -> Result<u64, StoreError> {

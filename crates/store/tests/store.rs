@@ -45,6 +45,7 @@ both_backends!(
     bundles_are_stored_per_trust_domain,
     ca_journals_are_kept_per_server_outside_the_feed,
     federation_relationships_and_policies_round_trip,
+    destinations_round_trip,
     concurrent_writers_get_contiguous_revisions_seen_once_by_a_resuming_reader,
 );
 

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tessera_spiffe::{Bundle, Selector, SpiffeId, TrustDomain};
 use tessera_store::{
-    AgentQuery, Datastore, EntryQuery, EventKind, FederationRelationship, FederationStatus,
-    JoinToken, NewAgent, NewEntry, Policy, StoreError,
+    AgentQuery, Datastore, Destination, EntryQuery, EventKind, FederationRelationship,
+    FederationStatus, JoinToken, NewAgent, NewEntry, Policy, StoreError,
 };
 
 pub(crate) fn id(s: &str) -> SpiffeId {
@@ -877,6 +877,77 @@ pub(crate) async fn federation_relationships_and_policies_round_trip(s: Arc<dyn 
             EventKind::PolicyUpdated,
             EventKind::PolicyUpdated,
             EventKind::PolicyDeleted,
+        ]
+    );
+}
+
+/// Destinations: create, replace, list in id order, delete, the checks a store makes (a name,
+/// JSON of at most 64 KiB), and one event per change.
+pub(crate) async fn destinations_round_trip(s: Arc<dyn Datastore>) {
+    let start = s.current_revision().await.unwrap();
+    let d = Destination {
+        id: "db".into(),
+        document: r#"{"cidr":"198.18.0.2/32","spiffe_id":"spiffe://example.org/db"}"#.into(),
+    };
+    let r1 = s.set_destination(&d).await.unwrap();
+    let mut d2 = d.clone();
+    d2.document = r#"{"cidr":"198.18.0.3/32","spiffe_id":"spiffe://example.org/db"}"#.into();
+    let r2 = s.set_destination(&d2).await.unwrap();
+    assert!(r2 > r1);
+    let web = Destination {
+        id: "a/web".into(),
+        document: r#"{"cidr":"198.18.0.4/32","spiffe_id":"spiffe://example.org/web"}"#.into(),
+    };
+    s.set_destination(&web).await.unwrap();
+    assert_eq!(s.get_destination("db").await.unwrap(), Some(d2.clone()));
+    assert_eq!(
+        s.list_destinations().await.unwrap(),
+        vec![web.clone(), d2.clone()]
+    );
+    // Policies and destinations are separate tables: one name may be both.
+    assert_eq!(s.get_policy("db").await.unwrap(), None);
+    for (bad, field) in [
+        (
+            Destination {
+                id: "x".into(),
+                document: "{".into(),
+            },
+            "document",
+        ),
+        (
+            Destination {
+                id: "bad id".into(),
+                document: "{}".into(),
+            },
+            "id",
+        ),
+        (
+            Destination {
+                id: "big".into(),
+                document: format!("\"{}\"", "a".repeat(64 * 1024)),
+            },
+            "document",
+        ),
+    ] {
+        assert_eq!(invalid_field(s.set_destination(&bad).await), field);
+    }
+    assert_eq!(s.delete_destination("db").await.unwrap(), d2);
+    assert_eq!(s.get_destination("db").await.unwrap(), None);
+    assert!(matches!(
+        s.delete_destination("db").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let events = kinds_after(&*s, start).await;
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.1, e.2.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (EventKind::DestinationUpdated, "db"),
+            (EventKind::DestinationUpdated, "db"),
+            (EventKind::DestinationUpdated, "a/web"),
+            (EventKind::DestinationDeleted, "db"),
         ]
     );
 }

@@ -1,0 +1,306 @@
+//! The destination map of transparent interception: which SPIFFE ID must answer at an original
+//! destination (network and ports), and where its proxy's tunnel listens.
+//!
+//! One place parses and checks a destination, whether it comes from a proxy's config file
+//! (`[[destination]]`) or from the server (`tessera destination ...`, pushed to every agent and
+//! from there to proxies): an entry the server accepts is one every proxy accepts, and a map
+//! is built by one function that refuses ambiguity. Pure: no I/O.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use tessera_spiffe::SpiffeId;
+
+use crate::IpNet;
+
+/// The HBONE convention: the peer proxy's mutual-TLS tunnel port.
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// Longest stored destination document, in bytes (a few hundred is typical; ports are the only
+/// list).
+pub const MAX_DOCUMENT_LEN: usize = 64 * 1024;
+
+/// One destination: who must answer at these addresses and ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub cidr: IpNet,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+    pub spiffe_id: SpiffeId,
+    /// The peer proxy's tunnel port (default 15008).
+    pub tunnel_port: u16,
+}
+
+/// A destination as written: the `[[destination]]` table of a proxy config file, and the JSON
+/// document the server stores.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationDoc {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    pub spiffe_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_port: Option<u16>,
+}
+
+/// What is wrong with a destination: the field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct DestinationError {
+    pub field: String,
+    pub message: String,
+}
+
+fn bad(field: &str, message: impl Into<String>) -> DestinationError {
+    DestinationError {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A destination's name on the server: 1 to 256 letters, digits, `.`, `_`, `-` or `/` (as a
+/// policy's).
+pub fn validate_name(name: &str) -> Result<(), DestinationError> {
+    crate::validate_name(name)
+        .map(|_| ())
+        .map_err(|e| bad("name", format!("{name:?}: {}", e.message)))
+}
+
+impl DestinationDoc {
+    /// Checks every field.
+    pub fn check(&self) -> Result<Destination, DestinationError> {
+        let cidr: IpNet = self.cidr.parse().map_err(|e: String| bad("cidr", e))?;
+        if self.ports.contains(&0) {
+            return Err(bad("ports", "port 0 is not a port"));
+        }
+        let spiffe_id = SpiffeId::parse(&self.spiffe_id)
+            .map_err(|e| bad("spiffe_id", format!("{:?}: {e}", self.spiffe_id)))?;
+        // The map says which workload must prove itself at the destination; a trust domain's
+        // ID (no path) names no workload (SPIFFE-ID §2.2: the ID of the trust domain itself).
+        if spiffe_id.is_root() {
+            return Err(bad("spiffe_id", "a trust domain is not a workload ID"));
+        }
+        let tunnel_port = match self.tunnel_port {
+            Some(0) => return Err(bad("tunnel_port", "port 0 is not a port")),
+            Some(p) => p,
+            None => TUNNEL_PORT,
+        };
+        let mut ports = self.ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(Destination {
+            cidr,
+            ports,
+            spiffe_id,
+            tunnel_port,
+        })
+    }
+
+    /// A stored JSON document, checked.
+    pub fn from_json(json: &str) -> Result<Destination, DestinationError> {
+        if json.len() > MAX_DOCUMENT_LEN {
+            return Err(bad(
+                "document",
+                format!("at most {MAX_DOCUMENT_LEN} bytes are allowed"),
+            ));
+        }
+        let doc: DestinationDoc = serde_json::from_str(json).map_err(|e| {
+            let msg = e.to_string();
+            let msg = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
+            bad("document", msg)
+        })?;
+        doc.check()
+    }
+}
+
+impl Destination {
+    /// The canonical JSON document (what the server stores and pushes).
+    pub fn to_json(&self) -> String {
+        let doc = DestinationDoc {
+            cidr: self.cidr.to_string(),
+            ports: self.ports.clone(),
+            spiffe_id: self.spiffe_id.to_string(),
+            tunnel_port: (self.tunnel_port != TUNNEL_PORT).then_some(self.tunnel_port),
+        };
+        serde_json::to_string(&doc).unwrap_or_default()
+    }
+
+    /// What `self` and `other` both cover, when they would make the expected identity of an
+    /// address and port depend on their order: the same network and a port in common (or both
+    /// for every port). Different networks never overlap this way: the longest prefix wins.
+    pub fn overlap(&self, other: &Destination) -> Option<String> {
+        if self.cidr != other.cidr {
+            return None;
+        }
+        if self.ports.is_empty() && other.ports.is_empty() {
+            return Some("every port".to_owned());
+        }
+        self.ports
+            .iter()
+            .find(|p| other.ports.contains(p))
+            .map(|p| format!("port {p}"))
+    }
+}
+
+/// Two entries of a map that claim one address and port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{cidr} for {what} is mapped by both {first} and {second}; one address and port has one expected identity")]
+pub struct Ambiguous {
+    /// The label of the entry that came first.
+    pub first: String,
+    /// The label of the entry that repeats it.
+    pub second: String,
+    pub cidr: IpNet,
+    /// "port 80" or "every port".
+    pub what: String,
+}
+
+/// Original destination → expected identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestinationMap {
+    /// Most specific first: the longest prefix, and among equal prefixes the entries that
+    /// name ports before those for every port. The first match wins.
+    entries: Vec<Destination>,
+}
+
+impl DestinationMap {
+    /// A map of entries known not to overlap (tests, and maps built by [`Self::build`]).
+    pub fn new(mut entries: Vec<Destination>) -> Self {
+        // Prefixes of the two families never compete: `contains` matches one family only.
+        entries.sort_by_key(|d| (std::cmp::Reverse(d.cidr.prefix()), d.ports.is_empty()));
+        Self { entries }
+    }
+
+    /// A map of labelled entries (a file's `destination[3]`, the server's `destination "db"`),
+    /// refused when two overlap ([`Destination::overlap`]): the expected identity of an address
+    /// must not depend on the order entries were written or pushed in.
+    pub fn build<L: std::fmt::Display>(
+        entries: impl IntoIterator<Item = (L, Destination)>,
+    ) -> Result<Self, Ambiguous> {
+        // Grouped by network: only entries of one network can overlap.
+        let mut by_net: std::collections::HashMap<IpNet, Vec<(String, usize)>> =
+            std::collections::HashMap::new();
+        let mut out: Vec<Destination> = Vec::new();
+        for (label, d) in entries {
+            let label = label.to_string();
+            let same = by_net.entry(d.cidr).or_default();
+            for (first, i) in same.iter() {
+                if let Some(what) = out[*i].overlap(&d) {
+                    return Err(Ambiguous {
+                        first: first.clone(),
+                        second: label,
+                        cidr: d.cidr,
+                        what,
+                    });
+                }
+            }
+            same.push((label, out.len()));
+            out.push(d);
+        }
+        Ok(Self::new(out))
+    }
+
+    pub fn lookup(&self, dst: SocketAddr) -> Option<&Destination> {
+        let ip = dst.ip();
+        self.entries
+            .iter()
+            .find(|d| d.cidr.contains(ip) && (d.ports.is_empty() || d.ports.contains(&dst.port())))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn doc(cidr: &str, ports: &[u16], id: &str) -> DestinationDoc {
+        DestinationDoc {
+            cidr: cidr.into(),
+            ports: ports.to_vec(),
+            spiffe_id: id.into(),
+            tunnel_port: None,
+        }
+    }
+
+    #[test]
+    fn every_field_is_checked_and_named() {
+        let cases = [
+            (doc("1.2.3.4/40", &[], "spiffe://x/y"), "cidr"),
+            (doc("1.2.3.5/24", &[], "spiffe://x/y"), "cidr"),
+            (doc("db.example", &[], "spiffe://x/y"), "cidr"),
+            (doc("1.2.3.4", &[80, 0], "spiffe://x/y"), "ports"),
+            (doc("1.2.3.4", &[], "spiffe://x"), "spiffe_id"),
+            (doc("1.2.3.4", &[], "http://x/y"), "spiffe_id"),
+            (
+                DestinationDoc {
+                    tunnel_port: Some(0),
+                    ..doc("1.2.3.4", &[], "spiffe://x/y")
+                },
+                "tunnel_port",
+            ),
+        ];
+        for (d, field) in cases {
+            assert_eq!(d.check().unwrap_err().field, field, "{d:?}");
+        }
+        let e = DestinationDoc::from_json(r#"{"cidr":"1.2.3.4","spiffe_id":"spiffe://x/y","port":1}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "document");
+        assert!(e.message.contains("port"), "{e}");
+        assert!(DestinationDoc::from_json(&" ".repeat(MAX_DOCUMENT_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn json_round_trips_in_canonical_form() {
+        let d = DestinationDoc::from_json(
+            r#"{"cidr":"198.18.0.0/24","ports":[8443,80,80],"spiffe_id":"spiffe://example.org/db","tunnel_port":15008}"#,
+        )
+        .unwrap();
+        assert_eq!(d.ports, vec![80, 8443]);
+        let json = d.to_json();
+        assert_eq!(
+            json,
+            r#"{"cidr":"198.18.0.0/24","ports":[80,8443],"spiffe_id":"spiffe://example.org/db"}"#
+        );
+        assert_eq!(DestinationDoc::from_json(&json).unwrap(), d);
+    }
+
+    #[test]
+    fn build_refuses_two_entries_for_one_address_and_port() {
+        let d = |cidr: &str, ports: &[u16], id: &str| doc(cidr, ports, id).check().unwrap();
+        let e = DestinationMap::build([
+            ("a", d("10.0.0.0/24", &[80, 443], "spiffe://example.org/a")),
+            ("b", d("10.0.0.0/24", &[8080], "spiffe://example.org/b")),
+            ("c", d("10.0.0.0/24", &[443], "spiffe://example.org/a")),
+        ])
+        .unwrap_err();
+        assert_eq!((e.first.as_str(), e.second.as_str()), ("a", "c"));
+        assert_eq!(e.what, "port 443");
+        let e = DestinationMap::build([
+            ("a", d("10.0.0.0/24", &[], "spiffe://example.org/a")),
+            ("b", d("10.0.0.0/24", &[], "spiffe://example.org/b")),
+        ])
+        .unwrap_err();
+        assert_eq!(e.what, "every port");
+        // A narrower network, or ports beside an every-port entry, are more specific: allowed.
+        let m = DestinationMap::build([
+            ("a", d("10.0.0.0/24", &[], "spiffe://example.org/a")),
+            ("b", d("10.0.0.0/24", &[80], "spiffe://example.org/b")),
+            ("c", d("10.0.0.7/32", &[], "spiffe://example.org/c")),
+        ])
+        .unwrap();
+        let id = |a: &str| m.lookup(a.parse().unwrap()).map(|d| d.spiffe_id.to_string());
+        assert_eq!(id("10.0.0.7:80").as_deref(), Some("spiffe://example.org/c"));
+        assert_eq!(id("10.0.0.8:80").as_deref(), Some("spiffe://example.org/b"));
+        assert_eq!(id("10.0.0.8:81").as_deref(), Some("spiffe://example.org/a"));
+        assert_eq!(id("10.0.1.8:81"), None);
+    }
+}
