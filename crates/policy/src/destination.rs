@@ -160,15 +160,26 @@ pub struct Ambiguous {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DestinationMap {
     /// Most specific first: the longest prefix, and among equal prefixes the entries that
-    /// name ports before those for every port. The first match wins.
-    entries: Vec<Destination>,
+    /// name ports before those for every port. The first match wins. Each entry keeps its
+    /// label, so a merge can name what clashes.
+    entries: Vec<(String, Destination)>,
 }
 
 impl DestinationMap {
-    /// A map of entries known not to overlap (tests, and maps built by [`Self::build`]).
-    pub fn new(mut entries: Vec<Destination>) -> Self {
+    /// A map of entries known not to overlap (tests), labelled by position.
+    pub fn new(entries: Vec<Destination>) -> Self {
+        Self::sorted(
+            entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| (format!("#{i}"), d))
+                .collect(),
+        )
+    }
+
+    fn sorted(mut entries: Vec<(String, Destination)>) -> Self {
         // Prefixes of the two families never compete: `contains` matches one family only.
-        entries.sort_by_key(|d| (std::cmp::Reverse(d.cidr.prefix()), d.ports.is_empty()));
+        entries.sort_by_key(|(_, d)| (std::cmp::Reverse(d.cidr.prefix()), d.ports.is_empty()));
         Self { entries }
     }
 
@@ -179,14 +190,15 @@ impl DestinationMap {
         entries: impl IntoIterator<Item = (L, Destination)>,
     ) -> Result<Self, Ambiguous> {
         // Grouped by network: only entries of one network can overlap.
-        let mut by_net: std::collections::HashMap<IpNet, Vec<(String, usize)>> =
+        let mut by_net: std::collections::HashMap<IpNet, Vec<usize>> =
             std::collections::HashMap::new();
-        let mut out: Vec<Destination> = Vec::new();
+        let mut out: Vec<(String, Destination)> = Vec::new();
         for (label, d) in entries {
             let label = label.to_string();
             let same = by_net.entry(d.cidr).or_default();
-            for (first, i) in same.iter() {
-                if let Some(what) = out[*i].overlap(&d) {
+            for i in same.iter() {
+                let (first, e) = &out[*i];
+                if let Some(what) = e.overlap(&d) {
                     return Err(Ambiguous {
                         first: first.clone(),
                         second: label,
@@ -195,16 +207,23 @@ impl DestinationMap {
                     });
                 }
             }
-            same.push((label, out.len()));
-            out.push(d);
+            same.push(out.len());
+            out.push((label, d));
         }
-        Ok(Self::new(out))
+        Ok(Self::sorted(out))
+    }
+
+    /// The entries of both maps (a proxy's config file and the server's map), refused as
+    /// [`Self::build`] refuses: an entry of one may not claim an address and port of the other.
+    pub fn merge(&self, other: &DestinationMap) -> Result<Self, Ambiguous> {
+        Self::build(self.entries.iter().chain(&other.entries).cloned())
     }
 
     pub fn lookup(&self, dst: SocketAddr) -> Option<&Destination> {
         let ip = dst.ip();
         self.entries
             .iter()
+            .map(|(_, d)| d)
             .find(|d| d.cidr.contains(ip) && (d.ports.is_empty() || d.ports.contains(&dst.port())))
     }
 
@@ -302,5 +321,29 @@ mod tests {
         assert_eq!(id("10.0.0.8:80").as_deref(), Some("spiffe://example.org/b"));
         assert_eq!(id("10.0.0.8:81").as_deref(), Some("spiffe://example.org/a"));
         assert_eq!(id("10.0.1.8:81"), None);
+
+        // A merge keeps both sides' entries and names a clash by both labels.
+        let server = DestinationMap::build([(
+            "destination \"web\"",
+            d("10.0.1.0/24", &[], "spiffe://example.org/web"),
+        )])
+        .unwrap();
+        let both = m.merge(&server).unwrap();
+        assert_eq!(both.len(), 4);
+        assert!(both.lookup("10.0.1.8:81".parse().unwrap()).is_some());
+        let clash = DestinationMap::build([(
+            "destination \"c2\"",
+            d("10.0.0.7/32", &[443], "spiffe://example.org/c2"),
+        )])
+        .unwrap();
+        // A port on a network the other side maps for every port is more specific: allowed.
+        assert!(m.merge(&clash).is_ok());
+        let clash = DestinationMap::build([(
+            "destination \"c2\"",
+            d("10.0.0.7/32", &[], "spiffe://example.org/c2"),
+        )])
+        .unwrap();
+        let e = m.merge(&clash).unwrap_err();
+        assert_eq!((e.first.as_str(), e.second.as_str()), ("c", "destination \"c2\""));
     }
 }

@@ -272,17 +272,24 @@ pub(crate) async fn uds_channel(socket: &Path) -> Result<tonic::transport::Chann
         .map_err(|e| format!("connect: {e}"))
 }
 
-async fn stream_once(socket: &Path, identity: &Identity) -> Result<(), String> {
-    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-    let channel = uds_channel(socket).await?;
-    let mut client = SpiffeWorkloadApiClient::new(channel);
-    let mut req = tonic::Request::new(tessera_proto::workload::X509svidRequest {});
+/// A request to the agent socket (the Workload API, and Tessera's `PolicyWatch` and
+/// `DestinationWatch`, attested the same way).
+pub(crate) fn agent_request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
     // Workload API §4: every request carries this header, so a browser cannot be tricked
     // into calling the socket.
     req.metadata_mut().insert(
         "workload.spiffe.io",
         tonic::metadata::MetadataValue::from_static("true"),
     );
+    req
+}
+
+async fn stream_once(socket: &Path, identity: &Identity) -> Result<(), String> {
+    use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let channel = uds_channel(socket).await?;
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let req = agent_request(tessera_proto::workload::X509svidRequest {});
     let mut stream = client
         .fetch_x509svid(req)
         .await

@@ -16,6 +16,7 @@
 pub mod authz;
 pub mod config;
 pub mod copy;
+pub mod destinations;
 pub mod identity;
 pub mod inbound;
 pub mod l7;

@@ -683,11 +683,24 @@ pub async fn watch_policies(
     policy: Arc<ArcSwap<PolicySet>>,
     registry: Arc<Registry>,
 ) {
+    reconnecting("policy stream", &socket, || {
+        stream_once(&socket, &identity, &policy, &registry)
+    })
+    .await
+}
+
+/// Runs a stream from the agent socket forever: `once` until it ends or fails, then again
+/// after a backoff of 100 ms doubling to 5 s (an agent restart is a matter of seconds).
+pub(crate) async fn reconnecting<F, Fut>(what: &str, socket: &Path, mut once: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let mut backoff = Duration::from_millis(100);
     loop {
-        match stream_once(&socket, &identity, &policy, &registry).await {
-            Ok(()) => tracing::warn!("policy stream ended; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, socket = %socket.display(), "policy stream"),
+        match once().await {
+            Ok(()) => tracing::warn!("{what} ended; reconnecting"),
+            Err(e) => tracing::warn!(error = %e, socket = %socket.display(), "{what}"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -702,12 +715,8 @@ async fn stream_once(
 ) -> Result<(), String> {
     use tessera_proto::v1::policy_watch_client::PolicyWatchClient;
     let channel = crate::identity::uds_channel(socket).await?;
-    let mut req = tonic::Request::new(pb::WatchPoliciesRequest {});
     // Attested like a Workload API call, header included (Workload API §4).
-    req.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
+    let req = crate::identity::agent_request(pb::WatchPoliciesRequest {});
     let mut stream = PolicyWatchClient::new(channel)
         .watch_policies(req)
         .await

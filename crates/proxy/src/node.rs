@@ -93,6 +93,9 @@ impl NodeProxy {
         // Policies arrive per workload; until the first, an instance denies (fail closed).
         template.policy = None;
         template.policy_socket = None;
+        // The server's destination map is not streamed per workload yet: a node proxy's map is
+        // its config file's.
+        template.destination_socket = None;
         template.default_action = tessera_policy::DefaultAction::Deny;
         template.netns = None;
         Self {

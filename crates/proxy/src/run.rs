@@ -46,6 +46,9 @@ pub struct ProxyOptions {
     pub policy_path: Option<std::path::PathBuf>,
     /// The agent socket serving `tessera.v1.PolicyWatch` (used when `policy` is `None`).
     pub policy_socket: Option<std::path::PathBuf>,
+    /// Transparent mode: the agent socket serving `tessera.v1.DestinationWatch`; the server's
+    /// destination map is merged with the config file's (`crate::destinations`).
+    pub destination_socket: Option<std::path::PathBuf>,
     /// External authorizers for CUSTOM policies (`[[authz_provider]]`).
     pub authz_providers: Vec<crate::authz::ProviderConfig>,
     /// How long authorized inbound connections may live.
@@ -72,6 +75,7 @@ impl ProxyOptions {
             policy: None,
             policy_path: None,
             policy_socket: None,
+            destination_socket: None,
             authz_providers: Vec::new(),
             max_connection_age: crate::live::MaxConnectionAge::Svid,
             default_action: DefaultAction::Deny,
@@ -246,14 +250,15 @@ pub async fn start(
             bind(&sockets, spec.listen, "--outbound").await?,
         ));
     }
-    // The destination map the capture port reads, which the config file's watcher may replace.
+    // The destination map the capture port reads: the config file's, merged with the
+    // server's once the agent sends it; either may change while running.
     let destinations = opts
         .transparent
         .as_mut()
-        .map(|t| Arc::new(ArcSwap::from_pointee(std::mem::take(&mut t.destinations))));
-    if let (Some(t), Some(map)) = (&opts.transparent, &destinations) {
+        .map(|t| crate::destinations::Sources::new(std::mem::take(&mut t.destinations)));
+    if let (Some(t), Some(sources)) = (&opts.transparent, &destinations) {
         for l in bind_with_v6(&sockets, t.outbound_addr, "transparent outbound").await? {
-            bound.push((Bound::TransparentOutbound(map.clone(), t.unmapped), l));
+            bound.push((Bound::TransparentOutbound(sources.map(), t.unmapped), l));
         }
         for l in bind_with_v6(&sockets, t.inbound_plaintext_addr, "transparent inbound").await? {
             bound.push((Bound::TransparentInbound(t.inbound_mode), l));
@@ -338,18 +343,25 @@ pub async fn start(
     );
     let mut outbound_addrs = Vec::new();
     let mut listeners: Vec<JoinHandle<()>> = Vec::new();
-    if let (Some(t), Some(map)) = (opts.transparent, destinations) {
+    if let (Some(t), Some(sources)) = (opts.transparent, destinations) {
+        if let Some(socket) = opts.destination_socket.clone() {
+            tracing::info!(socket = %socket.display(), "destination map from the server (DestinationWatch), merged with the config file's");
+            tasks.push(tokio::spawn(crate::destinations::watch(
+                socket,
+                sources.clone(),
+            )));
+        }
         if let Some(file) = t.config {
             tasks.push(tokio::spawn(crate::reload::watch(file.clone(), move |text| {
-                // Only the destination map changes while running; a file that does not parse
-                // leaves the map in force (a dropped entry would turn a mapped destination
-                // into an unmapped one).
+                // Only the destination map changes while running; a file that does not parse,
+                // or whose entries clash with the server's, leaves the map in force (a dropped
+                // entry would turn a mapped destination into an unmapped one).
                 let f = crate::config::parse_file(&file.name, text).map_err(|e| e.to_string())?;
+                let entries = sources.set_local(f.destinations)?;
                 tracing::info!(
-                    entries = f.destinations.len(),
+                    entries,
                     "destination map replaced (the file's other settings take effect at restart)"
                 );
-                map.store(Arc::new(f.destinations));
                 Ok(())
             })));
         }

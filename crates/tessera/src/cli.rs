@@ -86,6 +86,15 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// The destination map of transparent interception (admin API): which SPIFFE ID must
+    /// answer at an address and port; create|apply NAME --cidr --port --spiffe-id, list, show,
+    /// delete.
+    Destination {
+        #[command(subcommand)]
+        cmd: crate::destination_cli::DestinationCommand,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// Node mode: attach workloads to this node's agent by network namespace (what a CNI
     /// plugin calls), detach them, list them.
     Workload {
@@ -250,6 +259,9 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(crate::federation_cli::federation(&conn, cmd))
         }
         Command::Policy { cmd, conn } => block_on(crate::policy_cli::policy(&conn, cmd)),
+        Command::Destination { cmd, conn } => {
+            block_on(crate::destination_cli::destination(&conn, cmd))
+        }
         Command::Healthcheck { address } => block_on(admin_cli::healthcheck(address)),
         Command::Server(ServerCommand::Run(a)) => server_run(a),
         Command::Proxy(a) => proxy_cli::proxy(a),

@@ -8,6 +8,7 @@ mod admin_cli;
 mod agent_cli;
 mod authority_cli;
 mod cli;
+mod destination_cli;
 mod federation_cli;
 mod inspect;
 mod policy_cli;

@@ -264,6 +264,10 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             );
         }
         opts.mark = Some(a.mark);
+        if !a.node {
+            // The server's destination map, merged with the config file's.
+            opts.destination_socket = Some(socket.clone());
+        }
         opts.transparent =
             Some(TransparentOptions {
                 outbound_addr,
