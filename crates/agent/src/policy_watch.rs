@@ -96,11 +96,7 @@ pub(crate) async fn stream_for_caller<T, M>(
     api: &WorkloadApi,
     peer: tessera_workload_attest::PeerProcess,
     mut data: tokio::sync::watch::Receiver<Arc<T>>,
-    build: impl Fn(
-        &Snapshot,
-        &std::collections::BTreeSet<tessera_spiffe::Selector>,
-        &T,
-    ) -> Option<M>
+    build: impl Fn(&Snapshot, &std::collections::BTreeSet<tessera_spiffe::Selector>, &T) -> Option<M>
     + Send
     + 'static,
 ) -> Result<Response<ReceiverStream<Result<M, Status>>>, Status>

@@ -564,7 +564,8 @@ pub async fn serve_listener(
     };
     let sds = crate::sds::SecretDiscovery::new(api.clone()).into_service();
     let policies = crate::policy_watch::PolicyWatchService::new(api.clone()).into_service();
-    let destinations = crate::destination_watch::DestinationWatchService::new(api.clone()).into_service();
+    let destinations =
+        crate::destination_watch::DestinationWatchService::new(api.clone()).into_service();
     let server = tonic::transport::Server::builder()
         .add_service(api.into_service())
         .add_service(sds)

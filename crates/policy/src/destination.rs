@@ -145,7 +145,9 @@ impl Destination {
 
 /// Two entries of a map that claim one address and port.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{cidr} for {what} is mapped by both {first} and {second}; one address and port has one expected identity")]
+#[error(
+    "{cidr} for {what} is mapped by both {first} and {second}; one address and port has one expected identity"
+)]
 pub struct Ambiguous {
     /// The label of the entry that came first.
     pub first: String,
@@ -270,8 +272,9 @@ mod tests {
         for (d, field) in cases {
             assert_eq!(d.check().unwrap_err().field, field, "{d:?}");
         }
-        let e = DestinationDoc::from_json(r#"{"cidr":"1.2.3.4","spiffe_id":"spiffe://x/y","port":1}"#)
-            .unwrap_err();
+        let e =
+            DestinationDoc::from_json(r#"{"cidr":"1.2.3.4","spiffe_id":"spiffe://x/y","port":1}"#)
+                .unwrap_err();
         assert_eq!(e.field, "document");
         assert!(e.message.contains("port"), "{e}");
         assert!(DestinationDoc::from_json(&" ".repeat(MAX_DOCUMENT_LEN + 1)).is_err());
@@ -316,7 +319,10 @@ mod tests {
             ("c", d("10.0.0.7/32", &[], "spiffe://example.org/c")),
         ])
         .unwrap();
-        let id = |a: &str| m.lookup(a.parse().unwrap()).map(|d| d.spiffe_id.to_string());
+        let id = |a: &str| {
+            m.lookup(a.parse().unwrap())
+                .map(|d| d.spiffe_id.to_string())
+        };
         assert_eq!(id("10.0.0.7:80").as_deref(), Some("spiffe://example.org/c"));
         assert_eq!(id("10.0.0.8:80").as_deref(), Some("spiffe://example.org/b"));
         assert_eq!(id("10.0.0.8:81").as_deref(), Some("spiffe://example.org/a"));
@@ -344,6 +350,9 @@ mod tests {
         )])
         .unwrap();
         let e = m.merge(&clash).unwrap_err();
-        assert_eq!((e.first.as_str(), e.second.as_str()), ("c", "destination \"c2\""));
+        assert_eq!(
+            (e.first.as_str(), e.second.as_str()),
+            ("c", "destination \"c2\"")
+        );
     }
 }

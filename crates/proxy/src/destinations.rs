@@ -158,23 +158,42 @@ mod tests {
         )
         .unwrap();
         let s = Sources::new(file.destinations.clone());
-        assert_eq!(expected(&s, "198.18.0.2:80").as_deref(), Some("spiffe://example.org/bar"));
+        assert_eq!(
+            expected(&s, "198.18.0.2:80").as_deref(),
+            Some("spiffe://example.org/bar")
+        );
         assert_eq!(expected(&s, "198.18.0.3:80"), None);
 
         let db = r#"{"cidr":"198.18.0.3/32","ports":[5432],"spiffe_id":"spiffe://example.org/db"}"#;
-        s.set_pushed(pushed_map(&snap(&[("db", db)])).unwrap()).unwrap();
-        assert_eq!(expected(&s, "198.18.0.3:5432").as_deref(), Some("spiffe://example.org/db"));
+        s.set_pushed(pushed_map(&snap(&[("db", db)])).unwrap())
+            .unwrap();
+        assert_eq!(
+            expected(&s, "198.18.0.3:5432").as_deref(),
+            Some("spiffe://example.org/db")
+        );
         assert_eq!(expected(&s, "198.18.0.3:80"), None);
-        assert_eq!(expected(&s, "198.18.0.2:80").as_deref(), Some("spiffe://example.org/bar"));
+        assert_eq!(
+            expected(&s, "198.18.0.2:80").as_deref(),
+            Some("spiffe://example.org/bar")
+        );
 
         // The server claims the file's address: refused, naming both; the map in force stays.
         let clash = r#"{"cidr":"198.18.0.2/32","spiffe_id":"spiffe://example.org/evil"}"#;
         let e = s
             .set_pushed(pushed_map(&snap(&[("db", db), ("bar2", clash)])).unwrap())
             .unwrap_err();
-        assert!(e.contains("destination[0]") && e.contains("\"bar2\""), "{e}");
-        assert_eq!(expected(&s, "198.18.0.2:80").as_deref(), Some("spiffe://example.org/bar"));
-        assert_eq!(expected(&s, "198.18.0.3:5432").as_deref(), Some("spiffe://example.org/db"));
+        assert!(
+            e.contains("destination[0]") && e.contains("\"bar2\""),
+            "{e}"
+        );
+        assert_eq!(
+            expected(&s, "198.18.0.2:80").as_deref(),
+            Some("spiffe://example.org/bar")
+        );
+        assert_eq!(
+            expected(&s, "198.18.0.3:5432").as_deref(),
+            Some("spiffe://example.org/db")
+        );
 
         // A document that does not parse refuses the whole snapshot.
         let e = pushed_map(&snap(&[("db", db), ("x", r#"{"cidr":"198.18.0.4"}"#)])).unwrap_err();
@@ -188,8 +207,14 @@ mod tests {
         .unwrap();
         s.set_local(file2.destinations).unwrap();
         assert_eq!(expected(&s, "198.18.0.2:80"), None);
-        assert_eq!(expected(&s, "198.18.0.9:80").as_deref(), Some("spiffe://example.org/baz"));
-        assert_eq!(expected(&s, "198.18.0.3:5432").as_deref(), Some("spiffe://example.org/db"));
+        assert_eq!(
+            expected(&s, "198.18.0.9:80").as_deref(),
+            Some("spiffe://example.org/baz")
+        );
+        assert_eq!(
+            expected(&s, "198.18.0.3:5432").as_deref(),
+            Some("spiffe://example.org/db")
+        );
         // A file edit that clashes with the server's map is refused like a bad file.
         let file3 = crate::config::parse_file(
             "p.toml",
@@ -197,11 +222,17 @@ mod tests {
         )
         .unwrap();
         assert!(s.set_local(file3.destinations).is_err());
-        assert_eq!(expected(&s, "198.18.0.9:80").as_deref(), Some("spiffe://example.org/baz"));
+        assert_eq!(
+            expected(&s, "198.18.0.9:80").as_deref(),
+            Some("spiffe://example.org/baz")
+        );
 
         // The server deletes its entries: the file's alone are left.
         s.set_pushed(pushed_map(&snap(&[])).unwrap()).unwrap();
         assert_eq!(expected(&s, "198.18.0.3:5432"), None);
-        assert_eq!(expected(&s, "198.18.0.9:80").as_deref(), Some("spiffe://example.org/baz"));
+        assert_eq!(
+            expected(&s, "198.18.0.9:80").as_deref(),
+            Some("spiffe://example.org/baz")
+        );
     }
 }

@@ -46,7 +46,12 @@ pub(crate) async fn all_pb(state: &State) -> Result<Vec<pb::StoredDestination>, 
 /// The Sync change for a destination event: the destination as it is now, or its deletion.
 pub(crate) async fn change(state: &State, name: &str) -> Result<pb::change::Change, Status> {
     Ok(
-        match state.store.get_destination(name).await.map_err(store_status)? {
+        match state
+            .store
+            .get_destination(name)
+            .await
+            .map_err(store_status)?
+        {
             Some(d) => pb::change::Change::DestinationUpdated(to_pb(d)),
             None => pb::change::Change::DestinationDeleted(name.to_owned()),
         },
@@ -58,10 +63,15 @@ fn check_name(name: &str) -> Result<(), Status> {
 }
 
 /// Validates a destination and returns it with its document in canonical JSON.
-fn checked(d: &pb::StoredDestination) -> Result<(Destination, tessera_policy::destination::Destination), Status> {
+fn checked(
+    d: &pb::StoredDestination,
+) -> Result<(Destination, tessera_policy::destination::Destination), Status> {
     check_name(&d.name)?;
     let dest = DestinationDoc::from_json(&d.document_json).map_err(|e| {
-        Status::invalid_argument(format!("destination {:?}: {}: {}", d.name, e.field, e.message))
+        Status::invalid_argument(format!(
+            "destination {:?}: {}: {}",
+            d.name, e.field, e.message
+        ))
     })?;
     Ok((
         Destination {
@@ -80,7 +90,11 @@ async fn refuse_ambiguous(
     name: &str,
     new: tessera_policy::destination::Destination,
 ) -> Result<(), Status> {
-    let stored = state.store.list_destinations().await.map_err(store_status)?;
+    let stored = state
+        .store
+        .list_destinations()
+        .await
+        .map_err(store_status)?;
     let others = stored.into_iter().filter(|d| d.id != name).filter_map(|d| {
         // A stored document that no longer parses (written by a newer server) cannot be
         // compared; proxies refuse it too, which the operator sees in their logs.
@@ -181,7 +195,10 @@ impl DestinationApi for Destinations {
         let result = async {
             check_name(&name)?;
             let store = &self.state.store;
-            let d = store.delete_destination(&name).await.map_err(store_status)?;
+            let d = store
+                .delete_destination(&name)
+                .await
+                .map_err(store_status)?;
             let revision = store.current_revision().await.map_err(store_status)?;
             self.state.feed.notify(revision);
             Ok(pb::DestinationResponse {

@@ -379,12 +379,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             state: state.clone(),
         });
     // The destination map of transparent interception (`tessera destination ...`).
-    let destination_svc =
-        tessera_proto::v1::destination_api_server::DestinationApiServer::new(
-            crate::destination_api::Destinations {
-                state: state.clone(),
-            },
-        );
+    let destination_svc = tessera_proto::v1::destination_api_server::DestinationApiServer::new(
+        crate::destination_api::Destinations {
+            state: state.clone(),
+        },
+    );
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()

@@ -7,8 +7,8 @@ use tessera_spiffe::{Selector, SpiffeId, TrustDomain};
 
 use crate::StoreError;
 use crate::model::{
-    Agent, Destination, Entry, Event, FederationRelationship, FederationStatus, JoinToken, NewAgent,
-    NewEntry, Policy, StoredBundle,
+    Agent, Destination, Entry, Event, FederationRelationship, FederationStatus, JoinToken,
+    NewAgent, NewEntry, Policy, StoredBundle,
 };
 
 /// What [`Datastore::listen_revisions`] gives.

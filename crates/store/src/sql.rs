@@ -342,7 +342,10 @@ const DESTINATIONS: Documents = Documents {
 
 /// (id, document) of a row of a [`Documents`] table.
 fn document_from_row(t: Documents, row: &AnyRow) -> Result<(String, String), StoreError> {
-    Ok((get_str(row, t.table, "id")?, get_str(row, t.table, "document")?))
+    Ok((
+        get_str(row, t.table, "id")?,
+        get_str(row, t.table, "document")?,
+    ))
 }
 
 fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
@@ -730,7 +733,12 @@ impl SqlStore {
 
 impl SqlStore {
     /// Creates or replaces a named document; returns the revision.
-    async fn set_document(&self, t: Documents, id: &str, document: &str) -> Result<u64, StoreError> {
+    async fn set_document(
+        &self,
+        t: Documents,
+        id: &str,
+        document: &str,
+    ) -> Result<u64, StoreError> {
         let mut w = self.begin_write().await?;
         let revision = w.next_revision().await?;
         let mut sql = Sql::new(&format!(
@@ -771,7 +779,11 @@ impl SqlStore {
             .collect()
     }
 
-    async fn delete_document(&self, t: Documents, id: &str) -> Result<(String, String), StoreError> {
+    async fn delete_document(
+        &self,
+        t: Documents,
+        id: &str,
+    ) -> Result<(String, String), StoreError> {
         let mut w = self.begin_write().await?;
         let revision = w.next_revision().await?;
         let mut sql = Sql::new(&format!("DELETE FROM {} WHERE id = ", t.table));

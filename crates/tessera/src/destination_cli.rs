@@ -158,9 +158,7 @@ pub(crate) async fn destination(
             match conn.output {
                 Output::Json => println!(
                     "{:#}",
-                    serde_json::Value::Array(
-                        r.destinations.iter().map(destination_json).collect()
-                    )
+                    serde_json::Value::Array(r.destinations.iter().map(destination_json).collect())
                 ),
                 Output::Human => {
                     for d in &r.destinations {

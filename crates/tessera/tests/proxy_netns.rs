@@ -10,7 +10,8 @@
 //! - transparent mode: iptables interception, SO_ORIGINAL_DST, destination map (reloaded when
 //!   its file changes), STRICT inbound, unmapped destinations denied, rules kept after exit and
 //!   removed by `uninstall-rules`, over IPv4 and IPv6; IPv6 closed where it cannot be
-//!   intercepted; PERMISSIVE plaintext decided by policy.
+//!   intercepted; PERMISSIVE plaintext decided by policy; the server's destination map
+//!   (`tessera destination ...`) pushed to a proxy without a map of its own.
 //!
 //! Needs root (CI runs as root); skipped with a reason otherwise, failing instead under CI=true.
 
@@ -649,6 +650,166 @@ fn transparent_mode_intercepts_and_fails_closed() {
     let r = exchange(&foo, SocketAddr::from((BAR_IP, APP_PORT)), b"PLAIN-AFTER");
     assert!(r.map(|b| b.is_empty()).unwrap_or(true));
     assert!(!app.saw(b"PLAIN-AFTER"));
+}
+
+/// The destination map owned by the server (`tessera destination ...`): pushed through the agent
+/// to a transparent proxy without any `[[destination]]` of its own, live; a wrong expected
+/// identity fails the handshake; a deletion makes the destination unmapped again; bad and
+/// ambiguous destinations are refused by the CLI and the server and change nothing.
+#[test]
+fn the_servers_destination_map_reaches_transparent_proxies() {
+    if !usable("the_servers_destination_map_reaches_transparent_proxies") {
+        return;
+    }
+    let cp = ControlPlane::start();
+    let mut net = Net::new();
+    let foo = net.node("foo", FOO_IP);
+    let bar = net.node("bar", BAR_IP);
+    cp.entry("foo", &foo, &[]);
+    cp.entry("bar", &bar, &[]);
+    let app = App::start(&bar, Ipv4Addr::UNSPECIFIED, APP_PORT);
+    let policy = write_policy(&cp, "bar-policy.toml", BAR_POLICY);
+    let _bar_proxy = Proxy::start(
+        &cp,
+        &bar,
+        "bar",
+        &s(&["--transparent", "--inbound", "8080", "--policy", &policy]),
+    );
+    let foo_proxy = Proxy::start(&cp, &foo, "foo", &s(&["--transparent"]));
+    let to_bar = SocketAddr::from((BAR_IP, APP_PORT));
+    // Refused, and nothing of it reached bar's application (each call sends its own payload).
+    let refused = |payload: &[u8]| {
+        let r = exchange(&foo, to_bar, payload);
+        r.map(|b| b.is_empty()).unwrap_or(true) && !app.saw(payload)
+    };
+
+    // No map anywhere: bar is an unmapped destination, refused.
+    assert!(refused(b"BEFORE-THE-MAP"));
+    foo_proxy.wait_record("foo's unmapped denial", |r| {
+        r["direction"] == "passthrough" && r["decision"] == "deny"
+    });
+
+    // Bad input is refused by the CLI, naming the flag, before anything is sent.
+    let tessera_cli = |args: &[&str]| {
+        support::netns::tessera()
+            .args(args)
+            .env("TESSERA_ADMIN_SOCKET", &cp.admin)
+            .output()
+            .unwrap()
+    };
+    let o = tessera_cli(&[
+        "destination",
+        "create",
+        "bar",
+        "--cidr",
+        "198.18.0.2/40",
+        "--port",
+        "8080",
+        "--spiffe-id",
+        "spiffe://example.org/bar",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--cidr"),
+        "{o:?}"
+    );
+
+    // The server's map reaches foo's proxy: foo reaches bar, with mutual TLS.
+    cli(
+        &cp.admin,
+        &[
+            "destination",
+            "create",
+            "bar",
+            "--cidr",
+            "198.18.0.2/32",
+            "--port",
+            "8080",
+            "--spiffe-id",
+            "spiffe://example.org/bar",
+        ],
+    );
+    wait_until("the server's map at foo's proxy", 15, || {
+        exchange(&foo, to_bar, b"MAPPED-BY-THE-SERVER").is_ok_and(|b| b == b"MAPPED-BY-THE-SERVER")
+    });
+    foo_proxy.wait_record("foo's outbound allow", |r| {
+        r["direction"] == "outbound"
+            && r["decision"] == "allow"
+            && r["dst_spiffe_id"] == "spiffe://example.org/bar"
+    });
+
+    // A second destination for the same address and port is refused by the server, naming the
+    // first; nothing changes.
+    let o = tessera_cli(&[
+        "destination",
+        "create",
+        "bar-again",
+        "--cidr",
+        "198.18.0.2/32",
+        "--port",
+        "8080",
+        "--spiffe-id",
+        "spiffe://example.org/other",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("\"bar\"") && err.contains("port 8080"),
+        "{err}"
+    );
+    let list = cli(&cp.admin, &["destination", "list", "--output", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["name"], "bar");
+    assert_eq!(list[0]["spiffe_id"], "spiffe://example.org/bar");
+
+    // The map names the wrong identity: bar's proxy cannot prove it, the handshake fails, and
+    // nothing reaches bar's application.
+    cli(
+        &cp.admin,
+        &[
+            "destination",
+            "apply",
+            "bar",
+            "--cidr",
+            "198.18.0.2/32",
+            "--port",
+            "8080",
+            "--spiffe-id",
+            "spiffe://example.org/not-bar",
+        ],
+    );
+    let mut attempt = 0;
+    wait_until("foo's refusal of an identity bar cannot prove", 15, || {
+        attempt += 1;
+        refused(format!("WRONG-IDENTITY-{attempt}").as_bytes())
+    });
+    let rec = foo_proxy.wait_record("foo's record of the failed handshake", |r| {
+        r["direction"] == "outbound"
+            && r["decision"] == "deny"
+            && r["dst_spiffe_id"] == "spiffe://example.org/not-bar"
+    });
+    assert!(
+        rec["reason"].as_str().is_some_and(|r| r.contains("spiffe://example.org/not-bar")),
+        "{rec}"
+    );
+    assert!(refused(b"WRONG-IDENTITY"));
+
+    // Deleted: unmapped again.
+    let unmapped = || {
+        foo_proxy
+            .records()
+            .iter()
+            .filter(|r| r["direction"] == "passthrough" && r["decision"] == "deny")
+            .count()
+    };
+    let before = unmapped();
+    cli(&cp.admin, &["destination", "delete", "bar"]);
+    wait_until("foo's map without the server's entry", 15, || {
+        attempt += 1;
+        refused(format!("AFTER-DELETE-{attempt}").as_bytes()) && unmapped() > before
+    });
+    assert!(refused(b"AFTER-DELETE"));
 }
 
 #[test]

@@ -325,11 +325,15 @@ impl Proxy {
         };
         // The proxy binds its ports at start and serves once it has an identity, then logs
         // this line.
-        wait_until(
-            &format!("{name}'s proxy to bind every listener"),
-            30,
-            || p.stderr().contains("proxy serving"),
-        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !p.stderr().contains("proxy serving") {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {name}'s proxy to bind every listener; its log:\n{}",
+                p.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         p
     }
 
@@ -348,12 +352,23 @@ impl Proxy {
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let mut found = None;
-        wait_until(what, 15, || {
-            found = self.records().into_iter().find(&pred);
-            found.is_some()
-        });
-        found.unwrap()
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let records = self.records();
+            if let Some(r) = records.iter().find(|r| pred(r)) {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; the records:\n{}",
+                records
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub(crate) fn stderr(&self) -> String {
