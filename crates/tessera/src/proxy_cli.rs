@@ -65,7 +65,8 @@ struct ProxyRunArgs {
     workload_socket: Option<String>,
     /// Proxy config file (TOML): `[[destination]]` cidr/ports/spiffe_id, `unmapped`,
     /// `inbound_mode`, `policy_file`, `[[authz_provider]]`. A sidecar reads its destination map
-    /// again when the file changes or on SIGHUP; the other settings take effect at restart.
+    /// again when the file changes or on SIGHUP, and merges it with the server's
+    /// (`tessera destination`, pushed by the agent); the other settings take effect at restart.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Local authorization policy file (TOML), read again when it changes or on SIGHUP (live
