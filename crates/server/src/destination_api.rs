@@ -30,17 +30,12 @@ fn to_pb(d: Destination) -> pb::StoredDestination {
 /// Every stored destination (the first page of a Sync snapshot). While the datastore is known
 /// to be unreachable, the map last read, as for policies (`policy_api::all_pb`).
 pub(crate) async fn all_pb(state: &State) -> Result<Vec<pb::StoredDestination>, Status> {
-    match state.store.list_destinations().await {
-        Ok(list) => {
-            let list: Vec<pb::StoredDestination> = list.into_iter().map(to_pb).collect();
-            state.destinations_seen.store(Some(Arc::new(list.clone())));
-            Ok(list)
-        }
-        Err(e) => match state.destinations_seen.load_full() {
-            Some(seen) if !state.datastore_up() => Ok(seen.as_ref().clone()),
-            _ => Err(store_status(e)),
-        },
-    }
+    let read = state
+        .store
+        .list_destinations()
+        .await
+        .map(|l| l.into_iter().map(to_pb).collect());
+    crate::state::read_or_seen(state, read, &state.destinations_seen)
 }
 
 /// The Sync change for a destination event: the destination as it is now, or its deletion.

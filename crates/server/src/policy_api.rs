@@ -38,17 +38,12 @@ fn to_pb(p: Policy) -> pb::StoredPolicy {
 /// unreachable, the set last read: an agent that fails over during an outage still gets its
 /// snapshot (issue 8: sync streams are served from memory then).
 pub(crate) async fn all_pb(state: &State) -> Result<Vec<pb::StoredPolicy>, Status> {
-    match state.store.list_policies().await {
-        Ok(list) => {
-            let list: Vec<pb::StoredPolicy> = list.into_iter().map(to_pb).collect();
-            state.policies_seen.store(Some(Arc::new(list.clone())));
-            Ok(list)
-        }
-        Err(e) => match state.policies_seen.load_full() {
-            Some(seen) if !state.datastore_up() => Ok(seen.as_ref().clone()),
-            _ => Err(store_status(e)),
-        },
-    }
+    let read = state
+        .store
+        .list_policies()
+        .await
+        .map(|l| l.into_iter().map(to_pb).collect());
+    crate::state::read_or_seen(state, read, &state.policies_seen)
 }
 
 /// The Sync change for a policy event: the policy as it is now, or its deletion.

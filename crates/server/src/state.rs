@@ -225,3 +225,25 @@ impl State {
         u32::try_from(self.cfg.svid.default_jwt_ttl.0).unwrap_or(u32::MAX)
     }
 }
+
+/// What a Sync snapshot carries of a list read from the datastore (policies, destinations):
+/// the list just read, remembered in `seen`; or, while the datastore is known to be
+/// unreachable, the list last read (issue 8: sync streams are served from memory then; writes
+/// are refused, so no newer item can have been accepted by this server). `None` in `seen`:
+/// never read, which is not the same as empty.
+pub(crate) fn read_or_seen<T: Clone>(
+    state: &State,
+    read: Result<Vec<T>, tessera_store::StoreError>,
+    seen: &arc_swap::ArcSwapOption<Vec<T>>,
+) -> Result<Vec<T>, tonic::Status> {
+    match read {
+        Ok(list) => {
+            seen.store(Some(std::sync::Arc::new(list.clone())));
+            Ok(list)
+        }
+        Err(e) => match seen.load_full() {
+            Some(last) if !state.datastore_up() => Ok(last.as_ref().clone()),
+            _ => Err(crate::convert::store_status(e)),
+        },
+    }
+}

@@ -7,24 +7,12 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::destination_api_client::DestinationApiClient;
 use tessera_server::ServerConfig;
 use tokio_stream::StreamExt as _;
-
-fn config_with(dir: &Path, datastore_url: String) -> ServerConfig {
-    ServerConfig {
-        datastore: tessera_server::config::DatastoreConfig { url: datastore_url },
-        data_dir: dir.join("data"),
-        admin_socket: dir.join("admin").join("admin.sock"),
-        bind_address: "127.0.0.1:0".parse().unwrap(),
-        health_bind_address: "127.0.0.1:0".parse().unwrap(),
-        ..ServerConfig::default()
-    }
-}
 
 async fn next_msg(stream: &mut tonic::Streaming<pb::SyncResponse>) -> pb::sync_response::Msg {
     tokio::time::timeout(Duration::from_secs(10), stream.next())
@@ -64,24 +52,12 @@ fn apply(name: &str, json: &str, create_only: bool) -> pb::ApplyDestinationReque
 #[tokio::test]
 async fn destinations_are_managed_and_pushed_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    destinations_are_managed_and_pushed(config_with(dir.path(), String::new())).await;
+    destinations_are_managed_and_pushed(support::config_with(dir.path(), String::new())).await;
 }
 
 #[tokio::test]
 async fn destinations_are_managed_and_pushed_postgres() {
-    let Some(schema) = tessera_test_util::pg::fresh_schema("destination_api").await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let outcome = tokio::spawn(destinations_are_managed_and_pushed(config_with(
-        dir.path(),
-        schema.url.clone(),
-    )))
-    .await;
-    schema.drop().await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    support::on_postgres("destination_api", destinations_are_managed_and_pushed).await;
 }
 
 async fn destinations_are_managed_and_pushed(cfg: ServerConfig) {

@@ -16,14 +16,7 @@ use tessera_server::{RunningServer, ServerConfig};
 use tokio_stream::StreamExt as _;
 
 fn config_with(dir: &Path, datastore_url: String) -> ServerConfig {
-    let mut cfg = ServerConfig {
-        datastore: tessera_server::config::DatastoreConfig { url: datastore_url },
-        data_dir: dir.join("data"),
-        admin_socket: dir.join("admin").join("admin.sock"),
-        bind_address: "127.0.0.1:0".parse().unwrap(),
-        health_bind_address: "127.0.0.1:0".parse().unwrap(),
-        ..ServerConfig::default()
-    };
+    let mut cfg = support::config_with(dir, datastore_url);
     cfg.policy.default = tessera_policy::DefaultAction::Allow;
     cfg
 }
@@ -77,19 +70,11 @@ async fn policies_are_managed_and_pushed_sqlite() {
 
 #[tokio::test]
 async fn policies_are_managed_and_pushed_postgres() {
-    let Some(schema) = tessera_test_util::pg::fresh_schema("policy_api").await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let outcome = tokio::spawn(policies_are_managed_and_pushed(config_with(
-        dir.path(),
-        schema.url.clone(),
-    )))
+    support::on_postgres("policy_api", |mut cfg| {
+        cfg.policy.default = tessera_policy::DefaultAction::Allow;
+        policies_are_managed_and_pushed(cfg)
+    })
     .await;
-    schema.drop().await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
 }
 
 async fn policies_are_managed_and_pushed(cfg: ServerConfig) {

@@ -72,6 +72,17 @@ impl DestinationArgs {
     }
 }
 
+/// Prints what a change did: `{"name", "revision"}`, or a sentence.
+fn changed(output: Output, done: &str, name: &str, revision: u64) {
+    match output {
+        Output::Json => println!(
+            "{:#}",
+            serde_json::json!({"name": name, "revision": revision})
+        ),
+        Output::Human => println!("{done} destination {name} (revision {revision})"),
+    }
+}
+
 fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
@@ -139,15 +150,7 @@ pub(crate) async fn destination(
                 .await
                 .map_err(status)?
                 .into_inner();
-            match conn.output {
-                Output::Json => println!(
-                    "{:#}",
-                    serde_json::json!({"name": name, "revision": r.revision})
-                ),
-                Output::Human => {
-                    println!("Applied destination {name} (revision {})", r.revision)
-                }
-            }
+            changed(conn.output, "Applied", &name, r.revision);
         }
         DestinationCommand::List => {
             let r = client
@@ -183,13 +186,7 @@ pub(crate) async fn destination(
                 .await
                 .map_err(status)?
                 .into_inner();
-            match conn.output {
-                Output::Json => println!(
-                    "{:#}",
-                    serde_json::json!({"name": name, "revision": r.revision})
-                ),
-                Output::Human => println!("Deleted destination {name} (revision {})", r.revision),
-            }
+            changed(conn.output, "Deleted", &name, r.revision);
         }
     }
     Ok(ExitCode::SUCCESS)

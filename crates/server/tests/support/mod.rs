@@ -95,3 +95,38 @@ impl Agent {
         .unwrap()
     }
 }
+
+/// A server config for tests: the datastore at `datastore_url` (empty: SQLite in `dir`), every
+/// port chosen by the system, the admin socket in `dir`.
+pub(crate) fn config_with(
+    dir: &std::path::Path,
+    datastore_url: String,
+) -> tessera_server::ServerConfig {
+    tessera_server::ServerConfig {
+        datastore: tessera_server::config::DatastoreConfig { url: datastore_url },
+        data_dir: dir.join("data"),
+        admin_socket: dir.join("admin").join("admin.sock"),
+        bind_address: "127.0.0.1:0".parse().unwrap(),
+        health_bind_address: "127.0.0.1:0".parse().unwrap(),
+        ..tessera_server::ServerConfig::default()
+    }
+}
+
+/// Runs `case` on a server config whose datastore is a fresh PostgreSQL schema named after
+/// `name` (skipped when no PostgreSQL is configured); the schema is dropped even when the case
+/// fails.
+pub(crate) async fn on_postgres<F, Fut>(name: &str, case: F)
+where
+    F: FnOnce(tessera_server::ServerConfig) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let Some(schema) = tessera_test_util::pg::fresh_schema(name).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = tokio::spawn(case(config_with(dir.path(), schema.url.clone()))).await;
+    schema.drop().await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
