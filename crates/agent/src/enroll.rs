@@ -537,6 +537,9 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
     let mut enr = enrollments.subscribe();
     let mut snaps = cache.subscribe();
     let mut pols = cache.subscribe_policies();
+    let mut dests = cache.subscribe_destinations();
+    // The destination map last sent (the trust domain's: once for the node, not per workload).
+    let mut sent_destinations: Option<String> = None;
     // What was sent, by workload: (SVID key fingerprints, bundles JSON, policies JSON).
     let mut sent: BTreeMap<String, (Vec<String>, String, String)> = BTreeMap::new();
     let mut synced = false;
@@ -544,6 +547,24 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
         enr.borrow_and_update();
         let snapshot = snaps.borrow_and_update().clone();
         let policies = pols.borrow_and_update().clone();
+        let destinations = dests.borrow_and_update().clone();
+        // Before any workload is attached: each one serves with the map from its first
+        // connection on.
+        let map = serde_json::json!({
+            "revision": destinations.revision,
+            "destinations": destinations.documents.iter().map(|(name, doc)| serde_json::json!({
+                "name": name, "document_json": doc,
+            })).collect::<Vec<_>>(),
+        });
+        let docs = map["destinations"].to_string();
+        if sent_destinations.as_ref() != Some(&docs) {
+            write_frame(
+                s,
+                &serde_json::json!({"event": "destinations", "snapshot": map}),
+            )
+            .map_err(|e| format!("the delegate went away: {e}"))?;
+            sent_destinations = Some(docs);
+        }
         let view = enrollments.view();
         for w in &view {
             let bundles = bundles_json(&snapshot, &w.svids);
@@ -638,6 +659,7 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
                 r = enr.changed() => Some(r.is_err()),
                 r = snaps.changed() => Some(r.is_err()),
                 r = pols.changed() => Some(r.is_err()),
+                r = dests.changed() => Some(r.is_err()),
                 () = tokio::time::sleep(Duration::from_secs(30)) => None,
             }
         });

@@ -46,6 +46,10 @@ pub enum WorkloadEvent {
         id: String,
         snapshot: tessera_proto::v1::PolicySnapshot,
     },
+    /// The server's destination map changed (the trust domain's, one for the whole node).
+    Destinations {
+        snapshot: tessera_proto::v1::DestinationSnapshot,
+    },
     /// It was detached (or is gone): drain it.
     Detached { id: String },
     /// The agent's stream (re)started: what it announces until [`WorkloadEvent::Synced`] is
@@ -74,6 +78,9 @@ pub struct NodeProxy {
     /// Between [`WorkloadEvent::Resync`] and [`WorkloadEvent::Synced`]: the workloads the
     /// agent announced again.
     announced: Option<std::collections::HashSet<String>>,
+    /// The server's destination map as last pushed (merged into every workload's in transparent
+    /// mode, and into a new workload's before it serves).
+    pushed: crate::config::DestinationMap,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -93,8 +100,8 @@ impl NodeProxy {
         // Policies arrive per workload; until the first, an instance denies (fail closed).
         template.policy = None;
         template.policy_socket = None;
-        // The server's destination map is not streamed per workload yet: a node proxy's map is
-        // its config file's.
+        // The server's destination map comes in the agent's node stream
+        // ([`WorkloadEvent::Destinations`]), once for every workload.
         template.destination_socket = None;
         template.default_action = tessera_policy::DefaultAction::Deny;
         template.netns = None;
@@ -104,6 +111,7 @@ impl NodeProxy {
             telemetry,
             workloads: HashMap::new(),
             announced: None,
+            pushed: crate::config::DestinationMap::default(),
         }
     }
 
@@ -159,6 +167,29 @@ impl NodeProxy {
                 let set = crate::live::compile_snapshot(&own, &snapshot)
                     .map_err(|e| format!("workload {}: policy snapshot refused: {e}", w.name))?;
                 crate::live::install(&w.proxy.policy, &w.proxy.connections, set);
+                Ok(())
+            }
+            WorkloadEvent::Destinations { snapshot } => {
+                // Refused whole when a document does not parse, or when it clashes with the
+                // config file's map (the same for every workload here); the map in force stays.
+                let pushed = crate::destinations::pushed_map(&snapshot)
+                    .and_then(|p| {
+                        if let Some(t) = &self.template.transparent {
+                            t.destinations.merge(&p).map_err(|e| e.to_string())?;
+                        }
+                        Ok(p)
+                    })
+                    .map_err(|e| {
+                        format!("the server's destination map refused, the map in force stays: {e}")
+                    })?;
+                for w in self.workloads.values() {
+                    if let Some(sources) = &w.proxy.destinations {
+                        sources
+                            .set_pushed(pushed.clone())
+                            .map_err(|e| format!("workload {}: {e}", w.name))?;
+                    }
+                }
+                self.pushed = pushed;
                 Ok(())
             }
             WorkloadEvent::Resync => {
@@ -239,6 +270,7 @@ impl NodeProxy {
             .map_err(|e| format!("workload {name}: {e}"))?;
         let mut opts = self.template.clone();
         opts.netns = Some(ns);
+        opts.pushed_destinations = Some(self.pushed.clone());
         let proxy = crate::run::start(opts, identity.clone(), self.telemetry.clone())
             .await
             .map_err(|e| format!("workload {name}: {e}"))?;
@@ -343,6 +375,13 @@ fn svid_of(v: &serde_json::Value) -> Result<WorkloadSvid, String> {
     })
 }
 
+fn stored_destination(d: &serde_json::Value) -> tessera_proto::v1::StoredDestination {
+    tessera_proto::v1::StoredDestination {
+        name: d["name"].as_str().unwrap_or_default().to_owned(),
+        document_json: d["document_json"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
 fn event_of(
     v: &serde_json::Value,
     fds: &mut std::collections::VecDeque<OwnedFd>,
@@ -390,6 +429,19 @@ fn event_of(
             })
         }
         Some("policies") => None,
+        Some("destinations") if v["snapshot"].is_object() => {
+            let s = &v["snapshot"];
+            Some(WorkloadEvent::Destinations {
+                snapshot: tessera_proto::v1::DestinationSnapshot {
+                    revision: s["revision"].as_u64().unwrap_or(0),
+                    destinations: s["destinations"]
+                        .as_array()
+                        .map(|a| a.iter().map(stored_destination).collect())
+                        .unwrap_or_default(),
+                },
+            })
+        }
+        Some("destinations") => None,
         Some("detached") => Some(WorkloadEvent::Detached { id }),
         Some("synced") => Some(WorkloadEvent::Synced),
         Some("keepalive") => None,

@@ -49,6 +49,9 @@ pub struct ProxyOptions {
     /// Transparent mode: the agent socket serving `tessera.v1.DestinationWatch`; the server's
     /// destination map is merged with the config file's (`crate::destinations`).
     pub destination_socket: Option<std::path::PathBuf>,
+    /// Transparent mode: the server's destination map as already known (a node proxy's, for a
+    /// workload it attaches), merged before the first connection is served.
+    pub pushed_destinations: Option<DestinationMap>,
     /// External authorizers for CUSTOM policies (`[[authz_provider]]`).
     pub authz_providers: Vec<crate::authz::ProviderConfig>,
     /// How long authorized inbound connections may live.
@@ -76,6 +79,7 @@ impl ProxyOptions {
             policy_path: None,
             policy_socket: None,
             destination_socket: None,
+            pushed_destinations: None,
             authz_providers: Vec::new(),
             max_connection_age: crate::live::MaxConnectionAge::Svid,
             default_action: DefaultAction::Deny,
@@ -96,6 +100,8 @@ pub struct RunningProxy {
     /// Open inbound connections (re-authorized on every policy change).
     pub connections: Arc<crate::live::Registry>,
     pub outbound: Arc<Outbound>,
+    /// Transparent mode: the sources of the destination map in force.
+    pub destinations: Option<Arc<crate::destinations::Sources>>,
     /// Policy and identity watchers.
     tasks: Vec<JoinHandle<()>>,
     /// Accept loops (their listeners close when they end).
@@ -256,6 +262,11 @@ pub async fn start(
         .transparent
         .as_mut()
         .map(|t| crate::destinations::Sources::new(std::mem::take(&mut t.destinations)));
+    if let (Some(sources), Some(pushed)) = (&destinations, opts.pushed_destinations.take())
+        && let Err(e) = sources.set_pushed(pushed)
+    {
+        tracing::error!(error = %e, "the server's destination map clashes with the config file's; the file's alone applies until it changes");
+    }
     if let (Some(t), Some(sources)) = (&opts.transparent, &destinations) {
         for l in bind_with_v6(&sockets, t.outbound_addr, "transparent outbound").await? {
             bound.push((Bound::TransparentOutbound(sources.map(), t.unmapped), l));
@@ -343,6 +354,7 @@ pub async fn start(
     );
     let mut outbound_addrs = Vec::new();
     let mut listeners: Vec<JoinHandle<()>> = Vec::new();
+    let sources_in_force = destinations.clone();
     if let (Some(t), Some(sources)) = (opts.transparent, destinations) {
         if let Some(socket) = opts.destination_socket.clone() {
             tracing::info!(socket = %socket.display(), "destination map from the server (DestinationWatch), merged with the config file's");
@@ -393,6 +405,7 @@ pub async fn start(
         policy,
         connections,
         outbound,
+        destinations: sources_in_force,
         tasks,
         listeners,
         sockets,

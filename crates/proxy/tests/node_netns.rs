@@ -5,7 +5,8 @@
 //! foo's own key from foo's address; bar's instance admits foo by identity and reaches bar's
 //! application on bar's loopback. baz, on the same node, is denied by bar's policy (pushed per
 //! workload, as the agent's delegated stream does). Detaching bar ends its connections at once.
-//! A file that is not a network namespace is refused.
+//! A file that is not a network namespace is refused. The server's destination map, pushed once
+//! for the node, reaches every workload; one that clashes with the config file's is refused.
 //!
 //! Needs root (CI runs as root); skipped with a reason otherwise, failing instead under CI=true.
 
@@ -163,10 +164,15 @@ fn node_proxy(log: &Log) -> NodeProxy {
 }
 
 fn bar_policy() -> WorkloadEvent {
+    allow_foo("w2", "spiffe://example.org/bar")
+}
+
+/// Workload `id`'s policies, as the agent pushes them: foo may connect.
+fn allow_foo(id: &str, spiffe_id: &str) -> WorkloadEvent {
     WorkloadEvent::Policies {
-        id: "w2".into(),
+        id: id.into(),
         snapshot: pb::PolicySnapshot {
-            spiffe_id: "spiffe://example.org/bar".into(),
+            spiffe_id: spiffe_id.into(),
             policies: vec![pb::StoredPolicy {
                 name: "bar-from-foo".into(),
                 document_json: r#"{"action":"ALLOW","rules":[{"from":{"principals":["spiffe://example.org/foo"]}}]}"#.into(),
@@ -281,6 +287,58 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
             s.read(&mut b).ok().filter(|n| *n > 0)
         }),
         None
+    );
+
+    // The server's destination map, as the agent's node stream pushes it (once for the node):
+    // baz's address is unmapped until it arrives, then reached by identity. A map that claims
+    // bar's address (mapped by the config file) for another identity is refused, and the map
+    // in force stays.
+    echo_app(&baz, 8080);
+    rt.block_on(node.apply(allow_foo("w3", "spiffe://example.org/baz")))
+        .unwrap();
+    let baz_app = SocketAddr::from((BAZ_IP, 8080));
+    assert_eq!(exchange(&foo, baz_app, b"unmapped"), None);
+    let pushed = |entries: &[(&str, &str)]| WorkloadEvent::Destinations {
+        snapshot: pb::DestinationSnapshot {
+            destinations: entries
+                .iter()
+                .map(|(name, doc)| pb::StoredDestination {
+                    name: (*name).into(),
+                    document_json: (*doc).into(),
+                })
+                .collect(),
+            revision: 9,
+        },
+    };
+    let baz_entry = (
+        "baz",
+        r#"{"cidr":"198.18.0.3/32","spiffe_id":"spiffe://example.org/baz"}"#,
+    );
+    rt.block_on(node.apply(pushed(&[baz_entry]))).unwrap();
+    assert_eq!(
+        exchange(&foo, baz_app, b"mapped-by-the-server").as_deref(),
+        Some(&b"mapped-by-the-server"[..])
+    );
+    let e = rt
+        .block_on(node.apply(pushed(&[
+            baz_entry,
+            (
+                "evil",
+                r#"{"cidr":"198.18.0.2/32","spiffe_id":"spiffe://example.org/evil"}"#,
+            ),
+        ])))
+        .unwrap_err();
+    assert!(
+        e.contains("\"evil\"") && e.contains("the map in force stays"),
+        "{e}"
+    );
+    assert_eq!(
+        exchange(&foo, bar_app, b"still-bar").as_deref(),
+        Some(&b"still-bar"[..])
+    );
+    assert_eq!(
+        exchange(&foo, baz_app, b"still-baz").as_deref(),
+        Some(&b"still-baz"[..])
     );
 
     // The IP-reuse attack in node mode: foo is detached and its namespace deleted; a new

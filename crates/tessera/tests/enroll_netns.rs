@@ -49,19 +49,22 @@ fn node_proxy_entry(cp: &ControlPlane, parent: &str) {
 }
 
 /// `tessera proxy --node --transparent --inbound 8080` following the agent at `admin`, its
-/// access log at `log`.
+/// access log at `log`; bar's address is in its config file's destination map when
+/// `bar_in_file`.
 fn node_proxy(
     cp: &ControlPlane,
     name: &str,
     admin: &std::path::Path,
     log: &std::path::Path,
+    bar_in_file: bool,
 ) -> support::netns::Proc {
     let cfg = cp.path(&format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        "[[destination]]\ncidr = \"198.18.0.2/32\"\nspiffe_id = \"spiffe://example.org/bar\"\n",
-    )
-    .unwrap();
+    let map = if bar_in_file {
+        "[[destination]]\ncidr = \"198.18.0.2/32\"\nspiffe_id = \"spiffe://example.org/bar\"\n"
+    } else {
+        ""
+    };
+    std::fs::write(&cfg, map).unwrap();
     support::netns::Proc(
         tessera()
             .args([
@@ -341,8 +344,10 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
     let app = support::netns::App::start(&bar, Ipv4Addr::LOCALHOST, 8080);
     let log = cp.path("node-a.access.log");
     let log_b = cp.path("node-b.access.log");
-    let _node_a = node_proxy(&cp, "node-a", &cp.agent_admin, &log);
-    let _node_b = node_proxy(&cp, "node-b", &node_b.admin, &log_b);
+    // Node A maps bar's address through the server's destination map only (pushed by the
+    // agent's node stream), node B through its config file.
+    let _node_a = node_proxy(&cp, "node-a", &cp.agent_admin, &log, false);
+    let _node_b = node_proxy(&cp, "node-b", &node_b.admin, &log_b, true);
     let mut ids = std::collections::BTreeMap::new();
     for (ns, admin) in [
         (&foo, &cp.agent_admin),
@@ -375,6 +380,27 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     };
+    // Unmapped at node A until the server's map names bar's address (a change the agent
+    // pushes to the node proxy after its workloads are attached).
+    wait_until("node A's refusal of an unmapped destination", 30, || {
+        exchange(&foo, b"unmapped").is_none()
+            && std::fs::read_to_string(&log).is_ok_and(|t| {
+                t.contains("\"direction\":\"passthrough\"") && t.contains("198.18.0.2:8080")
+            })
+    });
+    assert!(!app.saw(b"unmapped"));
+    support::netns::cli(
+        &cp.admin,
+        &[
+            "destination",
+            "create",
+            "bar",
+            "--cidr",
+            "198.18.0.2/32",
+            "--spiffe-id",
+            "spiffe://example.org/bar",
+        ],
+    );
     wait_until("foo to reach bar through the node proxy", 30, || {
         exchange(&foo, b"hello").as_deref() == Some(&b"hello"[..])
     });
@@ -522,7 +548,7 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     let app = support::netns::App::start(&bar, Ipv4Addr::LOCALHOST, 8080);
     let old_log = cp.path("old.access.log");
     let new_log = cp.path("new.access.log");
-    let mut old = node_proxy(&cp, "old", &cp.agent_admin, &old_log);
+    let mut old = node_proxy(&cp, "old", &cp.agent_admin, &old_log, true);
     for ns in [&foo, &bar] {
         ok(workload(
             &cp,
@@ -571,7 +597,7 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     wait_until("connections before the upgrade", 20, || {
         done.load(Ordering::SeqCst) >= 20
     });
-    let mut new = node_proxy(&cp, "new", &cp.agent_admin, &new_log);
+    let mut new = node_proxy(&cp, "new", &cp.agent_admin, &new_log, true);
     let carried = |log: &std::path::Path| {
         std::fs::read_to_string(log)
             .unwrap_or_default()
