@@ -432,6 +432,30 @@ impl IpNet {
         ones >> (128 - width)
     }
 
+    /// (is IPv4, prefix length, the network's address bits): what a table of networks with
+    /// this prefix length is keyed by.
+    pub(crate) fn key(&self) -> (bool, u8, u128) {
+        (
+            self.addr.is_ipv4(),
+            self.prefix,
+            Self::bits(self.addr) & self.mask(),
+        )
+    }
+
+    /// The key `ip` has among networks of this family and prefix length ([`Self::key`]); an
+    /// IPv4-mapped IPv6 address counts as its IPv4 address, as in [`Self::contains`].
+    pub(crate) fn key_of(ip: IpAddr, v4: bool, prefix: u8) -> Option<u128> {
+        let ip = match ip {
+            IpAddr::V6(v) => v.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if ip.is_ipv4() != v4 {
+            return None;
+        }
+        let net = Self { addr: ip, prefix };
+        Some(Self::bits(ip) & net.mask())
+    }
+
     /// Whether `ip` is in the network; an IPv4-mapped IPv6 address counts as its IPv4 address.
     pub fn contains(&self, ip: IpAddr) -> bool {
         // An IPv4 client on a dual-stack socket shows as ::ffff:a.b.c.d.
