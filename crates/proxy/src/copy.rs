@@ -14,6 +14,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
@@ -122,9 +123,54 @@ impl Half {
     }
 }
 
+/// The bytes a copy has carried each way so far (there: first argument → second; back), readable
+/// however the copy ends: also when its future is dropped, as live re-authorization does to
+/// close a connection, so the access record still says what went through.
+#[derive(Debug, Default)]
+pub struct Progress {
+    there: AtomicU64,
+    back: AtomicU64,
+}
+
+impl Progress {
+    /// (there, back).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.there.load(Ordering::Relaxed),
+            self.back.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn add_there(&self, n: u64) {
+        self.there.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_back(&self, n: u64) {
+        self.back.fetch_add(n, Ordering::Relaxed);
+    }
+
+    // Stores, where each direction has one writer that keeps its own total.
+    pub(crate) fn set_there(&self, total: u64) {
+        self.there.store(total, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_back(&self, total: u64) {
+        self.back.store(total, Ordering::Relaxed);
+    }
+}
+
 /// Copies `a` → `b` and `b` → `a` until both directions have ended; returns the bytes copied
 /// each way (`a` → `b`, `b` → `a`).
 pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    counted(a, b, &Progress::default()).await
+}
+
+/// [`bidirectional`], keeping `progress` up to date as it goes.
+pub async fn counted<A, B>(a: &mut A, b: &mut B, progress: &Progress) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -142,6 +188,8 @@ where
         } else {
             ba.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))
         };
+        progress.set_there(ab.amt);
+        progress.set_back(ba.amt);
         match (a_to_b, b_to_a) {
             (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
             (Poll::Ready(Ok(x)), Poll::Ready(Ok(y))) => Poll::Ready(Ok((x, y))),

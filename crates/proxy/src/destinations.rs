@@ -95,14 +95,14 @@ pub async fn watch(socket: PathBuf, sources: Arc<Sources>) {
     .await;
 }
 
-async fn stream_once(socket: &Path, sources: &Sources) -> Result<(), String> {
+async fn stream_once(socket: &Path, sources: &Sources) -> Result<(), crate::live::StreamError> {
     use tessera_proto::v1::destination_watch_client::DestinationWatchClient;
     let channel = crate::identity::uds_channel(socket).await?;
     let req = crate::identity::agent_request(pb::WatchDestinationsRequest {});
     let mut stream = DestinationWatchClient::new(channel)
         .watch_destinations(req)
         .await
-        .map_err(|s| format!("WatchDestinations: {}", s.message()))?
+        .map_err(|s| crate::live::StreamError::opening("WatchDestinations", &s))?
         .into_inner();
     loop {
         match stream.message().await {
@@ -120,7 +120,7 @@ async fn stream_once(socket: &Path, sources: &Sources) -> Result<(), String> {
                 ),
             },
             Ok(None) => return Ok(()),
-            Err(s) => return Err(format!("WatchDestinations stream: {}", s.message())),
+            Err(s) => return Err(format!("WatchDestinations stream: {}", s.message()).into()),
         }
     }
 }

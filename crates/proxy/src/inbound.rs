@@ -616,11 +616,13 @@ async fn relay<T: Tunnel>(
         mut live,
     } = admitted;
     let active = telemetry.active_guard();
-    // An HTTP port's byte counts outlive its server, for a connection that ends in an error.
+    // The byte counts outlive the copy (or an HTTP port's server), for a connection that ends
+    // in an error or that re-authorization closes: the record still says what went through.
     let http_bytes = match &app {
         App::Http(ctx) => Some(ctx.bytes.clone()),
         App::Tcp(_) => None,
     };
+    let tcp_bytes = crate::copy::Progress::default();
     let r = tokio::select! {
         r = async {
             match app {
@@ -628,12 +630,15 @@ async fn relay<T: Tunnel>(
                 App::Http(ctx) => Box::pin(crate::l7::serve(tunnel, ctx)).await,
                 App::Tcp(mut app) => match tunnel.into_sealed() {
                     // The stream tunnel's data phase on its handshake's keys.
-                    Ok(Ok(mut sealed)) => crate::sealed::bidirectional(&mut app, &mut sealed)
-                        .await
-                        .map(|(to_tunnel, to_app)| (to_app, to_tunnel)),
+                    Ok(Ok(mut sealed)) => {
+                        crate::sealed::counted(&mut app, &mut sealed, &tcp_bytes).await
+                    }
                     Ok(Err(e)) => Err(e),
-                    Err(mut tunnel) => crate::copy::bidirectional(&mut tunnel, &mut app).await,
-                },
+                    Err(mut tunnel) => {
+                        crate::copy::counted(&mut app, &mut tunnel, &tcp_bytes).await
+                    }
+                }
+                .map(|(to_tunnel, to_app)| (to_app, to_tunnel)),
             }
         } => r.map(Ok),
         // Live re-authorization (`crate::live`): policy now denies it, or its peer
@@ -649,9 +654,7 @@ async fn relay<T: Tunnel>(
             rec.reason = reason;
         }
         Ok(Err(closed)) => {
-            if let Some(b) = http_bytes {
-                (rec.bytes_sent, rec.bytes_received) = b.get();
-            }
+            (rec.bytes_sent, rec.bytes_received) = so_far(http_bytes.as_deref(), &tcp_bytes);
             rec.reason = match closed {
                 // The last word on this connection was a deny: an audit that looks for what
                 // policy refused finds it, with the decision that had admitted it.
@@ -664,10 +667,19 @@ async fn relay<T: Tunnel>(
             };
         }
         Err(e) => {
-            if let Some(b) = http_bytes {
-                (rec.bytes_sent, rec.bytes_received) = b.get();
-            }
+            (rec.bytes_sent, rec.bytes_received) = so_far(http_bytes.as_deref(), &tcp_bytes);
             rec.reason = format!("{reason}; copy: {e}");
+        }
+    }
+}
+
+/// (to the application, back to the source) of a connection that did not end by itself.
+fn so_far(http: Option<&crate::copy::Progress>, tcp: &crate::copy::Progress) -> (u64, u64) {
+    match http {
+        Some(b) => b.get(),
+        None => {
+            let (to_tunnel, to_app) = tcp.get();
+            (to_app, to_tunnel)
         }
     }
 }

@@ -16,7 +16,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -52,7 +51,7 @@ pub struct L7Context {
     /// This connection's requests in flight, decided again on every policy change.
     pub requests: Arc<crate::live::HttpRequests>,
     /// The bytes through the tunnel stream, readable however the connection ends.
-    pub bytes: Arc<ByteCounts>,
+    pub bytes: Arc<crate::copy::Progress>,
     /// Per-request metrics.
     pub telemetry: Arc<crate::Telemetry>,
 }
@@ -380,27 +379,11 @@ struct Upgrade {
     guard: crate::live::RequestGuard,
 }
 
-/// Bytes read from a tunnel stream and written to it.
-#[derive(Debug, Default)]
-pub struct ByteCounts {
-    read: AtomicU64,
-    written: AtomicU64,
-}
-
-impl ByteCounts {
-    /// (read from the stream, written to it): from the source, and back to it.
-    pub fn get(&self) -> (u64, u64) {
-        (
-            self.read.load(Ordering::Relaxed),
-            self.written.load(Ordering::Relaxed),
-        )
-    }
-}
-
 /// The tunnel stream, counting the bytes through it.
 struct Counted<IO> {
     io: IO,
-    counts: Arc<ByteCounts>,
+    /// (read from the stream, written to it): from the source, and back to it.
+    counts: Arc<crate::copy::Progress>,
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
@@ -412,7 +395,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
-        self.counts.read.fetch_add(n as u64, Ordering::Relaxed);
+        self.counts.add_there(n as u64);
         r
     }
 }
@@ -425,7 +408,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = r {
-            self.counts.written.fetch_add(n as u64, Ordering::Relaxed);
+            self.counts.add_back(n as u64);
         }
         r
     }
@@ -437,7 +420,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let std::task::Poll::Ready(Ok(n)) = r {
-            self.counts.written.fetch_add(n as u64, Ordering::Relaxed);
+            self.counts.add_back(n as u64);
         }
         r
     }

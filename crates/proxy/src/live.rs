@@ -689,20 +689,66 @@ pub async fn watch_policies(
     .await
 }
 
+/// Why a stream from the agent ended.
+#[derive(Debug)]
+pub(crate) enum StreamError {
+    /// The agent does not offer this stream: an older agent, during an upgrade of the node.
+    /// Not an outage: asked again rarely, and said once.
+    NotOffered(String),
+    Failed(String),
+}
+
+impl From<String> for StreamError {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
+impl StreamError {
+    /// The agent's answer to opening `method`.
+    pub(crate) fn opening(method: &str, s: &tonic::Status) -> Self {
+        let e = format!("{method}: {}", s.message());
+        match s.code() {
+            tonic::Code::Unimplemented => Self::NotOffered(e),
+            _ => Self::Failed(e),
+        }
+    }
+}
+
+/// How often an agent that does not offer a stream is asked again.
+const NOT_OFFERED_RETRY: Duration = Duration::from_secs(60);
+
 /// Runs a stream from the agent socket forever: `once` until it ends or fails, then again
-/// after a backoff of 100 ms doubling to 5 s (an agent restart is a matter of seconds).
+/// after a backoff of 100 ms doubling to 5 s (an agent restart is a matter of seconds). An
+/// agent that does not offer the stream is said so once and asked again every minute.
 pub(crate) async fn reconnecting<F, Fut>(what: &str, socket: &Path, mut once: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<(), StreamError>>,
 {
     let mut backoff = Duration::from_millis(100);
+    let mut said_not_offered = false;
     loop {
-        match once().await {
-            Ok(()) => tracing::warn!("{what} ended; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, socket = %socket.display(), "{what}"),
-        }
-        tokio::time::sleep(backoff).await;
+        let wait = match once().await {
+            Ok(()) => {
+                tracing::warn!("{what} ended; reconnecting");
+                said_not_offered = false;
+                backoff
+            }
+            Err(StreamError::NotOffered(e)) => {
+                if !said_not_offered {
+                    tracing::warn!(error = %e, socket = %socket.display(), "the agent does not offer the {what} (an older agent?); asking again every {} s", NOT_OFFERED_RETRY.as_secs());
+                    said_not_offered = true;
+                }
+                NOT_OFFERED_RETRY
+            }
+            Err(StreamError::Failed(e)) => {
+                tracing::warn!(error = %e, socket = %socket.display(), "{what}");
+                said_not_offered = false;
+                backoff
+            }
+        };
+        tokio::time::sleep(wait).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
@@ -712,7 +758,7 @@ async fn stream_once(
     identity: &Identity,
     policy: &ArcSwap<PolicySet>,
     registry: &Registry,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     use tessera_proto::v1::policy_watch_client::PolicyWatchClient;
     let channel = crate::identity::uds_channel(socket).await?;
     // Attested like a Workload API call, header included (Workload API §4).
@@ -720,7 +766,7 @@ async fn stream_once(
     let mut stream = PolicyWatchClient::new(channel)
         .watch_policies(req)
         .await
-        .map_err(|s| format!("WatchPolicies: {}", s.message()))?
+        .map_err(|s| StreamError::opening("WatchPolicies", &s))?
         .into_inner();
     loop {
         match stream.message().await {
@@ -739,7 +785,7 @@ async fn stream_once(
                 }
             }
             Ok(None) => return Ok(()),
-            Err(s) => return Err(format!("WatchPolicies stream: {}", s.message())),
+            Err(s) => return Err(format!("WatchPolicies stream: {}", s.message()).into()),
         }
     }
 }
@@ -748,6 +794,32 @@ async fn stream_once(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// An agent that does not offer a stream (an older one) is asked again every minute, not
+    /// on the 5 s backoff of an outage (which filled the log with a warning every 5 s).
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_without_the_stream_is_asked_again_every_minute() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let tries = async |not_offered: bool| {
+            let calls = AtomicU32::new(0);
+            let run = reconnecting("test stream", Path::new("/nonexistent"), || {
+                calls.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    Err(if not_offered {
+                        StreamError::NotOffered("WatchTest: unimplemented".into())
+                    } else {
+                        StreamError::Failed("WatchTest: connection refused".into())
+                    })
+                }
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(590), run).await;
+            calls.load(Ordering::Relaxed)
+        };
+        // Just under ten minutes: once at the start and once a minute.
+        assert_eq!(tries(true).await, 10);
+        // An outage is retried within 5 s all along.
+        assert!(tries(false).await > 100);
+    }
 
     fn snap(default: &str, policies: &[(&str, &str)]) -> pb::PolicySnapshot {
         pb::PolicySnapshot {

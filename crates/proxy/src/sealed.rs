@@ -222,6 +222,16 @@ impl Sealed {
 /// Carries `plain` ↔ `tunnel` until both directions have ended; returns the plaintext bytes
 /// each way (`plain` → `tunnel`, `tunnel` → `plain`).
 pub async fn bidirectional(plain: &mut TcpStream, tunnel: &mut Sealed) -> io::Result<(u64, u64)> {
+    counted(plain, tunnel, &crate::copy::Progress::default()).await
+}
+
+/// [`bidirectional`], keeping `progress` (plaintext → tunnel, tunnel → plaintext) up to date as
+/// it goes.
+pub async fn counted(
+    plain: &mut TcpStream,
+    tunnel: &mut Sealed,
+    progress: &crate::copy::Progress,
+) -> io::Result<(u64, u64)> {
     tunnel.release_held().await?;
     let Sealed {
         tcp,
@@ -239,9 +249,19 @@ pub async fn bidirectional(plain: &mut TcpStream, tunnel: &mut Sealed) -> io::Re
     let r = {
         let (plain_r, plain_w) = plain.split();
         let (tcp_r, tcp_w) = tcp.split();
-        let seal = seal_loop(plain_r, tcp_w, sealer, &mid_write, &update_requested);
+        let early = *early;
+        progress.set_there(early);
+        let sealed = |n: u64| progress.set_there(early + n);
+        let seal = seal_loop(
+            plain_r,
+            tcp_w,
+            sealer,
+            &mid_write,
+            &update_requested,
+            sealed,
+        );
         tokio::try_join!(
-            async { seal.await.map(|n| n + *early) },
+            async { seal.await.map(|n| n + early) },
             open_loop(
                 tcp_r,
                 plain_w,
@@ -249,6 +269,7 @@ pub async fn bidirectional(plain: &mut TcpStream, tunnel: &mut Sealed) -> io::Re
                 std::mem::take(pending),
                 *peer_closed,
                 &update_requested,
+                |n| progress.set_back(n),
             ),
         )
     };
@@ -366,6 +387,7 @@ async fn seal_loop<R>(
     sealer: &mut Sealer,
     mid_write: &AtomicBool,
     update_requested: &AtomicBool,
+    progress: impl Fn(u64),
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -405,6 +427,7 @@ where
         }
         mid_write.store(false, Ordering::Relaxed);
         total += n as u64;
+        progress(total);
         crate::pool::give(buf);
     }
 }
@@ -444,6 +467,7 @@ async fn open_loop<R>(
     pending: BytesMut,
     peer_closed: bool,
     update_requested: &AtomicBool,
+    progress: impl Fn(u64),
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -474,6 +498,7 @@ where
                     if ranges.len() == WRITE_RECORDS_OUT {
                         // Written as soon as opened: the workload starts on them meanwhile.
                         total += write_ranges(&mut w, &buf, &mut ranges, false).await?;
+                        progress(total);
                     }
                 }
                 Opened::KeyUpdate { len, requested } => {
@@ -493,6 +518,7 @@ where
             }
         }
         total += write_ranges(&mut w, &buf, &mut ranges, closed).await?;
+        progress(total);
         if closed {
             crate::pool::give(buf);
             return Ok(total);

@@ -819,3 +819,81 @@ async fn a_local_policy_file_is_read_again_when_it_changes() {
         "a bad edit replaced the policy"
     );
 }
+
+/// A connection that live re-authorization closes is recorded with the bytes it carried, over
+/// either tunnel: the close drops the copy, whose own counts would go with it (they did: such
+/// a connection was recorded with 0 bytes each way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_by_re_authorization_is_recorded_with_its_bytes() {
+    for protocol in [TunnelProtocol::H2, TunnelProtocol::Stream] {
+        let ca = TestCa::new("example.org");
+        let (app_port, _) = echo_app().await;
+        let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
+        let bar = node(
+            identity(&ca, "spiffe://example.org/bar", &[&ca]),
+            &[app_port],
+            Some(ALLOW_FOO),
+        )
+        .await;
+        let foo = node_with(
+            identity(&ca, "spiffe://example.org/foo", &[&ca]),
+            &[],
+            None,
+            protocol,
+        )
+        .await;
+        let bar_id = id("spiffe://example.org/bar");
+        let (mut app, plain) = loopback_pair().await;
+        let stream = foo
+            .proxy
+            .outbound
+            .open_stream(&bar_id, bar.proxy.tunnel_addr, target, Some(&plain))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let mut plain = plain;
+            match stream {
+                TunnelStream::H2(mut up) => {
+                    tessera_proxy::copy::bidirectional(&mut plain, &mut up).await
+                }
+                TunnelStream::Stream(mut sealed) => {
+                    tessera_proxy::sealed::bidirectional(&mut plain, &mut sealed).await
+                }
+            }
+        });
+        // 12 bytes there, echoed back; the connection stays open.
+        app.write_all(b"twelve bytes").await.unwrap();
+        let mut b = [0u8; 12];
+        app.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"twelve bytes");
+
+        // bar's policy now allows nothing: the live connection is closed.
+        let own = SpiffeId::parse("spiffe://example.org/bar").unwrap();
+        let set = tessera_policy::PolicySet::from_toml_for_workload(
+            &own,
+            "[[policy]]\nname = \"allow-nothing\"\naction = \"ALLOW\"\n",
+            tessera_policy::DefaultAction::Deny,
+        )
+        .unwrap();
+        tessera_proxy::live::install(&bar.proxy.policy, &bar.proxy.connections, set);
+        let closed = tokio::time::timeout(Duration::from_secs(5), app.read(&mut b)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0) | Err(_))),
+            "{protocol:?}: the live connection was not closed: {closed:?}"
+        );
+        let rec = bar
+            .log
+            .wait_for(|r| {
+                r["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("closed by re-authorization"))
+            })
+            .await;
+        assert_eq!(rec["decision"], "deny", "{protocol:?}: {rec}");
+        assert_eq!(
+            (rec["bytes_sent"].as_u64(), rec["bytes_received"].as_u64()),
+            (Some(12), Some(12)),
+            "{protocol:?}: {rec}"
+        );
+    }
+}
