@@ -114,6 +114,24 @@ impl DestinationDoc {
     }
 }
 
+/// The destinations of a YAML or JSON file (`tessera destination create|apply -f`): one mapping
+/// (`name` and a document's fields) or a list of them. Each is checked, no name is used twice,
+/// and together they must make an unambiguous map, as the server would refuse the second of two
+/// that claim one address and port. The first error names the entry and the field.
+pub fn parse_documents(text: &str) -> Result<Vec<(String, Destination)>, DestinationError> {
+    let named = crate::named_documents(text, "destination", crate::validate_name)
+        .map_err(|e| bad(&format!("{}.{}", e.policy, e.field), e.message))?;
+    let mut out = Vec::with_capacity(named.len());
+    for (name, json) in named {
+        let d = DestinationDoc::from_json(&json)
+            .map_err(|e| bad(&format!("{name}.{}", e.field), e.message))?;
+        out.push((name, d));
+    }
+    DestinationMap::build(out.iter().map(|(n, d)| (format!("{n:?}"), d.clone())))
+        .map_err(|e| bad("(file)", e.to_string()))?;
+    Ok(out)
+}
+
 impl Destination {
     /// The canonical JSON document (what the server stores and pushes).
     pub fn to_json(&self) -> String {
@@ -165,6 +183,18 @@ pub struct DestinationMap {
     /// name ports before those for every port. The first match wins. Each entry keeps its
     /// label, so a merge can name what clashes.
     entries: Vec<(String, Destination)>,
+    /// The same order, indexed: one table per (family, prefix length), longest first, from a
+    /// network's address bits to its entries' positions. A lookup costs one hash lookup per
+    /// prefix length in use, not a scan of every entry: the server's map may hold a whole
+    /// trust domain's services, and it is read on every intercepted connection.
+    index: Vec<PrefixTable>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PrefixTable {
+    v4: bool,
+    prefix: u8,
+    networks: std::collections::HashMap<u128, Vec<usize>>,
 }
 
 impl DestinationMap {
@@ -180,9 +210,26 @@ impl DestinationMap {
     }
 
     fn sorted(mut entries: Vec<(String, Destination)>) -> Self {
-        // Prefixes of the two families never compete: `contains` matches one family only.
         entries.sort_by_key(|(_, d)| (std::cmp::Reverse(d.cidr.prefix()), d.ports.is_empty()));
-        Self { entries }
+        let mut index: Vec<PrefixTable> = Vec::new();
+        for (i, (_, d)) in entries.iter().enumerate() {
+            let (v4, prefix, bits) = d.cidr.key();
+            // Sorted by prefix length: a family's table for this length, if any, is among the
+            // last ones made (the other family's may sit between).
+            let pos = match index.iter().rposition(|t| t.v4 == v4 && t.prefix == prefix) {
+                Some(p) => p,
+                None => {
+                    index.push(PrefixTable {
+                        v4,
+                        prefix,
+                        networks: std::collections::HashMap::new(),
+                    });
+                    index.len() - 1
+                }
+            };
+            index[pos].networks.entry(bits).or_default().push(i);
+        }
+        Self { entries, index }
     }
 
     /// A map of labelled entries (a file's `destination[3]`, the server's `destination "db"`),
@@ -221,7 +268,23 @@ impl DestinationMap {
         Self::build(self.entries.iter().chain(&other.entries).cloned())
     }
 
+    /// The entry for an original destination: the longest prefix containing its address with
+    /// an entry for its port (an entry naming the port before one for every port).
     pub fn lookup(&self, dst: SocketAddr) -> Option<&Destination> {
+        let ip = dst.ip();
+        self.index.iter().find_map(|t| {
+            let key = IpNet::key_of(ip, t.v4, t.prefix)?;
+            t.networks.get(&key)?.iter().find_map(|i| {
+                let d = &self.entries[*i].1;
+                (d.ports.is_empty() || d.ports.contains(&dst.port())).then_some(d)
+            })
+        })
+    }
+
+    /// [`Self::lookup`] by scanning every entry in order: what the index must agree with
+    /// (tests), and the baseline of its benchmark.
+    #[doc(hidden)]
+    pub fn lookup_by_scan(&self, dst: SocketAddr) -> Option<&Destination> {
         let ip = dst.ip();
         self.entries
             .iter()
@@ -293,6 +356,139 @@ mod tests {
             r#"{"cidr":"198.18.0.0/24","ports":[80,8443],"spiffe_id":"spiffe://example.org/db"}"#
         );
         assert_eq!(DestinationDoc::from_json(&json).unwrap(), d);
+    }
+
+    /// The index answers as a scan of the ordered entries does, over many maps of nested and
+    /// disjoint networks of both families, with and without ports.
+    #[test]
+    fn the_index_agrees_with_a_scan() {
+        // A small deterministic generator (no dependency): xorshift.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let mut entries = Vec::new();
+            for i in 0..next(40) {
+                let v4 = next(3) != 0;
+                let (cidr, prefix_max) = if v4 {
+                    (format!("10.{}.{}.{}", next(2), next(3), next(4)), 32)
+                } else {
+                    (format!("2001:db8::{:x}", next(6)), 128)
+                };
+                let prefix = prefix_max - [0, 1, 2, 8, 16, 24][usize::try_from(next(6)).unwrap()];
+                let ip: std::net::IpAddr = cidr.parse().unwrap();
+                // The network of that prefix containing `ip` (host bits cleared).
+                let net = IpNet::key_of(ip, v4, prefix).unwrap();
+                let addr: std::net::IpAddr = if v4 {
+                    std::net::Ipv4Addr::from(u32::try_from(net).unwrap()).into()
+                } else {
+                    std::net::Ipv6Addr::from(net).into()
+                };
+                let ports: Vec<u16> = (0..next(3))
+                    .map(|_| 80 + u16::try_from(next(3)).unwrap())
+                    .collect();
+                let d = doc(
+                    &format!("{addr}/{prefix}"),
+                    &ports,
+                    &format!("spiffe://example.org/w{i}"),
+                )
+                .check()
+                .unwrap();
+                entries.push((format!("e{i}"), d));
+            }
+            // Keep what builds (overlapping pairs are refused), one at a time.
+            let mut kept: Vec<(String, Destination)> = Vec::new();
+            for e in entries {
+                let mut with = kept.clone();
+                with.push(e);
+                if DestinationMap::build(with.clone()).is_ok() {
+                    kept = with;
+                }
+            }
+            let m = DestinationMap::build(kept).unwrap();
+            for _ in 0..50 {
+                let ip = if next(3) != 0 {
+                    format!("10.{}.{}.{}", next(2), next(3), next(300) % 256)
+                } else {
+                    format!("[2001:db8::{:x}]", next(300))
+                };
+                let dst: SocketAddr = format!("{ip}:{}", 79 + next(4)).parse().unwrap();
+                assert_eq!(m.lookup(dst), m.lookup_by_scan(dst), "{dst} in {m:?}");
+            }
+            // IPv4-mapped IPv6 destinations find IPv4 entries, as the scan does.
+            let mapped: SocketAddr = "[::ffff:10.0.0.0]:80".parse().unwrap();
+            assert_eq!(m.lookup(mapped), m.lookup_by_scan(mapped));
+        }
+    }
+
+    #[test]
+    fn a_file_of_destinations_is_checked_whole() {
+        let yaml = "- name: db\n  cidr: 198.18.0.7\n  ports: [5432]\n  spiffe_id: spiffe://example.org/db\n- name: web\n  cidr: 198.18.1.0/24\n  spiffe_id: spiffe://example.org/web\n  tunnel_port: 15009\n";
+        let ds = parse_documents(yaml).unwrap();
+        assert_eq!(
+            ds.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["db", "web"]
+        );
+        assert_eq!(
+            ds[0].1.to_json(),
+            r#"{"cidr":"198.18.0.7/32","ports":[5432],"spiffe_id":"spiffe://example.org/db"}"#
+        );
+        assert_eq!(ds[1].1.tunnel_port, 15009);
+        // One, as JSON.
+        let one = parse_documents(
+            r#"{"name":"db","cidr":"198.18.0.7","spiffe_id":"spiffe://example.org/db"}"#,
+        )
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        for (text, field) in [
+            (
+                "- cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/db\n",
+                "#0.name",
+            ),
+            (
+                "- name: db\n  cidr: 198.18.0.0/8\n  spiffe_id: spiffe://example.org/db\n",
+                "db.cidr",
+            ),
+            (
+                "- name: db\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/db\n  colour: red\n",
+                "db.document",
+            ),
+            (
+                "- name: db\n  cidr: 198.18.0.7\n  ports: [0]\n  spiffe_id: spiffe://example.org/db\n",
+                "db.ports",
+            ),
+            (
+                "- name: db\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org\n",
+                "db.spiffe_id",
+            ),
+            (
+                "- name: \"bad name\"\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/db\n",
+                "bad name.name",
+            ),
+            (
+                "- name: a\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/a\n- name: a\n  cidr: 198.18.0.8\n  spiffe_id: spiffe://example.org/b\n",
+                "a.name",
+            ),
+            (
+                "- name: a\n  cidr: 198.18.0.7\n  ports: [80]\n  spiffe_id: spiffe://example.org/a\n- name: b\n  cidr: 198.18.0.7/32\n  ports: [80, 81]\n  spiffe_id: spiffe://example.org/b\n",
+                "(file)",
+            ),
+            ("42", "(document).document"),
+            ("{not json", "(document).document"),
+        ] {
+            let e = parse_documents(text).unwrap_err();
+            assert_eq!(e.field, field, "{text}: {e}");
+        }
+        // The ambiguity names both entries.
+        let e = parse_documents("- name: a\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/a\n- name: b\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/b\n").unwrap_err();
+        assert!(
+            e.message.contains(r#""a""#) && e.message.contains(r#""b""#),
+            "{e}"
+        );
     }
 
     #[test]

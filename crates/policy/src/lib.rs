@@ -127,6 +127,22 @@ pub fn validate_name(name: &str) -> Result<(), PolicyError> {
 /// of them, possibly empty. Every policy is validated and names are unique; the first error
 /// names the policy (or its position) and the field.
 pub fn parse_documents(text: &str) -> Result<Vec<NamedPolicy>, PolicyError> {
+    named_documents(text, "policy", validate_name)?
+        .into_iter()
+        .map(|(name, json)| NamedPolicy::from_json(&name, &json))
+        .collect()
+}
+
+/// Named JSON documents written as YAML or JSON: one mapping (`name` and the document's fields)
+/// or a list of them, possibly empty; each name checked by `valid_name` and none twice. Returns
+/// (name, the document without `name`, as JSON). Errors name the item (its name, or `#i` before
+/// it has one; `(document)` for the whole text) and the field. `kind` is what an item is
+/// called in messages ("policy", "destination").
+pub(crate) fn named_documents(
+    text: &str,
+    kind: &str,
+    valid_name: impl Fn(&str) -> Result<(), PolicyError>,
+) -> Result<Vec<(String, String)>, PolicyError> {
     let t = text.trim_start();
     let value: serde_json::Value = if t.starts_with('{') || t.starts_with('[') {
         serde_json::from_str(text)
@@ -145,7 +161,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<NamedPolicy>, PolicyError> {
             return Err(PolicyError::new(
                 "(document)",
                 "document",
-                "expected a policy (a mapping with `name`) or a list of them",
+                format!("expected a {kind} (a mapping with `name`) or a list of them"),
             ));
         }
     };
@@ -154,22 +170,21 @@ pub fn parse_documents(text: &str) -> Result<Vec<NamedPolicy>, PolicyError> {
     for (i, item) in items.into_iter().enumerate() {
         let at = format!("#{i}");
         let serde_json::Value::Object(mut map) = item else {
-            return Err(PolicyError::new(&at, "policy", "expected a mapping"));
+            return Err(PolicyError::new(&at, kind, "expected a mapping"));
         };
         let name = match map.remove("name") {
             Some(serde_json::Value::String(n)) => n,
             _ => return Err(PolicyError::new(&at, "name", "a string `name` is required")),
         };
-        validate_name(&name)?;
+        valid_name(&name)?;
         if !seen.insert(name.clone()) {
             return Err(PolicyError::new(
                 &name,
                 "name",
-                "two policies have this name",
+                format!("two {kind} entries have this name"),
             ));
         }
-        let document_json = serde_json::Value::Object(map).to_string();
-        out.push(NamedPolicy::from_json(&name, &document_json)?);
+        out.push((name, serde_json::Value::Object(map).to_string()));
     }
     Ok(out)
 }

@@ -87,8 +87,8 @@ enum Command {
         conn: AdminConn,
     },
     /// The destination map of transparent interception (admin API): which SPIFFE ID must
-    /// answer at an address and port; create|apply NAME --cidr --port --spiffe-id, list, show,
-    /// delete.
+    /// answer at an address and port; create|apply NAME --cidr --port --spiffe-id (or -f
+    /// FILE), list, show, delete.
     Destination {
         #[command(subcommand)]
         cmd: crate::destination_cli::DestinationCommand,

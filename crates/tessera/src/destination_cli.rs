@@ -5,6 +5,7 @@
 //! flags are checked here for a quick, local error; the server checks again and is the
 //! authority.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -32,30 +33,60 @@ pub(crate) enum DestinationCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct DestinationArgs {
+    /// A YAML or JSON file of destinations instead of the flags: one mapping (`name`, `cidr`,
+    /// `ports`, `spiffe_id`, `tunnel_port`) or a list of them, applied in order.
+    #[arg(
+        short = 'f',
+        long = "file",
+        conflicts_with_all = ["name", "cidr", "ports", "spiffe_id", "tunnel_port"]
+    )]
+    file: Option<PathBuf>,
     /// The destination's name (letters, digits, `.`, `_`, `-`, `/`).
-    name: String,
+    #[arg(required_unless_present = "file")]
+    name: Option<String>,
     /// The network or address the workload connects to (198.18.0.0/24, 2001:db8::7).
-    #[arg(long)]
-    cidr: String,
+    #[arg(long, required_unless_present = "file")]
+    cidr: Option<String>,
     /// A destination port (repeat for several; none: every port).
     #[arg(long = "port")]
     ports: Vec<u16>,
     /// The SPIFFE ID that must answer there.
-    #[arg(long)]
-    spiffe_id: String,
+    #[arg(long, required_unless_present = "file")]
+    spiffe_id: Option<String>,
     /// The peer proxy's tunnel port (default 15008).
     #[arg(long)]
     tunnel_port: Option<u16>,
 }
 
 impl DestinationArgs {
-    fn stored(&self) -> anyhow::Result<pb::StoredDestination> {
-        tessera_policy::destination::validate_name(&self.name)
-            .map_err(|e| anyhow::anyhow!("destination {:?}: {e}", self.name))?;
+    /// The destinations to apply, checked here: a bad file or flag changes nothing.
+    fn stored(&self) -> anyhow::Result<Vec<pb::StoredDestination>> {
+        if let Some(path) = &self.file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            let ds = tessera_policy::destination::parse_documents(&text)
+                .with_context(|| path.display().to_string())?;
+            if ds.is_empty() {
+                anyhow::bail!("{}: no destination in the file", path.display());
+            }
+            return Ok(ds
+                .into_iter()
+                .map(|(name, d)| pb::StoredDestination {
+                    name,
+                    document_json: d.to_json(),
+                })
+                .collect());
+        }
+        let (Some(name), Some(cidr), Some(spiffe_id)) = (&self.name, &self.cidr, &self.spiffe_id)
+        else {
+            anyhow::bail!("NAME, --cidr and --spiffe-id are required without --file");
+        };
+        tessera_policy::destination::validate_name(name)
+            .map_err(|e| anyhow::anyhow!("destination {name:?}: {e}"))?;
         let doc = DestinationDoc {
-            cidr: self.cidr.clone(),
+            cidr: cidr.clone(),
             ports: self.ports.clone(),
-            spiffe_id: self.spiffe_id.clone(),
+            spiffe_id: spiffe_id.clone(),
             tunnel_port: self.tunnel_port,
         };
         let d = doc.check().map_err(|e| {
@@ -65,10 +96,10 @@ impl DestinationArgs {
             };
             anyhow::anyhow!("--{flag}: {}", e.message)
         })?;
-        Ok(pb::StoredDestination {
-            name: self.name.clone(),
+        Ok(vec![pb::StoredDestination {
+            name: name.clone(),
             document_json: d.to_json(),
-        })
+        }])
     }
 }
 
@@ -121,10 +152,10 @@ pub(crate) async fn destination(
     conn: &AdminConn,
     cmd: DestinationCommand,
 ) -> anyhow::Result<ExitCode> {
-    // Check the flags before connecting: a bad destination changes nothing.
+    // Check the flags or the file before connecting: a bad destination changes nothing.
     let apply = match &cmd {
-        DestinationCommand::Create(a) => Some((a.stored()?, true)),
-        DestinationCommand::Apply(a) => Some((a.stored()?, false)),
+        DestinationCommand::Create(a) => Some((a.stored()?, true, a.file.is_some())),
+        DestinationCommand::Apply(a) => Some((a.stored()?, false, a.file.is_some())),
         _ => None,
     };
     let ch = tessera_server::client::unix_channel(&conn.admin_socket)
@@ -138,19 +169,32 @@ pub(crate) async fn destination(
     let mut client = DestinationApiClient::new(ch);
     match cmd {
         DestinationCommand::Create(_) | DestinationCommand::Apply(_) => {
-            let Some((d, create_only)) = apply else {
+            let Some((ds, create_only, from_file)) = apply else {
                 return Ok(ExitCode::FAILURE);
             };
-            let name = d.name.clone();
-            let r = client
-                .apply_destination(pb::ApplyDestinationRequest {
-                    destination: Some(d),
-                    create_only,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            changed(conn.output, "Applied", &name, r.revision);
+            // In order; the server refuses an entry that clashes with one stored (or, for
+            // create, a name that exists), which stops the rest: the error names it.
+            let mut done = Vec::new();
+            for d in ds {
+                let name = d.name.clone();
+                let r = client
+                    .apply_destination(pb::ApplyDestinationRequest {
+                        destination: Some(d),
+                        create_only,
+                    })
+                    .await
+                    .map_err(status)
+                    .with_context(|| format!("destination {name:?}"))?
+                    .into_inner();
+                if from_file && matches!(conn.output, Output::Json) {
+                    done.push(serde_json::json!({"name": name, "revision": r.revision}));
+                } else {
+                    changed(conn.output, "Applied", &name, r.revision);
+                }
+            }
+            if from_file && matches!(conn.output, Output::Json) {
+                println!("{:#}", serde_json::Value::Array(done));
+            }
         }
         DestinationCommand::List => {
             let r = client
