@@ -24,6 +24,7 @@ pub mod live;
 pub mod node;
 pub mod outbound;
 pub mod pool;
+pub mod privileges;
 pub mod readahead;
 pub mod reload;
 pub mod run;

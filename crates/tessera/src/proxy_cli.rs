@@ -116,6 +116,12 @@ struct ProxyRunArgs {
     /// Socket mark of the proxy's own connections in transparent mode.
     #[arg(long, default_value_t = config::DEFAULT_MARK)]
     mark: u32,
+    /// Run as this user (USER[:GROUP], names or numbers) once set up: after the interception
+    /// rules are installed (they then exempt this user's marked connections, not root's) and
+    /// the access log is open, keeping only CAP_NET_ADMIN (for the mark). The Workload API
+    /// socket and the --config and --policy files must be reachable by it.
+    #[arg(long, value_name = "USER[:GROUP]", conflicts_with = "node")]
+    user: Option<String>,
     /// Worker threads of the proxy (default: half the cores, at most 2).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
@@ -216,6 +222,14 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         bail!("--unmapped and --inbound-mode apply only with --transparent");
     }
 
+    let run_as = match &a.user {
+        Some(u) => Some(
+            tessera_proxy::privileges::RunAs::parse(u)
+                .map_err(|e| anyhow::anyhow!("--user: {e}"))?,
+        ),
+        None => None,
+    };
+
     tessera_telemetry::init_logging(&a.log_level);
     let mut opts = ProxyOptions::new(a.tunnel_address);
     opts.inbound = a.inbound;
@@ -244,7 +258,8 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             outbound_port: outbound_addr.port(),
             inbound_plaintext_port: inbound_plaintext_addr.port(),
             mark: a.mark,
-            uid: Some(transparent::own_uid()),
+            // The user the proxy runs as once set up: its connections, and no one else's.
+            uid: Some(run_as.map_or_else(transparent::own_uid, |r| r.uid)),
         };
         transparent::check_own_ports(
             &params,
@@ -302,6 +317,15 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         ),
         None => Box::new(std::io::stdout()),
     };
+    // Before the runtime: no other thread may exist yet (capabilities are per thread).
+    if let Some(to) = run_as {
+        tessera_proxy::privileges::become_user(to).map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            uid = to.uid,
+            gid = to.gid,
+            "running as the proxy's user, with CAP_NET_ADMIN only"
+        );
+    }
     let threads = a.threads.map_or_else(default_threads, usize::from);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)

@@ -50,6 +50,16 @@ fn bad_flags_and_files_are_refused_with_their_name() {
     );
     run(&[], "nothing to do");
     run(
+        &["--inbound", "80", "--user", "no-such-user-tessera"],
+        "--user: \"no-such-user-tessera\": no such user",
+    );
+    run(&["--inbound", "80", "--user", "0"], "must not be root");
+    run(
+        &["--inbound", "80", "--user", "1337:no-such-group-tessera"],
+        "no such group",
+    );
+    run(&["--inbound", "80", "--user", "1337", "--node"], "--node");
+    run(
         &["--inbound", "80", "--unmapped", "passthrough"],
         "only with --transparent",
     );

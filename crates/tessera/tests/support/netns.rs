@@ -337,6 +337,11 @@ impl Proxy {
         p
     }
 
+    /// The proxy's process ID (`ip netns exec` execs it in place).
+    pub(crate) fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, |p| p.0.id())
+    }
+
     pub(crate) fn records(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(&self.access).unwrap_or_default();
         // Only whole lines: the proxy may be writing the last one while we read.
