@@ -264,6 +264,16 @@ fn v6_closed() -> Result<bool, String> {
     )
 }
 
+/// Whether no closing chain of the IPv6 fallback is there.
+fn v6_closing_chains_absent() -> Result<bool, String> {
+    for (_, chain) in V6_CLOSED_JUMPS {
+        if chain_exists(Table::Filter6, chain)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Whether exactly these rules are in place already (each one present, and each jump still the
 /// first rule of its built-in chain); `Some` with how IPv6 is handled when they are.
 fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
@@ -275,7 +285,9 @@ fn installed(p: &RuleParams) -> Result<Option<V6>, String> {
         return Ok(Some(V6::Absent));
     }
     if all_present(Table::Nat6, &v4)? {
-        return Ok(Some(V6::Intercepted));
+        // Closing chains beside working IPv6 NAT (an earlier fallback's, left behind) would
+        // reject the proxy's own IPv6 connections: not the rules this start wants.
+        return Ok(v6_closing_chains_absent()?.then_some(V6::Intercepted));
     }
     // Rejecting is the fallback only where IPv6 cannot be redirected: rules an older release
     // left (IPv6 rejected) are replaced where IPv6 can now be intercepted.
@@ -440,6 +452,12 @@ fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
             }
             return Err(e);
         }
+    }
+    if v6 == V6::Intercepted {
+        // IPv6 is intercepted now: an earlier fallback's closing chains only reject the proxy's
+        // own IPv6 connections. Removed after the NAT rules are in place, so IPv6 is never
+        // left open in between.
+        remove_chains(Table::Filter6, V6_CLOSED_JUMPS)?;
     }
     if installed(p)? != Some(v6) {
         return Err(

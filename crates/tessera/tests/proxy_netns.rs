@@ -667,6 +667,62 @@ fn transparent_mode_intercepts_and_fails_closed() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&rules.stdout).contains("-A OUTPUT -p tcp -j TESSERA_OUTPUT"));
+
+    // A restart over rules that are all in place, beside the closing chains of an earlier IPv6
+    // fallback (left from when IPv6 could not be redirected): they would reject the proxy's
+    // own IPv6 connections, so the restart removes them, and IPv6 is carried again.
+    let ip6 = |rule: &[String]| {
+        let o = Net::exec(&foo, "ip6tables")
+            .args(["-w", "-t", "filter"])
+            .args(rule)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    use tessera_proxy::transparent::{CHAIN_V6_INPUT, CHAIN_V6_OUTPUT, Close, rules_v6_reject};
+    for chain in [CHAIN_V6_OUTPUT, CHAIN_V6_INPUT] {
+        ip6(&s(&["-N", chain]));
+    }
+    for rule in rules_v6_reject(Close::Reject) {
+        ip6(&rule);
+    }
+    std::fs::write(
+        &config,
+        "[[destination]]\ncidr = \"2001:2::2/128\"\nports = [8080]\nspiffe_id = \"spiffe://example.org/bar\"\n",
+    )
+    .unwrap();
+    let mut foo_proxy = Proxy::start(
+        &cp,
+        &foo,
+        "foo-restarted",
+        &s(&[
+            "--transparent",
+            "--config",
+            &config.display().to_string(),
+            "--user",
+            &PROXY_UID.to_string(),
+        ]),
+    );
+    assert_eq!(
+        exchange(
+            &foo,
+            SocketAddr::from((BAR_IP6, APP_PORT)),
+            b"v6-after-restart"
+        )
+        .unwrap(),
+        b"v6-after-restart"
+    );
+    let rules = Net::exec(&foo, "ip6tables")
+        .args(["-t", "filter", "-S"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("TESSERA"),
+        "{}",
+        String::from_utf8_lossy(&rules.stdout)
+    );
+    foo_proxy.stop();
+
     // uninstall-rules removes them; then plaintext flows again (no proxy in the way).
     let o = Net::exec(&foo, env!("CARGO_BIN_EXE_tessera"))
         .args(["proxy", "uninstall-rules"])
