@@ -113,6 +113,7 @@ pub(crate) fn store_status(e: tessera_store::StoreError) -> Status {
         E::NotFound { .. } => Status::not_found(e.to_string()),
         E::Invalid { .. } => Status::invalid_argument(e.to_string()),
         E::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        E::Conflict(_) => Status::failed_precondition(e.to_string()),
         E::Banned { .. } => Status::permission_denied(e.to_string()),
         // Writes (and reads not in memory) while the database is away: say what still works.
         E::Unavailable(_) => Status::unavailable(format!(

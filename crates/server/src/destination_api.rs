@@ -77,29 +77,25 @@ fn checked(
     ))
 }
 
-/// Refuses `new` when, with the other stored destinations, some address and port would have
-/// two expected identities: which one a proxy expects must not depend on the order it learns
-/// them (every proxy also refuses such a map, keeping its last good one).
-async fn refuse_ambiguous(
-    state: &State,
+/// Refuses `new` when, with the `others` stored, some address and port would have two expected
+/// identities: which one a proxy expects must not depend on the order it learns them (every
+/// proxy also refuses such a map, keeping its last good one). Asked by the store inside the
+/// write transaction, so two servers applying at once cannot both pass it.
+fn refuse_ambiguous(
     name: &str,
-    new: tessera_policy::destination::Destination,
-) -> Result<(), Status> {
-    let stored = state
-        .store
-        .list_destinations()
-        .await
-        .map_err(store_status)?;
-    let others = stored.into_iter().filter(|d| d.id != name).filter_map(|d| {
+    new: &tessera_policy::destination::Destination,
+    others: &[Destination],
+) -> Result<(), String> {
+    let others = others.iter().filter_map(|d| {
         // A stored document that no longer parses (written by a newer server) cannot be
         // compared; proxies refuse it too, which the operator sees in their logs.
         DestinationDoc::from_json(&d.document)
             .ok()
             .map(|p| (format!("destination {:?}", d.id), p))
     });
-    DestinationMap::build(others.chain([(format!("destination {name:?}"), new)]))
+    DestinationMap::build(others.chain([(format!("destination {name:?}"), new.clone())]))
         .map(|_| ())
-        .map_err(|e| Status::failed_precondition(e.to_string()))
+        .map_err(|e| e.to_string())
 }
 
 #[tonic::async_trait]
@@ -122,22 +118,24 @@ impl DestinationApi for Destinations {
                 .as_ref()
                 .ok_or_else(|| field_err("destination", "missing"))?;
             let (stored, parsed) = checked(d)?;
-            let store = &self.state.store;
-            // create_only guards against typos, not races: as with policies.
-            if r.create_only
-                && store
-                    .get_destination(&stored.id)
-                    .await
-                    .map_err(store_status)?
-                    .is_some()
-            {
-                return Err(Status::already_exists(format!(
-                    "destination {:?} exists (use `tessera destination apply` to replace it)",
-                    stored.id
-                )));
-            }
-            refuse_ambiguous(&self.state, &stored.id, parsed).await?;
-            let revision = store.set_destination(&stored).await.map_err(store_status)?;
+            // Both checks, create_only's and the map's, run in the store's write transaction.
+            let revision = self
+                .state
+                .store
+                .set_destination(&stored, r.create_only, &|others| {
+                    refuse_ambiguous(&stored.id, &parsed, others)
+                })
+                .await
+                .map_err(|e| match e {
+                    tessera_store::StoreError::AlreadyExists { .. } => {
+                        Status::already_exists(format!(
+                            "destination {:?} exists (use `tessera destination apply` to replace it)",
+                            stored.id
+                        ))
+                    }
+                    tessera_store::StoreError::Conflict(why) => Status::failed_precondition(why),
+                    e => store_status(e),
+                })?;
             self.state.feed.notify(revision);
             Ok(pb::DestinationResponse {
                 destination: Some(to_pb(stored)),

@@ -49,6 +49,9 @@ pub struct AgentQuery {
     pub limit: Option<u32>,
 }
 
+/// Whether a destination may join the others stored (see [`Datastore::set_destination`]).
+pub type AdmitDestination<'a> = dyn Fn(&[Destination]) -> Result<(), String> + Send + Sync + 'a;
+
 /// The server's datastore.
 ///
 /// Every write that others must learn about is one transaction that takes the next revision,
@@ -225,8 +228,18 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
 
     // --- the destination map ---
 
-    /// Creates or replaces destination `d.id`; returns the revision.
-    async fn set_destination(&self, d: &Destination) -> Result<u64, StoreError>;
+    /// Creates (`create_only`: refused with `AlreadyExists` if `d.id` exists) or replaces
+    /// destination `d.id`; returns the revision. `admit` is asked about `d` with every other
+    /// stored destination inside the write transaction, once no other writer's change can come
+    /// between (the revision counter is held): its `Err(why)` refuses the change
+    /// (`Conflict`). So two servers writing at once cannot store two destinations that clash,
+    /// which each would have admitted against what it read before.
+    async fn set_destination(
+        &self,
+        d: &Destination,
+        create_only: bool,
+        admit: &AdmitDestination<'_>,
+    ) -> Result<u64, StoreError>;
 
     async fn get_destination(&self, id: &str) -> Result<Option<Destination>, StoreError>;
 

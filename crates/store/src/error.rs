@@ -42,6 +42,10 @@ pub enum StoreError {
         column: &'static str,
         reason: String,
     },
+    /// The change would contradict what is stored (two destinations claiming one address and
+    /// port); nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
     #[error("datastore error: {0}")]
     Other(String),
 }

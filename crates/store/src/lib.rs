@@ -37,7 +37,9 @@ pub mod model;
 mod sql;
 
 pub use backend::{PostgresOptions, open, open_postgres, open_postgres_with, open_sqlite};
-pub use datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener};
+pub use datastore::{
+    AdmitDestination, AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener,
+};
 pub use error::StoreError;
 pub use model::{
     Agent, Destination, Entry, Event, EventKind, FederationRelationship, FederationStatus,

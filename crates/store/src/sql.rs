@@ -20,7 +20,9 @@ use tessera_spiffe::{SpiffeId, TrustDomain};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::StoreError;
-use crate::datastore::{AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener};
+use crate::datastore::{
+    AdmitDestination, AgentQuery, Datastore, EntryQuery, MergeBundle, RevisionListener,
+};
 use crate::model::{
     self, Agent, Destination, Entry, Event, EventKind, FederationRelationship, FederationStatus,
     JoinToken, NewAgent, NewEntry, Policy, StoredBundle,
@@ -339,6 +341,9 @@ const DESTINATIONS: Documents = Documents {
     updated: EventKind::DestinationUpdated,
     deleted: EventKind::DestinationDeleted,
 };
+
+/// Whether a document may join the others of its table, given as (id, document).
+type AdmitDocument<'a> = dyn Fn(&[(String, String)]) -> Result<(), String> + Send + Sync + 'a;
 
 /// (id, document) of a row of a [`Documents`] table.
 fn document_from_row(t: Documents, row: &AnyRow) -> Result<(String, String), StoreError> {
@@ -739,8 +744,40 @@ impl SqlStore {
         id: &str,
         document: &str,
     ) -> Result<u64, StoreError> {
+        self.set_document_checked(t, id, document, false, &|_| Ok(()))
+            .await
+    }
+
+    /// [`Self::set_document`], refused if `create_only` and `id` exists, or if `admit` refuses
+    /// the other documents of the table (id, document) as they are once this transaction holds
+    /// the revision counter: no other writer's change can come between the check and the write.
+    async fn set_document_checked(
+        &self,
+        t: Documents,
+        id: &str,
+        document: &str,
+        create_only: bool,
+        admit: &AdmitDocument<'_>,
+    ) -> Result<u64, StoreError> {
         let mut w = self.begin_write().await?;
+        // First: on PostgreSQL the revision row's lock is what orders writers, so what is read
+        // below includes every change committed before this one and none can follow it until
+        // this commits.
         let revision = w.next_revision().await?;
+        let sql = Sql::new(&format!("SELECT id, document FROM {} ORDER BY id", t.table));
+        let stored = w
+            .fetch_all(sql)
+            .await?
+            .iter()
+            .map(|row| document_from_row(t, row))
+            .collect::<Result<Vec<_>, _>>()?;
+        if create_only && stored.iter().any(|(i, _)| i == id) {
+            return Err(StoreError::AlreadyExists {
+                what: format!("{} {id:?}", t.what),
+            });
+        }
+        let others: Vec<(String, String)> = stored.into_iter().filter(|(i, _)| i != id).collect();
+        admit(&others).map_err(StoreError::Conflict)?;
         let mut sql = Sql::new(&format!(
             "INSERT INTO {} (id, document, updated_revision) VALUES ",
             t.table
@@ -1570,9 +1607,25 @@ impl Datastore for SqlStore {
         Ok(Policy { id, document })
     }
 
-    async fn set_destination(&self, d: &Destination) -> Result<u64, StoreError> {
+    async fn set_destination(
+        &self,
+        d: &Destination,
+        create_only: bool,
+        admit: &AdmitDestination<'_>,
+    ) -> Result<u64, StoreError> {
         d.validate()?;
-        self.set_document(DESTINATIONS, &d.id, &d.document).await
+        let admit_rows = |others: &[(String, String)]| {
+            let others: Vec<Destination> = others
+                .iter()
+                .map(|(id, document)| Destination {
+                    id: id.clone(),
+                    document: document.clone(),
+                })
+                .collect();
+            admit(&others)
+        };
+        self.set_document_checked(DESTINATIONS, &d.id, &d.document, create_only, &admit_rows)
+            .await
     }
 
     async fn get_destination(&self, id: &str) -> Result<Option<Destination>, StoreError> {

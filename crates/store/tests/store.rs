@@ -46,6 +46,7 @@ both_backends!(
     ca_journals_are_kept_per_server_outside_the_feed,
     federation_relationships_and_policies_round_trip,
     destinations_round_trip,
+    destination_admission_runs_inside_the_write,
     concurrent_writers_get_contiguous_revisions_seen_once_by_a_resuming_reader,
 );
 

@@ -889,16 +889,16 @@ pub(crate) async fn destinations_round_trip(s: Arc<dyn Datastore>) {
         id: "db".into(),
         document: r#"{"cidr":"198.18.0.2/32","spiffe_id":"spiffe://example.org/db"}"#.into(),
     };
-    let r1 = s.set_destination(&d).await.unwrap();
+    let r1 = s.set_destination(&d, false, &|_| Ok(())).await.unwrap();
     let mut d2 = d.clone();
     d2.document = r#"{"cidr":"198.18.0.3/32","spiffe_id":"spiffe://example.org/db"}"#.into();
-    let r2 = s.set_destination(&d2).await.unwrap();
+    let r2 = s.set_destination(&d2, false, &|_| Ok(())).await.unwrap();
     assert!(r2 > r1);
     let web = Destination {
         id: "a/web".into(),
         document: r#"{"cidr":"198.18.0.4/32","spiffe_id":"spiffe://example.org/web"}"#.into(),
     };
-    s.set_destination(&web).await.unwrap();
+    s.set_destination(&web, false, &|_| Ok(())).await.unwrap();
     assert_eq!(s.get_destination("db").await.unwrap(), Some(d2.clone()));
     assert_eq!(
         s.list_destinations().await.unwrap(),
@@ -929,7 +929,10 @@ pub(crate) async fn destinations_round_trip(s: Arc<dyn Datastore>) {
             "document",
         ),
     ] {
-        assert_eq!(invalid_field(s.set_destination(&bad).await), field);
+        assert_eq!(
+            invalid_field(s.set_destination(&bad, false, &|_| Ok(())).await),
+            field
+        );
     }
     assert_eq!(s.delete_destination("db").await.unwrap(), d2);
     assert_eq!(s.get_destination("db").await.unwrap(), None);
@@ -950,6 +953,68 @@ pub(crate) async fn destinations_round_trip(s: Arc<dyn Datastore>) {
             (EventKind::DestinationDeleted, "db"),
         ]
     );
+}
+
+/// A destination's admission (`admit`) and `create_only` are decided inside the write, against
+/// what is stored once no other writer can come between: of two clashing destinations applied
+/// at once (on PostgreSQL, over two connections), one is stored and the other refused, and a
+/// refusal changes nothing.
+pub(crate) async fn destination_admission_runs_inside_the_write(s: Arc<dyn Datastore>) {
+    let at = |id: &str| Destination {
+        id: id.into(),
+        document: r#"{"cidr":"198.18.0.9/32","spiffe_id":"spiffe://example.org/x"}"#.into(),
+    };
+    // The test's rule: no two destinations with one document.
+    fn no_twin(new: &Destination, others: &[Destination]) -> Result<(), String> {
+        match others.iter().find(|o| o.document == new.document) {
+            Some(o) => Err(format!("{} clashes with {}", new.id, o.id)),
+            None => Ok(()),
+        }
+    }
+    let a = at("a");
+    s.set_destination(&a, true, &|o| no_twin(&a, o))
+        .await
+        .unwrap();
+    let before = s.current_revision().await.unwrap();
+    assert!(matches!(
+        s.set_destination(&a, true, &|_| Ok(())).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    let b = at("b");
+    match s.set_destination(&b, false, &|o| no_twin(&b, o)).await {
+        Err(StoreError::Conflict(why)) => assert_eq!(why, "b clashes with a"),
+        other => panic!("{other:?}"),
+    }
+    // Replacing `a` itself is not a clash with itself.
+    s.set_destination(&a, false, &|o| no_twin(&a, o))
+        .await
+        .unwrap();
+    assert_eq!(s.list_destinations().await.unwrap(), vec![a.clone()]);
+    assert_eq!(s.current_revision().await.unwrap(), before + 1);
+    s.delete_destination("a").await.unwrap();
+
+    // At once: c's admission holds its write open while d's starts; d must see c.
+    let (c, d) = (at("c"), at("d"));
+    let slow = {
+        let s = s.clone();
+        let c = c.clone();
+        tokio::spawn(async move {
+            s.set_destination(&c, false, &|o| {
+                std::thread::sleep(std::time::Duration::from_millis(400));
+                no_twin(&c, o)
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let fast = s.set_destination(&d, false, &|o| no_twin(&d, o)).await;
+    let slow = slow.await.unwrap();
+    assert!(slow.is_ok(), "{slow:?}");
+    assert!(
+        matches!(&fast, Err(StoreError::Conflict(_))),
+        "both clashing destinations were stored: {fast:?}"
+    );
+    assert_eq!(s.list_destinations().await.unwrap(), vec![c]);
 }
 
 /// 8 writers × 50 writes while a reader follows the feed: every revision is assigned once, with
