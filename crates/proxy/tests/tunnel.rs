@@ -134,6 +134,11 @@ struct Pair {
 }
 
 async fn pair(ca: &TestCa, foo_identity: Arc<Identity>) -> Pair {
+    pair_over(ca, foo_identity, TunnelProtocol::H2).await
+}
+
+/// [`pair`], foo opening tunnels of `protocol`.
+async fn pair_over(ca: &TestCa, foo_identity: Arc<Identity>, protocol: TunnelProtocol) -> Pair {
     let (app_port, count) = echo_app().await;
     let bar = node(
         identity(ca, "spiffe://example.org/bar", &[ca]),
@@ -141,7 +146,7 @@ async fn pair(ca: &TestCa, foo_identity: Arc<Identity>) -> Pair {
         Some(ALLOW_FOO),
     )
     .await;
-    let client = node(foo_identity, &[], None).await;
+    let client = node_with(foo_identity, &[], None, protocol).await;
     Pair {
         bar,
         foo: client,
@@ -827,22 +832,18 @@ async fn a_local_policy_file_is_read_again_when_it_changes() {
 async fn a_connection_closed_by_re_authorization_is_recorded_with_its_bytes() {
     for protocol in [TunnelProtocol::H2, TunnelProtocol::Stream] {
         let ca = TestCa::new("example.org");
-        let (app_port, _) = echo_app().await;
-        let target: SocketAddr = format!("127.0.0.1:{app_port}").parse().unwrap();
-        let bar = node(
-            identity(&ca, "spiffe://example.org/bar", &[&ca]),
-            &[app_port],
-            Some(ALLOW_FOO),
-        )
-        .await;
-        let foo = node_with(
+        let Pair {
+            bar,
+            foo,
+            target,
+            bar_id,
+            ..
+        } = pair_over(
+            &ca,
             identity(&ca, "spiffe://example.org/foo", &[&ca]),
-            &[],
-            None,
             protocol,
         )
         .await;
-        let bar_id = id("spiffe://example.org/bar");
         let (mut app, plain) = loopback_pair().await;
         let stream = foo
             .proxy

@@ -433,18 +433,21 @@ fn transparent_mode_intercepts_and_fails_closed() {
     for dir in [cp.path(""), cp.socket.parent().unwrap().to_owned()] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let mut foo_proxy = Proxy::start(
-        &cp,
-        &foo,
-        "foo",
-        &s(&[
-            "--transparent",
-            "--config",
-            &config.display().to_string(),
-            "--user",
-            &PROXY_UID.to_string(),
-        ]),
-    );
+    let start_foo = |name: &str| {
+        Proxy::start(
+            &cp,
+            &foo,
+            name,
+            &s(&[
+                "--transparent",
+                "--config",
+                &config.display().to_string(),
+                "--user",
+                &PROXY_UID.to_string(),
+            ]),
+        )
+    };
+    let mut foo_proxy = start_foo("foo");
     // It kept CAP_NET_ADMIN alone (bit 12, to mark its connections), and no ID of root.
     let status = std::fs::read_to_string(format!("/proc/{}/status", foo_proxy.pid())).unwrap();
     let field = |name: &str| {
@@ -691,18 +694,7 @@ fn transparent_mode_intercepts_and_fails_closed() {
         "[[destination]]\ncidr = \"2001:2::2/128\"\nports = [8080]\nspiffe_id = \"spiffe://example.org/bar\"\n",
     )
     .unwrap();
-    let mut foo_proxy = Proxy::start(
-        &cp,
-        &foo,
-        "foo-restarted",
-        &s(&[
-            "--transparent",
-            "--config",
-            &config.display().to_string(),
-            "--user",
-            &PROXY_UID.to_string(),
-        ]),
-    );
+    let mut foo_proxy = start_foo("foo-restarted");
     assert_eq!(
         exchange(
             &foo,
