@@ -609,6 +609,9 @@ fn watch(enrollments: &Enrollments, d: &Delegation, s: &mut UnixStream) -> Resul
                             "event": "attached",
                             "workload": w.id, "netns": w.name,
                             "svids": svids_json(&w.svids), "bundles": bundles,
+                            // In force before the delegate binds the workload's ports (the
+                            // `policies` event below is for delegates that predate this).
+                            "policies": pol,
                         }),
                         Some(w.netns.as_fd()),
                     )

@@ -152,6 +152,7 @@ fn main() {
                     key: PrivateKeyDer::Pkcs8(s.key),
                     bundles,
                 },
+                policies: None,
             })
             .await
             .unwrap();

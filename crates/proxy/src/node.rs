@@ -38,6 +38,11 @@ pub enum WorkloadEvent {
         name: String,
         netns: OwnedFd,
         svid: WorkloadSvid,
+        /// Its policies as the agent has them: in force before its listeners are bound, so a
+        /// connection that reaches it first (an upgrade's new process shares the ports of the
+        /// old one) is decided as the old process would, not denied while the separate
+        /// [`WorkloadEvent::Policies`] is on its way. `None`: denied until that event.
+        policies: Option<tessera_proto::v1::PolicySnapshot>,
     },
     /// Its SVID rotated or its bundles changed.
     Svid { id: String, svid: WorkloadSvid },
@@ -150,7 +155,8 @@ impl NodeProxy {
                 name,
                 netns,
                 svid,
-            } => self.attach(id, name, netns, svid).await,
+                policies,
+            } => self.attach(id, name, netns, svid, policies).await,
             WorkloadEvent::Svid { id, svid } => {
                 let w = self.get(&id)?;
                 w.identity
@@ -242,6 +248,7 @@ impl NodeProxy {
         name: String,
         netns: OwnedFd,
         svid: WorkloadSvid,
+        policies: Option<tessera_proto::v1::PolicySnapshot>,
     ) -> Result<(), String> {
         if self.workloads.contains_key(&id) {
             return Err(format!(
@@ -271,6 +278,7 @@ impl NodeProxy {
         let mut opts = self.template.clone();
         opts.netns = Some(ns);
         opts.pushed_destinations = Some(self.pushed.clone());
+        opts.pushed_policy = policies;
         let proxy = crate::run::start(opts, identity.clone(), self.telemetry.clone())
             .await
             .map_err(|e| format!("workload {name}: {e}"))?;
@@ -382,6 +390,26 @@ fn stored_destination(d: &serde_json::Value) -> tessera_proto::v1::StoredDestina
     }
 }
 
+/// A policy snapshot as the agent's node stream writes it.
+fn policy_snapshot_of(s: &serde_json::Value) -> tessera_proto::v1::PolicySnapshot {
+    tessera_proto::v1::PolicySnapshot {
+        spiffe_id: s["spiffe_id"].as_str().unwrap_or_default().to_owned(),
+        default_action: s["default_action"].as_str().unwrap_or_default().to_owned(),
+        revision: s["revision"].as_u64().unwrap_or(0),
+        policies: s["policies"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| tessera_proto::v1::StoredPolicy {
+                        name: p["name"].as_str().unwrap_or_default().to_owned(),
+                        document_json: p["document_json"].as_str().unwrap_or_default().to_owned(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 fn event_of(
     v: &serde_json::Value,
     fds: &mut std::collections::VecDeque<OwnedFd>,
@@ -396,6 +424,10 @@ fn event_of(
                 name: v["netns"].as_str().unwrap_or(&id).to_owned(),
                 netns,
                 svid: svid_of(v)?,
+                // An older agent sends none: the `policies` event that follows brings them.
+                policies: v["policies"]
+                    .is_object()
+                    .then(|| policy_snapshot_of(&v["policies"])),
                 id,
             })
         }
@@ -403,31 +435,10 @@ fn event_of(
             svid: svid_of(v)?,
             id,
         }),
-        Some("policies") if v["snapshot"].is_object() => {
-            let s = &v["snapshot"];
-            Some(WorkloadEvent::Policies {
-                snapshot: tessera_proto::v1::PolicySnapshot {
-                    spiffe_id: s["spiffe_id"].as_str().unwrap_or_default().to_owned(),
-                    default_action: s["default_action"].as_str().unwrap_or_default().to_owned(),
-                    revision: s["revision"].as_u64().unwrap_or(0),
-                    policies: s["policies"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|p| tessera_proto::v1::StoredPolicy {
-                                    name: p["name"].as_str().unwrap_or_default().to_owned(),
-                                    document_json: p["document_json"]
-                                        .as_str()
-                                        .unwrap_or_default()
-                                        .to_owned(),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                },
-                id,
-            })
-        }
+        Some("policies") if v["snapshot"].is_object() => Some(WorkloadEvent::Policies {
+            snapshot: policy_snapshot_of(&v["snapshot"]),
+            id,
+        }),
         Some("policies") => None,
         Some("destinations") if v["snapshot"].is_object() => {
             let s = &v["snapshot"];

@@ -52,6 +52,10 @@ pub struct ProxyOptions {
     /// Transparent mode: the server's destination map as already known (a node proxy's, for a
     /// workload it attaches), merged before the first connection is served.
     pub pushed_destinations: Option<DestinationMap>,
+    /// The agent's policy snapshot as already known (a node proxy's, for a workload it
+    /// attaches): in force before the first connection is served, instead of a deny until the
+    /// snapshot arrives.
+    pub pushed_policy: Option<tessera_proto::v1::PolicySnapshot>,
     /// External authorizers for CUSTOM policies (`[[authz_provider]]`).
     pub authz_providers: Vec<crate::authz::ProviderConfig>,
     /// How long authorized inbound connections may live.
@@ -80,6 +84,7 @@ impl ProxyOptions {
             policy_socket: None,
             destination_socket: None,
             pushed_destinations: None,
+            pushed_policy: None,
             authz_providers: Vec::new(),
             max_connection_age: crate::live::MaxConnectionAge::Svid,
             default_action: DefaultAction::Deny,
@@ -280,7 +285,13 @@ pub async fn start(
         .spiffe_id()
         .ok_or_else(|| "the proxy has no identity".to_owned())?;
     let from_agent = opts.policy.is_none() && opts.policy_socket.is_some();
-    let policy = if from_agent {
+    let policy = if let (None, Some(snap)) = (&opts.policy, &opts.pushed_policy) {
+        crate::live::compile_snapshot(&own, snap).unwrap_or_else(|e| {
+            // As a refused snapshot later would be: logged, and nothing admitted by it.
+            tracing::error!(error = %e, revision = snap.revision, "refusing the agent's policy snapshot; denying until a good one");
+            PolicySet::empty(own.trust_domain(), DefaultAction::Deny)
+        })
+    } else if from_agent {
         // Until the agent's first snapshot: deny (fail closed).
         PolicySet::empty(own.trust_domain(), DefaultAction::Deny)
     } else {

@@ -88,6 +88,7 @@ fn attach(ns: &str, id: &str, svid: WorkloadSvid) -> WorkloadEvent {
             .unwrap()
             .into(),
         svid,
+        policies: None,
     }
 }
 
@@ -211,6 +212,7 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
             name: "not-a-netns".into(),
             netns: std::fs::File::open("/proc/self/status").unwrap().into(),
             svid: svid(&ca, "spiffe://example.org/nobody"),
+            policies: None,
         };
         let e = node.apply(not_ns).await.unwrap_err();
         assert!(e.contains("not-a-netns"), "{e}");
@@ -390,6 +392,24 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
     assert_eq!(node.len(), 2);
     // bar's interception rules stay: nothing reaches bar's application now (fails closed).
     assert_eq!(exchange(&foo, bar_app, b"after"), None);
+    // Attached again with its policies in the event, as the agent sends them: they decide its
+    // first connection (without them it is denied until a separate policies event comes).
+    let mut again = attach(&bar, "w5", svid(&ca, "spiffe://example.org/bar"));
+    if let WorkloadEvent::Attached { policies, .. } = &mut again {
+        *policies = Some(pb::PolicySnapshot {
+            spiffe_id: "spiffe://example.org/bar".into(),
+            policies: vec![],
+            default_action: "allow".into(),
+            revision: 3,
+        });
+    }
+    rt.block_on(node.apply(again)).unwrap();
+    assert_eq!(
+        exchange(&foo, bar_app, b"first-after-attach").as_deref(),
+        Some(&b"first-after-attach"[..])
+    );
+    rt.block_on(node.apply(WorkloadEvent::Detached { id: "w5".into() }))
+        .unwrap();
 
     // The agent's stream restarts and announces only w4 again (w3 was detached, or lost its
     // last entry, while it was down): w3 is drained once the agent says it has sent all.
