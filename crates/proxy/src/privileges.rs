@@ -7,9 +7,10 @@
 //! (CAP_NET_RAW since Linux 5.17, a container default) sends its traffic past the proxy. Under a
 //! user of its own (Istio's sidecar runs as 1337), it takes that user as well.
 //!
-//! What is kept: CAP_NET_ADMIN alone, to set `SO_MARK` on the proxy's own connections (before
-//! Linux 5.17 only CAP_NET_ADMIN may; capabilities(7)). Everything else of root goes, for good:
-//! real, effective and saved IDs all change, so root cannot be taken back.
+//! What is kept: CAP_NET_ADMIN alone, and only in transparent mode, to set `SO_MARK` on the
+//! proxy's own connections (before Linux 5.17 only CAP_NET_ADMIN may; capabilities(7)).
+//! Everything else of root goes, for good: real, effective and saved IDs all change, so root
+//! cannot be taken back, and no-new-privileges is set, so no program it runs gains any.
 
 use nix::unistd::{Gid, Group, Uid, User};
 
@@ -53,9 +54,16 @@ impl RunAs {
                 },
             },
         };
-        // Root is what this is for leaving.
+        // Root is what this is for leaving, its group included.
         if uid == 0 {
             return Err("the proxy's user must not be root (uid 0)".to_owned());
+        }
+        if gid == 0 {
+            return Err("the proxy's group must not be root's (gid 0)".to_owned());
+        }
+        // (uid_t)-1 means "leave unchanged" to setresuid(2): it would change nothing.
+        if uid == u32::MAX || gid == u32::MAX {
+            return Err(format!("{s:?}: 4294967295 is not an ID (it is -1)"));
         }
         Ok(Self { uid, gid })
     }
@@ -64,9 +72,10 @@ impl RunAs {
 /// Linux's capability number of CAP_NET_ADMIN (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
 
-/// Becomes `to` for the rest of the process, keeping only CAP_NET_ADMIN. Must run before any
-/// other thread exists: capabilities are per thread, and threads made later inherit these.
-pub fn become_user(to: RunAs) -> Result<(), String> {
+/// Becomes `to` for the rest of the process, keeping CAP_NET_ADMIN if `keep_net_admin` (to
+/// mark connections) and no other capability. Must run before any other thread exists:
+/// capabilities are per thread, and threads made later inherit these.
+pub fn become_user(to: RunAs, keep_net_admin: bool) -> Result<(), String> {
     use nix::unistd::{setgroups, setresgid, setresuid};
     let fail = |what: &str, e: nix::Error| format!("--user {}:{}: {what}: {e}", to.uid, to.gid);
     // Keep the permitted set across the change of user (prctl(2) PR_SET_KEEPCAPS); the
@@ -79,8 +88,16 @@ pub fn become_user(to: RunAs) -> Result<(), String> {
     setresgid(gid, gid, gid).map_err(|e| fail("set group", e))?;
     let uid = Uid::from_raw(to.uid);
     setresuid(uid, uid, uid).map_err(|e| fail("set user", e))?;
-    set_capabilities(1 << CAP_NET_ADMIN).map_err(|e| fail("keep only CAP_NET_ADMIN", e))?;
+    let keep = if keep_net_admin {
+        1 << CAP_NET_ADMIN
+    } else {
+        0
+    };
+    set_capabilities(keep).map_err(|e| fail("drop capabilities", e))?;
     nix::sys::prctl::set_keepcaps(false).map_err(|e| fail("keep capabilities", e))?;
+    // Nor by executing something: a setuid-root or file-capability program run from here gains
+    // nothing (prctl(2) PR_SET_NO_NEW_PRIVS; it cannot be unset).
+    nix::sys::prctl::set_no_new_privs().map_err(|e| fail("no new privileges", e))?;
     // Checked, not assumed: a user we could change back from is not a change.
     if setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).is_ok() {
         return Err(format!("--user {}: root could be taken back", to.uid));
@@ -160,6 +177,12 @@ mod tests {
             ("1337:no-such-group-tessera", "no such group"),
             ("0", "must not be root"),
             ("root", "must not be root"),
+            ("1337:0", "must not be root's"),
+            ("4294967295", "is not an ID"),
+            ("1337:4294967295", "is not an ID"),
+            ("", "no such user"),
+            (":1337", "no such user"),
+            ("99999999999", "no such user"),
         ] {
             let e = RunAs::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

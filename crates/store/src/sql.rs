@@ -744,40 +744,46 @@ impl SqlStore {
         id: &str,
         document: &str,
     ) -> Result<u64, StoreError> {
-        self.set_document_checked(t, id, document, false, &|_| Ok(()))
+        self.set_document_checked(t, id, document, false, None)
             .await
     }
 
     /// [`Self::set_document`], refused if `create_only` and `id` exists, or if `admit` refuses
     /// the other documents of the table (id, document) as they are once this transaction holds
     /// the revision counter: no other writer's change can come between the check and the write.
+    /// With neither, nothing is read (a policy write does not read the whole table).
     async fn set_document_checked(
         &self,
         t: Documents,
         id: &str,
         document: &str,
         create_only: bool,
-        admit: &AdmitDocument<'_>,
+        admit: Option<&AdmitDocument<'_>>,
     ) -> Result<u64, StoreError> {
         let mut w = self.begin_write().await?;
         // First: on PostgreSQL the revision row's lock is what orders writers, so what is read
         // below includes every change committed before this one and none can follow it until
         // this commits.
         let revision = w.next_revision().await?;
-        let sql = Sql::new(&format!("SELECT id, document FROM {} ORDER BY id", t.table));
-        let stored = w
-            .fetch_all(sql)
-            .await?
-            .iter()
-            .map(|row| document_from_row(t, row))
-            .collect::<Result<Vec<_>, _>>()?;
-        if create_only && stored.iter().any(|(i, _)| i == id) {
-            return Err(StoreError::AlreadyExists {
-                what: format!("{} {id:?}", t.what),
-            });
+        if create_only || admit.is_some() {
+            let sql = Sql::new(&format!("SELECT id, document FROM {} ORDER BY id", t.table));
+            let stored = w
+                .fetch_all(sql)
+                .await?
+                .iter()
+                .map(|row| document_from_row(t, row))
+                .collect::<Result<Vec<_>, _>>()?;
+            if create_only && stored.iter().any(|(i, _)| i == id) {
+                return Err(StoreError::AlreadyExists {
+                    what: format!("{} {id:?}", t.what),
+                });
+            }
+            if let Some(admit) = admit {
+                let others: Vec<(String, String)> =
+                    stored.into_iter().filter(|(i, _)| i != id).collect();
+                admit(&others).map_err(StoreError::Conflict)?;
+            }
         }
-        let others: Vec<(String, String)> = stored.into_iter().filter(|(i, _)| i != id).collect();
-        admit(&others).map_err(StoreError::Conflict)?;
         let mut sql = Sql::new(&format!(
             "INSERT INTO {} (id, document, updated_revision) VALUES ",
             t.table
@@ -1624,8 +1630,14 @@ impl Datastore for SqlStore {
                 .collect();
             admit(&others)
         };
-        self.set_document_checked(DESTINATIONS, &d.id, &d.document, create_only, &admit_rows)
-            .await
+        self.set_document_checked(
+            DESTINATIONS,
+            &d.id,
+            &d.document,
+            create_only,
+            Some(&admit_rows),
+        )
+        .await
     }
 
     async fn get_destination(&self, id: &str) -> Result<Option<Destination>, StoreError> {

@@ -174,26 +174,33 @@ pub(crate) async fn destination(
             };
             // In order; the server refuses an entry that clashes with one stored (or, for
             // create, a name that exists), which stops the rest: the error names it.
+            let json_list = from_file && matches!(conn.output, Output::Json);
             let mut done = Vec::new();
+            let mut refused = None;
             for d in ds {
                 let name = d.name.clone();
-                let r = client
+                match client
                     .apply_destination(pb::ApplyDestinationRequest {
                         destination: Some(d),
                         create_only,
                     })
                     .await
-                    .map_err(status)
-                    .with_context(|| format!("destination {name:?}"))?
-                    .into_inner();
-                if from_file && matches!(conn.output, Output::Json) {
-                    done.push(serde_json::json!({"name": name, "revision": r.revision}));
-                } else {
-                    changed(conn.output, "Applied", &name, r.revision);
+                {
+                    Ok(r) if json_list => done
+                        .push(serde_json::json!({"name": name, "revision": r.get_ref().revision})),
+                    Ok(r) => changed(conn.output, "Applied", &name, r.get_ref().revision),
+                    Err(e) => {
+                        refused = Some(status(e).context(format!("destination {name:?}")));
+                        break;
+                    }
                 }
             }
-            if from_file && matches!(conn.output, Output::Json) {
+            // What was applied before a refusal is said too: a script must know it is stored.
+            if json_list {
                 println!("{:#}", serde_json::Value::Array(done));
+            }
+            if let Some(e) = refused {
+                return Err(e);
             }
         }
         DestinationCommand::List => {

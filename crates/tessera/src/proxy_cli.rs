@@ -118,8 +118,9 @@ struct ProxyRunArgs {
     mark: u32,
     /// Run as this user (USER[:GROUP], names or numbers) once set up: after the interception
     /// rules are installed (they then exempt this user's marked connections, not root's) and
-    /// the access log is open, keeping only CAP_NET_ADMIN (for the mark). The Workload API
-    /// socket and the --config and --policy files must be reachable by it.
+    /// the access log is open, keeping only CAP_NET_ADMIN (for the mark; none outside
+    /// transparent mode). The Workload API socket and the --config and --policy files must be
+    /// reachable by it, and the ports it listens on must not need root (below 1024).
     #[arg(long, value_name = "USER[:GROUP]", conflicts_with = "node")]
     user: Option<String>,
     /// Worker threads of the proxy (default: half the cores, at most 2).
@@ -319,11 +320,18 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     };
     // Before the runtime: no other thread may exist yet (capabilities are per thread).
     if let Some(to) = run_as {
-        tessera_proxy::privileges::become_user(to).map_err(anyhow::Error::msg)?;
+        // CAP_NET_ADMIN only where the proxy marks its connections (transparent mode).
+        let keep_net_admin = opts.mark.is_some();
+        tessera_proxy::privileges::become_user(to, keep_net_admin).map_err(anyhow::Error::msg)?;
         tracing::info!(
             uid = to.uid,
             gid = to.gid,
-            "running as the proxy's user, with CAP_NET_ADMIN only"
+            capabilities = if keep_net_admin {
+                "CAP_NET_ADMIN"
+            } else {
+                "none"
+            },
+            "running as the proxy's user"
         );
     }
     let threads = a.threads.map_or_else(default_threads, usize::from);

@@ -90,6 +90,19 @@ async fn a_file_of_destinations_is_checked_whole_and_applied() {
     // create again: the names exist.
     let e = refused(&admin, &["create", "-f", &good]);
     assert!(e.contains("db"), "{e}");
+    // A file whose second entry is refused: the first is stored, and JSON output says so.
+    let half = file(
+        "half.yaml",
+        "- name: cache\n  cidr: 198.18.0.8\n  spiffe_id: spiffe://example.org/cache\n- name: web\n  cidr: 198.18.1.0/24\n  spiffe_id: spiffe://example.org/web\n",
+    );
+    let o = destination(&admin, &["create", "-f", &half, "--output", "json"]);
+    assert!(!o.status.success());
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(out[0]["name"], "cache", "{out}");
+    assert_eq!(out.as_array().unwrap().len(), 1, "{out}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"web\""));
+    assert_eq!(names(&admin), ["cache", "db", "web"]);
+    ok(&admin, &["delete", "cache"]);
 
     // A file whose entry clashes with a stored one: the server refuses it, naming both.
     let other = file(

@@ -77,6 +77,8 @@ fn explicit_mode_encrypts_and_survives_rotation() {
         "unlimited",
     ]);
     let bar_proxy = Proxy::start(&cp, &bar, "bar", &bar_args);
+    // foo's proxy runs as a user of its own, with no capability (explicit mode marks nothing).
+    reachable_by_the_proxys_user(&cp);
     let foo_proxy = Proxy::start(
         &cp,
         &foo,
@@ -84,8 +86,11 @@ fn explicit_mode_encrypts_and_survives_rotation() {
         &s(&[
             "--outbound",
             "127.0.0.1:9000=198.18.0.2:8080,spiffe://example.org/bar",
+            "--user",
+            &PROXY_UID.to_string(),
         ]),
     );
+    runs_as_the_proxys_user(&foo_proxy, "0000000000000000");
 
     let mut cap = Capture::start(net.host_veth(&bar).unwrap(), cp.path("explicit.pcap"));
     let secret = b"TESSERA-SECRET-PAYLOAD-0123456789".repeat(100);
@@ -430,9 +435,7 @@ fn transparent_mode_intercepts_and_fails_closed() {
     }
     // foo's proxy runs as a user of its own once its rules are in place (as Istio's 1337):
     // it reaches the agent socket and reads its config file as that user.
-    for dir in [cp.path(""), cp.socket.parent().unwrap().to_owned()] {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    reachable_by_the_proxys_user(&cp);
     let start_foo = |name: &str| {
         Proxy::start(
             &cp,
@@ -449,20 +452,8 @@ fn transparent_mode_intercepts_and_fails_closed() {
     };
     let mut foo_proxy = start_foo("foo");
     // It kept CAP_NET_ADMIN alone (bit 12, to mark its connections), and no ID of root.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", foo_proxy.pid())).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
-            .unwrap_or_default()
-    };
+    runs_as_the_proxys_user(&foo_proxy, "0000000000001000");
     let uid = PROXY_UID.to_string();
-    assert_eq!(field("Uid:"), [uid.as_str(); 4].join(" "), "{status}");
-    assert_eq!(field("Gid:"), [uid.as_str(); 4].join(" "), "{status}");
-    assert_eq!(field("Groups:"), uid, "{status}");
-    assert_eq!(field("CapEff:"), "0000000000001000", "{status}");
-    assert_eq!(field("CapPrm:"), "0000000000001000", "{status}");
 
     // foo's application connects to bar's address as if there were no proxy.
     let mut cap = Capture::start(net.host_veth(&bar).unwrap(), cp.path("transparent.pcap"));
@@ -1327,4 +1318,32 @@ fn logging_wrapper(dir: &std::path::Path, bin: &str, calls: &std::path::Path, be
         .args(["+x", wrapper.to_str().unwrap()])
         .status()
         .unwrap();
+}
+
+/// The control plane's directory and agent socket, reachable by [`PROXY_UID`] (a test's temp
+/// dirs are root's alone).
+fn reachable_by_the_proxys_user(cp: &ControlPlane) {
+    for dir in [cp.path(""), cp.socket.parent().unwrap().to_owned()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// `proxy` runs as [`PROXY_UID`] in every ID, with effective and permitted capabilities
+/// `caps` (hex, as `/proc` shows them), none it could gain by executing something.
+fn runs_as_the_proxys_user(proxy: &Proxy, caps: &str) {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let uid = PROXY_UID.to_string();
+    assert_eq!(field("Uid:"), [uid.as_str(); 4].join(" "), "{status}");
+    assert_eq!(field("Gid:"), [uid.as_str(); 4].join(" "), "{status}");
+    assert_eq!(field("Groups:"), uid, "{status}");
+    assert_eq!(field("CapEff:"), caps, "{status}");
+    assert_eq!(field("CapPrm:"), caps, "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
 }
