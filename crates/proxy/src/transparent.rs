@@ -453,10 +453,10 @@ fn replace(p: &RuleParams) -> Result<Option<V6>, String> {
             return Err(e);
         }
     }
-    if v6 == V6::Intercepted {
+    if v6 == V6::Intercepted && !v6_closing_chains_absent()? {
         // IPv6 is intercepted now: an earlier fallback's closing chains only reject the proxy's
         // own IPv6 connections. Removed after the NAT rules are in place, so IPv6 is never
-        // left open in between.
+        // left open in between (and only when there: a replacement touches nothing else).
         remove_chains(Table::Filter6, V6_CLOSED_JUMPS)?;
     }
     if installed(p)? != Some(v6) {
