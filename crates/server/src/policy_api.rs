@@ -105,21 +105,20 @@ impl PolicyApi for Policies {
             let policy = checked(p)?;
             refuse_synced(&self.state, &policy.id)?;
             let store = &self.state.store;
-            // create_only is a convenience against typos, not a lock: two concurrent creates
-            // of one name both succeed and the later one wins, as with apply.
-            if r.create_only
-                && store
-                    .get_policy(&policy.id)
-                    .await
-                    .map_err(store_status)?
-                    .is_some()
-            {
-                return Err(Status::already_exists(format!(
+            // create_only is decided inside the store's write: of two creates of one name, on
+            // any servers, one succeeds.
+            let written = if r.create_only {
+                store.create_policy(&policy).await
+            } else {
+                store.set_policy(&policy).await
+            };
+            let revision = written.map_err(|e| match e {
+                tessera_store::StoreError::AlreadyExists { .. } => Status::already_exists(format!(
                     "policy {:?} exists (use `tessera policy apply` to replace it)",
                     policy.id
-                )));
-            }
-            let revision = store.set_policy(&policy).await.map_err(store_status)?;
+                )),
+                e => store_status(e),
+            })?;
             self.state.feed.notify(revision);
             Ok(pb::PolicyResponse {
                 policy: Some(to_pb(policy)),

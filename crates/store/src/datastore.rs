@@ -220,6 +220,11 @@ pub trait Datastore: Send + Sync + std::fmt::Debug {
     /// Creates or replaces policy `policy.id`; returns the revision.
     async fn set_policy(&self, policy: &Policy) -> Result<u64, StoreError>;
 
+    /// Creates policy `policy.id`, refused (`AlreadyExists`) if it exists: decided inside the
+    /// write, once no other writer can come between, so of two creates of one name (on two
+    /// servers) exactly one succeeds.
+    async fn create_policy(&self, policy: &Policy) -> Result<u64, StoreError>;
+
     async fn get_policy(&self, id: &str) -> Result<Option<Policy>, StoreError>;
 
     async fn list_policies(&self) -> Result<Vec<Policy>, StoreError>;

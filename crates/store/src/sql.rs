@@ -1592,6 +1592,12 @@ impl Datastore for SqlStore {
             .await
     }
 
+    async fn create_policy(&self, policy: &Policy) -> Result<u64, StoreError> {
+        policy.validate()?;
+        self.set_document_checked(POLICIES, &policy.id, &policy.document, true, None)
+            .await
+    }
+
     async fn get_policy(&self, id: &str) -> Result<Option<Policy>, StoreError> {
         Ok(self
             .get_document(POLICIES, id)

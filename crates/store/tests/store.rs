@@ -47,6 +47,7 @@ both_backends!(
     federation_relationships_and_policies_round_trip,
     destinations_round_trip,
     destination_admission_runs_inside_the_write,
+    concurrent_creates_of_one_policy_store_one,
     concurrent_writers_get_contiguous_revisions_seen_once_by_a_resuming_reader,
 );
 

@@ -955,6 +955,38 @@ pub(crate) async fn destinations_round_trip(s: Arc<dyn Datastore>) {
     );
 }
 
+/// Creates of one policy name at once (on PostgreSQL over several connections, as several
+/// servers would): exactly one is stored, the others are told it exists.
+pub(crate) async fn concurrent_creates_of_one_policy_store_one(s: Arc<dyn Datastore>) {
+    let creates = (0..8).map(|i| {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let p = Policy {
+                id: "only-one".into(),
+                document: format!(
+                    r#"{{"action":"ALLOW","rules":[{{"to":{{"ports":[{}]}}}}]}}"#,
+                    8000 + i
+                ),
+            };
+            s.create_policy(&p).await.map(|_| p)
+        })
+    });
+    let mut stored = Vec::new();
+    for c in creates {
+        match c.await.unwrap() {
+            Ok(p) => stored.push(p),
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(s.list_policies().await.unwrap(), stored);
+    // set_policy still replaces.
+    let mut p = stored[0].clone();
+    p.document = r#"{"action":"DENY"}"#.into();
+    s.set_policy(&p).await.unwrap();
+    assert_eq!(s.get_policy("only-one").await.unwrap(), Some(p));
+}
 /// A destination's admission (`admit`) and `create_only` are decided inside the write, against
 /// what is stored once no other writer can come between: of two clashing destinations applied
 /// at once (on PostgreSQL, over two connections), one is stored and the other refused, and a
@@ -1014,7 +1046,35 @@ pub(crate) async fn destination_admission_runs_inside_the_write(s: Arc<dyn Datas
         matches!(&fast, Err(StoreError::Conflict(_))),
         "both clashing destinations were stored: {fast:?}"
     );
-    assert_eq!(s.list_destinations().await.unwrap(), vec![c]);
+    assert_eq!(s.list_destinations().await.unwrap(), vec![c.clone()]);
+
+    // create_only the same way: e's create holds its write open while another create of the
+    // same name starts; that one must see e.
+    let e = Destination {
+        id: "e".into(),
+        document: r#"{"cidr":"198.18.0.10/32","spiffe_id":"spiffe://example.org/e"}"#.into(),
+    };
+    let slow = {
+        let s = s.clone();
+        let e = e.clone();
+        tokio::spawn(async move {
+            s.set_destination(&e, true, &|_| {
+                std::thread::sleep(std::time::Duration::from_millis(400));
+                Ok(())
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut e2 = e.clone();
+    e2.document = r#"{"cidr":"198.18.0.11/32","spiffe_id":"spiffe://example.org/e"}"#.into();
+    let fast = s.set_destination(&e2, true, &|_| Ok(())).await;
+    assert!(slow.await.unwrap().is_ok());
+    assert!(
+        matches!(&fast, Err(StoreError::AlreadyExists { .. })),
+        "two creates of one name both succeeded: {fast:?}"
+    );
+    assert_eq!(s.list_destinations().await.unwrap(), vec![c, e]);
 }
 
 /// 8 writers × 50 writes while a reader follows the feed: every revision is assigned once, with
