@@ -483,11 +483,7 @@ async fn destination_decides_on_the_proven_identity() {
         "{err}"
     );
     bar.log
-        .wait_for(|r| {
-            r["reason"]
-                .as_str()
-                .is_some_and(|s| s.contains("is not this workload's address"))
-        })
+        .wait_for_reason(|s| s.contains("is not this workload's address"))
         .await;
     assert_eq!(*count.lock().unwrap(), 0);
 }
@@ -624,11 +620,7 @@ async fn rotation_during_a_transfer_and_a_bundle_without_the_peer_ca() {
         "{err}"
     );
     bar.log
-        .wait_for(|r| {
-            r["reason"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("TLS handshake failed"))
-        })
+        .wait_for_reason(|s| s.starts_with("TLS handshake failed"))
         .await;
     // And foo, whose bundle no longer holds bar's CA, refuses bar.
     foo.identity.set_bundles(bundle_set(&[&other]));
@@ -693,11 +685,7 @@ async fn a_pooled_tunnel_admits_nothing_once_the_source_ca_left_the_bundle() {
     );
     let rec = bar
         .log
-        .wait_for(|r| {
-            r["reason"]
-                .as_str()
-                .is_some_and(|s| s.contains("no longer verifies against the current bundle"))
-        })
+        .wait_for_reason(|s| s.contains("no longer verifies against the current bundle"))
         .await;
     assert_eq!(rec["src_spiffe_id"], "spiffe://example.org/foo");
     assert_eq!(*count.lock().unwrap(), 2, "nothing more reached the app");
@@ -884,11 +872,7 @@ async fn a_connection_closed_by_re_authorization_is_recorded_with_its_bytes() {
         );
         let rec = bar
             .log
-            .wait_for(|r| {
-                r["reason"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with("closed by re-authorization"))
-            })
+            .wait_for_reason(|s| s.starts_with("closed by re-authorization"))
             .await;
         assert_eq!(rec["decision"], "deny", "{protocol:?}: {rec}");
         assert_eq!(

@@ -50,4 +50,10 @@ impl AccessLog {
         }
         panic!("no matching access record in {:#?}", self.records());
     }
+
+    /// [`Self::wait_for`] the first record whose reason satisfies `pred`.
+    pub async fn wait_for_reason(&self, pred: impl Fn(&str) -> bool) -> serde_json::Value {
+        self.wait_for(|r| r["reason"].as_str().is_some_and(&pred))
+            .await
+    }
 }
