@@ -617,7 +617,8 @@ async fn relay<T: Tunnel>(
     } = admitted;
     let active = telemetry.active_guard();
     // The byte counts outlive the copy (or an HTTP port's server), for a connection that ends
-    // in an error or that re-authorization closes: the record still says what went through.
+    // in an error or that re-authorization closes: the record says what went through, read
+    // from the counts however the connection ended.
     let http_bytes = match &app {
         App::Http(ctx) => Some(ctx.bytes.clone()),
         App::Tcp(_) => None,
@@ -637,8 +638,7 @@ async fn relay<T: Tunnel>(
                     Err(mut tunnel) => {
                         crate::copy::counted(&mut app, &mut tunnel, &tcp_bytes).await
                     }
-                }
-                .map(|(to_tunnel, to_app)| (to_app, to_tunnel)),
+                },
             }
         } => r.map(Ok),
         // Live re-authorization (`crate::live`): policy now denies it, or its peer
@@ -647,14 +647,10 @@ async fn relay<T: Tunnel>(
     };
     drop(active);
     rec.decision = "allow";
+    (rec.bytes_sent, rec.bytes_received) = carried(http_bytes.as_deref(), &tcp_bytes);
     match r {
-        Ok(Ok((sent, received))) => {
-            rec.bytes_sent = sent;
-            rec.bytes_received = received;
-            rec.reason = reason;
-        }
+        Ok(Ok(_)) => rec.reason = reason,
         Ok(Err(closed)) => {
-            (rec.bytes_sent, rec.bytes_received) = so_far(http_bytes.as_deref(), &tcp_bytes);
             rec.reason = match closed {
                 // The last word on this connection was a deny: an audit that looks for what
                 // policy refused finds it, with the decision that had admitted it.
@@ -667,14 +663,14 @@ async fn relay<T: Tunnel>(
             };
         }
         Err(e) => {
-            (rec.bytes_sent, rec.bytes_received) = so_far(http_bytes.as_deref(), &tcp_bytes);
             rec.reason = format!("{reason}; copy: {e}");
         }
     }
 }
 
-/// (to the application, back to the source) of a connection that did not end by itself.
-fn so_far(http: Option<&crate::copy::Progress>, tcp: &crate::copy::Progress) -> (u64, u64) {
+/// (to the application, back to the source): the HTTP server's counts, or the copy's
+/// (`counted` keeps them as plaintext → tunnel, tunnel → plaintext).
+fn carried(http: Option<&crate::copy::Progress>, tcp: &crate::copy::Progress) -> (u64, u64) {
     match http {
         Some(b) => b.get(),
         None => {

@@ -751,7 +751,7 @@ impl SqlStore {
     /// [`Self::set_document`], refused if `create_only` and `id` exists, or if `admit` refuses
     /// the other documents of the table (id, document) as they are once this transaction holds
     /// the revision counter: no other writer's change can come between the check and the write.
-    /// With neither, nothing is read (a policy write does not read the whole table).
+    /// Each check reads only what it needs: the one id, or the other documents.
     async fn set_document_checked(
         &self,
         t: Documents,
@@ -765,24 +765,28 @@ impl SqlStore {
         // below includes every change committed before this one and none can follow it until
         // this commits.
         let revision = w.next_revision().await?;
-        if create_only || admit.is_some() {
-            let sql = Sql::new(&format!("SELECT id, document FROM {} ORDER BY id", t.table));
-            let stored = w
+        if create_only {
+            let mut sql = Sql::new(&format!("SELECT id FROM {} WHERE id = ", t.table));
+            sql.bind(text(id));
+            if w.fetch_optional(sql).await?.is_some() {
+                return Err(StoreError::AlreadyExists {
+                    what: format!("{} {id:?}", t.what),
+                });
+            }
+        }
+        if let Some(admit) = admit {
+            let mut sql = Sql::new(&format!(
+                "SELECT id, document FROM {} WHERE id <> ",
+                t.table
+            ));
+            sql.bind(text(id)).push(" ORDER BY id");
+            let others = w
                 .fetch_all(sql)
                 .await?
                 .iter()
                 .map(|row| document_from_row(t, row))
                 .collect::<Result<Vec<_>, _>>()?;
-            if create_only && stored.iter().any(|(i, _)| i == id) {
-                return Err(StoreError::AlreadyExists {
-                    what: format!("{} {id:?}", t.what),
-                });
-            }
-            if let Some(admit) = admit {
-                let others: Vec<(String, String)> =
-                    stored.into_iter().filter(|(i, _)| i != id).collect();
-                admit(&others).map_err(StoreError::Conflict)?;
-            }
+            admit(&others).map_err(StoreError::Conflict)?;
         }
         let mut sql = Sql::new(&format!(
             "INSERT INTO {} (id, document, updated_revision) VALUES ",

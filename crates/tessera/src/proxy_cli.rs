@@ -223,13 +223,12 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         bail!("--unmapped and --inbound-mode apply only with --transparent");
     }
 
-    let run_as = match &a.user {
-        Some(u) => Some(
-            tessera_proxy::privileges::RunAs::parse(u)
-                .map_err(|e| anyhow::anyhow!("--user: {e}"))?,
-        ),
-        None => None,
-    };
+    let run_as = a
+        .user
+        .as_deref()
+        .map(tessera_proxy::privileges::RunAs::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--user: {e}"))?;
 
     tessera_telemetry::init_logging(&a.log_level);
     let mut opts = ProxyOptions::new(a.tunnel_address);
