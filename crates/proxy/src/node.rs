@@ -86,6 +86,13 @@ pub struct NodeProxy {
     /// The server's destination map as last pushed (merged into every workload's in transparent
     /// mode, and into a new workload's before it serves).
     pushed: crate::config::DestinationMap,
+    /// Ready: the agent's stream announced every workload once (each was attached, or its
+    /// error logged) and this process still accepts. An upgrade's old process is stopped only
+    /// once its successor is ready: before, a workload's ports may be held by the old process
+    /// alone, and closing them would refuse that workload's connections.
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    /// [`Self::stop_accepting`] was called: never ready again.
+    stopped: bool,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -117,7 +124,15 @@ impl NodeProxy {
             workloads: HashMap::new(),
             announced: None,
             pushed: crate::config::DestinationMap::default(),
+            ready: Arc::default(),
+            stopped: false,
         }
+    }
+
+    /// Whether this process serves every workload the agent announced (see the `ready` field),
+    /// shared with a health endpoint.
+    pub fn readiness(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.ready.clone()
     }
 
     pub fn len(&self) -> usize {
@@ -132,6 +147,9 @@ impl NodeProxy {
     /// new process has bound the same ports with `SO_REUSEPORT`). Then wait for
     /// [`Telemetry::active_connections`] to reach 0, or a deadline, and drop the controller.
     pub fn stop_accepting(&mut self) {
+        // A draining process is no longer ready: nothing should be sent its way.
+        self.stopped = true;
+        self.ready.store(false, std::sync::atomic::Ordering::SeqCst);
         for w in self.workloads.values_mut() {
             w.proxy.stop_accepting();
         }
@@ -206,6 +224,10 @@ impl NodeProxy {
                 let Some(seen) = self.announced.take() else {
                     return Ok(());
                 };
+                // Every announced workload went through `attach` before this event (events are
+                // applied in order): its listeners are bound, or its error was logged.
+                self.ready
+                    .store(!self.stopped, std::sync::atomic::Ordering::SeqCst);
                 // Not announced again: detached, or its last entry deleted, while the stream
                 // was down (the agent sends no `detached` for what it never sent this stream).
                 let gone: Vec<String> = self

@@ -414,6 +414,11 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
     // The agent's stream restarts and announces only w4 again (w3 was detached, or lost its
     // last entry, while it was down): w3 is drained once the agent says it has sent all.
     assert!(node.instance("w3").is_some() && node.instance("w4").is_some());
+    // Readiness (the health endpoint's /ready): only once the agent said it had announced
+    // every workload, however many were attached before.
+    let ready = node.readiness();
+    let is_ready = || ready.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(!is_ready(), "ready before the agent's stream synced");
     rt.block_on(node.apply(WorkloadEvent::Resync)).unwrap();
     rt.block_on(node.apply(WorkloadEvent::Svid {
         id: "w4".into(),
@@ -430,6 +435,13 @@ fn one_node_proxy_serves_each_workload_inside_its_namespace() {
         "w3 outlived a resync that did not announce it"
     );
     assert!(node.instance("w4").is_some());
+    assert!(is_ready(), "not ready after the agent's stream synced");
+    // Draining (an upgrade): not ready, and a later resync of the stream does not make it so.
+    node.stop_accepting();
+    assert!(!is_ready(), "ready while draining");
+    rt.block_on(node.apply(WorkloadEvent::Resync)).unwrap();
+    rt.block_on(node.apply(WorkloadEvent::Synced)).unwrap();
+    assert!(!is_ready(), "a draining process became ready again");
     drop(node);
     drop(rt);
 }

@@ -120,9 +120,9 @@ enum Command {
     /// The data-plane proxy: mutual TLS between workloads, authorized by SPIFFE ID
     /// (`uninstall-rules` removes the interception rules of `--transparent`).
     Proxy(proxy_cli::ProxyArgs),
-    /// Exit 0 when the server's health endpoint says it is ready.
+    /// Exit 0 when a health endpoint (server, agent or proxy) says it is ready.
     Healthcheck {
-        /// The server's health_bind_address.
+        /// The process's --health-bind-address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         address: std::net::SocketAddr,
     },

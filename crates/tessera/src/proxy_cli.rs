@@ -339,7 +339,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     if let (true, Some(admin)) = (a.node, a.agent_admin_socket.clone()) {
-        return rt.block_on(node(opts, node_rules, sink, admin));
+        return rt.block_on(node(opts, node_rules, sink, admin, a.health_bind_address));
     }
     rt.block_on(async move {
         let mut registry = prometheus_client::registry::Registry::default();
@@ -349,23 +349,13 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             socket,
             identity.clone(),
         ));
-        if let Some(addr) = a.health_bind_address {
-            let id = identity.clone();
-            let ready: tessera_telemetry::ReadyCheck = Arc::new(move || {
-                let ok = id.is_ready();
-                Box::pin(async move {
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err("no X509-SVID from the Workload API yet".to_owned())
-                    }
-                })
-            });
-            let router = tessera_telemetry::router(Arc::new(Mutex::new(registry)), ready);
-            tessera_telemetry::serve(addr, router, std::future::pending())
-                .await
-                .with_context(|| format!("--health-bind-address {addr}"))?;
-        }
+        let id = identity.clone();
+        serve_health(a.health_bind_address, registry, move || {
+            id.is_ready()
+                .then_some(())
+                .ok_or("no X509-SVID from the Workload API yet")
+        })
+        .await?;
         let running = tessera_proxy::start(opts, identity, telemetry.clone())
             .await
             .map_err(anyhow::Error::msg)?;
@@ -439,11 +429,24 @@ async fn node(
     rules: Option<RuleParams>,
     sink: Box<dyn std::io::Write + Send>,
     admin: PathBuf,
+    health: Option<SocketAddr>,
 ) -> anyhow::Result<ExitCode> {
     use tessera_proxy::node::{NodeProxy, WorkloadEvent};
     let mut registry = prometheus_client::registry::Registry::default();
     let telemetry = Arc::new(Telemetry::new(&mut registry, sink));
     let mut node = NodeProxy::new(template, rules, telemetry.clone());
+    // Ready once the agent's stream has announced every workload and each is served: an
+    // upgrade stops the old process only then (a DaemonSet's readiness gate, or a script
+    // polling `/ready`), so no workload's ports are left to the old process alone.
+    let ready = node.readiness();
+    serve_health(health, registry, move || {
+        if ready.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("not serving every workload of the agent's delegated stream yet (or draining)")
+        }
+    })
+    .await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     std::thread::Builder::new()
         .name("delegated-stream".into())
@@ -484,6 +487,27 @@ async fn node(
     }
     drain.done(&telemetry);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves /live, /ready (`ready` says why not) and /metrics of `registry` at `addr`, when set.
+async fn serve_health(
+    addr: Option<SocketAddr>,
+    registry: prometheus_client::registry::Registry,
+    ready: impl Fn() -> Result<(), &'static str> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let check: tessera_telemetry::ReadyCheck = Arc::new(move || {
+        let r = ready().map_err(str::to_owned);
+        Box::pin(async move { r })
+    });
+    let router = tessera_telemetry::router(Arc::new(Mutex::new(registry)), check);
+    let (bound, _) = tessera_telemetry::serve(addr, router, std::future::pending())
+        .await
+        .with_context(|| format!("--health-bind-address {addr}"))?;
+    tracing::info!(address = %bound, "health endpoint: /live, /ready, /metrics");
+    Ok(())
 }
 
 /// After a reconnect the agent sends every workload again as `attached`: for a workload served

@@ -50,14 +50,18 @@ fn node_proxy_entry(cp: &ControlPlane, parent: &str) {
 
 /// `tessera proxy --node --transparent --inbound 8080` following the agent at `admin`, its
 /// access log at `log`; bar's address is in its config file's destination map when
-/// `bar_in_file`.
+/// `bar_in_file`. Also returns its health endpoint's address.
 fn node_proxy(
     cp: &ControlPlane,
     name: &str,
     admin: &std::path::Path,
     log: &std::path::Path,
     bar_in_file: bool,
-) -> support::netns::Proc {
+) -> (support::netns::Proc, std::net::SocketAddr) {
+    let health = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cfg = cp.path(&format!("{name}.toml"));
     let map = if bar_in_file {
         "[[destination]]\ncidr = \"198.18.0.2/32\"\nspiffe_id = \"spiffe://example.org/bar\"\n"
@@ -65,7 +69,7 @@ fn node_proxy(
         ""
     };
     std::fs::write(&cfg, map).unwrap();
-    support::netns::Proc(
+    let proc = support::netns::Proc(
         tessera()
             .args([
                 "proxy",
@@ -82,11 +86,21 @@ fn node_proxy(
             .arg(&cfg)
             .arg("--access-log")
             .arg(log)
+            .args(["--health-bind-address", &health.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(cp.path(&format!("{name}.stderr"))).unwrap())
             .spawn()
             .unwrap(),
-    )
+    );
+    (proc, health)
+}
+
+/// `tessera healthcheck --address health`: whether the process says it is ready.
+fn ready(health: std::net::SocketAddr) -> bool {
+    tessera()
+        .args(["healthcheck", "--address", &health.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// `tessera policy apply`: bar admits foo on port 8080.
@@ -346,8 +360,8 @@ fn a_node_proxy_serves_enrolled_workloads_by_identity() {
     let log_b = cp.path("node-b.access.log");
     // Node A maps bar's address through the server's destination map only (pushed by the
     // agent's node stream), node B through its config file.
-    let _node_a = node_proxy(&cp, "node-a", &cp.agent_admin, &log, false);
-    let _node_b = node_proxy(&cp, "node-b", &node_b.admin, &log_b, true);
+    let (_node_a, _) = node_proxy(&cp, "node-a", &cp.agent_admin, &log, false);
+    let (_node_b, _) = node_proxy(&cp, "node-b", &node_b.admin, &log_b, true);
     let mut ids = std::collections::BTreeMap::new();
     for (ns, admin) in [
         (&foo, &cp.agent_admin),
@@ -548,13 +562,14 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     let app = support::netns::App::start(&bar, Ipv4Addr::LOCALHOST, 8080);
     let old_log = cp.path("old.access.log");
     let new_log = cp.path("new.access.log");
-    let mut old = node_proxy(&cp, "old", &cp.agent_admin, &old_log, true);
+    let (mut old, old_health) = node_proxy(&cp, "old", &cp.agent_admin, &old_log, true);
     for ns in [&foo, &bar] {
         ok(workload(
             &cp,
             &["attach", "--netns", &format!("/run/netns/{ns}")],
         ));
     }
+    wait_until("the old process to be ready", 30, || ready(old_health));
     let bar_app = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 8080));
     wait_until("foo to reach bar through the old node proxy", 30, || {
         echoed(&foo, bar_app, b"hello").is_ok()
@@ -597,7 +612,7 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     wait_until("connections before the upgrade", 20, || {
         done.load(Ordering::SeqCst) >= 20
     });
-    let mut new = node_proxy(&cp, "new", &cp.agent_admin, &new_log, true);
+    let (mut new, new_health) = node_proxy(&cp, "new", &cp.agent_admin, &new_log, true);
     let carried = |log: &std::path::Path| {
         std::fs::read_to_string(log)
             .unwrap_or_default()
@@ -605,8 +620,12 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
             .filter(|l| l.contains("\"decision\":\"allow\""))
             .count()
     };
-    // The new process serves once it has bound its listeners: SO_REUSEPORT spreads new
-    // connections over both processes from then on.
+    // The new process is ready once it has bound every workload's listeners (SO_REUSEPORT
+    // spreads new connections over both processes from then on); only then is the old one
+    // stopped, as a DaemonSet's readiness gate would. Before, a workload's ports may be the old
+    // process's alone (a failure of an earlier run of this test: bar's were, when foo's alone
+    // carried a connection of the new process).
+    wait_until("the new process to be ready", 30, || ready(new_health));
     wait_until("the new process to carry connections", 30, || {
         carried(&new_log) > 0
     });
@@ -615,6 +634,11 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
         .status()
         .unwrap();
     assert!(term.success());
+    wait_until(
+        "the old process to say it is not ready (draining)",
+        10,
+        || !ready(old_health),
+    );
     let at_term = done.load(Ordering::SeqCst);
     // The connection from before the upgrade is the old process's to finish.
     std::thread::sleep(Duration::from_millis(500));
