@@ -682,6 +682,26 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     );
     assert!(carried(&new_log) >= new_before + 100);
     assert!(app.saw(b"while the old process drains"));
+    // The node proxy's metrics count what it carried.
+    let metrics = {
+        let mut s = TcpStream::connect(new_health).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tessera_proxy_connections_total{")
+                && l.contains("decision=\"allow\"")
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|n| n.parse::<f64>().ok())
+                    .is_some_and(|n| n >= 100.0)),
+        "{metrics}"
+    );
 
     // A crash of the (new) node proxy leaves the interception rules in both namespaces, so
     // traffic fails closed instead of leaving in plaintext: `exposed` listens on bar's own
