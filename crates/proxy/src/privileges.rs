@@ -7,9 +7,11 @@
 //! (CAP_NET_RAW since Linux 5.17, a container default) sends its traffic past the proxy. Under a
 //! user of its own (Istio's sidecar runs as 1337), it takes that user as well.
 //!
-//! What is kept: CAP_NET_ADMIN alone, and only in transparent mode, to set `SO_MARK` on the
-//! proxy's own connections (before Linux 5.17 only CAP_NET_ADMIN may; capabilities(7)).
-//! Everything else of root goes, for good: real, effective and saved IDs all change, so root
+//! What is kept: CAP_NET_ADMIN, and only in transparent mode, to set `SO_MARK` on the proxy's
+//! own connections (before Linux 5.17 only CAP_NET_ADMIN may; capabilities(7)); and
+//! CAP_NET_BIND_SERVICE, only when a port it listens on is below the namespace's
+//! `ip_unprivileged_port_start` (its listeners are bound after the change of user, on the
+//! runtime). Everything else of root goes, for good: real, effective and saved IDs all change, so root
 //! cannot be taken back, and no-new-privileges is set, so no program it runs gains any.
 
 use nix::unistd::{Gid, Group, Uid, User};
@@ -69,17 +71,45 @@ impl RunAs {
     }
 }
 
-/// Linux's capability number of CAP_NET_ADMIN (linux/capability.h).
+/// Linux's capability numbers (linux/capability.h).
+const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;
 
-/// Becomes `to` for the rest of the process, keeping CAP_NET_ADMIN if `keep_net_admin` (to
-/// mark connections) and no other capability. Must run before any other thread exists:
-/// capabilities are per thread, and threads made later inherit these.
-pub fn become_user(to: RunAs, keep_net_admin: bool) -> Result<(), String> {
+/// The capabilities kept after the change of user; none unless set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keep {
+    /// To mark the proxy's own connections (transparent mode).
+    pub net_admin: bool,
+    /// To listen on a privileged port ([`needs_bind_service`]).
+    pub net_bind_service: bool,
+}
+
+impl Keep {
+    fn bits(self) -> u32 {
+        (u32::from(self.net_admin) << CAP_NET_ADMIN)
+            | (u32::from(self.net_bind_service) << CAP_NET_BIND_SERVICE)
+    }
+}
+
+/// Whether listening on `ports` needs CAP_NET_BIND_SERVICE in this network namespace: one is
+/// below `net.ipv4.ip_unprivileged_port_start` (1024 unless lowered; read as 1024 when it
+/// cannot be read). Port 0 (any free port) never does.
+pub fn needs_bind_service(ports: impl IntoIterator<Item = u16>) -> bool {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(1024);
+    ports.into_iter().any(|p| p != 0 && u32::from(p) < start)
+}
+
+/// Becomes `to` for the rest of the process, keeping the capabilities `keep` names and no
+/// other. Must run before any other thread exists: capabilities are per thread, and threads
+/// made later inherit these.
+pub fn become_user(to: RunAs, keep: Keep) -> Result<(), String> {
     use nix::unistd::{setgroups, setresgid, setresuid};
     let fail = |what: &str, e: nix::Error| format!("--user {}:{}: {what}: {e}", to.uid, to.gid);
     // Keep the permitted set across the change of user (prctl(2) PR_SET_KEEPCAPS); the
-    // effective set is cleared by it and set again below, to CAP_NET_ADMIN only.
+    // effective set is cleared by it and set again below, to `keep` only.
     nix::sys::prctl::set_keepcaps(true).map_err(|e| fail("keep capabilities", e))?;
     let gid = Gid::from_raw(to.gid);
     // Supplementary groups first (root's would stay otherwise), then group, then user: after
@@ -88,12 +118,7 @@ pub fn become_user(to: RunAs, keep_net_admin: bool) -> Result<(), String> {
     setresgid(gid, gid, gid).map_err(|e| fail("set group", e))?;
     let uid = Uid::from_raw(to.uid);
     setresuid(uid, uid, uid).map_err(|e| fail("set user", e))?;
-    let keep = if keep_net_admin {
-        1 << CAP_NET_ADMIN
-    } else {
-        0
-    };
-    set_capabilities(keep).map_err(|e| fail("drop capabilities", e))?;
+    set_capabilities(keep.bits()).map_err(|e| fail("drop capabilities", e))?;
     nix::sys::prctl::set_keepcaps(false).map_err(|e| fail("keep capabilities", e))?;
     // Nor by executing something: a setuid-root or file-capability program run from here gains
     // nothing (prctl(2) PR_SET_NO_NEW_PRIVS; it cannot be unset).
@@ -187,5 +212,30 @@ mod tests {
             let e = RunAs::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn kept_capabilities_are_the_named_bits() {
+        assert_eq!(Keep::default().bits(), 0);
+        let both = Keep {
+            net_admin: true,
+            net_bind_service: true,
+        };
+        // As /proc/PID/status shows them: CAP_NET_ADMIN 0x1000, CAP_NET_BIND_SERVICE 0x400.
+        assert_eq!(both.bits(), 0x1400);
+    }
+
+    #[test]
+    fn only_a_privileged_port_needs_the_bind_capability() {
+        let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .unwrap_or(1024);
+        assert!(!needs_bind_service([0, 15008, 15001, 15006]));
+        assert!(!needs_bind_service([]));
+        if start > 1 {
+            assert!(needs_bind_service([15008, start - 1]));
+        }
+        assert!(!needs_bind_service([start.max(1)]));
     }
 }

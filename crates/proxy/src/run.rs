@@ -96,6 +96,20 @@ impl ProxyOptions {
     }
 }
 
+impl ProxyOptions {
+    /// Every port this proxy listens on (the tunnel, `--outbound` listeners, the transparent
+    /// capture ports): what the user it runs as must be allowed to bind.
+    pub fn listen_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        std::iter::once(self.tunnel_addr.port())
+            .chain(self.outbound.iter().map(|o| o.listen.port()))
+            .chain(
+                self.transparent
+                    .iter()
+                    .flat_map(|t| [t.outbound_addr.port(), t.inbound_plaintext_addr.port()]),
+            )
+    }
+}
+
 /// A started proxy.
 #[derive(Debug)]
 pub struct RunningProxy {

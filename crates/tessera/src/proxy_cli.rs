@@ -119,8 +119,8 @@ struct ProxyRunArgs {
     /// Run as this user (USER[:GROUP], names or numbers) once set up: after the interception
     /// rules are installed (they then exempt this user's marked connections, not root's) and
     /// the access log is open, keeping only CAP_NET_ADMIN (for the mark; none outside
-    /// transparent mode). The Workload API socket and the --config and --policy files must be
-    /// reachable by it, and the ports it listens on must not need root (below 1024).
+    /// transparent mode), and CAP_NET_BIND_SERVICE when it listens on a port below 1024. The
+    /// Workload API socket and the --config and --policy files must be reachable by it.
     #[arg(long, value_name = "USER[:GROUP]", conflicts_with = "node")]
     user: Option<String>,
     /// Worker threads of the proxy (default: half the cores, at most 2).
@@ -319,16 +319,25 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     };
     // Before the runtime: no other thread may exist yet (capabilities are per thread).
     if let Some(to) = run_as {
-        // CAP_NET_ADMIN only where the proxy marks its connections (transparent mode).
-        let keep_net_admin = opts.mark.is_some();
-        tessera_proxy::privileges::become_user(to, keep_net_admin).map_err(anyhow::Error::msg)?;
+        use tessera_proxy::privileges::{Keep, become_user, needs_bind_service};
+        let keep = Keep {
+            // Only where the proxy marks its connections (transparent mode).
+            net_admin: opts.mark.is_some(),
+            // Only where a listener, bound later on the runtime, needs it.
+            net_bind_service: needs_bind_service(
+                opts.listen_ports()
+                    .chain(a.health_bind_address.map(|h| h.port())),
+            ),
+        };
+        become_user(to, keep).map_err(anyhow::Error::msg)?;
         tracing::info!(
             uid = to.uid,
             gid = to.gid,
-            capabilities = if keep_net_admin {
-                "CAP_NET_ADMIN"
-            } else {
-                "none"
+            capabilities = match (keep.net_admin, keep.net_bind_service) {
+                (true, true) => "CAP_NET_ADMIN, CAP_NET_BIND_SERVICE",
+                (true, false) => "CAP_NET_ADMIN",
+                (false, true) => "CAP_NET_BIND_SERVICE",
+                (false, false) => "none",
             },
             "running as the proxy's user"
         );

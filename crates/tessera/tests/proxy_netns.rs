@@ -77,7 +77,9 @@ fn explicit_mode_encrypts_and_survives_rotation() {
         "unlimited",
     ]);
     let bar_proxy = Proxy::start(&cp, &bar, "bar", &bar_args);
-    // foo's proxy runs as a user of its own, with no capability (explicit mode marks nothing).
+    // foo's proxy runs as a user of its own, with no capability but CAP_NET_BIND_SERVICE
+    // (explicit mode marks nothing; its outbound listener's port is below 1024, bound after
+    // the change of user).
     reachable_by_the_proxys_user(&cp);
     let foo_proxy = Proxy::start(
         &cp,
@@ -85,16 +87,16 @@ fn explicit_mode_encrypts_and_survives_rotation() {
         "foo",
         &s(&[
             "--outbound",
-            "127.0.0.1:9000=198.18.0.2:8080,spiffe://example.org/bar",
+            "127.0.0.1:900=198.18.0.2:8080,spiffe://example.org/bar",
             "--user",
             &PROXY_UID.to_string(),
         ]),
     );
-    runs_as_the_proxys_user(&foo_proxy, "0000000000000000");
+    runs_as_the_proxys_user(&foo_proxy, "0000000000000400");
 
     let mut cap = Capture::start(net.host_veth(&bar).unwrap(), cp.path("explicit.pcap"));
     let secret = b"TESSERA-SECRET-PAYLOAD-0123456789".repeat(100);
-    let back = exchange(&foo, "127.0.0.1:9000".parse().unwrap(), &secret).unwrap();
+    let back = exchange(&foo, "127.0.0.1:900".parse().unwrap(), &secret).unwrap();
     assert_eq!(back, secret);
     let pcap = cap.stop();
     assert!(
@@ -122,7 +124,7 @@ fn explicit_mode_encrypts_and_survives_rotation() {
     // connection (made with the old certificate) keeps going.
     let chunk = vec![0x5au8; 16 * 1024];
     let ok = in_netns(&foo, || {
-        let mut s = TcpStream::connect("127.0.0.1:9000").unwrap();
+        let mut s = TcpStream::connect("127.0.0.1:900").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut echo = vec![0u8; chunk.len()];
         for _ in 0..60 {
@@ -141,20 +143,20 @@ fn explicit_mode_encrypts_and_survives_rotation() {
     );
     // And new connections after the rotation work too.
     assert_eq!(
-        exchange(&foo, "127.0.0.1:9000".parse().unwrap(), b"after").unwrap(),
+        exchange(&foo, "127.0.0.1:900".parse().unwrap(), b"after").unwrap(),
         b"after"
     );
 
     // SIGTERM (how a supervisor stops a sidecar) drains: bar's proxy takes no new connection,
     // one open before it goes on, and the process exits, successfully, once that one ends.
     let mut bar_proxy = bar_proxy;
-    let mut live = live_echo(&foo, "127.0.0.1:9000".parse().unwrap());
+    let mut live = live_echo(&foo, "127.0.0.1:900".parse().unwrap());
     bar_proxy.signal("TERM");
     wait_until("bar's proxy to drain", 10, || {
         bar_proxy.stderr().contains("draining")
     });
     assert!(
-        exchange(&foo, "127.0.0.1:9000".parse().unwrap(), b"NEW").map_or(true, |b| b.is_empty()),
+        exchange(&foo, "127.0.0.1:900".parse().unwrap(), b"NEW").map_or(true, |b| b.is_empty()),
         "a draining proxy took a new connection"
     );
     // Its ports stay held while it drains: nothing succeeds a sidecar on them, and the
@@ -178,7 +180,7 @@ fn explicit_mode_encrypts_and_survives_rotation() {
     // A second signal ends a drain at once, with connections still open (here foo's).
     let _bar_again = Proxy::start(&cp, &bar, "bar-again", &bar_args);
     let mut foo_proxy = foo_proxy;
-    let live = live_echo(&foo, "127.0.0.1:9000".parse().unwrap());
+    let live = live_echo(&foo, "127.0.0.1:900".parse().unwrap());
     foo_proxy.signal("TERM");
     wait_until("foo's proxy to drain", 10, || {
         foo_proxy.stderr().contains("draining")
