@@ -126,7 +126,9 @@ struct ProxyRunArgs {
     /// Worker threads of the proxy (default: half the cores, at most 2).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
-    /// Serve /live, /ready and /metrics here.
+    /// Serve /live, /ready and /metrics here. Ready: the proxy has its X509-SVID; in node mode,
+    /// it serves every workload the agent announced (an upgrade stops the old process only
+    /// then). Not ready while draining (node mode).
     #[arg(long)]
     health_bind_address: Option<SocketAddr>,
     /// Append the access log (JSON lines) to this file instead of stdout.
