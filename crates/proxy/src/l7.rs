@@ -128,11 +128,11 @@ fn is_grpc<B>(req: &Request<B>) -> bool {
 /// response (HTTP 200, `grpc-status`, `grpc-message`), which is how a gRPC client learns why:
 /// an HTTP 403 would reach the application's caller only as a generic transport error. The
 /// codes follow gRPC's HTTP-to-gRPC status mapping (doc/http-grpc-status-mapping.md): 403 →
-/// PERMISSION_DENIED (7), 502 → UNAVAILABLE (14), 400 → INTERNAL (13).
+/// PERMISSION_DENIED (7), 502 → UNAVAILABLE (14), 501 → UNIMPLEMENTED (12), 400 → INTERNAL (13).
 fn reply(grpc: bool, status: StatusCode, msg: String) -> Response<Body> {
     let decision = match status {
         StatusCode::FORBIDDEN => "deny",
-        StatusCode::BAD_REQUEST => "invalid",
+        StatusCode::BAD_REQUEST | StatusCode::NOT_IMPLEMENTED => "invalid",
         _ => "allow",
     };
     let reason = msg.trim_end().to_owned();
@@ -154,6 +154,7 @@ fn reply_body(grpc: bool, status: StatusCode, msg: String) -> Response<Body> {
     let code = match status {
         StatusCode::FORBIDDEN => 7,
         StatusCode::BAD_GATEWAY => 14,
+        StatusCode::NOT_IMPLEMENTED => 12,
         _ => 13,
     };
     let mut r = Response::new(
@@ -492,6 +493,22 @@ async fn handle(
 ) -> Response<Body> {
     let grpc = is_grpc(&req);
     let method = req.method().as_str().to_owned();
+    // CONNECT asks the application to open a tunnel elsewhere (RFC 9110 §9.3.6): the bytes it
+    // would carry are no request that policy decides, to a destination this port was never
+    // declared for. Refused whatever policy says (501: not a method this port serves, §15.6.2);
+    // a port that must carry it is declared without `:http` and decided per connection.
+    if req.method() == http::Method::CONNECT {
+        tracing::info!(
+            src = crate::live::caller(ctx.src.as_deref()),
+            port = ctx.port,
+            "HTTP CONNECT refused: 501"
+        );
+        return reply(
+            grpc,
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not carried on a port declared :http (declare it without :http to carry its connections as TCP)\n".into(),
+        );
+    }
     let authority = match authority {
         Ok(a) => a,
         Err(e) => {

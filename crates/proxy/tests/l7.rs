@@ -1111,3 +1111,66 @@ async fn the_application_learns_the_proven_caller_and_never_a_claimed_one() {
     assert_eq!(resp.headers()["x-app-version"], "HTTP/2.0");
     assert_eq!(resp.headers()["x-app-xfcc"], want.as_str());
 }
+
+/// CONNECT on a port declared `:http` asks the application to open a tunnel elsewhere (RFC 9110
+/// §9.3.6), whose bytes no request policy would decide: refused (501) whatever policy says,
+/// before the application is connected, over HTTP/1.1 and HTTP/2; the connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_request_is_refused_and_never_reaches_the_application() {
+    const ANYTHING_FROM_FOO: &str = r#"
+[[policy]]
+name = "foo-anything"
+action = "ALLOW"
+[[policy.rules]]
+from = { principals = ["spiffe://example.org/foo"] }
+"#;
+    let ca = TestCa::new("example.org");
+    let (app_port, accepted) = counted_app().await;
+    let (bar, log, metrics) = proxy_observed(
+        identity(&ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        ANYTHING_FROM_FOO,
+    )
+    .await;
+    let foo = client(&ca, "foo").await;
+
+    let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
+    let (status, body) = send(&mut h1, "CONNECT", "elsewhere.example:443", "stable").await;
+    assert_eq!(status, 501, "{body}");
+    assert!(body.contains("CONNECT"), "{body}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "the application saw it");
+    // The connection still carries requests, which policy decides.
+    assert_eq!(get(&mut h1, "/x").await, (200, "ok GET /x".into()));
+
+    let mut h2 = h2_to_bar(&foo, &bar, app_port).await;
+    let connect = Request::builder()
+        .method("CONNECT")
+        .uri("elsewhere.example:443")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    h2.ready().await.unwrap();
+    let resp = h2.send_request(connect).await.unwrap();
+    assert_eq!(resp.status(), 501);
+    let get = Request::builder()
+        .uri("http://bar.example/y")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(h2.send_request(get).await.unwrap().status(), 200);
+    // One application connection per client stream, for their GETs alone.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // Recorded and counted as requests refused, not as allowed ones.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    let line = r#"tessera_proxy_http_requests_total{decision="invalid",response_code="501"} 2"#;
+    assert!(text.contains(line), "{line} not in\n{text}");
+    let refused = log
+        .records()
+        .into_iter()
+        .filter(|r| r["kind"] == "http_request" && r["method"] == "CONNECT")
+        .collect::<Vec<_>>();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for r in refused {
+        assert_eq!(r["decision"], "invalid", "{r}");
+        assert!(r["reason"].as_str().unwrap().contains("CONNECT"), "{r}");
+    }
+}
