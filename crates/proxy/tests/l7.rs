@@ -73,6 +73,34 @@ async fn proxy_observed(
     (proxy, log, reg)
 }
 
+/// bar (with its access log and metrics) serving the app on `app_port` as `:http` under
+/// `policy`, and foo's proxy.
+async fn observed_bar_and_foo(
+    ca: &TestCa,
+    app_port: u16,
+    policy: &str,
+) -> (
+    RunningProxy,
+    RunningProxy,
+    AccessLog,
+    prometheus_client::registry::Registry,
+) {
+    let (bar, log, metrics) = proxy_observed(
+        identity(ca, "spiffe://example.org/bar"),
+        Some(app_port),
+        policy,
+    )
+    .await;
+    (bar, client(ca, "foo").await, log, metrics)
+}
+
+/// The metrics of `registry` in Prometheus' text format.
+fn metrics_text(registry: &prometheus_client::registry::Registry) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text
+}
+
 /// bar, serving the app on `app_port` as `:http` under `policy`.
 async fn bar(ca: &TestCa, app_port: u16, policy: &str) -> RunningProxy {
     proxy(
@@ -703,13 +731,7 @@ to = { methods = ["GET"], paths = ["/public/keep*"] }
 async fn an_http_connection_is_logged_with_its_bytes_and_each_request_logged_and_counted() {
     let ca = TestCa::new("example.org");
     let app_port = app().await;
-    let (bar, log, metrics) = proxy_observed(
-        identity(&ca, "spiffe://example.org/bar"),
-        Some(app_port),
-        POLICY,
-    )
-    .await;
-    let foo = client(&ca, "foo").await;
+    let (bar, foo, log, metrics) = observed_bar_and_foo(&ca, app_port, POLICY).await;
     let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
     let body = "ok GET /public/counted";
     assert_eq!(get(&mut h1, "/public/counted").await, (200, body.into()));
@@ -717,8 +739,7 @@ async fn an_http_connection_is_logged_with_its_bytes_and_each_request_logged_and
     assert_eq!(get(&mut h1, "/public/%zz").await.0, 400);
     assert_eq!(get(&mut h1, "/public/again").await.0, 200);
     drop(h1);
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    let text = metrics_text(&metrics);
     for line in [
         r#"tessera_proxy_http_requests_total{decision="allow",response_code="200"} 2"#,
         r#"tessera_proxy_http_requests_total{decision="deny",response_code="403"} 1"#,
@@ -1126,13 +1147,7 @@ from = { principals = ["spiffe://example.org/foo"] }
 "#;
     let ca = TestCa::new("example.org");
     let (app_port, accepted) = counted_app().await;
-    let (bar, log, metrics) = proxy_observed(
-        identity(&ca, "spiffe://example.org/bar"),
-        Some(app_port),
-        ANYTHING_FROM_FOO,
-    )
-    .await;
-    let foo = client(&ca, "foo").await;
+    let (bar, foo, log, metrics) = observed_bar_and_foo(&ca, app_port, ANYTHING_FROM_FOO).await;
 
     let mut h1 = h1_to_bar(&foo, &bar, app_port).await;
     let (status, body) = send(&mut h1, "CONNECT", "elsewhere.example:443", "stable").await;
@@ -1159,8 +1174,7 @@ from = { principals = ["spiffe://example.org/foo"] }
     // One application connection per client stream, for their GETs alone.
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     // Recorded and counted as requests refused, not as allowed ones.
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &metrics).unwrap();
+    let text = metrics_text(&metrics);
     let line = r#"tessera_proxy_http_requests_total{decision="invalid",response_code="501"} 2"#;
     assert!(text.contains(line), "{line} not in\n{text}");
     let refused = log
