@@ -128,7 +128,7 @@ struct ProxyRunArgs {
     threads: Option<u16>,
     /// Serve /live, /ready and /metrics here. Ready: the proxy has its X509-SVID; in node mode,
     /// it serves every workload the agent announced (an upgrade stops the old process only
-    /// then). Not ready while draining (node mode).
+    /// then). Not ready while draining.
     #[arg(long)]
     health_bind_address: Option<SocketAddr>,
     /// Append the access log (JSON lines) to this file instead of stdout.
@@ -360,11 +360,17 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             socket,
             identity.clone(),
         ));
-        let id = identity.clone();
+        // Not ready while draining either (as Envoy's /ready): it takes no new connection.
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (id, stopping) = (identity.clone(), draining.clone());
         serve_health(a.health_bind_address, registry, move || {
-            id.is_ready()
-                .then_some(())
-                .ok_or("no X509-SVID from the Workload API yet")
+            if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                Err("draining: no new connections")
+            } else if id.is_ready() {
+                Ok(())
+            } else {
+                Err("no X509-SVID from the Workload API yet")
+            }
         })
         .await?;
         let running = tessera_proxy::start(opts, identity, telemetry.clone())
@@ -374,6 +380,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         // From here on a signal is never lost: the first starts the drain, a second ends it.
         let mut signals = crate::cli::StopSignals::new()?;
         signals.next().await;
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
         // Live re-authorization, rotation and policy updates go on for what is still open.
         let mut drain = Drain::start(signals);
         // The ports stay held (nothing succeeds a sidecar on them while it drains): let go,

@@ -75,6 +75,8 @@ fn explicit_mode_encrypts_and_survives_rotation() {
         &policy,
         "--max-connection-age",
         "unlimited",
+        "--health-bind-address",
+        "127.0.0.1:15020",
     ]);
     let bar_proxy = Proxy::start(&cp, &bar, "bar", &bar_args);
     // foo's proxy runs as a user of its own, with no capability but CAP_NET_BIND_SERVICE
@@ -151,10 +153,13 @@ fn explicit_mode_encrypts_and_survives_rotation() {
     // one open before it goes on, and the process exits, successfully, once that one ends.
     let mut bar_proxy = bar_proxy;
     let mut live = live_echo(&foo, "127.0.0.1:900".parse().unwrap());
+    assert_eq!(ready_status(&bar), Some(200), "bar's proxy not ready");
     bar_proxy.signal("TERM");
     wait_until("bar's proxy to drain", 10, || {
         bar_proxy.stderr().contains("draining")
     });
+    // A draining sidecar says so to its readiness probe (as Envoy does).
+    assert_eq!(ready_status(&bar), Some(503), "ready while draining");
     assert!(
         exchange(&foo, "127.0.0.1:900".parse().unwrap(), b"NEW").map_or(true, |b| b.is_empty()),
         "a draining proxy took a new connection"
@@ -193,6 +198,19 @@ fn explicit_mode_encrypts_and_survives_rotation() {
     assert_eq!(foo_proxy.exited(), Some(true));
     assert!(foo_proxy.stderr().contains("stopped again"));
     drop(live);
+}
+
+/// The status of `GET /ready` on the health endpoint (127.0.0.1:15020) inside `ns`.
+fn ready_status(ns: &str) -> Option<u16> {
+    in_netns(ns, || {
+        let mut s = TcpStream::connect("127.0.0.1:15020").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    })
 }
 
 /// A forwarder that admits connections by source IP only, as an IP-based allow rule would, to
