@@ -231,11 +231,13 @@ mod tests {
             .ok()
             .and_then(|s| s.trim().parse::<u16>().ok())
             .unwrap_or(1024);
-        assert!(!needs_bind_service([0, 15008, 15001, 15006]));
+        // Port 0 never does, nor does no port; the namespace's start and above never do, the
+        // port below it does (whatever this machine's sysctl says).
+        assert!(!needs_bind_service([0]));
         assert!(!needs_bind_service([]));
+        assert!(!needs_bind_service([start.max(1), u16::MAX]));
         if start > 1 {
-            assert!(needs_bind_service([15008, start - 1]));
+            assert!(needs_bind_service([u16::MAX, start - 1]));
         }
-        assert!(!needs_bind_service([start.max(1)]));
     }
 }
