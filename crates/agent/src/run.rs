@@ -404,15 +404,12 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     }));
     if let Some(addr) = shared.cfg.health_bind_address {
         let ready_cache = cache.clone();
-        let ready: tessera_telemetry::ReadyCheck = Arc::new(move || {
-            let c = ready_cache.clone();
-            Box::pin(async move {
-                if c.current().trust_domain.is_some() {
-                    Ok(())
-                } else {
-                    Err("no sync with the server yet".to_owned())
-                }
-            })
+        let ready = tessera_telemetry::ready_when(move || {
+            if ready_cache.current().trust_domain.is_some() {
+                Ok(())
+            } else {
+                Err("no sync with the server yet")
+            }
         });
         let mut hrx = stop_rx.clone();
         let (_, t) = tessera_telemetry::serve(

@@ -95,11 +95,16 @@ impl Keep {
 /// below `net.ipv4.ip_unprivileged_port_start` (1024 unless lowered; read as 1024 when it
 /// cannot be read). Port 0 (any free port) never does.
 pub fn needs_bind_service(ports: impl IntoIterator<Item = u16>) -> bool {
-    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    let start = unprivileged_port_start();
+    ports.into_iter().any(|p| p != 0 && u32::from(p) < start)
+}
+
+/// This network namespace's `net.ipv4.ip_unprivileged_port_start`; 1024 when unreadable.
+fn unprivileged_port_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
-        .unwrap_or(1024);
-    ports.into_iter().any(|p| p != 0 && u32::from(p) < start)
+        .unwrap_or(1024)
 }
 
 /// Becomes `to` for the rest of the process, keeping the capabilities `keep` names and no
@@ -227,10 +232,7 @@ mod tests {
 
     #[test]
     fn only_a_privileged_port_needs_the_bind_capability() {
-        let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-            .ok()
-            .and_then(|s| s.trim().parse::<u16>().ok())
-            .unwrap_or(1024);
+        let start = u16::try_from(unprivileged_port_start()).unwrap();
         // Port 0 never does, nor does no port; the namespace's start and above never do, the
         // port below it does (whatever this machine's sysctl says).
         assert!(!needs_bind_service([0]));

@@ -94,9 +94,7 @@ impl ProxyOptions {
             netns: None,
         }
     }
-}
 
-impl ProxyOptions {
     /// Every port this proxy listens on (the tunnel, `--outbound` listeners, the transparent
     /// capture ports): what the user it runs as must be allowed to bind.
     pub fn listen_ports(&self) -> impl Iterator<Item = u16> + '_ {

@@ -31,6 +31,17 @@ pub fn init_logging(filter: &str) {
 pub type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// A [`ReadyCheck`] from a check that needs no waiting (a flag, a cached state): `Ok(())` or
+/// the reason it is not ready.
+pub fn ready_when<E: Into<String>>(
+    check: impl Fn() -> Result<(), E> + Send + Sync + 'static,
+) -> ReadyCheck {
+    Arc::new(move || {
+        let r = check().map_err(Into::into);
+        Box::pin(async move { r })
+    })
+}
+
 #[derive(Clone)]
 struct HealthState {
     registry: Arc<Mutex<Registry>>,

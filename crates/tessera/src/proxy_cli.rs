@@ -516,11 +516,10 @@ async fn serve_health(
     let Some(addr) = addr else {
         return Ok(());
     };
-    let check: tessera_telemetry::ReadyCheck = Arc::new(move || {
-        let r = ready().map_err(str::to_owned);
-        Box::pin(async move { r })
-    });
-    let router = tessera_telemetry::router(Arc::new(Mutex::new(registry)), check);
+    let router = tessera_telemetry::router(
+        Arc::new(Mutex::new(registry)),
+        tessera_telemetry::ready_when(ready),
+    );
     let (bound, _) = tessera_telemetry::serve(addr, router, std::future::pending())
         .await
         .with_context(|| format!("--health-bind-address {addr}"))?;

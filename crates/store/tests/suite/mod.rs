@@ -987,6 +987,7 @@ pub(crate) async fn concurrent_creates_of_one_policy_store_one(s: Arc<dyn Datast
     s.set_policy(&p).await.unwrap();
     assert_eq!(s.get_policy("only-one").await.unwrap(), Some(p));
 }
+
 /// A destination's admission (`admit`) and `create_only` are decided inside the write, against
 /// what is stored once no other writer can come between: of two clashing destinations applied
 /// at once (on PostgreSQL, over two connections), one is stored and the other refused, and a
@@ -1002,6 +1003,24 @@ pub(crate) async fn destination_admission_runs_inside_the_write(s: Arc<dyn Datas
             Some(o) => Err(format!("{} clashes with {}", new.id, o.id)),
             None => Ok(()),
         }
+    }
+    // Writes `d` from another task, its write held open for 400 ms by its admission
+    // (`no_twin`); returns once that write has begun.
+    async fn held_open(
+        s: &Arc<dyn Datastore>,
+        d: &Destination,
+        create_only: bool,
+    ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
+        let (s, d) = (s.clone(), d.clone());
+        let write = tokio::spawn(async move {
+            s.set_destination(&d, create_only, &|o| {
+                std::thread::sleep(std::time::Duration::from_millis(400));
+                no_twin(&d, o)
+            })
+            .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        write
     }
     let a = at("a");
     s.set_destination(&a, true, &|o| no_twin(&a, o))
@@ -1027,18 +1046,7 @@ pub(crate) async fn destination_admission_runs_inside_the_write(s: Arc<dyn Datas
 
     // At once: c's admission holds its write open while d's starts; d must see c.
     let (c, d) = (at("c"), at("d"));
-    let slow = {
-        let s = s.clone();
-        let c = c.clone();
-        tokio::spawn(async move {
-            s.set_destination(&c, false, &|o| {
-                std::thread::sleep(std::time::Duration::from_millis(400));
-                no_twin(&c, o)
-            })
-            .await
-        })
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let slow = held_open(&s, &c, false).await;
     let fast = s.set_destination(&d, false, &|o| no_twin(&d, o)).await;
     let slow = slow.await.unwrap();
     assert!(slow.is_ok(), "{slow:?}");
@@ -1054,18 +1062,7 @@ pub(crate) async fn destination_admission_runs_inside_the_write(s: Arc<dyn Datas
         id: "e".into(),
         document: r#"{"cidr":"198.18.0.10/32","spiffe_id":"spiffe://example.org/e"}"#.into(),
     };
-    let slow = {
-        let s = s.clone();
-        let e = e.clone();
-        tokio::spawn(async move {
-            s.set_destination(&e, true, &|_| {
-                std::thread::sleep(std::time::Duration::from_millis(400));
-                Ok(())
-            })
-            .await
-        })
-    };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let slow = held_open(&s, &e, true).await;
     let mut e2 = e.clone();
     e2.document = r#"{"cidr":"198.18.0.11/32","spiffe_id":"spiffe://example.org/e"}"#.into();
     let fast = s.set_destination(&e2, true, &|_| Ok(())).await;
