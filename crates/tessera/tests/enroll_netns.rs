@@ -683,14 +683,7 @@ fn a_node_proxy_upgrade_refuses_and_resets_nothing() {
     assert!(carried(&new_log) >= new_before + 100);
     assert!(app.saw(b"while the old process drains"));
     // The node proxy's metrics count what it carried.
-    let metrics = {
-        let mut s = TcpStream::connect(new_health).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    };
+    let (_, metrics) = tessera_test_util::http::get(new_health, "/metrics").unwrap();
     assert!(
         metrics
             .lines()

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use spiffe::{WorkloadApiClient, X509Source};
+use tessera_test_util::http;
 use tokio_stream::StreamExt as _;
 
 struct Proc(Child);
@@ -368,30 +369,35 @@ async fn agent_keeps_serving_while_the_server_is_down_and_resyncs_when_it_return
         .unwrap()
         .local_addr()
         .unwrap();
-    let agent = Proc(
-        tessera()
-            .args([
-                "agent",
-                "run",
-                "--log-level",
-                "warn",
-                "--server-address",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("agent"))
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--trust-bundle-path")
-            .arg(&bundle)
-            .args(["--join-token", tok["token"].as_str().unwrap()])
-            .args(["--health-bind-address", &health.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let agent_args = || {
+        let mut c = tessera();
+        c.args([
+            "agent",
+            "run",
+            "--log-level",
+            "warn",
+            "--server-address",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"))
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--trust-bundle-path")
+        .arg(&bundle)
+        .args(["--join-token", tok["token"].as_str().unwrap()])
+        .args(["--health-bind-address", &health.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        c
+    };
+    let agent = Proc(agent_args().spawn().unwrap());
     wait_for(&socket);
+    let (status, body) = eventually("the agent's first sync", || async {
+        http::get(health, "/ready").filter(|(s, _)| *s == 200)
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
     let uid = format!("unix:uid:{}", my_uid());
     cli(
         &admin,
@@ -414,13 +420,7 @@ async fn agent_keeps_serving_while_the_server_is_down_and_resyncs_when_it_return
 
     // The agent's metrics count what it holds.
     let metrics = eventually("agent metrics", || async {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut s = tokio::net::TcpStream::connect(health).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
+        let (_, body) = http::get(health, "/metrics")?;
         body.contains("tessera_agent_svids_cached 1")
             .then_some(body)
     })
@@ -437,6 +437,22 @@ async fn agent_keeps_serving_while_the_server_is_down_and_resyncs_when_it_return
         assert_eq!(again.spiffe_id().to_string(), "spiffe://example.org/steady");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Still ready: the agent has synced once and serves what it holds, as SPIRE's agent does.
+    assert_eq!(http::get(health, "/ready").map(|(s, _)| s), Some(200));
+
+    // The agent restarts while the server is still down. It comes back on its stored agent SVID
+    // (the join token was spent) and serves its health endpoint: live, but not ready, because
+    // nothing has synced since the restart, so it holds no workload SVID to serve.
+    drop(agent);
+    let agent = Proc(agent_args().spawn().unwrap());
+    let (status, body) = eventually("the restarted agent's health endpoint", || async {
+        http::get(health, "/live")
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http::get(health, "/ready").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no sync with the server yet"), "{body}");
 
     // The server comes back (same data dir, same port): the agent resumes sync, and a new entry
     // reaches it without an agent restart.
@@ -464,6 +480,14 @@ async fn agent_keeps_serving_while_the_server_is_down_and_resyncs_when_it_return
             &uid,
         ],
     );
+    let (status, body) = eventually("the restarted agent's first sync", || async {
+        http::get(health, "/ready").filter(|(s, _)| *s == 200)
+    })
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let client = WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+        .await
+        .unwrap();
     let ids = eventually("the new entry at the agent", || async {
         let ctx = client.fetch_x509_context().await.ok()?;
         let ids: Vec<String> = ctx

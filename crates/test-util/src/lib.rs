@@ -5,6 +5,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod access_log;
+pub mod http;
 pub mod netns;
 pub mod pg_cluster;
 
