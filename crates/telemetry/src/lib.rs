@@ -15,16 +15,60 @@ use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 
-/// Installs the global tracing subscriber (human-readable to stderr). `filter` is an
-/// `EnvFilter` directive such as `info` or `tessera_server=debug`; `RUST_LOG` overrides it.
-/// Calling it twice is harmless.
-pub fn init_logging(filter: &str) {
+/// Installs the global tracing subscriber (human-readable to stderr). `filter` is a log level
+/// (`error`, `warn`, `info`, `debug`, `trace`, `off`) or comma-separated `target=level`
+/// directives such as `info,tessera_server=debug`; `RUST_LOG` overrides it. Calling it twice is
+/// harmless.
+///
+/// A filter that is not one of those is refused: `EnvFilter` would read a bare word such as
+/// `bogus` as a target name and log nothing at all, silently.
+///
+/// A failed write of a log line is dropped, never reported on stderr: when stderr is a closed
+/// pipe (a log collector that died), reporting it would fail the same way, and `eprintln!`
+/// panics on that, which would end a server over a lost log line.
+pub fn init_logging(filter: &str) -> Result<(), String> {
+    check_filter(filter)?;
     let env = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env)
         .with_writer(std::io::stderr)
+        .log_internal_errors(false)
         .try_init();
+    Ok(())
+}
+
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Whether `filter` is a level or `target=level` directives (see [`init_logging`]).
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    let bad = |why: String| {
+        Err(format!(
+            "log level {filter:?}: {why}; expected one of {} or target=level directives (info,tessera_proxy=debug)",
+            LEVELS.join(", ")
+        ))
+    };
+    if filter.trim().is_empty() {
+        return bad("empty".into());
+    }
+    for d in filter.split(',').map(str::trim) {
+        let (target, level) = match d.split_once('=') {
+            Some((t, l)) => (Some(t.trim()), l.trim()),
+            None => (None, d),
+        };
+        if target.is_some_and(|t| {
+            t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
+        }) {
+            return bad(format!("{d:?} names no valid target"));
+        }
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return bad(format!("{level:?} is not a level"));
+        }
+    }
+    Ok(())
 }
 
 /// Answers whether the process is ready: `Ok(())` or the reason it is not.
@@ -108,4 +152,32 @@ pub async fn serve(
         }
     });
     Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_filter;
+
+    #[test]
+    fn a_filter_is_levels_or_target_directives_and_nothing_else() {
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "info,tessera_proxy=debug",
+            "tessera_server::sync=trace",
+        ] {
+            assert_eq!(check_filter(ok), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("bogus", "\"bogus\" is not a level"),
+            ("", "empty"),
+            ("info,tessera_proxy=loud", "\"loud\" is not a level"),
+            ("=debug", "names no valid target"),
+            ("a b=info", "names no valid target"),
+        ] {
+            let e = check_filter(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

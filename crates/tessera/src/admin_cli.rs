@@ -232,32 +232,33 @@ fn ttl(secs: u32) -> String {
 }
 
 fn print_entry(e: &pb::Entry) {
-    println!("Entry ID      : {}", e.id);
-    println!("SPIFFE ID     : {}", e.spiffe_id);
-    println!("Parent ID     : {}", e.parent_id);
+    outln!("Entry ID      : {}", e.id);
+    outln!("SPIFFE ID     : {}", e.spiffe_id);
+    outln!("Parent ID     : {}", e.parent_id);
     for s in &e.selectors {
-        println!("Selector      : {s}");
+        outln!("Selector      : {s}");
     }
-    println!("X509-SVID TTL : {}", ttl(e.x509_ttl_secs));
-    println!("JWT-SVID TTL  : {}", ttl(e.jwt_ttl_secs));
+    outln!("X509-SVID TTL : {}", ttl(e.x509_ttl_secs));
+    outln!("JWT-SVID TTL  : {}", ttl(e.jwt_ttl_secs));
     for d in &e.dns_names {
-        println!("DNS name      : {d}");
+        outln!("DNS name      : {d}");
     }
     for f in &e.federates_with {
-        println!("FederatesWith : {f}");
+        outln!("FederatesWith : {f}");
     }
     if !e.hint.is_empty() {
-        println!("Hint          : {}", e.hint);
+        outln!("Hint          : {}", e.hint);
     }
     if e.admin {
-        println!("Admin         : true");
+        outln!("Admin         : true");
     }
     if e.downstream {
-        println!("Downstream    : true");
+        outln!("Downstream    : true");
     }
-    println!(
+    outln!(
         "Revision      : {} (created at {})",
-        e.updated_revision, e.created_revision
+        e.updated_revision,
+        e.created_revision
     );
 }
 
@@ -279,19 +280,19 @@ fn agent_json(a: &pb::Agent) -> serde_json::Value {
 }
 
 fn print_agent(a: &pb::Agent) {
-    println!("Agent ID         : {}", a.spiffe_id);
-    println!("Attestation type : {}", a.attestation_type);
+    outln!("Agent ID         : {}", a.spiffe_id);
+    outln!("Attestation type : {}", a.attestation_type);
     for s in &a.selectors {
-        println!("Selector         : {s}");
+        outln!("Selector         : {s}");
     }
-    println!("SVID serial      : {}", a.serial);
-    println!("SVID expires at  : {}", a.expires_at);
-    println!("Banned           : {}", a.banned);
+    outln!("SVID serial      : {}", a.serial);
+    outln!("SVID expires at  : {}", a.expires_at);
+    outln!("Banned           : {}", a.banned);
 }
 
 fn emit(output: Output, json: serde_json::Value, human: impl FnOnce()) {
     match output {
-        Output::Json => println!("{json:#}"),
+        Output::Json => outln!("{json:#}"),
         Output::Human => human(),
     }
 }
@@ -321,7 +322,7 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
                 serde_json::json!({"created": r.created, "entry": entry_json(&e)}),
                 || {
                     if !r.created {
-                        println!("(an identical entry already exists)");
+                        outln!("(an identical entry already exists)");
                     }
                     print_entry(&e);
                 },
@@ -370,13 +371,13 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
                 conn.output,
                 serde_json::Value::Array(all.iter().map(entry_json).collect()),
                 || {
-                    println!(
+                    outln!(
                         "Found {} entr{}",
                         all.len(),
                         if all.len() == 1 { "y" } else { "ies" }
                     );
                     for e in &all {
-                        println!();
+                        outln!("");
                         print_entry(e);
                     }
                 },
@@ -403,7 +404,7 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
                 .map_err(status)?
                 .into_inner();
             emit(conn.output, entry_json(&e), || {
-                println!("Deleted entry {} ({})", e.id, e.spiffe_id)
+                outln!("Deleted entry {} ({})", e.id, e.spiffe_id)
             });
         }
     }
@@ -424,9 +425,9 @@ pub(crate) async fn token(conn: &AdminConn, cmd: TokenCommand) -> anyhow::Result
         conn.output,
         serde_json::json!({"token": r.token, "expires_at": r.expires_at, "agent_spiffe_id": r.agent_spiffe_id}),
         || {
-            println!("Token    : {}", r.token);
-            println!("Agent ID : {}", r.agent_spiffe_id);
-            println!("Expires  : {} (Unix time)", r.expires_at);
+            outln!("Token    : {}", r.token);
+            outln!("Agent ID : {}", r.agent_spiffe_id);
+            outln!("Expires  : {} (Unix time)", r.expires_at);
         },
     );
     Ok(ExitCode::SUCCESS)
@@ -448,13 +449,13 @@ pub(crate) async fn agent(conn: &AdminConn, cmd: AgentCommand) -> anyhow::Result
                 conn.output,
                 serde_json::Value::Array(r.agents.iter().map(agent_json).collect()),
                 || {
-                    println!(
+                    outln!(
                         "Found {} agent{}",
                         r.agents.len(),
                         if r.agents.len() == 1 { "" } else { "s" }
                     );
                     for a in &r.agents {
-                        println!();
+                        outln!("");
                         print_agent(a);
                     }
                 },
@@ -471,7 +472,7 @@ pub(crate) async fn agent(conn: &AdminConn, cmd: AgentCommand) -> anyhow::Result
     };
     let a = a.map_err(status)?.into_inner();
     emit(conn.output, agent_json(&a), || match verb {
-        Some(v) => println!("{v} agent {}", a.spiffe_id),
+        Some(v) => outln!("{v} agent {}", a.spiffe_id),
         None => print_agent(&a),
     });
     Ok(ExitCode::SUCCESS)
@@ -501,8 +502,8 @@ pub(crate) async fn bundle(conn: &AdminConn, cmd: BundleCommand) -> anyhow::Resu
         .map_err(status)?
         .into_inner();
     match format {
-        BundleFormat::Spiffe => println!("{}", String::from_utf8_lossy(&b.spiffe_bundle_json)),
-        BundleFormat::Pem => print!("{}", bundle_pem(&b)?),
+        BundleFormat::Spiffe => outln!("{}", String::from_utf8_lossy(&b.spiffe_bundle_json)),
+        BundleFormat::Pem => out!("{}", bundle_pem(&b)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -540,13 +541,13 @@ pub(crate) async fn svid_mint(conn: &AdminConn, a: SvidMintArgs) -> anyhow::Resu
             write_file(&dir.join("svid.pem"), &svid, 0o644)?;
             write_file(&dir.join("svid_key.pem"), &key_pem, 0o600)?;
             write_file(&dir.join("bundle.pem"), &bundle, 0o644)?;
-            println!(
+            outln!(
                 "Wrote svid.pem, svid_key.pem and bundle.pem to {}",
                 dir.display()
             );
         }
         None => {
-            print!("{svid}{key_pem}");
+            out!("{svid}{key_pem}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -588,10 +589,10 @@ pub(crate) async fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<Ex
     let text = String::from_utf8_lossy(&buf);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim();
     if text.starts_with("HTTP/1.1 200") {
-        println!("{body}");
+        outln!("{body}");
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("{}", if body.is_empty() { "not ready" } else { body });
+        errln!("{}", if body.is_empty() { "not ready" } else { body });
         Ok(ExitCode::FAILURE)
     }
 }

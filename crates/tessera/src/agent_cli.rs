@@ -264,7 +264,7 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
             print_x509(&resp, ep.output).context("writing to stdout")?;
             if let Some(dir) = write {
                 write_pem_files(&dir, &resp)?;
-                eprintln!("wrote PEM files to {}", dir.display());
+                errln!("wrote PEM files to {}", dir.display());
             }
         }
         ApiCommand::Fetch {
@@ -286,11 +286,11 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             for s in &resp.svids {
                 match ep.output {
-                    Output::Json => println!(
+                    Output::Json => outln!(
                         "{}",
                         serde_json::json!({"spiffe_id": s.spiffe_id, "token": s.svid})
                     ),
-                    Output::Human => println!("{}\n{}", s.spiffe_id, s.svid),
+                    Output::Human => outln!("{}\n{}", s.spiffe_id, s.svid),
                 }
             }
         }
@@ -311,10 +311,10 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
                 .into_inner();
             let jr = j.next().await.context("stream closed")?.map_err(status)?;
             for (td, der) in &xr.bundles {
-                println!("X.509 bundle of {td}:\n{}", pem_chain(der));
+                outln!("X.509 bundle of {td}:\n{}", pem_chain(der));
             }
             for (td, jwks) in &jr.bundles {
-                println!("JWT bundle of {td}:\n{}", String::from_utf8_lossy(jwks));
+                outln!("JWT bundle of {td}:\n{}", String::from_utf8_lossy(jwks));
             }
         }
         ApiCommand::Watch { write, ep } => {
@@ -349,7 +349,7 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("valid JWT-SVID of {}", r.spiffe_id);
+            outln!("valid JWT-SVID of {}", r.spiffe_id);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -362,7 +362,7 @@ fn status(e: tonic::Status) -> anyhow::Error {
 pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {
     use tessera_agent::AgentConfig;
     if a.print_default_config {
-        print!("{}", AgentConfig::default_toml());
+        out!("{}", AgentConfig::default_toml());
         return Ok(ExitCode::SUCCESS);
     }
     let mut cfg = match &a.config {
@@ -413,7 +413,7 @@ pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {
         cfg.log_level = v;
     }
     cfg.validate().map_err(anyhow::Error::msg)?;
-    tessera_telemetry::init_logging(&cfg.log_level);
+    tessera_telemetry::init_logging(&cfg.log_level).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -463,7 +463,7 @@ pub(crate) fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
             true,
         ),
     };
-    tessera_telemetry::init_logging(&a.log_level);
+    tessera_telemetry::init_logging(&a.log_level).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -512,29 +512,29 @@ pub(crate) fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
         let agent = tessera_agent::start(agent_cfg).await?;
         server.set_default_parent(agent.spiffe_id.clone());
         let uid = nix_uid();
-        println!("Tessera dev: trust domain {td}, everything in one process (Ctrl-C to stop)");
-        println!("  Workload API:  unix://{}", a.workload_socket.display());
-        println!("  Admin socket:  {}", a.admin_socket.display());
-        println!("  Agent:         {}", agent.spiffe_id);
-        println!(
+        outln!("Tessera dev: trust domain {td}, everything in one process (Ctrl-C to stop)");
+        outln!("  Workload API:  unix://{}", a.workload_socket.display());
+        outln!("  Admin socket:  {}", a.admin_socket.display());
+        outln!("  Agent:         {}", agent.spiffe_id);
+        outln!(
             "  Server:        {} (more agents: `tessera agent run --server-address` it, `--trust-bundle-path {}`, a join token from `tessera token generate`)",
             server.agent_addr,
             bundle_path.display()
         );
         if let Some(p) = &a.agent_admin_socket {
-            println!("  Node mode:     agent admin socket {}", p.display());
+            outln!("  Node mode:     agent admin socket {}", p.display());
         }
-        println!(
+        outln!(
             "  Policy:        default {policy_default} (no ALLOW policy for a workload → {policy_default}; `tessera policy list`)"
         );
-        println!(
+        outln!(
             "  Data dir:      {}{}",
             data_dir.display(),
             if temporary { " (removed at exit)" } else { "" }
         );
-        println!("Try, from another shell:");
-        println!("  tessera entry create --spiffe-id spiffe://{td}/me --selector unix:uid:{uid}");
-        println!(
+        outln!("Try, from another shell:");
+        outln!("  tessera entry create --spiffe-id spiffe://{td}/me --selector unix:uid:{uid}");
+        outln!(
             "  SPIFFE_ENDPOINT_SOCKET=unix://{} tessera agent api fetch x509",
             a.workload_socket.display()
         );

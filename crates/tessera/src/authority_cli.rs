@@ -105,18 +105,18 @@ fn print_state(output: Output, s: &pb::AuthorityState, message: Option<&str>) {
             if let Some(m) = message {
                 v["message"] = m.into();
             }
-            println!("{v:#}");
+            outln!("{v:#}");
         }
         Output::Human => {
             if let Some(m) = message {
-                println!("{m}");
-                println!();
+                outln!("{m}");
+                outln!("");
             }
             if !s.upstream.is_empty() {
-                println!("Upstream authority: {}", s.upstream);
+                outln!("Upstream authority: {}", s.upstream);
             }
             if s.authorities.is_empty() {
-                println!("(none)");
+                outln!("(none)");
             }
             for a in &s.authorities {
                 let mut flags = Vec::new();
@@ -126,7 +126,7 @@ fn print_state(output: Output, s: &pb::AuthorityState, message: Option<&str>) {
                 if a.upstream_signed {
                     flags.push("upstream-signed");
                 }
-                println!(
+                outln!(
                     "{:<9} {}  not after {}{}",
                     a.status,
                     a.authority_id,
@@ -169,7 +169,7 @@ pub(crate) async fn run(conn: &AdminConn, cmd: AuthorityCommand) -> anyhow::Resu
                         .map_err(|e| anyhow::anyhow!("{}", e.message()))?
                         .into_inner();
                     if st.upstream.is_empty() && matches!(conn.output, Output::Human) {
-                        println!("no upstream authority: the X.509 CAs are self-signed");
+                        outln!("no upstream authority: the X.509 CAs are self-signed");
                         return Ok(ExitCode::SUCCESS);
                     }
                     print_state(conn.output, &st, None);
@@ -191,7 +191,7 @@ pub(crate) async fn run(conn: &AdminConn, cmd: AuthorityCommand) -> anyhow::Resu
             return match r {
                 Ok(resp) => {
                     let resp = resp.into_inner();
-                    println!("{}", resp.message);
+                    outln!("{}", resp.message);
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => Err(anyhow::anyhow!("{}", e.message())),
@@ -199,7 +199,7 @@ pub(crate) async fn run(conn: &AdminConn, cmd: AuthorityCommand) -> anyhow::Resu
         }
     };
     if let (Some(text), Output::Human) = (intent(&step, name, cmd), conn.output) {
-        eprintln!("{text}");
+        errln!("{text}");
     }
     let req = |id: &str| pb::AuthorityRequest {
         kind: kind as i32,

@@ -286,7 +286,7 @@ fn server_run(a: ServerRunArgs) -> anyhow::Result<ExitCode> {
     use anyhow::Context as _;
     use tessera_server::ServerConfig;
     if a.print_default_config {
-        print!("{}", ServerConfig::default_toml());
+        out!("{}", ServerConfig::default_toml());
         return Ok(ExitCode::SUCCESS);
     }
     let mut cfg = match &a.config {
@@ -333,7 +333,7 @@ fn server_run(a: ServerRunArgs) -> anyhow::Result<ExitCode> {
         cfg.bundle_endpoint.key_path = Some(v);
     }
     cfg.validate()?;
-    tessera_telemetry::init_logging(&cfg.log_level);
+    tessera_telemetry::init_logging(&cfg.log_level).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -106,11 +106,11 @@ impl DestinationArgs {
 /// Prints what a change did: `{"name", "revision"}`, or a sentence.
 fn changed(output: Output, done: &str, name: &str, revision: u64) {
     match output {
-        Output::Json => println!(
+        Output::Json => outln!(
             "{:#}",
             serde_json::json!({"name": name, "revision": revision})
         ),
-        Output::Human => println!("{done} destination {name} (revision {revision})"),
+        Output::Human => outln!("{done} destination {name} (revision {revision})"),
     }
 }
 
@@ -197,7 +197,7 @@ pub(crate) async fn destination(
             }
             // What was applied before a refusal is said too: a script must know it is stored.
             if json_list {
-                println!("{:#}", serde_json::Value::Array(done));
+                outln!("{:#}", serde_json::Value::Array(done));
             }
             if let Some(e) = refused {
                 return Err(e);
@@ -210,13 +210,13 @@ pub(crate) async fn destination(
                 .map_err(status)?
                 .into_inner();
             match conn.output {
-                Output::Json => println!(
+                Output::Json => outln!(
                     "{:#}",
                     serde_json::Value::Array(r.destinations.iter().map(destination_json).collect())
                 ),
                 Output::Human => {
                     for d in &r.destinations {
-                        println!("{}", summary(d));
+                        outln!("{}", summary(d));
                     }
                 }
             }
@@ -228,7 +228,7 @@ pub(crate) async fn destination(
                 .map_err(status)?
                 .into_inner();
             if let Some(d) = r.destination {
-                println!("{:#}", destination_json(&d));
+                outln!("{:#}", destination_json(&d));
             }
         }
         DestinationCommand::Delete { name } => {

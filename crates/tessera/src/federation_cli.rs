@@ -155,34 +155,34 @@ fn rel_json(r: &pb::FederationRelationship) -> serde_json::Value {
 
 fn print_rel(r: &pb::FederationRelationship) {
     let st = r.status.clone().unwrap_or_default();
-    println!("Trust domain        : {}", r.trust_domain);
-    println!("Bundle endpoint URL : {}", r.bundle_endpoint_url);
-    println!("Profile             : {}", r.profile);
+    outln!("Trust domain        : {}", r.trust_domain);
+    outln!("Bundle endpoint URL : {}", r.bundle_endpoint_url);
+    outln!("Profile             : {}", r.profile);
     if !r.endpoint_spiffe_id.is_empty() {
-        println!("Endpoint SPIFFE ID  : {}", r.endpoint_spiffe_id);
+        outln!("Endpoint SPIFFE ID  : {}", r.endpoint_spiffe_id);
     }
     if !r.ca_bundle_pem.is_empty() {
-        println!("CA bundle           : private CA (given with --ca-bundle)");
+        outln!("CA bundle           : private CA (given with --ca-bundle)");
     }
-    println!("Last fetch          : {}", time(st.last_attempt_at));
-    println!("Last success        : {}", time(st.last_success_at));
+    outln!("Last fetch          : {}", time(st.last_attempt_at));
+    outln!("Last success        : {}", time(st.last_success_at));
     if !st.last_error.is_empty() {
-        println!(
+        outln!(
             "Last error          : {} at {}",
             st.last_error,
             time(st.last_error_at)
         );
     }
-    println!("Next refresh        : {}", time(st.next_refresh_at));
+    outln!("Next refresh        : {}", time(st.next_refresh_at));
     match &r.bundle {
-        Some(b) => println!("Bundle              : held, sequence {}", b.sequence),
-        None => println!("Bundle              : none yet"),
+        Some(b) => outln!("Bundle              : held, sequence {}", b.sequence),
+        None => outln!("Bundle              : none yet"),
     }
 }
 
 fn emit(output: Output, json: serde_json::Value, human: impl FnOnce()) {
     match output {
-        Output::Json => println!("{json:#}"),
+        Output::Json => outln!("{json:#}"),
         Output::Human => human(),
     }
 }
@@ -245,11 +245,11 @@ pub(crate) async fn federation(
                 serde_json::Value::Array(list.iter().map(rel_json).collect()),
                 || {
                     if list.is_empty() {
-                        println!("No federation relationships.");
+                        outln!("No federation relationships.");
                     }
                     for (i, r) in list.iter().enumerate() {
                         if i > 0 {
-                            println!();
+                            outln!("");
                         }
                         print_rel(r);
                     }
@@ -270,7 +270,7 @@ pub(crate) async fn federation(
     let r = rel.map_err(status)?.into_inner();
     emit(conn.output, rel_json(&r), || {
         if !verb.is_empty() {
-            println!("{verb} {}", r.trust_domain);
+            outln!("{verb} {}", r.trust_domain);
         }
         print_rel(&r);
     });
@@ -296,7 +296,7 @@ pub(crate) async fn static_bundle(
             emit(
                 conn.output,
                 serde_json::json!({"trust_domain": b.trust_domain, "sequence": b.sequence}),
-                || println!("Set the bundle of {}", b.trust_domain),
+                || outln!("Set the bundle of {}", b.trust_domain),
             );
         }
         StaticBundleCommand::List => {
@@ -321,7 +321,7 @@ pub(crate) async fn static_bundle(
                 ),
                 || {
                     for b in &list {
-                        println!("{}  (sequence {})", b.trust_domain, b.sequence);
+                        outln!("{}  (sequence {})", b.trust_domain, b.sequence);
                     }
                 },
             );
@@ -335,7 +335,7 @@ pub(crate) async fn static_bundle(
             emit(
                 conn.output,
                 serde_json::json!({"trust_domain": b.trust_domain}),
-                || println!("Deleted the bundle of {}", b.trust_domain),
+                || outln!("Deleted the bundle of {}", b.trust_domain),
             );
         }
     }

@@ -27,13 +27,13 @@ pub(crate) fn id_check(input: &str, output: Output) -> ExitCode {
                 }),
                 Err(e) => serde_json::json!({ "valid": false, "error": e.to_string() }),
             };
-            println!("{v:#}");
+            outln!("{v:#}");
         }
         Output::Human => match &result {
             Ok(id) => {
-                println!("valid SPIFFE ID");
-                println!("  trust domain: {}", id.trust_domain_str());
-                println!(
+                outln!("valid SPIFFE ID");
+                outln!("  trust domain: {}", id.trust_domain_str());
+                outln!(
                     "  path:         {}",
                     if id.is_root() {
                         "(none: this is the trust domain's own ID)"
@@ -43,13 +43,13 @@ pub(crate) fn id_check(input: &str, output: Output) -> ExitCode {
                 );
             }
             Err(e) => {
-                eprintln!("invalid SPIFFE ID: {e}");
+                errln!("invalid SPIFFE ID: {e}");
                 if let Some(at) = error_offset(e) {
                     // Point at the offending byte when the input is printable on one line.
                     if input.len() <= 200 && !input.contains(['\n', '\r']) {
                         let col = input.get(..at).map_or(at, |p| p.chars().count());
-                        eprintln!("  {input}");
-                        eprintln!("  {}^", " ".repeat(col));
+                        errln!("  {input}");
+                        errln!("  {}^", " ".repeat(col));
                     }
                 }
             }
@@ -153,7 +153,7 @@ pub(crate) fn svid_inspect(args: &SvidInspectArgs) -> anyhow::Result<ExitCode> {
         valid,
     };
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
         Output::Human => print_human(&report),
     }
     Ok(if report.valid {
@@ -337,15 +337,15 @@ fn describe_key(spki: &SubjectPublicKeyInfo<'_>) -> String {
 
 fn print_human(r: &Report) {
     for c in &r.certificates {
-        println!(
+        outln!(
             "certificate {} ({}{})",
             c.index,
             c.role,
             if c.is_ca { ", CA" } else { "" }
         );
-        println!("  subject:     {}", c.subject);
-        println!("  issuer:      {}", c.issuer);
-        println!("  serial:      {}", c.serial);
+        outln!("  subject:     {}", c.subject);
+        outln!("  issuer:      {}", c.issuer);
+        outln!("  serial:      {}", c.serial);
         let state = if c.expired {
             "  EXPIRED"
         } else if c.not_yet_valid {
@@ -353,14 +353,14 @@ fn print_human(r: &Report) {
         } else {
             ""
         };
-        println!("  valid:       {} .. {}{state}", c.not_before, c.not_after);
+        outln!("  valid:       {} .. {}{state}", c.not_before, c.not_after);
         for u in &c.uri_sans {
-            println!("  URI SAN:     {u}");
+            outln!("  URI SAN:     {u}");
         }
         for d in &c.dns_sans {
-            println!("  DNS SAN:     {d}");
+            outln!("  DNS SAN:     {d}");
         }
-        println!(
+        outln!(
             "  key usage:   {}",
             if c.key_usage.is_empty() {
                 "(none)".to_owned()
@@ -369,29 +369,29 @@ fn print_human(r: &Report) {
             }
         );
         if let Some(eku) = &c.extended_key_usage {
-            println!("  ext. usage:  {}", eku.join(", "));
+            outln!("  ext. usage:  {}", eku.join(", "));
         }
-        println!("  public key:  {}", c.public_key);
+        outln!("  public key:  {}", c.public_key);
     }
-    println!();
+    outln!("");
     match &r.spiffe_id {
-        Some(id) => println!("SPIFFE ID: {id}"),
-        None => println!("SPIFFE ID: (none)"),
+        Some(id) => outln!("SPIFFE ID: {id}"),
+        None => outln!("SPIFFE ID: (none)"),
     }
     match r.verified {
-        Some(true) => println!("chain verifies against the bundle"),
-        Some(false) => println!(
+        Some(true) => outln!("chain verifies against the bundle"),
+        Some(false) => outln!(
             "chain does NOT verify: {}",
             r.verify_error.as_deref().unwrap_or("")
         ),
         None => {}
     }
     if r.violations.is_empty() {
-        println!("X509-SVID rules: all satisfied");
+        outln!("X509-SVID rules: all satisfied");
     } else {
-        println!("X509-SVID rules broken:");
+        outln!("X509-SVID rules broken:");
         for v in &r.violations {
-            println!("  - {v}");
+            outln!("  - {v}");
         }
     }
 }

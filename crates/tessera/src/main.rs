@@ -1,8 +1,28 @@
 //! `tessera`: one binary for every Tessera component. Parses flags and hands off; no logic here.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// `println!` for a command's output. `println!` panics when stdout is gone (`tessera policy
+/// list | head`); this ends the process quietly instead (see [`write_out`]).
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::write_out(format_args!($($t)*), true) };
+}
+
+/// `print!` for a command's output, as [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => { $crate::write_out(format_args!($($t)*), false) };
+}
+
+/// `eprintln!` for messages to the user: a closed stderr loses the message, never panics.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
 
 mod admin_cli;
 mod agent_cli;
@@ -20,8 +40,28 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes a command's output to stdout. A reader that went away (EPIPE: the other end of a pipe
+/// closed) ends the process with status 141, what a shell reports for a process that SIGPIPE
+/// ended, as `ls | head` does; the output nobody reads is dropped. Any other failure (a full
+/// disk) is an error to report, then exit 1. The process never panics over its output.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>, newline: bool) {
+    let mut o = std::io::stdout().lock();
+    let written = o
+        .write_fmt(args)
+        .and_then(|()| if newline { o.write_all(b"\n") } else { Ok(()) })
+        .and_then(|()| o.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        Err(e) => {
+            errln!("error: writing the output: {e}");
+            std::process::exit(1)
         }
     }
 }

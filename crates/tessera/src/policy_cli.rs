@@ -145,11 +145,11 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                     .into_inner();
                 done.push(serde_json::json!({"name": name, "revision": r.revision}));
                 if matches!(conn.output, Output::Human) {
-                    println!("Applied policy {name} (revision {})", r.revision);
+                    outln!("Applied policy {name} (revision {})", r.revision);
                 }
             }
             if matches!(conn.output, Output::Json) {
-                println!("{:#}", serde_json::Value::Array(done));
+                outln!("{:#}", serde_json::Value::Array(done));
             }
         }
         PolicyCommand::List => {
@@ -159,7 +159,7 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                 .map_err(status)?
                 .into_inner();
             match conn.output {
-                Output::Json => println!(
+                Output::Json => outln!(
                     "{:#}",
                     serde_json::json!({
                         "default": r.default_action,
@@ -167,9 +167,9 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                     })
                 ),
                 Output::Human => {
-                    println!("default: {}", r.default_action);
+                    outln!("default: {}", r.default_action);
                     for p in &r.policies {
-                        println!("{}", summary(p));
+                        outln!("{}", summary(p));
                     }
                 }
             }
@@ -181,7 +181,7 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                 .map_err(status)?
                 .into_inner();
             if let Some(p) = r.policy {
-                println!("{:#}", policy_json(&p));
+                outln!("{:#}", policy_json(&p));
             }
         }
         PolicyCommand::Delete { name } => {
@@ -192,12 +192,12 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                 .into_inner();
             match conn.output {
                 Output::Json => {
-                    println!(
+                    outln!(
                         "{:#}",
                         serde_json::json!({"name": name, "revision": r.revision})
                     )
                 }
-                Output::Human => println!("Deleted policy {name} (revision {})", r.revision),
+                Output::Human => outln!("Deleted policy {name} (revision {})", r.revision),
             }
         }
         PolicyCommand::Sync(SyncCommand::Status) => {
@@ -226,18 +226,20 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                             })
                         })
                         .collect();
-                    println!("{:#}", serde_json::Value::Array(rows));
+                    outln!("{:#}", serde_json::Value::Array(rows));
                 }
                 Output::Human => {
                     if r.sources.is_empty() {
-                        println!("no [[policy.sync]] source is configured on this server");
+                        outln!("no [[policy.sync]] source is configured on this server");
                     }
                     for s in &r.sources {
-                        println!(
+                        outln!(
                             "set {} from {} (every {}s)",
-                            s.set, s.source, s.interval_secs
+                            s.set,
+                            s.source,
+                            s.interval_secs
                         );
-                        println!(
+                        outln!(
                             "  last poll {}, last success {}, {} policies, version {:?}, revision {}",
                             unix_time(s.last_attempt_unix),
                             unix_time(s.last_success_unix),
@@ -246,7 +248,7 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                             s.revision
                         );
                         if !s.last_error.is_empty() {
-                            println!(
+                            outln!(
                                 "  last error ({}): {} — the last good set stays in force",
                                 unix_time(s.last_error_unix),
                                 s.last_error

@@ -160,7 +160,7 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
     match a.cmd {
         Some(ProxyCommand::UninstallRules) => {
             transparent::uninstall().map_err(anyhow::Error::msg)?;
-            println!("interception rules removed");
+            outln!("interception rules removed");
             Ok(ExitCode::SUCCESS)
         }
         None => run(a.run),
@@ -232,7 +232,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         .transpose()
         .map_err(|e| anyhow::anyhow!("--user: {e}"))?;
 
-    tessera_telemetry::init_logging(&a.log_level);
+    tessera_telemetry::init_logging(&a.log_level).map_err(anyhow::Error::msg)?;
     let mut opts = ProxyOptions::new(a.tunnel_address);
     opts.inbound = a.inbound;
     opts.outbound = a.outbound;

@@ -59,9 +59,9 @@ fn call(
 }
 
 fn print_workload(w: &WorkloadInfo) {
-    println!("{}\tnetns {}\t{}", w.id, w.netns, w.selectors.join(","));
+    outln!("{}\tnetns {}\t{}", w.id, w.netns, w.selectors.join(","));
     for s in &w.svids {
-        println!(
+        outln!(
             "  {}\tkey {}",
             s.spiffe_id,
             &s.key_sha256[..s.key_sha256.len().min(16)]
@@ -82,7 +82,7 @@ pub(crate) fn run(socket: &Path, output: Output, cmd: WorkloadCommand) -> anyhow
     let listing = matches!(req, Request::List {});
     let v = call(socket, &req, fd)?;
     match output {
-        Output::Json => println!("{v:#}"),
+        Output::Json => outln!("{v:#}"),
         Output::Human if listing => {
             let ws: Vec<WorkloadInfo> = serde_json::from_value(v["workloads"].clone())?;
             for w in &ws {

@@ -148,7 +148,7 @@ async fn wait_for_id(seen: &Mutex<Seen>, id: &str, within: Duration) -> Instant 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_on_one_postgres_survive_a_server_and_a_database_restart() {
-    tessera_telemetry::init_logging("warn");
+    tessera_telemetry::init_logging("warn").unwrap();
     let Some(pg) = tokio::task::spawn_blocking(Cluster::start).await.unwrap() else {
         return;
     };

@@ -60,6 +60,11 @@ fn bad_flags_and_files_are_refused_with_their_name() {
         "no such group",
     );
     run(&["--inbound", "80", "--user", "1337", "--node"], "--node");
+    // A bare word would be a tracing target and log nothing at all: refused instead.
+    run(
+        &["--inbound", "80", "--log-level", "bogus"],
+        "log level \"bogus\": \"bogus\" is not a level",
+    );
     run(
         &["--inbound", "80", "--unmapped", "passthrough"],
         "only with --transparent",

@@ -354,3 +354,56 @@ fn server_run_refuses_bad_configuration() {
     assert!(!o.status.success());
     assert!(err(&o).contains("--trust-domain"), "{}", err(&o));
 }
+
+/// A pipe whose reading end is already closed: every write to it fails with EPIPE.
+fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    writer
+}
+
+#[test]
+fn a_closed_pipe_ends_a_command_quietly_and_never_ends_a_server() {
+    // A command whose reader went away (`tessera id check … | head -0`): status 141, as for a
+    // process that SIGPIPE ended, and no panic (before: "failed printing to stdout", 101).
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["id", "check", "spiffe://example.org/a"])
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(141), "{}", err(&o));
+    assert!(!err(&o).contains("panicked"), "{}", err(&o));
+
+    // A server whose log collector died (stderr a closed pipe) keeps serving: a lost log line
+    // never ends it (before: tracing-subscriber reported the failed write with `eprintln!`,
+    // which panicked on the same closed stderr, and the server exited 101).
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["server", "run", "--bind-address", "127.0.0.1:0"])
+        .args(["--health-bind-address", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--admin-socket")
+        .arg(dir.path().join("admin/admin.sock"))
+        .stdout(closed_pipe())
+        .stderr(closed_pipe())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dir.path().join("admin/admin.sock").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the server exited");
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Requests make it log more; it answers them and is still running.
+    for _ in 0..3 {
+        let o = cli(dir.path(), &["token", "generate"]);
+        assert!(o.status.success(), "{}", err(&o));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let still = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(still.is_none(), "the server exited: {still:?}");
+}
