@@ -194,7 +194,17 @@ fn request(a: RelationshipArgs) -> anyhow::Result<pb::FederationRelationship> {
     };
     let ca_bundle_pem = match &a.ca_bundle {
         Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("--ca-bundle {}", p.display()))?
+            let pem = std::fs::read_to_string(p)
+                .with_context(|| format!("--ca-bundle {}", p.display()))?;
+            // The request says "no CA bundle" with an empty text, which means the public Web PKI
+            // roots: an empty file must not ask for that in the operator's name.
+            if pem.trim().is_empty() {
+                anyhow::bail!(
+                    "--ca-bundle {} is empty: give the PEM CA certificates of the endpoint (without --ca-bundle the endpoint is checked against the public Web PKI roots)",
+                    p.display()
+                );
+            }
+            pem
         }
         None => String::new(),
     };

@@ -283,7 +283,22 @@ async fn two_trust_domains_federate_over_both_profiles() {
 
     // --- bad inputs first: each is refused with a clear error and creates nothing ---
     let ca = web_ca_pem.to_str().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
     for (args, want) in [
+        (
+            // An empty file is not "no CA bundle": falling back to the public Web PKI roots
+            // would trust far more than the operator asked for.
+            vec![
+                "--bundle-endpoint-url",
+                &b_url,
+                "--profile",
+                "https_web",
+                "--ca-bundle",
+                empty.to_str().unwrap(),
+            ],
+            "is empty",
+        ),
         (
             vec![
                 "--bundle-endpoint-url",
