@@ -819,7 +819,8 @@ fn admitted_caller(s: &UnixStream) -> Result<(), String> {
     }
 }
 
-/// Serves the admin socket at `path` (created mode 0600, replacing a stale one) on threads of
+/// Serves the admin socket at `path` (created mode 0600, replacing a stale one, refusing a live
+/// one) on threads of
 /// its own: requests are rare and short, and a blocking socket carries descriptors simply.
 pub fn serve(
     path: &Path,
@@ -829,7 +830,9 @@ pub fn serve(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let _ = std::fs::remove_file(path);
+    // A stale socket is replaced; a live agent's is never taken over (see
+    // `tessera_server::unix_socket`).
+    tessera_server::unix_socket::claim(path).map_err(std::io::Error::other)?;
     let listener = UnixListener::bind(path)?;
     // Root only (or whoever runs the agent): attaching makes the agent sign for a namespace.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;

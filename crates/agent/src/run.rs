@@ -167,6 +167,7 @@ impl Shared {
 pub struct RunningAgent {
     pub spiffe_id: SpiffeId,
     pub socket_path: PathBuf,
+    socket_file: tessera_server::unix_socket::Bound,
     pub cache: Arc<Cache>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -183,7 +184,8 @@ impl RunningAgent {
                 t.abort();
             }
         }
-        let _ = std::fs::remove_file(&self.socket_path);
+        // Also when the serving task was cut short; only if the file is still ours.
+        self.socket_file.remove();
     }
 }
 
@@ -391,16 +393,24 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
             stop_rx.clone(),
         )));
     }
+    // Bound here, not in the task: an agent that cannot serve the Workload API (a live agent on
+    // the socket, a path too long) fails to start instead of running without it.
     let socket_path = shared.cfg.socket_path.clone();
+    let listener = crate::workload_api::bind(&socket_path)
+        .await
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let socket_file = tessera_server::unix_socket::Bound::record(&socket_path);
+    tracing::info!(socket = %socket_path.display(), "Workload API listening");
     let mut srx = stop_rx.clone();
-    let path = socket_path.clone();
+    let served_file = socket_file.clone();
     tasks.push(tokio::spawn(async move {
         let shutdown = async move {
             let _ = srx.wait_for(|s| *s).await;
         };
-        if let Err(e) = crate::workload_api::serve(&path, api, shutdown).await {
+        if let Err(e) = crate::workload_api::serve_listener(listener, api, shutdown).await {
             tracing::error!(error = %e, "Workload API stopped");
         }
+        served_file.remove();
     }));
     if let Some(addr) = shared.cfg.health_bind_address {
         let ready_cache = cache.clone();
@@ -430,6 +440,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     Ok(RunningAgent {
         spiffe_id,
         socket_path,
+        socket_file,
         cache,
         stop,
         tasks,

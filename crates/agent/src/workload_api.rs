@@ -21,7 +21,7 @@ pub(crate) mod view;
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::Path;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -532,22 +532,22 @@ impl SpiffeWorkloadApi for WorkloadApi {
 }
 
 /// Binds the Workload API socket at `socket_path` (see [`bind`]) and serves `api` on it until
-/// `shutdown` completes. Then open streams end with `Unavailable` (clients reconnect), open
-/// connections get a few seconds to close, and the socket file is removed.
+/// `shutdown` completes (see [`serve_listener`]); then the socket file is removed, if it is
+/// still the one bound here.
 pub async fn serve(
-    socket_path: &Path,
+    socket_path: &std::path::Path,
     api: WorkloadApi,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkloadApiError> {
     let listener = bind(socket_path).await?;
-    let socket_file = transport::dev_ino(socket_path);
-    tracing::info!(socket = %socket_path.display(), "Workload API listening");
+    let socket_file = tessera_server::unix_socket::Bound::record(socket_path);
     let result = serve_listener(listener, api, shutdown).await;
-    transport::remove_socket(socket_path, socket_file);
+    socket_file.remove();
     result
 }
 
-/// Serves `api` on an already bound listener until `shutdown` completes (see [`serve`]).
+/// Serves `api` on a listener [`bind`] made until `shutdown` completes. Then open streams end
+/// with `Unavailable` (clients reconnect) and open connections get a few seconds to close.
 pub async fn serve_listener(
     listener: UnixListener,
     api: WorkloadApi,

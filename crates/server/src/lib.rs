@@ -26,6 +26,7 @@ mod policy_sync;
 mod run;
 mod state;
 mod transport;
+pub mod unix_socket;
 
 pub use config::ServerConfig;
 pub use run::{RunningServer, start};

@@ -35,6 +35,7 @@ pub struct RunningServer {
     pub agent_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub admin_socket: PathBuf,
+    admin_socket_file: crate::unix_socket::Bound,
     /// Where the admin API listens over mTLS, when `admin_bind_address` is set.
     pub admin_addr: Option<SocketAddr>,
     /// The trust bundle (SPIFFE JSON) at start, for agents that bootstrap from a file.
@@ -64,7 +65,7 @@ impl RunningServer {
                 t.abort();
             }
         }
-        let _ = std::fs::remove_file(&self.admin_socket);
+        self.admin_socket_file.remove();
     }
 }
 
@@ -362,6 +363,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     // Admin API on the Unix socket.
     let admin_socket = state.cfg.admin_socket.clone();
     let uds = crate::transport::bind_admin_socket(&admin_socket)?;
+    let admin_socket_file = crate::unix_socket::Bound::record(&admin_socket);
     let admin_svc = AdminApiServer::new(Admin {
         state: state.clone(),
     });
@@ -523,6 +525,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         agent_addr,
         health_addr,
         admin_socket,
+        admin_socket_file,
         admin_addr,
         bundle_json,
         bundle_endpoint_addr,

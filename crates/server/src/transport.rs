@@ -138,19 +138,10 @@ pub(crate) fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError
             meta.uid()
         )));
     }
-    // A stale socket from a previous run is replaced; any other kind of file is left alone.
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if m.file_type().is_socket() {
-            std::fs::remove_file(path)
-                .map_err(io_err(format!("remove stale {}", path.display())))?;
-        } else {
-            return Err(ServerError::Invalid(format!(
-                "admin socket path {} exists and is not a socket",
-                path.display()
-            )));
-        }
-    }
+    // A stale socket from a previous run is replaced; a live one or any other kind of file is
+    // refused (see `unix_socket`).
+    crate::unix_socket::claim(path)
+        .map_err(|e| ServerError::Invalid(format!("admin socket {}: {e}", path.display())))?;
     let listener = UnixListener::bind(path).map_err(io_err(format!("bind {}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io_err(format!("chmod {}", path.display())))?;

@@ -502,3 +502,77 @@ async fn agent_keeps_serving_while_the_server_is_down_and_resyncs_when_it_return
     assert_eq!(ids.len(), 2);
     drop(agent);
 }
+
+/// Runs `cmd` to its end, which must come within 60 s; stdout is discarded.
+fn exits_on_its_own(mut cmd: Command) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
+}
+
+#[test]
+fn a_second_instance_never_takes_over_a_live_socket() {
+    let dev = start_dev();
+    let other = tempfile::tempdir().unwrap();
+    let second = |admin: &Path, socket: &Path| {
+        let mut c = tessera();
+        c.args(["dev", "--log-level", "warn"])
+            .arg("--data-dir")
+            .arg(other.path().join("data"))
+            .arg("--admin-socket")
+            .arg(admin)
+            .arg("--workload-socket")
+            .arg(socket);
+        c
+    };
+    // The Workload API socket of a running agent: the second one fails to start, naming it
+    // (before: it logged an error, kept running without a Workload API, and removed the first
+    // agent's socket when it exited).
+    let (status, err) =
+        exits_on_its_own(second(&other.path().join("admin/admin.sock"), &dev.socket));
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!("Workload API socket {}", dev.socket.display()))
+            && err.contains("another process is serving on this socket"),
+        "{err}"
+    );
+    // The admin socket of a running server: refused too (before: taken over silently, so admin
+    // commands went to the wrong server, and removed at its exit).
+    let (status, err) = exits_on_its_own(second(&dev.admin, &other.path().join("agent.sock")));
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!("admin socket {}", dev.admin.display()))
+            && err.contains("another process is serving on this socket"),
+        "{err}"
+    );
+    // The first instance still owns both and answers on both.
+    cli(&dev.admin, &["entry", "list"]);
+    let o = tessera()
+        .args(["agent", "api", "fetch", "bundles"])
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", dev.socket.display()),
+        )
+        .output()
+        .unwrap();
+    // This process has no entry: the agent answers that it issued it nothing.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no identity issued"), "{err}");
+}

@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -155,40 +155,11 @@ pub async fn bind(path: &Path) -> Result<UnixListener, WorkloadApiError> {
             )));
         }
     }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(path_err("the path exists and is not a socket"));
-        }
-        // A socket that accepts connections belongs to a running agent; taking its path would
-        // silently cut its workloads off. Connecting to a dead socket fails at once.
-        let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path)).await;
-        if !matches!(probe, Ok(Err(_))) {
-            return Err(path_err(
-                "another process is serving on this socket; stop it first",
-            ));
-        }
-        std::fs::remove_file(path).map_err(socket_err("removing the stale socket"))?;
-    }
+    // A live socket belongs to a running agent: taking its path would silently cut its
+    // workloads off (see `tessera_server::unix_socket`).
+    tessera_server::unix_socket::claim(path).map_err(|e| path_err(&e))?;
     let listener = UnixListener::bind(path).map_err(socket_err("binding"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
         .map_err(socket_err("setting its mode"))?;
     Ok(listener)
-}
-
-/// Removes the socket file at `path` if it is still the one identified by `(dev, ino)` (another
-/// agent may have replaced it since).
-pub(crate) fn remove_socket(path: &Path, dev_ino: Option<(u64, u64)>) {
-    if let (Ok(meta), Some((dev, ino))) = (std::fs::symlink_metadata(path), dev_ino)
-        && meta.dev() == dev
-        && meta.ino() == ino
-        && let Err(e) = std::fs::remove_file(path)
-    {
-        tracing::warn!(path = %path.display(), error = %e, "Workload API: removing the socket failed");
-    }
-}
-
-pub(crate) fn dev_ino(path: &Path) -> Option<(u64, u64)> {
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
 }
