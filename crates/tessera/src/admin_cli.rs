@@ -568,31 +568,69 @@ fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `tessera healthcheck`: GET /ready on the health endpoint; exit 0 only when ready.
+/// `tessera healthcheck`: GET /ready on the health endpoint; exit 0 only when ready (200), 1
+/// when not ready (503, with the reason the endpoint gives). Anything else is an error naming
+/// the address: no answer in 5 s, an answer that is not HTTP, another status, or more than
+/// 64 KiB (a health answer is a line; reading without a bound would let any listener fill
+/// memory).
 pub(crate) async fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .context("timed out")?
-    .with_context(|| format!("cannot reach the health endpoint {addr}"))?;
-    s.write_all(
-        format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+    const LIMIT: u64 = 64 * 1024;
+    if addr.port() == 0 {
+        anyhow::bail!("--address {addr}: port 0 is not an address a health endpoint listens on");
+    }
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .context("cannot connect")?;
+        s.write_all(
+            format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
-        .context("timed out")??;
+        .context("sending the request")?;
+        let mut buf = Vec::new();
+        (&mut s)
+            .take(LIMIT + 1)
+            .read_to_end(&mut buf)
+            .await
+            .context("reading the answer")?;
+        anyhow::ensure!(
+            buf.len() as u64 <= LIMIT,
+            "the answer is longer than {LIMIT} bytes: not a health endpoint"
+        );
+        Ok::<_, anyhow::Error>(buf)
+    };
+    let buf = tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("health endpoint {addr}: no answer within 5 s"))?
+        .with_context(|| format!("health endpoint {addr}"))?;
     let text = String::from_utf8_lossy(&buf);
+    let status = text
+        .strip_prefix("HTTP/1.")
+        .and_then(|t| t.get(2..5))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!("health endpoint {addr}: the answer is not HTTP: not a health endpoint")
+        })?;
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim();
-    if text.starts_with("HTTP/1.1 200") {
-        outln!("{body}");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        errln!("{}", if body.is_empty() { "not ready" } else { body });
-        Ok(ExitCode::FAILURE)
+    match status {
+        200 => {
+            outln!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        503 => {
+            errln!(
+                "not ready: {}",
+                if body.is_empty() {
+                    "no reason given"
+                } else {
+                    body
+                }
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        other => anyhow::bail!(
+            "health endpoint {addr}: GET /ready answered {other}, where a health endpoint answers 200 (ready) or 503 (not ready)"
+        ),
     }
 }

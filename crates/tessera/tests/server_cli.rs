@@ -407,3 +407,67 @@ fn a_closed_pipe_ends_a_command_quietly_and_never_ends_a_server() {
     let _ = child.wait();
     assert!(still.is_none(), "the server exited: {still:?}");
 }
+
+/// A listener on loopback that answers each connection with `answer` (after reading the
+/// request), then keeps writing `then` forever when it is not empty.
+fn fake_endpoint(answer: &'static [u8], then: &'static [u8]) -> std::net::SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut req = [0u8; 1024];
+                let _ = c.read(&mut req);
+                let _ = c.write_all(answer);
+                while !then.is_empty() && c.write_all(then).is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn healthcheck_tells_ready_not_ready_and_what_is_not_a_health_endpoint() {
+    let check = |addr: String| {
+        let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["healthcheck", "--address", &addr])
+            .output()
+            .unwrap();
+        (o.status.code(), out(&o), err(&o))
+    };
+    let ready = fake_endpoint(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nready\n", b"");
+    let (code, stdout, _) = check(ready.to_string());
+    assert_eq!((code, stdout.trim()), (Some(0), "ready"));
+
+    let draining = fake_endpoint(b"HTTP/1.1 503 Service Unavailable\r\n\r\ndraining\n", b"");
+    let (code, _, stderr) = check(draining.to_string());
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr.trim(), "not ready: draining");
+
+    for (addr, says) in [
+        (
+            fake_endpoint(b"HTTP/1.0 404 File not found\r\n\r\n<html>...</html>", b"").to_string(),
+            "GET /ready answered 404",
+        ),
+        (
+            fake_endpoint(b"\x15\x03\x03\x00\x02\x02\x28", b"").to_string(),
+            "the answer is not HTTP",
+        ),
+        // An endless answer is cut at 64 KiB (before: read whole into memory, gigabytes).
+        (
+            fake_endpoint(b"HTTP/1.1 200 OK\r\n\r\n", b"yes yes yes yes ").to_string(),
+            "the answer is longer than 65536 bytes",
+        ),
+        ("127.0.0.1:0".to_owned(), "port 0"),
+    ] {
+        let (code, _, stderr) = check(addr.clone());
+        assert_eq!(code, Some(1), "{addr}: {stderr}");
+        assert!(stderr.contains(says), "{addr}: {stderr}");
+        assert!(
+            addr.ends_with(":0") || stderr.contains(&format!("health endpoint {addr}")),
+            "the address is named: {stderr}"
+        );
+    }
+}
