@@ -16,10 +16,16 @@ use tessera_tls::{
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// An HTTP/2 channel to a gRPC server on a Unix socket (the admin socket, the Workload API).
+///
+/// Connecting gives up after 5 s and each call after 30 s without an answer (the head of the
+/// response; a stream's messages may come later): a socket whose process accepts and never
+/// answers must not hang a command forever.
 pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = socket.to_path_buf();
     // The URI is required by the API but unused: the connector always dials the socket.
     Endpoint::from_static("http://[::1]:0")
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(30))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {

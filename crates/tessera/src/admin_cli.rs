@@ -222,11 +222,6 @@ async fn connect(socket: &Path) -> anyhow::Result<AdminApiClient<Channel>> {
     })
 }
 
-/// A gRPC error as the user should read it.
-fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", e.message())
-}
-
 fn ttl(secs: u32) -> String {
     tessera_server::config::Secs(u64::from(secs)).to_string()
 }
@@ -314,7 +309,7 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
             let r = client
                 .create_entry(pb::CreateEntryRequest { entry: Some(e) })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             let e = r.entry.unwrap_or_default();
             emit(
@@ -332,7 +327,7 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
             let e = client
                 .get_entry(pb::GetEntryRequest { id })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             emit(conn.output, entry_json(&e), || print_entry(&e));
         }
@@ -359,7 +354,7 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
                         page_size: 0,
                     })
                     .await
-                    .map_err(status)?
+                    .map_err(crate::cli::grpc_error)?
                     .into_inner();
                 all.extend(r.entries);
                 if r.next_page_token.is_empty() {
@@ -387,13 +382,13 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
             let mut e = client
                 .get_entry(pb::GetEntryRequest { id })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             fields.apply(&mut e);
             let e = client
                 .update_entry(pb::UpdateEntryRequest { entry: Some(e) })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             emit(conn.output, entry_json(&e), || print_entry(&e));
         }
@@ -401,7 +396,7 @@ pub(crate) async fn entry(conn: &AdminConn, cmd: EntryCommand) -> anyhow::Result
             let e = client
                 .delete_entry(pb::DeleteEntryRequest { id })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             emit(conn.output, entry_json(&e), || {
                 outln!("Deleted entry {} ({})", e.id, e.spiffe_id)
@@ -419,7 +414,7 @@ pub(crate) async fn token(conn: &AdminConn, cmd: TokenCommand) -> anyhow::Result
             ttl_secs: ttl.unwrap_or(0),
         })
         .await
-        .map_err(status)?
+        .map_err(crate::cli::grpc_error)?
         .into_inner();
     emit(
         conn.output,
@@ -443,7 +438,7 @@ pub(crate) async fn agent(conn: &AdminConn, cmd: AgentCommand) -> anyhow::Result
             let r = client
                 .list_agents(pb::ListAgentsRequest {})
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             emit(
                 conn.output,
@@ -470,7 +465,7 @@ pub(crate) async fn agent(conn: &AdminConn, cmd: AgentCommand) -> anyhow::Result
             (client.evict_agent(req(&spiffe_id)).await, Some("Evicted"))
         }
     };
-    let a = a.map_err(status)?.into_inner();
+    let a = a.map_err(crate::cli::grpc_error)?.into_inner();
     emit(conn.output, agent_json(&a), || match verb {
         Some(v) => outln!("{v} agent {}", a.spiffe_id),
         None => print_agent(&a),
@@ -499,7 +494,7 @@ pub(crate) async fn bundle(conn: &AdminConn, cmd: BundleCommand) -> anyhow::Resu
     let b = client
         .get_bundle(pb::GetBundleRequest {})
         .await
-        .map_err(status)?
+        .map_err(crate::cli::grpc_error)?
         .into_inner();
     match format {
         BundleFormat::Spiffe => outln!("{}", String::from_utf8_lossy(&b.spiffe_bundle_json)),
@@ -521,7 +516,7 @@ pub(crate) async fn svid_mint(conn: &AdminConn, a: SvidMintArgs) -> anyhow::Resu
             dns_names: a.dns_names,
         })
         .await
-        .map_err(status)?
+        .map_err(crate::cli::grpc_error)?
         .into_inner();
     let svid: String = r
         .svid_chain

@@ -355,8 +355,10 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The Workload API's refusals are read by their code too (`PermissionDenied: no identity
+/// issued`); see [`crate::cli::grpc_error`] for the rest.
 fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+    crate::cli::unhelpful(&e).unwrap_or_else(|| anyhow::anyhow!("{:?}: {}", e.code(), e.message()))
 }
 
 pub(crate) fn agent_run(a: AgentRunArgs) -> anyhow::Result<ExitCode> {

@@ -380,3 +380,44 @@ impl StopSignals {
         }
     }
 }
+
+/// How long a command waits for a server's answer on a Unix socket (see
+/// `tessera_server::client::unix_channel`).
+const ANSWER_WITHIN: &str = "30 s";
+
+/// A gRPC error from a Tessera server as the user should read it: its message, which names what
+/// is wrong, or [`unhelpful`]'s account where the message says nothing useful.
+pub(crate) fn grpc_error(e: tonic::Status) -> anyhow::Error {
+    unhelpful(&e).unwrap_or_else(|| anyhow::anyhow!("{}", e.message()))
+}
+
+/// What happened, and what to check, for the errors whose message says nothing useful: a socket
+/// of another kind answers `Unimplemented` with no message, or something that is not gRPC over
+/// HTTP/2 at all; a socket whose process never answers times out.
+pub(crate) fn unhelpful(e: &tonic::Status) -> Option<anyhow::Error> {
+    let (code, msg) = (e.code(), e.message());
+    if code == tonic::Code::Unimplemented {
+        Some(anyhow::anyhow!(
+            "the socket does not serve this API ({code:?}{}{msg}): is it the right socket?",
+            if msg.is_empty() { "" } else { ": " },
+        ))
+    } else if code == tonic::Code::Cancelled && msg.contains("Timeout expired") {
+        Some(anyhow::anyhow!(
+            "no answer within {ANSWER_WITHIN}: is the process on the socket a Tessera server or agent?"
+        ))
+    } else if code == tonic::Code::Unknown && msg.starts_with("h2 protocol error") {
+        Some(anyhow::anyhow!(
+            "the answer was not gRPC over HTTP/2 ({msg}): is it the right socket?"
+        ))
+    } else if msg.contains("operation was canceled") {
+        Some(anyhow::anyhow!(
+            "the connection ended before an answer ({msg}): is it the right socket, and is its process still running?"
+        ))
+    } else if msg.is_empty() {
+        Some(anyhow::anyhow!(
+            "{code:?} with no message: is it the right socket?"
+        ))
+    } else {
+        None
+    }
+}

@@ -114,10 +114,6 @@ fn changed(output: Output, done: &str, name: &str, revision: u64) {
     }
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", e.message())
-}
-
 fn destination_json(d: &pb::StoredDestination) -> serde_json::Value {
     let mut doc: serde_json::Value =
         serde_json::from_str(&d.document_json).unwrap_or(serde_json::Value::Null);
@@ -190,7 +186,9 @@ pub(crate) async fn destination(
                         .push(serde_json::json!({"name": name, "revision": r.get_ref().revision})),
                     Ok(r) => changed(conn.output, "Applied", &name, r.get_ref().revision),
                     Err(e) => {
-                        refused = Some(status(e).context(format!("destination {name:?}")));
+                        refused = Some(
+                            crate::cli::grpc_error(e).context(format!("destination {name:?}")),
+                        );
                         break;
                     }
                 }
@@ -207,7 +205,7 @@ pub(crate) async fn destination(
             let r = client
                 .list_destinations(pb::ListDestinationsRequest {})
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             match conn.output {
                 Output::Json => outln!(
@@ -225,7 +223,7 @@ pub(crate) async fn destination(
             let r = client
                 .get_destination(pb::DestinationName { name })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             if let Some(d) = r.destination {
                 outln!("{:#}", destination_json(&d));
@@ -235,7 +233,7 @@ pub(crate) async fn destination(
             let r = client
                 .delete_destination(pb::DestinationName { name: name.clone() })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             changed(conn.output, "Deleted", &name, r.revision);
         }

@@ -92,10 +92,6 @@ async fn connect(socket: &Path) -> anyhow::Result<FederationApiClient<Channel>> 
     Ok(FederationApiClient::new(ch))
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", e.message())
-}
-
 /// Reads a bundle file for `td`: SPIFFE bundle JSON as is, or PEM CA certificates made into
 /// one. Returns SPIFFE bundle JSON.
 pub(crate) fn read_bundle_file(td: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -247,7 +243,7 @@ pub(crate) async fn federation(
             let list = client
                 .list_federations(pb::ListFederationsRequest {})
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner()
                 .relationships;
             emit(
@@ -277,7 +273,7 @@ pub(crate) async fn federation(
             "Refreshed the bundle of",
         ),
     };
-    let r = rel.map_err(status)?.into_inner();
+    let r = rel.map_err(crate::cli::grpc_error)?.into_inner();
     emit(conn.output, rel_json(&r), || {
         if !verb.is_empty() {
             outln!("{verb} {}", r.trust_domain);
@@ -301,7 +297,7 @@ pub(crate) async fn static_bundle(
                     spiffe_bundle_json: json,
                 })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             emit(
                 conn.output,
@@ -313,7 +309,7 @@ pub(crate) async fn static_bundle(
             let list = client
                 .list_bundles(pb::ListBundlesRequest {})
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner()
                 .bundles;
             emit(
@@ -340,7 +336,7 @@ pub(crate) async fn static_bundle(
             let b = client
                 .delete_bundle(pb::DeleteBundleRequest { trust_domain })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             emit(
                 conn.output,

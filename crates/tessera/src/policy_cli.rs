@@ -92,10 +92,6 @@ fn parse_policies(text: &str) -> anyhow::Result<Vec<pb::StoredPolicy>> {
         .collect())
 }
 
-fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", e.message())
-}
-
 fn policy_json(p: &pb::StoredPolicy) -> serde_json::Value {
     let mut doc: serde_json::Value =
         serde_json::from_str(&p.document_json).unwrap_or(serde_json::Value::Null);
@@ -140,7 +136,7 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
                         create_only,
                     })
                     .await
-                    .map_err(status)
+                    .map_err(crate::cli::grpc_error)
                     .with_context(|| format!("policy {name:?}"))?
                     .into_inner();
                 done.push(serde_json::json!({"name": name, "revision": r.revision}));
@@ -156,7 +152,7 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
             let r = client
                 .list_policies(pb::ListPoliciesRequest {})
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             match conn.output {
                 Output::Json => outln!(
@@ -178,7 +174,7 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
             let r = client
                 .get_policy(pb::PolicyName { name })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             if let Some(p) = r.policy {
                 outln!("{:#}", policy_json(&p));
@@ -188,7 +184,7 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
             let r = client
                 .delete_policy(pb::PolicyName { name: name.clone() })
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             match conn.output {
                 Output::Json => {
@@ -204,7 +200,7 @@ pub(crate) async fn policy(conn: &AdminConn, cmd: PolicyCommand) -> anyhow::Resu
             let r = client
                 .get_policy_sync_status(pb::PolicySyncStatusRequest {})
                 .await
-                .map_err(status)?
+                .map_err(crate::cli::grpc_error)?
                 .into_inner();
             match conn.output {
                 Output::Json => {

@@ -471,3 +471,60 @@ fn healthcheck_tells_ready_not_ready_and_what_is_not_a_health_endpoint() {
         );
     }
 }
+
+#[test]
+fn a_socket_that_is_not_the_api_is_named_as_such_and_never_hangs_a_command() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), free_port());
+    let admin = dir.path().join("admin/admin.sock");
+
+    // A gRPC socket of another API (the admin socket asked for the Workload API).
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["agent", "api", "fetch", "x509", "--socket"])
+        .arg(format!("unix://{}", admin.display()))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains("the socket does not serve this API (Unimplemented"),
+        "{}",
+        err(&o)
+    );
+
+    // Something that answers, but not in HTTP/2.
+    let garbage = dir.path().join("garbage.sock");
+    let l = std::os::unix::net::UnixListener::bind(&garbage).unwrap();
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\n\r\nhello");
+            open.push(c);
+        }
+    });
+    let o = cli(
+        dir.path(),
+        &["entry", "list", "--admin-socket", garbage.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    assert!(err(&o).contains("is it the right socket"), "{}", err(&o));
+
+    // A process that accepts connections and never answers: the command gives up (before: it
+    // waited forever).
+    let silent = dir.path().join("silent.sock");
+    let _held = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let started = Instant::now();
+    let o = cli(
+        dir.path(),
+        &["entry", "list", "--admin-socket", silent.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(err(&o).contains("no answer within 30 s"), "{}", err(&o));
+    drop(server);
+}
