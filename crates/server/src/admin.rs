@@ -8,7 +8,7 @@ use tessera_pki::SvidTemplate;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::admin_api_server::AdminApi;
 use tessera_spiffe::TrustDomain;
-use tessera_store::EntryQuery;
+use tessera_store::{EntryQuery, NewEntry};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
@@ -118,9 +118,23 @@ impl AdminApi for Admin {
             let (entry, created) = self
                 .state
                 .store
-                .create_entry(new)
+                .create_entry(new.clone())
                 .await
                 .map_err(store_status)?;
+            // The same SPIFFE ID, parent and selectors make the same entry: asking again is
+            // answered with it (idempotent), but only when everything else asked is what it has
+            // too. Otherwise answering "exists" would drop the TTLs, federations, DNS names or
+            // flags asked for without a word; refused instead, naming them (as SPIRE refuses a
+            // "similar entry").
+            let differs = settings_that_differ(&entry.to_new(), &new);
+            if !created && !differs.is_empty() {
+                return Err(Status::already_exists(format!(
+                    "entry {} has this SPIFFE ID, parent ID and selectors with other settings ({}); nothing was changed: change it with `tessera entry update --id {}`",
+                    entry.id,
+                    differs.join(", "),
+                    entry.id
+                )));
+            }
             if created {
                 self.state.metrics.entries.inc();
                 self.notify(entry.updated_revision);
@@ -486,4 +500,71 @@ fn random_token() -> Result<String, Status> {
     let mut b = [0u8; 32];
     aws_lc_rs::rand::fill(&mut b).map_err(|_| Status::internal("no randomness available"))?;
     Ok(hex::encode(b))
+}
+
+/// The settings (beyond SPIFFE ID, parent and selectors) in which `asked` differs from `held`,
+/// as "field held (asked asked)".
+fn settings_that_differ(held: &NewEntry, asked: &NewEntry) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut field = |name: &str, differ: bool, h: String, a: String| {
+        if differ {
+            out.push(format!("{name} {h} (asked {a})"));
+        }
+    };
+    let secs = |s: u32| crate::config::Secs(u64::from(s)).to_string();
+    let list = |v: Vec<String>| format!("[{}]", v.join(", "));
+    field(
+        "x509_ttl",
+        held.x509_ttl_secs != asked.x509_ttl_secs,
+        secs(held.x509_ttl_secs),
+        secs(asked.x509_ttl_secs),
+    );
+    field(
+        "jwt_ttl",
+        held.jwt_ttl_secs != asked.jwt_ttl_secs,
+        secs(held.jwt_ttl_secs),
+        secs(asked.jwt_ttl_secs),
+    );
+    field(
+        "dns_names",
+        held.dns_names != asked.dns_names,
+        list(held.dns_names.clone()),
+        list(asked.dns_names.clone()),
+    );
+    field(
+        "federates_with",
+        held.federates_with != asked.federates_with,
+        list(
+            held.federates_with
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        ),
+        list(
+            asked
+                .federates_with
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        ),
+    );
+    field(
+        "hint",
+        held.hint != asked.hint,
+        format!("{:?}", held.hint),
+        format!("{:?}", asked.hint),
+    );
+    field(
+        "admin",
+        held.admin != asked.admin,
+        held.admin.to_string(),
+        asked.admin.to_string(),
+    );
+    field(
+        "downstream",
+        held.downstream != asked.downstream,
+        held.downstream.to_string(),
+        asked.downstream.to_string(),
+    );
+    out
 }

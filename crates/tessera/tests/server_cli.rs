@@ -124,6 +124,20 @@ fn operator_workflow_through_the_cli() {
         "{}",
         out(&o)
     );
+    // The same entry asked with other settings is refused, naming them, and changes nothing
+    // (before: "an identical entry already exists", exit 0, the new TTL dropped).
+    let mut other = create.to_vec();
+    other.extend(["--jwt-ttl", "10m", "--federates-with", "partner.org"]);
+    other[11] = "2h";
+    let o = cli(dir.path(), &other);
+    assert!(!o.status.success(), "{}", out(&o));
+    assert!(
+        err(&o).contains(
+            "with other settings (x509_ttl 30m (asked 2h), jwt_ttl 5m (asked 10m), federates_with [] (asked [partner.org]))"
+        ) && err(&o).contains("tessera entry update --id"),
+        "{}",
+        err(&o)
+    );
 
     let o = cli(dir.path(), &["entry", "list", "--output", "json"]);
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
