@@ -113,9 +113,9 @@ struct ProxyRunArgs {
     /// latency). The inbound side always serves both.
     #[arg(long, default_value = "h2", value_name = "h2|stream")]
     tunnel_protocol: tessera_proxy::tls::TunnelProtocol,
-    /// Socket mark of the proxy's own connections in transparent mode.
-    #[arg(long, default_value_t = config::DEFAULT_MARK)]
-    mark: u32,
+    /// Socket mark of the proxy's own connections in transparent mode (default 0x5e55).
+    #[arg(long, requires = "transparent")]
+    mark: Option<u32>,
     /// Run as this user (USER[:GROUP], names or numbers) once set up: after the interception
     /// rules are installed (they then exempt this user's marked connections, not root's) and
     /// the access log is open, keeping only CAP_NET_ADMIN (for the mark; none outside
@@ -141,7 +141,7 @@ struct ProxyRunArgs {
     #[arg(long, requires = "agent_admin_socket")]
     node: bool,
     /// Node mode: the agent's admin socket.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", requires = "node")]
     agent_admin_socket: Option<PathBuf>,
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -169,6 +169,28 @@ pub(crate) fn proxy(a: ProxyArgs) -> anyhow::Result<ExitCode> {
 
 fn read(path: &PathBuf, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))
+}
+
+/// Each `--inbound` port once (one port cannot be carried both as bytes and as HTTP requests
+/// decided one by one), and never the tunnel's own port: a CONNECT to it would make the proxy
+/// tunnel into itself.
+fn inbound_ports_are_distinct(inbound: &[config::InboundPort], tunnel: u16) -> anyhow::Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for p in inbound {
+        if p.port == tunnel {
+            bail!(
+                "--inbound {}: that is the tunnel's port (--tunnel-address); the application must listen on another",
+                p.port
+            );
+        }
+        if !seen.insert(p.port) {
+            bail!(
+                "--inbound {} is given more than once: give each port once, as PORT (TCP) or PORT:http",
+                p.port
+            );
+        }
+    }
+    Ok(())
 }
 
 fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
@@ -211,6 +233,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
     if a.inbound.is_empty() && a.outbound.is_empty() && !a.transparent {
         bail!("nothing to do: give --inbound, --outbound or --transparent");
     }
+    inbound_ports_are_distinct(&a.inbound, a.tunnel_address.port())?;
     let unmapped = match a.unmapped {
         Some(UnmappedArg::Deny) => Unmapped::Deny,
         Some(UnmappedArg::Passthrough) => Unmapped::Passthrough,
@@ -259,7 +282,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
             tunnel_port: a.tunnel_address.port(),
             outbound_port: outbound_addr.port(),
             inbound_plaintext_port: inbound_plaintext_addr.port(),
-            mark: a.mark,
+            mark: a.mark.unwrap_or(config::DEFAULT_MARK),
             // The user the proxy runs as once set up: its connections, and no one else's.
             uid: Some(run_as.map_or_else(transparent::own_uid, |r| r.uid)),
         };
@@ -281,7 +304,7 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
                 "interception rules installed (they stay after exit; `tessera proxy uninstall-rules` removes them)"
             );
         }
-        opts.mark = Some(a.mark);
+        opts.mark = Some(a.mark.unwrap_or(config::DEFAULT_MARK));
         if !a.node {
             // The server's destination map, merged with the config file's.
             opts.destination_socket = Some(socket.clone());

@@ -60,6 +60,20 @@ fn bad_flags_and_files_are_refused_with_their_name() {
         "no such group",
     );
     run(&["--inbound", "80", "--user", "1337", "--node"], "--node");
+    run(
+        &["--inbound", "8080", "--inbound", "8080:http"],
+        "--inbound 8080 is given more than once",
+    );
+    run(
+        &["--inbound", "25008", "--tunnel-address", "127.0.0.1:25008"],
+        "--inbound 25008: that is the tunnel's port",
+    );
+    // Flags that only mean something with another are refused without it.
+    run(&["--inbound", "80", "--mark", "7"], "--transparent");
+    run(
+        &["--inbound", "80", "--agent-admin-socket", "/tmp/x.sock"],
+        "--node",
+    );
     // A bare word would be a tracing target and log nothing at all: refused instead.
     run(
         &["--inbound", "80", "--log-level", "bogus"],
