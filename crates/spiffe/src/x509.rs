@@ -288,6 +288,39 @@ impl<'a> CertFacts<'a> {
     }
 }
 
+/// Why a certificate cannot serve as an X.509 authority of a trust bundle, or `None` when it can.
+///
+/// X509-SVID §4.1: a certificate that signs SVIDs MUST be a CA (`basicConstraints` with `cA`
+/// true), so a leaf pasted into a bundle by mistake is refused rather than trusted as an anchor
+/// (a trust anchor's own constraints are not checked during path building, so nothing later
+/// would catch it). An RSA key under 2048 bits is refused as too weak to anchor a trust domain
+/// (NIST SP 800-131A disallows it for signatures).
+pub fn authority_problem(der: &[u8]) -> Option<String> {
+    let cert = match X509Certificate::from_der(der) {
+        Ok((rest, cert)) if rest.is_empty() => cert,
+        Ok(_) => return Some("trailing bytes after the certificate".into()),
+        Err(e) => return Some(format!("not an X.509 certificate: {e}")),
+    };
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        Ok(_) => {
+            return Some(
+                "not a CA certificate (basicConstraints cA is not true; X509-SVID §4.1): a leaf cannot be a trust anchor".into(),
+            );
+        }
+        Err(e) => return Some(format!("basicConstraints is malformed: {e}")),
+    }
+    if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = cert.public_key().parsed()
+        && rsa.key_size() < 2048
+    {
+        return Some(format!(
+            "an RSA key of {} bits: at least 2048 are needed",
+            rsa.key_size()
+        ));
+    }
+    None
+}
+
 /// The trust domains named by the SPIFFE IDs in a certificate's URI SANs (a SPIFFE CA names
 /// its own, `spiffe://<td>`, X509-SVID §3.2). URIs that are not SPIFFE IDs are ignored; a
 /// certificate that does not parse names none. Used to refuse a federated bundle whose

@@ -3,7 +3,9 @@
 
 use tessera_spiffe::{Bundle, TrustDomain};
 
-/// Parses a bundle fetched (or given) for `td` and refuses one that belongs to another trust
+/// Parses a bundle fetched (or given) for `td` and refuses one that would trust nothing (no
+/// authority at all), one whose X.509 authority cannot be an anchor (see
+/// `tessera_spiffe::x509::authority_problem`), and one that belongs to another trust
 /// domain. A SPIFFE bundle does not name its trust domain, but each X.509 authority of a SPIFFE
 /// CA carries `spiffe://<td>` (X509-SVID §3.2): an authority naming another trust domain means
 /// the endpoint served someone else's bundle. Accepting it would let that trust domain's CA mint
@@ -12,7 +14,15 @@ use tessera_spiffe::{Bundle, TrustDomain};
 pub(crate) fn accept_bundle(td: &TrustDomain, json: &[u8]) -> Result<Bundle, String> {
     let bundle =
         Bundle::parse(td.clone(), json).map_err(|e| format!("not a SPIFFE bundle of {td}: {e}"))?;
+    if bundle.x509_authorities().is_empty() && bundle.jwt_authorities().is_empty() {
+        return Err(format!(
+            "the bundle of {td} has no X.509 or JWT authorities: it would trust nothing"
+        ));
+    }
     for (i, der) in bundle.x509_authorities().iter().enumerate() {
+        if let Some(problem) = tessera_spiffe::x509::authority_problem(der) {
+            return Err(format!("X.509 authority {i}: {problem}"));
+        }
         if let Some(other) = tessera_spiffe::x509::uri_trust_domains(der)
             .into_iter()
             .find(|t| t != td)
@@ -102,5 +112,70 @@ mod tests {
         assert!(err.contains("of trust domain c.test, not b.test"), "{err}");
         let err = accept_bundle(&td, b"<html>").unwrap_err();
         assert!(err.starts_with("not a SPIFFE bundle of b.test"), "{err}");
+    }
+
+    #[test]
+    fn a_bundle_that_would_trust_nothing_or_a_leaf_or_a_weak_key_is_refused() {
+        let td = TrustDomain::new("b.test").unwrap();
+        let err = accept_bundle(&td, br#"{"keys":[]}"#).unwrap_err();
+        assert!(err.contains("has no X.509 or JWT authorities"), "{err}");
+
+        let ca = tessera_test_util::TestCa::new("b.test");
+        let leaf = ca.issue("spiffe://b.test/web").chain[0].to_vec();
+        let mut with_leaf = tessera_spiffe::Bundle::new(td.clone());
+        with_leaf.add_x509_authority(leaf).unwrap();
+        let err = accept_bundle(&td, with_leaf.to_json().as_bytes()).unwrap_err();
+        assert!(
+            err.starts_with("X.509 authority 0: not a CA certificate"),
+            "{err}"
+        );
+
+        let has_openssl = std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_openssl {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "CI installs openssl"
+            );
+            eprintln!("skipping the RSA-1024 half: no openssl here");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        tessera_test_util::openssl::openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:1024",
+                "-nodes",
+                "-subj",
+                "/CN=weak",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-keyout",
+                "k.pem",
+                "-out",
+                "c.pem",
+                "-days",
+                "1",
+            ],
+        );
+        let pem = std::fs::read(dir.path().join("c.pem")).unwrap();
+        use rustls::pki_types::pem::PemObject as _;
+        let der = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut weak = tessera_spiffe::Bundle::new(td.clone());
+        weak.add_x509_authority(der.to_vec()).unwrap();
+        let err = accept_bundle(&td, weak.to_json().as_bytes()).unwrap_err();
+        assert_eq!(
+            err,
+            "X.509 authority 0: an RSA key of 1024 bits: at least 2048 are needed"
+        );
     }
 }
