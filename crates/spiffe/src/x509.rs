@@ -297,7 +297,7 @@ impl<'a> CertFacts<'a> {
 /// (NIST SP 800-131A disallows it for signatures).
 pub fn authority_problem(der: &[u8]) -> Option<String> {
     let cert = match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => cert,
+        Ok(([], cert)) => cert,
         Ok(_) => return Some("trailing bytes after the certificate".into()),
         Err(e) => return Some(format!("not an X.509 certificate: {e}")),
     };
