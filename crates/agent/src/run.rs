@@ -211,6 +211,15 @@ fn bootstrap_trust(cfg: &AgentConfig) -> Result<ServerTrust, AgentError> {
             }
             b
         };
+        // Without an X.509 authority nothing can verify the server: say so about this file,
+        // not later as a failed attestation that seems to blame the server.
+        if bundle.x509_authorities().is_empty() {
+            return Err(AgentError::Config(format!(
+                "trust_bundle_path {}: no X.509 authority in it (expected PEM CA certificates or a SPIFFE bundle JSON of {})",
+                p.display(),
+                cfg.trust_domain
+            )));
+        }
         let mut set = BundleSet::new();
         set.upsert(bundle);
         return Ok(ServerTrust::Bundles(Arc::new(ArcSwap::from_pointee(set))));

@@ -542,3 +542,33 @@ fn a_socket_that_is_not_the_api_is_named_as_such_and_never_hangs_a_command() {
     assert!(err(&o).contains("no answer within 30 s"), "{}", err(&o));
     drop(server);
 }
+
+#[test]
+fn agent_run_names_a_trust_bundle_file_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("bundle.pem");
+    std::fs::write(&garbage, [0u8, 159, 146, 150, 1, 2, 3]).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["agent", "run", "--server-address", "127.0.0.1:1"])
+        .args(["--join-token", "not-used"])
+        .arg("--trust-bundle-path")
+        .arg(&garbage)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--socket-path")
+        .arg(dir.path().join("agent.sock"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    // Named as the file's problem, before any server is contacted (before: "server: node
+    // attestation failed: ... has no X.509 authorities").
+    assert!(
+        err(&o).contains(&format!(
+            "trust_bundle_path {}: no X.509 authority in it",
+            garbage.display()
+        )),
+        "{}",
+        err(&o)
+    );
+    assert!(!dir.path().join("agent.sock").exists());
+}
