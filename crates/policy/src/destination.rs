@@ -105,11 +105,8 @@ impl DestinationDoc {
                 format!("at most {MAX_DOCUMENT_LEN} bytes are allowed"),
             ));
         }
-        let doc: DestinationDoc = serde_json::from_str(json).map_err(|e| {
-            let msg = e.to_string();
-            let msg = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
-            bad("document", msg)
-        })?;
+        let doc: DestinationDoc =
+            crate::from_json_at(json).map_err(|(field, msg)| bad(&field, msg))?;
         doc.check()
     }
 }
@@ -338,8 +335,8 @@ mod tests {
         let e =
             DestinationDoc::from_json(r#"{"cidr":"1.2.3.4","spiffe_id":"spiffe://x/y","port":1}"#)
                 .unwrap_err();
-        assert_eq!(e.field, "document");
-        assert!(e.message.contains("port"), "{e}");
+        assert_eq!(e.field, "port");
+        assert!(e.message.contains("unknown field `port`"), "{e}");
         assert!(DestinationDoc::from_json(&" ".repeat(MAX_DOCUMENT_LEN + 1)).is_err());
     }
 
@@ -455,7 +452,7 @@ mod tests {
             ),
             (
                 "- name: db\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/db\n  colour: red\n",
-                "db.document",
+                "db.colour",
             ),
             (
                 "- name: db\n  cidr: 198.18.0.7\n  ports: [0]\n  spiffe_id: spiffe://example.org/db\n",
@@ -476,6 +473,15 @@ mod tests {
             (
                 "- name: a\n  cidr: 198.18.0.7\n  ports: [80]\n  spiffe_id: spiffe://example.org/a\n- name: b\n  cidr: 198.18.0.7/32\n  ports: [80, 81]\n  spiffe_id: spiffe://example.org/b\n",
                 "(file)",
+            ),
+            // A wrong type names its field (before: `db.document`).
+            (
+                "- name: db\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/db\n  tunnel_port: 99999\n",
+                "db.tunnel_port",
+            ),
+            (
+                "- name: db\n  cidr: 198.18.0.7\n  ports: \"80\"\n  spiffe_id: spiffe://example.org/db\n",
+                "db.ports",
             ),
             ("42", "(document).document"),
             ("{not json", "(document).document"),

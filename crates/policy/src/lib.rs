@@ -45,17 +45,7 @@ impl NamedPolicy {
     /// A policy from its JSON document (the datastore's `Policy.document`).
     pub fn from_json(name: &str, json: &str) -> Result<Self, PolicyError> {
         let document: PolicyDocument =
-            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json))
-                .map_err(|e| {
-                    // The field the error is in, so a wrong type names it (`rules[0].from`).
-                    let at = e.path().to_string();
-                    let field = if at == "." { "document".to_owned() } else { at };
-                    // The position is in JSON this crate may have made from YAML: the path
-                    // says where, the position would mislead.
-                    let msg = e.into_inner().to_string();
-                    let msg = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
-                    PolicyError::new(name, field, msg)
-                })?;
+            from_json_at(json).map_err(|(field, msg)| PolicyError::new(name, field, msg))?;
         document::validate(name, &document)?;
         Ok(Self {
             name: name.to_owned(),
@@ -122,6 +112,22 @@ pub fn validate_name(name: &str) -> Result<(), PolicyError> {
     }
 }
 
+/// A document from JSON; an error gives the field it is in, so a wrong type names it
+/// (`rules[0].from`, `tunnel_port`; `document` for the whole), and the message without a
+/// position: the JSON may be what this crate made from YAML, where the path says where and a
+/// position would mislead.
+pub(crate) fn from_json_at<T: serde::de::DeserializeOwned>(
+    json: &str,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(json)).map_err(|e| {
+        let at = e.path().to_string();
+        let field = if at == "." { "document".to_owned() } else { at };
+        let msg = e.into_inner().to_string();
+        let msg = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
+        (field, msg.to_owned())
+    })
+}
+
 /// Policies written as YAML or JSON (what `tessera policy apply -f` reads and what a policy
 /// sync source serves): one policy (a mapping with `name` and the document's fields) or a list
 /// of them, possibly empty. Every policy is validated and names are unique; the first error
@@ -146,7 +152,13 @@ pub(crate) fn named_documents(
     let t = text.trim_start();
     let value: serde_json::Value = if t.starts_with('{') || t.starts_with('[') {
         serde_json::from_str(text)
-            .map_err(|e| PolicyError::new("(document)", "document", format!("not JSON: {e}")))?
+            .map_err(|e| {
+                PolicyError::new(
+                    "(document)",
+                    "document",
+                    format!("not JSON (a text that starts with {{ or [ is read as JSON, YAML otherwise): {e}"),
+                )
+            })?
     } else if t.is_empty() {
         serde_json::Value::Array(Vec::new())
     } else {
