@@ -474,6 +474,10 @@ mod tests {
                 "- name: a\n  cidr: 198.18.0.7\n  ports: [80]\n  spiffe_id: spiffe://example.org/a\n- name: b\n  cidr: 198.18.0.7/32\n  ports: [80, 81]\n  spiffe_id: spiffe://example.org/b\n",
                 "(file)",
             ),
+            (
+                "- name: db\n  cidr: \"::ffff:198.18.0.9\"\n  spiffe_id: spiffe://example.org/db\n",
+                "db.cidr",
+            ),
             // A wrong type names its field (before: `db.document`).
             (
                 "- name: db\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/db\n  tunnel_port: 99999\n",
@@ -489,6 +493,16 @@ mod tests {
             let e = parse_documents(text).unwrap_err();
             assert_eq!(e.field, field, "{text}: {e}");
         }
+        let e = parse_documents(
+            "name: db\ncidr: \"::ffff:198.18.0.9/128\"\nspiffe_id: spiffe://example.org/db\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.message.ends_with(
+                "an IPv4-mapped IPv6 address; write the IPv4 address (198.18.0.9) instead"
+            ),
+            "{e}"
+        );
         // The ambiguity names both entries.
         let e = parse_documents("- name: a\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/a\n- name: b\n  cidr: 198.18.0.7\n  spiffe_id: spiffe://example.org/b\n").unwrap_err();
         assert!(

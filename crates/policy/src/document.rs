@@ -401,6 +401,15 @@ impl IpNet {
         let addr: IpAddr = a.parse().map_err(|_| {
             format!("{s:?}: an IP address or network (198.18.0.0/15, 2001:db8::/32)")
         })?;
+        // Connections to an IPv4 address are matched as IPv4 (a dual-stack socket's mapped
+        // form is unmapped first), so a mapped network could never match: ask for IPv4.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return Err(format!(
+                "{s:?}: an IPv4-mapped IPv6 address; write the IPv4 address ({v4}) instead"
+            ));
+        }
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
             None => max,
