@@ -29,8 +29,15 @@ pub(crate) struct AdminConn {
 }
 
 /// A duration flag: `90s`, `5m`, `1h`, `1h30m`.
+/// A lifetime flag (`--x509-ttl`, `--jwt-ttl`, `--ttl`). Zero is refused: on the wire it means
+/// "the server's default", so `0s` would silently become an hour, not nothing.
 pub(crate) fn parse_secs(s: &str) -> Result<u32, String> {
     let v: tessera_server::config::Secs = s.parse()?;
+    if v.0 == 0 {
+        return Err(format!(
+            "duration {s:?} is zero; leave the flag out for the server's default"
+        ));
+    }
     u32::try_from(v.0).map_err(|_| format!("duration {s:?} is too long"))
 }
 

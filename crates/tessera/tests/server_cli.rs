@@ -124,6 +124,16 @@ fn operator_workflow_through_the_cli() {
         "{}",
         out(&o)
     );
+    // A zero lifetime is refused (on the wire 0 means the default: it became 1h silently).
+    let mut zero = create.to_vec();
+    zero[11] = "0s";
+    let o = cli(dir.path(), &zero);
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains("is zero; leave the flag out"),
+        "{}",
+        err(&o)
+    );
     // The same entry asked with other settings is refused, naming them, and changes nothing
     // (before: "an identical entry already exists", exit 0, the new TTL dropped).
     let mut other = create.to_vec();
