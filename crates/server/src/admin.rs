@@ -229,6 +229,18 @@ impl AdminApi for Admin {
                 self.state.default_jwt_ttl(),
             )?;
             self.own_trust_domain("spiffe_id", &new.spiffe_id)?;
+            // An update that changes nothing writes nothing: no new revision, so no agent
+            // re-syncs the entry and no SVID is signed again for it.
+            if let Some(held) = self
+                .state
+                .store
+                .get_entry(&e.id)
+                .await
+                .map_err(store_status)?
+                && held.to_new() == new
+            {
+                return Ok(convert::entry(&held));
+            }
             let entry = self
                 .state
                 .store

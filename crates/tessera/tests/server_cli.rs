@@ -160,6 +160,17 @@ fn operator_workflow_through_the_cli() {
     );
     assert!(o.status.success(), "{}", err(&o));
     assert!(out(&o).contains("Hint          : frontend"));
+    // The same update again changes nothing, so it writes nothing: the revision stays (before:
+    // a new revision, and every agent re-synced the entry).
+    let revision = |o: &Output| {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["updated_revision"].as_u64().unwrap()
+    };
+    let update = [
+        "entry", "update", "--id", &id, "--hint", "frontend", "--output", "json",
+    ];
+    let first = revision(&cli(dir.path(), &update));
+    assert_eq!(revision(&cli(dir.path(), &update)), first);
     let o = cli(dir.path(), &["entry", "show", "--id", &id]);
     assert!(
         out(&o).contains("Selector      : unix:gid:1000")
