@@ -196,15 +196,30 @@ fn write_pem_files(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()
         for (name, text, mode) in files {
             let path = dir.join(&name);
             let tmp = dir.join(format!(".{name}.tmp"));
-            let mut f = std::fs::OpenOptions::new()
+            // A leftover temporary file is replaced, never reused: `mode` applies only to a
+            // file this call creates, and the key must never land in a file readable by others.
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("remove {}", tmp.display()));
+                }
+                _ => {}
+            }
+            let written = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(mode)
                 .open(&tmp)
-                .with_context(|| format!("write {}", tmp.display()))?;
-            f.write_all(text.as_bytes())?;
-            std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .with_context(|| format!("write {}", tmp.display()))
+                .and_then(|()| {
+                    std::fs::rename(&tmp, &path)
+                        .with_context(|| format!("write {}", path.display()))
+                });
+            // Nothing is left behind when a write fails (a full disk, a directory in the way).
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written?;
         }
     }
     Ok(())

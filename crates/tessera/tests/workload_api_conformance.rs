@@ -576,3 +576,83 @@ fn a_second_instance_never_takes_over_a_live_socket() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no identity issued"), "{err}");
 }
+
+#[test]
+fn agent_api_fetch_write_keeps_pem_files_with_a_private_key_and_leaves_nothing_on_failure() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dev = start_dev();
+    let uid = format!("unix:uid:{}", my_uid());
+    cli(
+        &dev.admin,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/files",
+            "--selector",
+            &uid,
+        ],
+    );
+    let out = tempfile::tempdir().unwrap();
+    let fetch = |dir: &Path| {
+        tessera()
+            .args(["agent", "api", "fetch", "x509", "--write"])
+            .arg(dir)
+            .env(
+                "SPIFFE_ENDPOINT_SOCKET",
+                format!("unix://{}", dev.socket.display()),
+            )
+            .output()
+            .unwrap()
+    };
+    // A temporary file an earlier run left, readable by everyone: replaced, not reused, so the
+    // key never lands in a file others can read.
+    std::fs::write(out.path().join(".svid.0.key.tmp"), "old").unwrap();
+    std::fs::set_permissions(
+        out.path().join(".svid.0.key.tmp"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let o = loop {
+        let o = fetch(out.path());
+        if o.status.success() || Instant::now() > deadline {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let key = out.path().join("svid.0.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key's mode");
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+    assert!(
+        std::fs::read_to_string(out.path().join("svid.0.pem"))
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    assert!(out.path().join("bundle.0.pem").exists());
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        names(out.path()),
+        ["bundle.0.pem", "svid.0.key", "svid.0.pem"]
+    );
+
+    // A write that fails (a directory where the certificate goes): an error, nothing left over.
+    let blocked = tempfile::tempdir().unwrap();
+    std::fs::create_dir(blocked.path().join("svid.0.pem")).unwrap();
+    let o = fetch(blocked.path());
+    assert!(!o.status.success());
+    assert_eq!(names(blocked.path()), ["svid.0.pem"]);
+}
