@@ -540,9 +540,9 @@ pub(crate) async fn svid_mint(conn: &AdminConn, a: SvidMintArgs) -> anyhow::Resu
     match a.write {
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-            write_file(&dir.join("svid.pem"), &svid, 0o644)?;
-            write_file(&dir.join("svid_key.pem"), &key_pem, 0o600)?;
-            write_file(&dir.join("bundle.pem"), &bundle, 0o644)?;
+            crate::cli::write_file(&dir.join("svid.pem"), &svid, 0o644)?;
+            crate::cli::write_file(&dir.join("svid_key.pem"), &key_pem, 0o600)?;
+            crate::cli::write_file(&dir.join("bundle.pem"), &bundle, 0o644)?;
             outln!(
                 "Wrote svid.pem, svid_key.pem and bundle.pem to {}",
                 dir.display()
@@ -553,21 +553,6 @@ pub(crate) async fn svid_mint(conn: &AdminConn, a: SvidMintArgs) -> anyhow::Resu
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("write {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .with_context(|| format!("write {}", path.display()))?;
-    Ok(())
 }
 
 /// `tessera healthcheck`: GET /ready on the health endpoint; exit 0 only when ready (200), 1

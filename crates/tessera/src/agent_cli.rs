@@ -180,8 +180,6 @@ fn pem_chain(der_concat: &[u8]) -> String {
 }
 
 fn write_pem_files(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     for (i, svid) in resp.svids.iter().enumerate() {
         let files = [
@@ -194,32 +192,7 @@ fn write_pem_files(dir: &Path, resp: &wl::X509svidResponse) -> anyhow::Result<()
             (format!("bundle.{i}.pem"), pem_chain(&svid.bundle), 0o644),
         ];
         for (name, text, mode) in files {
-            let path = dir.join(&name);
-            let tmp = dir.join(format!(".{name}.tmp"));
-            // A leftover temporary file is replaced, never reused: `mode` applies only to a
-            // file this call creates, and the key must never land in a file readable by others.
-            match std::fs::remove_file(&tmp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).with_context(|| format!("remove {}", tmp.display()));
-                }
-                _ => {}
-            }
-            let written = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(&tmp)
-                .and_then(|mut f| f.write_all(text.as_bytes()))
-                .with_context(|| format!("write {}", tmp.display()))
-                .and_then(|()| {
-                    std::fs::rename(&tmp, &path)
-                        .with_context(|| format!("write {}", path.display()))
-                });
-            // Nothing is left behind when a write fails (a full disk, a directory in the way).
-            if written.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            written?;
+            crate::cli::write_file(&dir.join(&name), &text, mode)?;
         }
     }
     Ok(())

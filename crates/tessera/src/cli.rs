@@ -421,3 +421,38 @@ pub(crate) fn unhelpful(e: &tonic::Status) -> Option<anyhow::Error> {
         None
     }
 }
+
+/// Writes `text` to `path` with `mode`, whole or not at all: into a temporary file beside it,
+/// then renamed over it, so a reader never sees half a key or certificate. A leftover temporary
+/// file is replaced, never reused: `mode` applies only to a file this call creates, and a key
+/// must never land in a file readable by others (the same holds for the final file, which the
+/// rename replaces with the new one and its mode). Nothing is left behind when a write fails.
+pub(crate) fn write_file(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("remove {}", tmp.display()));
+        }
+        _ => {}
+    }
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("write {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}

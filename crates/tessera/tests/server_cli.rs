@@ -280,6 +280,15 @@ fn operator_workflow_through_the_cli() {
     let b: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(b["spiffe_sequence"], 1);
     let svid_dir = dir.path().join("svid");
+    // A key file already there, readable by everyone: replaced with a 0600 one (before: opened
+    // with its mode kept, 0644).
+    std::fs::create_dir_all(&svid_dir).unwrap();
+    std::fs::write(svid_dir.join("svid_key.pem"), "old").unwrap();
+    std::fs::set_permissions(
+        svid_dir.join("svid_key.pem"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let o = cli(
         dir.path(),
         &[
