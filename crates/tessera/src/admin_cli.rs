@@ -59,7 +59,7 @@ pub(crate) enum EntryCommand {
     Create(EntryFields),
     /// Show one entry.
     Show {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::parse_key)]
         id: String,
     },
     /// List entries, optionally filtered.
@@ -74,14 +74,14 @@ pub(crate) enum EntryCommand {
     },
     /// Change an entry: given flags replace those fields, the rest stays.
     Update {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::parse_key)]
         id: String,
         #[command(flatten)]
         fields: EntryFields,
     },
     /// Delete an entry.
     Delete {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::parse_key)]
         id: String,
     },
 }

@@ -35,12 +35,12 @@ pub(crate) enum Step {
     Activate,
     /// Every agent replaces every SVID the (old) authority signed, at once.
     Taint {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::parse_key)]
         authority_id: String,
     },
     /// Remove the (tainted) authority from the bundle: nothing it signed verifies any more.
     Revoke {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::parse_key)]
         authority_id: String,
     },
 }
@@ -51,12 +51,12 @@ pub(crate) enum UpstreamStep {
     Show,
     /// Not done by Tessera (explains what to do instead).
     Taint {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::parse_key)]
         authority_id: String,
     },
     /// Not done by Tessera (explains what to do instead).
     Revoke {
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::parse_key)]
         authority_id: String,
     },
 }

@@ -456,3 +456,21 @@ pub(crate) fn write_file(path: &std::path::Path, text: &str, mode: u32) -> anyho
     }
     written
 }
+
+/// An ID or name that a command sends to look something up (an entry ID, an authority ID, a
+/// policy or destination name). Every such key is short; a long one is refused here, naming the
+/// length, because the server's "not found" answer repeats it and an answer over the HTTP/2
+/// header limit (16 KiB) reaches the user only as "h2 protocol error".
+pub(crate) fn parse_key(s: &str) -> Result<String, String> {
+    const MAX: usize = 1024;
+    if s.len() > MAX {
+        return Err(format!(
+            "{} bytes long: no ID or name is longer than {MAX}",
+            s.len()
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err("contains a control character: no ID or name does".into());
+    }
+    Ok(s.to_owned())
+}

@@ -26,9 +26,15 @@ pub(crate) enum DestinationCommand {
     /// List every destination.
     List,
     /// Show one destination's document.
-    Show { name: String },
+    Show {
+        #[arg(value_parser = crate::cli::parse_key)]
+        name: String,
+    },
     /// Delete a destination.
-    Delete { name: String },
+    Delete {
+        #[arg(value_parser = crate::cli::parse_key)]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -30,9 +30,15 @@ pub(crate) enum PolicyCommand {
     /// List every policy and the trust domain's default.
     List,
     /// Show one policy's document.
-    Show { name: String },
+    Show {
+        #[arg(value_parser = crate::cli::parse_key)]
+        name: String,
+    },
     /// Delete a policy.
-    Delete { name: String },
+    Delete {
+        #[arg(value_parser = crate::cli::parse_key)]
+        name: String,
+    },
     /// Policy sets owned by external access-control systems (`[[policy.sync]]`).
     #[command(subcommand)]
     Sync(SyncCommand),

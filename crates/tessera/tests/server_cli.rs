@@ -180,7 +180,14 @@ fn operator_workflow_through_the_cli() {
     );
 
     // Bad input: a clear message, exit code != 0, nothing changed.
+    let long_id = "a".repeat(17_000);
     for (args, want) in [
+        // Refused before it is sent (before: the server's answer repeated it and went over the
+        // HTTP/2 header limit: "h2 protocol error").
+        (
+            vec!["entry", "show", "--id", &long_id],
+            "17000 bytes long: no ID or name is longer than 1024",
+        ),
         (
             vec![
                 "entry",
