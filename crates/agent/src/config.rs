@@ -136,6 +136,12 @@ impl AgentConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err("data_dir is empty: give the directory the agent keeps its SVID in".into());
+        }
+        if self.socket_path.as_os_str().is_empty() {
+            return Err("socket_path is empty: give the Workload API socket's path".into());
+        }
         if let Some(p) = &self.admin_socket_path
             && (!p.is_absolute() || *p == self.socket_path)
         {

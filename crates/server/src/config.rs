@@ -361,6 +361,11 @@ impl ServerConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid(
+                "data_dir is empty: give the directory the server keeps its state in".into(),
+            );
+        }
         if self.ca.key_type != "ec-p256" {
             return invalid(format!(
                 "ca.key_type {:?}: only \"ec-p256\" is supported",

@@ -40,10 +40,25 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
-            errln!("error: {e:#}");
+            errln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, as `{:#}` writes them (`outer: cause: root`), without a cause that
+/// the text already ends with: an error type whose message includes its source (`read X:
+/// {source}`) would otherwise print the root cause twice.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.ends_with(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 /// Writes a command's output to stdout. A reader that went away (EPIPE: the other end of a pipe
@@ -63,5 +78,36 @@ pub(crate) fn write_out(args: std::fmt::Arguments<'_>, newline: bool) {
             errln!("error: writing the output: {e}");
             std::process::exit(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_the_message_already_ends_with_is_not_repeated() {
+        #[derive(Debug)]
+        struct Read {
+            source: std::io::Error,
+        }
+        impl std::fmt::Display for Read {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "read /x: {}", self.source)
+            }
+        }
+        impl std::error::Error for Read {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.source)
+            }
+        }
+        let e = anyhow::Error::new(Read {
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })
+        .context("--config /x");
+        assert_eq!(
+            super::error_text(&e),
+            "--config /x: read /x: entity not found"
+        );
+        let plain = anyhow::anyhow!("root").context("middle").context("top");
+        assert_eq!(super::error_text(&plain), "top: middle: root");
     }
 }

@@ -404,6 +404,30 @@ fn server_run_refuses_bad_configuration() {
         .unwrap();
     assert!(!o.status.success());
     assert!(err(&o).contains("--trust-domain"), "{}", err(&o));
+    // An empty data_dir and an unknown log level are named (before: "chmod : No such file or
+    // directory"; and a server that logged nothing at all).
+    let data = dir.path().join("data");
+    for (text, says) in [
+        (
+            "trust_domain = \"example.org\"\ndata_dir = \"\"\n".to_owned(),
+            "data_dir is empty",
+        ),
+        (
+            format!(
+                "trust_domain = \"example.org\"\ndata_dir = {:?}\nlog_level = \"bogus\"\n",
+                data.display().to_string()
+            ),
+            "log level \"bogus\"",
+        ),
+    ] {
+        std::fs::write(&cfg, &text).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["server", "run", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{text}");
+        assert!(err(&o).contains(says), "{text}: {}", err(&o));
+    }
 }
 
 /// A pipe whose reading end is already closed: every write to it fails with EPIPE.
