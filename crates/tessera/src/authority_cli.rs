@@ -194,18 +194,15 @@ pub(crate) async fn run(conn: &AdminConn, cmd: AuthorityCommand) -> anyhow::Resu
                     outln!("{}", resp.message);
                     Ok(ExitCode::SUCCESS)
                 }
-                Err(e) => Err(anyhow::anyhow!("{}", e.message())),
+                Err(e) => Err(crate::cli::grpc_error(e)),
             };
         }
     };
-    if let (Some(text), Output::Human) = (intent(&step, name, cmd), conn.output) {
-        errln!("{text}");
-    }
     let req = |id: &str| pb::AuthorityRequest {
         kind: kind as i32,
         authority_id: id.to_owned(),
     };
-    let err = |e: tonic::Status| anyhow::anyhow!("{}", e.message());
+    let err = crate::cli::grpc_error;
     let resp = match &step {
         Step::Show => {
             let st = client
@@ -223,6 +220,11 @@ pub(crate) async fn run(conn: &AdminConn, cmd: AuthorityCommand) -> anyhow::Resu
     }
     .map_err(err)?
     .into_inner();
+    // What the step does, once the server has done it (before, it was said even when the
+    // server then refused the step).
+    if let (Some(text), Output::Human) = (intent(&step, name, cmd), conn.output) {
+        errln!("{text}");
+    }
     print_state(
         conn.output,
         &resp.state.unwrap_or_default(),

@@ -42,6 +42,8 @@ async fn refused(admin: &Path, args: &[&str], want: &str) {
     let (success, _, err) = authority(admin, args).await;
     assert!(!success, "{args:?} should be refused");
     assert!(err.contains(want), "{args:?}: want {want:?} in {err}");
+    // Only the error: what the step would have done is not announced for a refused step.
+    assert!(err.starts_with("error: "), "{args:?}: {err}");
 }
 
 async fn show(admin: &Path, kind: &str) -> serde_json::Value {
