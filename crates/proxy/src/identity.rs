@@ -235,7 +235,7 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, String> {
     match tessera_spiffe::endpoint::EndpointAddr::parse(endpoint) {
         Ok(tessera_spiffe::endpoint::EndpointAddr::Unix(p)) => Ok(p),
         Ok(other) => Err(format!(
-            "{endpoint:?}: the proxy needs a Unix socket, got {other:?}"
+            "{endpoint:?}: a Unix socket is needed (unix:///path or /path), got {other:?}"
         )),
         Err(e) => Err(format!("{endpoint:?}: {e}")),
     }

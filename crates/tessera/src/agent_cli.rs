@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use tessera_proto::workload as wl;
 use tessera_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -140,11 +140,9 @@ fn security_header(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, to
 }
 
 async fn connect(ep: &Endpoint_) -> anyhow::Result<Client> {
-    let addr = tessera_spiffe::EndpointAddr::parse(&ep.socket)
-        .with_context(|| format!("--socket {:?}", ep.socket))?;
-    let tessera_spiffe::EndpointAddr::Unix(path) = addr else {
-        bail!("only unix:// Workload API addresses are supported by this client");
-    };
+    // `unix:///path` (SPIFFE Workload Endpoint §4) or a bare absolute path, as the proxy takes.
+    let path = tessera_proxy::identity::socket_path(&ep.socket)
+        .map_err(|e| anyhow::anyhow!("--socket / SPIFFE_ENDPOINT_SOCKET: {e}"))?;
     let channel = tessera_server::client::unix_channel(&path)
         .await
         .with_context(|| {

@@ -222,7 +222,15 @@ fn run(a: ProxyRunArgs) -> anyhow::Result<ExitCode> {
         Some(DefaultArg::Allow) => DefaultAction::Allow,
     };
     let policy = match &policy_path {
-        Some(p) => Some((p.display().to_string(), read(p, "--policy")?)),
+        Some(p) => {
+            // Named as the user gave it: the flag, or the config file's key.
+            let what = if a.policy.is_some() {
+                "--policy"
+            } else {
+                "policy_file (--config)"
+            };
+            Some((p.display().to_string(), read(p, what)?))
+        }
         None => None,
     };
     // Check the policy now, so a bad file fails before anything is installed. The trust domain

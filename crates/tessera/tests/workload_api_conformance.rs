@@ -562,14 +562,12 @@ fn a_second_instance_never_takes_over_a_live_socket() {
             && err.contains("another process is serving on this socket"),
         "{err}"
     );
-    // The first instance still owns both and answers on both.
+    // The first instance still owns both and answers on both (the socket given as a bare
+    // path, which `agent api` takes as the proxy does).
     cli(&dev.admin, &["entry", "list"]);
     let o = tessera()
-        .args(["agent", "api", "fetch", "bundles"])
-        .env(
-            "SPIFFE_ENDPOINT_SOCKET",
-            format!("unix://{}", dev.socket.display()),
-        )
+        .args(["agent", "api", "fetch", "bundles", "--socket"])
+        .arg(&dev.socket)
         .output()
         .unwrap();
     // This process has no entry: the agent answers that it issued it nothing.
