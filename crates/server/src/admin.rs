@@ -101,6 +101,11 @@ impl AdminApi for Admin {
             serde_json::json!({ "spiffe_id": msg.entry.as_ref().map(|e| e.spiffe_id.clone()) });
         let result = async {
             let mut e = msg.entry.ok_or_else(|| field_err("entry", "is required"))?;
+            // The ID's own trust domain first: a default parent filled in below would otherwise
+            // be blamed for the mismatch, a field the caller never gave.
+            if let Ok(id) = tessera_spiffe::SpiffeId::parse(&e.spiffe_id) {
+                self.own_trust_domain("spiffe_id", &id)?;
+            }
             if e.parent_id.is_empty()
                 && let Some(parent) = self.state.default_parent.load_full()
             {

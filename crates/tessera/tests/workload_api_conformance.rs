@@ -591,6 +591,19 @@ fn agent_api_fetch_write_keeps_pem_files_with_a_private_key_and_leaves_nothing_o
             &uid,
         ],
     );
+    // In dev mode an entry without --parent-id gets the embedded agent as its parent; an ID of
+    // another trust domain is blamed on itself, not on that parent (a field never given).
+    let o = tessera()
+        .args(["entry", "create", "--spiffe-id", "spiffe://other.org/x"])
+        .args(["--selector", &uid])
+        .env("TESSERA_ADMIN_SOCKET", &dev.admin)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("spiffe_id: spiffe://other.org/x is not in trust domain example.org"),
+        "{err}"
+    );
     let out = tempfile::tempdir().unwrap();
     let fetch = |dir: &Path| {
         tessera()
