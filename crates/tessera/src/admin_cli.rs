@@ -186,10 +186,9 @@ pub(crate) enum AgentCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub(crate) enum BundleFormat {
     /// PEM CA certificates.
-    #[default]
     Pem,
     /// SPIFFE bundle JSON (JWK Set).
     Spiffe,
@@ -199,8 +198,9 @@ pub(crate) enum BundleFormat {
 pub(crate) enum BundleCommand {
     /// Show the trust domain's bundle.
     Show {
-        #[arg(long, value_enum, default_value_t)]
-        format: BundleFormat,
+        /// Default: pem, or spiffe with `--output json` (the SPIFFE bundle is the JSON form).
+        #[arg(long, value_enum)]
+        format: Option<BundleFormat>,
     },
     /// Bundles of other trust domains: set, list, delete.
     #[command(flatten)]
@@ -492,7 +492,10 @@ fn bundle_pem(b: &pb::Bundle) -> anyhow::Result<String> {
 
 pub(crate) async fn bundle(conn: &AdminConn, cmd: BundleCommand) -> anyhow::Result<ExitCode> {
     let format = match cmd {
-        BundleCommand::Show { format } => format,
+        BundleCommand::Show { format } => format.unwrap_or(match conn.output {
+            Output::Json => BundleFormat::Spiffe,
+            Output::Human => BundleFormat::Pem,
+        }),
         BundleCommand::Foreign(cmd) => {
             return crate::federation_cli::static_bundle(conn, cmd).await;
         }
@@ -537,20 +540,43 @@ pub(crate) async fn svid_mint(conn: &AdminConn, a: SvidMintArgs) -> anyhow::Resu
         .map(bundle_pem)
         .transpose()?
         .unwrap_or_default();
-    match a.write {
-        Some(dir) => {
+    match (a.write, conn.output) {
+        (Some(dir), output) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-            crate::cli::write_file(&dir.join("svid.pem"), &svid, 0o644)?;
-            crate::cli::write_file(&dir.join("svid_key.pem"), &key_pem, 0o600)?;
-            crate::cli::write_file(&dir.join("bundle.pem"), &bundle, 0o644)?;
-            outln!(
-                "Wrote svid.pem, svid_key.pem and bundle.pem to {}",
-                dir.display()
+            let files = [
+                ("svid.pem", &svid, 0o644),
+                ("svid_key.pem", &key_pem, 0o600),
+                ("bundle.pem", &bundle, 0o644),
+            ];
+            for (name, text, mode) in files {
+                crate::cli::write_file(&dir.join(name), text, mode)?;
+            }
+            emit(
+                output,
+                serde_json::json!({
+                    "spiffe_id": a.spiffe_id.to_string(),
+                    "directory": dir.display().to_string(),
+                    "files": files.map(|(name, _, _)| name),
+                }),
+                || {
+                    outln!(
+                        "Wrote svid.pem, svid_key.pem and bundle.pem to {}",
+                        dir.display()
+                    )
+                },
             );
         }
-        None => {
-            out!("{svid}{key_pem}");
-        }
+        // The key in JSON too: the caller asked for it on stdout either way.
+        (None, Output::Json) => outln!(
+            "{:#}",
+            serde_json::json!({
+                "spiffe_id": a.spiffe_id.to_string(),
+                "svid_pem": svid,
+                "key_pem": key_pem,
+                "bundle_pem": bundle,
+            })
+        ),
+        (None, Output::Human) => out!("{svid}{key_pem}"),
     }
     Ok(ExitCode::SUCCESS)
 }

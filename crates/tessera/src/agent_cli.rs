@@ -296,11 +296,35 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
                 .map_err(status)?
                 .into_inner();
             let jr = j.next().await.context("stream closed")?.map_err(status)?;
-            for (td, der) in &xr.bundles {
-                outln!("X.509 bundle of {td}:\n{}", pem_chain(der));
-            }
-            for (td, jwks) in &jr.bundles {
-                outln!("JWT bundle of {td}:\n{}", String::from_utf8_lossy(jwks));
+            match ep.output {
+                // Per trust domain: the X.509 authorities as PEM, the JWT ones as their JWKS.
+                Output::Json => {
+                    let mut tds = serde_json::Map::new();
+                    for (td, der) in &xr.bundles {
+                        tds.insert(td.clone(), serde_json::json!({"x509_pem": pem_chain(der)}));
+                    }
+                    for (td, jwks) in &jr.bundles {
+                        let jwks: serde_json::Value = serde_json::from_slice(jwks)
+                            .unwrap_or_else(|_| String::from_utf8_lossy(jwks).into());
+                        match tds.get_mut(td) {
+                            Some(serde_json::Value::Object(m)) => {
+                                m.insert("jwt_jwks".into(), jwks);
+                            }
+                            _ => {
+                                tds.insert(td.clone(), serde_json::json!({"jwt_jwks": jwks}));
+                            }
+                        }
+                    }
+                    outln!("{:#}", serde_json::Value::Object(tds));
+                }
+                Output::Human => {
+                    for (td, der) in &xr.bundles {
+                        outln!("X.509 bundle of {td}:\n{}", pem_chain(der));
+                    }
+                    for (td, jwks) in &jr.bundles {
+                        outln!("JWT bundle of {td}:\n{}", String::from_utf8_lossy(jwks));
+                    }
+                }
             }
         }
         ApiCommand::Watch { write, ep } => {

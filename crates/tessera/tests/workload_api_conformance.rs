@@ -660,6 +660,45 @@ fn agent_api_fetch_write_keeps_pem_files_with_a_private_key_and_leaves_nothing_o
         ["bundle.0.pem", "svid.0.key", "svid.0.pem"]
     );
 
+    // `--output json` is JSON for the commands that print certificates too.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = tessera()
+            .args(args)
+            .args(["--output", "json"])
+            .env("TESSERA_ADMIN_SOCKET", &dev.admin)
+            .env(
+                "SPIFFE_ENDPOINT_SOCKET",
+                format!("unix://{}", dev.socket.display()),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+    };
+    let b = json(&["agent", "api", "fetch", "bundles"]);
+    let ours = &b["spiffe://example.org"];
+    assert!(
+        ours["x509_pem"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("-----BEGIN CERTIFICATE-----")),
+        "{b}"
+    );
+    assert!(ours["jwt_jwks"]["keys"].is_array(), "{b}");
+    assert!(json(&["bundle", "show"])["keys"].is_array());
+    let minted = json(&["svid", "mint", "--spiffe-id", "spiffe://example.org/minted"]);
+    assert_eq!(minted["spiffe_id"], "spiffe://example.org/minted");
+    assert!(
+        minted["key_pem"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+
     // A write that fails (a directory where the certificate goes): an error, nothing left over.
     let blocked = tempfile::tempdir().unwrap();
     std::fs::create_dir(blocked.path().join("svid.0.pem")).unwrap();
