@@ -359,7 +359,13 @@ pub(crate) async fn api(cmd: ApiCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            outln!("valid JWT-SVID of {}", r.spiffe_id);
+            match ep.output {
+                Output::Json => outln!(
+                    "{}",
+                    serde_json::json!({"valid": true, "spiffe_id": r.spiffe_id})
+                ),
+                Output::Human => outln!("valid JWT-SVID of {}", r.spiffe_id),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
