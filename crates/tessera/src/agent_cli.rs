@@ -481,6 +481,24 @@ pub(crate) fn dev(a: DevArgs) -> anyhow::Result<ExitCode> {
             true,
         ),
     };
+    // The sockets are checked before the server starts, so a bad one leaves nothing behind.
+    let sockets = [
+        ("--workload-socket", Some(&a.workload_socket)),
+        ("--admin-socket", Some(&a.admin_socket)),
+        ("--agent-admin-socket", a.agent_admin_socket.as_ref()),
+    ];
+    for (i, (flag, path)) in sockets.iter().enumerate() {
+        let Some(path) = path else { continue };
+        if !path.is_absolute() {
+            anyhow::bail!("{flag} {}: must be an absolute path", path.display());
+        }
+        if let Some((other, _)) = sockets[..i].iter().find(|(_, p)| *p == Some(*path)) {
+            anyhow::bail!(
+                "{flag} {}: the same path as {other}; each socket needs its own",
+                path.display()
+            );
+        }
+    }
     tessera_telemetry::init_logging(&a.log_level).map_err(anyhow::Error::msg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -573,6 +573,28 @@ fn a_second_instance_never_takes_over_a_live_socket() {
     // This process has no entry: the agent answers that it issued it nothing.
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no identity issued"), "{err}");
+
+    // Socket paths dev cannot use are refused before its server starts (before: the server
+    // started, made a join token, and then the agent refused the path).
+    let same = other.path().join("same.sock");
+    let _ = std::fs::remove_dir_all(other.path().join("data"));
+    for (socket, admin, says) in [
+        (
+            Path::new("relative.sock"),
+            other.path().join("a.sock"),
+            "--workload-socket relative.sock: must be an absolute path",
+        ),
+        (
+            same.as_path(),
+            same.clone(),
+            "the same path as --workload-socket",
+        ),
+    ] {
+        let (status, err) = exits_on_its_own(second(&admin, socket));
+        assert!(!status.success());
+        assert!(err.contains(says), "{err}");
+        assert!(!other.path().join("data").exists(), "the server started");
+    }
 }
 
 #[test]
