@@ -68,6 +68,17 @@ struct Dev {
     _dir: tempfile::TempDir,
 }
 
+impl Dev {
+    /// An entry `id` for this test process's uid.
+    fn entry_for_me(&self, id: &str) {
+        let uid = format!("unix:uid:{}", my_uid());
+        cli(
+            &self.admin,
+            &["entry", "create", "--spiffe-id", id, "--selector", &uid],
+        );
+    }
+}
+
 fn start_dev() -> Dev {
     let dir = tempfile::tempdir().unwrap();
     let admin = dir.path().join("admin/admin.sock");
@@ -281,18 +292,7 @@ fn python_spiffe_package_works_unchanged() {
         return;
     }
     let dev = start_dev();
-    let uid = format!("unix:uid:{}", my_uid());
-    cli(
-        &dev.admin,
-        &[
-            "entry",
-            "create",
-            "--spiffe-id",
-            "spiffe://example.org/python",
-            "--selector",
-            &uid,
-        ],
-    );
+    dev.entry_for_me("spiffe://example.org/python");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/conformance/py_spiffe.py");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -601,18 +601,8 @@ fn a_second_instance_never_takes_over_a_live_socket() {
 fn agent_api_fetch_write_keeps_pem_files_with_a_private_key_and_leaves_nothing_on_failure() {
     use std::os::unix::fs::PermissionsExt as _;
     let dev = start_dev();
+    dev.entry_for_me("spiffe://example.org/files");
     let uid = format!("unix:uid:{}", my_uid());
-    cli(
-        &dev.admin,
-        &[
-            "entry",
-            "create",
-            "--spiffe-id",
-            "spiffe://example.org/files",
-            "--selector",
-            &uid,
-        ],
-    );
     // In dev mode an entry without --parent-id gets the embedded agent as its parent; an ID of
     // another trust domain is blamed on itself, not on that parent (a field never given).
     let o = tessera()
@@ -684,25 +674,12 @@ fn agent_api_fetch_write_keeps_pem_files_with_a_private_key_and_leaves_nothing_o
 
     // `--output json` is JSON for the commands that print certificates too.
     let json = |args: &[&str]| -> serde_json::Value {
-        let o = tessera()
-            .args(args)
-            .args(["--output", "json"])
-            .env("TESSERA_ADMIN_SOCKET", &dev.admin)
-            .env(
-                "SPIFFE_ENDPOINT_SOCKET",
-                format!("unix://{}", dev.socket.display()),
-            )
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        serde_json::from_slice(&cli(&dev.admin, &all).stdout).unwrap()
     };
-    let b = json(&["agent", "api", "fetch", "bundles"]);
+    let socket = dev.socket.to_str().unwrap();
+    let b = json(&["agent", "api", "fetch", "bundles", "--socket", socket]);
     let ours = &b["spiffe://example.org"];
     assert!(
         ours["x509_pem"]
