@@ -134,8 +134,18 @@ async fn metrics_handler(State(s): State<HealthState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves the router until `shutdown` completes. Returns the bound address
-/// (useful with port 0) once listening.
+/// Connections the health endpoint serves at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// How long one connection to the health endpoint may last. A probe or a scrape takes
+/// milliseconds; without a bound, clients that connect and send nothing (or a header a byte at
+/// a time) would hold descriptors until the process has none left for its real work (the
+/// Workload API, the tunnel).
+pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `router` on `addr` until `shutdown` completes; returns the bound address (useful with
+/// port 0) and the task. HTTP/1.1 and HTTP/2; at most [`MAX_CONNECTIONS`] connections at once,
+/// each closed after [`CONNECTION_LIFETIME`].
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
@@ -143,20 +153,114 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "health endpoint stopped");
-        }
-    });
+    let task = tokio::spawn(accept_loop(listener, router, shutdown));
     Ok((bound, task))
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut failing = false;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut shutdown => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => {
+                failing = false;
+                s
+            }
+            Err(e) => {
+                // Out of descriptors (EMFILE) or the like: say so once, wait, try again.
+                if !failing {
+                    tracing::warn!(error = %e, "health endpoint: accept failed; retrying");
+                }
+                failing = true;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: closed at once, so a flood costs no descriptor for longer than this.
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::check_filter;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn get_live(addr: std::net::SocketAddr) -> String {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
+    /// Clients that connect and send nothing cannot take the process's descriptors: beyond
+    /// MAX_CONNECTIONS a connection is closed at once, and each lasts CONNECTION_LIFETIME at
+    /// most; the endpoint answers again as soon as they are gone.
+    #[tokio::test]
+    async fn idle_connections_are_bounded_in_number_and_in_time() {
+        let registry = std::sync::Arc::new(std::sync::Mutex::new(
+            prometheus_client::registry::Registry::default(),
+        ));
+        let router = super::router(registry, super::ready_when(|| Ok::<(), String>(())));
+        let (addr, _task) = super::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            router,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        assert!(get_live(addr).await.starts_with("HTTP/1.1 200"));
+
+        let mut idle = Vec::new();
+        for _ in 0..super::MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server take them all before the next one.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(2), over.read(&mut buf))
+            .await
+            .expect("closed at once, not held");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+        // Held ones are closed when their lifetime is up.
+        let started = std::time::Instant::now();
+        let n = tokio::time::timeout(
+            super::CONNECTION_LIFETIME + std::time::Duration::from_secs(5),
+            idle[0].read(&mut buf),
+        )
+        .await
+        .expect("closed after its lifetime");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        assert!(started.elapsed() < super::CONNECTION_LIFETIME + std::time::Duration::from_secs(5));
+        drop(idle);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(get_live(addr).await.starts_with("HTTP/1.1 200"));
+    }
 
     #[test]
     fn a_filter_is_levels_or_target_directives_and_nothing_else() {
