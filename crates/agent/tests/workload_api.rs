@@ -766,6 +766,51 @@ async fn cancelled_streams_free_their_tasks() {
     f.wait_for_streams(0).await;
 }
 
+/// One connection holds at most MAX_STREAMS_PER_CONNECTION streams open: the next request
+/// waits for one to end (before: 25,000 streams on one connection took every descriptor the
+/// agent had).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_cannot_open_more_than_its_share_of_streams() {
+    let f = Fixture::start().await;
+    f.publish(vec![f.identity(
+        "spiffe://example.org/a",
+        my_uid_selector(),
+        "",
+        &[],
+    )]);
+    let c = f.client().await;
+    let max = tessera_agent::workload_api::MAX_STREAMS_PER_CONNECTION as usize;
+    let mut calls = Vec::new();
+    for _ in 0..max + 10 {
+        let mut c = c.clone();
+        calls.push(tokio::spawn(async move {
+            let mut s = c
+                .fetch_x509svid(req(X509svidRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            next(&mut s).await.unwrap().unwrap();
+            // Held open until the test ends.
+            std::future::pending::<()>().await;
+        }));
+    }
+    f.wait_for_streams(max).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        f.api.active_streams(),
+        max,
+        "streams beyond the limit were opened"
+    );
+    // One ends: a waiting one takes its place.
+    calls[0].abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.api.active_streams(), max);
+    for c in calls {
+        c.abort();
+    }
+    f.wait_for_streams(0).await;
+}
+
 #[tokio::test]
 async fn wit_svid_rpcs_are_unimplemented() {
     let f = Fixture::start().await;

@@ -104,13 +104,23 @@ pub(crate) fn caller_of<T>(req: &tonic::Request<T>) -> Result<PeerProcess, Workl
 
 /// Accepted connections, each with its caller pinned. An accept error (out of file descriptors,
 /// say) is logged and retried after a pause instead of ending the server or spinning.
+/// The error is logged once per run of failures, not once per retry (20 lines a second).
 pub fn incoming(listener: UnixListener) -> impl Stream<Item = Result<CallerConn, Infallible>> {
     futures::stream::unfold(listener, |listener| async move {
+        let mut failing = false;
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => return Some((Ok(CallerConn::new(stream)), listener)),
+                Ok((stream, _)) => {
+                    if failing {
+                        tracing::info!("Workload API: accepting connections again");
+                    }
+                    return Some((Ok(CallerConn::new(stream)), listener));
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "Workload API: accepting a connection failed");
+                    if !failing {
+                        tracing::warn!(error = %e, "Workload API: accepting a connection failed; retrying every 50 ms");
+                    }
+                    failing = true;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
