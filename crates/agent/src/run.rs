@@ -168,6 +168,8 @@ pub struct RunningAgent {
     pub spiffe_id: SpiffeId,
     pub socket_path: PathBuf,
     socket_file: tessera_server::unix_socket::Bound,
+    /// The node-mode admin socket, when one is served.
+    admin_socket_file: Option<tessera_server::unix_socket::Bound>,
     pub cache: Arc<Cache>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -186,6 +188,9 @@ impl RunningAgent {
         }
         // Also when the serving task was cut short; only if the file is still ours.
         self.socket_file.remove();
+        if let Some(f) = &self.admin_socket_file {
+            f.remove();
+        }
     }
 }
 
@@ -374,6 +379,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let api = crate::workload_api::WorkloadApi::new(cache.clone(), attestor, minter)
         .with_metrics(shared.metrics.clone())
         .with_sds(shared.cfg.sds.clone());
+    let mut admin_socket_file = None;
     if let Some(path) = shared.cfg.admin_socket_path.clone() {
         let enrollments = crate::enroll::Enrollments::restore(&shared.cfg.data_dir);
         let authorized = shared
@@ -394,6 +400,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
                 source: e,
             }
         })?;
+        admin_socket_file = Some(tessera_server::unix_socket::Bound::record(&path));
         tracing::info!(socket = %path.display(), enrolled = enrollments.len(), "node-mode enrollment on the agent admin socket");
         tasks.push(tokio::spawn(enrolled_svid_task(
             shared.clone(),
@@ -450,6 +457,7 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         spiffe_id,
         socket_path,
         socket_file,
+        admin_socket_file,
         cache,
         stop,
         tasks,
