@@ -575,6 +575,9 @@ pub async fn serve_listener(
         // open stream holds the agent's resources (a descriptor to re-check its caller among
         // them), so one connection may not open thousands.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(tower::util::MapResponseLayer::new(
+            tessera_server::grpc_status::bound_message::<tonic::body::Body>,
+        ))
         .add_service(api.into_service())
         .add_service(sds)
         .add_service(policies)

@@ -19,6 +19,7 @@ mod convert;
 mod destination_api;
 mod federation;
 mod follow;
+pub mod grpc_status;
 mod memory;
 mod metrics;
 mod policy_api;

@@ -283,6 +283,9 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                crate::grpc_status::bound_message::<tonic::body::Body>,
+            ))
             .add_service(agent_svc)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
@@ -350,6 +353,9 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         let shutdown = stopped(stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
+                .layer(tower::util::MapResponseLayer::new(
+                    crate::grpc_status::bound_message::<tonic::body::Body>,
+                ))
                 .add_service(svc)
                 .add_service(fed_svc)
                 .serve_with_incoming_shutdown(incoming, shutdown)
@@ -389,6 +395,9 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                crate::grpc_status::bound_message::<tonic::body::Body>,
+            ))
             .add_service(admin_svc)
             .add_service(authority_svc)
             .add_service(fed_svc)

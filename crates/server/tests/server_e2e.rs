@@ -635,6 +635,20 @@ async fn bad_admin_requests_name_the_field_and_change_nothing() {
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains("reserved"), "{}", err.message());
     }
+    // An answer that repeats a huge value is cut, so the client still gets its status (before:
+    // a header past the HTTP/2 limit, and only a broken connection).
+    let err = adm
+        .get_entry(pb::GetEntryRequest {
+            id: "a".repeat(300_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(
+        err.message().len() < 2100 && err.message().ends_with("... (cut to 2 KiB)"),
+        "{} bytes",
+        err.message().len()
+    );
     server.shutdown().await;
 }
 
