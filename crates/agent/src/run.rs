@@ -423,10 +423,11 @@ pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
         let shutdown = async move {
             let _ = srx.wait_for(|s| *s).await;
         };
-        if let Err(e) = crate::workload_api::serve_listener(listener, api, shutdown).await {
+        if let Err(e) =
+            crate::workload_api::serve_bound(listener, &served_file, api, shutdown).await
+        {
             tracing::error!(error = %e, "Workload API stopped");
         }
-        served_file.remove();
     }));
     if let Some(addr) = shared.cfg.health_bind_address {
         let ready_cache = cache.clone();

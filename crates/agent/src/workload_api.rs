@@ -21,7 +21,7 @@ pub(crate) mod view;
 
 use std::collections::BTreeSet;
 use std::future::Future;
-
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -535,12 +535,23 @@ impl SpiffeWorkloadApi for WorkloadApi {
 /// `shutdown` completes (see [`serve_listener`]); then the socket file is removed, if it is
 /// still the one bound here.
 pub async fn serve(
-    socket_path: &std::path::Path,
+    socket_path: &Path,
     api: WorkloadApi,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkloadApiError> {
     let listener = bind(socket_path).await?;
     let socket_file = tessera_server::unix_socket::Bound::record(socket_path);
+    serve_bound(listener, &socket_file, api, shutdown).await
+}
+
+/// [`serve_listener`] on a listener [`bind`] made, whose file is `socket_file`; then that file
+/// is removed, if it is still the one bound.
+pub async fn serve_bound(
+    listener: UnixListener,
+    socket_file: &tessera_server::unix_socket::Bound,
+    api: WorkloadApi,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkloadApiError> {
     let result = serve_listener(listener, api, shutdown).await;
     socket_file.remove();
     result

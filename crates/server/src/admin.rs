@@ -131,14 +131,16 @@ impl AdminApi for Admin {
             // too. Otherwise answering "exists" would drop the TTLs, federations, DNS names or
             // flags asked for without a word; refused instead, naming them (as SPIRE refuses a
             // "similar entry").
-            let differs = settings_that_differ(&entry.to_new(), &new);
-            if !created && !differs.is_empty() {
-                return Err(Status::already_exists(format!(
-                    "entry {} has this SPIFFE ID, parent ID and selectors with other settings ({}); nothing was changed: change it with `tessera entry update --id {}`",
-                    entry.id,
-                    differs.join(", "),
-                    entry.id
-                )));
+            if !created {
+                let differs = settings_that_differ(&entry.to_new(), &new);
+                if !differs.is_empty() {
+                    return Err(Status::already_exists(format!(
+                        "entry {} has this SPIFFE ID, parent ID and selectors with other settings ({}); nothing was changed: change it with `tessera entry update --id {}`",
+                        entry.id,
+                        differs.join(", "),
+                        entry.id
+                    )));
+                }
             }
             if created {
                 self.state.metrics.entries.inc();

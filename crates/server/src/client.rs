@@ -15,6 +15,9 @@ use tessera_tls::{
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// How long a call on a [`unix_channel`] waits for the head of its answer.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// An HTTP/2 channel to a gRPC server on a Unix socket (the admin socket, the Workload API).
 ///
 /// Connecting gives up after 5 s and each call after 30 s without an answer (the head of the
@@ -25,7 +28,7 @@ pub async fn unix_channel(socket: &Path) -> Result<Channel, tonic::transport::Er
     // The URI is required by the API but unused: the connector always dials the socket.
     Endpoint::from_static("http://[::1]:0")
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(30))
+        .timeout(CALL_TIMEOUT)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {

@@ -381,10 +381,6 @@ impl StopSignals {
     }
 }
 
-/// How long a command waits for a server's answer on a Unix socket (see
-/// `tessera_server::client::unix_channel`).
-const ANSWER_WITHIN: &str = "30 s";
-
 /// A gRPC error from a Tessera server as the user should read it: its message, which names what
 /// is wrong, or [`unhelpful`]'s account where the message says nothing useful.
 pub(crate) fn grpc_error(e: tonic::Status) -> anyhow::Error {
@@ -403,7 +399,8 @@ pub(crate) fn unhelpful(e: &tonic::Status) -> Option<anyhow::Error> {
         ))
     } else if code == tonic::Code::Cancelled && msg.contains("Timeout expired") {
         Some(anyhow::anyhow!(
-            "no answer within {ANSWER_WITHIN}: is the process on the socket a Tessera server or agent?"
+            "no answer within {} s: is the process on the socket a Tessera server or agent?",
+            tessera_server::client::CALL_TIMEOUT.as_secs()
         ))
     } else if code == tonic::Code::Unknown && msg.starts_with("h2 protocol error") {
         Some(anyhow::anyhow!(
