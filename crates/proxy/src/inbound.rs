@@ -24,8 +24,11 @@ use crate::identity::Identity;
 use crate::telemetry::{AccessRecord, Direction, Telemetry};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent CONNECT streams on one tunnel connection.
-const MAX_STREAMS: u32 = 65_536;
+/// Concurrent CONNECT streams on one tunnel connection (advertised in SETTINGS, RFC 9113
+/// §6.5.2). Each stream holds a connection to the application, so one peer connection may hold
+/// only this many descriptors; pooling clients open another tunnel connection for more (ours at
+/// `outbound::STREAMS_PER_CONNECTION`, kept below this so no stream waits for a slot).
+pub const MAX_STREAMS: u32 = 128;
 
 /// The inbound side's state.
 #[derive(Debug)]
@@ -209,8 +212,6 @@ impl Inbound {
             let peer_cert = peer_cert.clone();
             async move { Ok::<_, Infallible>(this.stream(req, &src, &peer_cert, peer, local).await) }
         });
-        // Every workload connection between two identities shares one pooled tunnel, so the
-        // stream limit must not be hyper's default of 200 (the 201st would wait for a slot).
         // Boxed, so a stream-tunnel connection's task does not carry the room for it.
         let mut conn = Box::pin(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())

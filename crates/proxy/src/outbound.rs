@@ -5,7 +5,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -47,6 +50,14 @@ struct PoolKey {
     tunnel: SocketAddr,
 }
 
+/// The most streams this side opens on one pooled tunnel connection; the next stream goes over
+/// another connection. Below the peer's advertised limit (`inbound::MAX_STREAMS`), so a stream is
+/// never queued behind the peer's limit waiting for another to end, which for long-lived
+/// connections could be forever. The same default as ztunnel's pool (100): enough to spread the
+/// handshake's cost, few enough that one TCP connection's congestion window and one connection's
+/// loss do not hold up every connection between two workloads.
+pub const STREAMS_PER_CONNECTION: usize = 100;
+
 /// A pooled tunnel connection, and what decides when it is too old to carry new streams.
 #[derive(Debug)]
 struct Pooled {
@@ -57,6 +68,8 @@ struct Pooled {
     generation: u64,
     /// The peer's leaf notAfter (Unix seconds): past it, the peer's identity is no longer proven.
     peer_not_after: Option<i64>,
+    /// Streams open on it (each held by a [`Slot`]).
+    open: Arc<AtomicUsize>,
 }
 
 impl Pooled {
@@ -68,6 +81,91 @@ impl Pooled {
             && self.generation == generation
             && self.peer_not_after.is_some_and(|t| now < t)
     }
+
+    /// A stream's place on this connection, if it has room for one more.
+    fn take_slot(&self) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < STREAMS_PER_CONNECTION).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(Some(self.open.clone())))
+    }
+}
+
+/// One stream's place on a pooled connection, given back when the stream ends (dropped).
+#[derive(Debug, Default)]
+struct Slot(Option<Arc<AtomicUsize>>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(open) = &self.0 {
+            open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The tunnel connections of one key: those with room are used first; idle ones beyond the
+/// first are dropped (their connection closes once its last stream ends).
+fn pick(conns: &mut Vec<Pooled>, generation: u64) -> Option<(SendRequest<Empty<Bytes>>, Slot)> {
+    conns.retain(|c| c.usable(generation));
+    let mut idle_kept = false;
+    conns.retain(|c| {
+        let idle = c.open.load(Ordering::Acquire) == 0;
+        let keep = !idle || !idle_kept;
+        idle_kept |= idle;
+        keep
+    });
+    conns
+        .iter()
+        .find_map(|c| c.take_slot().map(|slot| (c.sender.clone(), slot)))
+}
+
+/// An open HTTP/2 CONNECT stream. Its connection counts it as open until it is dropped.
+#[derive(Debug)]
+pub struct H2Stream {
+    io: Upgraded,
+    _slot: Slot,
+}
+
+impl hyper::rt::Read for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
 }
 
 /// Opens tunnel streams.
@@ -75,7 +173,7 @@ impl Pooled {
 pub struct Outbound {
     identity: Arc<Identity>,
     configs: ClientConfigs,
-    pool: Mutex<HashMap<PoolKey, Pooled>>,
+    pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     pooling: bool,
     protocol: TunnelProtocol,
     /// Where connections are made (this namespace or a workload's) and their mark.
@@ -86,7 +184,7 @@ pub struct Outbound {
 /// An open tunnel stream of either protocol.
 #[derive(Debug)]
 pub enum TunnelStream {
-    H2(TokioIo<Upgraded>),
+    H2(TokioIo<H2Stream>),
     /// Admitted, its keys out of rustls: carried with [`crate::sealed::bidirectional`].
     Stream(Box<crate::sealed::Sealed>),
 }
@@ -243,7 +341,7 @@ impl Outbound {
         dst_id: &SpiffeId,
         tunnel: SocketAddr,
         target: SocketAddr,
-    ) -> Result<Upgraded, TunnelError> {
+    ) -> Result<H2Stream, TunnelError> {
         let src = self.identity.spiffe_id().ok_or(TunnelError::NoIdentity)?;
         let key = PoolKey {
             src,
@@ -252,32 +350,39 @@ impl Outbound {
         };
         let pooled = if self.pooling {
             let generation = self.identity.generation();
-            self.pool.lock().ok().and_then(|mut p| match p.get(&key) {
-                Some(s) if s.usable(generation) => Some(s.sender.clone()),
-                Some(_) => {
+            self.pool.lock().ok().and_then(|mut p| {
+                let conns = p.get_mut(&key)?;
+                let found = pick(conns, generation);
+                if conns.is_empty() {
                     p.remove(&key);
-                    None
                 }
-                None => None,
+                found
             })
         } else {
             None
         };
-        let sender = match pooled {
+        let (sender, slot) = match pooled {
             Some(s) => s,
             None => self.dial(&key).await?,
         };
         match self.connect(sender, target, tunnel).await {
             Err(TunnelError::H2(..)) if self.pooling => {
-                // The pooled connection died under us: drop it and dial once more.
-                if let Ok(mut p) = self.pool.lock() {
-                    p.remove(&key);
-                }
-                let sender = self.dial(&key).await?;
-                self.connect(sender, target, tunnel).await
+                // The pooled connection died under us: it is not picked again (closed), and
+                // this stream is dialed once more.
+                drop(slot);
+                let (sender, slot) = self.dial(&key).await?;
+                let io = self.connect(sender, target, tunnel).await?;
+                Ok(H2Stream { io, _slot: slot })
             }
-            other => other,
+            other => other.map(|io| H2Stream { io, _slot: slot }),
         }
+    }
+
+    /// Tunnel connections held in the pool (all keys).
+    pub fn pooled_connections(&self) -> usize {
+        self.pool
+            .lock()
+            .map_or(0, |p| p.values().map(Vec::len).sum())
     }
 
     async fn connect(
@@ -303,7 +408,7 @@ impl Outbound {
         hyper::upgrade::on(resp).await.map_err(h2)
     }
 
-    async fn dial(&self, key: &PoolKey) -> Result<SendRequest<Empty<Bytes>>, TunnelError> {
+    async fn dial(&self, key: &PoolKey) -> Result<(SendRequest<Empty<Bytes>>, Slot), TunnelError> {
         let tunnel = key.tunnel;
         // Read before the handshake: a change during it makes the connection stale at once.
         let generation = self.identity.generation();
@@ -329,19 +434,21 @@ impl Outbound {
             }
             pooled.dec();
         });
-        if self.pooling
-            && let Ok(mut p) = self.pool.lock()
-        {
-            p.insert(
-                key.clone(),
-                Pooled {
-                    sender: sender.clone(),
-                    generation,
-                    peer_not_after,
-                },
-            );
+        if !self.pooling {
+            return Ok((sender, Slot::default()));
         }
-        Ok(sender)
+        let pooled = Pooled {
+            sender: sender.clone(),
+            generation,
+            peer_not_after,
+            open: Arc::default(),
+        };
+        // Never fails: a new connection has room.
+        let slot = pooled.take_slot().unwrap_or_default();
+        if let Ok(mut p) = self.pool.lock() {
+            p.entry(key.clone()).or_default().push(pooled);
+        }
+        Ok((sender, slot))
     }
 
     /// Proxies one workload connection to `target` through the tunnel and writes its access record.

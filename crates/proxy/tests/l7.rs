@@ -324,7 +324,7 @@ async fn stream_to_bar(
     from: &RunningProxy,
     to: &RunningProxy,
     port: u16,
-) -> hyper::upgrade::Upgraded {
+) -> tessera_proxy::outbound::H2Stream {
     let bar_id = SpiffeId::parse("spiffe://example.org/bar").unwrap();
     let target: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     from.outbound

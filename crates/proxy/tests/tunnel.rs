@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rustls_pki_types::PrivateKeyDer;
 use tessera_proxy::config::InboundPort;
-use tessera_proxy::outbound::{TunnelError, TunnelStream};
+use tessera_proxy::outbound::{H2Stream, STREAMS_PER_CONNECTION, TunnelError, TunnelStream};
 use tessera_proxy::tls::TunnelProtocol;
 use tessera_proxy::{Identity, ProxyOptions, RunningProxy, Telemetry};
 use tessera_spiffe::SpiffeId;
@@ -156,7 +156,7 @@ async fn pair_over(ca: &TestCa, foo_identity: Arc<Identity>, protocol: TunnelPro
     }
 }
 
-async fn roundtrip(up: hyper::upgrade::Upgraded, payload: &[u8]) -> Vec<u8> {
+async fn roundtrip(up: H2Stream, payload: &[u8]) -> Vec<u8> {
     let mut io = hyper_util::rt::TokioIo::new(up);
     io.write_all(payload).await.unwrap();
     // Half-close: the application sees EOF, echoes everything, then closes its side.
@@ -213,6 +213,90 @@ async fn allowed_source_reaches_the_app_with_half_close_and_is_logged() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(allowed(), 2);
+}
+
+/// A pooled tunnel connection carries at most STREAMS_PER_CONNECTION streams: the next one goes
+/// over a second connection (it neither waits for a slot nor exceeds the peer's limit), and once
+/// the streams end only one idle connection stays pooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pooled_connection_sends_the_next_stream_over_another() {
+    let ca = TestCa::new("example.org");
+    let Pair {
+        bar,
+        foo,
+        target,
+        bar_id,
+        count,
+    } = pair(&ca, identity(&ca, "spiffe://example.org/foo", &[&ca])).await;
+    let out = &foo.proxy.outbound;
+    let mut open = Vec::new();
+    for i in 0..=STREAMS_PER_CONNECTION {
+        let up = tokio::time::timeout(
+            Duration::from_secs(10),
+            out.open(&bar_id, bar.proxy.tunnel_addr, target),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("stream {i} waited for a slot"))
+        .unwrap();
+        let mut io = hyper_util::rt::TokioIo::new(up);
+        io.write_all(&[7]).await.unwrap();
+        let mut b = [0u8; 1];
+        io.read_exact(&mut b).await.unwrap();
+        open.push(io);
+        let want = if i < STREAMS_PER_CONNECTION { 1 } else { 2 };
+        assert_eq!(out.pooled_connections(), want, "after stream {i}");
+    }
+    assert_eq!(*count.lock().unwrap(), STREAMS_PER_CONNECTION + 1);
+    drop(open);
+    let up = out
+        .open(&bar_id, bar.proxy.tunnel_addr, target)
+        .await
+        .unwrap();
+    assert_eq!(roundtrip(up, b"again").await, b"again");
+    assert_eq!(out.pooled_connections(), 1, "one idle connection is kept");
+}
+
+/// The tunnel port tells every HTTP/2 client how many streams one connection may hold (RFC 9113
+/// §6.5.2 SETTINGS_MAX_CONCURRENT_STREAMS), a bound on the application connections one peer
+/// connection can hold, and above what our pooling client opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_port_advertises_its_stream_limit() {
+    let ca = TestCa::new("example.org");
+    let Pair {
+        bar,
+        foo,
+        target,
+        bar_id,
+        ..
+    } = pair(&ca, identity(&ca, "spiffe://example.org/foo", &[&ca])).await;
+    let verifier = Arc::new(tessera_tls::SpiffeServerVerifier::new(
+        foo.identity.bundles(),
+        tessera_tls::ExpectedPeer::Exact(bar_id),
+    ));
+    let cfg = tessera_tls::client_config(verifier, foo.identity.resolver(), &[b"h2"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(bar.proxy.tunnel_addr)
+        .await
+        .unwrap();
+    let name =
+        rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .unwrap();
+    let (resp, _stream) = send.send_request(req, false).unwrap();
+    // The answer comes after the server's SETTINGS, which the client has then applied.
+    assert_eq!(resp.await.unwrap().status(), 200);
+    let limit = send.current_max_send_streams();
+    assert_eq!(limit, tessera_proxy::inbound::MAX_STREAMS as usize);
+    assert!(limit > STREAMS_PER_CONNECTION, "{limit}");
 }
 
 /// The stream tunnel (one mTLS connection per connection) carries bytes with half-close, and
@@ -764,7 +848,7 @@ async fn a_local_policy_file_is_read_again_when_it_changes() {
             .outbound
             .open(&bar_id, bar.proxy.tunnel_addr, target)
     };
-    let echoes = async |up: hyper::upgrade::Upgraded| {
+    let echoes = async |up: H2Stream| {
         let mut io = hyper_util::rt::TokioIo::new(up);
         io.write_all(b"hi").await.is_ok() && {
             let mut b = [0u8; 2];
