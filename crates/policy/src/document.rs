@@ -523,11 +523,8 @@ impl Cond {
     ) -> Option<bool> {
         let one = |values: &CondValues| -> Option<bool> {
             Some(match (&self.key, values) {
-                (CondKey::Header(name), CondValues::Str(m)) => req?
-                    .headers
-                    .iter()
-                    .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .any(|(_, v)| m.iter().any(|m| m.matches(v))),
+                (CondKey::Header(name), CondValues::Str(m)) => header_value(req?.headers, name)
+                    .is_some_and(|v| m.iter().any(|m| m.matches(&v))),
                 (CondKey::SourceIp, CondValues::Net(n)) => {
                     let ip = addrs.source?;
                     n.iter().any(|n| n.contains(ip))
@@ -552,6 +549,29 @@ impl Cond {
         };
         Some(yes && !no)
     }
+}
+
+/// A header's value as a condition sees it: every copy, in order, joined with `,` (RFC 9110
+/// §5.3 makes the copies one list), as Istio and Envoy match them. Matching each copy alone let
+/// a caller add `x-tenant: tenant-a` beside a `tenant-b` a trusted hop set and satisfy a rule
+/// on `tenant-a`, while the application reads the joined value. `None` when absent.
+fn header_value<'a>(headers: &[(&str, &'a str)], name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let mut copies = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| *v);
+    let first = copies.next()?;
+    Some(match copies.next() {
+        None => std::borrow::Cow::Borrowed(first),
+        Some(second) => {
+            let mut joined = format!("{first},{second}");
+            for v in copies {
+                joined.push(',');
+                joined.push_str(v);
+            }
+            std::borrow::Cow::Owned(joined)
+        }
+    })
 }
 
 fn parse_key(policy: &str, field: &str, key: &str) -> Result<CondKey, PolicyError> {
@@ -707,7 +727,21 @@ pub(crate) fn compile_http(
                         format!("{p:?}: a path starts with `/` (or `*` for a suffix match)"),
                     ));
                 }
-                parse_str_match(policy, &field, p)
+                let m = parse_str_match(policy, &field, p)?;
+                let problem = match &m {
+                    StrMatch::Exact(x) => crate::path::pattern_problem(x, true, true),
+                    StrMatch::Prefix(x) => crate::path::pattern_problem(x, true, false),
+                    StrMatch::Suffix(x) => crate::path::pattern_problem(x, false, true),
+                    StrMatch::Any => None,
+                };
+                if let Some(why) = problem {
+                    return Err(PolicyError::new(
+                        policy,
+                        field,
+                        format!("{p:?} never matches: {why}"),
+                    ));
+                }
+                Ok(m)
             })
             .collect()
     };

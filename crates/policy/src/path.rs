@@ -7,14 +7,25 @@
 ///   decoded; every other escape is kept, with upper-case hex (§6.2.2.1). An encoded `/` (`%2F`)
 ///   or `\` (`%5C`) therefore stays encoded and is not a path separator here.
 /// - RFC 3986 §6.2.2.3, §5.2.4: `.` and `..` segments are removed.
+/// - A `\` is a `/`, as Istio's default (`BASE`) normalization has it: IIS and several Java and
+///   Node stacks treat it as a separator, so `/x\..\admin` reaches their `/admin`.
 /// - Empty segments are merged (`//` → `/`), as Istio's `MERGE_SLASHES`; a trailing `/` stays.
 ///
 /// A `%` not followed by two hex digits is a malformed request, refused rather than guessed at.
+/// So is `%00`, as Istio refuses it: an application that decodes the path and ends it at a NUL
+/// would serve `/admin` for `/admin%00.png`, which a rule on `/admin` never saw.
 /// The query is left alone. `*` (the `OPTIONS *` form) is returned as it is.
 pub fn normalize_path(raw: &str) -> Result<String, String> {
     if raw == "*" {
         return Ok(raw.to_owned());
     }
+    let slashed;
+    let raw = if raw.contains('\\') {
+        slashed = raw.replace('\\', "/");
+        slashed.as_str()
+    } else {
+        raw
+    };
     let mut decoded = String::with_capacity(raw.len());
     let mut rest = raw;
     while let Some(at) = rest.find('%') {
@@ -29,6 +40,12 @@ pub fn normalize_path(raw: &str) -> Result<String, String> {
                 raw.len() - rest.len() + at
             ));
         };
+        if v == 0 {
+            return Err(format!(
+                "the path has an encoded NUL (%00) at byte {}",
+                raw.len() - rest.len() + at
+            ));
+        }
         if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
             decoded.push(char::from(v));
         } else {
@@ -76,9 +93,113 @@ pub fn without_params(path: &str) -> Option<String> {
     normalize_path(&stripped.join("/")).ok()
 }
 
+/// Why a path pattern's literal part never occurs in a path as [`normalize_path`] writes it,
+/// or `None` when it can. Requests are matched after normalization, so a rule on `/a//b` or
+/// `/caf%c3%a9` would silently never apply (a DENY that denies nothing). `complete_first` /
+/// `complete_last`: whether the literal's first / last segment is a whole segment (an exact or
+/// prefix pattern starts at the path's start; a suffix pattern ends at its end).
+pub(crate) fn pattern_problem(
+    lit: &str,
+    complete_first: bool,
+    complete_last: bool,
+) -> Option<String> {
+    if lit.contains('\\') {
+        return Some("requests are matched with `\\` as `/`; write `/`".into());
+    }
+    if lit.contains("//") {
+        return Some("requests are matched with `//` merged into `/`; write one `/`".into());
+    }
+    let bytes = lit.as_bytes();
+    for (at, _) in lit.match_indices('%') {
+        let hex = &bytes[at + 1..bytes.len().min(at + 3)];
+        if hex.len() < 2 && !complete_last && at + 1 + hex.len() == bytes.len() {
+            // A prefix may end inside an escape (`/a%2` for `/a%2F…`).
+            if hex
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(c))
+            {
+                continue;
+            }
+        }
+        let Some(v) = std::str::from_utf8(hex)
+            .ok()
+            .filter(|h| h.len() == 2 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        else {
+            return Some(format!(
+                "malformed percent-encoding at byte {at} (`%` and two hex digits)"
+            ));
+        };
+        if v == 0 {
+            return Some("requests with %00 are refused, never matched".into());
+        }
+        if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+            return Some(format!(
+                "requests are matched with %{v:02X} decoded; write `{}`",
+                char::from(v)
+            ));
+        }
+        if hex.iter().any(u8::is_ascii_lowercase) {
+            return Some(format!(
+                "requests are matched with escapes in upper case; write %{v:02X}"
+            ));
+        }
+    }
+    let segments: Vec<&str> = lit.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        let complete = (i > 0 || complete_first) && (i < last || complete_last);
+        if complete && matches!(*seg, "." | "..") {
+            return Some(format!(
+                "requests are matched with `{seg}` segments removed (RFC 3986 §5.2.4)"
+            ));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{normalize_path, without_params};
+    use super::{normalize_path, pattern_problem, without_params};
+
+    #[test]
+    fn a_pattern_no_normalized_path_can_match_is_named() {
+        // (literal, complete first, complete last, refused)
+        for (lit, first, last, bad) in [
+            ("/admin", true, true, false),
+            ("/admin/", true, false, false),
+            ("/a/.well", true, false, false),
+            ("/a%2", true, false, false),
+            ("/a%2F", true, true, false),
+            ("/caf%C3%A9", true, true, false),
+            (".html", false, true, false),
+            ("/enc/caf%c3%a9", true, true, true),
+            ("/enc/%7euser", true, true, true),
+            ("/enc/%41", true, true, true),
+            ("/enc//x", true, true, true),
+            ("/enc/./y", true, true, true),
+            ("/enc/../y", true, false, true),
+            ("/a/.", true, true, true),
+            ("/a\\b", true, true, true),
+            ("/a%00", true, true, true),
+            ("/a%zz", true, true, true),
+            ("/a%2", true, true, true),
+        ] {
+            assert_eq!(pattern_problem(lit, first, last).is_some(), bad, "{lit}");
+            if !bad && first && last {
+                assert_eq!(normalize_path(lit).unwrap(), lit, "{lit}");
+            }
+        }
+    }
+
+    #[test]
+    fn backslash_is_a_separator_and_an_encoded_nul_is_refused() {
+        assert_eq!(normalize_path("/x\\..\\admin").unwrap(), "/admin");
+        assert_eq!(normalize_path("/public/..\\other").unwrap(), "/other");
+        assert_eq!(normalize_path("/a%5Cb").unwrap(), "/a%5Cb");
+        let e = normalize_path("/admin%00").unwrap_err();
+        assert!(e.contains("%00") && e.contains("byte 6"), "{e}");
+    }
 
     #[test]
     fn segment_parameters_are_dropped_as_servlet_containers_drop_them() {

@@ -154,6 +154,18 @@ fn validation_errors_name_policy_and_field() {
         assert_eq!(e.policy, "bad", "{p}");
         assert_eq!(e.field, field, "{p}: {e}");
     }
+    // A path pattern in a spelling no normalized request has would never match: refused with
+    // the spelling to write instead.
+    let e = PolicySet::from_toml(
+        td("example.org"),
+        "[[policy]]\nname = \"enc\"\naction = \"DENY\"\n[[policy.rules]]\nto = { paths = [\"/ok/*\", \"/enc/%7euser\"] }\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "rules[0].to.paths[1]");
+    assert!(
+        e.to_string().contains("never matches") && e.to_string().contains("write `~`"),
+        "{e}"
+    );
     let e = PolicySet::from_toml(
         td("example.org"),
         "[[policy]]\nname = \"tds\"\naction = \"DENY\"\n[[policy.rules]]\nfrom = { trust_domains = [\"ok.org\", \"Bad\"] }\n",
@@ -507,6 +519,42 @@ fn addrs(src: &str, dst: &str) -> Addresses {
         source: Some(src.parse().unwrap()),
         destination: Some(dst.parse().unwrap()),
     }
+}
+
+/// Copies of a header are one value joined with `,` (Istio/Envoy): a caller cannot satisfy an
+/// ALLOW's value, or escape a DENY's `not_values`, by adding a copy beside the one a trusted hop
+/// set.
+#[test]
+fn duplicate_headers_are_matched_as_one_joined_value() {
+    let s = set(concat!(
+        "[[policy]]\nname = \"tenant-a\"\naction = \"ALLOW\"\n[[policy.rules]]\n",
+        "when = [{ key = \"request.headers[x-tenant]\", values = [\"tenant-a\"] }]\n",
+        "[[policy]]\nname = \"verdict\"\naction = \"DENY\"\n[[policy.rules]]\n",
+        "when = [{ key = \"request.headers[x-verdict]\", not_values = [\"ok\"] }]\n",
+    ));
+    let foo = id("spiffe://example.org/foo");
+    let req = |headers: &'static [(&'static str, &'static str)]| HttpRequest {
+        method: "GET",
+        path: "/",
+        host: "h",
+        headers,
+    };
+    let at = addrs("198.18.0.1", "198.18.0.2");
+    let d = |r: &HttpRequest<'_>| s.decide_request(Some(&foo), 80, &at, Some(r));
+    let ok: &[(&str, &str)] = &[("x-tenant", "tenant-a"), ("x-verdict", "ok")];
+    assert!(d(&req(ok)).allowed);
+    let two_tenants: &[(&str, &str)] = &[
+        ("x-tenant", "tenant-b"),
+        ("X-Tenant", "tenant-a"),
+        ("x-verdict", "ok"),
+    ];
+    assert_eq!(d(&req(two_tenants)).reason, Reason::NoAllowMatch);
+    let two_verdicts: &[(&str, &str)] = &[
+        ("x-tenant", "tenant-a"),
+        ("x-verdict", "ok"),
+        ("x-verdict", "denied"),
+    ];
+    assert_eq!(d(&req(two_verdicts)).reason.policy(), Some("verdict"));
 }
 
 #[test]

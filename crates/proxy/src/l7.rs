@@ -509,6 +509,19 @@ async fn handle(
             "CONNECT is not carried on a port declared :http (declare it without :http to carry its connections as TCP)\n".into(),
         );
     }
+    // Methods are case-sensitive (RFC 9110 §9.1), and policy's are upper case; but Django and
+    // werkzeug upper-case `REQUEST_METHOD`, so `delete` passed a DENY on DELETE and ran the
+    // DELETE handler. Istio refuses a method that is not upper case with 400; so does this.
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        tracing::info!(src = crate::live::caller(ctx.src.as_deref()), port = ctx.port, %method, "HTTP request refused: 400");
+        return reply(
+            grpc,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "bad request: the method {method:?} is not in upper case (RFC 9110 §9.1: methods are case-sensitive)\n"
+            ),
+        );
+    }
     let authority = match authority {
         Ok(a) => a,
         Err(e) => {
@@ -534,11 +547,18 @@ async fn handle(
         // Every header is seen by policy, as text: bytes that are not UTF-8 (obs-text, RFC 9110
         // §5.5) become U+FFFD. Leaving such a value out would let it past a DENY on the
         // header's presence or on a prefix of it, while the application still receives it.
-        let values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
+        // `host` is the authority policy decides on and the application receives (see
+        // `authority_of`), not the raw header: an absolute-form target or HTTP/2's `:authority`
+        // overrides it, and a rule on `request.headers[host]` must see the same host as `hosts`.
+        let mut values: Vec<(&str, std::borrow::Cow<'_, str>)> = req
             .headers()
             .iter()
+            .filter(|(n, _)| *n != http::header::HOST)
             .map(|(n, v)| (n.as_str(), String::from_utf8_lossy(v.as_bytes())))
             .collect();
+        if !authority.is_empty() {
+            values.push(("host", std::borrow::Cow::Borrowed(authority.as_str())));
+        }
         let headers: Vec<(&str, &str)> = values.iter().map(|(n, v)| (*n, v.as_ref())).collect();
         let r = HttpRequest {
             method: &method,

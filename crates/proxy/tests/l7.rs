@@ -1188,3 +1188,121 @@ from = { principals = ["spiffe://example.org/foo"] }
         assert!(r["reason"].as_str().unwrap().contains("CONNECT"), "{r}");
     }
 }
+
+/// One raw HTTP/1.1 request (`Connection: close` added) through a tunnel stream from foo to
+/// bar's application: the response's status line and body, as the client reads them.
+async fn raw_h1(from: &RunningProxy, to: &RunningProxy, app_port: u16, head: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut io = TokioIo::new(stream_to_bar(from, to, app_port).await);
+    let req = format!("{head}\r\nConnection: close\r\n\r\n");
+    io.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    let _ = io.read_to_end(&mut resp).await;
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp.lines().next().unwrap_or("").to_owned();
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    format!("{status} | {body}")
+}
+
+/// What a rule matches is what the application reads (Istio's normalization reference): a
+/// method not in upper case is refused (applications upper-case it), `\` is a `/`, `%00` is
+/// refused, copies of a header are one joined value, and `request.headers[host]` is the host
+/// the application receives, not a Host header an absolute-form target overrides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_sees_the_request_as_the_application_reads_it() {
+    let ca = TestCa::new("example.org");
+    let app_port = app().await;
+    let policy = r#"
+[[policy]]
+name = "all"
+action = "ALLOW"
+[[policy.rules]]
+from = { principals = ["spiffe://example.org/foo"] }
+
+[[policy]]
+name = "no-delete"
+action = "DENY"
+[[policy.rules]]
+to = { methods = ["DELETE"], paths = ["/data/*"] }
+
+[[policy]]
+name = "no-admin"
+action = "DENY"
+[[policy.rules]]
+to = { paths = ["/admin", "/admin/*"] }
+
+[[policy]]
+name = "no-admin-host"
+action = "DENY"
+[[policy.rules]]
+when = [{ key = "request.headers[host]", values = ["admin.example"] }]
+
+[[policy]]
+name = "verdict"
+action = "DENY"
+[[policy.rules]]
+to = { paths = ["/nv"] }
+when = [{ key = "request.headers[x-verdict]", not_values = ["ok"] }]
+"#;
+    let (bar, foo) = bar_and_foo(&ca, app_port, policy).await;
+    let req = async |head: &str| raw_h1(&foo, &bar, app_port, head).await;
+    let status = |r: &str| r.split(' ').nth(1).unwrap_or("").to_owned();
+
+    assert_eq!(
+        req("GET /data/x HTTP/1.1\r\nHost: bar.example").await,
+        "HTTP/1.1 200 OK | ok GET /data/x"
+    );
+    assert_eq!(
+        status(&req("DELETE /data/x HTTP/1.1\r\nHost: bar.example").await),
+        "403"
+    );
+    for m in ["delete", "Delete", "gEt"] {
+        let r = req(&format!("{m} /data/x HTTP/1.1\r\nHost: bar.example")).await;
+        assert_eq!(status(&r), "400", "{m}: {r}");
+        assert!(r.contains("not in upper case"), "{r}");
+    }
+
+    for path in ["/x\\..\\admin", "/public/..\\admin\\"] {
+        let r = req(&format!("GET {path} HTTP/1.1\r\nHost: bar.example")).await;
+        assert_eq!(status(&r), "403", "{path}: {r}");
+    }
+    // The application gets the path policy decided on.
+    assert_eq!(
+        req("GET /a\\b/..\\c HTTP/1.1\r\nHost: bar.example").await,
+        "HTTP/1.1 200 OK | ok GET /a/c"
+    );
+    let r = req("GET /admin%00 HTTP/1.1\r\nHost: bar.example").await;
+    assert_eq!(status(&r), "400", "{r}");
+    assert!(r.contains("%00"), "{r}");
+
+    let r = req("GET /nv HTTP/1.1\r\nHost: bar.example\r\nx-verdict: ok").await;
+    assert_eq!(status(&r), "200", "{r}");
+    let r =
+        req("GET /nv HTTP/1.1\r\nHost: bar.example\r\nx-verdict: ok\r\nX-Verdict: denied").await;
+    assert_eq!(status(&r), "403", "a second copy joins the first: {r}");
+
+    assert_eq!(
+        status(&req("GET /h HTTP/1.1\r\nHost: admin.example").await),
+        "403"
+    );
+    let r = req("GET http://admin.example/h HTTP/1.1\r\nHost: other.example").await;
+    assert_eq!(status(&r), "403", "the target's host is the host: {r}");
+    let r = req("GET http://other.example/h HTTP/1.1\r\nHost: admin.example").await;
+    assert_eq!(r, "HTTP/1.1 200 OK | ok GET /h");
+
+    // HTTP/2: `:authority` is the host a header condition sees, and `:method` is refused the
+    // same way.
+    let mut h2 = h2_to_bar(&foo, &bar, app_port).await;
+    let mut h2_status = async |method: &str, uri: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        h2.ready().await.unwrap();
+        h2.send_request(req).await.unwrap().status().as_u16()
+    };
+    assert_eq!(h2_status("GET", "http://admin.example/h").await, 403);
+    assert_eq!(h2_status("GET", "http://bar.example/h").await, 200);
+    assert_eq!(h2_status("delete", "http://bar.example/data/x").await, 400);
+}
