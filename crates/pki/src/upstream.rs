@@ -86,6 +86,10 @@ struct Facts {
     ski: Option<String>,
     is_ca: bool,
     key_cert_sign: bool,
+    /// Whether it has a keyUsage extension at all.
+    key_usage: bool,
+    /// basicConstraints pathLenConstraint: at most this many CA certificates below it.
+    path_len: Option<u32>,
     not_before: u64,
     not_after: u64,
 }
@@ -99,11 +103,19 @@ fn facts(der: Vec<u8>, what: &str) -> Result<Facts, PkiError> {
     };
     let mut is_ca = false;
     let mut key_cert_sign = false;
+    let mut key_usage = false;
+    let mut path_len = None;
     let mut ski = None;
     for ext in cert.extensions() {
         match ext.parsed_extension() {
-            ParsedExtension::BasicConstraints(bc) => is_ca = bc.ca,
-            ParsedExtension::KeyUsage(ku) => key_cert_sign = ku.key_cert_sign(),
+            ParsedExtension::BasicConstraints(bc) => {
+                is_ca = bc.ca;
+                path_len = bc.path_len_constraint;
+            }
+            ParsedExtension::KeyUsage(ku) => {
+                key_usage = true;
+                key_cert_sign = ku.key_cert_sign();
+            }
             ParsedExtension::SubjectKeyIdentifier(id) => ski = Some(hex::encode(id.0)),
             _ => {}
         }
@@ -116,6 +128,8 @@ fn facts(der: Vec<u8>, what: &str) -> Result<Facts, PkiError> {
         ski,
         is_ca,
         key_cert_sign,
+        key_usage,
+        path_len,
         not_before: secs(cert.validity().not_before),
         not_after: secs(cert.validity().not_after),
         der: Vec::new(),
@@ -155,8 +169,9 @@ impl DiskUpstream {
         let key_text = std::str::from_utf8(key).map_err(|_| up("key_path: not PEM text".into()))?;
         let key = KeyPair::from_pem(key_text).map_err(|e| {
             up(format!(
-                "key_path: not a PKCS#8 private key ({e}); convert with \
-                 `openssl pkcs8 -topk8 -nocrypt`"
+                "key_path: not a private key this server can sign with ({e}): an unencrypted \
+                 PKCS#8, PKCS#1 or SEC1 key of ECDSA P-256 or P-384, Ed25519, or RSA of at \
+                 least 2048 bits (an encrypted key: `openssl pkcs8 -topk8 -nocrypt`)"
             ))
         })?;
         let certs = pem_certs(cert_chain, "cert_chain_path")?
@@ -179,6 +194,22 @@ impl DiskUpstream {
             return Err(up(
                 "no upstream root: set bundle_path, or put the root in cert_chain_path".into(),
             ));
+        }
+        // Every root is published as a trust anchor of the trust domain. webpki does not read
+        // a trust anchor's extensions, but OpenSSL, Go and Envoy do: a root that is not a CA,
+        // or whose keyUsage leaves out keyCertSign, makes them refuse every SVID under it
+        // (RFC 5280 §4.2.1.9, §4.2.1.3), so it is refused here rather than published.
+        for r in &roots {
+            if !r.is_ca || (r.key_usage && !r.key_cert_sign) {
+                return Err(up(format!(
+                    "bundle_path: the root {} is not a CA certificate (basicConstraints CA:TRUE \
+                     and, with keyUsage, keyCertSign: RFC 5280 §4.2.1.9, §4.2.1.3); other \
+                     verifiers would refuse every SVID under it",
+                    r.ski
+                        .as_deref()
+                        .unwrap_or("without a subject key identifier")
+                )));
+            }
         }
         let signing = certs
             .iter()
@@ -230,6 +261,42 @@ impl DiskUpstream {
             not_before = sign.not_before;
             not_after = sign.not_after;
         }
+        // The root the chain reached bounds the CA's life too: other verifiers check a trust
+        // anchor's validity (OpenSSL, Go), so a CA must not outlive it.
+        let reached = roots
+            .iter()
+            .find(|r| r.der == cur.der || r.subject == cur.issuer);
+        if let Some(root) = reached {
+            not_before = not_before.max(root.not_before);
+            not_after = not_after.min(root.not_after);
+        }
+        // pathLenConstraint (RFC 5280 §4.2.1.9): each certificate above the server's CA allows
+        // at most that many CA certificates below it; the server's CA is one, and each
+        // intermediate between them one more. webpki checks it for intermediates but not for
+        // the root, so every SVID would be refused by other verifiers only; checked here for
+        // all, so the error names the certificate.
+        let above: Vec<(&[u8], Option<u32>, &str)> = certs
+            .iter()
+            .filter(|f| chain.contains(&f.der))
+            .map(|f| (f.der.as_slice(), f.path_len, "cert_chain_path"))
+            .chain(reached.map(|r| (r.der.as_slice(), r.path_len, "bundle_path")))
+            .collect();
+        for (der, path_len, file) in above {
+            let below = chain
+                .iter()
+                .position(|c| c.as_slice() == der)
+                .unwrap_or(chain.len())
+                + 1;
+            if let Some(max) = path_len
+                && usize::try_from(max).unwrap_or(usize::MAX) < below
+            {
+                return Err(up(format!(
+                    "{file}: a certificate has pathLenConstraint {max}, but {below} CA \
+                     certificate(s) would be below it (the server's CA and the intermediates \
+                     between them; RFC 5280 §4.2.1.9): no SVID under it would verify"
+                )));
+            }
+        }
         let issuer = Issuer::from_ca_cert_der(&sign.der.as_slice().into(), key)
             .map_err(|e| up(format!("cert_chain_path: {e}")))?;
         Ok(Self {
@@ -259,9 +326,17 @@ impl UpstreamAuthority for DiskUpstream {
         }
         if req.now >= self.not_after {
             return Err(PkiError::Upstream(format!(
-                "the upstream CA certificate expired at {} (now {}); replace the files of \
-                 [upstream_authority.disk]",
+                "the upstream chain (its signing certificate, an intermediate or its root) \
+                 expired at {} (now {}); replace the files of [upstream_authority.disk]",
                 self.not_after, req.now
+            )));
+        }
+        if req.now < self.not_before {
+            return Err(PkiError::Upstream(format!(
+                "the upstream chain (its signing certificate, an intermediate or its root) is \
+                 not valid before {} (now {}); check the clock or the files of \
+                 [upstream_authority.disk]",
+                self.not_before, req.now
             )));
         }
         let key = csr::verified_public_key(req.csr_der)?;

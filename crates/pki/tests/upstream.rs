@@ -226,3 +226,100 @@ fn bad_upstream_files_are_refused_with_the_reason() {
         .unwrap();
     assert!(tessera_verify(&sign(&ca, "spiffe://a.example/x"), &bundle).is_ok());
 }
+
+/// Roots and intermediates that other verifiers (OpenSSL, Go, Envoy) would refuse every SVID
+/// under are refused when the upstream is loaded, naming the problem; the root's validity
+/// bounds the CAs made under it.
+#[test]
+fn upstream_chains_other_verifiers_would_refuse_are_refused_at_load() {
+    use tessera_test_util::rcgen_pki;
+    let load = |(root, int, key): (Vec<u8>, Vec<u8>, Vec<u8>)| {
+        DiskUpstream::from_pem(&int, &key, Some(&root)).map_err(|e| e.to_string())
+    };
+    let e = load(rcgen_pki(|r| r.is_ca = IsCa::ExplicitNoCa, |_| {})).unwrap_err();
+    assert!(e.contains("bundle_path") && e.contains("not a CA"), "{e}");
+    let e = load(rcgen_pki(
+        |r| r.key_usages = vec![KeyUsagePurpose::DigitalSignature],
+        |_| {},
+    ))
+    .unwrap_err();
+    assert!(e.contains("not a CA") && e.contains("keyCertSign"), "{e}");
+    // Root pathLen 0 above an intermediate; intermediate pathLen 0 above the server's CA.
+    let e = load(rcgen_pki(
+        |r| r.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0)),
+        |_| {},
+    ))
+    .unwrap_err();
+    assert!(
+        e.contains("bundle_path") && e.contains("pathLenConstraint 0") && e.contains("2 CA"),
+        "{e}"
+    );
+    let e = load(rcgen_pki(
+        |_| {},
+        |i| i.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0)),
+    ))
+    .unwrap_err();
+    assert!(
+        e.contains("cert_chain_path") && e.contains("pathLenConstraint 0"),
+        "{e}"
+    );
+    let up = load(rcgen_pki(
+        |r| r.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(1)),
+        |i| i.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0)),
+    ));
+    assert!(
+        up.is_err(),
+        "the intermediate's 0 leaves no room for the server's CA"
+    );
+    // Room for exactly what is below: accepted.
+    let up = load(rcgen_pki(
+        |r| r.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(2)),
+        |i| i.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(1)),
+    ))
+    .unwrap();
+    let ca = X509Authority::from_upstream(&td("a.example"), now(), 600, &up).unwrap();
+    let mut bundle = Bundle::new(td("a.example"));
+    bundle
+        .add_x509_authority(up.x509_roots().remove(0))
+        .unwrap();
+    assert!(tessera_verify(&sign(&ca, "spiffe://a.example/x"), &bundle).is_ok());
+
+    // An expired root: nothing can be made under it, and the error says why.
+    let past = rcgen::date_time_ymd(2020, 1, 1);
+    let up = load(rcgen_pki(
+        |r| {
+            r.not_before = past;
+            r.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        },
+        |_| {},
+    ))
+    .unwrap();
+    let e = X509Authority::from_upstream(&td("a.example"), now(), 600, &up)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expired"), "{e}");
+    // A root that ends in an hour: the CA ends with it, not after it.
+    let soon = now() + 3600;
+    let up = load(rcgen_pki(
+        |r| {
+            r.not_after = time::OffsetDateTime::from_unix_timestamp(soon as i64).unwrap();
+        },
+        |_| {},
+    ))
+    .unwrap();
+    let ca = X509Authority::from_upstream(&td("a.example"), now(), 86_400, &up).unwrap();
+    assert!(ca.not_after() <= soon, "{} > {soon}", ca.not_after());
+    // An upstream not valid yet.
+    let up = load(rcgen_pki(
+        |_| {},
+        |i| {
+            i.not_before =
+                time::OffsetDateTime::from_unix_timestamp((now() + 86_400) as i64).unwrap();
+        },
+    ))
+    .unwrap();
+    let e = X509Authority::from_upstream(&td("a.example"), now(), 600, &up)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not valid before"), "{e}");
+}

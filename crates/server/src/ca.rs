@@ -111,14 +111,76 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Makes each new X.509 CA (at first start, at rotation, on `authority x509 prepare`) and checks
+/// it before the journal takes it: a CA whose SVIDs no peer can verify (an upstream certificate
+/// whose pathLenConstraint leaves no room for it, a root that does not sign it) would otherwise
+/// be activated and break every new handshake in the trust domain.
 fn mint_with(
     td: &TrustDomain,
     upstream: Option<&dyn UpstreamAuthority>,
 ) -> impl FnMut(u64, u64) -> Result<X509Authority, PkiError> {
-    move |now, ttl| match upstream {
-        Some(up) => X509Authority::from_upstream(td, now, ttl, up),
-        None => X509Authority::self_signed(td, now, ttl),
+    move |now, ttl| {
+        let authority = match upstream {
+            Some(up) => X509Authority::from_upstream(td, now, ttl, up)?,
+            None => X509Authority::self_signed(td, now, ttl)?,
+        };
+        // What the bundle will hold for it: the upstream's roots, or the CA itself.
+        let mut bundle = Bundle::new(td.clone());
+        let roots = match upstream {
+            Some(up) => up.x509_roots(),
+            None => vec![authority.cert_der().to_vec()],
+        };
+        for root in roots {
+            bundle
+                .add_x509_authority(root)
+                .map_err(|e| PkiError::Upstream(format!("an upstream root: {e}")))?;
+        }
+        probe(td, &authority, &bundle, now).map_err(|e| {
+            PkiError::Upstream(format!(
+                "a new CA{} signs SVIDs that do not verify against the trust bundle, so it is \
+                 not used (check [upstream_authority]): {e}",
+                upstream
+                    .map(|u| format!(" from the {} upstream", u.name()))
+                    .unwrap_or_default()
+            ))
+        })?;
+        Ok(authority)
     }
+}
+
+/// Signs a probe SVID with `authority` at `now` and verifies it against `bundle` the way every
+/// peer will (`tessera_tls::verify_svid`, the one verifier).
+fn probe(
+    td: &TrustDomain,
+    authority: &X509Authority,
+    bundle: &Bundle,
+    now: u64,
+) -> Result<(), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| e.to_string())?;
+    let tmpl = SvidTemplate {
+        spiffe_id: crate::server_id(td),
+        dns_names: Vec::new(),
+        ttl_secs: 60,
+    };
+    let signed = authority
+        .sign_x509_svid(csr.der(), &tmpl, now)
+        .map_err(|e| e.to_string())?;
+    let chain: Vec<rustls::pki_types::CertificateDer<'_>> = signed
+        .chain()
+        .into_iter()
+        .map(rustls::pki_types::CertificateDer::from)
+        .collect();
+    tessera_tls::verify_svid(
+        &chain,
+        bundle,
+        rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(now)),
+        tessera_tls::PeerRole::Client,
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 impl CaManager {
@@ -185,37 +247,26 @@ impl CaManager {
         Ok(ca)
     }
 
-    /// Signs a probe SVID and verifies it against the bundle the way every peer will, so a CA
-    /// that cannot produce verifiable SVIDs (a broken upstream chain) stops the server at start
-    /// instead of failing every handshake later.
+    /// Checks at start that the active CA's SVIDs verify against the bundle, and that the
+    /// configured upstream makes CAs whose SVIDs verify: a broken upstream stops the server
+    /// here, not at the next rotation (when the active CA is still self-signed or from an
+    /// earlier upstream, it would otherwise only be found then).
     fn self_check(&self) -> Result<(), ServerError> {
-        let key = rcgen::KeyPair::generate().map_err(|e| ServerError::Ca(e.to_string()))?;
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .map_err(|e| ServerError::Ca(e.to_string()))?;
-        let tmpl = SvidTemplate {
-            spiffe_id: crate::server_id(&self.td),
-            dns_names: Vec::new(),
-            ttl_secs: 60,
-        };
-        let signed = self.sign(csr.der(), &tmpl)?;
-        let chain: Vec<rustls::pki_types::CertificateDer<'_>> = signed
-            .chain()
-            .into_iter()
-            .map(rustls::pki_types::CertificateDer::from)
-            .collect();
-        tessera_tls::verify_svid(
-            &chain,
-            &self.bundle()?,
-            tessera_tls::now(),
-            tessera_tls::PeerRole::Client,
-        )
-        .map_err(|e| {
-            ServerError::Ca(format!(
-                "an SVID signed by the active CA does not verify against the trust bundle \
-                 (check [upstream_authority]): {e}"
-            ))
-        })?;
+        let now = unix_now();
+        let bundle = self.bundle()?;
+        {
+            let j = self.lock();
+            probe(&self.td, &j.x509().active().authority, &bundle, now).map_err(|e| {
+                ServerError::Ca(format!(
+                    "an SVID signed by the active CA does not verify against the trust bundle \
+                     (check [upstream_authority]): {e}"
+                ))
+            })?;
+        }
+        if let Some(up) = &self.upstream {
+            mint_with(&self.td, Some(up.as_ref()))(now, self.ca_ttl)
+                .map_err(|e| ServerError::Ca(e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -418,6 +469,23 @@ impl CaManager {
     }
 
     /// Seconds until the next rotation step is due (for the rotation timer), 1 to 3600.
+    /// Why no X.509-SVID can be signed now, if none can: the active CA has expired (rotation
+    /// could not replace it, e.g. an expired upstream). Readiness reports it.
+    pub(crate) fn cannot_sign(&self, now: u64) -> Option<String> {
+        let not_after = self.lock().x509().active().authority.not_after();
+        (now >= not_after).then(|| {
+            format!(
+                "the active X.509 CA expired at {not_after} (Unix seconds) and no new one could \
+                 be made{}: no SVID can be signed",
+                if self.upstream.is_some() {
+                    " (check the files of [upstream_authority])"
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+
     pub(crate) fn next_tick_in(&self, now: u64) -> u64 {
         self.lock().next_step_in(now).clamp(1, 3600)
     }
@@ -427,4 +495,46 @@ impl CaManager {
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ServerError> {
     crate::write_private_file(path, bytes)
         .map_err(|e| ServerError::Ca(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// An upstream whose CAs' SVIDs do not verify stops the server at start even when the
+    /// active CA is still self-signed (before, the server started with a warning and the broken
+    /// CA became active at the next rotation or `authority x509 prepare`/`activate`).
+    #[test]
+    fn a_broken_upstream_is_refused_at_start_whatever_ca_is_active() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = unix_now();
+        CaManager::open(&td, dir.path(), 3600, now, None).unwrap();
+        // A root named like the one that signed the intermediate, with another key: the files
+        // link by name, the signatures do not.
+        let (root, _, _) = tessera_test_util::rcgen_pki(|_| {}, |_| {});
+        let (_, int, key) = tessera_test_util::rcgen_pki(|_| {}, |_| {});
+        let up = tessera_pki::DiskUpstream::from_pem(&int, &key, Some(&root)).unwrap();
+        let err = CaManager::open(&td, dir.path(), 3600, now, Some(Arc::new(up)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a new CA from the disk upstream signs SVIDs that do not verify"),
+            "{err}"
+        );
+        // The same files with their own root are fine.
+        let (root, int, key) = tessera_test_util::rcgen_pki(|_| {}, |_| {});
+        let up = tessera_pki::DiskUpstream::from_pem(&int, &key, Some(&root)).unwrap();
+        let ca = CaManager::open(&td, dir.path(), 3600, now, Some(Arc::new(up))).unwrap();
+        ca.prepare(Kind::X509).unwrap();
+        // Readiness: a CA past its end (here: asked about a time after it) cannot sign.
+        assert_eq!(ca.cannot_sign(now), None);
+        let why = ca.cannot_sign(now + 86_400).unwrap();
+        assert!(
+            why.contains("expired") && why.contains("[upstream_authority]"),
+            "{why}"
+        );
+    }
 }

@@ -447,7 +447,12 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
             match ping {
                 Ok(()) => {
                     s.metrics.datastore_up.set(1);
-                    Ok(())
+                    // A server whose CA cannot sign serves no SVIDs: not ready, so a load
+                    // balancer or orchestrator sees it.
+                    match s.ca.cannot_sign(unix_now()) {
+                        Some(why) => Err(format!("not ready: {why}")),
+                        None => Ok(()),
+                    }
                 }
                 Err(e) => {
                     s.metrics.datastore_up.set(0);
@@ -475,6 +480,9 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let rot_state = state.clone();
     let mut rot_stop = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
+        // Consecutive failed steps: retried after 2, 4, … up to 300 s, not every second (an
+        // expired upstream fails every step until its files are replaced).
+        let mut failures: u32 = 0;
         loop {
             let now = unix_now();
             let svid_due = svid_expiry.saturating_sub(rot_state.cfg.svid.agent_ttl.0 / 2);
@@ -482,6 +490,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
                 .ca
                 .next_tick_in(now)
                 .min(svid_due.saturating_sub(now).max(1));
+            let wait = if failures == 0 {
+                wait
+            } else {
+                wait.max(2u64.saturating_pow(failures).min(300))
+            };
             // A forced step (`tessera authority ...`) has already published the bundle; the
             // server then takes the new bundle as its own trust and a new SVID at once (its old
             // one may come from a CA that was just tainted).
@@ -495,6 +508,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
                 bundles.store(Arc::new(set));
             }
             let svid_due = if forced { now } else { svid_due };
+            let mut failed = false;
             match rot_state.ca.tick(now) {
                 Ok(true) => match rot_state.ca.publish(&rot_state.store).await {
                     Ok(Some(rev)) => {
@@ -507,7 +521,10 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
                     Err(e) => tracing::error!(error = %e, "cannot publish the rotated bundle"),
                 },
                 Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "CA rotation failed"),
+                Err(e) => {
+                    failed = true;
+                    tracing::error!(error = %e, "CA rotation failed");
+                }
             }
             if now >= svid_due {
                 match server_svid(&rot_state) {
@@ -515,9 +532,17 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
                         resolver.swap(ck);
                         svid_expiry = exp;
                     }
-                    Err(e) => tracing::error!(error = %e, "cannot renew the server SVID"),
+                    Err(e) => {
+                        failed = true;
+                        tracing::error!(error = %e, "cannot renew the server SVID");
+                    }
                 }
             }
+            failures = if failed {
+                failures.saturating_add(1)
+            } else {
+                0
+            };
         }
     }));
 

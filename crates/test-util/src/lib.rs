@@ -414,3 +414,37 @@ pub mod pg {
         }
     }
 }
+
+/// A root and an issuing intermediate made with rcgen, each adjusted by its closure before it
+/// is signed: (root PEM, intermediate PEM, intermediate key PEM). For upstream-authority tests
+/// of chains `openssl` cannot easily make (a root with pathLenConstraint, an expired root).
+pub fn rcgen_pki(
+    root: impl FnOnce(&mut rcgen::CertificateParams),
+    int: impl FnOnce(&mut rcgen::CertificateParams),
+) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let ca = |name: &str| {
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        p
+    };
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut rp = ca("Root");
+    root(&mut rp);
+    let root_cert = rp.self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(rp, root_key);
+    let int_key = rcgen::KeyPair::generate().unwrap();
+    let mut ip = ca("Issuing");
+    ip.use_authority_key_identifier_extension = true;
+    int(&mut ip);
+    let int_cert = ip.signed_by(&int_key, &issuer).unwrap();
+    (
+        root_cert.pem().into_bytes(),
+        int_cert.pem().into_bytes(),
+        int_key.serialize_pem().into_bytes(),
+    )
+}
