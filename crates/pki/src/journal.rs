@@ -238,7 +238,22 @@ pub struct Journal {
     upstream_roots: Vec<Vec<u8>>,
     next_id: u64,
     generation: u64,
+    /// The last automatic X.509 step that could not make a CA: why, when it is tried again, and
+    /// how many times in a row it failed. Kept in memory only (a restart tries at once).
+    x509_stalled: Option<Stalled>,
 }
+
+/// An automatic X.509 rotation step that failed (see [`Journal::x509_problem`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stalled {
+    why: String,
+    retry_at: u64,
+    failures: u32,
+}
+
+/// First wait after an automatic X.509 step failed; it doubles up to [`STALLED_MAX_WAIT`].
+const STALLED_FIRST_WAIT: u64 = 30;
+const STALLED_MAX_WAIT: u64 = 600;
 
 impl Journal {
     /// A journal with self-signed X.509 CAs whose first authorities are active at once (there is
@@ -290,6 +305,7 @@ impl Journal {
             upstream_roots: Vec::new(),
             next_id: 3,
             generation: 1,
+            x509_stalled: None,
         })
     }
 
@@ -319,6 +335,15 @@ impl Journal {
         &self.upstream_roots
     }
 
+    /// Why the last automatic X.509 step could not make a CA, and how many times in a row it
+    /// failed; `None` once a step succeeds. The schedule retries it after 30 s, doubling up to
+    /// 10 minutes.
+    pub fn x509_problem(&self) -> Option<(&str, u32)> {
+        self.x509_stalled
+            .as_ref()
+            .map(|st| (st.why.as_str(), st.failures))
+    }
+
     /// Changes whenever the set of published keys changes (an authority prepared, dropped or
     /// revoked, or new upstream roots), and only then; it only grows, across [`Self::to_bytes`]
     /// and [`Self::from_bytes`] too.
@@ -328,14 +353,19 @@ impl Journal {
 
     /// Seconds from `now` until the automatic schedule has something to do (at least 1).
     pub fn next_step_in(&self, now: u64) -> u64 {
-        let next = [
-            self.x509.next_step_after(now),
-            self.jwt.next_step_after(now),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(now + 3600);
+        // A stalled X.509 step waits for its retry (old authorities still drop on time).
+        let x509 = match &self.x509_stalled {
+            Some(st) if st.retry_at > now => {
+                let drops = self.x509.old.iter().map(|s| s.authority.not_after());
+                drops.chain([st.retry_at]).filter(|t| *t > now).min()
+            }
+            _ => self.x509.next_step_after(now),
+        };
+        let next = [x509, self.jwt.next_step_after(now)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + 3600);
         (next - now).max(1)
     }
 
@@ -366,14 +396,62 @@ impl Journal {
         if self.x509.prepared.is_some() && self.x509.active.in_last_sixth(now) {
             self.activate_kind(Kind::X509, &mut events);
         }
-        if now >= self.x509.active.authority.not_after() {
+        // A CA that cannot be made (an upstream down or expired) must not hold up the JWT
+        // rotation below, nor be retried every second: the failure is kept, reported by
+        // `x509_problem`, and retried with a growing wait.
+        let retry_due = self
+            .x509_stalled
+            .as_ref()
+            .is_none_or(|st| now >= st.retry_at);
+        let active_end = self.x509.active.authority.not_after();
+        let made = if !retry_due {
+            Ok(())
+        } else if now >= active_end {
             // Nothing valid can sign (the server was down through the whole window): make an
             // authority and use it at once. The one case where a key signs before verifiers had
             // time to fetch it; it beats signing nothing.
-            self.prepare_x509(now, ca_ttl_secs, mint, &mut events)?;
-            self.activate_kind(Kind::X509, &mut events);
+            self.prepare_x509(now, ca_ttl_secs, mint, &mut events)
+                .map(|()| {
+                    self.activate_kind(Kind::X509, &mut events);
+                })
         } else if self.x509.prepared.is_none() && self.x509.active.past_half_life(now) {
-            self.prepare_x509(now, ca_ttl_secs, mint, &mut events)?;
+            // A successor that ends no later than the active CA gains nothing (an upstream
+            // certificate near its end caps both): preparing it anyway rotated every few
+            // seconds as the end came near, each rotation a bundle change for every agent.
+            let mut no_gain = |now, ttl| {
+                let next = mint(now, ttl)?;
+                if next.not_after() <= active_end {
+                    return Err(PkiError::Upstream(format!(
+                        "a new CA could not outlive the active one (both end at {}, the end of \
+                         the upstream chain): replace the upstream certificate before then",
+                        next.not_after()
+                    )));
+                }
+                Ok(next)
+            };
+            self.prepare_x509(now, ca_ttl_secs, &mut no_gain, &mut events)
+        } else {
+            Ok(())
+        };
+        match made {
+            Ok(()) if retry_due => self.x509_stalled = None,
+            Ok(()) => {}
+            Err(e) => {
+                let failures = self.x509_stalled.as_ref().map_or(0, |st| st.failures) + 1;
+                // Nothing signs while the active CA is expired: keep trying at the first wait.
+                let wait = if now >= self.x509.active.authority.not_after() {
+                    STALLED_FIRST_WAIT
+                } else {
+                    STALLED_FIRST_WAIT
+                        .saturating_mul(1 << (failures - 1).min(10))
+                        .min(STALLED_MAX_WAIT)
+                };
+                self.x509_stalled = Some(Stalled {
+                    why: e.to_string(),
+                    retry_at: now.saturating_add(wait),
+                    failures,
+                });
+            }
         }
         // JWT: the same schedule, on its own key.
         if self.jwt.prepared.is_some() && self.jwt.active.in_last_sixth(now) {
@@ -775,6 +853,7 @@ impl Journal {
             upstream_roots: Vec::new(),
             next_id: stored.next_id,
             generation: stored.generation,
+            x509_stalled: None,
         })
     }
 }

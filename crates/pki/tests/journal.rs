@@ -557,3 +557,59 @@ fn garbage_and_inconsistent_journals_are_refused() {
     refused(edit(&|v| v["x509"][0]["id"] = (-1).into()), "not a journal");
     assert!(edit(&|_| {}).is_ok());
 }
+
+/// An X.509 CA that cannot be made (an upstream down, or one whose end caps every new CA at the
+/// active one's end) does not hold up the JWT rotation, is reported, and is tried again after
+/// a growing wait rather than at every tick.
+#[test]
+fn a_stalled_x509_step_lets_the_jwt_rotation_go_on_and_waits_to_retry() {
+    let mut j = Journal::new(&td(), T0, TTL).unwrap();
+    let half = half_life(j.x509().active());
+    let active_end = j.x509().active().authority.not_after();
+    let calls = std::cell::Cell::new(0);
+    let mut down = |_now: u64, _ttl: u64| -> Result<X509Authority, PkiError> {
+        calls.set(calls.get() + 1);
+        Err(PkiError::Upstream("the upstream is down".into()))
+    };
+    let events = j.tick_with(half, TTL, &mut down).unwrap();
+    assert_eq!(
+        events,
+        [JournalEvent::Prepared {
+            kind: Kind::Jwt,
+            id: 3
+        }]
+    );
+    assert_eq!(
+        j.x509_problem(),
+        Some(("upstream authority: the upstream is down", 1))
+    );
+    assert_eq!(j.next_step_in(half), 30, "retried in 30 s, not at once");
+    // Not due yet: the upstream is not asked.
+    j.tick_with(half + 10, TTL, &mut down).unwrap();
+    assert_eq!(calls.get(), 1);
+    j.tick_with(half + 30, TTL, &mut down).unwrap();
+    assert_eq!((calls.get(), j.x509_problem().map(|p| p.1)), (2, Some(2)));
+    assert_eq!(j.next_step_in(half + 30), 60, "the wait doubles");
+    // A CA that would end with the active one gains nothing: not prepared.
+    let at = half + 90;
+    let mut capped = |now: u64, _ttl: u64| X509Authority::self_signed(&td(), now, active_end - now);
+    assert!(j.tick_with(at, TTL, &mut capped).unwrap().is_empty());
+    let (why, _) = j.x509_problem().unwrap();
+    assert!(why.contains("could not outlive the active one"), "{why}");
+    assert!(j.x509().prepared().is_none());
+    // Back: prepared, and the problem is gone.
+    let at = at + 120;
+    let events = j
+        .tick_with(at, TTL, &mut |now, ttl| {
+            X509Authority::self_signed(&td(), now, ttl)
+        })
+        .unwrap();
+    assert_eq!(
+        events,
+        [JournalEvent::Prepared {
+            kind: Kind::X509,
+            id: 4
+        }]
+    );
+    assert_eq!(j.x509_problem(), None);
+}

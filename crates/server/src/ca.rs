@@ -355,10 +355,21 @@ impl CaManager {
     }
 
     /// Advances rotation; persists and returns true when the published keys changed.
+    /// A failed X.509 step does not fail the tick (the JWT rotation goes on); it is logged each
+    /// time it is tried again (see `Journal::x509_problem`).
     pub(crate) fn tick(&self, now: u64) -> Result<bool, ServerError> {
         let (td, ttl, up) = (self.td.clone(), self.ca_ttl, self.upstream.clone());
-        self.step(|j| j.tick_with(now, ttl, &mut mint_with(&td, up.as_deref())))
-            .map(|(_, changed)| changed)
+        let before = self.lock().x509_problem().map(|(_, n)| n);
+        let changed = self
+            .step(|j| j.tick_with(now, ttl, &mut mint_with(&td, up.as_deref())))
+            .map(|(_, changed)| changed)?;
+        let j = self.lock();
+        if let Some((why, failures)) = j.x509_problem()
+            && before != Some(failures)
+        {
+            tracing::error!(error = %why, failures, "cannot make a new X.509 CA; tried again later");
+        }
+        Ok(changed)
     }
 
     /// Forced prepare of the next authority of `kind`.
