@@ -30,6 +30,7 @@ use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -819,6 +820,18 @@ fn admitted_caller(s: &UnixStream) -> Result<(), String> {
     }
 }
 
+/// Admin-socket connections served at once (each on a thread of its own).
+pub const ADMIN_CONNECTIONS: usize = 64;
+
+/// Counts an admin connection as open until its thread ends (dropped).
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Serves the admin socket at `path` (created mode 0600, replacing a stale one, refusing a live
 /// one) on threads of
 /// its own: requests are rare and short, and a blocking socket carries descriptors simply.
@@ -836,6 +849,7 @@ pub fn serve(
     let listener = UnixListener::bind(path)?;
     // Root only (or whoever runs the agent): attaching makes the agent sign for a namespace.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("agent-admin".into())
         .spawn(move || {
@@ -847,11 +861,30 @@ pub fn serve(
                     tracing::warn!(error = %e, "agent admin socket: caller refused");
                     continue;
                 }
+                // One thread per connection, and at most ADMIN_CONNECTIONS of them: a caller
+                // that opens connections and never finishes them must not take every thread
+                // and descriptor of the agent.
+                if open.load(Ordering::Acquire) >= ADMIN_CONNECTIONS {
+                    tracing::warn!(
+                        max = ADMIN_CONNECTIONS,
+                        "agent admin socket: too many open connections; one refused"
+                    );
+                    let _ = write_frame(
+                        &mut s,
+                        &serde_json::json!({ "ok": false, "error": format!(
+                            "the agent already serves {ADMIN_CONNECTIONS} admin connections; try again"
+                        ) }),
+                    );
+                    continue;
+                }
+                open.fetch_add(1, Ordering::AcqRel);
+                let slot = OpenGuard(open.clone());
                 let enrollments = enrollments.clone();
                 let delegation = delegation.clone();
                 let _ = std::thread::Builder::new()
                     .name("agent-admin-req".into())
                     .spawn(move || {
+                        let _slot = slot;
                         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                         let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
                         if let Some(answer) = handle(&enrollments, delegation.as_deref(), &mut s) {
@@ -882,6 +915,43 @@ mod tests {
             key_pkcs8: zeroize::Zeroizing::new(b"key".to_vec()),
             not_after: 0,
         })
+    }
+
+    /// Connections that never send a request hold their threads until their time-out; beyond
+    /// ADMIN_CONNECTIONS of them the next caller is told why and its connection closed, and a
+    /// slot is free again once one of them ends.
+    #[test]
+    fn the_admin_socket_serves_a_bounded_number_of_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        serve(&path, Enrollments::restore(dir.path()), None).unwrap();
+        let mut idle: Vec<UnixStream> = (0..ADMIN_CONNECTIONS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let mut extra = UnixStream::connect(&path).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(4)))
+            .unwrap();
+        let answer = read_answer(&mut extra).unwrap();
+        assert_eq!(answer["ok"], false);
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains("admin connections"), "{error}");
+        // One ends: its thread sees EOF, and a new caller is served again.
+        drop(idle.pop());
+        let deadline = std::time::Instant::now() + Duration::from_secs(4);
+        loop {
+            let mut again = UnixStream::connect(&path).unwrap();
+            write_frame(&mut again, &serde_json::json!({"op": "list"})).unwrap();
+            again
+                .set_read_timeout(Some(Duration::from_secs(4)))
+                .unwrap();
+            let answer = read_answer(&mut again).unwrap();
+            if answer["ok"] != false || std::time::Instant::now() > deadline {
+                assert_ne!(answer["ok"], false, "{answer}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
