@@ -116,8 +116,13 @@ impl DestinationDoc {
 /// and together they must make an unambiguous map, as the server would refuse the second of two
 /// that claim one address and port. The first error names the entry and the field.
 pub fn parse_documents(text: &str) -> Result<Vec<(String, Destination)>, DestinationError> {
-    let named = crate::named_documents(text, "destination", crate::validate_name)
-        .map_err(|e| bad(&format!("{}.{}", e.policy, e.field), e.message))?;
+    let named = crate::named_documents(
+        text,
+        "destination",
+        crate::validate_name,
+        crate::Empty::Allowed,
+    )
+    .map_err(|e| bad(&format!("{}.{}", e.policy, e.field), e.message))?;
     let mut out = Vec::with_capacity(named.len());
     for (name, json) in named {
         let d = DestinationDoc::from_json(&json)

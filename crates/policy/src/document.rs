@@ -197,12 +197,15 @@ pub struct PolicyError {
 }
 
 impl PolicyError {
+    /// Bounded ([`Self::bounded`]): a message repeats the value it is about, which may come
+    /// from outside and be megabytes (a policy sync source, the policy API, a file).
     pub(crate) fn new(policy: &str, field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             policy: policy.to_owned(),
             field: field.into(),
             message: message.into(),
         }
+        .bounded()
     }
 }
 

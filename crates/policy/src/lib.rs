@@ -19,6 +19,8 @@ pub mod destination;
 mod document;
 mod index;
 mod path;
+mod shown;
+mod strict;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -32,6 +34,7 @@ pub use document::{
 };
 use index::{ActionIndex, Request};
 pub use path::{normalize_path, without_params as path_without_params};
+pub use shown::abbreviate;
 
 /// A policy with its name, as stored (`Policy { id, document }` in the datastore) or written in a
 /// policy file.
@@ -128,47 +131,85 @@ pub(crate) fn from_json_at<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Policies written as YAML or JSON (what `tessera policy apply -f` reads and what a policy
-/// sync source serves): one policy (a mapping with `name` and the document's fields) or a list
-/// of them, possibly empty. Every policy is validated and names are unique; the first error
-/// names the policy (or its position) and the field.
+/// Policies written as YAML or JSON (what `tessera policy apply -f` reads): one policy (a
+/// mapping with `name` and the document's fields) or a list of them, possibly empty (an empty
+/// text too). Every policy is validated, names are unique and no mapping has a key twice; the
+/// first error names the policy (or its position) and the field.
 pub fn parse_documents(text: &str) -> Result<Vec<NamedPolicy>, PolicyError> {
-    named_documents(text, "policy", validate_name)?
-        .into_iter()
-        .map(|(name, json)| NamedPolicy::from_json(&name, &json))
-        .collect()
+    parse_text(text, Empty::Allowed)
+}
+
+/// As [`parse_documents`], for a text that states a whole policy set (what a policy sync source
+/// serves, each of its files): a text with no value — empty, only whitespace or comments, or a
+/// YAML null (`~`, `null`) — is refused, since a broken server, proxy or half-written file gives
+/// exactly that, and reading it as "no policies" would delete every policy of the set, DENY
+/// policies included. An empty list (`[]`) is how a source says "no policies".
+pub fn parse_set_documents(text: &str) -> Result<Vec<NamedPolicy>, PolicyError> {
+    parse_text(text, Empty::Refused)
+}
+
+/// Policies of a text from outside; the error is bounded ([`PolicyError::bounded`]): it repeats
+/// what the text holds, which may be megabytes.
+fn parse_text(text: &str, empty: Empty) -> Result<Vec<NamedPolicy>, PolicyError> {
+    named_documents(text, "policy", validate_name, empty)
+        .and_then(|named| {
+            named
+                .into_iter()
+                .map(|(name, json)| NamedPolicy::from_json(&name, &json))
+                .collect()
+        })
+        .map_err(PolicyError::bounded)
+}
+
+/// Whether a text with no value at all reads as an empty list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Empty {
+    Allowed,
+    Refused,
 }
 
 /// Named JSON documents written as YAML or JSON: one mapping (`name` and the document's fields)
-/// or a list of them, possibly empty; each name checked by `valid_name` and none twice. Returns
-/// (name, the document without `name`, as JSON). Errors name the item (its name, or `#i` before
-/// it has one; `(document)` for the whole text) and the field. `kind` is what an item is
-/// called in messages ("policy", "destination").
+/// or a list of them, possibly empty (a text with no value too, when `empty` allows it); each
+/// name checked by `valid_name` and none twice, and no key twice in any mapping. Returns (name,
+/// the document without `name`, as JSON). Errors name the item (its name, or `#i` before it has
+/// one; `(document)` for the whole text) and the field. `kind` is what an item is called in
+/// messages ("policy", "destination").
 pub(crate) fn named_documents(
     text: &str,
     kind: &str,
     valid_name: impl Fn(&str) -> Result<(), PolicyError>,
+    empty: Empty,
 ) -> Result<Vec<(String, String)>, PolicyError> {
     let t = text.trim_start();
-    let value: serde_json::Value = if t.starts_with('{') || t.starts_with('[') {
-        serde_json::from_str(text)
-            .map_err(|e| {
-                PolicyError::new(
-                    "(document)",
-                    "document",
-                    format!("not JSON (a text that starts with {{ or [ is read as JSON, YAML otherwise): {e}"),
-                )
-            })?
-    } else if t.is_empty() {
-        serde_json::Value::Array(Vec::new())
+    let json = t.starts_with('{') || t.starts_with('[');
+    let value = if t.is_empty() {
+        serde_json::Value::Null
     } else {
-        serde_yaml_ng::from_str(text)
-            .map_err(|e| PolicyError::new("(document)", "document", format!("not YAML: {e}")))?
+        strict::read(text, json).map_err(|e| match e {
+            strict::ReadError::Duplicate(d) => duplicate_error(&d),
+            strict::ReadError::Json(e) => PolicyError::new(
+                "(document)",
+                "document",
+                format!("not JSON (a text that starts with {{ or [ is read as JSON, YAML otherwise): {e}"),
+            ),
+            strict::ReadError::Yaml(e) => {
+                PolicyError::new("(document)", "document", format!("not YAML: {e}"))
+            }
+        })?
     };
     let items = match value {
         serde_json::Value::Array(a) => a,
         one @ serde_json::Value::Object(_) => vec![one],
-        serde_json::Value::Null => Vec::new(),
+        serde_json::Value::Null if empty == Empty::Allowed => Vec::new(),
+        serde_json::Value::Null => {
+            return Err(PolicyError::new(
+                "(document)",
+                "document",
+                format!(
+                    "the document is empty (no text, only comments, or a YAML null): refused, as a broken server or file gives that too; to say there is no {kind}, send an empty list `[]`"
+                ),
+            ));
+        }
         _ => {
             return Err(PolicyError::new(
                 "(document)",
@@ -199,6 +240,36 @@ pub(crate) fn named_documents(
         out.push((name, serde_json::Value::Object(map).to_string()));
     }
     Ok(out)
+}
+
+/// The error for a key written twice: the policy is the item's name when it was read before the
+/// duplicate (else `#i`), the field the path to the key within the item.
+fn duplicate_error(d: &strict::Duplicate) -> PolicyError {
+    let (item, rest) = match d.at.split_first() {
+        Some((strict::Step::Index(i), rest)) => (*i, rest),
+        _ => (0, d.at.as_slice()),
+    };
+    let mut field = String::new();
+    for step in rest.iter().chain([&strict::Step::Key(d.key.clone())]) {
+        match step {
+            strict::Step::Index(i) => field.push_str(&format!("[{i}]")),
+            strict::Step::Key(k) => {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(k);
+            }
+        }
+    }
+    let policy = d.item_name.clone().unwrap_or_else(|| format!("#{item}"));
+    PolicyError::new(
+        &policy,
+        field,
+        format!(
+            "the key `{}` is written twice in one mapping: refused, since one reader would take the first and another the last",
+            d.key
+        ),
+    )
 }
 
 /// A local policy file (TOML):

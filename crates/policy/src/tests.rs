@@ -900,3 +900,125 @@ fn segment_parameters_do_not_pass_a_restriction_nor_widen_a_permission() {
     assert!(r("/public/a;v=1").allowed);
     assert!(r("/admin/settings;v=2").allowed);
 }
+
+#[test]
+fn a_text_with_no_value_is_refused_as_a_whole_set_and_an_empty_list_empties_it() {
+    // A policy sync source's document (or file) is the whole set: a reply with no value, what a
+    // broken server or proxy sends, must not read as "no policies" and delete every DENY.
+    for text in [
+        "",
+        " \n\t\n",
+        "~",
+        "null",
+        "Null",
+        "# nothing yet\n",
+        "---\n",
+        "--- ~\n",
+    ] {
+        let e = parse_set_documents(text).unwrap_err();
+        assert_eq!(
+            (e.policy.as_str(), e.field.as_str()),
+            ("(document)", "document"),
+            "{text:?}: {e}"
+        );
+        assert!(
+            e.message.contains("empty") && e.message.contains("`[]`"),
+            "{text:?}: {e}"
+        );
+    }
+    for text in ["[]", "[ ]\n", "--- []\n", "# none\n[]\n"] {
+        assert!(parse_set_documents(text).unwrap().is_empty(), "{text:?}");
+    }
+    let one = parse_set_documents("name: a\naction: DENY\nrules: [{}]\n").unwrap();
+    assert_eq!(one[0].document.action, Action::Deny);
+    // A file given to `tessera policy apply -f` is not a whole set: its own check says "no
+    // policy in the file".
+    assert!(parse_documents("").unwrap().is_empty());
+    assert!(parse_documents("~").unwrap().is_empty());
+}
+
+#[test]
+fn a_key_written_twice_is_refused_naming_the_policy_and_the_key() {
+    // serde_json::Value and serde_yaml_ng keep the last of two keys: DENY here, where a reader
+    // keeping the first sees ALLOW.
+    for (text, policy, field) in [
+        ("name: a\naction: ALLOW\naction: DENY\n", "a", "action"),
+        (
+            r#"{"name":"a","action":"ALLOW","action":"DENY"}"#,
+            "a",
+            "action",
+        ),
+        (
+            "- name: a\n  action: ALLOW\n- name: b\n  action: ALLOW\n  rules:\n  - from: {principals: [\"*\"]}\n    from: {principals: [spiffe://example.org/x]}\n",
+            "b",
+            "rules[0].from",
+        ),
+        (
+            r#"[{"name":"a","action":"ALLOW"},{"rules":[{"to":{"ports":[80],"ports":[81]}}],"name":"b","action":"DENY"}]"#,
+            "#1",
+            "rules[0].to.ports",
+        ),
+        ("name: a\nname: b\naction: DENY\n", "a", "name"),
+        // Equal values are two keys all the same.
+        ("name: a\naction: DENY\naction: DENY\n", "a", "action"),
+    ] {
+        for parse in [parse_documents, parse_set_documents] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(
+                (e.policy.as_str(), e.field.as_str()),
+                (policy, field),
+                "{text}: {e}"
+            );
+            assert!(e.message.contains("twice"), "{text}: {e}");
+        }
+    }
+    // Destination files are read by the same reader.
+    let e = destination::parse_documents(
+        "name: db\ncidr: 198.18.0.7\ncidr: 198.18.0.8\nspiffe_id: spiffe://example.org/db\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cidr"), "{e}");
+}
+
+#[test]
+fn an_error_about_a_document_repeats_only_the_start_of_a_long_value() {
+    // A 3 MB value was repeated whole: a 3 MB line from `tessera policy apply -f`, and a 3 MB
+    // log line and sync status on every poll of a source.
+    let long = "a".repeat(3 << 20);
+    for text in [
+        format!(
+            "name: p\naction: ALLOW\nrules: [{{from: {{principals: [\"spiffe://example.org/{long}\"]}}}}]\n"
+        ),
+        format!(
+            "name: p\naction: ALLOW\nrules: [{{from: {{principals: [\"spiffe://{long}/x\"]}}}}]\n"
+        ),
+        // YAML keys have at most 1024 characters: long keys in JSON.
+        format!(r#"{{"name":"p","action":"ALLOW","{long}":1}}"#),
+        format!(r#"{{"name":"p","action":"ALLOW","{long}":1,"{long}":2}}"#),
+        format!("name: \"{long}\"\naction: ALLOW\n"),
+        format!("name: p\naction: \"{long}\"\n"),
+    ] {
+        for parse in [parse_documents, parse_set_documents] {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.len() < 1024, "{} bytes: {}", e.len(), &e[..300]);
+            assert!(e.contains("bytes cut)"), "{e}");
+        }
+    }
+    let e = parse_documents(&format!(
+        "name: p\naction: ALLOW\nrules: [{{from: {{principals: [\"spiffe://example.org/{long}\"]}}}}]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.field, "rules[0].from.principals[0]");
+    assert!(e.message.starts_with("\"spiffe://example.org/aaa"), "{e}");
+}
+
+/// A policy from the policy API (JSON) whose principal is megabytes: the error names it by its
+/// start, not whole.
+#[test]
+fn a_policy_api_document_with_a_huge_value_gets_a_short_error() {
+    let long = format!("spiffe://example.org/{}", "a".repeat(3_000_000));
+    let doc = format!(r#"{{"action":"ALLOW","rules":[{{"from":{{"principals":["{long}"]}}}}]}}"#);
+    let e = NamedPolicy::from_json("big", &doc).unwrap_err().to_string();
+    assert!(e.len() < 1024, "{} bytes", e.len());
+    assert!(e.contains("spiffe://example.org/aaa"), "{e}");
+}

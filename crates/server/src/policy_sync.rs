@@ -7,6 +7,12 @@
 //! stays in force; `tessera policy sync status` shows every source's state. Only the source
 //! changes its set: `tessera policy apply/delete` of such a name is refused.
 //!
+//! Absence is not a statement: a reply or file with no value (empty, whitespace, a YAML null)
+//! and a directory with no document are refused like an invalid document, since a broken
+//! server, proxy, mount or deploy gives exactly that and reading it as "no policies" would
+//! delete every policy of the set, DENY policies included. A source says "no policies" with an
+//! empty list, `[]`.
+//!
 //! Whoever serves the document owns policy, so the endpoint is authenticated (a configured CA or
 //! SPIFFE ID); plain `http://` is allowed to a loopback address only.
 
@@ -28,6 +34,8 @@ use crate::state::State;
 const MAX_DOCUMENT_BYTES: usize = 4 << 20;
 /// Longest one poll of an endpoint may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest error kept for a source, in bytes (its log line and its status).
+const MAX_ERROR_BYTES: usize = 1024;
 
 /// Checks one `[[policy.sync]]` entry (the config's validation); the error names the field.
 pub(crate) fn check_source(s: &PolicySyncConfig) -> Result<(), String> {
@@ -145,11 +153,12 @@ pub(crate) fn plan(set: &str, desired: &[NamedPolicy], current: &[Policy]) -> Pl
 }
 
 /// Parses a source's documents (each one policy or a list) into one set: every policy valid,
-/// names unique across documents, stored names valid. All or nothing.
+/// names unique across documents, stored names valid. All or nothing. A document with no value
+/// is refused (`parse_set_documents`); `[]` is an empty set.
 pub(crate) fn parse_set(set: &str, docs: &[(String, String)]) -> Result<Vec<NamedPolicy>, String> {
     let mut all: Vec<NamedPolicy> = Vec::new();
     for (origin, text) in docs {
-        let ps = tessera_policy::parse_documents(text).map_err(|e| format!("{origin}: {e}"))?;
+        let ps = tessera_policy::parse_set_documents(text).map_err(|e| format!("{origin}: {e}"))?;
         for p in ps {
             if let Some(prev) = all.iter().find(|q| q.name == p.name) {
                 return Err(format!(
@@ -193,6 +202,33 @@ impl SyncStatuses {
         let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         m.get(set).cloned().unwrap_or_default()
     }
+
+    /// Records the outcome of the poll made `at`; returns its error as it is to be logged,
+    /// the same text the status keeps ([`bounded_error`]).
+    fn record(&self, set: &str, at: i64, r: Result<(), String>) -> Option<String> {
+        let e = r.err().map(|e| bounded_error(&e));
+        self.update(set, |st| {
+            st.last_attempt_at = Some(at);
+            match &e {
+                None => {
+                    st.last_success_at = Some(at);
+                    st.last_error = None;
+                }
+                Some(e) => {
+                    st.last_error = Some(e.clone());
+                    st.last_error_at = Some(at);
+                }
+            }
+        });
+        e
+    }
+}
+
+/// A poll's error as logged and kept in the status: it repeats what the source sent (a value,
+/// a file name, a server's reply), which may be megabytes, logged again on every poll; so it
+/// keeps its first [`MAX_ERROR_BYTES`] bytes, marked as cut.
+fn bounded_error(e: &str) -> String {
+    tessera_policy::abbreviate(e, MAX_ERROR_BYTES).into_owned()
 }
 
 /// The status reply for every configured source.
@@ -305,7 +341,7 @@ async fn read_url(
 }
 
 /// Every `*.yaml`, `*.yml` and `*.json` file of `dir` (sorted by name), and a digest of names
-/// and contents as the version.
+/// and contents as the version. At most [`MAX_DOCUMENT_BYTES`] in all are read.
 fn read_dir(dir: &Path, last: Option<&str>) -> Result<Read, String> {
     use std::hash::{Hash as _, Hasher as _};
     let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
@@ -318,19 +354,30 @@ fn read_dir(dir: &Path, last: Option<&str>) -> Result<Read, String> {
                     .is_some_and(|x| matches!(x, "yaml" | "yml" | "json"))
         })
         .collect();
+    if names.is_empty() {
+        // Refused, not read as "no policies": a volume not mounted yet, a deploy that removed
+        // the files, or the wrong directory all look like this, and an empty set would delete
+        // every policy of the set, DENY policies included. As an endpoint sends `[]`, a
+        // directory says "no policies" with a file holding `[]` (an empty *file* is refused by
+        // the parser like an empty reply).
+        return Err(format!(
+            "directory {}: no *.yaml, *.yml or *.json file; to remove every policy of the set, leave one file holding an empty list `[]`",
+            dir.display()
+        ));
+    }
     names.sort();
     let mut docs = Vec::with_capacity(names.len());
     let mut total = 0usize;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for p in names {
-        let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        total = total.saturating_add(text.len());
-        if total > MAX_DOCUMENT_BYTES {
-            return Err(format!(
-                "directory {}: more than {MAX_DOCUMENT_BYTES} bytes of documents",
-                dir.display()
-            ));
-        }
+        let text = read_file_bounded(&p, MAX_DOCUMENT_BYTES - total)?.ok_or_else(|| {
+            format!(
+                "directory {}: more than {MAX_DOCUMENT_BYTES} bytes of documents (at {})",
+                dir.display(),
+                p.display()
+            )
+        })?;
+        total += text.len();
         p.hash(&mut h);
         text.hash(&mut h);
         docs.push((p.display().to_string(), text));
@@ -343,6 +390,33 @@ fn read_dir(dir: &Path, last: Option<&str>) -> Result<Read, String> {
         docs,
         version: Some(version),
     })
+}
+
+/// The text of the file `path` when it holds at most `limit` bytes; `None` when it holds more.
+/// Its size is checked before it is read, and the read stops after `limit + 1` bytes, so a file
+/// that grows in between (or whose size says less than it holds) costs at most that much memory.
+fn read_file_bounded(path: &Path, limit: usize) -> Result<Option<String>, String> {
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(at)?;
+    if file.metadata().map_err(at)?.len() > u64::try_from(limit).unwrap_or(u64::MAX) {
+        return Ok(None);
+    }
+    let Some(bytes) = read_at_most(file, limit).map_err(at)? else {
+        return Ok(None);
+    };
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| format!("{}: not UTF-8", path.display()))
+}
+
+/// What `r` yields when that is at most `limit` bytes; `None` (having read `limit + 1`) when
+/// it yields more.
+fn read_at_most(r: impl std::io::Read, limit: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    r.take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() <= limit).then_some(bytes))
 }
 
 /// Applies `plan` through the store and the feed, as `tessera-sync:<set>` in the audit log.
@@ -441,20 +515,7 @@ pub(crate) fn spawn(state: Arc<State>) -> Vec<tokio::task::JoinHandle<()>> {
                 loop {
                     let at = now();
                     let r = poll(&state, &s).await;
-                    state.policy_sync.update(&s.set, |st| {
-                        st.last_attempt_at = Some(at);
-                        match &r {
-                            Ok(()) => {
-                                st.last_success_at = Some(at);
-                                st.last_error = None;
-                            }
-                            Err(e) => {
-                                st.last_error = Some(e.clone());
-                                st.last_error_at = Some(at);
-                            }
-                        }
-                    });
-                    if let Err(e) = r {
+                    if let Some(e) = state.policy_sync.record(&s.set, at, r) {
                         tracing::warn!(set = %s.set, source = %source_name(&s), error = %e, "policy sync failed; the last good set stays in force");
                     }
                     tokio::select! {
@@ -553,11 +614,20 @@ mod tests {
         // Nothing to do once it matches.
         let now = vec![stored("central/a", &a), stored("central/b", &b2)];
         assert_eq!(plan("central", &[a, b2], &now), Plan::default());
-        // An empty source empties the set.
+        // A source that sends an empty list empties the set; one that sends nothing is refused
+        // before any plan is made.
+        let empty = parse_set("central", &[("pap".into(), "[]".into())]).unwrap();
         assert_eq!(
-            plan("central", &[], &now).delete,
+            plan("central", &empty, &now).delete,
             ["central/a", "central/b"]
         );
+        for nothing in ["", " \n", "~", "null"] {
+            let e = parse_set("central", &[("https://pap/p".into(), nothing.into())]).unwrap_err();
+            assert!(
+                e.starts_with("https://pap/p: ") && e.contains("empty") && e.contains("`[]`"),
+                "{nothing:?}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -621,5 +691,92 @@ mod tests {
             Read::Documents { .. }
         ));
         assert!(read_dir(&d.path().join("missing"), None).is_err());
+    }
+
+    fn documents(dir: &Path) -> Result<Vec<(String, String)>, String> {
+        match read_dir(dir, None)? {
+            Read::Documents { docs, .. } => Ok(docs),
+            Read::Unchanged => panic!("documents expected"),
+        }
+    }
+
+    #[test]
+    fn a_directory_says_no_policies_with_an_empty_list_not_with_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        // No document at all (a volume not mounted, the files removed): refused.
+        std::fs::write(d.path().join("README.txt"), "not a document").unwrap();
+        let e = documents(d.path()).unwrap_err();
+        assert!(e.contains("no *.yaml") && e.contains("`[]`"), "{e}");
+        // An empty file: refused by the parser, naming the file.
+        std::fs::write(d.path().join("a.yaml"), "").unwrap();
+        let e = parse_set("central", &documents(d.path()).unwrap()).unwrap_err();
+        assert!(e.contains("a.yaml") && e.contains("empty"), "{e}");
+        // A file holding `[]`: the empty set.
+        std::fs::write(d.path().join("a.yaml"), "[]\n").unwrap();
+        assert!(
+            parse_set("central", &documents(d.path()).unwrap())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_directory_file_over_the_limit_is_refused_by_its_size_before_it_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.yaml"), "[]\n").unwrap();
+        // Not UTF-8: reading it whole (as a 300 MB file was, on every poll) would fail on the
+        // encoding; refused by its size, it is never read.
+        std::fs::write(d.path().join("b.yaml"), vec![0xff; MAX_DOCUMENT_BYTES]).unwrap();
+        let e = documents(d.path()).unwrap_err();
+        assert!(
+            e.contains(&format!("more than {MAX_DOCUMENT_BYTES} bytes")) && e.contains("b.yaml"),
+            "{e}"
+        );
+        // Exactly the limit in all is read.
+        std::fs::write(d.path().join("a.yaml"), "").unwrap();
+        std::fs::write(d.path().join("b.yaml"), vec![b' '; MAX_DOCUMENT_BYTES]).unwrap();
+        assert_eq!(documents(d.path()).unwrap()[1].1.len(), MAX_DOCUMENT_BYTES);
+    }
+
+    #[test]
+    fn a_file_growing_while_read_is_read_only_to_the_limit() {
+        // Whatever its size said, the read stops one byte past the limit: an endless reader
+        // ends.
+        assert_eq!(read_at_most(std::io::repeat(b'a'), 16).unwrap(), None);
+        assert_eq!(
+            read_at_most(&b"0123456789abcdef"[..], 16)
+                .unwrap()
+                .unwrap()
+                .len(),
+            16
+        );
+    }
+
+    #[test]
+    fn an_error_is_logged_and_shown_bounded() {
+        let statuses = SyncStatuses::default();
+        // A document with a 3 MB value, repeated in the error.
+        let e = format!(
+            "https://pap/p: policy \"p\": {:?}: bad",
+            "é".repeat(3 << 20)
+        );
+        let logged = statuses.record("central", 7, Err(e)).unwrap();
+        let st = statuses.get("central");
+        assert_eq!(st.last_error.as_deref(), Some(logged.as_str()));
+        assert!(
+            logged.len() < MAX_ERROR_BYTES + 32 && logged.ends_with(" bytes cut)"),
+            "{}",
+            logged.len()
+        );
+        assert!(logged.starts_with("https://pap/p: policy \"p\": \"éé"));
+        assert_eq!((st.last_error_at, st.last_attempt_at), (Some(7), Some(7)));
+        // A short error is kept whole; a success clears it.
+        assert_eq!(
+            statuses.record("central", 8, Err("GET x: 500".into())),
+            Some("GET x: 500".into())
+        );
+        assert_eq!(statuses.record("central", 9, Ok(())), None);
+        let st = statuses.get("central");
+        assert_eq!((st.last_error, st.last_success_at), (None, Some(9)));
     }
 }

@@ -361,3 +361,120 @@ async fn a_synced_set_is_applied_updated_kept_through_bad_documents_and_restarts
     assert_eq!(st.policies, 1);
     server.shutdown().await;
 }
+
+/// Until `status(set).last_error` contains `why`; returns that status.
+async fn error_shown(
+    api: &PolicyApiClient<tonic::transport::Channel>,
+    set: &str,
+    why: &str,
+) -> pb::PolicySyncStatus {
+    wait_for(&format!("{set}: an error with {why:?}"), || {
+        let mut api = api.clone();
+        async move { status(&mut api, set).await.last_error.contains(why) }
+    })
+    .await;
+    status(&mut api.clone(), set).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_with_no_value_is_refused_and_only_an_empty_list_empties_the_set() {
+    let web_ca = TestCa::new("pap-ca.test");
+    let served = Arc::new(Mutex::new(Served::default()));
+    set_served(&served, "v1", V1);
+    let port = serve(&web_ca, served.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("pap-ca.pem");
+    std::fs::write(
+        &ca_file,
+        pem::encode(&pem::Pem::new("CERTIFICATE", web_ca.root().to_vec())),
+    )
+    .unwrap();
+    let policies_d = dir.path().join("policies.d");
+    std::fs::create_dir_all(&policies_d).unwrap();
+    let base = policies_d.join("10-base.yaml");
+    std::fs::write(&base, "- name: base\n  action: DENY\n  rules: [{}]\n").unwrap();
+    let url = format!("https://localhost:{port}/policies");
+    let sources = vec![
+        PolicySyncConfig {
+            set: "central".into(),
+            url: Some(url.clone()),
+            directory: None,
+            interval: Secs(1),
+            ca_file: Some(ca_file),
+            spiffe_id: None,
+        },
+        PolicySyncConfig {
+            set: "local".into(),
+            url: None,
+            directory: Some(policies_d.clone()),
+            interval: Secs(1),
+            ca_file: None,
+            spiffe_id: None,
+        },
+    ];
+    let server = tessera_server::start(config(dir.path(), sources))
+        .await
+        .unwrap();
+    let api = api(&server).await;
+    let want1 = map(&[
+        ("central/a", "ALLOW"),
+        ("central/b", "DENY"),
+        ("local/base", "DENY"),
+    ]);
+    wait_for("v1 applied", || {
+        let mut api = api.clone();
+        let want = want1.clone();
+        async move { stored(&mut api).await == want }
+    })
+    .await;
+
+    // An empty body, a duplicate key, a YAML null, a huge value: each refused with the reason
+    // (naming the source, bounded), and the DENY policy b stays.
+    let huge = format!(
+        r#"[{{"name":"a","action":"ALLOW","rules":[{{"from":{{"principals":["spiffe://example.org/{}"]}}}}]}}]"#,
+        "x".repeat(1 << 20)
+    );
+    for (etag, body, why) in [
+        ("e1", "", "empty"),
+        (
+            "e2",
+            "- name: b\n  action: DENY\n  action: ALLOW\n",
+            "twice",
+        ),
+        ("e3", "null\n", "empty"),
+        ("e4", huge.as_str(), "bytes cut"),
+    ] {
+        set_served(&served, etag, body);
+        let st = error_shown(&api, "central", why).await;
+        assert!(st.last_error.starts_with(&url), "{st:?}");
+        assert!(st.last_error.len() < 2048, "{} bytes", st.last_error.len());
+        assert_eq!(st.etag, "\"v1\"", "{etag}");
+        assert_eq!(
+            stored(&mut api.clone()).await,
+            want1,
+            "{etag} changed the set"
+        );
+    }
+
+    // A directory: an empty file, then no file at all, are refused; the set stays.
+    std::fs::write(&base, "").unwrap();
+    let st = error_shown(&api, "local", "empty").await;
+    assert!(st.last_error.contains("10-base.yaml"), "{st:?}");
+    std::fs::remove_file(&base).unwrap();
+    error_shown(&api, "local", "no *.yaml").await;
+    assert_eq!(stored(&mut api.clone()).await, want1);
+
+    // An empty list empties each set.
+    set_served(&served, "v2", "[]");
+    std::fs::write(policies_d.join("00-none.json"), "[]").unwrap();
+    wait_for("both sets emptied", || {
+        let mut api = api.clone();
+        async move { stored(&mut api).await.is_empty() }
+    })
+    .await;
+    for set in ["central", "local"] {
+        let st = status(&mut api.clone(), set).await;
+        assert!(st.last_error.is_empty() && st.policies == 0, "{st:?}");
+    }
+    server.shutdown().await;
+}
