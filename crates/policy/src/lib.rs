@@ -34,7 +34,6 @@ pub use document::{
 };
 use index::{ActionIndex, Request};
 pub use path::{normalize_path, without_params as path_without_params};
-pub use shown::abbreviate;
 
 /// A policy with its name, as stored (`Policy { id, document }` in the datastore) or written in a
 /// policy file.

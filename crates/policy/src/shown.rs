@@ -24,22 +24,7 @@ pub(crate) const MAX_MESSAGE: usize = 1024;
 /// kept by more than this, so an abbreviated part is never cut again.
 const MARKER: usize = 40;
 
-/// `text` when it has at most `max` bytes; otherwise its first `max` bytes (cut back to a
-/// character boundary) followed by `… (N bytes cut)`.
-pub fn abbreviate(text: &str, max: usize) -> Cow<'_, str> {
-    if text.len() <= max {
-        return Cow::Borrowed(text);
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(format!(
-        "{}… ({} bytes cut)",
-        &text[..end],
-        text.len() - end
-    ))
-}
+use tessera_spiffe::abbreviate;
 
 /// [`abbreviate`] to `keep` bytes, only when `text` is longer than `keep` and a marker.
 fn shorten(text: &str, keep: usize) -> Cow<'_, str> {
@@ -140,15 +125,6 @@ mod tests {
         // Bounding twice changes nothing.
         assert_eq!(e.clone().bounded(), e);
         e
-    }
-
-    #[test]
-    fn abbreviate_cuts_on_a_character_boundary_and_says_how_much() {
-        assert_eq!(abbreviate("short", 5), "short");
-        assert_eq!(abbreviate("abcdef", 4), "abcd… (2 bytes cut)");
-        // `é` is two bytes: a cut at 2 would split it, so it goes back to 1.
-        assert_eq!(abbreviate("aéz", 2), "a… (3 bytes cut)");
-        assert_eq!(abbreviate("ééé", 0), "… (6 bytes cut)");
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl<'de> Visitor<'de> for Seed<'_> {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             if out.contains_key(&key) {
-                let msg = format!("duplicate key `{}`", crate::shown::abbreviate(&key, 100));
+                let msg = format!("duplicate key `{}`", tessera_spiffe::abbreviate(&key, 100));
                 st.duplicate = Some(Duplicate {
                     at: st.at.clone(),
                     key,

@@ -228,7 +228,7 @@ impl SyncStatuses {
 /// a file name, a server's reply), which may be megabytes, logged again on every poll; so it
 /// keeps its first [`MAX_ERROR_BYTES`] bytes, marked as cut.
 fn bounded_error(e: &str) -> String {
-    tessera_policy::abbreviate(e, MAX_ERROR_BYTES).into_owned()
+    tessera_spiffe::abbreviate(e, MAX_ERROR_BYTES).into_owned()
 }
 
 /// The status reply for every configured source.

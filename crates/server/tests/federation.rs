@@ -514,3 +514,67 @@ async fn federated_bundles_refresh_by_themselves_at_the_refresh_hint() {
     held(fed.clone(), w2.root().to_vec()).await;
     server.shutdown().await;
 }
+
+/// From a black-box test's hostile bundle endpoint: a bundle with a huge value (a 900 KB `crv`)
+/// and one whose only X.509 authority has expired. Neither replaces the last good bundle, and
+/// the error (answered, stored as `last_error`, logged) stays short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_bundle_never_replaces_the_last_good_one_and_its_error_stays_short() {
+    let web_ca = TestCa::new("enterprise-ca.test");
+    let good = TestCa::new("h.test").bundle().to_json().into_bytes();
+    let served = Arc::new(std::sync::Mutex::new(good.clone()));
+    let addr = serve_bundles(&web_ca, served.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut fed = federation(&server).await;
+    fed.create_federation(pb::FederationRelationship {
+        trust_domain: "h.test".into(),
+        bundle_endpoint_url: format!("https://localhost:{}/", addr.port()),
+        profile: "https_web".into(),
+        ca_bundle_pem: pem::encode(&pem::Pem::new("CERTIFICATE", web_ca.root().to_vec())),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let req = pb::FederationRequest {
+        trust_domain: "h.test".into(),
+    };
+    fed.refresh_federation(req.clone()).await.unwrap();
+
+    let big_crv = format!(
+        r#"{{"keys":[{{"kty":"EC","use":"jwt-svid","kid":"k","crv":"{}","x":"AA","y":"AA"}}]}}"#,
+        "A".repeat(900_000)
+    );
+    let expired_ca = TestCa::new("h.test").intermediate_with(|p| p.not_after = p.not_before);
+    let mut expired = Bundle::new(TrustDomain::new("h.test").unwrap());
+    expired
+        .add_x509_authority(expired_ca.cert.to_vec())
+        .unwrap();
+    for (body, want) in [
+        (big_crv.into_bytes(), "keys[0]: unsupported EC curve \"AAAA"),
+        (
+            expired.to_json().into_bytes(),
+            "every X.509 authority of the bundle of h.test has expired (the last one at ",
+        ),
+    ] {
+        *served.lock().unwrap() = body;
+        let err = fed.refresh_federation(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(err.message().contains(want), "{}", err.message());
+        assert!(err.message().len() < 1200, "{} bytes", err.message().len());
+        let got = fed.get_federation(req.clone()).await.unwrap().into_inner();
+        let status = got.status.unwrap();
+        assert!(status.last_error.contains(want), "{}", status.last_error);
+        assert!(
+            status.last_error.len() <= 1100,
+            "{} bytes",
+            status.last_error.len()
+        );
+        assert_eq!(
+            got.bundle.unwrap().spiffe_bundle_json,
+            good,
+            "the good bundle is kept"
+        );
+    }
+    server.shutdown().await;
+}

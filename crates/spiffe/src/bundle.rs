@@ -36,13 +36,24 @@ pub enum BundleError {
         "bundle map: trust domain {0} appears twice (SPIFFE Trust Domain and Bundle §5.1.1: consumers MUST reject duplicates)"
     )]
     DuplicateTrustDomain(String),
-    #[error("bundle map: trust domain {name:?} is not valid: {source}")]
+    // `source` repeats the name it refuses (a "found" part), so it is cut like the name is.
+    #[error(
+        "bundle map: trust domain {name:?} is not valid: {}",
+        abbreviate(&.source.to_string(), MESSAGE_MAX)
+    )]
     TrustDomain { name: String, source: IdError },
     #[error("bundle map: not valid JSON: {0}")]
     MapJson(String),
     #[error("X.509 authority is not a parseable DER certificate: {0}")]
     Certificate(String),
 }
+
+/// The most bytes of one value from the input that an error repeats ([`abbreviate`]).
+pub(crate) const VALUE_MAX: usize = 64;
+/// The most bytes of a parser's message (serde's repeats the value it refuses) kept.
+pub(crate) const MESSAGE_MAX: usize = 256;
+
+pub(crate) use crate::text::abbreviate;
 
 /// A JWT-SVID signing key from a bundle. Only key types usable with the JWT-SVID `alg` allowlist
 /// (JWT-SVID §2.1: RSA and ECDSA P-256/384/521) are represented.
@@ -148,7 +159,8 @@ fn non_negative_int(
         Some(v) => v.as_u64().map(Some).ok_or_else(|| BundleError::Json {
             trust_domain: td.to_string(),
             reason: format!(
-                "`{name}` must be a non-negative integer, got {v} (Trust Domain and Bundle {section})"
+                "`{name}` must be a non-negative integer, got {} (Trust Domain and Bundle {section})",
+                abbreviate(&v.to_string(), VALUE_MAX)
             ),
         }),
     }
@@ -266,7 +278,7 @@ impl Bundle {
     pub fn parse(trust_domain: TrustDomain, json: &[u8]) -> Result<Self, BundleError> {
         let raw: RawBundle = serde_json::from_slice(json).map_err(|e| BundleError::Json {
             trust_domain: trust_domain.to_string(),
-            reason: e.to_string(),
+            reason: serde_reason(&e),
         })?;
         Self::from_raw(trust_domain, raw)
     }
@@ -293,7 +305,8 @@ impl Bundle {
                 index,
                 reason,
             };
-            let jwk: RawJwk = serde_json::from_value(value).map_err(|e| key_err(e.to_string()))?;
+            let jwk: RawJwk =
+                serde_json::from_value(value).map_err(|e| key_err(serde_reason(&e)))?;
             match jwk.use_.as_deref() {
                 Some("x509-svid") => {
                     // Trust Domain and Bundle §4.2.1: an unknown `kty` means the whole JWK is ignored.
@@ -338,7 +351,7 @@ impl Bundle {
                     if bundle.jwt_authorities.contains_key(kid) {
                         return Err(BundleError::DuplicateKid {
                             trust_domain: bundle.trust_domain.to_string(),
-                            kid: kid.to_owned(),
+                            kid: abbreviate(kid, VALUE_MAX).into_owned(),
                         });
                     }
                     bundle.jwt_authorities.insert(kid.to_owned(), key);
@@ -386,6 +399,11 @@ impl Bundle {
     }
 }
 
+/// serde's message, which may repeat a refused value whole (`invalid type: string "…"`).
+fn serde_reason(e: &serde_json::Error) -> String {
+    abbreviate(&e.to_string(), MESSAGE_MAX).into_owned()
+}
+
 fn parse_cert(der: &[u8]) -> Result<(), String> {
     match X509Certificate::from_der(der) {
         Ok(([], _)) => Ok(()),
@@ -403,7 +421,8 @@ fn b64url_field(name: &str, v: Option<&String>) -> Result<Vec<u8>, String> {
 
 fn ec_key(jwk: &RawJwk) -> Result<JwtKey, String> {
     let crv = jwk.crv.as_deref().ok_or("EC key has no `crv`")?;
-    let curve = EcCurve::from_jwk(crv).ok_or_else(|| format!("unsupported EC curve {crv:?}"))?;
+    let curve = EcCurve::from_jwk(crv)
+        .ok_or_else(|| format!("unsupported EC curve {:?}", abbreviate(crv, VALUE_MAX)))?;
     let x = b64url_field("x", jwk.x.as_ref())?;
     let y = b64url_field("y", jwk.y.as_ref())?;
     let len = curve.coord_len();
@@ -419,7 +438,30 @@ fn ec_key(jwk: &RawJwk) -> Result<JwtKey, String> {
     point.push(0x04);
     point.extend_from_slice(&x);
     point.extend_from_slice(&y);
+    if !ec_point_is_valid(curve, &point) {
+        return Err(format!(
+            "the {crv} point (x, y) is not on the curve: not a public key (SEC 1 v2 §3.2.2)"
+        ));
+    }
     Ok(JwtKey::Ec { curve, point })
+}
+
+/// Whether `point` (SEC 1 encoded) is a public key of `curve`: on the curve and not the point at
+/// infinity. SEC 1 v2 §3.2.2: a public key must be validated before it is used. Checked when a
+/// key is read, not only when it verifies: the keys of a bundle are stored and handed on to
+/// workloads over the Workload API, whose JWT libraries may not check (an off-curve point is
+/// the material of invalid-curve attacks); go-jose refuses such a JWK ("X/Y are not on declared
+/// curve"). A black-box test's bundle endpoint served one and it was accepted and stored.
+pub(crate) fn ec_point_is_valid(curve: EcCurve, point: &[u8]) -> bool {
+    use aws_lc_rs::signature;
+    let alg: &'static signature::EcdsaVerificationAlgorithm = match curve {
+        EcCurve::P256 => &signature::ECDSA_P256_SHA256_ASN1,
+        EcCurve::P384 => &signature::ECDSA_P384_SHA384_ASN1,
+        EcCurve::P521 => &signature::ECDSA_P521_SHA512_ASN1,
+    };
+    // Raw octets only: aws-lc-rs would also take a whole SubjectPublicKeyInfo here.
+    matches!(point.first(), Some(0x02..=0x04))
+        && signature::ParsedPublicKey::new(alg, point).is_ok()
 }
 
 fn rsa_key(jwk: &RawJwk) -> Result<JwtKey, String> {
@@ -435,7 +477,34 @@ fn rsa_key(jwk: &RawJwk) -> Result<JwtKey, String> {
     if e.is_empty() {
         return Err("RSA exponent is empty".into());
     }
-    Ok(JwtKey::Rsa { n, e })
+    rsa_exponent_problem(&n, &e).map_or(Ok(JwtKey::Rsa { n, e }), Err)
+}
+
+/// RFC 8017 §3.1: an RSA public exponent is an odd integer with 3 <= e <= n - 1. e = 1 makes
+/// "signatures" anyone can compute (s = m), and an even e is no RSA key at all. Our verifier
+/// (aws-lc) refuses such keys only when a token is checked, but the bundle's keys are also stored
+/// and handed to workloads over the Workload API, whose JWT libraries may not check; a black-box
+/// test's bundle endpoint served e = 1 and it was accepted. No minimum above 3 (65537, say) is
+/// required: neither the RFC nor go-jose asks for one.
+fn rsa_exponent_problem(n: &[u8], e: &[u8]) -> Option<String> {
+    let significant = |v: &[u8]| -> Vec<u8> { v.iter().copied().skip_while(|b| *b == 0).collect() };
+    let (n, e) = (significant(n), significant(e));
+    if e.last().is_none_or(|b| b % 2 == 0) {
+        return Some("the RSA exponent is even: not an RSA key (RFC 8017 §3.1)".into());
+    }
+    if e.as_slice() == [1] {
+        return Some(
+            "the RSA exponent is 1: anyone could forge signatures (RFC 8017 §3.1: e >= 3)".into(),
+        );
+    }
+    // Big-endian, no leading zeros: the longer is larger, and of equal length, the first byte
+    // that differs decides.
+    if (e.len(), e.as_slice()) >= (n.len(), n.as_slice()) {
+        return Some(
+            "the RSA exponent is not smaller than the modulus (RFC 8017 §3.1: e <= n - 1)".into(),
+        );
+    }
+    None
 }
 
 fn jwt_key_jwk<'a>(key: &JwtKey) -> OutJwk<'a> {
@@ -561,19 +630,22 @@ impl BundleSet {
             let msg = e.to_string();
             match msg.split_once("duplicate member ") {
                 Some((_, rest)) => BundleError::DuplicateTrustDomain(
-                    rest.split(" at line")
-                        .next()
-                        .unwrap_or(rest)
-                        .trim_matches('"')
-                        .to_owned(),
+                    abbreviate(
+                        rest.split(" at line")
+                            .next()
+                            .unwrap_or(rest)
+                            .trim_matches('"'),
+                        VALUE_MAX,
+                    )
+                    .into_owned(),
                 ),
-                None => BundleError::MapJson(msg),
+                None => BundleError::MapJson(serde_reason(&e)),
             }
         })?;
         let mut set = Self::new();
         for (name, raw_bundle) in raw.trust_domains.0 {
             let td = TrustDomain::new(&name).map_err(|source| BundleError::TrustDomain {
-                name: name.clone(),
+                name: abbreviate(&name, VALUE_MAX).into_owned(),
                 source,
             })?;
             set.insert(Bundle::from_raw(td, raw_bundle)?)?;
@@ -701,6 +773,145 @@ mod tests {
                 kid: "k".into()
             }
         );
+    }
+
+    /// A black-box test's hostile bundle endpoint: a 1 MB `crv`, a 1 MB `spiffe_refresh_hint`
+    /// array, a 1 MB value where serde wanted another type, a 1 MB repeated `kid`. Each error
+    /// was the whole value (and was logged, stored and printed); now each is short.
+    #[test]
+    fn errors_never_repeat_a_huge_value_whole() {
+        let huge = "A".repeat(1 << 20);
+        let cases = [
+            (
+                format!(
+                    r#"{{"keys":[{{"kty":"EC","use":"jwt-svid","kid":"a","crv":"{huge}","x":"AA","y":"AA"}}]}}"#
+                ),
+                "unsupported EC curve \"AAAA",
+            ),
+            (
+                format!(
+                    r#"{{"keys":[],"spiffe_refresh_hint":[{}1]}}"#,
+                    "1,".repeat(1 << 19)
+                ),
+                "`spiffe_refresh_hint` must be a non-negative integer, got [1,1,1",
+            ),
+            (
+                format!(r#"{{"keys":[],"spiffe_sequence":"{huge}"}}"#),
+                "`spiffe_sequence` must be a non-negative integer",
+            ),
+            (
+                format!(r#"{{"keys":[{{"kty":"EC","use":"x509-svid","x5c":"{huge}"}}]}}"#),
+                "keys[0]: invalid type: string \"AAAA",
+            ),
+            (format!(r#"{{"keys":"{huge}"}}"#), "invalid type: string"),
+        ];
+        for (json, want) in &cases {
+            let err = Bundle::parse(td("example.org"), json.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{}", abbreviate(&err, 300));
+            assert!(
+                err.len() < 512,
+                "{} bytes: {}",
+                err.len(),
+                abbreviate(&err, 300)
+            );
+        }
+        let dup = format!(r#"{{"keys":[{},{}]}}"#, jwt_jwk(&huge), jwt_jwk(&huge));
+        let err = Bundle::parse(td("example.org"), dup.as_bytes()).unwrap_err();
+        assert!(err.to_string().len() < 512, "{}", err.to_string().len());
+        // The bundle map: a huge trust domain name, valid or not, and a huge duplicate.
+        let b = r#"{"keys":[]}"#;
+        for map in [
+            format!(r#"{{"trust_domains":{{"{huge}":{b}}}}}"#),
+            format!(r#"{{"trust_domains":{{"x{huge}":{b},"x{huge}":{b}}}}}"#),
+            format!(r#"{{"trust_domains":"{huge}"}}"#),
+        ] {
+            let err = BundleSet::parse_map(map.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.len() < 1024,
+                "{} bytes: {}",
+                err.len(),
+                abbreviate(&err, 300)
+            );
+        }
+    }
+
+    #[test]
+    fn an_ec_point_off_its_curve_is_refused() {
+        // The hostile endpoint's key: a real P-256 x with y = 1.
+        let y1 = URL_SAFE_NO_PAD.encode([&[0u8; 31][..], &[1]].concat());
+        for (x, y) in [
+            (EC_X, y1.as_str()),
+            (EC_X, EC_X),
+            (
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            ),
+        ] {
+            let json = format!(
+                r#"{{"keys":[{{"kty":"EC","use":"jwt-svid","kid":"a","crv":"P-256","x":"{x}","y":"{y}"}}]}}"#
+            );
+            let err = Bundle::parse(td("example.org"), json.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("keys[0]: the P-256 point (x, y) is not on the curve"),
+                "{err}"
+            );
+        }
+        // The same x with its real y is a key (see jwt_keys_are_read_with_sequence_and_refresh_hint).
+        assert!(
+            Bundle::parse(
+                td("example.org"),
+                format!(r#"{{"keys":[{}]}}"#, jwt_jwk("k")).as_bytes()
+            )
+            .is_ok()
+        );
+        // A P-256 point is not a P-384 key either (and its length already says so).
+        assert!(!ec_point_is_valid(
+            EcCurve::P384,
+            &[&[4u8][..], &[7; 64]].concat()
+        ));
+    }
+
+    #[test]
+    fn an_rsa_exponent_must_be_odd_and_at_least_3_and_below_the_modulus() {
+        // A 2048-bit odd modulus; the exponent checks do not need a real key.
+        let mut n = vec![0xC5u8; 256];
+        n[255] = 0x01;
+        let rsa = |e: &[u8]| {
+            let json = format!(
+                r#"{{"keys":[{{"kty":"RSA","use":"jwt-svid","kid":"r","n":"{}","e":"{}"}}]}}"#,
+                URL_SAFE_NO_PAD.encode(&n),
+                URL_SAFE_NO_PAD.encode(e)
+            );
+            Bundle::parse(td("example.org"), json.as_bytes()).map_err(|e| e.to_string())
+        };
+        for (e, want) in [
+            (&[1u8][..], "the RSA exponent is 1"),
+            (&[0, 0, 1], "the RSA exponent is 1"),
+            (&[0], "is even"),
+            (&[2], "is even"),
+            (&[1, 0, 0], "is even"),
+            (&n[..], "not smaller than the modulus"),
+            (&[0xFF; 257], "not smaller than the modulus"),
+        ] {
+            let err = rsa(e).unwrap_err();
+            assert!(err.contains(want), "e={e:02x?}: {err}");
+        }
+        let mut n_minus_2 = n.clone();
+        n_minus_2[255] = 0xFF;
+        n_minus_2[254] -= 1;
+        for e in [&[3u8][..], &[1, 0, 1], &n_minus_2[..]] {
+            let b = rsa(e).unwrap();
+            assert!(
+                matches!(b.jwt_authority("r"), Some(JwtKey::Rsa { e: got, .. }) if got == e),
+                "e={e:02x?}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod id;
 mod json;
 pub mod jwt;
 pub mod selector;
+mod text;
 pub mod x509;
 
 pub use bundle::{Bundle, BundleError, BundleSet, BundleSource, JwtKey};
@@ -20,4 +21,5 @@ pub use endpoint::{EndpointAddr, EndpointError};
 pub use id::{IdError, SpiffeId, TrustDomain};
 pub use jwt::{JwtError, JwtSvid};
 pub use selector::{Selector, SelectorError};
+pub use text::abbreviate;
 pub use x509::{X509SvidError, validate_svid_chain};

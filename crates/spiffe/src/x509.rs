@@ -293,8 +293,7 @@ impl<'a> CertFacts<'a> {
 /// X509-SVID §4.1: a certificate that signs SVIDs MUST be a CA (`basicConstraints` with `cA`
 /// true), so a leaf pasted into a bundle by mistake is refused rather than trusted as an anchor
 /// (a trust anchor's own constraints are not checked during path building, so nothing later
-/// would catch it). An RSA key under 2048 bits is refused as too weak to anchor a trust domain
-/// (NIST SP 800-131A disallows it for signatures).
+/// would catch it). Its key must be one the SVID verifier can use ([`authority_key_problem`]).
 pub fn authority_problem(der: &[u8]) -> Option<String> {
     let cert = match X509Certificate::from_der(der) {
         Ok(([], cert)) => cert,
@@ -310,15 +309,103 @@ pub fn authority_problem(der: &[u8]) -> Option<String> {
         }
         Err(e) => return Some(format!("basicConstraints is malformed: {e}")),
     }
-    if let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = cert.public_key().parsed()
-        && rsa.key_size() < 2048
-    {
-        return Some(format!(
-            "an RSA key of {} bits: at least 2048 are needed",
-            rsa.key_size()
-        ));
+    authority_key_problem(cert.public_key())
+}
+
+/// The object identifiers of ML-DSA-44, -65 and -87 public keys (FIPS 204; RFC 9881 §2).
+const ML_DSA_OIDS: [&str; 3] = [
+    "2.16.840.1.101.3.4.3.17",
+    "2.16.840.1.101.3.4.3.18",
+    "2.16.840.1.101.3.4.3.19",
+];
+
+/// Why the key of an X.509 authority is one that the SVID verifier cannot use, or `None`.
+///
+/// `tessera_tls::verify_svid` builds paths with webpki's `ALL_VERIFICATION_ALGS` (aws-lc-rs), so
+/// the key of a CA that signs for a trust domain must be exactly one of: ECDSA on P-256, P-384 or
+/// P-521; Ed25519; RSA (`rsaEncryption`) of 2048 to 8192 bits (`RSA_*_2048_8192`); ML-DSA-44, -65
+/// or -87. webpki skips an anchor whose key it cannot use, so a bundle whose only authority has
+/// another key trusts nothing. A black-box test's bundle endpoint served a lone secp256k1 CA: it
+/// replaced the stored good bundle and the partner's SVIDs were refused from then on. RSA keys
+/// under 2048 bits are also too weak to anchor a trust domain (NIST SP 800-131A), and an EC point
+/// off its curve is no public key (SEC 1 v2 §3.2.2). Keep this list in step with the verifier: a
+/// test in tessera-server (`federation::rules`) checks every accepted kind against
+/// `verify_svid`.
+pub fn authority_key_problem(spki: &SubjectPublicKeyInfo<'_>) -> Option<String> {
+    use x509_parser::oid_registry as oids;
+    let alg = &spki.algorithm.algorithm;
+    if *alg == oids::OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve_oid = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        let curve = match curve_oid {
+            Some(c) if c == oids::OID_EC_P256 => crate::bundle::EcCurve::P256,
+            Some(c) if c == oids::OID_NIST_EC_P384 => crate::bundle::EcCurve::P384,
+            Some(c) if c == oids::OID_NIST_EC_P521 => crate::bundle::EcCurve::P521,
+            Some(c) => {
+                return Some(format!(
+                    "an EC key on curve {c}{}: the SVID verifier takes only P-256, P-384 and P-521",
+                    if c.to_id_string() == "1.3.132.0.10" {
+                        " (secp256k1)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            None => return Some("an EC key without a named curve".into()),
+        };
+        if !crate::bundle::ec_point_is_valid(curve, &spki.subject_public_key.data) {
+            return Some(format!(
+                "the {} public key is not a point on the curve (SEC 1 v2 §3.2.2)",
+                curve.jwk_name()
+            ));
+        }
+        return None;
     }
-    None
+    if *alg == oids::OID_PKCS1_RSAENCRYPTION {
+        let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() else {
+            return Some("the RSA public key does not parse".into());
+        };
+        let modulus: Vec<u8> = rsa
+            .modulus
+            .iter()
+            .copied()
+            .skip_while(|b| *b == 0)
+            .collect();
+        let bits = modulus.first().map_or(0, |b| {
+            (modulus.len() - 1) * 8 + (8 - b.leading_zeros() as usize)
+        });
+        if bits < 2048 {
+            return Some(format!(
+                "an RSA key of {bits} bits: at least 2048 are needed"
+            ));
+        }
+        if bits > 8192 {
+            return Some(format!(
+                "an RSA key of {bits} bits: the SVID verifier takes at most 8192"
+            ));
+        }
+        return None;
+    }
+    if *alg == oids::OID_SIG_ED25519 || ML_DSA_OIDS.contains(&alg.to_id_string().as_str()) {
+        return None;
+    }
+    Some(format!(
+        "a key of algorithm {alg}, which the SVID verifier cannot use (it takes ECDSA P-256, P-384 and P-521, Ed25519, RSA of 2048 to 8192 bits, and ML-DSA)"
+    ))
+}
+
+/// A certificate's `notAfter` (RFC 5280 §4.1.2.5: valid through that second), as Unix seconds
+/// and as RFC 2822 text for messages; `None` when the certificate does not parse.
+pub fn not_after(der: &[u8]) -> Option<(i64, String)> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let t = cert.validity().not_after;
+    Some((
+        t.timestamp(),
+        t.to_rfc2822().unwrap_or_else(|_| t.to_string()),
+    ))
 }
 
 /// The trust domains named by the SPIFFE IDs in a certificate's URI SANs (a SPIFFE CA names

@@ -28,7 +28,12 @@ fn status_pb(s: &FederationStatus) -> pb::FederationStatus {
     pb::FederationStatus {
         last_attempt_at: s.last_attempt_at.unwrap_or(0),
         last_success_at: s.last_success_at.unwrap_or(0),
-        last_error: s.last_error.clone().unwrap_or_default(),
+        // Bounded here too, for an error stored before the refresher bounded them.
+        last_error: s
+            .last_error
+            .as_deref()
+            .map(|e| refresher::bound_error(e).into_owned())
+            .unwrap_or_default(),
         last_error_at: s.last_error_at.unwrap_or(0),
         next_refresh_at: s.next_refresh_at.unwrap_or(0),
     }
@@ -123,7 +128,7 @@ impl Federation {
         if json.is_empty() {
             return Ok(None);
         }
-        rules::accept_bundle(&rel.trust_domain, json)
+        rules::accept_bundle(&rel.trust_domain, json, crate::ca::unix_now())
             .map(Some)
             .map_err(|e| field_err("bootstrap_bundle_json", e))
     }
@@ -347,7 +352,7 @@ impl FederationApi for Federation {
         let result = async {
             let r = req.get_ref();
             let td = self.foreign("trust_domain", &r.trust_domain)?;
-            rules::accept_bundle(&td, &r.spiffe_bundle_json)
+            rules::accept_bundle(&td, &r.spiffe_bundle_json, crate::ca::unix_now())
                 .map_err(|e| field_err("spiffe_bundle_json", e))?;
             let rev = self
                 .state
