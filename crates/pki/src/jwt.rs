@@ -14,6 +14,11 @@ use crate::PkiError;
 /// Longest `kid` accepted when restoring a key; ours are 22 characters.
 const MAX_KID_LEN: usize = 128;
 
+/// The most audience values a JWT-SVID carries.
+pub(crate) const MAX_AUDIENCES: usize = 32;
+/// The longest audience value (bytes).
+pub(crate) const MAX_AUDIENCE_LEN: usize = 1024;
+
 /// An ES256 key that signs JWT-SVIDs until `not_after`.
 pub struct JwtAuthority {
     kid: String,
@@ -122,6 +127,17 @@ impl JwtAuthority {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(PkiError::EmptyAudience);
         }
+        // Every value is signed into the token and the token travels in headers: bounded, so
+        // no caller (a workload, a compromised agent) can make the CA sign megabytes.
+        let longest = audience.iter().map(String::len).max().unwrap_or(0);
+        if audience.len() > MAX_AUDIENCES || longest > MAX_AUDIENCE_LEN {
+            return Err(PkiError::AudienceTooLarge {
+                count: audience.len(),
+                longest,
+                max_count: MAX_AUDIENCES,
+                max_len: MAX_AUDIENCE_LEN,
+            });
+        }
         if now >= self.not_after {
             return Err(PkiError::CaExpired {
                 not_after: self.not_after,
@@ -189,6 +205,18 @@ mod tests {
     #[test]
     fn minting_refuses_empty_audience_zero_ttl_and_an_expired_key() {
         let key = JwtAuthority::generate(100, 100).unwrap();
+        // A bounded audience: at most MAX_AUDIENCES values of at most MAX_AUDIENCE_LEN bytes.
+        let many: Vec<String> = (0..=MAX_AUDIENCES).map(|i| format!("a{i}")).collect();
+        assert!(matches!(
+            key.mint(&id(), &many, 60, 100),
+            Err(PkiError::AudienceTooLarge { count: 33, .. })
+        ));
+        let long = vec!["a".repeat(MAX_AUDIENCE_LEN + 1)];
+        assert!(matches!(
+            key.mint(&id(), &long, 60, 100),
+            Err(PkiError::AudienceTooLarge { .. })
+        ));
+        assert!(key.mint(&id(), &many[..MAX_AUDIENCES], 60, 100).is_ok());
         assert_eq!(key.mint(&id(), &[], 60, 100), Err(PkiError::EmptyAudience));
         assert_eq!(
             key.mint(&id(), &[String::new()], 60, 100),

@@ -21,6 +21,12 @@ pub use jwt::JwtAuthority;
 pub use upstream::{CaRequest, DiskUpstream, UpstreamAuthority, UpstreamCa};
 pub use x509::{SignedSvid, SvidTemplate, X509Authority};
 
+/// Checks a PKCS#10 CSR as signing would (parse, signature, key type and size) without signing,
+/// so a caller can refuse a bad one before it spends anything (a single-use join token).
+pub fn check_csr(csr_der: &[u8]) -> Result<(), PkiError> {
+    csr::verified_public_key(csr_der).map(|_| ())
+}
+
 use tessera_spiffe::{BundleError, JwtError};
 
 /// Clock skew allowance: certificates are valid from this many seconds before they were issued,
@@ -74,6 +80,15 @@ pub enum PkiError {
     DnsName { name: String, reason: &'static str },
     #[error("JWT-SVID audience is empty; at least one is required (JWT-SVID §3.2)")]
     EmptyAudience,
+    #[error(
+        "JWT-SVID audience has {count} values, the longest of {longest} bytes; at most {max_count} values of at most {max_len} bytes each are signed"
+    )]
+    AudienceTooLarge {
+        count: usize,
+        longest: usize,
+        max_count: usize,
+        max_len: usize,
+    },
     #[error("JWT key ID {kid:?}: {reason}")]
     Kid { kid: String, reason: &'static str },
     #[error("JWT signing key: {0}")]

@@ -531,19 +531,7 @@ fn debug_output_never_shows_the_private_key() {
 
 // --- a minimal DER writer for CSRs rcgen cannot make ---
 
-fn der(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else if len < 0x100 {
-        out.extend([0x81, len as u8]);
-    } else {
-        out.extend([0x82, (len >> 8) as u8, len as u8]);
-    }
-    out.extend_from_slice(content);
-    out
-}
+use tessera_test_util::der;
 
 /// An rsaEncryption SPKI with a modulus of `bytes` bytes (top bit set) and exponent 65537.
 fn rsa_spki(bytes: usize) -> Vec<u8> {

@@ -80,6 +80,26 @@ async fn node_configured(
     }
 }
 
+/// A raw TLS client (ALPN h2) to `bar`'s tunnel port, verifying bar's SVID with the bundles of
+/// `trust` and presenting `svid` (none: no client certificate).
+async fn tls_to_tunnel(
+    bar: &Node,
+    trust: &Identity,
+    svid: Option<Arc<tessera_tls::SvidResolver>>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let verifier = Arc::new(tessera_tls::SpiffeServerVerifier::new(
+        trust.bundles(),
+        tessera_tls::ExpectedPeer::Exact(id("spiffe://example.org/bar")),
+    ));
+    let cfg = tessera_tls::client_config(verifier, svid, &[b"h2"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(bar.proxy.tunnel_addr).await?;
+    let name =
+        rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+}
+
 /// An echo application on loopback; counts accepted connections.
 /// Both ends of a loopback TCP connection: (the workload's end, the proxy's end).
 async fn loopback_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
@@ -263,24 +283,9 @@ async fn a_full_pooled_connection_sends_the_next_stream_over_another() {
 async fn the_tunnel_port_advertises_its_stream_limit() {
     let ca = TestCa::new("example.org");
     let Pair {
-        bar,
-        foo,
-        target,
-        bar_id,
-        ..
+        bar, foo, target, ..
     } = pair(&ca, identity(&ca, "spiffe://example.org/foo", &[&ca])).await;
-    let verifier = Arc::new(tessera_tls::SpiffeServerVerifier::new(
-        foo.identity.bundles(),
-        tessera_tls::ExpectedPeer::Exact(bar_id),
-    ));
-    let cfg = tessera_tls::client_config(verifier, foo.identity.resolver(), &[b"h2"]).unwrap();
-    let tcp = tokio::net::TcpStream::connect(bar.proxy.tunnel_addr)
-        .await
-        .unwrap();
-    let name =
-        rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
+    let tls = tls_to_tunnel(&bar, &foo.identity, foo.identity.resolver())
         .await
         .unwrap();
     let (send, conn) = h2::client::handshake(tls).await.unwrap();
@@ -601,21 +606,8 @@ async fn stale_mapping_no_client_cert_and_plaintext_fail() {
     assert!(msg.contains("expected spiffe://example.org/qux"), "{msg}");
 
     // A TLS client without a certificate.
-    let verifier = Arc::new(tessera_tls::SpiffeServerVerifier::new(
-        bar.identity.bundles(),
-        tessera_tls::ExpectedPeer::Exact(id("spiffe://example.org/bar")),
-    ));
-    let cfg = tessera_tls::client_config(verifier, None, &[b"h2"]).unwrap();
-    let tcp = tokio::net::TcpStream::connect(bar.proxy.tunnel_addr)
-        .await
-        .unwrap();
-    let name =
-        rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
     // TLS 1.3: the client finishes first; the server's refusal arrives on the first read.
-    if let Ok(mut s) = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-    {
+    if let Ok(mut s) = tls_to_tunnel(&bar, &bar.identity, None).await {
         let mut buf = [0u8; 16];
         let _ = s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
         assert!(matches!(s.read(&mut buf).await, Err(_) | Ok(0)));

@@ -32,6 +32,12 @@ use crate::transport::PeerSvid;
 pub(crate) const SNAPSHOT_PAGE: usize = 500;
 /// Most SVIDs signed in one call.
 const MAX_BATCH: usize = 1000;
+/// The longest a node attestation may take, challenge and answer included.
+const ATTEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Streams one agent-API connection may hold open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS,
+/// RFC 9113 §6.5.2). An agent uses one Sync stream and short calls; without a limit, one
+/// connection without a certificate held 20,000 attestation streams (300 MB of server memory).
+pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 #[derive(Debug, Clone)]
 pub(crate) struct AgentApi {
@@ -61,6 +67,16 @@ impl AgentApi {
         let id = peer.id.ok_or_else(|| {
             Status::unauthenticated("an agent SVID (client certificate) is required")
         })?;
+        // TLS checked the SVID's validity at the handshake only, and a connection is reused for
+        // as long as the agent likes: without this an expired agent SVID kept signing and even
+        // renewed itself on a connection opened before it expired (SPIRE checks notAfter on
+        // every call for the same reason).
+        let now = i64::try_from(crate::ca::unix_now()).unwrap_or(i64::MAX);
+        if peer.not_after.is_none_or(|t| now > t) {
+            return Err(Status::unauthenticated(format!(
+                "the agent SVID of this connection ({id}) has expired: attest again"
+            )));
+        }
         if !id.is_member_of(&self.state.td) || !id.path().starts_with("/tessera/agent/") {
             return Err(Status::permission_denied(format!(
                 "{id} is not an agent of {}",
@@ -102,6 +118,15 @@ impl AgentApi {
 
     /// The parents whose entries `agent` may have: itself and every node alias it matches.
     async fn authorized_parents(&self, agent: &Agent) -> Result<BTreeSet<SpiffeId>, Status> {
+        Ok(self.node_aliases(agent).await?.0)
+    }
+
+    /// [`Self::authorized_parents`], and the IDs of the node-alias entries it matched (a sync
+    /// stream follows them: when one is deleted or moved, the parents are read again).
+    async fn node_aliases(
+        &self,
+        agent: &Agent,
+    ) -> Result<(BTreeSet<SpiffeId>, BTreeSet<String>), Status> {
         let query = EntryQuery {
             parent_id: Some(self.state.server_id.clone()),
             ..EntryQuery::default()
@@ -124,12 +149,14 @@ impl AgentApi {
             Err(e) => return Err(store_status(e)),
         };
         let mut parents = BTreeSet::from([agent.spiffe_id.clone()]);
+        let mut ids = BTreeSet::new();
         for alias in aliases {
             if selector::matches(&alias.selectors, &agent.selectors) {
                 parents.insert(alias.spiffe_id);
+                ids.insert(alias.id);
             }
         }
-        Ok(parents)
+        Ok((parents, ids))
     }
 
     /// From memory's index by parent: serving a sync queries nothing per agent.
@@ -292,6 +319,10 @@ impl AgentApi {
                 ));
             }
         };
+        // A bad CSR is refused before anything is spent: a join token is single-use, and it
+        // was burned even when the agent's CSR could not be signed.
+        tessera_pki::check_csr(&params.csr)
+            .map_err(|e| Status::invalid_argument(format!("csr: {e}")))?;
         let (id, selectors) = self.attest(&params, &mut inbound, tx).await?;
         let tmpl = SvidTemplate {
             spiffe_id: id.clone(),
@@ -336,7 +367,16 @@ impl AgentApiTrait for AgentApi {
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
-            let result = this.attest_flow(inbound, &tx).await;
+            // Attestation is a few messages: a stream that sends nothing (or never answers the
+            // challenge) is dropped, not held, since anyone can open one without a certificate.
+            let result = tokio::time::timeout(ATTEST_TIMEOUT, this.attest_flow(inbound, &tx))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::deadline_exceeded(format!(
+                        "attestation did not complete within {} s",
+                        ATTEST_TIMEOUT.as_secs()
+                    )))
+                });
             let msg = result.map(|r| pb::AttestAgentResponse {
                 step: Some(pb::attest_agent_response::Step::Result(r)),
             });
@@ -386,12 +426,17 @@ impl AgentApiTrait for AgentApi {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let agent = self.authenticate(&req).await?;
+        let svid_not_after = req
+            .extensions()
+            .get::<PeerSvid>()
+            .and_then(|p| p.not_after)
+            .unwrap_or(0);
         let after = req.get_ref().after_revision;
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
         this.state.metrics.sync_streams.inc();
         tokio::spawn(async move {
-            if let Err(e) = this.sync_loop(agent, after, &tx).await {
+            if let Err(e) = this.sync_loop(agent, svid_not_after, after, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
             this.state.metrics.sync_streams.dec();
@@ -513,9 +558,12 @@ impl AgentApi {
 
     /// Sends a snapshot (or a delta, when resuming and the feed still has it), then every change
     /// as it commits, until the agent goes away or is banned/evicted.
+    /// `svid_not_after`: the end of the agent SVID the stream was opened with (Unix seconds);
+    /// the stream ends then, as a call with that SVID would be refused.
     async fn sync_loop(
         &self,
         agent: Agent,
+        svid_not_after: i64,
         after: u64,
         tx: &mpsc::Sender<Result<pb::SyncResponse, Status>>,
     ) -> Result<(), Status> {
@@ -524,7 +572,13 @@ impl AgentApi {
         // Woken by the follower once memory holds the change (see state::Applied).
         let mut wake = self.state.applied.subscribe();
         let mut stopping = self.state.stopping.clone();
-        let mut parents = self.authorized_parents(&agent).await?;
+        let now = i64::try_from(crate::ca::unix_now()).unwrap_or(i64::MAX);
+        // Valid through its notAfter second (RFC 5280 §4.1.2.5): ends just after it.
+        let svid_end = tokio::time::sleep(std::time::Duration::from_secs(
+            u64::try_from(svid_not_after.saturating_sub(now).saturating_add(1)).unwrap_or(0),
+        ));
+        tokio::pin!(svid_end);
+        let (mut parents, mut alias_ids) = self.node_aliases(&agent).await?;
         // IDs of the entries this agent holds: known after a snapshot; unknown (None) when it
         // resumed, in which case every entry that is no longer its own is sent as deleted.
         let mut sent: Option<BTreeSet<String>> = None;
@@ -579,6 +633,12 @@ impl AgentApi {
                         taint_changed = true;
                     }
                     () = tx.closed() => return Ok(()),
+                    () = &mut svid_end => {
+                        return Err(Status::unauthenticated(format!(
+                            "the agent SVID of this stream ({}) has expired: reconnect with the current one",
+                            agent.spiffe_id
+                        )));
+                    }
                     _ = stopping.wait_for(|s| *s) => {
                         return Err(Status::unavailable("server is shutting down; reconnect and resume"));
                     }
@@ -600,9 +660,13 @@ impl AgentApi {
                         // Memory is current up to at least this event (it may be newer,
                         // which only means the agent gets the newest content sooner).
                         match self.state.memory.entry(&ev.key) {
-                            // A node alias changed: which parents this agent has may have changed.
-                            Some(e) if e.parent_id == self.state.server_id => {
-                                parents = self.authorized_parents(&agent).await?;
+                            // A node alias changed, or an alias this agent matched was moved
+                            // or is gone: which parents this agent has may have changed.
+                            Some(e)
+                                if e.parent_id == self.state.server_id
+                                    || alias_ids.contains(&e.id) =>
+                            {
+                                (parents, alias_ids) = self.node_aliases(&agent).await?;
                                 last = self
                                     .send_snapshot(&parents, &mut sent, &mut needs, tx)
                                     .await?;
@@ -616,6 +680,14 @@ impl AgentApi {
                                 (gained, lost) = needs.upsert(&e.id, &e.federates_with);
                                 changes.push(pb::change::Change::EntryUpserted(convert::entry(&e)));
                             }
+                            None if alias_ids.contains(&ev.key) => {
+                                (parents, alias_ids) = self.node_aliases(&agent).await?;
+                                last = self
+                                    .send_snapshot(&parents, &mut sent, &mut needs, tx)
+                                    .await?;
+                                self.still_admitted(&agent).await?;
+                                break;
+                            }
                             // Moved away from this agent (or never its): make sure it is gone.
                             Some(_) | None => {
                                 lost = needs.remove(&ev.key);
@@ -625,6 +697,16 @@ impl AgentApi {
                                 }
                             }
                         }
+                    }
+                    // A node alias this agent matched is gone: so are the entries under it,
+                    // and any entry created under its ID later is not this agent's.
+                    EventKind::EntryDeleted if alias_ids.contains(&ev.key) => {
+                        (parents, alias_ids) = self.node_aliases(&agent).await?;
+                        last = self
+                            .send_snapshot(&parents, &mut sent, &mut needs, tx)
+                            .await?;
+                        self.still_admitted(&agent).await?;
+                        break;
                     }
                     EventKind::EntryDeleted => {
                         if let Some(held) = &mut sent {
@@ -656,6 +738,13 @@ impl AgentApi {
                     // The destination map is the trust domain's: every agent gets all of it.
                     EventKind::DestinationUpdated | EventKind::DestinationDeleted => {
                         changes.push(crate::destination_api::change(&self.state, &ev.key).await?);
+                    }
+                    // This agent renewed its SVID (or attested again): the stream belongs to
+                    // the SVID it was opened with, which is no longer the agent's. Without
+                    // this, a stolen SVID superseded by a renewal kept a stream of the node's
+                    // entries and selectors for good.
+                    EventKind::AgentUpdated if ev.key == agent.spiffe_id.as_str() => {
+                        self.still_admitted(&agent).await?;
                     }
                     EventKind::AgentBanned | EventKind::AgentDeleted
                         if ev.key == agent.spiffe_id.as_str() =>

@@ -31,6 +31,7 @@ pub mod unix_socket;
 
 pub use config::ServerConfig;
 pub use run::{RunningServer, start};
+pub use transport::MAX_ANONYMOUS as MAX_ANONYMOUS_CONNECTIONS;
 
 /// Where server-side failures come from, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]

@@ -283,6 +283,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(crate::agent_api::MAX_STREAMS_PER_CONNECTION))
             .layer(tower::util::MapResponseLayer::new(
                 crate::grpc_status::bound_message::<tonic::body::Body>,
             ))
@@ -353,6 +354,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         let shutdown = stopped(stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(crate::agent_api::MAX_STREAMS_PER_CONNECTION))
                 .layer(tower::util::MapResponseLayer::new(
                     crate::grpc_status::bound_message::<tonic::body::Body>,
                 ))
@@ -395,6 +397,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(crate::agent_api::MAX_STREAMS_PER_CONNECTION))
             .layer(tower::util::MapResponseLayer::new(
                 crate::grpc_status::bound_message::<tonic::body::Body>,
             ))

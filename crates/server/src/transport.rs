@@ -24,21 +24,47 @@ use crate::ServerError;
 pub(crate) struct PeerSvid {
     pub(crate) id: Option<SpiffeId>,
     pub(crate) serial_hex: Option<String>,
+    /// The client SVID's notAfter (Unix seconds): a connection outlives the certificate it was
+    /// opened with, so every call checks it again (TLS checked it only at the handshake).
+    pub(crate) not_after: Option<i64>,
 }
 
-/// A TLS connection that tells tonic who the peer is.
-pub(crate) struct TlsConn(TlsStream<TcpStream>);
+/// A TLS connection that tells tonic who the peer is; a connection without a client certificate
+/// holds one of the [`MAX_ANONYMOUS`] places until it ends.
+pub(crate) struct TlsConn {
+    tls: TlsStream<TcpStream>,
+    _place: Option<Anonymous>,
+}
+
+/// Connections without a client certificate open at once. Only node attestation needs one, and
+/// anyone who reaches the port can open them: bounded, so they cannot take the server's memory
+/// or descriptors (each may also hold at most `MAX_STREAMS_PER_CONNECTION` streams, each at most
+/// 30 s). An agent refused here retries.
+pub const MAX_ANONYMOUS: usize = 256;
+
+/// One place among the [`MAX_ANONYMOUS`], given back when the connection is dropped.
+struct Anonymous(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Anonymous {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 impl Connected for TlsConn {
     type ConnectInfo = PeerSvid;
     fn connect_info(&self) -> PeerSvid {
-        let certs = self.0.get_ref().1.peer_certificates();
+        let certs = self.tls.get_ref().1.peer_certificates();
         // The chain was verified by tessera_tls's client verifier during this handshake.
         let id = tessera_tls::peer_spiffe_id(certs);
-        let serial_hex = certs
-            .and_then(|c| c.first())
-            .and_then(|leaf| tessera_tls::leaf_serial_hex(leaf));
-        PeerSvid { id, serial_hex }
+        let leaf = certs.and_then(|c| c.first());
+        let serial_hex = leaf.and_then(|leaf| tessera_tls::leaf_serial_hex(leaf));
+        let not_after = leaf.and_then(tessera_tls::leaf_not_after);
+        PeerSvid {
+            id,
+            serial_hex,
+            not_after,
+        }
     }
 }
 
@@ -48,7 +74,7 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
     }
 }
 
@@ -58,13 +84,13 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
     }
 }
 
@@ -76,6 +102,7 @@ pub(crate) fn tls_incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let anonymous = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -98,13 +125,28 @@ pub(crate) fn tls_incoming(
             }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let anonymous = anonymous.clone();
             tokio::spawn(async move {
                 let handshake =
                     tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
                         .await;
                 match handshake {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(TlsConn(tls))).await;
+                        let place = if tls.get_ref().1.peer_certificates().is_none() {
+                            let taken = anonymous.fetch_update(
+                                std::sync::atomic::Ordering::AcqRel,
+                                std::sync::atomic::Ordering::Acquire,
+                                |n| (n < MAX_ANONYMOUS).then_some(n + 1),
+                            );
+                            if taken.is_err() {
+                                tracing::warn!(peer = %addr, max = MAX_ANONYMOUS, "agent API: too many connections without a certificate; one closed");
+                                return;
+                            }
+                            Some(Anonymous(anonymous))
+                        } else {
+                            None
+                        };
+                        let _ = tx.send(Ok(TlsConn { tls, _place: place })).await;
                     }
                     Ok(Err(e)) => {
                         tracing::info!(peer = %addr, error = %e, "agent API TLS handshake failed")
@@ -197,6 +239,6 @@ mod tests {
             .await
             .unwrap();
         let conn = incoming.next().await.unwrap().unwrap();
-        assert!(conn.0.get_ref().0.nodelay().unwrap(), "Nagle is on");
+        assert!(conn.tls.get_ref().0.nodelay().unwrap(), "Nagle is on");
     }
 }

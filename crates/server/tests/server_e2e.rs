@@ -889,3 +889,236 @@ async fn a_resumed_sync_learns_that_an_entry_moved_to_another_agent() {
     );
     server.shutdown().await;
 }
+
+/// The first status a sync stream ends with, skipping messages (at most 10 s).
+async fn sync_end(stream: &mut tonic::Streaming<pb::SyncResponse>) -> Option<tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(s)) => return Some(s),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within 10 s")
+}
+
+/// A compromised node's reach, as SPIRE bounds it: a sync stream belongs to the SVID it was
+/// opened with, so it ends when the agent renews (a stolen, superseded SVID fed the node's
+/// entries and selectors for good); and a node alias deleted under an open stream takes its
+/// entries with it (the stream kept receiving entries created under the alias's ID).
+#[tokio::test]
+async fn a_sync_stream_follows_its_svid_and_its_node_aliases() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let token_sel = format!(
+        "agent:join_token:{}",
+        t.agent_spiffe_id.rsplit('/').next().unwrap()
+    );
+    let alias = admin
+        .create_entry(entry(
+            "spiffe://example.org/nodes/blue",
+            "spiffe://example.org/tessera/server",
+            &token_sel,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    admin
+        .create_entry(entry(
+            "spiffe://example.org/blue-web",
+            "spiffe://example.org/nodes/blue",
+            "unix:uid:1000",
+        ))
+        .await
+        .unwrap();
+    let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
+    let mut sync = agent
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let pb::sync_response::Msg::Snapshot(snap) = next_msg(&mut sync).await else {
+        panic!("snapshot")
+    };
+    assert_eq!(snap.entries.len(), 1);
+
+    // The alias is deleted: a new snapshot without its entries, and nothing created under its
+    // ID afterwards reaches the stream (the marker, under the agent itself, does).
+    admin
+        .delete_entry(pb::DeleteEntryRequest { id: alias.id })
+        .await
+        .unwrap();
+    admin
+        .create_entry(entry(
+            "spiffe://example.org/secret",
+            "spiffe://example.org/nodes/blue",
+            "unix:uid:31337",
+        ))
+        .await
+        .unwrap();
+    admin
+        .create_entry(entry(
+            "spiffe://example.org/marker",
+            &t.agent_spiffe_id,
+            "unix:uid:1",
+        ))
+        .await
+        .unwrap();
+    let mut resnapshot = false;
+    loop {
+        match next_msg(&mut sync).await {
+            pb::sync_response::Msg::Snapshot(s) => {
+                let ids: Vec<_> = s.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
+                assert!(!ids.contains(&"spiffe://example.org/blue-web"), "{ids:?}");
+                assert!(!ids.contains(&"spiffe://example.org/secret"), "{ids:?}");
+                resnapshot = true;
+                if ids.contains(&"spiffe://example.org/marker") {
+                    break;
+                }
+            }
+            pb::sync_response::Msg::Change(c) => {
+                if let Some(pb::change::Change::EntryUpserted(e)) = c.change {
+                    assert_ne!(e.spiffe_id, "spiffe://example.org/secret");
+                    if e.spiffe_id == "spiffe://example.org/marker" {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        resnapshot,
+        "the alias's deletion sends a snapshot without its entries"
+    );
+
+    // Renewal: the stream opened with the old SVID ends, and says why.
+    let (_new_key, csr) = key_and_csr();
+    agent
+        .renew_agent(pb::RenewAgentRequest { csr })
+        .await
+        .unwrap();
+    let end = sync_end(&mut sync).await.expect("an error status");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("SVID changed"), "{end:?}");
+    server.shutdown().await;
+}
+
+/// An agent SVID that expired while its connection stayed open is refused on that connection
+/// (TLS checked it only at the handshake), and its sync stream ends when it expires.
+#[tokio::test]
+async fn an_expired_agent_svid_is_refused_on_a_connection_opened_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.svid.agent_ttl = tessera_server::config::Secs(2);
+    let server = tessera_server::start(cfg).await.unwrap();
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
+    let mut sync = agent
+        .sync(pb::SyncRequest { after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let end = sync_end(&mut sync).await.expect("an error status");
+    assert_eq!(end.code(), tonic::Code::Unauthenticated, "{end:?}");
+    assert!(end.message().contains("expired"), "{end:?}");
+    let (_k, csr) = key_and_csr();
+    let err = agent
+        .renew_agent(pb::RenewAgentRequest { csr })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired"), "{err:?}");
+    server.shutdown().await;
+}
+
+/// A CSR the server cannot sign is refused before the join token is spent: the same token then
+/// attests with a good CSR.
+#[tokio::test]
+async fn a_bad_csr_does_not_spend_the_join_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let mut client = agent_client(&server, None).await;
+    let err = tessera_server::client::attest_join_token(&mut client, &t.token, b"junk".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("csr"), "{err:?}");
+    attest_join_token(&server, &t.token).await.unwrap();
+    server.shutdown().await;
+}
+
+/// Anyone who reaches the agent API can open connections without a certificate (attestation
+/// needs them): at most MAX_ANONYMOUS at once, and each may hold at most 128 streams (HTTP/2
+/// SETTINGS). One such connection used to hold 20,000 streams.
+#[tokio::test]
+async fn connections_without_a_certificate_are_bounded_in_number_and_streams() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let mut set = BundleSet::new();
+    set.insert(Bundle::parse(td.clone(), server.bundle_json.as_bytes()).unwrap())
+        .unwrap();
+    let verifier = Arc::new(tessera_tls::SpiffeServerVerifier::new(
+        Arc::new(ArcSwap::from_pointee(set)),
+        tessera_tls::ExpectedPeer::Exact(tessera_server::server_id(&td)),
+    ));
+    let cfg = Arc::new(tessera_tls::client_config(verifier, None, &[b"h2"]).unwrap());
+    let connect = async || {
+        let tcp = tokio::net::TcpStream::connect(server.agent_addr)
+            .await
+            .unwrap();
+        tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect(
+                rustls::pki_types::ServerName::try_from("tessera-server").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap()
+    };
+    // One connection's advertised stream limit.
+    let (send, conn) = h2::client::handshake(connect().await).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::post("https://tessera-server/tessera.v1.AgentApi/AttestAgent")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (resp, _body) = send.send_request(req, false).unwrap();
+    resp.await.unwrap();
+    assert_eq!(send.current_max_send_streams(), 128);
+    // Up to the limit (this one included), connections are kept; the next is closed at once.
+    let mut held = Vec::new();
+    for _ in 1..tessera_server::MAX_ANONYMOUS_CONNECTIONS {
+        held.push(connect().await);
+    }
+    // (A served connection gets the server's HTTP/2 SETTINGS and then waits; a refused one
+    // gets nothing and its end.)
+    let mut extra = connect().await;
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut buf))
+        .await
+        .expect("the extra connection is closed, not left open");
+    assert!(buf.is_empty(), "{r:?}: {buf:?}");
+    let mut buf = Vec::new();
+    let still =
+        tokio::time::timeout(Duration::from_millis(300), held[0].read_to_end(&mut buf)).await;
+    assert!(
+        still.is_err(),
+        "a connection within the limit stays open: {still:?}"
+    );
+    assert!(!buf.is_empty(), "it got the server's SETTINGS");
+    server.shutdown().await;
+}

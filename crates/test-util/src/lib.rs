@@ -448,3 +448,23 @@ pub fn rcgen_pki(
         int_key.serialize_pem().into_bytes(),
     )
 }
+
+/// A DER TLV with a definite length (X.690 §8.1): for certificates, keys and CSRs that rcgen
+/// cannot make (a secp256k1 key, an off-curve point, a malformed extension).
+pub fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let len = content.len();
+    if let Ok(short @ 0..0x80) = u8::try_from(len) {
+        out.push(short);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | u8::try_from(bytes.len()).unwrap_or(0x7f));
+        out.extend(bytes);
+    }
+    out.extend_from_slice(content);
+    out
+}

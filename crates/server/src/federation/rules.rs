@@ -105,6 +105,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_test_util::der;
 
     fn accept_bundle_now(td: &TrustDomain, json: &[u8]) -> Result<Bundle, String> {
         accept_bundle(td, json, crate::ca::unix_now())
@@ -200,24 +201,6 @@ mod tests {
                 .map(|s| s.as_ref().to_vec())
                 .map_err(|_| rcgen::Error::RemoteKeyError)
         }
-    }
-
-    fn der(tag: u8, content: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        let len = content.len();
-        if len < 0x80 {
-            out.push(len as u8);
-        } else {
-            let b: Vec<u8> = len
-                .to_be_bytes()
-                .into_iter()
-                .skip_while(|b| *b == 0)
-                .collect();
-            out.push(0x80 | b.len() as u8);
-            out.extend(b);
-        }
-        out.extend_from_slice(content);
-        out
     }
 
     /// The header and content lengths of the DER TLV at the start of `b`.
