@@ -18,7 +18,10 @@
 //!   authorized for (the SignX509Svids path).
 //! - After an agent restart the enrolled workloads are restored from a snapshot in the data
 //!   directory: each namespace is opened again by name and kept only if it is the same namespace
-//!   (device and inode) as when it was enrolled; the others are dropped and logged.
+//!   as when it was enrolled: same device and inode, and the same bind mount at its name (by
+//!   the mount's never-reused ID, Linux 6.8+), since an inode number freed while the agent was
+//!   down can be given to a new namespace under the same name. The others are dropped and
+//!   logged.
 //!
 //! Wire format: one request per connection, a 4-byte big-endian length then a JSON object; a
 //! descriptor rides with the request's first bytes. The answer has the same framing:
@@ -93,6 +96,8 @@ struct Workload {
     _netns: OwnedFd,
     dev: u64,
     ino: u64,
+    /// See [`Saved::mount`].
+    mount: Option<u64>,
     selectors: BTreeSet<Selector>,
     /// By entry ID.
     svids: BTreeMap<String, Held>,
@@ -105,6 +110,10 @@ struct Saved {
     name: String,
     dev: u64,
     ino: u64,
+    /// The unique ID of the name's bind mount when enrolled (`netns_name_mount_id`); absent in
+    /// snapshots of before 2026-12-07 or on kernels without unique mount IDs.
+    #[serde(default)]
+    mount: Option<u64>,
     selectors: Vec<String>,
 }
 
@@ -208,10 +217,22 @@ impl Enrollments {
                 .and_then(|f| {
                     let fd: OwnedFd = f.into();
                     let (_, dev, ino) = tessera_workload_attest::netns_selectors_of_fd(fd.as_fd())?;
-                    if (dev, ino) == (s.dev, s.ino) {
-                        Ok(fd)
-                    } else {
-                        Err("the name now names another namespace".into())
+                    if (dev, ino) != (s.dev, s.ino) {
+                        return Err("the name now names another namespace".into());
+                    }
+                    // Same inode is not proof: the inode of a namespace deleted while the agent
+                    // was down may be given to a new one under the same name. Its bind mount's
+                    // unique ID is never reused. Without one, the workload is dropped (the CNI
+                    // attaches it again) rather than trusted on an inode number.
+                    let now = tessera_workload_attest::netns_name_mount_id(&s.name, ino);
+                    match (s.mount, now) {
+                        (Some(a), Some(b)) if a == b => Ok(fd),
+                        (Some(_), Some(_)) => Err(
+                            "the name is a new mount since the workload was enrolled (the namespace was created again)".into(),
+                        ),
+                        _ => Err(
+                            "cannot prove it is the namespace enrolled before the restart (no unique mount ID: Linux 6.8+ and a snapshot made by this version); attach it again".into(),
+                        ),
                     }
                 });
             let selectors: Result<BTreeSet<Selector>, _> =
@@ -226,6 +247,7 @@ impl Enrollments {
                             _netns: netns,
                             dev: s.dev,
                             ino: s.ino,
+                            mount: s.mount,
                             selectors,
                             svids: BTreeMap::new(),
                         },
@@ -256,6 +278,7 @@ impl Enrollments {
                 name: w.name.clone(),
                 dev: w.dev,
                 ino: w.ino,
+                mount: w.mount,
                 selectors: w.selectors.iter().map(|s| s.to_string()).collect(),
             })
             .collect();
@@ -292,11 +315,13 @@ impl Enrollments {
         let mut selectors: BTreeSet<Selector> = derived.into_iter().collect();
         selectors.extend(extra);
         let id = new_id()?;
+        let mount = tessera_workload_attest::netns_name_mount_id(&name, ino);
         let w = Workload {
             name,
             _netns: netns,
             dev,
             ino,
+            mount,
             selectors,
             svids: BTreeMap::new(),
         };
@@ -952,6 +977,49 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// After a restart a workload is restored only if its name is still the same bind mount
+    /// (never-reused mount ID): a namespace deleted while the agent was down and created again
+    /// under the same name may get the same inode number, and must not inherit the workload's
+    /// selectors and keys. Needs root (skipped with a printed reason otherwise; never in CI).
+    #[test]
+    fn a_namespace_is_restored_only_under_the_same_mount() {
+        if !tessera_test_util::netns::usable("a_namespace_is_restored_only_under_the_same_mount") {
+            return;
+        }
+        let mut net = tessera_test_util::netns::Net::new();
+        let ns = net.node("rs", std::net::Ipv4Addr::new(198, 18, 40, 1));
+        let dir = tempfile::tempdir().unwrap();
+        let e = Enrollments::restore(dir.path());
+        let fd: OwnedFd = std::fs::File::open(format!("/run/netns/{ns}"))
+            .unwrap()
+            .into();
+        e.attach(fd, &[]).unwrap();
+        drop(e);
+        let e = Enrollments::restore(dir.path());
+        assert_eq!(
+            e.len(),
+            1,
+            "the same namespace under the same mount is restored"
+        );
+        drop(e);
+        // The snapshot names another mount: as if the namespace had been created again and
+        // given the old inode number.
+        let snap = dir.path().join("enrolled.json");
+        let mut saved: Vec<serde_json::Value> =
+            serde_json::from_slice(&std::fs::read(&snap).unwrap()).unwrap();
+        let mount = saved[0]["mount"]
+            .as_u64()
+            .expect("a unique mount ID is recorded (Linux 6.8+)");
+        saved[0]["mount"] = serde_json::json!(mount + 1);
+        std::fs::write(&snap, serde_json::to_vec(&saved).unwrap()).unwrap();
+        let e = Enrollments::restore(dir.path());
+        assert_eq!(e.len(), 0, "another mount is another namespace");
+        // A snapshot without one (an older version's) is not trusted on the inode either.
+        saved[0]["mount"] = serde_json::Value::Null;
+        std::fs::write(&snap, serde_json::to_vec(&saved).unwrap()).unwrap();
+        assert_eq!(Enrollments::restore(dir.path()).len(), 0);
     }
 
     #[test]

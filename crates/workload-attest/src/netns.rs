@@ -96,3 +96,26 @@ pub fn netns_selectors_of_fd(
         .map_err(|e| format!("namespace name: {e}"))?;
     Ok((selectors, dev, ino))
 }
+
+/// `STATX_MNT_ID_UNIQUE` (linux/stat.h, Linux 6.8): a mount ID never given to another mount
+/// while the system runs (`STATX_MNT_ID` IDs are reused).
+const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
+
+/// The never-reused ID of the bind mount that names a network namespace at
+/// `/run/netns/<name>`, if that mount is the namespace of inode `ino` now; `None` when it is
+/// not, or when the kernel has no unique mount IDs (before Linux 6.8).
+///
+/// Why: device and inode alone cannot tell an enrolled namespace from a later one. While the
+/// agent is down nothing pins the namespace; deleted and created again under the same name, the
+/// new one may get the freed inode number, and would be restored as the old workload (its
+/// selectors and keys). A new namespace under that name is a new bind mount, so a new ID here.
+pub fn netns_name_mount_id(name: &str, ino: u64) -> Option<u64> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return None;
+    }
+    let path = Path::new(NETNS_RUN_DIR).join(name);
+    let mask =
+        rustix::fs::StatxFlags::INO | rustix::fs::StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE);
+    let st = rustix::fs::statx(rustix::fs::CWD, &path, rustix::fs::AtFlags::empty(), mask).ok()?;
+    (st.stx_mask & STATX_MNT_ID_UNIQUE != 0 && st.stx_ino == ino).then_some(st.stx_mnt_id)
+}
