@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{self, store_status};
 use crate::federation::needs::Needs;
+use crate::rate::{self, Limiter};
 use crate::state::State;
 use crate::transport::PeerSvid;
 
@@ -42,6 +43,52 @@ pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 #[derive(Debug, Clone)]
 pub(crate) struct AgentApi {
     pub(crate) state: Arc<State>,
+    pub(crate) limits: Arc<Limits>,
+}
+
+/// Per-agent rate limits ([`crate::rate`]).
+#[derive(Debug)]
+pub(crate) struct Limits {
+    sign: Limiter,
+    mint_jwt: Limiter,
+    renew: Limiter,
+    /// The clock the buckets read (monotonic).
+    start: std::time::Instant,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            sign: Limiter::new(rate::SIGN),
+            mint_jwt: Limiter::new(rate::MINT_JWT),
+            renew: Limiter::new(rate::RENEW),
+            start: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Limits {
+    /// Takes `n` of `what`'s tokens for `agent`, or refuses with RESOURCE_EXHAUSTED saying when
+    /// to retry.
+    fn take(
+        &self,
+        limiter: &Limiter,
+        what: &str,
+        agent: &SpiffeId,
+        n: usize,
+    ) -> Result<(), Status> {
+        #[allow(clippy::cast_precision_loss)] // a batch is at most MAX_BATCH
+        let n = n as f64;
+        limiter
+            .take(agent, n, self.start.elapsed().as_secs_f64())
+            .map_err(|wait| {
+                let l = limiter.limit();
+                Status::resource_exhausted(format!(
+                    "agent {agent} is over its {what} rate ({} at once, then {} a second); retry in {wait:.1} s",
+                    l.burst, l.per_sec
+                ))
+            })
+    }
 }
 
 /// The agent ID for a join token. The token is a secret and IDs are public, so the ID carries a
@@ -394,6 +441,8 @@ impl AgentApiTrait for AgentApi {
         req: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let agent = self.authenticate(&req).await?;
+        self.limits
+            .take(&self.limits.renew, "renewal", &agent.spiffe_id, 1)?;
         let tmpl = SvidTemplate {
             spiffe_id: agent.spiffe_id.clone(),
             dns_names: Vec::new(),
@@ -456,6 +505,12 @@ impl AgentApiTrait for AgentApi {
                 requests.len()
             )));
         }
+        self.limits.take(
+            &self.limits.sign,
+            "X.509-SVID signing",
+            &agent.spiffe_id,
+            requests.len(),
+        )?;
         let parents = self.authorized_parents(&agent).await?;
         let mut results = Vec::with_capacity(requests.len());
         for r in requests {
@@ -504,6 +559,12 @@ impl AgentApiTrait for AgentApi {
         req: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
         let agent = self.authenticate(&req).await?;
+        self.limits.take(
+            &self.limits.mint_jwt,
+            "JWT-SVID minting",
+            &agent.spiffe_id,
+            1,
+        )?;
         let r = req.get_ref();
         let entry = self
             .state

@@ -24,6 +24,7 @@ mod memory;
 mod metrics;
 mod policy_api;
 mod policy_sync;
+mod rate;
 mod run;
 mod state;
 mod transport;

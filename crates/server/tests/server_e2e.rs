@@ -1122,3 +1122,41 @@ async fn connections_without_a_certificate_are_bounded_in_number_and_streams() {
     assert!(!buf.is_empty(), "it got the server's SETTINGS");
     server.shutdown().await;
 }
+
+/// Each agent's costly calls are rate-limited (as SPIRE limits them per caller): renewal, a
+/// datastore write each, is allowed twenty times in a row, then refused with RESOURCE_EXHAUSTED
+/// saying when to retry.
+#[tokio::test]
+async fn an_agent_renewing_in_a_loop_is_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let (mut chain, mut key) = (res.svid_chain, key);
+    for i in 0..20 {
+        let mut agent = agent_client(&server, Some((&chain, &key))).await;
+        let (new_key, csr) = key_and_csr();
+        chain = agent
+            .renew_agent(pb::RenewAgentRequest { csr })
+            .await
+            .unwrap_or_else(|e| panic!("renewal {i}: {e:?}"))
+            .into_inner()
+            .svid_chain;
+        key = new_key;
+    }
+    let mut agent = agent_client(&server, Some((&chain, &key))).await;
+    let (_k, csr) = key_and_csr();
+    let err = agent
+        .renew_agent(pb::RenewAgentRequest { csr })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("retry in"), "{err:?}");
+    // Its other calls are limited apart: signing still works.
+    let r = agent
+        .sign_x509_svids(pb::SignX509SvidsRequest { requests: vec![] })
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    server.shutdown().await;
+}
