@@ -712,6 +712,30 @@ impl AgentApi {
             }
             for ev in events {
                 last = ev.revision;
+                // A node alias changed, or one this agent matched was moved or deleted: which
+                // parents it has may have changed (entries under a deleted alias are no longer
+                // its own, nor any created under that ID later), so they are read again and a
+                // snapshot sent.
+                let alias_changed = match ev.kind {
+                    EventKind::EntryCreated | EventKind::EntryUpdated => {
+                        match self.state.memory.entry(&ev.key) {
+                            Some(e) => {
+                                e.parent_id == self.state.server_id || alias_ids.contains(&e.id)
+                            }
+                            None => alias_ids.contains(&ev.key),
+                        }
+                    }
+                    EventKind::EntryDeleted => alias_ids.contains(&ev.key),
+                    _ => false,
+                };
+                if alias_changed {
+                    (parents, alias_ids) = self.node_aliases(&agent).await?;
+                    last = self
+                        .send_snapshot(&parents, &mut sent, &mut needs, tx)
+                        .await?;
+                    self.still_admitted(&agent).await?;
+                    break;
+                }
                 let mut changes = Vec::new();
                 // Trust domains whose bundles this event made needed / no longer needed.
                 let mut gained = Vec::new();
@@ -721,33 +745,12 @@ impl AgentApi {
                         // Memory is current up to at least this event (it may be newer,
                         // which only means the agent gets the newest content sooner).
                         match self.state.memory.entry(&ev.key) {
-                            // A node alias changed, or an alias this agent matched was moved
-                            // or is gone: which parents this agent has may have changed.
-                            Some(e)
-                                if e.parent_id == self.state.server_id
-                                    || alias_ids.contains(&e.id) =>
-                            {
-                                (parents, alias_ids) = self.node_aliases(&agent).await?;
-                                last = self
-                                    .send_snapshot(&parents, &mut sent, &mut needs, tx)
-                                    .await?;
-                                self.still_admitted(&agent).await?;
-                                break;
-                            }
                             Some(e) if parents.contains(&e.parent_id) => {
                                 if let Some(held) = &mut sent {
                                     held.insert(e.id.clone());
                                 }
                                 (gained, lost) = needs.upsert(&e.id, &e.federates_with);
                                 changes.push(pb::change::Change::EntryUpserted(convert::entry(&e)));
-                            }
-                            None if alias_ids.contains(&ev.key) => {
-                                (parents, alias_ids) = self.node_aliases(&agent).await?;
-                                last = self
-                                    .send_snapshot(&parents, &mut sent, &mut needs, tx)
-                                    .await?;
-                                self.still_admitted(&agent).await?;
-                                break;
                             }
                             // Moved away from this agent (or never its): make sure it is gone.
                             Some(_) | None => {
@@ -758,16 +761,6 @@ impl AgentApi {
                                 }
                             }
                         }
-                    }
-                    // A node alias this agent matched is gone: so are the entries under it,
-                    // and any entry created under its ID later is not this agent's.
-                    EventKind::EntryDeleted if alias_ids.contains(&ev.key) => {
-                        (parents, alias_ids) = self.node_aliases(&agent).await?;
-                        last = self
-                            .send_snapshot(&parents, &mut sent, &mut needs, tx)
-                            .await?;
-                        self.still_admitted(&agent).await?;
-                        break;
                     }
                     EventKind::EntryDeleted => {
                         if let Some(held) = &mut sent {
