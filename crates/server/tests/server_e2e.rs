@@ -396,26 +396,26 @@ async fn join_token_cannot_be_used_twice_concurrently() {
     assert_eq!(wins, 1, "exactly one attestation may use the token");
 }
 
-#[tokio::test]
-async fn node_alias_entries_reach_every_matching_agent() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
-    let mut admin = admin(&server).await;
-    let t = token(&mut admin).await;
-    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+/// A node alias `nodes/blue` parented to the server, matching the selector of the agent that
+/// attests with `t`, and a workload entry `blue-web` under it; returns the alias.
+async fn blue_alias(
+    admin: &mut AdminApiClient<Channel>,
+    t: &pb::GenerateJoinTokenResponse,
+) -> pb::Entry {
     let token_sel = format!(
         "agent:join_token:{}",
         t.agent_spiffe_id.rsplit('/').next().unwrap()
     );
-    // An alias parented to the server, matching this agent's attested selector, and a workload
-    // entry under the alias.
-    admin
+    let alias = admin
         .create_entry(entry(
             "spiffe://example.org/nodes/blue",
             "spiffe://example.org/tessera/server",
             &token_sel,
         ))
         .await
+        .unwrap()
+        .into_inner()
+        .entry
         .unwrap();
     admin
         .create_entry(entry(
@@ -425,6 +425,17 @@ async fn node_alias_entries_reach_every_matching_agent() {
         ))
         .await
         .unwrap();
+    alias
+}
+
+#[tokio::test]
+async fn node_alias_entries_reach_every_matching_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    blue_alias(&mut admin, &t).await;
     admin
         .create_entry(entry(
             "spiffe://example.org/nodes/red",
@@ -916,29 +927,7 @@ async fn a_sync_stream_follows_its_svid_and_its_node_aliases() {
     let mut admin = admin(&server).await;
     let t = token(&mut admin).await;
     let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
-    let token_sel = format!(
-        "agent:join_token:{}",
-        t.agent_spiffe_id.rsplit('/').next().unwrap()
-    );
-    let alias = admin
-        .create_entry(entry(
-            "spiffe://example.org/nodes/blue",
-            "spiffe://example.org/tessera/server",
-            &token_sel,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .entry
-        .unwrap();
-    admin
-        .create_entry(entry(
-            "spiffe://example.org/blue-web",
-            "spiffe://example.org/nodes/blue",
-            "unix:uid:1000",
-        ))
-        .await
-        .unwrap();
+    let alias = blue_alias(&mut admin, &t).await;
     let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
     let mut sync = agent
         .sync(pb::SyncRequest { after_revision: 0 })
