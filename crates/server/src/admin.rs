@@ -67,6 +67,44 @@ impl Admin {
         Ok(())
     }
 
+    /// Every entry of one SPIFFE ID must agree on `admin`. Admin access is decided on the
+    /// caller's SPIFFE ID (an SVID does not say which entry it was signed for), so a non-admin
+    /// entry with an admin's ID, parented to another node, would give that node admin SVIDs.
+    /// `except`: the entry being updated.
+    async fn admin_flag_agrees(
+        &self,
+        new: &tessera_store::model::NewEntry,
+        except: Option<&str>,
+    ) -> Result<(), Status> {
+        let same_id = self
+            .state
+            .store
+            .list_entries(&tessera_store::EntryQuery {
+                spiffe_id: Some(new.spiffe_id.clone()),
+                ..tessera_store::EntryQuery::default()
+            })
+            .await
+            .map_err(store_status)?;
+        // The entry itself (by ID when updated; by parent and selectors, which with the
+        // SPIFFE ID make an entry, when created again) is not another.
+        let itself = |o: &&tessera_store::model::Entry| {
+            Some(o.id.as_str()) == except
+                || (o.parent_id == new.parent_id && o.selectors == new.selectors)
+        };
+        if let Some(other) = same_id.iter().find(|o| !itself(o) && o.admin != new.admin) {
+            return Err(field_err(
+                "admin",
+                format!(
+                    "entry {} has the same SPIFFE ID with admin {}: every entry of one SPIFFE ID \
+                     must agree, since admin access goes by the SVID's SPIFFE ID (a node \
+                     authorized for the other entry would get the same access)",
+                    other.id, other.admin
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The server signs and registers only IDs of its own trust domain, and never one of the
     /// names it gives its own servers and agents (`tessera_store::model::is_reserved`).
     fn own_trust_domain(&self, field: &str, id: &tessera_spiffe::SpiffeId) -> Result<(), Status> {
@@ -120,6 +158,7 @@ impl AdminApi for Admin {
                 self.state.default_jwt_ttl(),
             )?;
             self.own_trust_domain("spiffe_id", &new.spiffe_id)?;
+            self.admin_flag_agrees(&new, None).await?;
             let (entry, created) = self
                 .state
                 .store
@@ -236,6 +275,7 @@ impl AdminApi for Admin {
                 self.state.default_jwt_ttl(),
             )?;
             self.own_trust_domain("spiffe_id", &new.spiffe_id)?;
+            self.admin_flag_agrees(&new, Some(&e.id)).await?;
             // An update that changes nothing writes nothing: no new revision, so no agent
             // re-syncs the entry and no SVID is signed again for it.
             if let Some(held) = self

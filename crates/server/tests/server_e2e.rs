@@ -1149,3 +1149,64 @@ async fn an_agent_renewing_in_a_loop_is_held_back() {
     assert!(r.is_ok(), "{r:?}");
     server.shutdown().await;
 }
+
+/// Admin access goes by the caller's SPIFFE ID, so every entry of one SPIFFE ID must agree on
+/// `admin`: a non-admin entry with an admin's ID (under another node) is refused, naming the
+/// field and the other entry, and so is making one admin while another is not.
+#[tokio::test]
+async fn entries_of_one_spiffe_id_agree_on_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tessera_server::start(config(dir.path())).await.unwrap();
+    let mut admin = admin(&server).await;
+    let with_admin = |parent: &str, sel: &str, is_admin: bool| {
+        let mut e = entry("spiffe://example.org/ops", parent, sel);
+        e.entry.as_mut().unwrap().admin = is_admin;
+        e
+    };
+    let ops = admin
+        .create_entry(with_admin(
+            "spiffe://example.org/node-a",
+            "unix:uid:0",
+            true,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    let err = admin
+        .create_entry(with_admin(
+            "spiffe://example.org/node-b",
+            "unix:uid:0",
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("admin") && err.message().contains(&ops.id),
+        "{err:?}"
+    );
+    // Both admin: fine; then clearing one of them is refused.
+    let second = admin
+        .create_entry(with_admin(
+            "spiffe://example.org/node-b",
+            "unix:uid:0",
+            true,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    let mut cleared = second.clone();
+    cleared.admin = false;
+    let err = admin
+        .update_entry(pb::UpdateEntryRequest {
+            entry: Some(cleared),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    server.shutdown().await;
+}
