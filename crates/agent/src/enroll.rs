@@ -18,10 +18,10 @@
 //!   authorized for (the SignX509Svids path).
 //! - After an agent restart the enrolled workloads are restored from a snapshot in the data
 //!   directory: each namespace is opened again by name and kept only if it is the same namespace
-//!   as when it was enrolled: same device and inode, and the same bind mount at its name (by
-//!   the mount's never-reused ID, Linux 6.8+), since an inode number freed while the agent was
-//!   down can be given to a new namespace under the same name. The others are dropped and
-//!   logged.
+//!   as when it was enrolled: same device and inode, and the same namespace cookie in the same
+//!   boot (`SO_NETNS_COOKIE`, never reused; Linux 5.14+), since an inode number freed while the
+//!   agent was down can be given to a new namespace under the same name. The others are
+//!   dropped and logged.
 //!
 //! Wire format: one request per connection, a 4-byte big-endian length then a JSON object; a
 //! descriptor rides with the request's first bytes. The answer has the same framing:
@@ -96,8 +96,8 @@ struct Workload {
     _netns: OwnedFd,
     dev: u64,
     ino: u64,
-    /// See [`Saved::mount`].
-    mount: Option<u64>,
+    /// See [`Saved::cookie`].
+    cookie: Option<u64>,
     selectors: BTreeSet<Selector>,
     /// By entry ID.
     svids: BTreeMap<String, Held>,
@@ -110,10 +110,12 @@ struct Saved {
     name: String,
     dev: u64,
     ino: u64,
-    /// The unique ID of the name's bind mount when enrolled (`netns_name_mount_id`); absent in
-    /// snapshots of before 2026-12-07 or on kernels without unique mount IDs.
+    /// The namespace's cookie (`netns_cookie`, never reused while the system runs) and the boot
+    /// it was read in; absent in snapshots of before 2026-12-07 or before Linux 5.14.
     #[serde(default)]
-    mount: Option<u64>,
+    cookie: Option<u64>,
+    #[serde(default)]
+    boot_id: Option<String>,
     selectors: Vec<String>,
 }
 
@@ -210,6 +212,7 @@ impl Enrollments {
             },
             Err(_) => Vec::new(),
         };
+        let boot = tessera_workload_attest::boot_id();
         for s in saved {
             let path = format!("{}/{}", "/run/netns", s.name);
             let reopened = std::fs::File::open(&path)
@@ -221,17 +224,18 @@ impl Enrollments {
                         return Err("the name now names another namespace".into());
                     }
                     // Same inode is not proof: the inode of a namespace deleted while the agent
-                    // was down may be given to a new one under the same name. Its bind mount's
-                    // unique ID is never reused. Without one, the workload is dropped (the CNI
-                    // attaches it again) rather than trusted on an inode number.
-                    let now = tessera_workload_attest::netns_name_mount_id(&s.name, ino);
-                    match (s.mount, now) {
-                        (Some(a), Some(b)) if a == b => Ok(fd),
+                    // was down may be given to a new one under the same name. Its cookie is
+                    // never reused within a boot (and no namespace outlives a boot). Without
+                    // one the workload is dropped rather than trusted on an inode number.
+                    let now = tessera_workload_attest::netns_cookie(fd.as_fd()).ok();
+                    let same_boot = s.boot_id.is_some() && s.boot_id == boot;
+                    match (s.cookie, now) {
+                        (Some(a), Some(b)) if a == b && same_boot => Ok(fd),
                         (Some(_), Some(_)) => Err(
-                            "the name is a new mount since the workload was enrolled (the namespace was created again)".into(),
+                            "the name names a new namespace (another namespace cookie, or the system was restarted)".into(),
                         ),
                         _ => Err(
-                            "cannot prove it is the namespace enrolled before the restart (no unique mount ID: Linux 6.8+ and a snapshot made by this version); attach it again".into(),
+                            "cannot prove it is the namespace enrolled before the restart (no namespace cookie: Linux 5.14+ and a snapshot made by this version)".into(),
                         ),
                     }
                 });
@@ -247,7 +251,7 @@ impl Enrollments {
                             _netns: netns,
                             dev: s.dev,
                             ino: s.ino,
-                            mount: s.mount,
+                            cookie: s.cookie,
                             selectors,
                             svids: BTreeMap::new(),
                         },
@@ -270,6 +274,7 @@ impl Enrollments {
     }
 
     fn save(&self) {
+        let boot = tessera_workload_attest::boot_id();
         let saved: Vec<Saved> = self
             .lock()
             .iter()
@@ -278,7 +283,8 @@ impl Enrollments {
                 name: w.name.clone(),
                 dev: w.dev,
                 ino: w.ino,
-                mount: w.mount,
+                cookie: w.cookie,
+                boot_id: boot.clone(),
                 selectors: w.selectors.iter().map(|s| s.to_string()).collect(),
             })
             .collect();
@@ -315,13 +321,13 @@ impl Enrollments {
         let mut selectors: BTreeSet<Selector> = derived.into_iter().collect();
         selectors.extend(extra);
         let id = new_id()?;
-        let mount = tessera_workload_attest::netns_name_mount_id(&name, ino);
+        let cookie = tessera_workload_attest::netns_cookie(netns.as_fd()).ok();
         let w = Workload {
             name,
             _netns: netns,
             dev,
             ino,
-            mount,
+            cookie,
             selectors,
             svids: BTreeMap::new(),
         };
@@ -979,13 +985,16 @@ mod tests {
         }
     }
 
-    /// After a restart a workload is restored only if its name is still the same bind mount
-    /// (never-reused mount ID): a namespace deleted while the agent was down and created again
-    /// under the same name may get the same inode number, and must not inherit the workload's
-    /// selectors and keys. Needs root (skipped with a printed reason otherwise; never in CI).
+    /// After a restart a workload is restored only if its name still names the same namespace
+    /// by cookie, in the same boot: a namespace deleted while the agent was down and created
+    /// again under the same name may get the same inode number, and must not inherit the
+    /// workload's selectors and keys. Needs root (skipped with a printed reason otherwise; never
+    /// in CI).
     #[test]
-    fn a_namespace_is_restored_only_under_the_same_mount() {
-        if !tessera_test_util::netns::usable("a_namespace_is_restored_only_under_the_same_mount") {
+    fn a_namespace_is_restored_only_by_its_cookie_in_the_same_boot() {
+        if !tessera_test_util::netns::usable(
+            "a_namespace_is_restored_only_by_its_cookie_in_the_same_boot",
+        ) {
             return;
         }
         let mut net = tessera_test_util::netns::Net::new();
@@ -998,28 +1007,27 @@ mod tests {
         e.attach(fd, &[]).unwrap();
         drop(e);
         let e = Enrollments::restore(dir.path());
-        assert_eq!(
-            e.len(),
-            1,
-            "the same namespace under the same mount is restored"
-        );
+        assert_eq!(e.len(), 1, "the same namespace is restored");
         drop(e);
-        // The snapshot names another mount: as if the namespace had been created again and
-        // given the old inode number.
         let snap = dir.path().join("enrolled.json");
-        let mut saved: Vec<serde_json::Value> =
+        let saved: Vec<serde_json::Value> =
             serde_json::from_slice(&std::fs::read(&snap).unwrap()).unwrap();
-        let mount = saved[0]["mount"]
+        let cookie = saved[0]["cookie"]
             .as_u64()
-            .expect("a unique mount ID is recorded (Linux 6.8+)");
-        saved[0]["mount"] = serde_json::json!(mount + 1);
-        std::fs::write(&snap, serde_json::to_vec(&saved).unwrap()).unwrap();
-        let e = Enrollments::restore(dir.path());
-        assert_eq!(e.len(), 0, "another mount is another namespace");
-        // A snapshot without one (an older version's) is not trusted on the inode either.
-        saved[0]["mount"] = serde_json::Value::Null;
-        std::fs::write(&snap, serde_json::to_vec(&saved).unwrap()).unwrap();
-        assert_eq!(Enrollments::restore(dir.path()).len(), 0);
+            .expect("a namespace cookie is recorded (Linux 5.14+)");
+        // Another cookie: as if the namespace had been created again with the old inode.
+        // Another boot: cookies count again from 1. No cookie: an older snapshot.
+        for (field, value) in [
+            ("cookie", serde_json::json!(cookie + 1)),
+            ("boot_id", serde_json::json!("another-boot")),
+            ("cookie", serde_json::Value::Null),
+        ] {
+            let mut changed = saved.clone();
+            changed[0][field] = value.clone();
+            std::fs::write(&snap, serde_json::to_vec(&changed).unwrap()).unwrap();
+            let e = Enrollments::restore(dir.path());
+            assert_eq!(e.len(), 0, "{field} {value}: not restored");
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ mod cgroup;
 mod error;
 mod exe;
 mod netns;
-pub use netns::{netns_name_mount_id, netns_selectors_of_fd};
+pub use netns::{boot_id, netns_cookie, netns_selectors_of_fd};
 mod process;
 
 pub use error::AttestError;

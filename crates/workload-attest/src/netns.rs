@@ -97,25 +97,67 @@ pub fn netns_selectors_of_fd(
     Ok((selectors, dev, ino))
 }
 
-/// `STATX_MNT_ID_UNIQUE` (linux/stat.h, Linux 6.8): a mount ID never given to another mount
-/// while the system runs (`STATX_MNT_ID` IDs are reused).
-const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
-
-/// The never-reused ID of the bind mount that names a network namespace at
-/// `/run/netns/<name>`, if that mount is the namespace of inode `ino` now; `None` when it is
-/// not, or when the kernel has no unique mount IDs (before Linux 6.8).
+/// The network namespace's cookie (`SO_NETNS_COOKIE`, Linux 5.14): a 64-bit number the kernel
+/// gives each network namespace from a counter, never given to another while the system runs
+/// (unlike its inode number, which is reused once the namespace is gone). Read from a socket
+/// made inside the namespace, on a short-lived thread of its own (see
+/// [`netns_selectors_of_fd`]).
 ///
 /// Why: device and inode alone cannot tell an enrolled namespace from a later one. While the
 /// agent is down nothing pins the namespace; deleted and created again under the same name, the
 /// new one may get the freed inode number, and would be restored as the old workload (its
-/// selectors and keys). A new namespace under that name is a new bind mount, so a new ID here.
-pub fn netns_name_mount_id(name: &str, ino: u64) -> Option<u64> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return None;
+/// selectors and keys). Unlike a mount ID, the cookie is the namespace's own, the same seen from
+/// any mount namespace (an agent in a container sees new mounts after each restart).
+pub fn netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> Result<u64, String> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<u64, String> {
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering the namespace: {e}"))?;
+            let sock = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Datagram,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| format!("a socket in the namespace: {e}"))?;
+            netns_cookie_of(std::os::fd::AsFd::as_fd(&sock))
+                .map_err(|e| format!("SO_NETNS_COOKIE (Linux 5.14+): {e}"))
+        })
+        .join()
+        .map_err(|_| "reading the namespace cookie failed".to_owned())?
+    })
+}
+
+/// `getsockopt(SOL_SOCKET, SO_NETNS_COOKIE)`: not wrapped by nix 0.30 nor rustix 1.
+#[allow(unsafe_code)]
+fn netns_cookie_of(sock: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>())
+        .map_err(|_| io::Error::other("socklen"))?;
+    // SAFETY: the socket is borrowed, so it stays open for the call; `cookie` is a live u64 and
+    // `len` says exactly its size, so the kernel writes at most 8 bytes into it and the new
+    // length into `len`.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast::<libc::c_void>(),
+            &raw mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let path = Path::new(NETNS_RUN_DIR).join(name);
-    let mask =
-        rustix::fs::StatxFlags::INO | rustix::fs::StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE);
-    let st = rustix::fs::statx(rustix::fs::CWD, &path, rustix::fs::AtFlags::empty(), mask).ok()?;
-    (st.stx_mask & STATX_MNT_ID_UNIQUE != 0 && st.stx_ino == ino).then_some(st.stx_mnt_id)
+    Ok(cookie)
+}
+
+/// This boot's ID (`/proc/sys/kernel/random/boot_id`): namespace cookies count from 1 again
+/// after a reboot, and no namespace survives one.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
