@@ -730,21 +730,7 @@ pub(crate) fn compile_http(
                         format!("{p:?}: a path starts with `/` (or `*` for a suffix match)"),
                     ));
                 }
-                let m = parse_str_match(policy, &field, p)?;
-                let problem = match &m {
-                    StrMatch::Exact(x) => crate::path::pattern_problem(x, true, true),
-                    StrMatch::Prefix(x) => crate::path::pattern_problem(x, true, false),
-                    StrMatch::Suffix(x) => crate::path::pattern_problem(x, false, true),
-                    StrMatch::Any => None,
-                };
-                if let Some(why) = problem {
-                    return Err(PolicyError::new(
-                        policy,
-                        field,
-                        format!("{p:?} never matches: {why}"),
-                    ));
-                }
-                Ok(m)
+                parse_str_match(policy, &field, p)
             })
             .collect()
     };
@@ -848,6 +834,36 @@ pub(crate) fn validate(name: &str, doc: &PolicyDocument) -> Result<(), PolicyErr
             compile_http(name, r, to)?;
         }
         compile_when(name, r, &rule.when)?;
+    }
+    Ok(())
+}
+
+/// Path patterns in a spelling no normalized request has, refused where a policy is *written*
+/// (the policy API, a sync source, `policy apply`, a local policy file): a DENY on `/a//b` or
+/// `/caf%c3%a9` would silently deny nothing. Not part of [`validate`], which also reads stored
+/// and pushed policies: one written before this rule must still compile (as before, it matches
+/// nothing), or a single old policy would leave every upgraded proxy denying all traffic.
+pub(crate) fn written_form(name: &str, doc: &PolicyDocument) -> Result<(), PolicyError> {
+    for (r, rule) in doc.rules.iter().enumerate() {
+        let Some(to) = &rule.to else { continue };
+        for (field, list) in [("paths", &to.paths), ("not_paths", &to.not_paths)] {
+            for (i, p) in list.iter().enumerate() {
+                let field = format!("rules[{r}].to.{field}[{i}]");
+                let problem = match parse_str_match(name, &field, p)? {
+                    StrMatch::Exact(x) => crate::path::pattern_problem(&x, true, true),
+                    StrMatch::Prefix(x) => crate::path::pattern_problem(&x, true, false),
+                    StrMatch::Suffix(x) => crate::path::pattern_problem(&x, false, true),
+                    StrMatch::Any => None,
+                };
+                if let Some(why) = problem {
+                    return Err(PolicyError::new(
+                        name,
+                        field,
+                        format!("{p:?} never matches: {why}"),
+                    ));
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -60,6 +60,14 @@ impl NamedPolicy {
         serde_json::to_string(&self.document).unwrap_or_default()
     }
 
+    /// What is refused where a policy is written, beyond [`Self::validate`]: path patterns no
+    /// normalized request can equal (see `document::written_form`). The policy API, policy sync,
+    /// `policy apply` and local policy files call it; stored and pushed policies are read
+    /// without it, so an older policy never stops a proxy from compiling its set.
+    pub fn check_written(&self) -> Result<(), PolicyError> {
+        document::written_form(&self.name, &self.document)
+    }
+
     /// Checks the name and the document.
     pub fn validate(&self) -> Result<(), PolicyError> {
         validate_name(&self.name)?;
@@ -154,7 +162,11 @@ fn parse_text(text: &str, empty: Empty) -> Result<Vec<NamedPolicy>, PolicyError>
         .and_then(|named| {
             named
                 .into_iter()
-                .map(|(name, json)| NamedPolicy::from_json(&name, &json))
+                .map(|(name, json)| {
+                    let p = NamedPolicy::from_json(&name, &json)?;
+                    p.check_written()?;
+                    Ok(p)
+                })
                 .collect()
         })
         .map_err(PolicyError::bounded)
@@ -749,6 +761,10 @@ fn parse_file(toml_text: &str) -> Result<(Option<DefaultAction>, Vec<NamedPolicy
             },
         })
         .collect();
+    // A local policy file is written by hand: refused at load, where its author sees why.
+    for p in &policies {
+        p.check_written()?;
+    }
     Ok((file.default, policies))
 }
 

@@ -1022,3 +1022,26 @@ fn a_policy_api_document_with_a_huge_value_gets_a_short_error() {
     assert!(e.len() < 1024, "{} bytes", e.len());
     assert!(e.contains("spiffe://example.org/aaa"), "{e}");
 }
+
+/// A path pattern no normalized request can equal is refused where a policy is written (a
+/// document from `policy apply` or a sync source, a local file), but a stored or pushed policy
+/// with one (written before the rule) still compiles: otherwise one old policy would leave
+/// every upgraded proxy denying all traffic.
+#[test]
+fn a_pattern_in_a_never_matching_spelling_is_refused_only_where_written() {
+    let doc = r#"{"action":"DENY","rules":[{"to":{"paths":["/a//b"]}}]}"#;
+    let stored = NamedPolicy::from_json("old", doc).unwrap();
+    let e = stored.check_written().unwrap_err();
+    assert_eq!(e.field, "rules[0].to.paths[0]");
+    assert!(e.to_string().contains("never matches"), "{e}");
+    PolicySet::new(td("example.org"), DefaultAction::Deny, &[stored]).unwrap();
+    let e = parse_documents("name: old\naction: DENY\nrules:\n  - to: {paths: [\"/a//b\"]}\n")
+        .unwrap_err();
+    assert_eq!(e.field, "rules[0].to.paths[0]");
+    let e = PolicySet::from_toml(
+        td("example.org"),
+        "[[policy]]\nname = \"f\"\naction = \"DENY\"\n[[policy.rules]]\nto = { paths = [\"/a//b\"] }\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "rules[0].to.paths[0]");
+}

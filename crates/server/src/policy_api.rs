@@ -76,6 +76,7 @@ fn refuse_synced(state: &State, name: &str) -> Result<(), Status> {
 fn checked(p: &pb::StoredPolicy) -> Result<Policy, Status> {
     tessera_policy::validate_name(&p.name).map_err(|e| field_err("name", e))?;
     let named = NamedPolicy::from_json(&p.name, &p.document_json)
+        .and_then(|n| n.check_written().map(|()| n))
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     Ok(Policy {
         id: named.name.clone(),
