@@ -595,6 +595,11 @@ async fn handle_status(shared: &Shared, e: &tonic::Status) {
                 Err(err) => tracing::error!(error = %err, "re-attestation failed"),
             }
         }
+        // The stream belonged to the agent SVID before its renewal (the server ends it shortly
+        // after): the next one is opened with the current SVID, on the same server.
+        tonic::Code::FailedPrecondition => {
+            tracing::info!(reason = e.message(), "sync stream ended; reconnecting")
+        }
         _ => {
             tracing::warn!(code = ?e.code(), reason = e.message(), "sync with the server interrupted; reconnecting")
         }

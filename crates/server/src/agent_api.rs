@@ -599,6 +599,16 @@ impl AgentApi {
     /// was in (or past the revision it started from), so a ban or an eviction among them would
     /// never be looked at as an event: the agent record is read again instead.
     async fn still_admitted(&self, agent: &Agent) -> Result<(), Status> {
+        if self.still_current(agent).await? {
+            Ok(())
+        } else {
+            Err(superseded(agent))
+        }
+    }
+
+    /// Whether the stream's SVID is still the agent's (false: renewed, or evicted and attested
+    /// again); an error when the agent is banned or evicted.
+    async fn still_current(&self, agent: &Agent) -> Result<bool, Status> {
         let id = &agent.spiffe_id;
         let now = match self.state.store.get_agent(id).await {
             Ok(a) => a,
@@ -607,12 +617,7 @@ impl AgentApi {
         };
         match now {
             Some(a) if a.banned => Err(Status::permission_denied(format!("agent {id} was banned"))),
-            Some(a) if a.serial == agent.serial => Ok(()),
-            // Renewed, or evicted and attested again: the stream belongs to an SVID that is no
-            // longer the agent's; reconnecting with the current one resumes it.
-            Some(_) => Err(Status::unavailable(format!(
-                "agent {id}'s SVID changed since this stream began: reconnect with the current one"
-            ))),
+            Some(a) => Ok(a.serial == agent.serial),
             None => Err(Status::permission_denied(format!("agent {id} was evicted"))),
         }
     }
@@ -639,6 +644,9 @@ impl AgentApi {
             u64::try_from(svid_not_after.saturating_sub(now).saturating_add(1)).unwrap_or(0),
         ));
         tokio::pin!(svid_end);
+        // Set when the agent's record moved to another SVID: the stream then ends at
+        // `svid_end`, moved to at most SUPERSEDED_GRACE ahead.
+        let mut superseded_at: Option<tokio::time::Instant> = None;
         let (mut parents, mut alias_ids) = self.node_aliases(&agent).await?;
         // IDs of the entries this agent holds: known after a snapshot; unknown (None) when it
         // resumed, in which case every entry that is no longer its own is sent as deleted.
@@ -695,6 +703,9 @@ impl AgentApi {
                     }
                     () = tx.closed() => return Ok(()),
                     () = &mut svid_end => {
+                        if superseded_at.is_some() {
+                            return Err(superseded(&agent));
+                        }
                         return Err(Status::unauthenticated(format!(
                             "the agent SVID of this stream ({}) has expired: reconnect with the current one",
                             agent.spiffe_id
@@ -797,8 +808,16 @@ impl AgentApi {
                     // the SVID it was opened with, which is no longer the agent's. Without
                     // this, a stolen SVID superseded by a renewal kept a stream of the node's
                     // entries and selectors for good.
-                    EventKind::AgentUpdated if ev.key == agent.spiffe_id.as_str() => {
-                        self.still_admitted(&agent).await?;
+                    EventKind::AgentUpdated
+                        if ev.key == agent.spiffe_id.as_str()
+                            && superseded_at.is_none()
+                            && !self.still_current(&agent).await? =>
+                    {
+                        let end = tokio::time::Instant::now() + SUPERSEDED_GRACE;
+                        if end < svid_end.deadline() {
+                            svid_end.as_mut().reset(end);
+                        }
+                        superseded_at = Some(end);
                     }
                     EventKind::AgentBanned | EventKind::AgentDeleted
                         if ev.key == agent.spiffe_id.as_str() =>
@@ -929,6 +948,21 @@ impl AgentApi {
         Ok(revision)
     }
 }
+
+/// The end of a stream whose SVID is no longer the agent's. FAILED_PRECONDITION, not
+/// UNAVAILABLE (the agent would take it for a lost server and fail over) nor UNAUTHENTICATED
+/// (it would attest again): the agent reconnects to this server with its current SVID.
+fn superseded(agent: &Agent) -> Status {
+    Status::failed_precondition(format!(
+        "agent {}'s SVID changed since this stream began (renewed): reconnect with the current one",
+        agent.spiffe_id
+    ))
+}
+
+/// How long a stream opened with a superseded agent SVID lives on: the agent swaps to its new
+/// SVID within moments of a renewal, so its reconnect finds the new client; a stolen, superseded
+/// SVID keeps the feed no longer than this.
+const SUPERSEDED_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn tainted_pb(t: &crate::ca::Tainted) -> pb::TaintedAuthorities {
     pb::TaintedAuthorities {

@@ -988,14 +988,16 @@ async fn a_sync_stream_follows_its_svid_and_its_node_aliases() {
         "the alias's deletion sends a snapshot without its entries"
     );
 
-    // Renewal: the stream opened with the old SVID ends, and says why.
+    // Renewal: the stream opened with the old SVID ends shortly after, and says why, with a
+    // code the agent takes for "reconnect here with the current SVID" (not a lost server, not
+    // a refused agent).
     let (_new_key, csr) = key_and_csr();
     agent
         .renew_agent(pb::RenewAgentRequest { csr })
         .await
         .unwrap();
     let end = sync_end(&mut sync).await.expect("an error status");
-    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert_eq!(end.code(), tonic::Code::FailedPrecondition, "{end:?}");
     assert!(end.message().contains("SVID changed"), "{end:?}");
     server.shutdown().await;
 }
