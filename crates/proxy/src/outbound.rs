@@ -174,6 +174,8 @@ pub struct Outbound {
     identity: Arc<Identity>,
     configs: ClientConfigs,
     pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// Per key, the turn to dial a new pooled connection (see `open`).
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
     pooling: bool,
     protocol: TunnelProtocol,
     /// Where connections are made (this namespace or a workload's) and their mark.
@@ -200,6 +202,7 @@ impl Outbound {
             identity,
             configs: ClientConfigs::default(),
             pool: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             pooling,
             protocol: TunnelProtocol::H2,
             sockets,
@@ -348,22 +351,30 @@ impl Outbound {
             dst: dst_id.clone(),
             tunnel,
         };
-        let pooled = if self.pooling {
-            let generation = self.identity.generation();
-            self.pool.lock().ok().and_then(|mut p| {
-                let conns = p.get_mut(&key)?;
-                let found = pick(conns, generation);
-                if conns.is_empty() {
-                    p.remove(&key);
+        let (sender, slot) = if self.pooling {
+            match self.pooled(&key) {
+                Some(s) => s,
+                None => {
+                    // One dial at a time per key: streams opened together while no connection
+                    // has room wait for that one and share it, instead of each dialing a
+                    // connection of its own that would then stay pooled, idle.
+                    let gate = self
+                        .dialing
+                        .lock()
+                        .ok()
+                        .map(|mut g| g.entry(key.clone()).or_default().clone());
+                    let _turn = match &gate {
+                        Some(g) => Some(g.lock().await),
+                        None => None,
+                    };
+                    match self.pooled(&key) {
+                        Some(s) => s,
+                        None => self.dial(&key).await?,
+                    }
                 }
-                found
-            })
+            }
         } else {
-            None
-        };
-        let (sender, slot) = match pooled {
-            Some(s) => s,
-            None => self.dial(&key).await?,
+            self.dial(&key).await?
         };
         match self.connect(sender, target, tunnel).await {
             Err(TunnelError::H2(..)) if self.pooling => {
@@ -376,6 +387,18 @@ impl Outbound {
             }
             other => other.map(|io| H2Stream { io, _slot: slot }),
         }
+    }
+
+    /// A stream's place on a pooled connection of `key` with room, if there is one.
+    fn pooled(&self, key: &PoolKey) -> Option<(SendRequest<Empty<Bytes>>, Slot)> {
+        let generation = self.identity.generation();
+        let mut p = self.pool.lock().ok()?;
+        let conns = p.get_mut(key)?;
+        let found = pick(conns, generation);
+        if conns.is_empty() {
+            p.remove(key);
+        }
+        found
     }
 
     /// Tunnel connections held in the pool (all keys).

@@ -276,6 +276,35 @@ async fn a_full_pooled_connection_sends_the_next_stream_over_another() {
     assert_eq!(out.pooled_connections(), 1, "one idle connection is kept");
 }
 
+/// Streams opened together on an empty pool share one new connection (one dial per key at a
+/// time), rather than each dialing one that would then stay pooled, idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_opened_together_share_one_new_connection() {
+    let ca = TestCa::new("example.org");
+    let Pair {
+        bar,
+        foo,
+        target,
+        bar_id,
+        ..
+    } = pair(&ca, identity(&ca, "spiffe://example.org/foo", &[&ca])).await;
+    let out = foo.proxy.outbound.clone();
+    let tunnel = bar.proxy.tunnel_addr;
+    let opens: Vec<_> = (0..20)
+        .map(|_| {
+            let out = out.clone();
+            let bar_id = bar_id.clone();
+            tokio::spawn(async move { out.open(&bar_id, tunnel, target).await.unwrap() })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for o in opens {
+        held.push(o.await.unwrap());
+    }
+    assert_eq!(out.pooled_connections(), 1);
+    drop(held);
+}
+
 /// The tunnel port tells every HTTP/2 client how many streams one connection may hold (RFC 9113
 /// §6.5.2 SETTINGS_MAX_CONCURRENT_STREAMS), a bound on the application connections one peer
 /// connection can hold, and above what our pooling client opens.
