@@ -34,7 +34,14 @@ pub(crate) struct PeerSvid {
 pub(crate) struct TlsConn {
     tls: TlsStream<TcpStream>,
     _place: Option<Anonymous>,
+    /// A connection without a certificate ends here: it is only for attestation (at most 30 s
+    /// a stream), and one held open would keep one of the MAX_ANONYMOUS places for good, so
+    /// that 256 idle connections locked every new node out.
+    ends: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// How long a connection without a client certificate may last.
+pub(crate) const ANONYMOUS_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Connections without a client certificate open at once. Only node attestation needs one, and
 /// anyone who reaches the port can open them: bounded, so they cannot take the server's memory
@@ -74,7 +81,16 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(end) = &mut this.ends
+            && end.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a connection without a certificate lasts at most 60 s",
+            )));
+        }
+        Pin::new(&mut this.tls).poll_read(cx, buf)
     }
 }
 
@@ -146,7 +162,16 @@ pub(crate) fn tls_incoming(
                         } else {
                             None
                         };
-                        let _ = tx.send(Ok(TlsConn { tls, _place: place })).await;
+                        let ends = place
+                            .is_some()
+                            .then(|| Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)));
+                        let _ = tx
+                            .send(Ok(TlsConn {
+                                tls,
+                                _place: place,
+                                ends,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => {
                         tracing::info!(peer = %addr, error = %e, "agent API TLS handshake failed")
@@ -200,7 +225,8 @@ mod tests {
     use tessera_tls::{ExpectedPeer, SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver};
     use tokio_stream::StreamExt as _;
 
-    /// Accepted agent-API connections have Nagle off (see `tls_incoming`).
+    /// Accepted agent-API connections have Nagle off (see `tls_incoming`), and one without a client
+    /// certificate ends after ANONYMOUS_LIFETIME.
     #[tokio::test]
     async fn accepted_connections_have_nagle_off() {
         let ca = tessera_test_util::TestCa::new("example.org");
@@ -238,7 +264,17 @@ mod tests {
             .connect(ServerName::try_from("tessera-server").unwrap(), tcp)
             .await
             .unwrap();
-        let conn = incoming.next().await.unwrap().unwrap();
+        let mut conn = incoming.next().await.unwrap().unwrap();
         assert!(conn.tls.get_ref().0.nodelay().unwrap(), "Nagle is on");
+        // Without a client certificate it lasts ANONYMOUS_LIFETIME, even if the client holds it
+        // open and silent (time paused, so the wait is not real).
+        tokio::time::pause();
+        let start = tokio::time::Instant::now();
+        let mut buf = [0u8; 1];
+        let err = tokio::io::AsyncReadExt::read(&mut conn, &mut buf)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(start.elapsed() >= ANONYMOUS_LIFETIME);
     }
 }
