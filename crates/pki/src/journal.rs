@@ -420,7 +420,7 @@ impl Journal {
             // seconds as the end came near, each rotation a bundle change for every agent.
             let mut no_gain = |now, ttl| {
                 let next = mint(now, ttl)?;
-                if next.not_after() <= active_end {
+                if next.is_upstream_signed() && next.not_after() <= active_end {
                     return Err(PkiError::Upstream(format!(
                         "a new CA could not outlive the active one (both end at {}, the end of \
                          the upstream chain): replace the upstream certificate before then",
@@ -446,9 +446,17 @@ impl Journal {
                         .saturating_mul(1 << (failures - 1).min(10))
                         .min(STALLED_MAX_WAIT)
                 };
+                // Never past the active CA's end: a CA must be tried for then, whatever the
+                // back-off.
+                let retry_at = now.saturating_add(wait);
+                let retry_at = if now < active_end {
+                    retry_at.min(active_end)
+                } else {
+                    retry_at
+                };
                 self.x509_stalled = Some(Stalled {
                     why: e.to_string(),
-                    retry_at: now.saturating_add(wait),
+                    retry_at,
                     failures,
                 });
             }

@@ -592,7 +592,17 @@ fn a_stalled_x509_step_lets_the_jwt_rotation_go_on_and_waits_to_retry() {
     assert_eq!(j.next_step_in(half + 30), 60, "the wait doubles");
     // A CA that would end with the active one gains nothing: not prepared.
     let at = half + 90;
-    let mut capped = |now: u64, _ttl: u64| X509Authority::self_signed(&td(), now, active_end - now);
+    // An upstream whose certificate ends with the active CA.
+    let (root, int, key) = tessera_test_util::rcgen_pki(
+        |_| {},
+        |i| {
+            i.not_after =
+                time::OffsetDateTime::from_unix_timestamp(i64::try_from(active_end).unwrap())
+                    .unwrap();
+        },
+    );
+    let up = tessera_pki::DiskUpstream::from_pem(&int, &key, Some(&root)).unwrap();
+    let mut capped = |now: u64, ttl: u64| X509Authority::from_upstream(&td(), now, ttl, &up);
     assert!(j.tick_with(at, TTL, &mut capped).unwrap().is_empty());
     let (why, _) = j.x509_problem().unwrap();
     assert!(why.contains("could not outlive the active one"), "{why}");
