@@ -972,11 +972,14 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(4);
         loop {
             let mut again = UnixStream::connect(&path).unwrap();
-            write_frame(&mut again, &serde_json::json!({"op": "list"})).unwrap();
+            // A refused connection may be closed before the request is written (EPIPE): the
+            // answer read below says which.
+            let _ = write_frame(&mut again, &serde_json::json!({"op": "list"}));
             again
                 .set_read_timeout(Some(Duration::from_secs(4)))
                 .unwrap();
-            let answer = read_answer(&mut again).unwrap();
+            let answer = read_answer(&mut again)
+                .unwrap_or_else(|e| serde_json::json!({ "ok": false, "error": e }));
             if answer["ok"] != false || std::time::Instant::now() > deadline {
                 assert_ne!(answer["ok"], false, "{answer}");
                 break;
@@ -1012,9 +1015,14 @@ mod tests {
         let snap = dir.path().join("enrolled.json");
         let saved: Vec<serde_json::Value> =
             serde_json::from_slice(&std::fs::read(&snap).unwrap()).unwrap();
-        let cookie = saved[0]["cookie"]
-            .as_u64()
-            .expect("a namespace cookie is recorded (Linux 5.14+)");
+        let Some(cookie) = saved[0]["cookie"].as_u64() else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "no namespace cookie recorded: the kernel is older than Linux 5.14"
+            );
+            eprintln!("skipping the rest: no namespace cookie (Linux 5.14+)");
+            return;
+        };
         // Another cookie: as if the namespace had been created again with the old inode.
         // Another boot: cookies count again from 1. No cookie: an older snapshot.
         for (field, value) in [

@@ -97,7 +97,8 @@ impl Admin {
                 format!(
                     "entry {} has the same SPIFFE ID with admin {}: every entry of one SPIFFE ID \
                      must agree, since admin access goes by the SVID's SPIFFE ID (a node \
-                     authorized for the other entry would get the same access)",
+                     authorized for the other entry would get the same access); to change it, \
+                     delete the other entries of this ID, change this one, and create them again",
                     other.id, other.admin
                 ),
             ));

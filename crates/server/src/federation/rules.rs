@@ -61,7 +61,8 @@ fn all_authorities_expired(bundle: &Bundle, now: u64) -> Option<String> {
     let now = i64::try_from(now).unwrap_or(i64::MAX);
     let mut latest: Option<(i64, String)> = None;
     for der in bundle.x509_authorities() {
-        // Authorities parsed when the bundle did; one that does not is not counted as valid.
+        // Every authority parsed when the bundle did; one whose date cannot be read (never the
+        // case) leaves the bundle to the other checks rather than refusing it here.
         let (at, text) = tessera_spiffe::x509::not_after(der)?;
         // RFC 5280 §4.1.2.5: a certificate is valid through its notAfter second.
         if at >= now {
