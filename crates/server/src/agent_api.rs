@@ -56,12 +56,13 @@ pub(crate) struct Limits {
     start: std::time::Instant,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
+impl Limits {
+    /// The limits for agents whose SVIDs live `agent_ttl_secs` (renewal follows it).
+    pub(crate) fn new(agent_ttl_secs: u64) -> Self {
         Self {
             sign: Limiter::new(rate::SIGN),
             mint_jwt: Limiter::new(rate::MINT_JWT),
-            renew: Limiter::new(rate::RENEW),
+            renew: Limiter::new(rate::renew(agent_ttl_secs)),
             start: std::time::Instant::now(),
         }
     }

@@ -27,12 +27,16 @@ pub(crate) const MINT_JWT: Limit = Limit {
     per_sec: 500.0,
 };
 /// Renewals of one agent's own SVID (each a datastore write): about one per half-life is
-/// needed (every 15 s with the shortest agent TTLs used here, 30 s); twenty in a row, then one
-/// every 10 s.
-pub(crate) const RENEW: Limit = Limit {
-    burst: 20.0,
-    per_sec: 0.1,
-};
+/// needed; twenty in a row, then one every 10 s, or four per agent TTL when that is more (an
+/// agent TTL of a few seconds renews every second or two).
+pub(crate) fn renew(agent_ttl_secs: u64) -> Limit {
+    #[allow(clippy::cast_precision_loss)] // a TTL in seconds
+    let per_ttl = 4.0 / agent_ttl_secs.max(1) as f64;
+    Limit {
+        burst: 20.0,
+        per_sec: per_ttl.max(0.1),
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -104,5 +108,9 @@ mod tests {
         assert!(l.take(&a, 1.0, 1000.0).is_err());
         // More than the burst is never granted.
         assert!(l.take(&b, 11.0, 5000.0).is_err());
+        // Renewal follows the agent TTL: at least four per TTL, at least one per 10 s.
+        assert!((renew(2).per_sec - 2.0).abs() < 1e-9);
+        assert!((renew(3600).per_sec - 0.1).abs() < 1e-9);
+        assert!((renew(0).per_sec - 4.0).abs() < 1e-9);
     }
 }

@@ -279,7 +279,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     let incoming = crate::transport::tls_incoming(listener, Arc::new(tls));
     let agent_svc = AgentApiServer::new(AgentApi {
         state: state.clone(),
-        limits: Arc::default(),
+        limits: Arc::new(crate::agent_api::Limits::new(state.cfg.svid.agent_ttl.0)),
     });
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
