@@ -84,6 +84,8 @@ struct Facts {
     issuer: Vec<u8>,
     spki: Vec<u8>,
     ski: Option<String>,
+    /// Its authority key identifier (hex): which key signed it.
+    aki: Option<String>,
     is_ca: bool,
     key_cert_sign: bool,
     /// Whether it has a keyUsage extension at all.
@@ -106,6 +108,7 @@ fn facts(der: Vec<u8>, what: &str) -> Result<Facts, PkiError> {
     let mut key_usage = false;
     let mut path_len = None;
     let mut ski = None;
+    let mut aki = None;
     for ext in cert.extensions() {
         match ext.parsed_extension() {
             ParsedExtension::BasicConstraints(bc) => {
@@ -117,6 +120,9 @@ fn facts(der: Vec<u8>, what: &str) -> Result<Facts, PkiError> {
                 key_cert_sign = ku.key_cert_sign();
             }
             ParsedExtension::SubjectKeyIdentifier(id) => ski = Some(hex::encode(id.0)),
+            ParsedExtension::AuthorityKeyIdentifier(id) => {
+                aki = id.key_identifier.as_ref().map(|k| hex::encode(k.0));
+            }
             _ => {}
         }
     }
@@ -126,6 +132,7 @@ fn facts(der: Vec<u8>, what: &str) -> Result<Facts, PkiError> {
         issuer: cert.issuer().as_raw().to_vec(),
         spki: cert.public_key().subject_public_key.data.to_vec(),
         ski,
+        aki,
         is_ca,
         key_cert_sign,
         key_usage,
@@ -263,9 +270,13 @@ impl DiskUpstream {
         }
         // The root the chain reached bounds the CA's life too: other verifiers check a trust
         // anchor's validity (OpenSSL, Go), so a CA must not outlive it.
-        let reached = roots
-            .iter()
-            .find(|r| r.der == cur.der || r.subject == cur.issuer);
+        // By name, and by key identifier where both say one: during a root rollover two roots
+        // often share a subject, and the other one's dates or pathLen must not be taken.
+        let reached = roots.iter().find(|r| {
+            r.der == cur.der
+                || (r.subject == cur.issuer
+                    && (cur.aki.is_none() || r.ski.is_none() || cur.aki == r.ski))
+        });
         if let Some(root) = reached {
             not_before = not_before.max(root.not_before);
             not_after = not_after.min(root.not_after);

@@ -323,3 +323,23 @@ fn upstream_chains_other_verifiers_would_refuse_are_refused_at_load() {
         .to_string();
     assert!(e.contains("not valid before"), "{e}");
 }
+
+/// Two roots with one name (a root rollover): the one whose key signed the chain (by key
+/// identifier) bounds the CA and has its pathLen checked, not the other.
+#[test]
+fn of_two_roots_with_one_name_the_signing_one_is_taken() {
+    use tessera_test_util::rcgen_pki;
+    let soon = now() + 3600;
+    let (old_root, _, _) = rcgen_pki(
+        |r| {
+            r.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+            r.not_after = time::OffsetDateTime::from_unix_timestamp(soon as i64).unwrap();
+        },
+        |_| {},
+    );
+    let (new_root, int, key) = rcgen_pki(|_| {}, |_| {});
+    let bundle = [old_root, new_root].concat();
+    let up = DiskUpstream::from_pem(&int, &key, Some(&bundle)).unwrap();
+    let ca = X509Authority::from_upstream(&td("a.example"), now(), 86_400, &up).unwrap();
+    assert!(ca.not_after() > soon, "bounded by the other root");
+}
