@@ -87,6 +87,24 @@ async fn attest_join_token(
         .map(|r| (r, key))
 }
 
+/// A server started with `cfg`, its admin client, and one agent attested with a join token: the
+/// token, the attestation result and the agent's key.
+async fn attested(
+    cfg: ServerConfig,
+) -> (
+    RunningServer,
+    AdminApiClient<Channel>,
+    pb::GenerateJoinTokenResponse,
+    pb::AttestResult,
+    rcgen::KeyPair,
+) {
+    let server = tessera_server::start(cfg).await.unwrap();
+    let mut admin = admin(&server).await;
+    let t = token(&mut admin).await;
+    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    (server, admin, t, res, key)
+}
+
 async fn token(admin: &mut AdminApiClient<Channel>) -> pb::GenerateJoinTokenResponse {
     admin
         .generate_join_token(pb::GenerateJoinTokenRequest { ttl_secs: 0 })
@@ -350,10 +368,7 @@ async fn agent_attests_syncs_and_gets_only_its_svids(cfg: ServerConfig) {
 #[tokio::test]
 async fn renewal_replaces_the_agent_svid_and_the_old_one_stops_working() {
     let dir = tempfile::tempdir().unwrap();
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
-    let mut admin = admin(&server).await;
-    let t = token(&mut admin).await;
-    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let (server, _admin, _t, res, key) = attested(config(dir.path())).await;
     let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
     let (new_key, csr) = key_and_csr();
     let renewed = agent
@@ -431,10 +446,7 @@ async fn blue_alias(
 #[tokio::test]
 async fn node_alias_entries_reach_every_matching_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
-    let mut admin = admin(&server).await;
-    let t = token(&mut admin).await;
-    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let (server, mut admin, t, res, key) = attested(config(dir.path())).await;
     blue_alias(&mut admin, &t).await;
     admin
         .create_entry(entry(
@@ -923,10 +935,7 @@ async fn sync_end(stream: &mut tonic::Streaming<pb::SyncResponse>) -> Option<ton
 #[tokio::test]
 async fn a_sync_stream_follows_its_svid_and_its_node_aliases() {
     let dir = tempfile::tempdir().unwrap();
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
-    let mut admin = admin(&server).await;
-    let t = token(&mut admin).await;
-    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let (server, mut admin, t, res, key) = attested(config(dir.path())).await;
     let alias = blue_alias(&mut admin, &t).await;
     let mut agent = agent_client(&server, Some((&res.svid_chain, &key))).await;
     let mut sync = agent
@@ -1120,10 +1129,7 @@ async fn connections_without_a_certificate_are_bounded_in_number_and_streams() {
 #[tokio::test]
 async fn an_agent_renewing_in_a_loop_is_held_back() {
     let dir = tempfile::tempdir().unwrap();
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
-    let mut admin = admin(&server).await;
-    let t = token(&mut admin).await;
-    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let (server, _admin, _t, res, key) = attested(config(dir.path())).await;
     let (mut chain, mut key) = (res.svid_chain, key);
     for i in 0..20 {
         let mut agent = agent_client(&server, Some((&chain, &key))).await;
