@@ -76,6 +76,11 @@ impl Admin {
         new: &tessera_store::model::NewEntry,
         except: Option<&str>,
     ) -> Result<(), Status> {
+        // The database is away: the write that follows is refused at once, while this read
+        // would wait for the pool's time-out first.
+        if !self.state.datastore_up() {
+            return Ok(());
+        }
         let same_id = self
             .state
             .store
