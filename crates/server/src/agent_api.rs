@@ -676,6 +676,17 @@ impl AgentApi {
             rev
         };
         loop {
+            // A busy stream may not wait (where `svid_end` is watched) for a long time.
+            if svid_end.is_elapsed() {
+                return Err(if superseded_at.is_some() {
+                    superseded(&agent)
+                } else {
+                    Status::unauthenticated(format!(
+                        "the agent SVID of this stream ({}) has expired: reconnect with the current one",
+                        agent.spiffe_id
+                    ))
+                });
+            }
             let from_memory = self.state.applied.events_after(last, 1000);
             let read = match from_memory {
                 Some(ev) => Ok(ev),
@@ -703,15 +714,8 @@ impl AgentApi {
                         taint_changed = true;
                     }
                     () = tx.closed() => return Ok(()),
-                    () = &mut svid_end => {
-                        if superseded_at.is_some() {
-                            return Err(superseded(&agent));
-                        }
-                        return Err(Status::unauthenticated(format!(
-                            "the agent SVID of this stream ({}) has expired: reconnect with the current one",
-                            agent.spiffe_id
-                        )));
-                    }
+                    // Ended at the top of the loop.
+                    () = &mut svid_end => continue,
                     _ = stopping.wait_for(|s| *s) => {
                         return Err(Status::unavailable("server is shutting down; reconnect and resume"));
                     }
