@@ -557,9 +557,9 @@ pub async fn serve_bound(
     result
 }
 
-/// Streams one Workload API connection may have open at once (HTTP/2
-/// `SETTINGS_MAX_CONCURRENT_STREAMS`); a client waits for one to end before opening more.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+/// Streams one Workload API connection may have open at once: the limit of every Tessera gRPC
+/// server.
+pub use tessera_server::grpc_status::MAX_STREAMS_PER_CONNECTION;
 
 /// Serves `api` on a listener [`bind`] made until `shutdown` completes. Then open streams end
 /// with `Unavailable` (clients reconnect) and open connections get a few seconds to close.
@@ -581,14 +581,10 @@ pub async fn serve_listener(
     let policies = crate::policy_watch::PolicyWatchService::new(api.clone()).into_service();
     let destinations =
         crate::destination_watch::DestinationWatchService::new(api.clone()).into_service();
-    let server = tonic::transport::Server::builder()
-        // A workload needs a handful of streams (X.509, JWT bundles, a few SDS resources); each
-        // open stream holds the agent's resources (a descriptor to re-check its caller among
-        // them), so one connection may not open thousands.
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .layer(tower::util::MapResponseLayer::new(
-            tessera_server::grpc_status::bound_message::<tonic::body::Body>,
-        ))
+    // A workload needs a handful of streams (X.509, JWT bundles, a few SDS resources); each open
+    // stream holds the agent's resources (a descriptor to re-check its caller among them), so one
+    // connection may not open thousands (MAX_STREAMS_PER_CONNECTION).
+    let server = tessera_server::grpc_status::server()
         .add_service(api.into_service())
         .add_service(sds)
         .add_service(policies)

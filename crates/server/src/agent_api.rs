@@ -35,10 +35,6 @@ pub(crate) const SNAPSHOT_PAGE: usize = 500;
 const MAX_BATCH: usize = 1000;
 /// The longest a node attestation may take, challenge and answer included.
 const ATTEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Streams one agent-API connection may hold open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS,
-/// RFC 9113 §6.5.2). An agent uses one Sync stream and short calls; without a limit, one
-/// connection without a certificate held 20,000 attestation streams (300 MB of server memory).
-pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 #[derive(Debug, Clone)]
 pub(crate) struct AgentApi {

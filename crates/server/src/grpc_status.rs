@@ -1,5 +1,6 @@
-//! One rule for the error answers of every gRPC server Tessera runs (the admin API, the agent
-//! API, the Workload API): an error's message is at most [`MAX_MESSAGE`] bytes.
+//! The rules every gRPC server Tessera runs (the admin API, the agent API, the Workload API)
+//! shares, in one builder ([`server`]): an error's message is at most [`MAX_MESSAGE`] bytes, and
+//! one connection holds at most [`MAX_STREAMS_PER_CONNECTION`] streams.
 //!
 //! Messages name what was wrong and often repeat the value asked for (`no entry "…"`). A value
 //! of hundreds of kilobytes made an answer whose `grpc-message` header went past the client's
@@ -7,6 +8,30 @@
 //! broken connection.
 
 use tonic::codegen::http;
+
+/// Streams one connection may hold open (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`, RFC 9113
+/// §6.5.2); a client waits for one to end before opening more. A client needs a handful (an
+/// agent one Sync stream and short calls, a workload a few watches); each open stream holds the
+/// server's resources, and without a limit one Workload API connection opened 25,000 and one
+/// agent-API connection without a certificate 20,000 (300 MB).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
+/// What [`server`] puts under every service.
+pub type Layers = tower::layer::util::Stack<
+    tower::util::MapResponseLayer<
+        fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+    >,
+    tower::layer::util::Identity,
+>;
+
+/// A tonic server builder with the rules of the module doc.
+pub fn server() -> tonic::transport::Server<Layers> {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(tower::util::MapResponseLayer::new(
+            bound_message::<tonic::body::Body> as fn(_) -> _,
+        ))
+}
 
 /// The longest `grpc-message` sent, in bytes of its percent-encoded form.
 pub const MAX_MESSAGE: usize = 2048;

@@ -283,11 +283,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     });
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(crate::agent_api::MAX_STREAMS_PER_CONNECTION))
-            .layer(tower::util::MapResponseLayer::new(
-                crate::grpc_status::bound_message::<tonic::body::Body>,
-            ))
+        if let Err(e) = crate::grpc_status::server()
             .add_service(agent_svc)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
@@ -354,11 +350,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
         );
         let shutdown = stopped(stop_rx.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = tonic::transport::Server::builder()
-                .max_concurrent_streams(Some(crate::agent_api::MAX_STREAMS_PER_CONNECTION))
-                .layer(tower::util::MapResponseLayer::new(
-                    crate::grpc_status::bound_message::<tonic::body::Body>,
-                ))
+            if let Err(e) = crate::grpc_status::server()
                 .add_service(svc)
                 .add_service(fed_svc)
                 .serve_with_incoming_shutdown(incoming, shutdown)
@@ -397,11 +389,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, ServerError> {
     );
     let shutdown = stopped(stop_rx.clone());
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(crate::agent_api::MAX_STREAMS_PER_CONNECTION))
-            .layer(tower::util::MapResponseLayer::new(
-                crate::grpc_status::bound_message::<tonic::body::Body>,
-            ))
+        if let Err(e) = crate::grpc_status::server()
             .add_service(admin_svc)
             .add_service(authority_svc)
             .add_service(fed_svc)
