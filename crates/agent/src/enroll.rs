@@ -33,7 +33,6 @@ use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -854,15 +853,6 @@ fn admitted_caller(s: &UnixStream) -> Result<(), String> {
 /// Admin-socket connections served at once (each on a thread of its own).
 pub const ADMIN_CONNECTIONS: usize = 64;
 
-/// Counts an admin connection as open until its thread ends (dropped).
-struct OpenGuard(Arc<AtomicUsize>);
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Serves the admin socket at `path` (created mode 0600, replacing a stale one, refusing a live
 /// one) on threads of
 /// its own: requests are rare and short, and a blocking socket carries descriptors simply.
@@ -880,7 +870,7 @@ pub fn serve(
     let listener = UnixListener::bind(path)?;
     // Root only (or whoever runs the agent): attaching makes the agent sign for a namespace.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let open = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     std::thread::Builder::new()
         .name("agent-admin".into())
         .spawn(move || {
@@ -895,7 +885,7 @@ pub fn serve(
                 // One thread per connection, and at most ADMIN_CONNECTIONS of them: a caller
                 // that opens connections and never finishes them must not take every thread
                 // and descriptor of the agent.
-                if open.load(Ordering::Acquire) >= ADMIN_CONNECTIONS {
+                let Ok(slot) = open.clone().try_acquire_owned() else {
                     tracing::warn!(
                         max = ADMIN_CONNECTIONS,
                         "agent admin socket: too many open connections; one refused"
@@ -907,9 +897,7 @@ pub fn serve(
                         ) }),
                     );
                     continue;
-                }
-                open.fetch_add(1, Ordering::AcqRel);
-                let slot = OpenGuard(open.clone());
+                };
                 let enrollments = enrollments.clone();
                 let delegation = delegation.clone();
                 let _ = std::thread::Builder::new()

@@ -29,15 +29,20 @@ pub(crate) struct PeerSvid {
     pub(crate) not_after: Option<i64>,
 }
 
-/// A TLS connection that tells tonic who the peer is; a connection without a client certificate
-/// holds one of the [`MAX_ANONYMOUS`] places until it ends.
+/// A TLS connection that tells tonic who the peer is.
 pub(crate) struct TlsConn {
     tls: TlsStream<TcpStream>,
-    _place: Option<Anonymous>,
-    /// A connection without a certificate ends here: it is only for attestation (at most 30 s
-    /// a stream), and one held open would keep one of the MAX_ANONYMOUS places for good, so
-    /// that 256 idle connections locked every new node out.
-    ends: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set for a connection without a client certificate.
+    anonymous: Option<Anonymous>,
+}
+
+/// What a connection without a client certificate holds: one of the [`MAX_ANONYMOUS`] places,
+/// given back when it is dropped, and its end: it is only for attestation (at most 30 s a
+/// stream), and one held open would keep its place for good, so that 256 idle connections
+/// locked every new node out.
+struct Anonymous {
+    _place: tokio::sync::OwnedSemaphorePermit,
+    ends: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// How long a connection without a client certificate may last.
@@ -48,15 +53,6 @@ pub(crate) const ANONYMOUS_LIFETIME: std::time::Duration = std::time::Duration::
 /// or descriptors (each may also hold at most `MAX_STREAMS_PER_CONNECTION` streams, each at most
 /// 30 s). An agent refused here retries.
 pub const MAX_ANONYMOUS: usize = 256;
-
-/// One place among the [`MAX_ANONYMOUS`], given back when the connection is dropped.
-struct Anonymous(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for Anonymous {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
 
 impl Connected for TlsConn {
     type ConnectInfo = PeerSvid;
@@ -82,8 +78,8 @@ impl AsyncRead for TlsConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(end) = &mut this.ends
-            && end.as_mut().poll(cx).is_ready()
+        if let Some(a) = &mut this.anonymous
+            && a.ends.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -118,7 +114,7 @@ pub(crate) fn tls_incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let anonymous = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let anonymous = Arc::new(tokio::sync::Semaphore::new(MAX_ANONYMOUS));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = match listener.accept().await {
@@ -148,30 +144,19 @@ pub(crate) fn tls_incoming(
                         .await;
                 match handshake {
                     Ok(Ok(tls)) => {
-                        let place = if tls.get_ref().1.peer_certificates().is_none() {
-                            let taken = anonymous.fetch_update(
-                                std::sync::atomic::Ordering::AcqRel,
-                                std::sync::atomic::Ordering::Acquire,
-                                |n| (n < MAX_ANONYMOUS).then_some(n + 1),
-                            );
-                            if taken.is_err() {
+                        let anonymous = if tls.get_ref().1.peer_certificates().is_none() {
+                            let Ok(place) = anonymous.try_acquire_owned() else {
                                 tracing::warn!(peer = %addr, max = MAX_ANONYMOUS, "agent API: too many connections without a certificate; one closed");
                                 return;
-                            }
-                            Some(Anonymous(anonymous))
+                            };
+                            Some(Anonymous {
+                                _place: place,
+                                ends: Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)),
+                            })
                         } else {
                             None
                         };
-                        let ends = place
-                            .is_some()
-                            .then(|| Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)));
-                        let _ = tx
-                            .send(Ok(TlsConn {
-                                tls,
-                                _place: place,
-                                ends,
-                            }))
-                            .await;
+                        let _ = tx.send(Ok(TlsConn { tls, anonymous })).await;
                     }
                     Ok(Err(e)) => {
                         tracing::info!(peer = %addr, error = %e, "agent API TLS handshake failed")
