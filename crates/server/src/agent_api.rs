@@ -62,9 +62,7 @@ impl Limits {
             start: std::time::Instant::now(),
         }
     }
-}
 
-impl Limits {
     /// Takes `n` of `what`'s tokens for `agent`, or refuses with RESOURCE_EXHAUSTED saying when
     /// to retry.
     fn take(
@@ -643,7 +641,7 @@ impl AgentApi {
         tokio::pin!(svid_end);
         // Set when the agent's record moved to another SVID: the stream then ends at
         // `svid_end`, moved to at most SUPERSEDED_GRACE ahead.
-        let mut superseded_at: Option<tokio::time::Instant> = None;
+        let mut superseded_svid = false;
         let (mut parents, mut alias_ids) = self.node_aliases(&agent).await?;
         // IDs of the entries this agent holds: known after a snapshot; unknown (None) when it
         // resumed, in which case every entry that is no longer its own is sent as deleted.
@@ -674,7 +672,7 @@ impl AgentApi {
         loop {
             // A busy stream may not wait (where `svid_end` is watched) for a long time.
             if svid_end.is_elapsed() {
-                return Err(if superseded_at.is_some() {
+                return Err(if superseded_svid {
                     superseded(&agent)
                 } else {
                     Status::unauthenticated(format!(
@@ -811,14 +809,14 @@ impl AgentApi {
                     // entries and selectors for good.
                     EventKind::AgentUpdated
                         if ev.key == agent.spiffe_id.as_str()
-                            && superseded_at.is_none()
+                            && !superseded_svid
                             && !self.still_current(&agent).await? =>
                     {
                         let end = tokio::time::Instant::now() + SUPERSEDED_GRACE;
                         if end < svid_end.deadline() {
                             svid_end.as_mut().reset(end);
                         }
-                        superseded_at = Some(end);
+                        superseded_svid = true;
                     }
                     EventKind::AgentBanned | EventKind::AgentDeleted
                         if ev.key == agent.spiffe_id.as_str() =>

@@ -479,7 +479,6 @@ impl CaManager {
         Ok(own)
     }
 
-    /// Seconds until the next rotation step is due (for the rotation timer), 1 to 3600.
     /// Why no X.509-SVID can be signed now, if none can: the active CA has expired (rotation
     /// could not replace it, e.g. an expired upstream). Readiness reports it.
     pub(crate) fn cannot_sign(&self, now: u64) -> Option<String> {
@@ -497,6 +496,7 @@ impl CaManager {
         })
     }
 
+    /// Seconds until the next rotation step is due (for the rotation timer), 1 to 3600.
     pub(crate) fn next_tick_in(&self, now: u64) -> u64 {
         self.lock().next_step_in(now).clamp(1, 3600)
     }

@@ -72,6 +72,19 @@ pub fn agent_id(
     td.id_with_path(&format!("/tessera/agent/{method}/{id}"))
 }
 
+/// The most bytes of an error about something remote (a bundle endpoint, a policy source) that
+/// is logged, stored and shown ([`bounded_error`]).
+pub(crate) const MAX_ERROR_BYTES: usize = 1024;
+
+/// `e` cut to [`MAX_ERROR_BYTES`] at a character boundary, marked as cut. Such an error can
+/// carry whatever the remote side sent: a bundle endpoint's 1 MB `crv`, or a policy source's
+/// 3 MB principal, made an error that size, logged at every retry, stored in the datastore or
+/// the sync status and printed by the CLI. The parsers shorten what they repeat; this bound
+/// holds whatever any future message repeats.
+pub(crate) fn bounded_error(e: &str) -> std::borrow::Cow<'_, str> {
+    tessera_spiffe::abbreviate(e, MAX_ERROR_BYTES)
+}
+
 /// Writes a file that holds private keys: mode 0600 from creation, written to a temp file,
 /// fsynced and renamed over `path`, so a crash leaves either the old or the new content and never
 /// a readable half. Used for the CA journal and the agent's stored SVID.
@@ -90,4 +103,24 @@ pub fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Resu
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_remote_error_is_cut_to_1_kib_at_a_char_boundary() {
+        assert_eq!(bounded_error("GET x: 404"), "GET x: 404");
+        let exact = "e".repeat(MAX_ERROR_BYTES);
+        assert_eq!(bounded_error(&exact), exact);
+        // 1 MB of two-byte characters, offset by one byte so 1024 falls inside one.
+        let huge = format!("x{}", "é".repeat(1 << 19));
+        let cut = bounded_error(&huge);
+        let (kept, marker) = cut.split_once('…').unwrap();
+        assert_eq!(kept.len(), MAX_ERROR_BYTES - 1);
+        assert!(marker.ends_with("bytes cut)"), "{marker}");
+        assert!(huge.starts_with(kept));
+    }
 }

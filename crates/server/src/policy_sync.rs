@@ -34,8 +34,6 @@ use crate::state::State;
 const MAX_DOCUMENT_BYTES: usize = 4 << 20;
 /// Longest one poll of an endpoint may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest error kept for a source, in bytes (its log line and its status).
-const MAX_ERROR_BYTES: usize = 1024;
 
 /// Checks one `[[policy.sync]]` entry (the config's validation); the error names the field.
 pub(crate) fn check_source(s: &PolicySyncConfig) -> Result<(), String> {
@@ -204,9 +202,10 @@ impl SyncStatuses {
     }
 
     /// Records the outcome of the poll made `at`; returns its error as it is to be logged,
-    /// the same text the status keeps ([`bounded_error`]).
+    /// the same text the status keeps ([`crate::bounded_error`]: it repeats what the source
+    /// sent, which may be megabytes, logged again on every poll).
     fn record(&self, set: &str, at: i64, r: Result<(), String>) -> Option<String> {
-        let e = r.err().map(|e| bounded_error(&e));
+        let e = r.err().map(|e| crate::bounded_error(&e).into_owned());
         self.update(set, |st| {
             st.last_attempt_at = Some(at);
             match &e {
@@ -222,13 +221,6 @@ impl SyncStatuses {
         });
         e
     }
-}
-
-/// A poll's error as logged and kept in the status: it repeats what the source sent (a value,
-/// a file name, a server's reply), which may be megabytes, logged again on every poll; so it
-/// keeps its first [`MAX_ERROR_BYTES`] bytes, marked as cut.
-fn bounded_error(e: &str) -> String {
-    tessera_spiffe::abbreviate(e, MAX_ERROR_BYTES).into_owned()
 }
 
 /// The status reply for every configured source.
@@ -764,7 +756,7 @@ mod tests {
         let st = statuses.get("central");
         assert_eq!(st.last_error.as_deref(), Some(logged.as_str()));
         assert!(
-            logged.len() < MAX_ERROR_BYTES + 32 && logged.ends_with(" bytes cut)"),
+            logged.len() < crate::MAX_ERROR_BYTES + 32 && logged.ends_with(" bytes cut)"),
             "{}",
             logged.len()
         );

@@ -32,7 +32,7 @@ fn status_pb(s: &FederationStatus) -> pb::FederationStatus {
         last_error: s
             .last_error
             .as_deref()
-            .map(|e| refresher::bound_error(e).into_owned())
+            .map(|e| crate::bounded_error(e).into_owned())
             .unwrap_or_default(),
         last_error_at: s.last_error_at.unwrap_or(0),
         next_refresh_at: s.next_refresh_at.unwrap_or(0),

@@ -47,19 +47,6 @@ async fn stored_bundles(state: &State) -> Result<BundleSet, String> {
     Ok(set)
 }
 
-/// The most bytes of a fetch error that are logged, stored as the relationship's `last_error`
-/// and answered to `tessera federation refresh`.
-pub(crate) const MAX_ERROR_BYTES: usize = 1024;
-
-/// `e` cut to [`MAX_ERROR_BYTES`] at a character boundary, marked as cut. A fetch error can
-/// carry whatever the remote endpoint sent: a black-box test's endpoint served a bundle with a
-/// 1 MB `crv`, and its 1 MB error was logged at every retry, written to the datastore and printed
-/// by `tessera federation refresh` and `show`. The bundle parser now shortens what it repeats;
-/// this bound holds whatever any future message repeats.
-pub(crate) fn bound_error(e: &str) -> std::borrow::Cow<'_, str> {
-    tessera_spiffe::abbreviate(e, MAX_ERROR_BYTES)
-}
-
 /// Fetches, checks and stores the bundle of `rel`: returns it, or why not.
 async fn fetch_and_store(state: &State, rel: &FederationRelationship) -> Result<Bundle, String> {
     let tls = fetch::client_config(rel, stored_bundles(state).await?)?;
@@ -108,7 +95,7 @@ pub(crate) async fn refresh_one(
     let sched = schedule(state);
     let outcome = fetch_and_store(state, &rel)
         .await
-        .map_err(|e| bound_error(&e).into_owned());
+        .map_err(|e| crate::bounded_error(&e).into_owned());
     let wait = match &outcome {
         Ok(b) => {
             status.last_success_at = Some(now);
@@ -245,23 +232,4 @@ async fn reconcile(
         tasks.insert(rel.trust_domain.clone(), (rel, t));
     }
     Ok(rev)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_fetch_error_is_cut_to_1_kib_at_a_char_boundary() {
-        assert_eq!(bound_error("GET x: 404"), "GET x: 404");
-        let exact = "e".repeat(MAX_ERROR_BYTES);
-        assert_eq!(bound_error(&exact), exact);
-        // 1 MB of two-byte characters, offset by one byte so 1024 falls inside one.
-        let huge = format!("x{}", "é".repeat(1 << 19));
-        let cut = bound_error(&huge);
-        let (kept, marker) = cut.split_once('…').unwrap();
-        assert_eq!(kept.len(), MAX_ERROR_BYTES - 1);
-        assert!(marker.ends_with("bytes cut)"), "{marker}");
-        assert!(huge.starts_with(kept));
-    }
 }
