@@ -155,21 +155,18 @@ pub fn parse_set_documents(text: &str) -> Result<Vec<NamedPolicy>, PolicyError> 
     parse_text(text, Empty::Refused)
 }
 
-/// Policies of a text from outside; the error is bounded ([`PolicyError::bounded`]): it repeats
-/// what the text holds, which may be megabytes.
+/// Policies of a text from outside, checked as written ([`NamedPolicy::check_written`]). Every
+/// error is bounded, as every [`PolicyError`] is: it repeats what the text holds, which may be
+/// megabytes.
 fn parse_text(text: &str, empty: Empty) -> Result<Vec<NamedPolicy>, PolicyError> {
-    named_documents(text, "policy", validate_name, empty)
-        .and_then(|named| {
-            named
-                .into_iter()
-                .map(|(name, json)| {
-                    let p = NamedPolicy::from_json(&name, &json)?;
-                    p.check_written()?;
-                    Ok(p)
-                })
-                .collect()
+    named_documents(text, "policy", validate_name, empty)?
+        .into_iter()
+        .map(|(name, json)| {
+            let p = NamedPolicy::from_json(&name, &json)?;
+            p.check_written()?;
+            Ok(p)
         })
-        .map_err(PolicyError::bounded)
+        .collect()
 }
 
 /// Whether a text with no value at all reads as an empty list.

@@ -11,6 +11,8 @@
 
 use std::borrow::Cow;
 
+use tessera_spiffe::abbreviate;
+
 use crate::PolicyError;
 
 /// Quoted values in a [`PolicyError`]'s message longer than this (bytes) are shortened.
@@ -24,8 +26,6 @@ pub(crate) const MAX_MESSAGE: usize = 1024;
 /// kept by more than this, so an abbreviated part is never cut again.
 const MARKER: usize = 40;
 
-use tessera_spiffe::abbreviate;
-
 /// [`abbreviate`] to `keep` bytes, only when `text` is longer than `keep` and a marker.
 fn shorten(text: &str, keep: usize) -> Cow<'_, str> {
     if text.len() <= keep + MARKER {
@@ -36,9 +36,9 @@ fn shorten(text: &str, keep: usize) -> Cow<'_, str> {
 }
 
 impl PolicyError {
-    /// This error with its policy name, field and message bounded (see the module doc), for
-    /// errors about outside text: what a file or a policy sync source holds is repeated in the
-    /// message, and may be megabytes.
+    /// This error with its policy name, field and message bounded (see the module doc): what a
+    /// file, a policy sync source or an API request holds is repeated in the message, and may
+    /// be megabytes. Every error goes through it ([`PolicyError::new`]).
     pub(crate) fn bounded(self) -> Self {
         let message = match shorten_quoted(&self.message) {
             Cow::Borrowed(_) => self.message,
