@@ -439,20 +439,15 @@ impl Journal {
             Err(e) => {
                 let failures = self.x509_stalled.as_ref().map_or(0, |st| st.failures) + 1;
                 // Nothing signs while the active CA is expired: keep trying at the first wait.
-                let wait = if now >= self.x509.active.authority.not_after() {
-                    STALLED_FIRST_WAIT
+                // Otherwise the wait grows, but never past the active CA's end: a CA must be
+                // tried for then, whatever the back-off.
+                let retry_at = if now >= active_end {
+                    now.saturating_add(STALLED_FIRST_WAIT)
                 } else {
-                    STALLED_FIRST_WAIT
+                    let wait = STALLED_FIRST_WAIT
                         .saturating_mul(1 << (failures - 1).min(10))
-                        .min(STALLED_MAX_WAIT)
-                };
-                // Never past the active CA's end: a CA must be tried for then, whatever the
-                // back-off.
-                let retry_at = now.saturating_add(wait);
-                let retry_at = if now < active_end {
-                    retry_at.min(active_end)
-                } else {
-                    retry_at
+                        .min(STALLED_MAX_WAIT);
+                    now.saturating_add(wait).min(active_end)
                 };
                 self.x509_stalled = Some(Stalled {
                     why: e.to_string(),
