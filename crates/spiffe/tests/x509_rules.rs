@@ -263,18 +263,6 @@ fn authority_params() -> rcgen::CertificateParams {
     p
 }
 
-/// The length of a DER TLV's header and of its content.
-fn tlv_lengths(b: &[u8]) -> (usize, usize) {
-    match b[1] {
-        short @ 0..0x80 => (2, short as usize),
-        long => {
-            let n = (long & 0x7F) as usize;
-            let len = b[2..2 + n].iter().fold(0, |acc, x| acc << 8 | *x as usize);
-            (2 + n, len)
-        }
-    }
-}
-
 /// A CA certificate whose subject key is `spki`, of any algorithm: made with a P-256 key and its
 /// SubjectPublicKeyInfo then swapped for `spki` (the signature no longer verifies;
 /// `authority_problem` reads only the certificate's fields).
@@ -282,19 +270,7 @@ fn authority_with_spki(spki: Vec<u8>) -> Vec<u8> {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = authority_params().self_signed(&key).unwrap().der().to_vec();
     let placeholder = rcgen::PublicKeyData::subject_public_key_info(&key);
-    let (h, _) = tlv_lengths(&cert);
-    let outer = &cert[h..];
-    let (th, tl) = tlv_lengths(outer);
-    let tbs = &outer[th..th + tl];
-    let at = tbs
-        .windows(placeholder.len())
-        .position(|w| w == placeholder)
-        .unwrap();
-    let new_tbs = [&tbs[..at], &spki[..], &tbs[at + placeholder.len()..]].concat();
-    der(
-        0x30,
-        &[der(0x30, &new_tbs), outer[th + tl..].to_vec()].concat(),
-    )
+    tessera_test_util::with_spki(&cert, &placeholder, &spki)
 }
 
 fn self_signed_authority(key: &rcgen::KeyPair) -> Vec<u8> {

@@ -468,3 +468,32 @@ pub fn der(tag: u8, content: &[u8]) -> Vec<u8> {
     out.extend_from_slice(content);
     out
 }
+
+/// The header and content lengths of the DER TLV at the start of `b`.
+fn tlv(b: &[u8]) -> (usize, usize) {
+    match b[1] {
+        short @ 0..0x80 => (2, usize::from(short)),
+        long => {
+            let n = usize::from(long & 0x7F);
+            let len = b[2..2 + n].iter().fold(0, |a, x| a << 8 | usize::from(*x));
+            (2 + n, len)
+        }
+    }
+}
+
+/// Certificate `cert` with the SubjectPublicKeyInfo `old` in its TBS replaced by `new`, for a
+/// certificate with a key rcgen cannot make (another curve, an off-curve point). Its signature no
+/// longer verifies, which does not matter for a trust anchor (never checked) or for a check
+/// that reads only the certificate's fields.
+pub fn with_spki(cert: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
+    let (h, _) = tlv(cert);
+    let outer = &cert[h..];
+    let (th, tl) = tlv(outer);
+    let tbs = &outer[th..th + tl];
+    let at = tbs
+        .windows(old.len())
+        .position(|w| w == old)
+        .expect("the certificate holds `old`");
+    let tbs = [&tbs[..at], new, &tbs[at + old.len()..]].concat();
+    der(0x30, &[der(0x30, &tbs), outer[th + tl..].to_vec()].concat())
+}

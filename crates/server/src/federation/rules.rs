@@ -106,7 +106,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_test_util::der;
+    use tessera_test_util::{der, with_spki};
 
     fn accept_bundle_now(td: &TrustDomain, json: &[u8]) -> Result<Bundle, String> {
         accept_bundle(td, json, crate::ca::unix_now())
@@ -202,30 +202,6 @@ mod tests {
                 .map(|s| s.as_ref().to_vec())
                 .map_err(|_| rcgen::Error::RemoteKeyError)
         }
-    }
-
-    /// The header and content lengths of the DER TLV at the start of `b`.
-    fn tlv(b: &[u8]) -> (usize, usize) {
-        match b[1] {
-            short @ 0..0x80 => (2, short as usize),
-            long => {
-                let n = (long & 0x7F) as usize;
-                let len = b[2..2 + n].iter().fold(0, |a, x| a << 8 | *x as usize);
-                (2 + n, len)
-            }
-        }
-    }
-
-    /// `cert` with the SubjectPublicKeyInfo `old` of its TBS replaced by `new` (its own
-    /// signature no longer matters: a trust anchor's is never checked).
-    fn with_spki(cert: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
-        let (h, _) = tlv(cert);
-        let outer = &cert[h..];
-        let (th, tl) = tlv(outer);
-        let tbs = &outer[th..th + tl];
-        let at = tbs.windows(old.len()).position(|w| w == old).unwrap();
-        let tbs = [&tbs[..at], new, &tbs[at + old.len()..]].concat();
-        der(0x30, &[der(0x30, &tbs), outer[th + tl..].to_vec()].concat())
     }
 
     /// The hostile endpoint's secp256k1 CA: refused, and rightly, since `verify_svid` cannot
