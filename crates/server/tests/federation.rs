@@ -404,6 +404,21 @@ async fn https_spiffe_endpoints_must_prove_the_expected_id_under_the_stored_bund
     y.shutdown().await;
 }
 
+/// An `https_web` relationship with `td` whose bundle endpoint is `addr`, verified by `web_ca`.
+fn web_relationship(
+    td: &str,
+    addr: std::net::SocketAddr,
+    web_ca: &TestCa,
+) -> pb::FederationRelationship {
+    pb::FederationRelationship {
+        trust_domain: td.into(),
+        bundle_endpoint_url: format!("https://localhost:{}/", addr.port()),
+        profile: "https_web".into(),
+        ca_bundle_pem: pem::encode(&pem::Pem::new("CERTIFICATE", web_ca.root().to_vec())),
+        ..Default::default()
+    }
+}
+
 /// A stand-in https_web bundle endpoint whose document the test can swap.
 async fn serve_bundles(
     ca: &TestCa,
@@ -465,15 +480,9 @@ async fn federated_bundles_refresh_by_themselves_at_the_refresh_hint() {
     cfg.federation.refresh_floor = tessera_server::config::Secs(1);
     let server = tessera_server::start(cfg).await.unwrap();
     let mut fed = federation(&server).await;
-    fed.create_federation(pb::FederationRelationship {
-        trust_domain: "w.test".into(),
-        bundle_endpoint_url: format!("https://localhost:{}/", addr.port()),
-        profile: "https_web".into(),
-        ca_bundle_pem: pem::encode(&pem::Pem::new("CERTIFICATE", web_ca.root().to_vec())),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    fed.create_federation(web_relationship("w.test", addr, &web_ca))
+        .await
+        .unwrap();
     let req = pb::FederationRequest {
         trust_domain: "w.test".into(),
     };
@@ -527,15 +536,9 @@ async fn a_hostile_bundle_never_replaces_the_last_good_one_and_its_error_stays_s
     let dir = tempfile::tempdir().unwrap();
     let server = tessera_server::start(config(dir.path())).await.unwrap();
     let mut fed = federation(&server).await;
-    fed.create_federation(pb::FederationRelationship {
-        trust_domain: "h.test".into(),
-        bundle_endpoint_url: format!("https://localhost:{}/", addr.port()),
-        profile: "https_web".into(),
-        ca_bundle_pem: pem::encode(&pem::Pem::new("CERTIFICATE", web_ca.root().to_vec())),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    fed.create_federation(web_relationship("h.test", addr, &web_ca))
+        .await
+        .unwrap();
     let req = pb::FederationRequest {
         trust_domain: "h.test".into(),
     };
