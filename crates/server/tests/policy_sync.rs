@@ -147,6 +147,19 @@ where
     }
 }
 
+/// Waits until the stored policies (name → action) are `want`.
+async fn wait_stored(
+    api: &PolicyApiClient<tonic::transport::Channel>,
+    what: &str,
+    want: &BTreeMap<String, String>,
+) {
+    wait_for(what, || {
+        let mut api = api.clone();
+        async move { &stored(&mut api).await == want }
+    })
+    .await;
+}
+
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -232,12 +245,7 @@ async fn a_synced_set_is_applied_updated_kept_through_bad_documents_and_restarts
         ("local/base", "DENY"),
         ("manual", "DENY"),
     ]);
-    wait_for("v1 applied", || {
-        let mut api = api.clone();
-        let want = want1.clone();
-        async move { stored(&mut api).await == want }
-    })
-    .await;
+    wait_stored(&api, "v1 applied", &want1).await;
     let st = status(&mut api, "central").await;
     assert_eq!((st.etag.as_str(), st.policies), ("\"v1\"", 2), "{st:?}");
     assert!(
@@ -299,12 +307,7 @@ async fn a_synced_set_is_applied_updated_kept_through_bad_documents_and_restarts
         ("local/more", "AUDIT"),
         ("manual", "DENY"),
     ]);
-    wait_for("v2 applied", || {
-        let mut api = api.clone();
-        let want = want2.clone();
-        async move { stored(&mut api).await == want }
-    })
-    .await;
+    wait_stored(&api, "v2 applied", &want2).await;
     let st = status(&mut api, "central").await;
     assert!(st.revision > rev1, "{st:?}");
 
@@ -350,12 +353,7 @@ async fn a_synced_set_is_applied_updated_kept_through_bad_documents_and_restarts
         ("local/more", "AUDIT"),
         ("manual", "DENY"),
     ]);
-    wait_for("v4 applied after the restart", || {
-        let mut api = api.clone();
-        let want = want4.clone();
-        async move { stored(&mut api).await == want }
-    })
-    .await;
+    wait_stored(&api, "v4 applied after the restart", &want4).await;
     let st = status(&mut api, "central").await;
     assert!(st.last_error.is_empty(), "{st:?}");
     assert_eq!(st.policies, 1);
@@ -421,12 +419,7 @@ async fn a_reply_with_no_value_is_refused_and_only_an_empty_list_empties_the_set
         ("central/b", "DENY"),
         ("local/base", "DENY"),
     ]);
-    wait_for("v1 applied", || {
-        let mut api = api.clone();
-        let want = want1.clone();
-        async move { stored(&mut api).await == want }
-    })
-    .await;
+    wait_stored(&api, "v1 applied", &want1).await;
 
     // An empty body, a duplicate key, a YAML null, a huge value: each refused with the reason
     // (naming the source, bounded), and the DENY policy b stays.
@@ -467,11 +460,7 @@ async fn a_reply_with_no_value_is_refused_and_only_an_empty_list_empties_the_set
     // An empty list empties each set.
     set_served(&served, "v2", "[]");
     std::fs::write(policies_d.join("00-none.json"), "[]").unwrap();
-    wait_for("both sets emptied", || {
-        let mut api = api.clone();
-        async move { stored(&mut api).await.is_empty() }
-    })
-    .await;
+    wait_stored(&api, "both sets emptied", &BTreeMap::new()).await;
     for set in ["central", "local"] {
         let st = status(&mut api.clone(), set).await;
         assert!(st.last_error.is_empty() && st.policies == 0, "{st:?}");
