@@ -861,10 +861,7 @@ async fn admin_api_over_mtls_admits_only_admin_svids() {
 #[tokio::test]
 async fn a_resumed_sync_learns_that_an_entry_moved_to_another_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let server = tessera_server::start(config(dir.path())).await.unwrap();
-    let mut adm = admin(&server).await;
-    let t = token(&mut adm).await;
-    let (res, key) = attest_join_token(&server, &t.token).await.unwrap();
+    let (server, mut adm, t, res, key) = attested(config(dir.path())).await;
     let created = adm
         .create_entry(entry(
             "spiffe://example.org/web",
